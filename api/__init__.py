@@ -1,0 +1,74 @@
+"""The segq HTTP API: a Flask app factory. Never imports the worker or torch."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from celery import Celery
+from flask import Flask, Response, g, request
+
+from api.context import Services, close_db
+from api.errors import register_error_handlers
+from api.files import files
+from api.jobs import jobs
+from api.service import service
+from core.db import make_engine, make_session_factory
+from core.queue import make_celery
+from core.settings import Settings
+from core.storage import ObjectStorage, open_storage
+
+log = logging.getLogger(__name__)
+
+# Room for the multipart framing around the largest allowed file.
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    storage: ObjectStorage | None = None,
+    celery: Celery | None = None,
+) -> Flask:
+    """Build the app. Everything it talks to comes from ``settings`` unless
+    given (tests pass their own storage or Celery app)."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["segq"] = Services(
+        settings=settings,
+        sessions=make_session_factory(make_engine(settings.database_url)),
+        storage=storage
+        or open_storage(
+            settings.storage_url,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            secret_key=settings.secret_key,
+        ),
+        celery=celery
+        or make_celery(
+            settings.broker_url,
+            broker_folder=settings.broker_folder,
+            lease_seconds=settings.lease_seconds,
+        ),
+    )
+    register_error_handlers(app)
+    app.register_blueprint(service)
+    app.register_blueprint(files)
+    app.register_blueprint(jobs)
+    app.teardown_appcontext(close_db)
+
+    @app.before_request
+    def _request_id() -> None:
+        incoming = request.headers.get("X-Request-Id", "")
+        # Keep a caller's id only if it is short and printable: it goes into logs.
+        g.request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else (
+            uuid.uuid4().hex
+        )
+
+    @app.after_request
+    def _tag_response(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("request_id") or uuid.uuid4().hex
+        return response
+
+    return app

@@ -1,0 +1,36 @@
+"""Bearer-key authentication for every project route."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, g, request
+
+from api.context import db
+from api.errors import ApiError
+from core.projects import project_for_key
+
+
+def protect_project_routes(blueprint: Blueprint) -> None:
+    """Every route of ``blueprint`` lives under ``/projects/<project>`` and
+    answers only to a key of that project."""
+
+    @blueprint.url_value_preprocessor
+    def _pop_project(_endpoint: str | None, values: dict[str, Any] | None) -> None:
+        g.project_name = (values or {}).pop("project", None)
+
+    @blueprint.before_request
+    def _authenticate() -> None:
+        header = request.headers.get("Authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(
+                401, "missing API key: send 'Authorization: Bearer <key>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        project = project_for_key(db(), key.strip())
+        if project is None:
+            raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        if project.name != g.project_name:
+            raise ApiError(403, "this key does not belong to that project")
+        g.project = project

@@ -1,0 +1,159 @@
+"""/files: upload, read, list and delete images."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, url_for
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from api.auth import protect_project_routes
+from api.context import current_project, db, services
+from api.errors import ApiError
+from api.images import inspect_image
+from api.schemas import MAX_EXTERNAL_ID_LENGTH
+from core.clock import now_ms
+from core.models import StoredFile
+from core.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+files = Blueprint("files", __name__, url_prefix="/api/v1/projects/<project>/files")
+protect_project_routes(files)
+
+MAX_LIST_LIMIT = 1000
+
+
+def file_body(stored: StoredFile) -> dict[str, Any]:
+    return {
+        "id": stored.id,
+        "externalId": stored.external_id,
+        "name": stored.name,
+        "mimeType": stored.mime_type,
+        "size": stored.size,
+        "width": stored.width,
+        "height": stored.height,
+        "sha256": stored.sha256,
+        "createdTime": stored.created_time,
+    }
+
+
+def _optional_text_field(name: str) -> str | None:
+    value = request.form.get(name)
+    if value is None or value == "":
+        return None
+    if len(value) > MAX_EXTERNAL_ID_LENGTH:
+        raise ApiError(400, f"{name} is longer than {MAX_EXTERNAL_ID_LENGTH} characters")
+    return value
+
+
+@files.post("")
+def upload_file() -> tuple[Response, int, dict[str, str]]:
+    if request.mimetype != "multipart/form-data":
+        raise ApiError(415, "upload as multipart/form-data with the image in field 'file'")
+    upload = request.files.get("file")
+    if upload is None:
+        raise ApiError(400, "multipart field 'file' is missing")
+    external_id = _optional_text_field("externalId")
+    name = _optional_text_field("name") or upload.filename or None
+    if name is not None and len(name) > MAX_EXTERNAL_ID_LENGTH:
+        name = name[:MAX_EXTERNAL_ID_LENGTH]
+    settings = services().settings
+    data = upload.stream.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise ApiError(413, f"file is larger than {settings.max_upload_bytes} bytes")
+    info = inspect_image(data, max_pixels=settings.max_image_pixels)
+
+    project = current_project()
+    session = db()
+    if external_id is not None and _external_id_taken(project.id, external_id):
+        raise ApiError(409, f"externalId {external_id!r} is already used in this project")
+
+    storage = services().storage
+    key = f"projects/{project.id}/files/{uuid.uuid4().hex}"
+    storage.put(key, data, info.mime_type)
+    stored = StoredFile(
+        project_id=project.id,
+        external_id=external_id,
+        name=name,
+        mime_type=info.mime_type,
+        size=len(data),
+        width=info.width,
+        height=info.height,
+        sha256=info.sha256,
+        storage_key=key,
+        created_time=now_ms(),
+    )
+    session.add(stored)
+    try:
+        session.commit()
+    except Exception as exc:
+        session.rollback()
+        _discard_object(key)
+        if isinstance(exc, IntegrityError):
+            raise ApiError(
+                409, f"externalId {external_id!r} is already used in this project"
+            ) from None
+        raise
+    location = url_for("files.get_file", project=project.name, file_id=stored.id)
+    return jsonify(file_body(stored)), 201, {"Location": location}
+
+
+def _external_id_taken(project_id: int, external_id: str) -> bool:
+    return (
+        db().scalar(
+            select(StoredFile.id).where(
+                StoredFile.project_id == project_id, StoredFile.external_id == external_id
+            )
+        )
+        is not None
+    )
+
+
+def _discard_object(key: str) -> None:
+    try:
+        services().storage.delete(key)
+    except StorageError:
+        log.warning("could not remove orphaned object %s", key)
+
+
+def _owned_file(file_id: int) -> StoredFile:
+    stored = db().get(StoredFile, file_id)
+    # Another project's file is "not found", never "forbidden": no existence oracle.
+    if stored is None or stored.project_id != current_project().id:
+        raise ApiError(404, f"file {file_id} not found", missing=[{"id": file_id}])
+    return stored
+
+
+@files.get("/<int:file_id>")
+def get_file(file_id: int) -> Response:
+    return jsonify(file_body(_owned_file(file_id)))
+
+
+@files.delete("/<int:file_id>")
+def delete_file(file_id: int) -> tuple[str, int]:
+    stored = _owned_file(file_id)
+    key = stored.storage_key
+    session = db()
+    session.delete(stored)
+    session.commit()
+    # After the commit: a crash here leaves an unreferenced object, never a
+    # row pointing at nothing.
+    _discard_object(key)
+    return "", 204
+
+
+@files.get("")
+def list_files() -> Response:
+    query = select(StoredFile).where(StoredFile.project_id == current_project().id)
+    external_id = request.args.get("externalId")
+    if external_id is not None:
+        query = query.where(StoredFile.external_id == external_id)
+    raw_limit = request.args.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+        raise ApiError(400, f"limit must be an integer in [1, {MAX_LIST_LIMIT}]")
+    rows = db().scalars(query.order_by(StoredFile.id.desc()).limit(int(raw_limit)))
+    return jsonify({"items": [file_body(stored) for stored in rows]})

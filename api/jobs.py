@@ -1,0 +1,241 @@
+"""/context/vision/segment: create segmentation jobs and read them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+from urllib.parse import urljoin
+
+from flask import Blueprint, Response, jsonify, request, url_for
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from api.auth import protect_project_routes
+from api.context import current_project, db, services
+from api.errors import ApiError
+from api.json_body import read_json_object
+from api.schemas import (
+    DEFAULT_OUTPUTS,
+    SUPPORTED_OUTPUTS,
+    FileReference,
+    SegmentRequest,
+    parse,
+)
+from core.clock import now_ms
+from core.job_document import render_created_job, render_job
+from core.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
+from core.queue import enqueue_items
+
+log = logging.getLogger(__name__)
+
+jobs = Blueprint("jobs", __name__, url_prefix="/api/v1/projects/<project>/context/vision/segment")
+protect_project_routes(jobs)
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+@jobs.post("")
+def create_job() -> tuple[Response, int, dict[str, str]]:
+    body = read_json_object()
+    segment_request = parse(SegmentRequest, body)
+    _check_semantics(segment_request)
+    idempotency_key = _idempotency_key()
+    request_sha256 = hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+    project = current_project()
+    session = db()
+    if idempotency_key is not None:
+        earlier = _job_for_idempotency_key(project.id, idempotency_key, request_sha256)
+        if earlier is not None:
+            return _created_answer(earlier)
+
+    files = _resolve_files(project.id, segment_request.items)
+    now = now_ms()
+    job = Job(
+        project_id=project.id,
+        status=JobStatus.QUEUED,
+        created_time=now,
+        status_time=now,
+        prompt={
+            "points": (
+                [p.model_dump() for p in segment_request.points]
+                if segment_request.points
+                else None
+            ),
+            "boundingBox": (
+                segment_request.boundingBox.model_dump() if segment_request.boundingBox else None
+            ),
+        },
+        options={
+            "multimaskOutput": segment_request.multimaskOutput,
+            "outputs": list(segment_request.outputs or DEFAULT_OUTPUTS),
+        },
+        idempotency_key=idempotency_key,
+        request_sha256=request_sha256,
+    )
+    session.add(job)
+    session.flush()
+    for position, stored in enumerate(files):
+        reference: dict[str, Any] = {"fileId": stored.id}
+        if stored.external_id is not None:
+            reference["fileExternalId"] = stored.external_id
+        session.add(
+            JobItem(
+                job_id=job.id,
+                position=position,
+                file_id=stored.id,
+                file_ref=reference,
+                status=ItemStatus.QUEUED,
+                attempt=0,
+            )
+        )
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        earlier = (
+            _job_for_idempotency_key(project.id, idempotency_key, request_sha256)
+            if idempotency_key is not None
+            else None
+        )
+        if earlier is None:
+            # The only other constraint a valid request can break: a file it
+            # names was deleted between the check and the commit.
+            raise ApiError(409, "a file of this job was deleted meanwhile; retry") from None
+        # Another request with the same idempotency key committed first.
+        return _created_answer(earlier)
+
+    item_ids = list(session.scalars(select(JobItem.id).where(JobItem.job_id == job.id)))
+    try:
+        enqueue_items(services().celery, item_ids)
+    except Exception:
+        # The job is committed and stays Queued; the reconciler publishes it
+        # again once the broker is back. The client's answer is still true.
+        log.exception("could not publish job %s to the broker", job.id)
+    return _created_answer(job)
+
+
+def _created_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
+    items = _items_of(job)
+    location = url_for("jobs.get_job", project=current_project().name, job_id=job.id)
+    return jsonify(render_created_job(job, items)), 200, {"Location": location}
+
+
+def _check_semantics(segment_request: SegmentRequest) -> None:
+    """What the schema cannot say: well-formed requests that cannot be run."""
+    if segment_request.prompts is not None:
+        raise ApiError(422, "prompts is not supported by this server yet")
+    if segment_request.webhook is not None:
+        raise ApiError(422, "webhook is not supported by this server yet")
+    if segment_request.model is not None:
+        raise ApiError(422, "model selection is not supported: this server runs one engine")
+    if not segment_request.points and segment_request.boundingBox is None:
+        raise ApiError(422, "give at least one point or a boundingBox")
+    box = segment_request.boundingBox
+    if box is not None and (box.xMin >= box.xMax or box.yMin >= box.yMax):
+        raise ApiError(422, "boundingBox must have xMin < xMax and yMin < yMax")
+    seen: set[tuple[float, float]] = set()
+    for index, point in enumerate(segment_request.points or []):
+        if (point.x, point.y) in seen:
+            raise ApiError(422, f"points[{index}] repeats an earlier point")
+        seen.add((point.x, point.y))
+    unsupported = set(segment_request.outputs or ()) - SUPPORTED_OUTPUTS
+    if unsupported:
+        raise ApiError(422, f"outputs {sorted(unsupported)} are not supported by this server yet")
+    max_items = services().settings.max_items_per_job
+    if len(segment_request.items) > max_items:
+        raise ApiError(422, f"a job takes at most {max_items} items")
+    for index, item in enumerate(segment_request.items):
+        named = [
+            field
+            for field in ("fileId", "fileExternalId", "fileUrl", "imageData")
+            if getattr(item, field) is not None
+        ]
+        if len(named) != 1:
+            raise ApiError(
+                400, f"items[{index}] must have exactly one of fileId, fileExternalId"
+            )
+        if named[0] in ("fileUrl", "imageData"):
+            raise ApiError(422, f"items[{index}].{named[0]} is not supported by this server yet")
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise ApiError(400, f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} characters")
+    return key
+
+
+def _job_for_idempotency_key(project_id: int, key: str, request_sha256: str) -> Job | None:
+    job = db().scalar(
+        select(Job).where(Job.project_id == project_id, Job.idempotency_key == key)
+    )
+    if job is not None and job.request_sha256 != request_sha256:
+        raise ApiError(409, "this Idempotency-Key was used with a different body")
+    return job
+
+
+def _resolve_files(project_id: int, references: list[FileReference]) -> list[StoredFile]:
+    """The files in request order; 400 naming every unknown or repeated one."""
+    ids = {ref.fileId for ref in references if ref.fileId is not None}
+    external_ids = {ref.fileExternalId for ref in references if ref.fileExternalId is not None}
+    scope = select(StoredFile).where(StoredFile.project_id == project_id)
+    by_id = {f.id: f for f in db().scalars(scope.where(StoredFile.id.in_(ids)))} if ids else {}
+    by_external_id = (
+        {f.external_id: f for f in db().scalars(scope.where(StoredFile.external_id.in_(external_ids)))}
+        if external_ids
+        else {}
+    )
+    resolved: list[StoredFile] = []
+    missing: list[dict[str, Any]] = []
+    duplicated: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for ref in references:
+        found = by_id.get(ref.fileId) if ref.fileId is not None else by_external_id.get(
+            ref.fileExternalId
+        )
+        shown = {"id": ref.fileId} if ref.fileId is not None else {"externalId": ref.fileExternalId}
+        if found is None:
+            missing.append(shown)
+        elif found.id in seen:
+            duplicated.append(shown)
+        else:
+            seen.add(found.id)
+            resolved.append(found)
+    if missing or duplicated:
+        message = "unknown files" if missing else "files are referenced more than once"
+        raise ApiError(400, message, missing=missing, duplicated=duplicated)
+    return resolved
+
+
+def _items_of(job: Job) -> list[JobItem]:
+    return list(
+        db().scalars(select(JobItem).where(JobItem.job_id == job.id).order_by(JobItem.position))
+    )
+
+
+@jobs.get("/<int:job_id>")
+def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
+    job = db().get(Job, job_id)
+    if job is None or job.project_id != current_project().id:
+        raise ApiError(404, f"job {job_id} not found", missing=[{"jobId": job_id}])
+    settings = services().settings
+    storage = services().storage
+    expires_in = settings.url_expires_seconds
+
+    def link_mask(key: str) -> tuple[str, int]:
+        # Signers count whole seconds from "now"; this is never later than theirs.
+        expires_time = (now_ms() // 1000 + expires_in) * 1000
+        return urljoin(request.host_url, storage.presigned_get_url(key, expires_in)), expires_time
+
+    document = render_job(job, _items_of(job), link_mask)
+    headers: dict[str, str] = {}
+    if not JobStatus(job.status).finished:
+        headers["Retry-After"] = str(settings.poll_retry_after_seconds)
+    return jsonify(document), 200, headers

@@ -1,0 +1,210 @@
+"""Request and response schemas. The same models validate requests and
+generate /openapi.json, so the documentation cannot drift from the checks."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from api.errors import ApiError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+MAX_POINTS = 32
+MAX_EXTERNAL_ID_LENGTH = 255
+
+Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+OutputKind = Literal["polygons", "mask", "rle", "svgPath", "logits"]
+SUPPORTED_OUTPUTS: frozenset[str] = frozenset({"polygons", "mask", "rle", "svgPath"})
+DEFAULT_OUTPUTS: tuple[OutputKind, ...] = ("polygons", "mask")
+
+
+class StrictModel(BaseModel):
+    # strict: "1" is not 1 and true is not 1; forbid: a misspelt field is an
+    # error, not a silently ignored option.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Point(StrictModel):
+    x: Unit
+    y: Unit
+    # An int in [0, 1] rather than Literal[0, 1]: a literal would take true as 1.
+    label: Annotated[int, Field(ge=0, le=1)] = Field(1, description="1 foreground, 0 background")
+
+
+class BoundingBox(StrictModel):
+    xMin: Unit
+    yMin: Unit
+    xMax: Unit
+    yMax: Unit
+
+
+class FileReference(StrictModel):
+    """Exactly one of the fields names the image."""
+
+    fileId: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
+    fileExternalId: Annotated[str, Field(min_length=1, max_length=MAX_EXTERNAL_ID_LENGTH)] | None = (
+        None
+    )
+    fileUrl: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    imageData: str | None = None
+
+
+class Webhook(StrictModel):
+    url: str
+    events: list[str] | None = None
+
+
+class PromptSet(StrictModel):
+    points: list[Point] | None = None
+    boundingBox: BoundingBox | None = None
+
+
+class SegmentRequest(StrictModel):
+    """Cognite's body, unchanged, plus optional extensions."""
+
+    items: Annotated[list[FileReference], Field(min_length=1)]
+    points: Annotated[list[Point], Field(max_length=MAX_POINTS)] | None = None
+    boundingBox: BoundingBox | None = None
+    multimaskOutput: bool = False
+    outputs: Annotated[list[OutputKind], Field(min_length=1)] | None = None
+    prompts: list[PromptSet] | None = None
+    webhook: Webhook | None = None
+    model: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+
+
+# Responses. Only documented here (the handlers build dicts), and the tests
+# check real answers against these schemas.
+
+
+class ErrorBody(BaseModel):
+    code: int
+    message: str
+    missing: list[dict[str, Any]] | None = None
+    duplicated: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class FileResponse(BaseModel):
+    id: int
+    externalId: str | None
+    name: str | None
+    mimeType: Literal["image/jpeg", "image/png"]
+    size: int
+    width: int
+    height: int
+    sha256: str
+    createdTime: int
+
+
+class FileList(BaseModel):
+    items: list[FileResponse]
+
+
+class ItemReference(BaseModel):
+    fileId: int | None = None
+    fileExternalId: str | None = None
+
+
+class Vertex(BaseModel):
+    x: float
+    y: float
+    confidence: float | None
+
+
+class Polygon(BaseModel):
+    vertices: list[Vertex]
+    confidence: float | None
+    isHole: bool = Field(description="extension: this ring is a hole of the object")
+
+
+class MaskLink(BaseModel):
+    url: str
+    expiresTime: int
+    width: int
+    height: int
+    format: Literal["image/png"]
+
+
+class Rle(BaseModel):
+    size: list[int]
+    counts: list[int]
+
+
+class Segment(BaseModel):
+    score: float
+    boundingBox: BoundingBox | None
+    area: float
+    polygons: list[Polygon] | None = None
+    mask: MaskLink | None = None
+    rle: Rle | None = None
+    svgPath: str | None = None
+
+
+class JobItemResult(ItemReference):
+    segments: list[Segment] | None = None
+
+
+class FailedItems(BaseModel):
+    errorMessage: str
+    items: list[ItemReference]
+
+
+class Progress(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+JobStatusName = Literal["Queued", "Running", "Completed", "Failed", "Canceled"]
+
+
+class JobCreatedResponse(BaseModel):
+    status: JobStatusName
+    jobId: int
+    createdTime: int
+    startTime: int | None
+    statusTime: int
+    errorMessage: str | None
+    items: list[ItemReference]
+    points: list[Point] | None = None
+    boundingBox: BoundingBox | None = None
+
+
+class JobPrompt(BaseModel):
+    points: list[Point] | None = None
+    boundingBox: BoundingBox | None = None
+
+
+class JobResponse(BaseModel):
+    status: JobStatusName
+    jobId: int
+    createdTime: int
+    startTime: int | None
+    statusTime: int
+    errorMessage: str | None
+    items: list[JobItemResult]
+    prompt: JobPrompt
+    failedItems: list[FailedItems] | None = None
+    progress: Progress
+    engine: str | None = Field(description="extension: the engine that ran the job")
+
+
+def parse(model: type[ModelT], body: dict[str, Any]) -> ModelT:
+    """Validate ``body`` or raise a 400 naming the first offending field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise ApiError(400, f"{_location(first['loc'])}: {first['msg']}") from None
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"

@@ -1,0 +1,77 @@
+"""Service routes outside the project prefix: health, readiness, the API's
+own description, and local-disk objects behind signed URLs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+from sqlalchemy import text
+
+from api.context import db, services
+from api.errors import ApiError
+from api.openapi import DOCS_PAGE, openapi_document
+from core.storage import LocalStorage, ObjectNotFound
+
+log = logging.getLogger(__name__)
+
+service = Blueprint("service", __name__)
+
+
+@service.get("/healthz")
+def healthz() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@service.get("/readyz")
+def readyz() -> tuple[Response, int, dict[str, str]]:
+    checks: dict[str, str] = {}
+    try:
+        db().execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unavailable: {type(exc).__name__}"
+    try:
+        with services().celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"unavailable: {type(exc).__name__}"
+    try:
+        services().storage.check()
+        checks["storage"] = "ok"
+    except Exception as exc:
+        checks["storage"] = f"unavailable: {type(exc).__name__}"
+    ready = all(value == "ok" for value in checks.values())
+    body: dict[str, Any] = {"status": "ready" if ready else "unavailable", "checks": checks}
+    if ready:
+        return jsonify(body), 200, {}
+    return jsonify(body), 503, {"Retry-After": "5"}
+
+
+@service.get("/openapi.json")
+def openapi_json() -> Response:
+    return jsonify(openapi_document())
+
+
+@service.get("/docs")
+def docs() -> Response:
+    return Response(DOCS_PAGE, mimetype="text/html")
+
+
+@service.get("/objects/<path:key>")
+def local_object(key: str) -> Response:
+    """Serves objects of local-disk storage to holders of a signed URL."""
+    storage = services().storage
+    if not isinstance(storage, LocalStorage):
+        raise ApiError(404, "not found")
+    expires = request.args.get("expires", "")
+    signature = request.args.get("signature", "")
+    if not expires.isdigit() or not storage.verify_signature(key, int(expires), signature):
+        raise ApiError(403, "this URL is invalid or has expired")
+    try:
+        data = storage.get(key)
+    except (ObjectNotFound, ValueError):
+        raise ApiError(404, "not found") from None
+    return Response(data, mimetype="image/png" if key.endswith(".png") else None)

@@ -1,0 +1,107 @@
+"""A job as the contract shows it: the body of GET /context/vision/segment/{id}.
+
+Shared by the API (with fresh mask URLs) and webhooks (without URLs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from core.models import ItemStatus, Job, JobItem
+
+#: key of a stored mask -> (pre-signed URL, its expiry in epoch milliseconds).
+MaskLinker = Callable[[str], tuple[str, int]]
+
+
+def item_reference(item: JobItem) -> dict[str, Any]:
+    """What the client named the image by: fileId and, when known, fileExternalId."""
+    return dict(item.file_ref)
+
+
+def render_segment(
+    segment: dict[str, Any], width: int, height: int, link_mask: MaskLinker | None
+) -> dict[str, Any]:
+    rendered: dict[str, Any] = {
+        "score": segment["score"],
+        "boundingBox": segment["boundingBox"],
+        "area": segment["area"],
+    }
+    if "polygons" in segment:
+        rendered["polygons"] = [
+            {
+                "vertices": [{"x": x, "y": y, "confidence": None} for x, y in ring["vertices"]],
+                "confidence": None,
+                "isHole": ring["isHole"],
+            }
+            for ring in segment["polygons"]
+        ]
+    if "maskKey" in segment:
+        mask: dict[str, Any] = {"width": width, "height": height, "format": "image/png"}
+        if link_mask is not None:
+            mask["url"], mask["expiresTime"] = link_mask(segment["maskKey"])
+        rendered["mask"] = mask
+    for optional in ("rle", "svgPath"):
+        if optional in segment:
+            rendered[optional] = segment[optional]
+    return rendered
+
+
+def render_job(
+    job: Job, items: Sequence[JobItem], link_mask: MaskLinker | None
+) -> dict[str, Any]:
+    """``items`` in position order. Failed items are listed under
+    ``failedItems`` grouped by message; the others under ``items``, with
+    ``segments`` once they are done."""
+    shown: list[dict[str, Any]] = []
+    failures: dict[str, list[dict[str, Any]]] = {}
+    completed = failed = 0
+    for item in items:
+        if item.status == ItemStatus.FAILED:
+            failed += 1
+            message = item.error_message or "failed"
+            failures.setdefault(message, []).append(item_reference(item))
+            continue
+        entry = item_reference(item)
+        if item.status == ItemStatus.COMPLETED and item.result is not None:
+            completed += 1
+            width, height = item.result["width"], item.result["height"]
+            entry["segments"] = [
+                render_segment(segment, width, height, link_mask)
+                for segment in item.result["segments"]
+            ]
+        shown.append(entry)
+    document: dict[str, Any] = {
+        "status": job.status,
+        "jobId": job.id,
+        "createdTime": job.created_time,
+        "startTime": job.start_time,
+        "statusTime": job.status_time,
+        "errorMessage": job.error_message,
+        "items": shown,
+        "prompt": {
+            "points": job.prompt.get("points"),
+            "boundingBox": job.prompt.get("boundingBox"),
+        },
+        "progress": {"total": len(items), "completed": completed, "failed": failed},
+        "engine": job.engine,
+    }
+    if failures:
+        document["failedItems"] = [
+            {"errorMessage": message, "items": refs} for message, refs in failures.items()
+        ]
+    return document
+
+
+def render_created_job(job: Job, items: Sequence[JobItem]) -> dict[str, Any]:
+    """The answer to POST: Cognite echoes the prompt at the top level here."""
+    return {
+        "status": job.status,
+        "jobId": job.id,
+        "createdTime": job.created_time,
+        "startTime": job.start_time,
+        "statusTime": job.status_time,
+        "errorMessage": job.error_message,
+        "items": [item_reference(item) for item in items],
+        "points": job.prompt.get("points"),
+        "boundingBox": job.prompt.get("boundingBox"),
+    }

@@ -1,0 +1,69 @@
+"""The queue contract between API and worker: task names and how to publish.
+
+The broker only carries item ids; Postgres holds the truth. Both processes
+build their Celery app here so they agree on every setting.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from celery import Celery
+
+SEGMENT_ITEM_TASK = "segq.segment_item"
+SEGMENT_QUEUE = "segq.segment"
+
+log = logging.getLogger(__name__)
+
+
+def make_celery(broker_url: str, *, broker_folder: Path, lease_seconds: int) -> Celery:
+    app = Celery("segq", broker=broker_url, set_as_current=False)
+    transport_options: dict[str, object] = {}
+    if broker_url.startswith("filesystem://"):
+        # The embedded broker: messages are files in one folder that API and
+        # worker share, so no broker server is needed.
+        for folder in ("in", "processed"):
+            (broker_folder / folder).mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(broker_folder / "in"),
+            "data_folder_out": str(broker_folder / "in"),
+            "processed_folder": str(broker_folder / "processed"),
+            "store_processed": False,
+        }
+    else:
+        # Redis redelivers a message that is not acknowledged within this
+        # time. Messages are acknowledged only after the item is done (acks
+        # late), so it must outlast the longest item, which the lease bounds;
+        # otherwise a slow item would run twice.
+        transport_options = {"visibility_timeout": lease_seconds * 2}
+    app.conf.update(
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_default_queue=SEGMENT_QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # Acknowledge after the work, not before: a worker that dies mid-item
+        # leaves the message to be delivered again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One message at a time per process: a GPU worker should not hoard
+        # items that an idle worker could take.
+        worker_prefetch_multiplier=1,
+        # A hung item is killed before its lease runs out and the message
+        # becomes visible to others.
+        task_time_limit=lease_seconds,
+        task_soft_time_limit=max(lease_seconds - 30, lease_seconds // 2),
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def enqueue_items(app: Celery, item_ids: Iterable[int]) -> None:
+    """Publish one wake-up message per item, over one connection. Call only
+    after the rows are committed: a worker may run before this returns."""
+    with app.producer_or_acquire() as producer:
+        for item_id in item_ids:
+            app.send_task(SEGMENT_ITEM_TASK, args=[item_id], producer=producer)

@@ -1,0 +1,102 @@
+"""The one place segq reads its environment.
+
+With nothing set, segq runs embedded: SQLite, a filesystem broker, local-disk
+storage and the classical engine, all under ``SEGQ_DATA_DIR``. Production sets
+the URLs to Postgres, Redis and S3.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value segq cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    database_url: str
+    broker_url: str
+    storage_url: str
+    s3_endpoint_url: str | None
+    model: str | None
+    model_checkpoint: str | None
+    device: str
+    secret_key: str
+    max_upload_bytes: int
+    max_image_pixels: int
+    max_items_per_job: int
+    url_expires_seconds: int
+    lease_seconds: int
+    poll_retry_after_seconds: int
+
+    @property
+    def broker_folder(self) -> Path:
+        """Where the embedded filesystem broker keeps its messages."""
+        return self.data_dir / "broker"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        data_dir = Path(
+            env.get("SEGQ_DATA_DIR") or Path.home() / ".local" / "share" / "segq"
+        ).expanduser()
+        return cls(
+            data_dir=data_dir,
+            database_url=env.get("SEGQ_DATABASE_URL") or f"sqlite:///{data_dir / 'segq.db'}",
+            broker_url=env.get("SEGQ_BROKER_URL") or "filesystem://",
+            storage_url=env.get("SEGQ_STORAGE_URL") or (data_dir / "objects").as_uri(),
+            s3_endpoint_url=env.get("SEGQ_S3_ENDPOINT_URL") or None,
+            model=env.get("SEGQ_MODEL") or None,
+            model_checkpoint=env.get("SEGQ_MODEL_CHECKPOINT") or None,
+            device=env.get("SEGQ_DEVICE") or "auto",
+            secret_key=env.get("SEGQ_SECRET_KEY") or _persistent_secret(data_dir),
+            max_upload_bytes=_int(env, "SEGQ_MAX_UPLOAD_BYTES", 25 * 1024 * 1024),
+            max_image_pixels=_int(env, "SEGQ_MAX_IMAGE_PIXELS", 40_000_000),
+            max_items_per_job=_int(env, "SEGQ_MAX_ITEMS_PER_JOB", 1000),
+            url_expires_seconds=_int(env, "SEGQ_URL_EXPIRES_SECONDS", 3600),
+            lease_seconds=_int(env, "SEGQ_LEASE_SECONDS", 600),
+            poll_retry_after_seconds=_int(env, "SEGQ_POLL_RETRY_AFTER_SECONDS", 1),
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _persistent_secret(data_dir: Path) -> str:
+    """A signing key kept in the data directory, so every process of one
+    embedded installation (API, worker, restarts) agrees on it."""
+    path = data_dir / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    staged = data_dir / f".secret_key.{os.getpid()}"
+    staged.write_text(secrets.token_urlsafe(32))
+    staged.chmod(0o600)
+    try:
+        # link() is atomic and fails if the name exists: when two processes
+        # start at once, one key wins and both read it.
+        os.link(staged, path)
+    except FileExistsError:
+        pass
+    finally:
+        staged.unlink()
+    return path.read_text().strip()

@@ -1,0 +1,207 @@
+"""Object storage behind one small interface: S3 (boto3) or a local directory.
+
+Keys are plain relative paths such as ``projects/3/jobs/12/items/40/mask-0.png``.
+Writers always use fixed keys, so a retried write replaces rather than duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import tempfile
+import time
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+from urllib.parse import quote, unquote, urlencode, urlparse
+
+#: Where the API serves local-disk objects; the signature covers key and expiry.
+LOCAL_OBJECTS_ROUTE = "/objects/"
+
+
+class StorageError(RuntimeError):
+    """Storage did not answer or refused; the operation may succeed later."""
+
+
+class ObjectNotFound(KeyError):
+    """No object under that key."""
+
+
+class ObjectStorage(Protocol):
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; a missing object is not an error."""
+        ...
+
+    def presigned_get_url(self, key: str, expires_in: int) -> str:
+        """A URL that reads the object until ``expires_in`` seconds from now. It
+        may be relative to the API's root (local storage); join it with the
+        request's root URL before handing it out."""
+        ...
+
+    def check(self) -> None:
+        """Raise StorageError unless storage answers (readiness probe)."""
+        ...
+
+
+def open_storage(storage_url: str, *, s3_endpoint_url: str | None, secret_key: str) -> ObjectStorage:
+    """``s3://bucket/prefix`` or ``file:///absolute/path``."""
+    parsed = urlparse(storage_url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"storage URL {storage_url!r} names no bucket")
+        return S3Storage(parsed.netloc, parsed.path.strip("/"), endpoint_url=s3_endpoint_url)
+    if parsed.scheme == "file":
+        return LocalStorage(Path(unquote(parsed.path)), secret_key=secret_key)
+    raise ValueError(f"storage URL {storage_url!r} must start with s3:// or file://")
+
+
+def _checked_key(key: str) -> str:
+    path = PurePosixPath(key)
+    if not key or path.is_absolute() or ".." in path.parts or "\\" in key:
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+class S3Storage:
+    """Any S3-compatible server. One boto3 client per process: clients are
+    thread-safe and hold the connection pool, so making one per call would
+    throw the pool away."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = f"{prefix}/" if prefix else ""
+        self._client: Any = boto3.client(
+            "s3",
+            endpoint_url=endpoint_url,
+            config=Config(
+                # Path-style addressing: S3-compatible servers (MinIO, moto) rarely
+                # have per-bucket DNS names.
+                s3={"addressing_style": "path"},
+                signature_version="s3v4",
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=30,
+            ),
+        )
+
+    def _key(self, key: str) -> str:
+        return self.prefix + _checked_key(key)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not write {key}: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            body: bytes = response["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ObjectNotFound(key) from exc
+            raise StorageError(f"could not read {key}: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"could not read {key}: {exc}") from exc
+        return body
+
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not delete {key}: {exc}") from exc
+
+    def presigned_get_url(self, key: str, expires_in: int) -> str:
+        url: str = self._client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=expires_in,
+        )
+        return url
+
+    def check(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"bucket {self.bucket} does not answer: {exc}") from exc
+
+
+class LocalStorage:
+    """Objects as files under one directory, for the embedded default.
+
+    URLs point at the API's ``/objects/`` route and carry an expiry and an
+    HMAC-SHA256 signature over key and expiry, like S3's pre-signed URLs.
+    """
+
+    def __init__(self, root: Path, *, secret_key: str) -> None:
+        self.root = root
+        self._secret = secret_key.encode()
+
+    def _path(self, key: str) -> Path:
+        return self.root / _checked_key(key)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        path = self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename: a reader never sees half an object.
+            fd, staged = tempfile.mkstemp(dir=path.parent, prefix=".put-")
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(staged, path)
+        except OSError as exc:
+            raise StorageError(f"could not write {key}: {exc}") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        except OSError as exc:
+            raise StorageError(f"could not read {key}: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"could not delete {key}: {exc}") from exc
+
+    def presigned_get_url(self, key: str, expires_in: int) -> str:
+        expires = int(time.time()) + expires_in
+        query = urlencode({"expires": expires, "signature": self._signature(key, expires)})
+        return f"{LOCAL_OBJECTS_ROUTE}{quote(_checked_key(key))}?{query}"
+
+    def verify_signature(self, key: str, expires: int, signature: str) -> bool:
+        """True while the URL has not expired and its signature is ours."""
+        if expires < time.time():
+            return False
+        return hmac.compare_digest(self._signature(key, expires), signature)
+
+    def _signature(self, key: str, expires: int) -> str:
+        message = f"{key}\n{expires}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".ready"
+            probe.write_bytes(b"")
+        except OSError as exc:
+            raise StorageError(f"{self.root} is not writable: {exc}") from exc

@@ -1,0 +1,48 @@
+"""Synthetic test images with a known object, encoded as real PNG or JPEG."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+
+def scene(
+    width: int = 160, height: int = 120, seed: int = 0
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
+    """A red ellipse on a textured blue-grey background.
+
+    Returns (image (H, W, 3) uint8 RGB, truth (H, W) bool). The ellipse is
+    centred at (0.5 W, 0.5 H) with radii (0.25 W, 0.3 H)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    truth = ((xx - width * 0.5) / (width * 0.25)) ** 2 + ((yy - height * 0.5) / (height * 0.3)) ** 2 <= 1
+    background = np.array([90, 110, 140]) + rng.normal(0, 10, (height, width, 3))
+    foreground = np.array([200, 40, 40]) + rng.normal(0, 10, (height, width, 3))
+    pixels = np.where(truth[..., None], foreground, background)
+    return np.clip(pixels, 0, 255).astype(np.uint8), truth
+
+
+def encode(pixels: npt.NDArray[np.uint8], format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def png_bytes(width: int = 160, height: int = 120, seed: int = 0) -> bytes:
+    return encode(scene(width, height, seed)[0], "PNG")
+
+
+def jpeg_bytes(width: int = 160, height: int = 120, seed: int = 0) -> bytes:
+    return encode(scene(width, height, seed)[0], "JPEG")
+
+
+#: Cognite's sample body, with the file id to fill in.
+def cognite_sample_body(file_id: int) -> dict[str, object]:
+    return {
+        "items": [{"fileId": file_id}],
+        "points": [{"x": 0.5, "y": 0.5, "label": 1}],
+        "boundingBox": {"xMin": 0.2, "yMin": 0.15, "xMax": 0.8, "yMax": 0.85},
+    }

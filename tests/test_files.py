@@ -1,0 +1,126 @@
+"""POST/GET/DELETE /files against Postgres and S3 (moto over HTTP)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zlib
+
+from PIL import Image
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.models import StoredFile
+from core.storage import S3Storage
+from tests.conftest import Tenant
+from tests.images import jpeg_bytes, png_bytes
+
+
+def count_files(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(StoredFile)) or 0
+
+
+def test_upload_records_what_the_image_is(tenant: Tenant, storage: S3Storage) -> None:
+    data = jpeg_bytes(200, 100)
+    response = tenant.upload(data, "0001.jpg", externalId="cam-3/0001")
+    assert response.status_code == 201, response.json
+    body = response.json
+    assert body["externalId"] == "cam-3/0001"
+    assert body["name"] == "0001.jpg"
+    assert body["mimeType"] == "image/jpeg"
+    assert (body["width"], body["height"]) == (200, 100)
+    assert body["size"] == len(data)
+    assert body["sha256"] == hashlib.sha256(data).hexdigest()
+    assert response.headers["Location"].endswith(f"/files/{body['id']}")
+
+    fetched = tenant.client.get(tenant.url(f"/files/{body['id']}"), headers=tenant.headers)
+    assert fetched.json == body
+    listed = tenant.client.get(tenant.url("/files?externalId=cam-3/0001"), headers=tenant.headers)
+    assert [f["id"] for f in listed.json["items"]] == [body["id"]]
+
+
+def test_content_is_sniffed_not_trusted(tenant: Tenant, sessions: sessionmaker[Session]) -> None:
+    png_named_jpg = tenant.upload(png_bytes(), "photo.jpg")
+    assert png_named_jpg.status_code == 201
+    assert png_named_jpg.json["mimeType"] == "image/png"
+
+    for data in (b"GIF89a" + b"\0" * 100, b"%PDF-1.4 hello", b"", b"\x89PNG\r\n\x1a\n garbage"):
+        response = tenant.upload(data, "not-an-image.jpg")
+        assert response.status_code == 415, (data[:10], response.json)
+        assert response.json["error"]["code"] == 415
+        assert "X-Request-Id" in response.headers
+    assert count_files(sessions) == 1
+
+
+def test_truncated_jpeg_is_refused(tenant: Tenant, sessions: sessionmaker[Session]) -> None:
+    data = jpeg_bytes(300, 200)
+    response = tenant.upload(data[: len(data) // 2], "cut.jpg")
+    assert response.status_code == 415
+    assert count_files(sessions) == 0
+
+
+def test_pixel_bomb_is_refused_without_decoding(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    # A valid PNG header claiming 30000 x 30000 pixels, with a tiny body:
+    # refused from the header alone (the test settings allow 4 Mpx).
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            len(payload).to_bytes(4, "big") + kind + payload
+            + zlib.crc32(kind + payload).to_bytes(4, "big")
+        )
+
+    header = (30000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    response = tenant.upload(bomb, "bomb.png")
+    assert response.status_code == 413, response.json
+    assert count_files(sessions) == 0
+
+
+def test_oversized_upload_is_413(tenant: Tenant, sessions: sessionmaker[Session]) -> None:
+    noise = Image.effect_noise((1500, 1500), 100).convert("RGB")  # ~2.3 Mpx, > 2 MiB as PNG
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    assert len(buffer.getvalue()) > 2 * 1024 * 1024
+    response = tenant.upload(buffer.getvalue(), "big.png")
+    assert response.status_code == 413
+    assert response.json["error"]["code"] == 413
+    assert count_files(sessions) == 0
+
+
+def test_external_id_is_unique_per_project(tenant: Tenant, other_tenant: Tenant) -> None:
+    assert tenant.upload(png_bytes(), externalId="same").status_code == 201
+    again = tenant.upload(png_bytes(), externalId="same")
+    assert again.status_code == 409
+    assert other_tenant.upload(png_bytes(), externalId="same").status_code == 201
+
+
+def test_upload_needs_the_file_field(tenant: Tenant) -> None:
+    response = tenant.client.post(
+        tenant.url("/files"), data={"name": "x"}, headers=tenant.headers,
+        content_type="multipart/form-data",
+    )
+    assert response.status_code == 400
+    as_json = tenant.client.post(tenant.url("/files"), json={"file": "x"}, headers=tenant.headers)
+    assert as_json.status_code == 415
+
+
+def test_delete_removes_row_and_object(
+    tenant: Tenant, storage: S3Storage, sessions: sessionmaker[Session]
+) -> None:
+    file_id = tenant.upload(png_bytes()).json["id"]
+    with sessions() as session:
+        stored = session.get(StoredFile, file_id)
+        assert stored is not None
+        key = stored.storage_key
+    assert storage.get(key)[:4] == b"\x89PNG"
+    assert tenant.client.delete(tenant.url(f"/files/{file_id}"), headers=tenant.headers).status_code == 204
+    assert tenant.client.get(tenant.url(f"/files/{file_id}"), headers=tenant.headers).status_code == 404
+    assert count_files(sessions) == 0
+    try:
+        storage.get(key)
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("object still in storage")

@@ -1,0 +1,312 @@
+"""The work of one item, as plain functions: claim, segment, store, complete.
+
+Delivery is at least once, so every step is safe to repeat: a claim names
+its attempt and takes a lease, objects go to fixed keys, and a completion
+lands only while its attempt still holds the lease.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.clock import now_ms
+from core.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
+from core.storage import ObjectNotFound, ObjectStorage, StorageError
+from worker.engines.base import Candidate, Prompt, SegmentationEngine
+from worker.masks import (
+    encode_png,
+    mask_area,
+    mask_bounding_box,
+    mask_polygons,
+    mask_rle,
+    polygons_svg_path,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ItemFailure(Exception):
+    """The item cannot succeed, however often it is tried; the message is
+    shown to the client as the item's errorMessage."""
+
+
+class StorageUnavailable(Exception):
+    """Storage failed this attempt; the item was put back in the queue."""
+
+
+class Outcome(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    #: Nothing to do: the item is finished, canceled, or another attempt holds it.
+    SKIPPED = "skipped"
+    #: This attempt lost its lease before completing; its result was dropped.
+    LEASE_LOST = "lease_lost"
+
+
+@dataclass(frozen=True)
+class Claim:
+    item_id: int
+    attempt: int
+    job_id: int
+    project_id: int
+    file_key: str | None
+    prompt: dict[str, Any]
+    options: dict[str, Any]
+
+
+def claim_item(
+    sessions: sessionmaker[Session], item_id: int, *, lease_seconds: int, engine_name: str
+) -> Claim | None:
+    """Take the item for one attempt, or None if it is not ours to run."""
+    with sessions.begin() as session:
+        item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
+        if item is None:
+            log.warning("item %s does not exist", item_id)
+            return None
+        job = session.scalar(select(Job).where(Job.id == item.job_id).with_for_update())
+        assert job is not None  # foreign key
+        now = now_ms()
+        if ItemStatus(item.status).finished:
+            return None
+        if job.status == JobStatus.CANCELED:
+            item.status = ItemStatus.CANCELED
+            item.finished_time = now
+            return None
+        if item.status == ItemStatus.RUNNING and (item.lease_expires_time or 0) > now:
+            return None
+        item.status = ItemStatus.RUNNING
+        item.attempt += 1
+        item.lease_expires_time = now + lease_seconds * 1000
+        item.started_time = item.started_time or now
+        item.engine = engine_name
+        if job.status == JobStatus.QUEUED:
+            job.status = JobStatus.RUNNING
+            job.start_time = now
+            job.status_time = now
+        job.engine = job.engine or engine_name
+        file_key = None
+        if item.file_id is not None:
+            stored = session.get(StoredFile, item.file_id)
+            file_key = stored.storage_key if stored is not None else None
+        return Claim(
+            item_id=item.id,
+            attempt=item.attempt,
+            job_id=job.id,
+            project_id=job.project_id,
+            file_key=file_key,
+            prompt=dict(job.prompt),
+            options=dict(job.options),
+        )
+
+
+def load_image(storage: ObjectStorage, claim: Claim) -> npt.NDArray[np.uint8]:
+    """The item's image as (H, W, 3) uint8 RGB."""
+    if claim.file_key is None:
+        raise ItemFailure("the file was deleted before the item ran")
+    try:
+        data = storage.get(claim.file_key)
+    except ObjectNotFound:
+        raise ItemFailure("the file's content is missing from storage") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"))
+    except Exception as exc:  # Pillow raises many types for broken files
+        raise ItemFailure(f"the image could not be decoded: {exc}") from exc
+
+
+def pixel_prompt(prompt: dict[str, Any], width: int, height: int) -> Prompt:
+    """The contract's normalized prompt in the image's pixel frame."""
+    points = prompt.get("points") or []
+    box = prompt.get("boundingBox")
+    return Prompt(
+        points=np.array([[p["x"] * width, p["y"] * height] for p in points], dtype=np.float64)
+        .reshape(-1, 2),
+        labels=np.array([p["label"] for p in points], dtype=np.int64),
+        box=(
+            np.array(
+                [box["xMin"] * width, box["yMin"] * height, box["xMax"] * width, box["yMax"] * height],
+                dtype=np.float64,
+            )
+            if box
+            else None
+        ),
+    )
+
+
+def mask_key(claim: Claim, index: int) -> str:
+    """Fixed per item and candidate, so a repeated attempt overwrites its own objects."""
+    return (
+        f"projects/{claim.project_id}/jobs/{claim.job_id}/items/{claim.item_id}/mask-{index}.png"
+    )
+
+
+def encode_result(
+    claim: Claim,
+    candidates: list[Candidate],
+    storage: ObjectStorage,
+    width: int,
+    height: int,
+) -> dict[str, Any]:
+    """Store the masks and describe them as the item's result (keys, not URLs)."""
+    outputs = set(claim.options.get("outputs") or ("polygons", "mask"))
+    segments: list[dict[str, Any]] = []
+    for index, candidate in enumerate(candidates):
+        mask = candidate.mask
+        box = mask_bounding_box(mask)
+        segment: dict[str, Any] = {
+            "score": round(float(candidate.score), 6),
+            "boundingBox": (
+                None
+                if box is None
+                else {"xMin": box[0], "yMin": box[1], "xMax": box[2], "yMax": box[3]}
+            ),
+            "area": mask_area(mask),
+        }
+        rings = mask_polygons(mask) if outputs & {"polygons", "svgPath"} else []
+        if "polygons" in outputs:
+            segment["polygons"] = [
+                {"vertices": [list(v) for v in ring.vertices], "isHole": ring.is_hole}
+                for ring in rings
+            ]
+        if "svgPath" in outputs:
+            segment["svgPath"] = polygons_svg_path(rings, width, height)
+        if "rle" in outputs:
+            segment["rle"] = mask_rle(mask)
+        if "mask" in outputs:
+            key = mask_key(claim, index)
+            storage.put(key, encode_png(mask), "image/png")
+            segment["maskKey"] = key
+        segments.append(segment)
+    return {"width": width, "height": height, "segments": segments}
+
+
+def finish_item(
+    sessions: sessionmaker[Session],
+    claim: Claim,
+    *,
+    result: dict[str, Any] | None,
+    error_message: str | None = None,
+) -> bool:
+    """Complete (with ``result``) or fail (with ``error_message``) the item,
+    only if ``claim`` still holds it; then roll the job up. False when the
+    lease was lost to another attempt."""
+    status = ItemStatus.COMPLETED if result is not None else ItemStatus.FAILED
+    with sessions.begin() as session:
+        # Lock the job first: finishing items of one job take turns, so the
+        # last one to finish sees every other item's final state.
+        session.scalar(select(Job.id).where(Job.id == claim.job_id).with_for_update())
+        changed = session.execute(
+            update(JobItem)
+            .where(
+                JobItem.id == claim.item_id,
+                JobItem.attempt == claim.attempt,
+                JobItem.status == ItemStatus.RUNNING,
+            )
+            .values(
+                status=status,
+                result=result,
+                error_message=error_message,
+                finished_time=now_ms(),
+                lease_expires_time=None,
+            )
+        ).rowcount
+        if not changed:
+            return False
+        roll_up_job(session, claim.job_id)
+    return True
+
+
+def roll_up_job(session: Session, job_id: int) -> None:
+    """Finish the job once no item is left to run: Completed if any item
+    succeeded, Failed if none did. The caller holds the job's row lock."""
+    job = session.get(Job, job_id)
+    assert job is not None
+    if JobStatus(job.status).finished:
+        return
+    counts = dict(
+        session.execute(
+            select(JobItem.status, func.count()).where(JobItem.job_id == job_id).group_by(JobItem.status)
+        ).all()
+    )
+    if counts.get(ItemStatus.QUEUED, 0) or counts.get(ItemStatus.RUNNING, 0):
+        return
+    now = now_ms()
+    job.status_time = now
+    if counts.get(ItemStatus.COMPLETED, 0):
+        job.status = JobStatus.COMPLETED
+    else:
+        job.status = JobStatus.FAILED
+        job.error_message = session.scalar(
+            select(JobItem.error_message)
+            .where(JobItem.job_id == job_id, JobItem.error_message.is_not(None))
+            .order_by(JobItem.position)
+            .limit(1)
+        ) or "every item failed"
+
+
+def release_item(sessions: sessionmaker[Session], claim: Claim) -> bool:
+    """Give the item back to the queue, if ``claim`` still holds it."""
+    with sessions.begin() as session:
+        changed = session.execute(
+            update(JobItem)
+            .where(
+                JobItem.id == claim.item_id,
+                JobItem.attempt == claim.attempt,
+                JobItem.status == ItemStatus.RUNNING,
+            )
+            .values(status=ItemStatus.QUEUED, lease_expires_time=None)
+        ).rowcount
+    return bool(changed)
+
+
+def process_item(
+    sessions: sessionmaker[Session],
+    storage: ObjectStorage,
+    engine: SegmentationEngine,
+    item_id: int,
+    *,
+    lease_seconds: int,
+    max_attempts: int,
+) -> Outcome:
+    """Run one item end to end.
+
+    Problems of the item itself fail it. A storage error puts it back in
+    the queue and raises StorageUnavailable (the caller schedules a retry),
+    until ``max_attempts`` attempts have been made; then the item fails.
+    Database errors propagate: the lease runs out and the item is run again.
+    """
+    claim = claim_item(sessions, item_id, lease_seconds=lease_seconds, engine_name=engine.name)
+    if claim is None:
+        return Outcome.SKIPPED
+    result: dict[str, Any] | None = None
+    error_message: str | None = None
+    try:
+        image = load_image(storage, claim)
+        height, width = image.shape[:2]
+        candidates = engine.segment(
+            image,
+            pixel_prompt(claim.prompt, width, height),
+            multimask=bool(claim.options.get("multimaskOutput")),
+        )
+        result = encode_result(claim, candidates, storage, width, height)
+    except ItemFailure as failure:
+        error_message = str(failure)
+    except StorageError as exc:
+        if claim.attempt < max_attempts:
+            release_item(sessions, claim)
+            raise StorageUnavailable(str(exc)) from exc
+        error_message = f"storage was unavailable for {claim.attempt} attempts: {exc}"
+    landed = finish_item(sessions, claim, result=result, error_message=error_message)
+    if not landed:
+        return Outcome.LEASE_LOST
+    return Outcome.COMPLETED if result is not None else Outcome.FAILED

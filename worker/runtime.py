@@ -1,0 +1,68 @@
+"""What a worker process holds for its whole life: one engine (the model is
+loaded once per process, never per task), one storage client, one
+database session factory."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import make_engine, make_session_factory
+from core.settings import Settings
+from core.storage import ObjectStorage, open_storage
+from worker.engines import load_engine, resolve_engine
+from worker.engines.base import SegmentationEngine
+
+log = logging.getLogger(__name__)
+
+#: Attempts an item gets when storage keeps failing.
+STORAGE_MAX_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class WorkerRuntime:
+    sessions: sessionmaker[Session]
+    storage: ObjectStorage
+    engine: SegmentationEngine
+    lease_seconds: int
+    max_attempts: int = STORAGE_MAX_ATTEMPTS
+
+
+_runtime: WorkerRuntime | None = None
+_lock = threading.Lock()
+
+
+def build_runtime(settings: Settings) -> WorkerRuntime:
+    choice = resolve_engine(
+        settings.model, settings.model_checkpoint, settings.data_dir / "weights"
+    )
+    engine = load_engine(choice, settings.device)
+    log.info("engine %s ready", engine.name)
+    return WorkerRuntime(
+        sessions=make_session_factory(make_engine(settings.database_url)),
+        storage=open_storage(
+            settings.storage_url,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            secret_key=settings.secret_key,
+        ),
+        engine=engine,
+        lease_seconds=settings.lease_seconds,
+    )
+
+
+def install(runtime: WorkerRuntime | None) -> None:
+    """Use ``runtime`` in this process (tests pass theirs; None forgets it)."""
+    global _runtime
+    _runtime = runtime
+
+
+def current() -> WorkerRuntime:
+    """This process's runtime, built from the environment on first use."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            _runtime = build_runtime(Settings.from_env())
+        return _runtime

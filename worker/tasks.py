@@ -1,0 +1,35 @@
+"""Thin Celery tasks around the pipeline. Shared tasks, so whichever Celery
+app a process builds (the worker's, a test's) carries them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from core.queue import SEGMENT_ITEM_TASK
+from worker import runtime
+from worker.pipeline import StorageUnavailable, process_item
+
+#: Seconds before the n-th retry of an item whose storage failed: 2, 4, 8, ... capped.
+MAX_RETRY_DELAY_SECONDS = 60
+
+
+@shared_task(name=SEGMENT_ITEM_TASK, bind=True, max_retries=None)
+def segment_item(self: Any, item_id: int) -> str:
+    current = runtime.current()
+    try:
+        outcome = process_item(
+            current.sessions,
+            current.storage,
+            current.engine,
+            item_id,
+            lease_seconds=current.lease_seconds,
+            max_attempts=current.max_attempts,
+        )
+    except StorageUnavailable as exc:
+        # The item is back in the queue; process_item counts the attempts and
+        # fails the item once they run out, so this retry loop is bounded.
+        delay = min(2 ** (self.request.retries + 1), MAX_RETRY_DELAY_SECONDS)
+        raise self.retry(countdown=delay, exc=exc) from exc
+    return outcome.value
