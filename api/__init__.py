@@ -62,8 +62,8 @@ def create_app(
     def _request_id() -> None:
         incoming = request.headers.get("X-Request-Id", "")
         # Keep a caller's id only if it is short and printable: it goes into logs.
-        g.request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else (
-            uuid.uuid4().hex
+        g.request_id = (
+            incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else (uuid.uuid4().hex)
         )
 
     @app.after_request

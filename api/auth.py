@@ -25,7 +25,8 @@ def protect_project_routes(blueprint: Blueprint) -> None:
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise ApiError(
-                401, "missing API key: send 'Authorization: Bearer <key>'",
+                401,
+                "missing API key: send 'Authorization: Bearer <key>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
         project = project_for_key(db(), key.strip())

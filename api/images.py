@@ -44,7 +44,8 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
                     raise ApiError(415, "image has no pixels")
                 if width * height > max_pixels:
                     raise ApiError(
-                        413, f"image has {width}x{height} pixels, more than the {max_pixels} allowed"
+                        413,
+                        f"image has {width}x{height} pixels, more than the {max_pixels} allowed",
                     )
                 # Decode every pixel now: a truncated or corrupt file is the
                 # client's to fix, not a worker's to discover.

@@ -62,9 +62,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         status_time=now,
         prompt={
             "points": (
-                [p.model_dump() for p in segment_request.points]
-                if segment_request.points
-                else None
+                [p.model_dump() for p in segment_request.points] if segment_request.points else None
             ),
             "boundingBox": (
                 segment_request.boundingBox.model_dump() if segment_request.boundingBox else None
@@ -156,9 +154,7 @@ def _check_semantics(segment_request: SegmentRequest) -> None:
             if getattr(item, field) is not None
         ]
         if len(named) != 1:
-            raise ApiError(
-                400, f"items[{index}] must have exactly one of fileId, fileExternalId"
-            )
+            raise ApiError(400, f"items[{index}] must have exactly one of fileId, fileExternalId")
         if named[0] in ("fileUrl", "imageData"):
             raise ApiError(422, f"items[{index}].{named[0]} is not supported by this server yet")
 
@@ -173,9 +169,7 @@ def _idempotency_key() -> str | None:
 
 
 def _job_for_idempotency_key(project_id: int, key: str, request_sha256: str) -> Job | None:
-    job = db().scalar(
-        select(Job).where(Job.project_id == project_id, Job.idempotency_key == key)
-    )
+    job = db().scalar(select(Job).where(Job.project_id == project_id, Job.idempotency_key == key))
     if job is not None and job.request_sha256 != request_sha256:
         raise ApiError(409, "this Idempotency-Key was used with a different body")
     return job
@@ -188,7 +182,10 @@ def _resolve_files(project_id: int, references: list[FileReference]) -> list[Sto
     scope = select(StoredFile).where(StoredFile.project_id == project_id)
     by_id = {f.id: f for f in db().scalars(scope.where(StoredFile.id.in_(ids)))} if ids else {}
     by_external_id = (
-        {f.external_id: f for f in db().scalars(scope.where(StoredFile.external_id.in_(external_ids)))}
+        {
+            f.external_id: f
+            for f in db().scalars(scope.where(StoredFile.external_id.in_(external_ids)))
+        }
         if external_ids
         else {}
     )
@@ -197,8 +194,10 @@ def _resolve_files(project_id: int, references: list[FileReference]) -> list[Sto
     duplicated: list[dict[str, Any]] = []
     seen: set[int] = set()
     for ref in references:
-        found = by_id.get(ref.fileId) if ref.fileId is not None else by_external_id.get(
-            ref.fileExternalId
+        found = (
+            by_id.get(ref.fileId)
+            if ref.fileId is not None
+            else by_external_id.get(ref.fileExternalId)
         )
         shown = {"id": ref.fileId} if ref.fileId is not None else {"externalId": ref.fileExternalId}
         if found is None:

@@ -37,7 +37,12 @@ _PROJECT = {"name": "project", "in": "path", "required": True, "schema": {"type"
 
 
 def _id(name: str) -> dict[str, Any]:
-    return {"name": name, "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 1},
+    }
 
 
 @cache
@@ -46,7 +51,11 @@ def openapi_document() -> dict[str, Any]:
         [
             (model, "validation" if model is SegmentRequest else "serialization")
             for model in (
-                SegmentRequest, ErrorResponse, FileResponse, FileList, JobCreatedResponse,
+                SegmentRequest,
+                ErrorResponse,
+                FileResponse,
+                FileList,
+                JobCreatedResponse,
                 JobResponse,
             )
         ],
@@ -85,7 +94,8 @@ def openapi_document() -> dict[str, Any]:
                     _PROJECT,
                     {"name": "externalId", "in": "query", "schema": {"type": "string"}},
                     {
-                        "name": "limit", "in": "query",
+                        "name": "limit",
+                        "in": "query",
                         "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
                     },
                 ],
@@ -110,7 +120,8 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [
                     _PROJECT,
                     {
-                        "name": "Idempotency-Key", "in": "header",
+                        "name": "Idempotency-Key",
+                        "in": "header",
                         "schema": {"type": "string", "maxLength": 255},
                     },
                 ],
@@ -134,7 +145,9 @@ def openapi_document() -> dict[str, Any]:
                 },
             }
         },
-        "/healthz": {"get": {"summary": "The process is up", "responses": {"200": {"description": "up"}}}},
+        "/healthz": {
+            "get": {"summary": "The process is up", "responses": {"200": {"description": "up"}}}
+        },
         "/readyz": {
             "get": {
                 "summary": "Database, broker and storage answer",

@@ -44,9 +44,9 @@ class FileReference(StrictModel):
     """Exactly one of the fields names the image."""
 
     fileId: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
-    fileExternalId: Annotated[str, Field(min_length=1, max_length=MAX_EXTERNAL_ID_LENGTH)] | None = (
-        None
-    )
+    fileExternalId: (
+        Annotated[str, Field(min_length=1, max_length=MAX_EXTERNAL_ID_LENGTH)] | None
+    ) = None
     fileUrl: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     imageData: str | None = None
 

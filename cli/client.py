@@ -44,7 +44,9 @@ class SegqClient:
         with image.open("rb") as handle:
             data = {"externalId": external_id} if external_id else {}
             response = self._http.post(
-                self._url("/files"), files={"file": (image.name, handle)}, data=data,
+                self._url("/files"),
+                files={"file": (image.name, handle)},
+                data=data,
                 timeout=self.timeout,
             )
         return self._json(response)

@@ -44,17 +44,30 @@ def sample_image(width: int = 640, height: int = 480) -> Image.Image:
     pixels = np.where(np.arange(height)[:, None, None] < horizon, sky, floor)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    draw.rectangle((int(width * 0.72), int(height * 0.35), int(width * 0.9), int(height * 0.7)),
-                   fill=(60, 150, 70))
+    draw.rectangle(
+        (int(width * 0.72), int(height * 0.35), int(width * 0.9), int(height * 0.7)),
+        fill=(60, 150, 70),
+    )
     cx, cy, r = BALL_CENTRE[0] * width, BALL_CENTRE[1] * height, BALL_RADIUS * height
     for step in range(40, 0, -1):
         # Concentric disks from dark rim to bright highlight: a shaded sphere.
         shade = step / 40
         radius = r * shade
         offset = (1 - shade) * r * 0.35
-        colour = (int(120 + 135 * (1 - shade)), int(20 + 60 * (1 - shade)), int(25 + 60 * (1 - shade)))
-        draw.ellipse((cx - offset - radius, cy - offset - radius, cx - offset + radius,
-                      cy - offset + radius), fill=colour)
+        colour = (
+            int(120 + 135 * (1 - shade)),
+            int(20 + 60 * (1 - shade)),
+            int(25 + 60 * (1 - shade)),
+        )
+        draw.ellipse(
+            (
+                cx - offset - radius,
+                cy - offset - radius,
+                cx - offset + radius,
+                cy - offset + radius,
+            ),
+            fill=colour,
+        )
     return image.filter(ImageFilter.GaussianBlur(0.8))
 
 

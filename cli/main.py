@@ -45,8 +45,13 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
 
 
 @main.command()
-@click.option("--concurrency", default=1, show_default=True, type=int,
-              help="pool processes; each loads the model once")
+@click.option(
+    "--concurrency",
+    default=1,
+    show_default=True,
+    type=int,
+    help="pool processes; each loads the model once",
+)
 @click.option("--pool", default="prefork", show_default=True)
 @click.option("--loglevel", default="INFO", show_default=True)
 def worker(concurrency: int, pool: str, loglevel: str) -> None:
@@ -55,8 +60,16 @@ def worker(concurrency: int, pool: str, loglevel: str) -> None:
     from worker.celery_app import app
 
     app.worker_main(
-        ["worker", f"--concurrency={concurrency}", f"--pool={pool}", f"--loglevel={loglevel}",
-         "-Q", SEGMENT_QUEUE, "--without-gossip", "--without-mingle"]
+        [
+            "worker",
+            f"--concurrency={concurrency}",
+            f"--pool={pool}",
+            f"--loglevel={loglevel}",
+            "-Q",
+            SEGMENT_QUEUE,
+            "--without-gossip",
+            "--without-mingle",
+        ]
     )
 
 
@@ -97,8 +110,12 @@ def weights() -> None:
 
 @weights.command("download")
 @click.argument("architecture", type=click.Choice(["vit_b", "vit_l", "vit_h"]))
-@click.option("--dest", type=click.Path(path_type=Path), default=None,
-              help="folder (default: SEGQ_DATA_DIR/weights)")
+@click.option(
+    "--dest",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="folder (default: SEGQ_DATA_DIR/weights)",
+)
 def weights_download(architecture: str, dest: Path | None) -> None:
     """Download the official checkpoint and check its hash."""
     from worker.weights import WeightsError, download_checkpoint
@@ -132,8 +149,15 @@ def _floats(text: str, count: tuple[int, ...], what: str) -> list[float]:
 @click.option("--project", envvar="SEGQ_PROJECT", required=True)
 @click.option("--api-key", envvar="SEGQ_API_KEY", required=True)
 def submit(
-    image: Path, points: tuple[str, ...], box: str | None, multimask: bool, wait: bool,
-    out: Path, url: str, project: str, api_key: str,
+    image: Path,
+    points: tuple[str, ...],
+    box: str | None,
+    multimask: bool,
+    wait: bool,
+    out: Path,
+    url: str,
+    project: str,
+    api_key: str,
 ) -> None:
     """Upload IMAGE, submit a job, and (with --wait) save its masks."""
     from cli.client import ClientError, SegqClient
@@ -169,8 +193,12 @@ def submit(
 
 @main.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("demo-out"), show_default=True)
-@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="your own image instead of the generated sample")
+@click.option(
+    "--image",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="your own image instead of the generated sample",
+)
 @click.option("--timeout", default=300.0, show_default=True, help="seconds to wait for the job")
 def demo(out: Path, image: Path | None, timeout: float) -> None:
     """Boot segq, segment a sample image through the queue, write mask and overlay."""

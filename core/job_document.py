@@ -46,9 +46,7 @@ def render_segment(
     return rendered
 
 
-def render_job(
-    job: Job, items: Sequence[JobItem], link_mask: MaskLinker | None
-) -> dict[str, Any]:
+def render_job(job: Job, items: Sequence[JobItem], link_mask: MaskLinker | None) -> dict[str, Any]:
     """``items`` in position order. Failed items are listed under
     ``failedItems`` grouped by message; the others under ``items``, with
     ``segments`` once they are done."""

@@ -47,7 +47,9 @@ class ObjectStorage(Protocol):
         ...
 
 
-def open_storage(storage_url: str, *, s3_endpoint_url: str | None, secret_key: str) -> ObjectStorage:
+def open_storage(
+    storage_url: str, *, s3_endpoint_url: str | None, secret_key: str
+) -> ObjectStorage:
     """``s3://bucket/prefix`` or ``file:///absolute/path``."""
     parsed = urlparse(storage_url)
     if parsed.scheme == "s3":

@@ -70,13 +70,13 @@ def db_engine(database_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def sessions(db_engine: Engine) -> Iterator[sessionmaker[Session]]:
+def sessions(db_engine: Engine) -> sessionmaker[Session]:
     """A session factory on a database emptied before each test (the worker
     and the API use other connections, so savepoint rollback cannot isolate)."""
     tables = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
     with db_engine.begin() as connection:
         connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-    yield make_session_factory(db_engine)
+    return make_session_factory(db_engine)
 
 
 @pytest.fixture(scope="session")
@@ -87,8 +87,11 @@ def s3_endpoint() -> Iterator[str]:
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
     boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1",
-        aws_access_key_id="test", aws_secret_access_key="test",  # noqa: S106
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="test",
+        aws_secret_access_key="test",
     ).create_bucket(Bucket=TEST_BUCKET)
     yield endpoint
     server.stop()
@@ -127,9 +130,7 @@ def settings(tmp_path: Path, database_url: str, s3_endpoint: str) -> Settings:
 def celery_app(settings: Settings) -> Iterator[Celery]:
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
-    app = make_celery(
-        settings.broker_url, broker_folder=settings.broker_folder, lease_seconds=60
-    )
+    app = make_celery(settings.broker_url, broker_folder=settings.broker_folder, lease_seconds=60)
     yield app
     app.close()
     client.flushdb()
@@ -172,7 +173,9 @@ class Tenant:
 
     def post_job(self, body: Any, headers: dict[str, str] | None = None) -> Any:
         return self.client.post(
-            self.url("/context/vision/segment"), json=body, headers={**self.headers, **(headers or {})}
+            self.url("/context/vision/segment"),
+            json=body,
+            headers={**self.headers, **(headers or {})},
         )
 
     def get_job(self, job_id: int) -> Any:

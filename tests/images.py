@@ -18,7 +18,9 @@ def scene(
     centred at (0.5 W, 0.5 H) with radii (0.25 W, 0.3 H)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
-    truth = ((xx - width * 0.5) / (width * 0.25)) ** 2 + ((yy - height * 0.5) / (height * 0.3)) ** 2 <= 1
+    truth = ((xx - width * 0.5) / (width * 0.25)) ** 2 + (
+        (yy - height * 0.5) / (height * 0.3)
+    ) ** 2 <= 1
     background = np.array([90, 110, 140]) + rng.normal(0, 10, (height, width, 3))
     foreground = np.array([200, 40, 40]) + rng.normal(0, 10, (height, width, 3))
     pixels = np.where(truth[..., None], foreground, background)

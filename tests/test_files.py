@@ -67,12 +67,19 @@ def test_pixel_bomb_is_refused_without_decoding(
     # refused from the header alone (the test settings allow 4 Mpx).
     def chunk(kind: bytes, payload: bytes) -> bytes:
         return (
-            len(payload).to_bytes(4, "big") + kind + payload
+            len(payload).to_bytes(4, "big")
+            + kind
+            + payload
             + zlib.crc32(kind + payload).to_bytes(4, "big")
         )
 
     header = (30000).to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
-    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    bomb = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000))
+        + chunk(b"IEND", b"")
+    )
     response = tenant.upload(bomb, "bomb.png")
     assert response.status_code == 413, response.json
     assert count_files(sessions) == 0
@@ -98,7 +105,9 @@ def test_external_id_is_unique_per_project(tenant: Tenant, other_tenant: Tenant)
 
 def test_upload_needs_the_file_field(tenant: Tenant) -> None:
     response = tenant.client.post(
-        tenant.url("/files"), data={"name": "x"}, headers=tenant.headers,
+        tenant.url("/files"),
+        data={"name": "x"},
+        headers=tenant.headers,
         content_type="multipart/form-data",
     )
     assert response.status_code == 400
@@ -115,8 +124,14 @@ def test_delete_removes_row_and_object(
         assert stored is not None
         key = stored.storage_key
     assert storage.get(key)[:4] == b"\x89PNG"
-    assert tenant.client.delete(tenant.url(f"/files/{file_id}"), headers=tenant.headers).status_code == 204
-    assert tenant.client.get(tenant.url(f"/files/{file_id}"), headers=tenant.headers).status_code == 404
+    assert (
+        tenant.client.delete(tenant.url(f"/files/{file_id}"), headers=tenant.headers).status_code
+        == 204
+    )
+    assert (
+        tenant.client.get(tenant.url(f"/files/{file_id}"), headers=tenant.headers).status_code
+        == 404
+    )
     assert count_files(sessions) == 0
     try:
         storage.get(key)

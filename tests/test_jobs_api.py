@@ -63,8 +63,10 @@ def test_cognite_sample_body_is_accepted_as_is(tenant: Tenant, file_id: int) -> 
 def test_items_by_external_id_and_several_items(tenant: Tenant, file_id: int) -> None:
     second = tenant.upload(png_bytes(seed=1)).json["id"]
     response = tenant.post_job(
-        {"items": [{"fileExternalId": "cam-3/0001"}, {"fileId": second}],
-         "boundingBox": {"xMin": 0.1, "yMin": 0.1, "xMax": 0.9, "yMax": 0.9}}
+        {
+            "items": [{"fileExternalId": "cam-3/0001"}, {"fileId": second}],
+            "boundingBox": {"xMin": 0.1, "yMin": 0.1, "xMax": 0.9, "yMax": 0.9},
+        }
     )
     assert response.status_code == 200, response.json
     assert [item["fileId"] for item in response.json["items"]] == [file_id, second]
@@ -81,20 +83,47 @@ BAD_BODIES: list[tuple[str, Any, int, str]] = [
     ("unknown field", {"points": [{"x": 0.5, "y": 0.5}], "colour": "red"}, 400, "colour"),
     ("unknown point field", {"points": [{"x": 0.5, "y": 0.5, "z": 1}]}, 400, "points[0].z"),
     ("no prompt", {}, 422, "point"),
-    ("inverted box", {"boundingBox": {"xMin": 0.6, "yMin": 0.1, "xMax": 0.4, "yMax": 0.9}}, 422, "xMin"),
-    ("empty box", {"boundingBox": {"xMin": 0.5, "yMin": 0.1, "xMax": 0.5, "yMax": 0.9}}, 422, "xMin"),
+    (
+        "inverted box",
+        {"boundingBox": {"xMin": 0.6, "yMin": 0.1, "xMax": 0.4, "yMax": 0.9}},
+        422,
+        "xMin",
+    ),
+    (
+        "empty box",
+        {"boundingBox": {"xMin": 0.5, "yMin": 0.1, "xMax": 0.5, "yMax": 0.9}},
+        422,
+        "xMin",
+    ),
     ("box missing side", {"boundingBox": {"xMin": 0.1, "yMin": 0.1, "xMax": 0.5}}, 400, "yMax"),
-    ("duplicate points", {"points": [{"x": 0.5, "y": 0.5}, {"x": 0.5, "y": 0.5}]}, 422, "points[1]"),
+    (
+        "duplicate points",
+        {"points": [{"x": 0.5, "y": 0.5}, {"x": 0.5, "y": 0.5}]},
+        422,
+        "points[1]",
+    ),
     ("too many points", {"points": [{"x": i / 100, "y": 0.5} for i in range(40)]}, 400, "points"),
-    ("multimask as string", {"points": [{"x": 0.5, "y": 0.5}], "multimaskOutput": "yes"}, 400, "multimaskOutput"),
+    (
+        "multimask as string",
+        {"points": [{"x": 0.5, "y": 0.5}], "multimaskOutput": "yes"},
+        400,
+        "multimaskOutput",
+    ),
     ("unknown output", {"points": [{"x": 0.5, "y": 0.5}], "outputs": ["jpeg"]}, 400, "outputs[0]"),
 ]
 
 
-@pytest.mark.parametrize(("case", "fields", "status", "mentions"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES])
+@pytest.mark.parametrize(
+    ("case", "fields", "status", "mentions"), BAD_BODIES, ids=[b[0] for b in BAD_BODIES]
+)
 def test_bad_bodies_get_the_envelope_and_store_nothing(
-    tenant: Tenant, file_id: int, sessions: sessionmaker[Session],
-    case: str, fields: dict[str, Any], status: int, mentions: str,
+    tenant: Tenant,
+    file_id: int,
+    sessions: sessionmaker[Session],
+    case: str,
+    fields: dict[str, Any],
+    status: int,
+    mentions: str,
 ) -> None:
     response = tenant.post_job({"items": [{"fileId": file_id}], **fields})
     assert response.status_code == status, response.json
@@ -121,7 +150,9 @@ def test_bad_bodies_get_the_envelope_and_store_nothing(
 )
 def test_malformed_json_is_400(tenant: Tenant, raw: bytes, sessions: sessionmaker[Session]) -> None:
     response = tenant.client.post(
-        tenant.url("/context/vision/segment"), data=raw, headers=tenant.headers,
+        tenant.url("/context/vision/segment"),
+        data=raw,
+        headers=tenant.headers,
         content_type="application/json",
     )
     assert response.status_code == 400, response.json
@@ -131,21 +162,30 @@ def test_malformed_json_is_400(tenant: Tenant, raw: bytes, sessions: sessionmake
 
 def test_wrong_content_type_is_415(tenant: Tenant, file_id: int) -> None:
     response = tenant.client.post(
-        tenant.url("/context/vision/segment"), data=json.dumps(cognite_sample_body(file_id)),
-        headers=tenant.headers, content_type="text/plain",
+        tenant.url("/context/vision/segment"),
+        data=json.dumps(cognite_sample_body(file_id)),
+        headers=tenant.headers,
+        content_type="text/plain",
     )
     assert response.status_code == 415
 
 
-def test_unknown_and_repeated_files_are_listed(tenant: Tenant, file_id: int, sessions: sessionmaker[Session]) -> None:
+def test_unknown_and_repeated_files_are_listed(
+    tenant: Tenant, file_id: int, sessions: sessionmaker[Session]
+) -> None:
     response = tenant.post_job(
-        {"items": [{"fileId": file_id}, {"fileId": 999999}, {"fileExternalId": "nope"}],
-         "points": [{"x": 0.5, "y": 0.5}]}
+        {
+            "items": [{"fileId": file_id}, {"fileId": 999999}, {"fileExternalId": "nope"}],
+            "points": [{"x": 0.5, "y": 0.5}],
+        }
     )
     assert response.status_code == 400
     assert response.json["error"]["missing"] == [{"id": 999999}, {"externalId": "nope"}]
     repeated = tenant.post_job(
-        {"items": [{"fileId": file_id}, {"fileExternalId": "cam-3/0001"}], "points": [{"x": 0.5, "y": 0.5}]}
+        {
+            "items": [{"fileId": file_id}, {"fileExternalId": "cam-3/0001"}],
+            "points": [{"x": 0.5, "y": 0.5}],
+        }
     )
     assert repeated.status_code == 400
     assert repeated.json["error"]["duplicated"] == [{"externalId": "cam-3/0001"}]
@@ -154,7 +194,12 @@ def test_unknown_and_repeated_files_are_listed(tenant: Tenant, file_id: int, ses
 
 
 def test_item_must_name_exactly_one_file(tenant: Tenant, file_id: int) -> None:
-    both = tenant.post_job({"items": [{"fileId": file_id, "fileExternalId": "cam-3/0001"}], "points": [{"x": 0.5, "y": 0.5}]})
+    both = tenant.post_job(
+        {
+            "items": [{"fileId": file_id, "fileExternalId": "cam-3/0001"}],
+            "points": [{"x": 0.5, "y": 0.5}],
+        }
+    )
     assert both.status_code == 400
     neither = tenant.post_job({"items": [{}], "points": [{"x": 0.5, "y": 0.5}]})
     assert neither.status_code == 400
@@ -163,7 +208,9 @@ def test_item_must_name_exactly_one_file(tenant: Tenant, file_id: int) -> None:
 
 
 def test_too_many_items_is_422(tenant: Tenant, file_id: int) -> None:
-    response = tenant.post_job({"items": [{"fileId": file_id}] * 51, "points": [{"x": 0.5, "y": 0.5}]})
+    response = tenant.post_job(
+        {"items": [{"fileId": file_id}] * 51, "points": [{"x": 0.5, "y": 0.5}]}
+    )
     assert response.status_code == 422
 
 
@@ -172,12 +219,19 @@ def test_keys_and_tenancy(tenant: Tenant, other_tenant: Tenant, file_id: int) ->
     client = tenant.client
     no_key = client.get(tenant.url(f"/context/vision/segment/{job_id}"))
     assert no_key.status_code == 401 and no_key.json["error"]["code"] == 401
-    bad_key = client.get(tenant.url(f"/context/vision/segment/{job_id}"), headers={"Authorization": "Bearer segq_nope"})
+    bad_key = client.get(
+        tenant.url(f"/context/vision/segment/{job_id}"),
+        headers={"Authorization": "Bearer segq_nope"},
+    )
     assert bad_key.status_code == 401
-    basic = client.get(tenant.url(f"/context/vision/segment/{job_id}"), headers={"Authorization": "Basic abc"})
+    basic = client.get(
+        tenant.url(f"/context/vision/segment/{job_id}"), headers={"Authorization": "Basic abc"}
+    )
     assert basic.status_code == 401
     # Another project's key on this project's path: 403.
-    wrong_path = client.get(tenant.url(f"/context/vision/segment/{job_id}"), headers=other_tenant.headers)
+    wrong_path = client.get(
+        tenant.url(f"/context/vision/segment/{job_id}"), headers=other_tenant.headers
+    )
     assert wrong_path.status_code == 403
     # On its own path, this project's ids do not exist: 404, never 403.
     assert other_tenant.get_job(job_id).status_code == 404
@@ -188,7 +242,10 @@ def test_keys_and_tenancy(tenant: Tenant, other_tenant: Tenant, file_id: int) ->
     assert referencing.json["error"]["missing"] == [{"id": file_id}]
     deleting = client.delete(other_tenant.url(f"/files/{file_id}"), headers=other_tenant.headers)
     assert deleting.status_code == 404
-    assert tenant.client.get(tenant.url(f"/files/{file_id}"), headers=tenant.headers).status_code == 200
+    assert (
+        tenant.client.get(tenant.url(f"/files/{file_id}"), headers=tenant.headers).status_code
+        == 200
+    )
 
 
 def test_unknown_job_and_route_get_the_envelope(tenant: Tenant) -> None:
@@ -200,13 +257,17 @@ def test_unknown_job_and_route_get_the_envelope(tenant: Tenant) -> None:
     assert method.status_code == 405 and method.json["error"]["code"] == 405
 
 
-def test_idempotency_key_returns_the_first_job(tenant: Tenant, file_id: int, sessions: sessionmaker[Session]) -> None:
+def test_idempotency_key_returns_the_first_job(
+    tenant: Tenant, file_id: int, sessions: sessionmaker[Session]
+) -> None:
     body = cognite_sample_body(file_id)
     first = tenant.post_job(body, headers={"Idempotency-Key": "batch-7"})
     again = tenant.post_job(body, headers={"Idempotency-Key": "batch-7"})
     assert first.status_code == again.status_code == 200
     assert again.json["jobId"] == first.json["jobId"]
-    different = tenant.post_job({**body, "multimaskOutput": True}, headers={"Idempotency-Key": "batch-7"})
+    different = tenant.post_job(
+        {**body, "multimaskOutput": True}, headers={"Idempotency-Key": "batch-7"}
+    )
     assert different.status_code == 409
     assert count_jobs(sessions) == (1, 1)
     too_long = tenant.post_job(body, headers={"Idempotency-Key": "k" * 256})
@@ -214,5 +275,7 @@ def test_idempotency_key_returns_the_first_job(tenant: Tenant, file_id: int, ses
 
 
 def test_cdf_version_header_is_ignored(tenant: Tenant, file_id: int) -> None:
-    response = tenant.post_job(cognite_sample_body(file_id), headers={"cdf-version": "20230101-beta"})
+    response = tenant.post_job(
+        cognite_sample_body(file_id), headers={"cdf-version": "20230101-beta"}
+    )
     assert response.status_code == 200

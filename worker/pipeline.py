@@ -11,12 +11,12 @@ import io
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.clock import now_ms
@@ -129,12 +129,18 @@ def pixel_prompt(prompt: dict[str, Any], width: int, height: int) -> Prompt:
     points = prompt.get("points") or []
     box = prompt.get("boundingBox")
     return Prompt(
-        points=np.array([[p["x"] * width, p["y"] * height] for p in points], dtype=np.float64)
-        .reshape(-1, 2),
+        points=np.array(
+            [[p["x"] * width, p["y"] * height] for p in points], dtype=np.float64
+        ).reshape(-1, 2),
         labels=np.array([p["label"] for p in points], dtype=np.int64),
         box=(
             np.array(
-                [box["xMin"] * width, box["yMin"] * height, box["xMax"] * width, box["yMax"] * height],
+                [
+                    box["xMin"] * width,
+                    box["yMin"] * height,
+                    box["xMax"] * width,
+                    box["yMax"] * height,
+                ],
                 dtype=np.float64,
             )
             if box
@@ -145,9 +151,7 @@ def pixel_prompt(prompt: dict[str, Any], width: int, height: int) -> Prompt:
 
 def mask_key(claim: Claim, index: int) -> str:
     """Fixed per item and candidate, so a repeated attempt overwrites its own objects."""
-    return (
-        f"projects/{claim.project_id}/jobs/{claim.job_id}/items/{claim.item_id}/mask-{index}.png"
-    )
+    return f"projects/{claim.project_id}/jobs/{claim.job_id}/items/{claim.item_id}/mask-{index}.png"
 
 
 def encode_result(
@@ -205,20 +209,23 @@ def finish_item(
         # Lock the job first: finishing items of one job take turns, so the
         # last one to finish sees every other item's final state.
         session.scalar(select(Job.id).where(Job.id == claim.job_id).with_for_update())
-        changed = session.execute(
-            update(JobItem)
-            .where(
-                JobItem.id == claim.item_id,
-                JobItem.attempt == claim.attempt,
-                JobItem.status == ItemStatus.RUNNING,
-            )
-            .values(
-                status=status,
-                result=result,
-                error_message=error_message,
-                finished_time=now_ms(),
-                lease_expires_time=None,
-            )
+        changed = cast(
+            CursorResult[Any],
+            session.execute(
+                update(JobItem)
+                .where(
+                    JobItem.id == claim.item_id,
+                    JobItem.attempt == claim.attempt,
+                    JobItem.status == ItemStatus.RUNNING,
+                )
+                .values(
+                    status=status,
+                    result=result,
+                    error_message=error_message,
+                    finished_time=now_ms(),
+                    lease_expires_time=None,
+                )
+            ),
         ).rowcount
         if not changed:
             return False
@@ -235,7 +242,9 @@ def roll_up_job(session: Session, job_id: int) -> None:
         return
     counts = dict(
         session.execute(
-            select(JobItem.status, func.count()).where(JobItem.job_id == job_id).group_by(JobItem.status)
+            select(JobItem.status, func.count())
+            .where(JobItem.job_id == job_id)
+            .group_by(JobItem.status)
         ).all()
     )
     if counts.get(ItemStatus.QUEUED, 0) or counts.get(ItemStatus.RUNNING, 0):
@@ -246,25 +255,31 @@ def roll_up_job(session: Session, job_id: int) -> None:
         job.status = JobStatus.COMPLETED
     else:
         job.status = JobStatus.FAILED
-        job.error_message = session.scalar(
-            select(JobItem.error_message)
-            .where(JobItem.job_id == job_id, JobItem.error_message.is_not(None))
-            .order_by(JobItem.position)
-            .limit(1)
-        ) or "every item failed"
+        job.error_message = (
+            session.scalar(
+                select(JobItem.error_message)
+                .where(JobItem.job_id == job_id, JobItem.error_message.is_not(None))
+                .order_by(JobItem.position)
+                .limit(1)
+            )
+            or "every item failed"
+        )
 
 
 def release_item(sessions: sessionmaker[Session], claim: Claim) -> bool:
     """Give the item back to the queue, if ``claim`` still holds it."""
     with sessions.begin() as session:
-        changed = session.execute(
-            update(JobItem)
-            .where(
-                JobItem.id == claim.item_id,
-                JobItem.attempt == claim.attempt,
-                JobItem.status == ItemStatus.RUNNING,
-            )
-            .values(status=ItemStatus.QUEUED, lease_expires_time=None)
+        changed = cast(
+            CursorResult[Any],
+            session.execute(
+                update(JobItem)
+                .where(
+                    JobItem.id == claim.item_id,
+                    JobItem.attempt == claim.attempt,
+                    JobItem.status == ItemStatus.RUNNING,
+                )
+                .values(status=ItemStatus.QUEUED, lease_expires_time=None)
+            ),
         ).rowcount
     return bool(changed)
 

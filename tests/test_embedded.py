@@ -1,0 +1,88 @@
+"""The embedded default: no configuration, so SQLite, the filesystem broker,
+local-disk storage and the classical engine, all under SEGQ_DATA_DIR."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from celery.contrib.testing.worker import start_worker
+from PIL import Image
+
+from api import create_app
+from core.db import make_engine, make_session_factory
+from core.migrations import upgrade_to_head
+from core.projects import create_project
+from core.settings import Settings
+from tests.conftest import Tenant
+from tests.images import cognite_sample_body, png_bytes
+from worker import runtime
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_embedded_default_segments_through_the_queue(tmp_path: Path) -> None:
+    settings = Settings.from_env({"SEGQ_DATA_DIR": str(tmp_path)})
+    assert settings.database_url.startswith("sqlite:///")
+    assert settings.broker_url == "filesystem://"
+    assert settings.storage_url.startswith("file://")
+    engine = make_engine(settings.database_url)
+    upgrade_to_head(engine)
+    with make_session_factory(engine).begin() as session:
+        _, key = create_project(session, "local")
+    app = create_app(settings)
+    tenant = Tenant(app.test_client(), "local", key)
+    import worker.tasks  # noqa: F401  (registers the shared tasks)
+
+    worker_runtime = runtime.build_runtime(settings)
+    assert worker_runtime.engine.name == "grabcut"
+    runtime.install(worker_runtime)
+    celery = app.extensions["segq"].celery
+    try:
+        file_id = tenant.upload(png_bytes(160, 120)).json["id"]
+        job_id = tenant.post_job(cognite_sample_body(file_id)).json["jobId"]
+        with start_worker(celery, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+            deadline = time.monotonic() + 60
+            while (job := tenant.get_job(job_id).json)["status"] not in ("Completed", "Failed"):
+                assert time.monotonic() < deadline, job
+                time.sleep(0.1)
+    finally:
+        runtime.install(None)
+    assert job["status"] == "Completed", job
+    url = job["items"][0]["segments"][0]["mask"]["url"]
+    assert url.startswith("http://localhost/objects/")
+    served = tenant.client.get(url)
+    assert served.status_code == 200
+    assert Image.open(io.BytesIO(served.data)).size == (160, 120)
+    engine.dispose()
+
+
+@pytest.mark.slow
+def test_segq_demo_runs_from_the_command_line(tmp_path: Path) -> None:
+    """What `make demo` runs: real `segq serve` and `segq worker` processes."""
+    env = {**os.environ, "SEGQ_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(REPO)}
+    for name in [n for n in env if n.startswith("SEGQ_") and n != "SEGQ_DATA_DIR"]:
+        del env[name]
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.main", "demo", "--out", str(out), "--timeout", "120"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert '"status": "Completed"' in done.stdout
+    mask = np.asarray(Image.open(out / "mask.png"))
+    sample = Image.open(out / "sample.png")
+    assert mask.shape == (sample.height, sample.width)
+    assert 0.02 < (mask == 255).mean() < 0.5  # an object, neither nothing nor everything
+    assert Image.open(out / "overlay.png").size == sample.size

@@ -1,0 +1,250 @@
+"""The worker's pipeline called directly, against Postgres and S3 (moto over HTTP)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.models import ItemStatus, Job, JobItem, JobStatus
+from core.storage import S3Storage, StorageError
+from tests.conftest import Tenant
+from tests.images import cognite_sample_body, png_bytes, scene
+from worker.engines.grabcut import GrabCutEngine
+from worker.masks import Ring, rasterize_rings
+from worker.pipeline import (
+    Outcome,
+    StorageUnavailable,
+    claim_item,
+    finish_item,
+    process_item,
+)
+
+LEASE = 60
+
+
+@pytest.fixture(scope="module")
+def engine() -> GrabCutEngine:
+    return GrabCutEngine()
+
+
+def submit(
+    tenant: Tenant, body: dict[str, Any] | None = None, **extra: Any
+) -> tuple[int, list[int]]:
+    """Upload the test scene, create a job on it; (job id, item ids)."""
+    if body is None:
+        file_id = tenant.upload(png_bytes(160, 120)).json["id"]
+        body = {**cognite_sample_body(file_id), **extra}
+    response = tenant.post_job(body)
+    assert response.status_code == 200, response.json
+    job_id = response.json["jobId"]
+    return job_id, item_ids(tenant, job_id)
+
+
+def item_ids(tenant: Tenant, job_id: int) -> list[int]:
+    from sqlalchemy import select
+
+    sessions = tenant.client.application.extensions["segq"].sessions
+    with sessions() as session:
+        return list(
+            session.scalars(
+                select(JobItem.id).where(JobItem.job_id == job_id).order_by(JobItem.position)
+            )
+        )
+
+
+def load(sessions: sessionmaker[Session], model: type[Any], row_id: int) -> Any:
+    with sessions() as session:
+        return session.get(model, row_id)
+
+
+def run(
+    sessions: sessionmaker[Session],
+    storage: Any,
+    engine: GrabCutEngine,
+    item_id: int,
+    max_attempts: int = 3,
+) -> Outcome:
+    return process_item(
+        sessions, storage, engine, item_id, lease_seconds=LEASE, max_attempts=max_attempts
+    )
+
+
+def test_item_is_segmented_stored_and_rolled_up(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
+) -> None:
+    job_id, [item_id] = submit(tenant)
+    assert run(sessions, storage, engine, item_id) == Outcome.COMPLETED
+
+    item = load(sessions, JobItem, item_id)
+    assert item.status == ItemStatus.COMPLETED and item.attempt == 1
+    job = load(sessions, Job, job_id)
+    assert job.status == JobStatus.COMPLETED and job.engine == "grabcut"
+    assert job.start_time is not None and job.status_time >= job.start_time
+
+    [segment] = item.result["segments"]
+    mask = np.asarray(Image.open(io.BytesIO(storage.get(segment["maskKey"]))))
+    assert mask.shape == (120, 160) and set(np.unique(mask)) <= {0, 255}
+    truth = scene(160, 120)[1]
+    selected = mask == 255
+    iou = (selected & truth).sum() / (selected | truth).sum()
+    assert iou > 0.85
+    rings = [Ring(tuple(tuple(v) for v in r["vertices"]), r["isHole"]) for r in segment["polygons"]]
+    assert np.array_equal(rasterize_rings(rings, 120, 160), selected)
+    assert segment["area"] == pytest.approx(selected.mean())
+    ys, xs = np.nonzero(selected)
+    assert segment["boundingBox"] == pytest.approx(
+        {
+            "xMin": xs.min() / 160,
+            "yMin": ys.min() / 120,
+            "xMax": (xs.max() + 1) / 160,
+            "yMax": (ys.max() + 1) / 120,
+        }
+    )
+
+
+def test_a_repeated_delivery_does_nothing(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
+) -> None:
+    _, [item_id] = submit(tenant)
+    assert run(sessions, storage, engine, item_id) == Outcome.COMPLETED
+    first = load(sessions, JobItem, item_id)
+    assert run(sessions, storage, engine, item_id) == Outcome.SKIPPED
+    again = load(sessions, JobItem, item_id)
+    assert (again.attempt, again.finished_time, again.result) == (
+        first.attempt,
+        first.finished_time,
+        first.result,
+    )
+
+
+def test_a_held_lease_keeps_others_out_and_a_lost_one_drops_the_result(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
+) -> None:
+    _, [item_id] = submit(tenant)
+    first = claim_item(sessions, item_id, lease_seconds=LEASE, engine_name="grabcut")
+    assert first is not None and first.attempt == 1
+    assert claim_item(sessions, item_id, lease_seconds=LEASE, engine_name="grabcut") is None
+
+    # The first attempt stalls past its lease; another takes the item over.
+    with sessions.begin() as session:
+        session.execute(update(JobItem).where(JobItem.id == item_id).values(lease_expires_time=0))
+    assert run(sessions, storage, engine, item_id) == Outcome.COMPLETED
+    winner = load(sessions, JobItem, item_id)
+    assert winner.attempt == 2
+
+    # The stalled attempt finishes late: its completion must not land.
+    assert finish_item(sessions, first, result={"width": 1, "height": 1, "segments": []}) is False
+    assert load(sessions, JobItem, item_id).result == winner.result
+
+
+def test_a_deleted_file_fails_its_item_and_the_job_keeps_the_rest(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
+) -> None:
+    kept = tenant.upload(png_bytes(), externalId="kept").json["id"]
+    doomed = tenant.upload(png_bytes(seed=3), externalId="doomed").json["id"]
+    job_id, [kept_item, doomed_item] = submit(
+        tenant,
+        {
+            "items": [{"fileId": kept}, {"fileId": doomed}],
+            "points": [{"x": 0.5, "y": 0.5, "label": 1}],
+        },
+    )
+    assert (
+        tenant.client.delete(tenant.url(f"/files/{doomed}"), headers=tenant.headers).status_code
+        == 204
+    )
+
+    assert run(sessions, storage, engine, doomed_item) == Outcome.FAILED
+    assert load(sessions, Job, job_id).status == JobStatus.RUNNING
+    assert run(sessions, storage, engine, kept_item) == Outcome.COMPLETED
+
+    job = tenant.get_job(job_id).json
+    assert job["status"] == "Completed"
+    assert job["progress"] == {"total": 2, "completed": 1, "failed": 1}
+    assert [item["fileId"] for item in job["items"]] == [kept]
+    assert job["failedItems"] == [
+        {
+            "errorMessage": "the file was deleted before the item ran",
+            "items": [{"fileId": doomed, "fileExternalId": "doomed"}],
+        }
+    ]
+
+
+def test_a_job_whose_items_all_fail_is_failed(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
+) -> None:
+    job_id, [item_id] = submit(tenant)
+    file_id = tenant.get_job(job_id).json["items"][0]["fileId"]
+    tenant.client.delete(tenant.url(f"/files/{file_id}"), headers=tenant.headers)
+    assert run(sessions, storage, engine, item_id) == Outcome.FAILED
+    job = tenant.get_job(job_id)
+    assert job.json["status"] == "Failed"
+    assert job.json["errorMessage"] == "the file was deleted before the item ran"
+    assert "Retry-After" not in job.headers
+
+
+def test_multimask_and_extra_outputs(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
+) -> None:
+    job_id, [item_id] = submit(
+        tenant, multimaskOutput=True, outputs=["polygons", "mask", "rle", "svgPath"]
+    )
+    assert run(sessions, storage, engine, item_id) == Outcome.COMPLETED
+    segments = tenant.get_job(job_id).json["items"][0]["segments"]
+    assert 2 <= len(segments) <= 3
+    scores = [s["score"] for s in segments]
+    assert scores == sorted(scores, reverse=True)
+    for segment in segments:
+        assert segment["rle"]["size"] == [120, 160]
+        assert sum(segment["rle"]["counts"]) == 120 * 160
+        assert segment["svgPath"].startswith("M")
+        assert segment["mask"]["width"] == 160
+
+
+def test_only_the_requested_outputs_are_made(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
+) -> None:
+    job_id, [item_id] = submit(tenant, outputs=["rle"])
+    assert run(sessions, storage, engine, item_id) == Outcome.COMPLETED
+    [segment] = tenant.get_job(job_id).json["items"][0]["segments"]
+    assert "rle" in segment and "mask" not in segment and "polygons" not in segment
+
+
+@dataclass
+class WritesFail:
+    """Real storage for reads; every write fails as an unreachable server's would."""
+
+    inner: S3Storage
+
+    def get(self, key: str) -> bytes:
+        return self.inner.get(key)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        raise StorageError("connection refused")
+
+
+def test_storage_outage_requeues_then_fails_after_the_bound(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
+) -> None:
+    job_id, [item_id] = submit(tenant)
+    broken = WritesFail(storage)
+    for attempt in (1, 2):
+        with pytest.raises(StorageUnavailable):
+            run(sessions, broken, engine, item_id, max_attempts=3)
+        item = load(sessions, JobItem, item_id)
+        assert (item.status, item.attempt, item.lease_expires_time) == (
+            ItemStatus.QUEUED,
+            attempt,
+            None,
+        )
+    assert run(sessions, broken, engine, item_id, max_attempts=3) == Outcome.FAILED
+    job = tenant.get_job(job_id).json
+    assert job["status"] == "Failed"
+    assert job["errorMessage"].startswith("storage was unavailable for 3 attempts")
