@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 
 def make_engine(database_url: str) -> Engine:
     if database_url.startswith("sqlite"):
+        database = make_url(database_url).database
+        if database and database != ":memory:":
+            # A fresh embedded installation: the data directory may not exist yet.
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
             database_url,
             # The API serves from several threads; each checks out its own connection.
