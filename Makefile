@@ -41,7 +41,7 @@ test: install services lint ## Lint, type-check and run the whole test suite
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy
+	MYPY_CACHE_DIR=$(HOME)/.cache/segq/mypy $(BIN)/mypy
 
 .PHONY: format
 format: install ## Apply ruff's formatting and safe fixes

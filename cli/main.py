@@ -160,6 +160,8 @@ def submit(
     api_key: str,
 ) -> None:
     """Upload IMAGE, submit a job, and (with --wait) save its masks."""
+    import requests
+
     from cli.client import ClientError, SegqClient
 
     body: dict[str, Any] = {"multimaskOutput": multimask}
@@ -186,6 +188,8 @@ def submit(
                         click.echo(f"saved {target}", err=True)
     except ClientError as exc:
         raise click.ClickException(str(exc)) from None
+    except requests.RequestException as exc:
+        raise click.ClickException(f"cannot reach segq at {url}: {exc}") from None
     click.echo(json.dumps(job, indent=2))
     if wait and job["status"] != "Completed":
         sys.exit(1)

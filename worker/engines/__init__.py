@@ -1,0 +1,66 @@
+"""Engines behind one interface (``base.SegmentationEngine``), chosen by settings.
+
+Importing this package does not import torch: only a SAM engine does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker.engines.base import SegmentationEngine
+
+ENGINE_NAMES = ("sam_vit_b", "sam_vit_l", "sam_vit_h", "grabcut")
+
+
+class EngineConfigError(ValueError):
+    """The settings name an engine that cannot be run."""
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    name: str
+    checkpoint: Path | None
+
+
+def resolve_engine(model: str | None, checkpoint: str | None, weights_dir: Path) -> EngineChoice:
+    """Which engine to run: SAM when a checkpoint is configured or found in
+    ``weights_dir`` (where ``segq weights download`` puts it), GrabCut otherwise."""
+    from worker.weights import official_checkpoint_path
+
+    if model is None:
+        if checkpoint is not None:
+            return EngineChoice("sam_vit_b", Path(checkpoint))
+        found = official_checkpoint_path("vit_b", weights_dir)
+        if found.is_file():
+            return EngineChoice("sam_vit_b", found)
+        return EngineChoice("grabcut", None)
+    if model not in ENGINE_NAMES:
+        raise EngineConfigError(
+            f"unknown SEGQ_MODEL {model!r}; choose one of {', '.join(ENGINE_NAMES)}"
+        )
+    if model == "grabcut":
+        return EngineChoice("grabcut", None)
+    if checkpoint is not None:
+        return EngineChoice(model, Path(checkpoint))
+    architecture = model.removeprefix("sam_")
+    found = official_checkpoint_path(architecture, weights_dir)
+    if not found.is_file():
+        raise EngineConfigError(
+            f"SEGQ_MODEL={model} needs a checkpoint: run `segq weights download {architecture}` "
+            "or set SEGQ_MODEL_CHECKPOINT"
+        )
+    return EngineChoice(model, found)
+
+
+def load_engine(choice: EngineChoice, device: str) -> SegmentationEngine:
+    """Build the engine; for SAM this loads the model (once per process)."""
+    if choice.name == "grabcut":
+        from worker.engines.grabcut import GrabCutEngine
+
+        return GrabCutEngine()
+    from worker.engines.sam import SamEngine, load_sam
+
+    assert choice.checkpoint is not None
+    architecture = choice.name.removeprefix("sam_")
+    return SamEngine(load_sam(architecture, choice.checkpoint, device), choice.name)
