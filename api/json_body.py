@@ -9,9 +9,30 @@ from flask import request
 
 from api.errors import ApiError
 
+#: A 1,000-item job is about 50 KB; anything near this bound is not a job.
+MAX_JSON_BODY_BYTES = 2 * 1024 * 1024
+
 
 def _reject_constant(name: str) -> Any:
     raise ApiError(400, f"{name} is not valid JSON")
+
+
+def _read_body(limit: int) -> bytes:
+    """At most ``limit`` bytes of body, or 413. Counted as read, not as
+    declared, so a chunked body without Content-Length is bounded too."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"JSON body is larger than {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = request.stream.read(min(65536, limit + 1 - size))
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise ApiError(413, f"JSON body is larger than {limit} bytes")
+    return b"".join(parts)
 
 
 def read_json_object() -> dict[str, Any]:
@@ -22,7 +43,7 @@ def read_json_object() -> dict[str, Any]:
     mimetype = request.mimetype
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise ApiError(415, "Content-Type must be application/json")
-    raw = request.get_data(cache=True)
+    raw = _read_body(MAX_JSON_BODY_BYTES)
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except UnicodeDecodeError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
@@ -279,3 +280,30 @@ def test_cdf_version_header_is_ignored(tenant: Tenant, file_id: int) -> None:
         cognite_sample_body(file_id), headers={"cdf-version": "20230101-beta"}
     )
     assert response.status_code == 200
+
+
+def test_oversized_json_is_413_also_when_chunked(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    body = json.dumps(
+        {"items": [{"fileId": 1}], "points": [{"x": 0.5, "y": 0.5}], "pad": "x" * 3_000_000}
+    )
+    sized = tenant.client.post(
+        tenant.url("/context/vision/segment"),
+        data=body,
+        headers=tenant.headers,
+        content_type="application/json",
+    )
+    assert sized.status_code == 413 and sized.json["error"]["code"] == 413
+
+    # No Content-Length: the body ends where the stream ends, as a WSGI
+    # server presents a chunked request.
+    chunked = tenant.client.post(
+        tenant.url("/context/vision/segment"),
+        input_stream=io.BytesIO(body.encode()),
+        headers={**tenant.headers, "Transfer-Encoding": "chunked"},
+        content_type="application/json",
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert chunked.status_code == 413, chunked.json
+    assert count_jobs(sessions) == (0, 0)
