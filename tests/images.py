@@ -41,8 +41,18 @@ def jpeg_bytes(width: int = 160, height: int = 120, seed: int = 0) -> bytes:
     return encode(scene(width, height, seed)[0], "JPEG")
 
 
-#: Cognite's sample body, with the file id to fill in.
 def cognite_sample_body(file_id: int) -> dict[str, object]:
+    """Cognite's sample body exactly (CONTRACT.md), on the given file. Its
+    point lies outside its box, as in the original."""
+    return {
+        "items": [{"fileId": file_id}],
+        "points": [{"x": 0.8, "y": 0.8, "label": 1}],
+        "boundingBox": {"xMin": 0.1, "yMin": 0.2, "xMax": 0.5, "yMax": 0.6},
+    }
+
+
+def scene_prompt_body(file_id: int) -> dict[str, object]:
+    """A point on and a box around the object of ``scene``."""
     return {
         "items": [{"fileId": file_id}],
         "points": [{"x": 0.5, "y": 0.5, "label": 1}],

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.storage import S3Storage
 from tests.conftest import Tenant
-from tests.images import cognite_sample_body, jpeg_bytes, scene
+from tests.images import cognite_sample_body, jpeg_bytes, scene, scene_prompt_body
 from worker import runtime
 from worker.engines.grabcut import GrabCutEngine
 from worker.masks import Ring, rasterize_rings
@@ -50,7 +50,7 @@ def wait_finished(tenant: Tenant, job_id: int, timeout: float = 60) -> Any:
 
 def test_upload_submit_poll_fetch(tenant: Tenant, running_worker: None) -> None:
     uploaded = tenant.upload(jpeg_bytes(200, 150), "scene.jpg", externalId="cam-3/0001").json
-    created = tenant.post_job(cognite_sample_body(uploaded["id"]))
+    created = tenant.post_job(scene_prompt_body(uploaded["id"]))
     assert created.status_code == 200
     finished = wait_finished(tenant, created.json["jobId"])
     job = finished.json
@@ -89,6 +89,23 @@ def test_upload_submit_poll_fetch(tenant: Tenant, running_worker: None) -> None:
     again = tenant.get_job(created.json["jobId"]).json["items"][0]["segments"][0]["mask"]
     assert again["url"] != link["url"]
     assert again["expiresTime"] > link["expiresTime"]
+
+
+def test_cognite_sample_body_runs_to_completion(tenant: Tenant, running_worker: None) -> None:
+    file_id = tenant.upload(jpeg_bytes(640, 480)).json["id"]
+    created = tenant.post_job(cognite_sample_body(file_id))
+    job = wait_finished(tenant, created.json["jobId"]).json
+    assert job["status"] == "Completed", job
+    [segment] = job["items"][0]["segments"]
+    png = requests.get(segment["mask"]["url"], timeout=10)
+    mask = np.asarray(Image.open(io.BytesIO(png.content))) == 255
+    assert mask.shape == (480, 640) and mask.any()
+    rings = [
+        Ring(tuple((v["x"], v["y"]) for v in polygon["vertices"]), polygon["isHole"])
+        for polygon in segment["polygons"]
+    ]
+    assert np.array_equal(rasterize_rings(rings, 480, 640), mask)
+    assert segment["area"] == pytest.approx(mask.mean())
 
 
 def test_many_items_spread_as_separate_messages(tenant: Tenant, running_worker: None) -> None:

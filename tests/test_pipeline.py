@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.models import ItemStatus, Job, JobItem, JobStatus
 from core.storage import S3Storage, StorageError
 from tests.conftest import Tenant
-from tests.images import cognite_sample_body, png_bytes, scene
+from tests.images import png_bytes, scene, scene_prompt_body
 from worker.engines.grabcut import GrabCutEngine
 from worker.masks import Ring, rasterize_rings
 from worker.pipeline import (
@@ -40,7 +40,7 @@ def submit(
     """Upload the test scene, create a job on it; (job id, item ids)."""
     if body is None:
         file_id = tenant.upload(png_bytes(160, 120)).json["id"]
-        body = {**cognite_sample_body(file_id), **extra}
+        body = {**scene_prompt_body(file_id), **extra}
     response = tenant.post_job(body)
     assert response.status_code == 200, response.json
     job_id = response.json["jobId"]
