@@ -24,13 +24,15 @@ def make_celery(broker_url: str, *, broker_folder: Path, lease_seconds: int) -> 
     if broker_url.startswith("filesystem://"):
         # The embedded broker: messages are files in one folder that API and
         # worker share, so no broker server is needed.
-        for folder in ("in", "processed"):
+        for folder in ("in", "processed", "control"):
             (broker_folder / folder).mkdir(parents=True, exist_ok=True)
         transport_options = {
             "data_folder_in": str(broker_folder / "in"),
             "data_folder_out": str(broker_folder / "in"),
             "processed_folder": str(broker_folder / "processed"),
             "store_processed": False,
+            # Exchange bindings; kombu's default is ./control in the working directory.
+            "control_folder": str(broker_folder / "control"),
         }
     else:
         # Redis redelivers a message that is not acknowledged within this
