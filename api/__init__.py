@@ -49,7 +49,7 @@ def create_app(
         or make_celery(
             settings.broker_url,
             broker_folder=settings.broker_folder,
-            lease_seconds=settings.lease_seconds,
+            time_limit_seconds=settings.item_time_limit_seconds,
         ),
     )
     register_error_handlers(app)

@@ -89,6 +89,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
                 file_ref=reference,
                 status=ItemStatus.QUEUED,
                 attempt=0,
+                published_time=now,
             )
         )
     try:

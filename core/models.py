@@ -130,6 +130,7 @@ class JobItem(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "position"),
         Index("ix_job_items_status_lease", "status", "lease_expires_time"),
+        Index("ix_job_items_status_published", "status", "published_time"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -143,6 +144,9 @@ class JobItem(Base):
     status: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     lease_expires_time: Mapped[int | None] = mapped_column(BigInteger)
+    # When a wake-up message for this item was last sent; the reconciler
+    # sends another if a queued item waits much longer than that.
+    published_time: Mapped[int | None] = mapped_column(BigInteger)
     started_time: Mapped[int | None] = mapped_column(BigInteger)
     finished_time: Mapped[int | None] = mapped_column(BigInteger)
     error_message: Mapped[str | None] = mapped_column(Text)

@@ -18,7 +18,7 @@ SEGMENT_QUEUE = "segq.segment"
 log = logging.getLogger(__name__)
 
 
-def make_celery(broker_url: str, *, broker_folder: Path, lease_seconds: int) -> Celery:
+def make_celery(broker_url: str, *, broker_folder: Path, time_limit_seconds: int) -> Celery:
     app = Celery("segq", broker=broker_url, set_as_current=False)
     transport_options: dict[str, object] = {}
     if broker_url.startswith("filesystem://"):
@@ -37,9 +37,9 @@ def make_celery(broker_url: str, *, broker_folder: Path, lease_seconds: int) -> 
     else:
         # Redis redelivers a message that is not acknowledged within this
         # time. Messages are acknowledged only after the item is done (acks
-        # late), so it must outlast the longest item, which the lease bounds;
-        # otherwise a slow item would run twice.
-        transport_options = {"visibility_timeout": lease_seconds * 2}
+        # late), so it must outlast the longest item, which the time limit
+        # bounds; otherwise a slow item would be delivered twice.
+        transport_options = {"visibility_timeout": time_limit_seconds * 2}
     app.conf.update(
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
@@ -54,10 +54,10 @@ def make_celery(broker_url: str, *, broker_folder: Path, lease_seconds: int) -> 
         # One message at a time per process: a GPU worker should not hoard
         # items that an idle worker could take.
         worker_prefetch_multiplier=1,
-        # A hung item is killed before its lease runs out and the message
-        # becomes visible to others.
-        task_time_limit=lease_seconds,
-        task_soft_time_limit=max(lease_seconds - 30, lease_seconds // 2),
+        # A hung item is killed (and its lease, no longer renewed, runs out)
+        # long before Redis would make its message visible again.
+        task_time_limit=time_limit_seconds,
+        task_soft_time_limit=max(time_limit_seconds - 30, time_limit_seconds // 2),
         worker_hijack_root_logger=False,
     )
     return app

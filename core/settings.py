@@ -34,6 +34,10 @@ class Settings:
     max_items_per_job: int
     url_expires_seconds: int
     lease_seconds: int
+    item_time_limit_seconds: int
+    max_attempts: int
+    republish_after_seconds: int
+    reconcile_interval_seconds: int
     poll_retry_after_seconds: int
 
     @property
@@ -61,7 +65,11 @@ class Settings:
             max_image_pixels=_int(env, "SEGQ_MAX_IMAGE_PIXELS", 40_000_000),
             max_items_per_job=_int(env, "SEGQ_MAX_ITEMS_PER_JOB", 1000),
             url_expires_seconds=_int(env, "SEGQ_URL_EXPIRES_SECONDS", 3600),
-            lease_seconds=_int(env, "SEGQ_LEASE_SECONDS", 600),
+            lease_seconds=_int(env, "SEGQ_LEASE_SECONDS", 60),
+            item_time_limit_seconds=_int(env, "SEGQ_ITEM_TIME_LIMIT_SECONDS", 600),
+            max_attempts=_int(env, "SEGQ_MAX_ATTEMPTS", 5),
+            republish_after_seconds=_int(env, "SEGQ_REPUBLISH_AFTER_SECONDS", 300),
+            reconcile_interval_seconds=_int(env, "SEGQ_RECONCILE_INTERVAL_SECONDS", 15),
             poll_retry_after_seconds=_int(env, "SEGQ_POLL_RETRY_AFTER_SECONDS", 1),
         )
 

@@ -130,7 +130,9 @@ def settings(tmp_path: Path, database_url: str, s3_endpoint: str) -> Settings:
 def celery_app(settings: Settings) -> Iterator[Celery]:
     client = redis.Redis.from_url(REDIS_URL)
     client.flushdb()
-    app = make_celery(settings.broker_url, broker_folder=settings.broker_folder, lease_seconds=60)
+    app = make_celery(
+        settings.broker_url, broker_folder=settings.broker_folder, time_limit_seconds=60
+    )
     yield app
     app.close()
     client.flushdb()

@@ -128,9 +128,14 @@ def test_a_held_lease_keeps_others_out_and_a_lost_one_drops_the_result(
     tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
 ) -> None:
     _, [item_id] = submit(tenant)
-    first = claim_item(sessions, item_id, lease_seconds=LEASE, engine_name="grabcut")
+    first = claim_item(
+        sessions, item_id, lease_seconds=LEASE, engine_name="grabcut", max_attempts=3
+    )
     assert first is not None and first.attempt == 1
-    assert claim_item(sessions, item_id, lease_seconds=LEASE, engine_name="grabcut") is None
+    assert (
+        claim_item(sessions, item_id, lease_seconds=LEASE, engine_name="grabcut", max_attempts=3)
+        is None
+    )
 
     # The first attempt stalls past its lease; another takes the item over.
     with sessions.begin() as session:

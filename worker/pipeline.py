@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
@@ -65,9 +68,18 @@ class Claim:
 
 
 def claim_item(
-    sessions: sessionmaker[Session], item_id: int, *, lease_seconds: int, engine_name: str
+    sessions: sessionmaker[Session],
+    item_id: int,
+    *,
+    lease_seconds: int,
+    engine_name: str,
+    max_attempts: int,
 ) -> Claim | None:
-    """Take the item for one attempt, or None if it is not ours to run."""
+    """Take the item for one attempt, or None if it is not ours to run.
+
+    An item found Running with its lease run out was abandoned by a worker
+    that died; after ``max_attempts`` such attempts it is failed rather than
+    tried again (an image that kills its worker must not kill them all)."""
     with sessions.begin() as session:
         item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
         if item is None:
@@ -83,6 +95,9 @@ def claim_item(
             item.finished_time = now
             return None
         if item.status == ItemStatus.RUNNING and (item.lease_expires_time or 0) > now:
+            return None
+        if item.attempt >= max_attempts:
+            fail_abandoned_item(session, item, now)
             return None
         item.status = ItemStatus.RUNNING
         item.attempt += 1
@@ -107,6 +122,19 @@ def claim_item(
             prompt=dict(job.prompt),
             options=dict(job.options),
         )
+
+
+def abandoned_message(attempts: int) -> str:
+    return f"the worker died on each of {attempts} attempts to segment this image"
+
+
+def fail_abandoned_item(session: Session, item: JobItem, now: int) -> None:
+    """Fail an item that workers gave up on; the caller holds its row and its job's."""
+    item.status = ItemStatus.FAILED
+    item.error_message = abandoned_message(item.attempt)
+    item.finished_time = now
+    item.lease_expires_time = None
+    roll_up_job(session, item.job_id)
 
 
 def load_image(storage: ObjectStorage, claim: Claim) -> npt.NDArray[np.uint8]:
@@ -266,6 +294,50 @@ def roll_up_job(session: Session, job_id: int) -> None:
         )
 
 
+def renew_lease(sessions: sessionmaker[Session], claim: Claim, lease_seconds: int) -> bool:
+    """Push the lease out again; False once the attempt no longer holds it."""
+    with sessions.begin() as session:
+        changed = cast(
+            CursorResult[Any],
+            session.execute(
+                update(JobItem)
+                .where(
+                    JobItem.id == claim.item_id,
+                    JobItem.attempt == claim.attempt,
+                    JobItem.status == ItemStatus.RUNNING,
+                )
+                .values(lease_expires_time=now_ms() + lease_seconds * 1000)
+            ),
+        ).rowcount
+    return bool(changed)
+
+
+@contextmanager
+def lease_kept(sessions: sessionmaker[Session], claim: Claim, lease_seconds: int) -> Iterator[None]:
+    """Renew the lease every third of its length while the body runs, so a
+    short lease covers a long item and a dead worker's item is free again
+    within one lease."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease_seconds / 3):
+            try:
+                if not renew_lease(sessions, claim, lease_seconds):
+                    return
+            except Exception:
+                # The database may be back by the next beat; the completion
+                # checks the lease anyway.
+                log.warning("could not renew the lease of item %s", claim.item_id, exc_info=True)
+
+    keeper = threading.Thread(target=renew, name=f"lease-{claim.item_id}", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        keeper.join()
+
+
 def release_item(sessions: sessionmaker[Session], claim: Claim) -> bool:
     """Give the item back to the queue, if ``claim`` still holds it."""
     with sessions.begin() as session:
@@ -278,7 +350,7 @@ def release_item(sessions: sessionmaker[Session], claim: Claim) -> bool:
                     JobItem.attempt == claim.attempt,
                     JobItem.status == ItemStatus.RUNNING,
                 )
-                .values(status=ItemStatus.QUEUED, lease_expires_time=None)
+                .values(status=ItemStatus.QUEUED, lease_expires_time=None, published_time=now_ms())
             ),
         ).rowcount
     return bool(changed)
@@ -300,20 +372,27 @@ def process_item(
     until ``max_attempts`` attempts have been made; then the item fails.
     Database errors propagate: the lease runs out and the item is run again.
     """
-    claim = claim_item(sessions, item_id, lease_seconds=lease_seconds, engine_name=engine.name)
+    claim = claim_item(
+        sessions,
+        item_id,
+        lease_seconds=lease_seconds,
+        engine_name=engine.name,
+        max_attempts=max_attempts,
+    )
     if claim is None:
         return Outcome.SKIPPED
     result: dict[str, Any] | None = None
     error_message: str | None = None
     try:
-        image = load_image(storage, claim)
-        height, width = image.shape[:2]
-        candidates = engine.segment(
-            image,
-            pixel_prompt(claim.prompt, width, height),
-            multimask=bool(claim.options.get("multimaskOutput")),
-        )
-        result = encode_result(claim, candidates, storage, width, height)
+        with lease_kept(sessions, claim, lease_seconds):
+            image = load_image(storage, claim)
+            height, width = image.shape[:2]
+            candidates = engine.segment(
+                image,
+                pixel_prompt(claim.prompt, width, height),
+                multimask=bool(claim.options.get("multimaskOutput")),
+            )
+            result = encode_result(claim, candidates, storage, width, height)
     except ItemFailure as failure:
         error_message = str(failure)
     except StorageError as exc:

@@ -18,9 +18,6 @@ from worker.engines.base import SegmentationEngine
 
 log = logging.getLogger(__name__)
 
-#: Attempts an item gets when storage keeps failing.
-STORAGE_MAX_ATTEMPTS = 5
-
 
 @dataclass(frozen=True)
 class WorkerRuntime:
@@ -28,7 +25,7 @@ class WorkerRuntime:
     storage: ObjectStorage
     engine: SegmentationEngine
     lease_seconds: int
-    max_attempts: int = STORAGE_MAX_ATTEMPTS
+    max_attempts: int = 5
 
 
 _runtime: WorkerRuntime | None = None
@@ -50,6 +47,7 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
         ),
         engine=engine,
         lease_seconds=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
     )
 
 

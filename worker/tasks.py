@@ -15,7 +15,7 @@ from worker.pipeline import StorageUnavailable, process_item
 MAX_RETRY_DELAY_SECONDS = 60
 
 
-@shared_task(name=SEGMENT_ITEM_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+@shared_task(name=SEGMENT_ITEM_TASK, bind=True, max_retries=None)
 def segment_item(self: Any, item_id: int) -> str:
     current = runtime.current()
     try:

@@ -1,0 +1,150 @@
+"""The reconciler re-publishes what the broker lost, against Postgres and Redis."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from celery import Celery
+from sqlalchemy import select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import create_app
+from core.models import ItemStatus, Job, JobItem, JobStatus
+from core.queue import enqueue_items, make_celery
+from core.settings import Settings
+from core.storage import S3Storage
+from tests.conftest import REDIS_URL, Tenant, make_tenant
+from tests.images import png_bytes, scene_prompt_body
+from worker.engines.grabcut import GrabCutEngine
+from worker.pipeline import Outcome, abandoned_message, claim_item, process_item
+from worker.reconciler import ADVISORY_LOCK_KEY, reconcile
+
+
+def messages() -> list[int]:
+    """Item ids waiting in the broker's queue (Celery's message protocol 2:
+    a base64 body holding [args, kwargs, embed])."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        raw = client.lrange("segq.segment", 0, -1)
+    finally:
+        client.close()
+    return sorted(json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in raw)
+
+
+def run_pass(sessions: sessionmaker[Session], celery_app: Celery, **kwargs: Any) -> Any:
+    def publish(ids: Sequence[int]) -> None:
+        enqueue_items(celery_app, ids)
+
+    return reconcile(
+        sessions, publish, republish_after_seconds=kwargs.get("republish_after", 0),
+        max_attempts=kwargs.get("max_attempts", 3),
+    )
+
+
+def items_of(sessions: sessionmaker[Session], job_id: int) -> list[JobItem]:
+    with sessions() as session:
+        return list(session.scalars(select(JobItem).where(JobItem.job_id == job_id).order_by(JobItem.position)))
+
+
+def test_a_job_committed_while_the_broker_was_down_is_published_later(
+    settings: Settings, sessions: sessionmaker[Session], storage: S3Storage, celery_app: Celery
+) -> None:
+    # The API's broker does not answer: as if it died between commit and publish.
+    dead_broker = make_celery("redis://127.0.0.1:9/0", broker_folder=settings.broker_folder, time_limit_seconds=60)
+    app = create_app(settings, storage=storage, celery=dead_broker)
+    tenant = make_tenant(app.test_client(), sessions, "acme")
+    file_id = tenant.upload(png_bytes()).json["id"]
+    started = time.monotonic()
+    response = tenant.post_job(scene_prompt_body(file_id))
+    assert response.status_code == 200  # committed: the job exists and will run
+    assert time.monotonic() - started < 10
+    assert messages() == []
+
+    # Not yet due: a fresh item is left to its own message.
+    assert run_pass(sessions, celery_app, republish_after=300).republished == 0
+    [item] = items_of(sessions, response.json["jobId"])
+    assert run_pass(sessions, celery_app, republish_after=0).republished == 1
+    assert messages() == [item.id]
+    assert process_item(sessions, storage, GrabCutEngine(), item.id, lease_seconds=60, max_attempts=3) == Outcome.COMPLETED
+
+
+def test_messages_lost_by_the_broker_are_sent_again(
+    tenant: Tenant, sessions: sessionmaker[Session], celery_app: Celery
+) -> None:
+    ids = [tenant.upload(png_bytes(seed=s)).json["id"] for s in range(3)]
+    job_id = tenant.post_job({**scene_prompt_body(ids[0]), "items": [{"fileId": i} for i in ids]}).json["jobId"]
+    item_ids = [item.id for item in items_of(sessions, job_id)]
+    assert messages() == item_ids
+    redis.Redis.from_url(REDIS_URL).flushall()
+    assert messages() == []
+    assert run_pass(sessions, celery_app).republished == 3
+    assert messages() == item_ids
+    # Republished items are not due again until republish_after has passed.
+    assert run_pass(sessions, celery_app, republish_after=300).republished == 0
+
+
+def test_an_item_whose_worker_died_is_queued_again_then_fails_when_it_keeps_dying(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, celery_app: Celery
+) -> None:
+    file_id = tenant.upload(png_bytes()).json["id"]
+    job_id = tenant.post_job(scene_prompt_body(file_id)).json["jobId"]
+    [item] = items_of(sessions, job_id)
+
+    def die_holding_it() -> None:
+        claim = claim_item(sessions, item.id, lease_seconds=60, engine_name="grabcut", max_attempts=2)
+        assert claim is not None
+        with sessions.begin() as session:  # the lease runs out: nobody renews it
+            session.execute(update(JobItem).where(JobItem.id == item.id).values(lease_expires_time=1))
+
+    die_holding_it()
+    result = run_pass(sessions, celery_app, max_attempts=2)
+    assert (result.requeued, result.republished, result.failed) == (1, 1, 0)
+    [again] = items_of(sessions, job_id)
+    assert (again.status, again.attempt) == (ItemStatus.QUEUED, 1)
+
+    die_holding_it()
+    assert run_pass(sessions, celery_app, max_attempts=2).failed == 1
+    [dead] = items_of(sessions, job_id)
+    assert dead.status == ItemStatus.FAILED and dead.error_message == abandoned_message(2)
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.FAILED
+
+
+def test_one_pass_at_a_time(tenant: Tenant, sessions: sessionmaker[Session], celery_app: Celery) -> None:
+    file_id = tenant.upload(png_bytes()).json["id"]
+    tenant.post_job(scene_prompt_body(file_id))
+    redis.Redis.from_url(REDIS_URL).flushall()
+    with sessions() as holder:
+        holder.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
+        assert run_pass(sessions, celery_app).republished == 0
+    assert run_pass(sessions, celery_app).republished == 1
+
+
+def test_a_running_item_keeps_its_lease(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, celery_app: Celery
+) -> None:
+    """An item that runs for twice its lease is not taken for abandoned: its
+    lease is renewed while it runs."""
+    lease = 3
+    file_id = tenant.upload(png_bytes()).json["id"]
+    job_id = tenant.post_job(scene_prompt_body(file_id)).json["jobId"]
+    [item] = items_of(sessions, job_id)
+    passes = []
+
+    class SlowEngine(GrabCutEngine):
+        def segment(self, *args: Any, **kwargs: Any) -> Any:
+            time.sleep(lease * 2)
+            passes.append(run_pass(sessions, celery_app, republish_after=300))
+            return super().segment(*args, **kwargs)
+
+    outcome = process_item(sessions, storage, SlowEngine(), item.id, lease_seconds=lease, max_attempts=3)
+    assert outcome == Outcome.COMPLETED
+    assert passes[0].requeued == 0
+    [done] = items_of(sessions, job_id)
+    assert done.attempt == 1

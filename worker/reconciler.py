@@ -1,0 +1,132 @@
+"""Re-publishes what the broker lost. Postgres knows every unfinished item;
+the broker only carries wake-up calls, and those can vanish (a Redis restart
+without persistence, an API that died between commit and publish, a worker
+killed holding a message). Each pass:
+
+- items Running whose lease ran out (their worker died) go back to Queued,
+  or fail once they have used up their attempts;
+- items Queued whose last wake-up call is older than ``republish_after``
+  get a new one.
+
+Extra wake-up calls are harmless: a claim skips what is not its to run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import or_, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.clock import now_ms
+from core.models import ItemStatus, Job, JobItem, JobStatus
+from worker.pipeline import fail_abandoned_item, roll_up_job
+
+log = logging.getLogger(__name__)
+
+#: Items handled per pass; a larger backlog is worked through pass by pass.
+BATCH = 1000
+#: Any constant: the key of the Postgres advisory lock one pass holds, so
+#: that many workers running reconcilers make one pass at a time.
+ADVISORY_LOCK_KEY = 0x5E6_0001
+
+
+@dataclass(frozen=True)
+class Pass:
+    republished: int
+    requeued: int
+    failed: int
+
+
+def reconcile(
+    sessions: sessionmaker[Session],
+    publish: Callable[[Sequence[int]], None],
+    *,
+    republish_after_seconds: int,
+    max_attempts: int,
+) -> Pass:
+    now = now_ms()
+    requeued = failed = 0
+    with sessions.begin() as session:
+        if not _take_pass_lock(session):
+            return Pass(0, 0, 0)
+        expired = session.scalars(
+            select(JobItem)
+            .where(JobItem.status == ItemStatus.RUNNING, JobItem.lease_expires_time < now)
+            .order_by(JobItem.id)
+            .limit(BATCH)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for item in expired:
+            job = session.scalar(select(Job).where(Job.id == item.job_id).with_for_update())
+            assert job is not None
+            if job.status == JobStatus.CANCELED:
+                item.status = ItemStatus.CANCELED
+                item.finished_time = now
+            elif item.attempt >= max_attempts:
+                fail_abandoned_item(session, item, now)
+                failed += 1
+            else:
+                item.status = ItemStatus.QUEUED
+                item.lease_expires_time = None
+                item.published_time = None  # publish below
+                requeued += 1
+            roll_up_job(session, item.job_id)
+        stale = now - republish_after_seconds * 1000
+        due = session.scalars(
+            select(JobItem)
+            .where(
+                JobItem.status == ItemStatus.QUEUED,
+                or_(JobItem.published_time.is_(None), JobItem.published_time < stale),
+            )
+            .order_by(JobItem.id)
+            .limit(BATCH)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for item in due:
+            item.published_time = now
+        item_ids = [item.id for item in due]
+    # After the commit, like the API: a worker may run before this returns.
+    if item_ids:
+        publish(item_ids)
+    if item_ids or failed:
+        log.info(
+            "reconciler: republished %d, requeued %d, failed %d", len(item_ids), requeued, failed
+        )
+    return Pass(len(item_ids), requeued, failed)
+
+
+def _take_pass_lock(session: Session) -> bool:
+    if session.get_bind().dialect.name != "postgresql":
+        return True  # SQLite serializes writers anyway
+    # Transaction-scoped: released at commit.
+    locked = session.scalar(
+        text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY}
+    )
+    return bool(locked)
+
+
+class ReconcilerThread(threading.Thread):
+    """Runs a pass every ``interval`` seconds in the worker's main process
+    until stopped. A failed pass (database down) is logged and retried."""
+
+    def __init__(self, run_pass: Callable[[], Pass], interval: float) -> None:
+        super().__init__(name="segq-reconciler", daemon=True)
+        self._run_pass = run_pass
+        self._interval = interval
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._interval):
+            try:
+                self._run_pass()
+            except Exception:
+                log.warning(
+                    "reconciler pass failed; retrying in %s s", self._interval, exc_info=True
+                )
+
+    def stop(self) -> None:
+        self._stop_event.set()
