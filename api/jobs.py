@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import urljoin
 
 from flask import Blueprint, Response, jsonify, request, url_for
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.auth import protect_project_routes
@@ -220,11 +220,16 @@ def _items_of(job: Job) -> list[JobItem]:
     )
 
 
-@jobs.get("/<int:job_id>")
-def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
-    job = db().get(Job, job_id)
-    if job is None or job.project_id != current_project().id:
+def _owned_job(job_id: int, *, for_update: bool = False) -> Job:
+    query = select(Job).where(Job.id == job_id, Job.project_id == current_project().id)
+    job = db().scalar(query.with_for_update() if for_update else query)
+    # Another project's job is "not found", never "forbidden": no existence oracle.
+    if job is None:
         raise ApiError(404, f"job {job_id} not found", missing=[{"jobId": job_id}])
+    return job
+
+
+def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
     settings = services().settings
     storage = services().storage
     expires_in = settings.url_expires_seconds
@@ -239,3 +244,30 @@ def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     if not JobStatus(job.status).finished:
         headers["Retry-After"] = str(settings.poll_retry_after_seconds)
     return jsonify(document), 200, headers
+
+
+@jobs.get("/<int:job_id>")
+def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
+    return _job_answer(_owned_job(job_id))
+
+
+@jobs.post("/<int:job_id>/cancel")
+def cancel_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
+    """Queued items never run; an item already running finishes, and no
+    further item starts. Canceling a canceled job changes nothing."""
+    session = db()
+    job = _owned_job(job_id, for_update=True)
+    if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+        session.rollback()
+        raise ApiError(409, f"job {job_id} has already finished ({job.status})")
+    if job.status != JobStatus.CANCELED:
+        now = now_ms()
+        job.status = JobStatus.CANCELED
+        job.status_time = now
+        session.execute(
+            update(JobItem)
+            .where(JobItem.job_id == job.id, JobItem.status == ItemStatus.QUEUED)
+            .values(status=ItemStatus.CANCELED, finished_time=now)
+        )
+    session.commit()
+    return _job_answer(job)

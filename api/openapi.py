@@ -145,6 +145,16 @@ def openapi_document() -> dict[str, Any]:
                 },
             }
         },
+        f"{PROJECT_PREFIX}/context/vision/segment/{{jobId}}/cancel": {
+            "post": {
+                "summary": "Cancel a job: queued items never run, no further item starts",
+                "parameters": [_PROJECT, _id("jobId")],
+                "responses": {
+                    "200": _json(JobResponse, "the job, canceled"),
+                    **_errors(*auth_errors, 404, 409),
+                },
+            }
+        },
         "/healthz": {
             "get": {"summary": "The process is up", "responses": {"200": {"description": "up"}}}
         },

@@ -41,21 +41,29 @@ def run_pass(sessions: sessionmaker[Session], celery_app: Celery, **kwargs: Any)
         enqueue_items(celery_app, ids)
 
     return reconcile(
-        sessions, publish, republish_after_seconds=kwargs.get("republish_after", 0),
+        sessions,
+        publish,
+        republish_after_seconds=kwargs.get("republish_after", 0),
         max_attempts=kwargs.get("max_attempts", 3),
     )
 
 
 def items_of(sessions: sessionmaker[Session], job_id: int) -> list[JobItem]:
     with sessions() as session:
-        return list(session.scalars(select(JobItem).where(JobItem.job_id == job_id).order_by(JobItem.position)))
+        return list(
+            session.scalars(
+                select(JobItem).where(JobItem.job_id == job_id).order_by(JobItem.position)
+            )
+        )
 
 
 def test_a_job_committed_while_the_broker_was_down_is_published_later(
     settings: Settings, sessions: sessionmaker[Session], storage: S3Storage, celery_app: Celery
 ) -> None:
     # The API's broker does not answer: as if it died between commit and publish.
-    dead_broker = make_celery("redis://127.0.0.1:9/0", broker_folder=settings.broker_folder, time_limit_seconds=60)
+    dead_broker = make_celery(
+        "redis://127.0.0.1:9/0", broker_folder=settings.broker_folder, time_limit_seconds=60
+    )
     app = create_app(settings, storage=storage, celery=dead_broker)
     tenant = make_tenant(app.test_client(), sessions, "acme")
     file_id = tenant.upload(png_bytes()).json["id"]
@@ -70,14 +78,19 @@ def test_a_job_committed_while_the_broker_was_down_is_published_later(
     [item] = items_of(sessions, response.json["jobId"])
     assert run_pass(sessions, celery_app, republish_after=0).republished == 1
     assert messages() == [item.id]
-    assert process_item(sessions, storage, GrabCutEngine(), item.id, lease_seconds=60, max_attempts=3) == Outcome.COMPLETED
+    assert (
+        process_item(sessions, storage, GrabCutEngine(), item.id, lease_seconds=60, max_attempts=3)
+        == Outcome.COMPLETED
+    )
 
 
 def test_messages_lost_by_the_broker_are_sent_again(
     tenant: Tenant, sessions: sessionmaker[Session], celery_app: Celery
 ) -> None:
     ids = [tenant.upload(png_bytes(seed=s)).json["id"] for s in range(3)]
-    job_id = tenant.post_job({**scene_prompt_body(ids[0]), "items": [{"fileId": i} for i in ids]}).json["jobId"]
+    job_id = tenant.post_job(
+        {**scene_prompt_body(ids[0]), "items": [{"fileId": i} for i in ids]}
+    ).json["jobId"]
     item_ids = [item.id for item in items_of(sessions, job_id)]
     assert messages() == item_ids
     redis.Redis.from_url(REDIS_URL).flushall()
@@ -96,10 +109,14 @@ def test_an_item_whose_worker_died_is_queued_again_then_fails_when_it_keeps_dyin
     [item] = items_of(sessions, job_id)
 
     def die_holding_it() -> None:
-        claim = claim_item(sessions, item.id, lease_seconds=60, engine_name="grabcut", max_attempts=2)
+        claim = claim_item(
+            sessions, item.id, lease_seconds=60, engine_name="grabcut", max_attempts=2
+        )
         assert claim is not None
         with sessions.begin() as session:  # the lease runs out: nobody renews it
-            session.execute(update(JobItem).where(JobItem.id == item.id).values(lease_expires_time=1))
+            session.execute(
+                update(JobItem).where(JobItem.id == item.id).values(lease_expires_time=1)
+            )
 
     die_holding_it()
     result = run_pass(sessions, celery_app, max_attempts=2)
@@ -116,7 +133,9 @@ def test_an_item_whose_worker_died_is_queued_again_then_fails_when_it_keeps_dyin
         assert job is not None and job.status == JobStatus.FAILED
 
 
-def test_one_pass_at_a_time(tenant: Tenant, sessions: sessionmaker[Session], celery_app: Celery) -> None:
+def test_one_pass_at_a_time(
+    tenant: Tenant, sessions: sessionmaker[Session], celery_app: Celery
+) -> None:
     file_id = tenant.upload(png_bytes()).json["id"]
     tenant.post_job(scene_prompt_body(file_id))
     redis.Redis.from_url(REDIS_URL).flushall()
@@ -143,7 +162,9 @@ def test_a_running_item_keeps_its_lease(
             passes.append(run_pass(sessions, celery_app, republish_after=300))
             return super().segment(*args, **kwargs)
 
-    outcome = process_item(sessions, storage, SlowEngine(), item.id, lease_seconds=lease, max_attempts=3)
+    outcome = process_item(
+        sessions, storage, SlowEngine(), item.id, lease_seconds=lease, max_attempts=3
+    )
     assert outcome == Outcome.COMPLETED
     assert passes[0].requeued == 0
     [done] = items_of(sessions, job_id)

@@ -81,12 +81,15 @@ def claim_item(
     that died; after ``max_attempts`` such attempts it is failed rather than
     tried again (an image that kills its worker must not kill them all)."""
     with sessions.begin() as session:
-        item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
-        if item is None:
+        job_id = session.scalar(select(JobItem.job_id).where(JobItem.id == item_id))
+        if job_id is None:
             log.warning("item %s does not exist", item_id)
             return None
-        job = session.scalar(select(Job).where(Job.id == item.job_id).with_for_update())
-        assert job is not None  # foreign key
+        # Always the job's row first, then the item's: every writer takes
+        # them in this order (see cancel), so they cannot deadlock.
+        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
+        assert job is not None and item is not None  # foreign key; items are never deleted alone
         now = now_ms()
         if ItemStatus(item.status).finished:
             return None

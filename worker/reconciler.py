@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.clock import now_ms
 from core.models import ItemStatus, Job, JobItem, JobStatus
-from worker.pipeline import fail_abandoned_item, roll_up_job
+from worker.pipeline import fail_abandoned_item
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,19 @@ def reconcile(
     with sessions.begin() as session:
         if not _take_pass_lock(session):
             return Pass(0, 0, 0)
-        expired = session.scalars(
-            select(JobItem)
+        expired = session.execute(
+            select(JobItem.id, JobItem.job_id)
             .where(JobItem.status == ItemStatus.RUNNING, JobItem.lease_expires_time < now)
             .order_by(JobItem.id)
             .limit(BATCH)
-            .with_for_update(skip_locked=True)
         ).all()
-        for item in expired:
-            job = session.scalar(select(Job).where(Job.id == item.job_id).with_for_update())
-            assert job is not None
+        for item_id, job_id in expired:
+            # The job's row, then the item's: the order every writer uses.
+            job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+            item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
+            assert job is not None and item is not None
+            if item.status != ItemStatus.RUNNING or (item.lease_expires_time or 0) >= now:
+                continue  # renewed or finished meanwhile
             if job.status == JobStatus.CANCELED:
                 item.status = ItemStatus.CANCELED
                 item.finished_time = now
@@ -72,9 +75,8 @@ def reconcile(
             else:
                 item.status = ItemStatus.QUEUED
                 item.lease_expires_time = None
-                item.published_time = None  # publish below
+                item.published_time = None  # published below
                 requeued += 1
-            roll_up_job(session, item.job_id)
         stale = now - republish_after_seconds * 1000
         due = session.scalars(
             select(JobItem)

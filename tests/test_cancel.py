@@ -1,0 +1,87 @@
+"""POST …/{jobId}/cancel: queued work never runs, running jobs stop before their next item."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.models import JobItem
+from core.storage import S3Storage
+from tests.conftest import Tenant
+from tests.images import png_bytes, scene_prompt_body
+from worker.engines.grabcut import GrabCutEngine
+from worker.pipeline import Outcome, process_item
+
+
+def job_with_items(tenant: Tenant, count: int) -> tuple[int, list[int]]:
+    ids = [tenant.upload(png_bytes(seed=s)).json["id"] for s in range(count)]
+    body = {**scene_prompt_body(ids[0]), "items": [{"fileId": i} for i in ids]}
+    job_id = tenant.post_job(body).json["jobId"]
+    sessions = tenant.client.application.extensions["segq"].sessions
+    with sessions() as session:
+        items = session.scalars(
+            select(JobItem.id).where(JobItem.job_id == job_id).order_by(JobItem.position)
+        )
+        return job_id, list(items)
+
+
+def cancel(tenant: Tenant, job_id: int) -> Any:
+    return tenant.client.post(
+        tenant.url(f"/context/vision/segment/{job_id}/cancel"), headers=tenant.headers
+    )
+
+
+def run(sessions: sessionmaker[Session], storage: S3Storage, item_id: int) -> Outcome:
+    return process_item(
+        sessions, storage, GrabCutEngine(), item_id, lease_seconds=60, max_attempts=3
+    )
+
+
+def test_a_queued_job_never_runs(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
+) -> None:
+    job_id, item_ids = job_with_items(tenant, 2)
+    response = cancel(tenant, job_id)
+    assert response.status_code == 200
+    assert response.json["status"] == "Canceled"
+    assert "Retry-After" not in response.headers
+    assert [run(sessions, storage, i) for i in item_ids] == [Outcome.SKIPPED, Outcome.SKIPPED]
+    job = tenant.get_job(job_id).json
+    assert job["status"] == "Canceled"
+    assert all("segments" not in item for item in job["items"])
+    assert job["progress"] == {"total": 2, "completed": 0, "failed": 0}
+
+
+def test_a_running_job_stops_before_its_next_item(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
+) -> None:
+    job_id, (first, second, third) = job_with_items(tenant, 3)
+    assert run(sessions, storage, first) == Outcome.COMPLETED
+    assert tenant.get_job(job_id).json["status"] == "Running"
+    assert cancel(tenant, job_id).json["status"] == "Canceled"
+    assert run(sessions, storage, second) == Outcome.SKIPPED
+    assert run(sessions, storage, third) == Outcome.SKIPPED
+    job = tenant.get_job(job_id).json
+    assert job["status"] == "Canceled"
+    # What finished before the cancel is kept.
+    assert len(job["items"][0]["segments"]) == 1
+    assert job["progress"]["completed"] == 1
+
+
+def test_cancel_is_idempotent_and_refused_once_finished(
+    tenant: Tenant, other_tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
+) -> None:
+    job_id, _ = job_with_items(tenant, 1)
+    assert cancel(tenant, job_id).status_code == 200
+    again = cancel(tenant, job_id)
+    assert again.status_code == 200 and again.json["status"] == "Canceled"
+    assert cancel(other_tenant, job_id).status_code == 404
+    assert cancel(tenant, 987654).status_code == 404
+
+    done_id, [item] = job_with_items(tenant, 1)
+    assert run(sessions, storage, item) == Outcome.COMPLETED
+    refused = cancel(tenant, done_id)
+    assert refused.status_code == 409 and refused.json["error"]["code"] == 409
+    assert tenant.get_job(done_id).json["status"] == "Completed"
