@@ -89,7 +89,8 @@ def claim_item(
         # them in this order (see cancel), so they cannot deadlock.
         job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
         item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
-        assert job is not None and item is not None  # foreign key; items are never deleted alone
+        assert job is not None
+        assert item is not None
         now = now_ms()
         if ItemStatus(item.status).finished:
             return None

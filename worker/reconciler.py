@@ -63,7 +63,8 @@ def reconcile(
             # The job's row, then the item's: the order every writer uses.
             job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
             item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
-            assert job is not None and item is not None
+            assert job is not None
+            assert item is not None
             if item.status != ItemStatus.RUNNING or (item.lease_expires_time or 0) >= now:
                 continue  # renewed or finished meanwhile
             if job.status == JobStatus.CANCELED:
