@@ -75,24 +75,24 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         idempotency_key=idempotency_key,
         request_sha256=request_sha256,
     )
-    session.add(job)
-    session.flush()
-    for position, stored in enumerate(files):
-        reference: dict[str, Any] = {"fileId": stored.id}
-        if stored.external_id is not None:
-            reference["fileExternalId"] = stored.external_id
-        session.add(
-            JobItem(
-                job_id=job.id,
-                position=position,
-                file_id=stored.id,
-                file_ref=reference,
-                status=ItemStatus.QUEUED,
-                attempt=0,
-                published_time=now,
-            )
-        )
     try:
+        session.add(job)
+        session.flush()  # the job's id, for its items; a duplicate key fails here
+        for position, stored in enumerate(files):
+            reference: dict[str, Any] = {"fileId": stored.id}
+            if stored.external_id is not None:
+                reference["fileExternalId"] = stored.external_id
+            session.add(
+                JobItem(
+                    job_id=job.id,
+                    position=position,
+                    file_id=stored.id,
+                    file_ref=reference,
+                    status=ItemStatus.QUEUED,
+                    attempt=0,
+                    published_time=now,
+                )
+            )
         session.commit()
     except IntegrityError:
         session.rollback()

@@ -307,3 +307,30 @@ def test_oversized_json_is_413_also_when_chunked(
     )
     assert chunked.status_code == 413, chunked.json
     assert count_jobs(sessions) == (0, 0)
+
+
+def test_idempotency_holds_under_concurrent_identical_requests(
+    app: Any, tenant: Tenant, file_id: int, sessions: sessionmaker[Session], other_tenant: Tenant
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = cognite_sample_body(file_id)
+
+    def post(_: int) -> tuple[int, int]:
+        response = app.test_client().post(
+            tenant.url("/context/vision/segment"),
+            json=body,
+            headers={**tenant.headers, "Idempotency-Key": "same-20"},
+        )
+        return response.status_code, response.json["jobId"]
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        answers = list(pool.map(post, range(20)))
+    assert {status for status, _ in answers} == {200}
+    assert len({job_id for _, job_id in answers}) == 1
+    assert count_jobs(sessions) == (1, 1)
+    assert queued_messages() == 1  # only the winner published
+    # Keys are per project: the same key elsewhere is another job.
+    other_file = other_tenant.upload(png_bytes()).json["id"]
+    elsewhere = other_tenant.post_job(cognite_sample_body(other_file), headers={"Idempotency-Key": "same-20"})
+    assert elsewhere.status_code == 200 and elsewhere.json["jobId"] != answers[0][1]
