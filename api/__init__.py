@@ -12,6 +12,7 @@ from api.context import Services, close_db
 from api.errors import register_error_handlers
 from api.files import files
 from api.jobs import jobs
+from api.rate_limit import make_rate_limiter
 from api.service import service
 from core.db import make_engine, make_session_factory
 from core.queue import make_celery
@@ -51,6 +52,7 @@ def create_app(
             broker_folder=settings.broker_folder,
             time_limit_seconds=settings.item_time_limit_seconds,
         ),
+        rate_limiter=make_rate_limiter(settings.broker_url, settings.rate_limit_per_second),
     )
     register_error_handlers(app)
     app.register_blueprint(service)

@@ -6,9 +6,9 @@ from typing import Any
 
 from flask import Blueprint, g, request
 
-from api.context import db
+from api.context import db, services
 from api.errors import ApiError
-from core.projects import project_for_key
+from core.projects import hash_api_key, project_for_key
 
 
 def protect_project_routes(blueprint: Blueprint) -> None:
@@ -29,9 +29,13 @@ def protect_project_routes(blueprint: Blueprint) -> None:
                 "missing API key: send 'Authorization: Bearer <key>'",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        project = project_for_key(db(), key.strip())
+        key = key.strip()
+        project = project_for_key(db(), key)
         if project is None:
             raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
         if project.name != g.project_name:
             raise ApiError(403, "this key does not belong to that project")
         g.project = project
+        # Counted per key (by its hash: the key itself never leaves memory).
+        if not services().rate_limiter.allow(hash_api_key(key)):
+            raise ApiError(429, "too many requests for this key", headers={"Retry-After": "1"})

@@ -9,6 +9,7 @@ from celery import Celery
 from flask import current_app, g
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.rate_limit import RateLimiter
 from core.models import Project
 from core.settings import Settings
 from core.storage import ObjectStorage
@@ -20,6 +21,7 @@ class Services:
     sessions: sessionmaker[Session]
     storage: ObjectStorage
     celery: Celery
+    rate_limiter: RateLimiter
 
 
 def services() -> Services:

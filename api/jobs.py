@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import urljoin
 
 from flask import Blueprint, Response, jsonify, request, url_for
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.auth import protect_project_routes
@@ -54,6 +54,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
             return _created_answer(earlier)
 
     files = _resolve_files(project.id, segment_request.items)
+    _check_unfinished_jobs(project.id)
     now = now_ms()
     job = Job(
         project_id=project.id,
@@ -116,6 +117,23 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         # again once the broker is back. The client's answer is still true.
         log.exception("could not publish job %s to the broker", job.id)
     return _created_answer(job)
+
+
+def _check_unfinished_jobs(project_id: int) -> None:
+    """Bound the backlog a project can pile up; checked, not locked, so a
+    burst may overshoot by its own size."""
+    limit = services().settings.max_unfinished_jobs
+    unfinished = db().scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.project_id == project_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+    )
+    if (unfinished or 0) >= limit:
+        raise ApiError(
+            429,
+            f"this project has {limit} unfinished jobs, the most allowed; retry when some finish",
+            headers={"Retry-After": str(max(services().settings.poll_retry_after_seconds, 5))},
+        )
 
 
 def _created_answer(job: Job) -> tuple[Response, int, dict[str, str]]:

@@ -104,6 +104,7 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("project_id", "idempotency_key"),
         Index("ix_jobs_project_id_id", "project_id", "id"),
+        Index("ix_jobs_project_id_status", "project_id", "status"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)

@@ -39,6 +39,8 @@ class Settings:
     republish_after_seconds: int
     reconcile_interval_seconds: int
     poll_retry_after_seconds: int
+    rate_limit_per_second: int
+    max_unfinished_jobs: int
 
     @property
     def broker_folder(self) -> Path:
@@ -71,6 +73,8 @@ class Settings:
             republish_after_seconds=_int(env, "SEGQ_REPUBLISH_AFTER_SECONDS", 300),
             reconcile_interval_seconds=_int(env, "SEGQ_RECONCILE_INTERVAL_SECONDS", 15),
             poll_retry_after_seconds=_int(env, "SEGQ_POLL_RETRY_AFTER_SECONDS", 1),
+            rate_limit_per_second=_int(env, "SEGQ_RATE_LIMIT_PER_SECOND", 1000),
+            max_unfinished_jobs=_int(env, "SEGQ_MAX_UNFINISHED_JOBS", 10000),
         )
 
 
