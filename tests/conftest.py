@@ -49,7 +49,8 @@ def free_port() -> int:
 def database_url() -> Iterator[str]:
     """A fresh Postgres database for this test session, at the latest migration."""
     name = f"segq_test_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # pre-ping: a test restarts Postgres, and pooled connections die with it.
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,3 +271,42 @@ def test_poison_item_fails_after_bounded_attempts_while_others_finish(
         assert item.error_message is not None and "worker died" in item.error_message
         job = session.get(Job, job_id)
         assert job is not None and job.status == JobStatus.COMPLETED  # the others succeeded
+
+
+def postgres_cluster() -> list[str]:
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+
+
+needs_local_postgres = pytest.mark.skipif(
+    not shutil.which("pg_ctlcluster") or not os.path.isdir("/etc/postgresql"),
+    reason="needs the machine's own PostgreSQL cluster (pg_ctlcluster) to stop and start it",
+)
+
+
+@needs_local_postgres
+def test_postgres_restart_under_load(
+    tenant: Tenant,
+    sessions: sessionmaker[Session],
+    storage: Any,
+    start_worker: Callable[[int], Worker],
+) -> None:
+    """While Postgres is down the API answers 503 with Retry-After; afterwards
+    API and worker carry on by themselves and every item finishes."""
+    job_id = submit(tenant, images=6)
+    start_worker(1)
+    wait_until(lambda: bool(running_items(sessions)), 60, "an item to start")
+    subprocess.run([*postgres_cluster(), "stop", "-m", "fast"], check=True, timeout=60)
+    try:
+        down = tenant.get_job(job_id)
+        assert down.status_code == 503
+        assert down.json["error"]["code"] == 503
+        assert int(down.headers["Retry-After"]) > 0
+        posted = tenant.post_job(scene_prompt_body(1))
+        assert posted.status_code == 503
+        time.sleep(2)  # the worker meets the outage too
+    finally:
+        subprocess.run([*postgres_cluster(), "start"], check=True, timeout=60)
+    wait_until(lambda: tenant.get_job(job_id).status_code == 200, 30, "the API to recover")
+    wait_until(lambda: all_finished(sessions), 120, "every item to finish")
+    assert_each_item_done_once(sessions, storage)

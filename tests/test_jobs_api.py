@@ -332,5 +332,7 @@ def test_idempotency_holds_under_concurrent_identical_requests(
     assert queued_messages() == 1  # only the winner published
     # Keys are per project: the same key elsewhere is another job.
     other_file = other_tenant.upload(png_bytes()).json["id"]
-    elsewhere = other_tenant.post_job(cognite_sample_body(other_file), headers={"Idempotency-Key": "same-20"})
+    elsewhere = other_tenant.post_job(
+        cognite_sample_body(other_file), headers={"Idempotency-Key": "same-20"}
+    )
     assert elsewhere.status_code == 200 and elsewhere.json["jobId"] != answers[0][1]
