@@ -7,6 +7,7 @@ import uuid
 
 from celery import Celery
 from flask import Flask, Response, g, request
+from werkzeug.routing import IntegerConverter
 
 from api.context import Services, close_db
 from api.errors import register_error_handlers
@@ -23,6 +24,14 @@ log = logging.getLogger(__name__)
 
 # Room for the multipart framing around the largest allowed file.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+
+
+class IdConverter(IntegerConverter):
+    """Ids in paths: positive and within a 64-bit column. A larger number
+    matches no route (404) instead of reaching the database."""
+
+    def __init__(self, map: object, *args: object, **kwargs: object) -> None:
+        super().__init__(map, min=1, max=2**63 - 1)  # type: ignore[arg-type]
 
 
 def create_app(
@@ -54,6 +63,7 @@ def create_app(
         ),
         rate_limiter=make_rate_limiter(settings.broker_url, settings.rate_limit_per_second),
     )
+    app.url_map.converters["id"] = IdConverter
     register_error_handlers(app)
     app.register_blueprint(service)
     app.register_blueprint(files)

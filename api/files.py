@@ -128,12 +128,12 @@ def _owned_file(file_id: int) -> StoredFile:
     return stored
 
 
-@files.get("/<int:file_id>")
+@files.get("/<id:file_id>")
 def get_file(file_id: int) -> Response:
     return jsonify(file_body(_owned_file(file_id)))
 
 
-@files.delete("/<int:file_id>")
+@files.delete("/<id:file_id>")
 def delete_file(file_id: int) -> tuple[str, int]:
     stored = _owned_file(file_id)
     key = stored.storage_key

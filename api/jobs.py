@@ -264,12 +264,12 @@ def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
     return jsonify(document), 200, headers
 
 
-@jobs.get("/<int:job_id>")
+@jobs.get("/<id:job_id>")
 def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     return _job_answer(_owned_job(job_id))
 
 
-@jobs.post("/<int:job_id>/cancel")
+@jobs.post("/<id:job_id>/cancel")
 def cancel_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     """Queued items never run; an item already running finishes, and no
     further item starts. Canceling a canceled job changes nothing."""
