@@ -14,7 +14,7 @@ from api.auth import protect_project_routes
 from api.context import current_project, db, services
 from api.errors import ApiError
 from api.images import inspect_image
-from api.schemas import MAX_EXTERNAL_ID_LENGTH
+from api.schemas import CONTROL_CHARACTERS, MAX_EXTERNAL_ID_LENGTH, checked_text
 from core.clock import now_ms
 from core.models import StoredFile
 from core.storage import StorageError
@@ -45,9 +45,7 @@ def _optional_text_field(name: str) -> str | None:
     value = request.form.get(name)
     if value is None or value == "":
         return None
-    if len(value) > MAX_EXTERNAL_ID_LENGTH:
-        raise ApiError(400, f"{name} is longer than {MAX_EXTERNAL_ID_LENGTH} characters")
-    return value
+    return checked_text(name, value)
 
 
 @files.post("")
@@ -59,8 +57,9 @@ def upload_file() -> tuple[Response, int, dict[str, str]]:
         raise ApiError(400, "multipart field 'file' is missing")
     external_id = _optional_text_field("externalId")
     name = _optional_text_field("name") or upload.filename or None
-    if name is not None and len(name) > MAX_EXTERNAL_ID_LENGTH:
-        name = name[:MAX_EXTERNAL_ID_LENGTH]
+    if name is not None:
+        # The multipart filename is the client's too; keep a safe prefix of it.
+        name = CONTROL_CHARACTERS.sub("", name)[:MAX_EXTERNAL_ID_LENGTH] or None
     settings = services().settings
     data = upload.stream.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
@@ -151,7 +150,7 @@ def list_files() -> Response:
     query = select(StoredFile).where(StoredFile.project_id == current_project().id)
     external_id = request.args.get("externalId")
     if external_id is not None:
-        query = query.where(StoredFile.external_id == external_id)
+        query = query.where(StoredFile.external_id == checked_text("externalId", external_id))
     raw_limit = request.args.get("limit", "100")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
         raise ApiError(400, f"limit must be an integer in [1, {MAX_LIST_LIMIT}]")

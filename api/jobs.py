@@ -21,6 +21,7 @@ from api.schemas import (
     SUPPORTED_OUTPUTS,
     FileReference,
     SegmentRequest,
+    checked_text,
     parse,
 )
 from core.clock import now_ms
@@ -182,9 +183,9 @@ def _idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not key or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH:
-        raise ApiError(400, f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} characters")
-    return key
+    if not key:
+        raise ApiError(400, "Idempotency-Key is empty")
+    return checked_text("Idempotency-Key", key, MAX_IDEMPOTENCY_KEY_LENGTH)
 
 
 def _job_for_idempotency_key(project_id: int, key: str, request_sha256: str) -> Job | None:

@@ -3,6 +3,7 @@ generate /openapi.json, so the documentation cannot drift from the checks."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -15,6 +16,9 @@ MAX_POINTS = 32
 MAX_EXTERNAL_ID_LENGTH = 255
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+# Postgres text cannot hold NUL, and control characters in an id are always a mistake.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
 OutputKind = Literal["polygons", "mask", "rle", "svgPath", "logits"]
 SUPPORTED_OUTPUTS: frozenset[str] = frozenset({"polygons", "mask", "rle", "svgPath"})
 DEFAULT_OUTPUTS: tuple[OutputKind, ...] = ("polygons", "mask")
@@ -45,7 +49,11 @@ class FileReference(StrictModel):
 
     fileId: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
     fileExternalId: (
-        Annotated[str, Field(min_length=1, max_length=MAX_EXTERNAL_ID_LENGTH)] | None
+        Annotated[
+            str,
+            Field(min_length=1, max_length=MAX_EXTERNAL_ID_LENGTH, pattern=NO_CONTROL_CHARACTERS),
+        ]
+        | None
     ) = None
     fileUrl: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     imageData: str | None = None
@@ -192,6 +200,16 @@ class JobResponse(BaseModel):
     failedItems: list[FailedItems] | None = None
     progress: Progress
     engine: str | None = Field(description="extension: the engine that ran the job")
+
+
+def checked_text(name: str, value: str, max_length: int = MAX_EXTERNAL_ID_LENGTH) -> str:
+    """A client's text field (form, query, header) that will be stored or
+    compared in the database: bounded and free of control characters."""
+    if len(value) > max_length:
+        raise ApiError(400, f"{name} is longer than {max_length} characters")
+    if CONTROL_CHARACTERS.search(value):
+        raise ApiError(400, f"{name} contains control characters")
+    return value
 
 
 def parse(model: type[ModelT], body: dict[str, Any]) -> ModelT:

@@ -139,3 +139,18 @@ def test_delete_removes_row_and_object(
         pass
     else:
         raise AssertionError("object still in storage")
+
+
+def test_control_characters_in_ids_are_400(tenant: Tenant, sessions: sessionmaker[Session]) -> None:
+    assert tenant.upload(png_bytes(), externalId="cam\x00-1").status_code == 400
+    assert tenant.upload(png_bytes(), externalId="cam\n1").status_code == 400
+    listed = tenant.client.get(tenant.url("/files?externalId=a%00b"), headers=tenant.headers)
+    assert listed.status_code == 400 and listed.json["error"]["code"] == 400
+    job = tenant.post_job(
+        {"items": [{"fileExternalId": "a\x00b"}], "points": [{"x": 0.5, "y": 0.5}]}
+    )
+    assert job.status_code == 400
+    assert count_files(sessions) == 0
+    # A weird multipart filename is kept only in its printable part.
+    named = tenant.upload(png_bytes(), "bad\x00name.png")
+    assert named.status_code == 201 and named.json["name"] == "badname.png"
