@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Any
 from urllib.parse import urljoin
 
 from flask import Blueprint, Response, jsonify, request, url_for
@@ -15,19 +14,20 @@ from sqlalchemy.exc import IntegrityError
 from api.auth import protect_project_routes
 from api.context import current_project, db, services
 from api.errors import ApiError
+from api.item_sources import item_reference, resolve_sources
 from api.json_body import read_json_object
 from api.schemas import (
     DEFAULT_OUTPUTS,
     SUPPORTED_OUTPUTS,
-    FileReference,
     SegmentRequest,
     checked_text,
     parse,
 )
 from core.clock import now_ms
 from core.job_document import render_created_job, render_job
-from core.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
+from core.models import ItemStatus, Job, JobItem, JobStatus
 from core.queue import enqueue_items
+from core.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         if earlier is not None:
             return _created_answer(earlier)
 
-    files = _resolve_files(project.id, segment_request.items)
     _check_unfinished_jobs(project.id)
+    sources = resolve_sources(project.id, segment_request.items)
     now = now_ms()
     job = Job(
         project_id=project.id,
@@ -80,16 +80,13 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     try:
         session.add(job)
         session.flush()  # the job's id, for its items; a duplicate key fails here
-        for position, stored in enumerate(files):
-            reference: dict[str, Any] = {"fileId": stored.id}
-            if stored.external_id is not None:
-                reference["fileExternalId"] = stored.external_id
+        for position, source in enumerate(sources.sources):
             session.add(
                 JobItem(
                     job_id=job.id,
                     position=position,
-                    file_id=stored.id,
-                    file_ref=reference,
+                    file_id=None if isinstance(source, str) else source.id,
+                    file_ref=item_reference(source),
                     status=ItemStatus.QUEUED,
                     attempt=0,
                     published_time=now,
@@ -98,6 +95,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         session.commit()
     except IntegrityError:
         session.rollback()
+        _discard_objects(sources.written_keys)
         earlier = (
             _job_for_idempotency_key(project.id, idempotency_key, request_sha256)
             if idempotency_key is not None
@@ -137,6 +135,14 @@ def _check_unfinished_jobs(project_id: int) -> None:
         )
 
 
+def _discard_objects(keys: list[str]) -> None:
+    for key in keys:
+        try:
+            services().storage.delete(key)
+        except StorageError:
+            log.warning("could not remove orphaned object %s", key)
+
+
 def _created_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
     items = _items_of(job)
     location = url_for("jobs.get_job", project=current_project().name, job_id=job.id)
@@ -174,9 +180,11 @@ def _check_semantics(segment_request: SegmentRequest) -> None:
             if getattr(item, field) is not None
         ]
         if len(named) != 1:
-            raise ApiError(400, f"items[{index}] must have exactly one of fileId, fileExternalId")
-        if named[0] in ("fileUrl", "imageData"):
-            raise ApiError(422, f"items[{index}].{named[0]} is not supported by this server yet")
+            raise ApiError(
+                400,
+                f"items[{index}] must have exactly one of fileId, fileExternalId, fileUrl, "
+                "imageData",
+            )
 
 
 def _idempotency_key() -> str | None:
@@ -193,44 +201,6 @@ def _job_for_idempotency_key(project_id: int, key: str, request_sha256: str) -> 
     if job is not None and job.request_sha256 != request_sha256:
         raise ApiError(409, "this Idempotency-Key was used with a different body")
     return job
-
-
-def _resolve_files(project_id: int, references: list[FileReference]) -> list[StoredFile]:
-    """The files in request order; 400 naming every unknown or repeated one."""
-    ids = {ref.fileId for ref in references if ref.fileId is not None}
-    external_ids = {ref.fileExternalId for ref in references if ref.fileExternalId is not None}
-    scope = select(StoredFile).where(StoredFile.project_id == project_id)
-    by_id = {f.id: f for f in db().scalars(scope.where(StoredFile.id.in_(ids)))} if ids else {}
-    by_external_id = (
-        {
-            f.external_id: f
-            for f in db().scalars(scope.where(StoredFile.external_id.in_(external_ids)))
-        }
-        if external_ids
-        else {}
-    )
-    resolved: list[StoredFile] = []
-    missing: list[dict[str, Any]] = []
-    duplicated: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    for ref in references:
-        found = (
-            by_id.get(ref.fileId)
-            if ref.fileId is not None
-            else by_external_id.get(ref.fileExternalId)
-        )
-        shown = {"id": ref.fileId} if ref.fileId is not None else {"externalId": ref.fileExternalId}
-        if found is None:
-            missing.append(shown)
-        elif found.id in seen:
-            duplicated.append(shown)
-        else:
-            seen.add(found.id)
-            resolved.append(found)
-    if missing or duplicated:
-        message = "unknown files" if missing else "files are referenced more than once"
-        raise ApiError(400, message, missing=missing, duplicated=duplicated)
-    return resolved
 
 
 def _items_of(job: Job) -> list[JobItem]:

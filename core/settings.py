@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.url_guard import FetchPolicy, parse_networks
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value segq cannot use."""
@@ -41,6 +43,16 @@ class Settings:
     poll_retry_after_seconds: int
     rate_limit_per_second: int
     max_unfinished_jobs: int
+    fetch_allowed_networks: str
+    fetch_timeout_seconds: int
+
+    def fetch_policy(self) -> FetchPolicy:
+        """How workers may fetch images from URLs that clients give."""
+        return FetchPolicy(
+            max_bytes=self.max_upload_bytes,
+            timeout_seconds=self.fetch_timeout_seconds,
+            allowed_networks=parse_networks(self.fetch_allowed_networks),
+        )
 
     @property
     def broker_folder(self) -> Path:
@@ -75,6 +87,8 @@ class Settings:
             poll_retry_after_seconds=_int(env, "SEGQ_POLL_RETRY_AFTER_SECONDS", 1),
             rate_limit_per_second=_int(env, "SEGQ_RATE_LIMIT_PER_SECOND", 1000),
             max_unfinished_jobs=_int(env, "SEGQ_MAX_UNFINISHED_JOBS", 10000),
+            fetch_allowed_networks=env.get("SEGQ_FETCH_ALLOWED_NETWORKS", ""),
+            fetch_timeout_seconds=_int(env, "SEGQ_FETCH_TIMEOUT_SECONDS", 10),
         )
 
 

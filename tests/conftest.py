@@ -30,12 +30,16 @@ from core.projects import create_project
 from core.queue import make_celery
 from core.settings import Settings
 from core.storage import S3Storage
+from worker.pipeline import ImageLimits
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "SEGQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("SEGQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TEST_BUCKET = "segq-test"
+#: Workers in tests: the test settings' pixel bound, and no URL fetching
+#: unless a test gives its own policy.
+TEST_LIMITS = ImageLimits(max_pixels=4_000_000, fetch_policy=None)
 
 
 def free_port() -> int:

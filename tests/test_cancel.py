@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.models import JobItem
 from core.storage import S3Storage
-from tests.conftest import Tenant
+from tests.conftest import TEST_LIMITS, Tenant
 from tests.images import png_bytes, scene_prompt_body
 from worker.engines.grabcut import GrabCutEngine
 from worker.pipeline import Outcome, process_item
@@ -35,7 +35,13 @@ def cancel(tenant: Tenant, job_id: int) -> Any:
 
 def run(sessions: sessionmaker[Session], storage: S3Storage, item_id: int) -> Outcome:
     return process_item(
-        sessions, storage, GrabCutEngine(), item_id, lease_seconds=60, max_attempts=3
+        sessions,
+        storage,
+        GrabCutEngine(),
+        item_id,
+        lease_seconds=60,
+        max_attempts=3,
+        limits=TEST_LIMITS,
     )
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.storage import S3Storage
-from tests.conftest import Tenant
+from tests.conftest import TEST_LIMITS, Tenant
 from tests.images import cognite_sample_body, jpeg_bytes, scene, scene_prompt_body
 from worker import runtime
 from worker.engines.grabcut import GrabCutEngine
@@ -31,7 +31,11 @@ def running_worker(
 ) -> Iterator[None]:
     import worker.tasks  # noqa: F401  (registers the shared tasks on celery_app)
 
-    runtime.install(runtime.WorkerRuntime(sessions, storage, GrabCutEngine(), lease_seconds=60))
+    runtime.install(
+        runtime.WorkerRuntime(
+            sessions, storage, GrabCutEngine(), lease_seconds=60, limits=TEST_LIMITS
+        )
+    )
     with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
         yield
     runtime.install(None)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.models import ItemStatus, Job, JobItem, JobStatus
 from core.storage import S3Storage, StorageError
-from tests.conftest import Tenant
+from tests.conftest import TEST_LIMITS, Tenant
 from tests.images import png_bytes, scene, scene_prompt_body
 from worker.engines.grabcut import GrabCutEngine
 from worker.masks import Ring, rasterize_rings
@@ -72,7 +72,13 @@ def run(
     max_attempts: int = 3,
 ) -> Outcome:
     return process_item(
-        sessions, storage, engine, item_id, lease_seconds=LEASE, max_attempts=max_attempts
+        sessions,
+        storage,
+        engine,
+        item_id,
+        lease_seconds=LEASE,
+        max_attempts=max_attempts,
+        limits=TEST_LIMITS,
     )
 
 

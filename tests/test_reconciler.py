@@ -18,7 +18,7 @@ from core.models import ItemStatus, Job, JobItem, JobStatus
 from core.queue import enqueue_items, make_celery
 from core.settings import Settings
 from core.storage import S3Storage
-from tests.conftest import REDIS_URL, Tenant, make_tenant
+from tests.conftest import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.images import png_bytes, scene_prompt_body
 from worker.engines.grabcut import GrabCutEngine
 from worker.pipeline import Outcome, abandoned_message, claim_item, process_item
@@ -79,7 +79,15 @@ def test_a_job_committed_while_the_broker_was_down_is_published_later(
     assert run_pass(sessions, celery_app, republish_after=0).republished == 1
     assert messages() == [item.id]
     assert (
-        process_item(sessions, storage, GrabCutEngine(), item.id, lease_seconds=60, max_attempts=3)
+        process_item(
+            sessions,
+            storage,
+            GrabCutEngine(),
+            item.id,
+            lease_seconds=60,
+            max_attempts=3,
+            limits=TEST_LIMITS,
+        )
         == Outcome.COMPLETED
     )
 
@@ -163,7 +171,13 @@ def test_a_running_item_keeps_its_lease(
             return super().segment(*args, **kwargs)
 
     outcome = process_item(
-        sessions, storage, SlowEngine(), item.id, lease_seconds=lease, max_attempts=3
+        sessions,
+        storage,
+        SlowEngine(),
+        item.id,
+        lease_seconds=lease,
+        max_attempts=3,
+        limits=TEST_LIMITS,
     )
     assert outcome == Outcome.COMPLETED
     assert passes[0].requeued == 0

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.models import JobItem
 from core.storage import S3Storage
-from tests.conftest import Tenant
+from tests.conftest import TEST_LIMITS, Tenant
 from tests.images import cognite_sample_body, png_bytes, scene
 from tests.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
 from worker.engines import EngineChoice, load_engine
@@ -123,7 +123,13 @@ def test_sam_runs_a_job_through_the_pipeline(
     with sessions() as session:
         [item_id] = session.scalars(select(JobItem.id).where(JobItem.job_id == job_id))
     outcome = process_item(
-        sessions, storage, tiny_engine, item_id, lease_seconds=60, max_attempts=3
+        sessions,
+        storage,
+        tiny_engine,
+        item_id,
+        lease_seconds=60,
+        max_attempts=3,
+        limits=TEST_LIMITS,
     )
     assert outcome == Outcome.COMPLETED
     job = tenant.get_job(job_id).json

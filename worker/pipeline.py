@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.clock import now_ms
 from core.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
 from core.storage import ObjectNotFound, ObjectStorage, StorageError
+from core.url_guard import FetchFailed, FetchPolicy, UrlRefused, fetch
 from worker.engines.base import Candidate, Prompt, SegmentationEngine
 from worker.masks import (
     encode_png,
@@ -63,6 +65,8 @@ class Claim:
     job_id: int
     project_id: int
     file_key: str | None
+    #: Set for items given as a URL: the worker fetches the image itself.
+    source_url: str | None
     prompt: dict[str, Any]
     options: dict[str, Any]
 
@@ -123,6 +127,7 @@ def claim_item(
             job_id=job.id,
             project_id=job.project_id,
             file_key=file_key,
+            source_url=item.file_ref.get("fileUrl"),
             prompt=dict(job.prompt),
             options=dict(job.options),
         )
@@ -141,19 +146,47 @@ def fail_abandoned_item(session: Session, item: JobItem, now: int) -> None:
     roll_up_job(session, item.job_id)
 
 
-def load_image(storage: ObjectStorage, claim: Claim) -> npt.NDArray[np.uint8]:
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a worker accepts as an item's image."""
+
+    max_pixels: int
+    #: How URLs are fetched; None: items given as URLs fail.
+    fetch_policy: FetchPolicy | None
+
+
+def load_image(storage: ObjectStorage, claim: Claim, limits: ImageLimits) -> npt.NDArray[np.uint8]:
     """The item's image as (H, W, 3) uint8 RGB."""
-    if claim.file_key is None:
+    if claim.source_url is not None:
+        if limits.fetch_policy is None:
+            raise ItemFailure("this worker does not fetch URLs")
+        try:
+            data = fetch(claim.source_url, limits.fetch_policy)
+        except (UrlRefused, FetchFailed) as exc:
+            raise ItemFailure(f"fileUrl: {exc}") from None
+    elif claim.file_key is None:
         raise ItemFailure("the file was deleted before the item ran")
+    else:
+        try:
+            data = storage.get(claim.file_key)
+        except ObjectNotFound:
+            raise ItemFailure("the file's content is missing from storage") from None
     try:
-        data = storage.get(claim.file_key)
-    except ObjectNotFound:
-        raise ItemFailure("the file's content is missing from storage") from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as image:
+                # Checked from the header, before decoding: URLs are not
+                # inspected by the API the way uploads are.
+                if image.width * image.height > limits.max_pixels:
+                    raise ItemFailure(
+                        f"the image has {image.width}x{image.height} pixels, "
+                        f"more than the {limits.max_pixels} allowed"
+                    )
+                return np.asarray(image.convert("RGB"))
+    except ItemFailure:
+        raise
     except Exception as exc:  # Pillow raises many types for broken files
-        raise ItemFailure(f"the image could not be decoded: {exc}") from exc
+        raise ItemFailure(f"the image is not a readable JPEG or PNG: {exc}") from exc
 
 
 def pixel_prompt(prompt: dict[str, Any], width: int, height: int) -> Prompt:
@@ -368,6 +401,7 @@ def process_item(
     *,
     lease_seconds: int,
     max_attempts: int,
+    limits: ImageLimits,
 ) -> Outcome:
     """Run one item end to end.
 
@@ -389,7 +423,7 @@ def process_item(
     error_message: str | None = None
     try:
         with lease_kept(sessions, claim, lease_seconds):
-            image = load_image(storage, claim)
+            image = load_image(storage, claim, limits)
             height, width = image.shape[:2]
             candidates = engine.segment(
                 image,

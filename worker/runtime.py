@@ -15,6 +15,7 @@ from core.settings import Settings
 from core.storage import ObjectStorage, open_storage
 from worker.engines import load_engine, resolve_engine
 from worker.engines.base import SegmentationEngine
+from worker.pipeline import ImageLimits
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ class WorkerRuntime:
     storage: ObjectStorage
     engine: SegmentationEngine
     lease_seconds: int
+    limits: ImageLimits
     max_attempts: int = 5
 
 
@@ -48,6 +50,7 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
         engine=engine,
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
+        limits=ImageLimits(settings.max_image_pixels, settings.fetch_policy()),
     )
 
 

@@ -26,6 +26,7 @@ def segment_item(self: Any, item_id: int) -> str:
             item_id,
             lease_seconds=current.lease_seconds,
             max_attempts=current.max_attempts,
+            limits=current.limits,
         )
     except StorageUnavailable as exc:
         # The item is back in the queue; process_item counts the attempts and

@@ -6,6 +6,8 @@ loaded here, with ``weights_only=True`` (a checkpoint is data, never code).
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,10 @@ from worker.engines.base import Candidate, Prompt
 
 class CheckpointError(RuntimeError):
     """The checkpoint cannot be used for the architecture asked for."""
+
+
+class DeviceError(ValueError):
+    """A device torch cannot parse, or one this machine does not have."""
 
 
 def _registry_builder(architecture: str) -> Callable[[], Sam]:
@@ -37,14 +43,40 @@ SAM_ARCHITECTURES: dict[str, Callable[[], Sam]] = {
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` is CUDA when torch sees a GPU, else the CPU; others pass through."""
+    """``auto`` is CUDA when torch sees a GPU, else the CPU. An explicit device
+    (``cpu``, ``cuda``, ``cuda:1``, ``mps``) is kept, but checked here: a
+    worker configured for a GPU it lacks should say so at start, not fail
+    inside the first task or quietly run 50x slower on the CPU."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device {device!r} asked for, but torch sees only "
+                f"{torch.cuda.device_count()} CUDA GPU(s)"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {device!r} asked for, but MPS is not available")
+    elif parsed.type not in ("cpu", "mps"):
+        raise DeviceError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
     return device
 
 
 def load_sam(architecture: str, checkpoint: Path, device: str) -> Sam:
-    """Build ``architecture`` and load ``checkpoint`` (a state dict) into it."""
+    """Build ``architecture`` (a key of ``SAM_ARCHITECTURES``), load ``checkpoint``
+    (a state dict saved by ``torch.save``, e.g. Meta's ``sam_vit_b_01ec64.pth``)
+    into it, move it to ``device`` (see ``resolve_device``) and set eval mode.
+
+    Raises CheckpointError, naming the file and the architecture, when the
+    architecture is unknown or the file is missing, unreadable, not a state
+    dict, or has tensors that do not fit the architecture (``strict=True``).
+    """
     if architecture not in SAM_ARCHITECTURES:
         raise CheckpointError(
             f"unknown SAM architecture {architecture!r}; known: {sorted(SAM_ARCHITECTURES)}"
@@ -52,11 +84,18 @@ def load_sam(architecture: str, checkpoint: Path, device: str) -> Sam:
     try:
         state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"SAM checkpoint {checkpoint} does not exist") from None
+        raise CheckpointError(
+            f"SAM {architecture} checkpoint {checkpoint} does not exist"
+        ) from None
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(f"{checkpoint} is not a readable checkpoint: {exc}") from exc
+        raise CheckpointError(
+            f"{checkpoint} is not a readable checkpoint (for SAM {architecture}): {exc}"
+        ) from exc
     if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{checkpoint} does not hold a state dict")
+        raise CheckpointError(
+            f"{checkpoint} does not hold a state dict (for SAM {architecture}) "
+            f"but a {type(state_dict).__name__}"
+        )
     model = SAM_ARCHITECTURES[architecture]()
     try:
         model.load_state_dict(state_dict, strict=True)
@@ -68,24 +107,35 @@ def load_sam(architecture: str, checkpoint: Path, device: str) -> Sam:
 
 
 class SamEngine:
-    """One SamPredictor around one loaded model. A predictor keeps the last
-    image's embedding, so an engine serves one task at a time (one per
-    worker process, which is how Celery's pool runs it)."""
+    """One SamPredictor around one loaded model. A predictor holds one image's
+    embedding (the expensive part: seconds on a CPU), so it is kept while the
+    same image comes back with another prompt, and a lock makes callers on
+    other threads take turns (Celery's prefork pool runs one task per process;
+    a threaded pool would not)."""
 
     def __init__(self, sam: Sam, name: str) -> None:
         self.name = name
         self._predictor = SamPredictor(sam)
+        self._embedded_image: bytes | None = None
+        self._lock = threading.Lock()
 
     def segment(
         self, image: npt.NDArray[np.uint8], prompt: Prompt, multimask: bool
     ) -> list[Candidate]:
-        """image: (H, W, 3) uint8 RGB; prompt in its pixel frame."""
+        """image: (H, W, 3) uint8 RGB; prompt in its pixel frame (SamPredictor
+        rescales points and box with the image). Candidates are (H, W) bool
+        masks sorted by SAM's predicted IoU, best first: one, or three when
+        ``multimask`` is true."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
+        if prompt.points.shape[0] == 0 and prompt.box is None:
+            raise ValueError("a prompt needs at least one point or a box")
         has_points = prompt.points.shape[0] > 0
         # The SAM authors' advice: a single point is ambiguous, so ask for
         # three masks and keep the best even when one is wanted.
         ask_three = multimask or (prompt.points.shape[0] == 1 and prompt.box is None)
-        with torch.inference_mode():
-            self._predictor.set_image(image, image_format="RGB")
+        with self._lock, torch.inference_mode():
+            self._embed(image)
             masks, scores, _logits = self._predictor.predict(
                 point_coords=prompt.points.astype(np.float32) if has_points else None,
                 point_labels=prompt.labels.astype(np.int32) if has_points else None,
@@ -99,3 +149,14 @@ class SamEngine:
             for i in order
         ]
         return candidates if multimask else candidates[:1]
+
+    def _embed(self, image: npt.NDArray[np.uint8]) -> None:
+        """Set ``image`` on the predictor unless it already holds its embedding."""
+        # Hashing even a 12-megapixel image takes milliseconds.
+        digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16)
+        key = repr(image.shape).encode() + digest.digest()
+        if key == self._embedded_image:
+            return
+        self._embedded_image = None  # stays None if set_image fails halfway
+        self._predictor.set_image(image, image_format="RGB")
+        self._embedded_image = key

@@ -1,0 +1,149 @@
+"""Where each item's image comes from: a stored file (by id or external id),
+an image sent inline (``imageData``, stored as a file here), or a URL the
+worker fetches through the URL guard."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from api.context import db, services
+from api.errors import ApiError
+from api.images import inspect_image
+from api.schemas import FileReference
+from core.clock import now_ms
+from core.models import StoredFile
+from core.url_guard import UrlRefused, check_url
+
+DATA_URL = re.compile(r"^data:(image/(?:png|jpeg));base64,(.*)$", re.DOTALL)
+
+
+@dataclass
+class ItemSources:
+    """One entry per item, in order: the stored file, or the URL to fetch."""
+
+    sources: list[StoredFile | str]
+    #: Objects written for inline images; to remove if the job is not committed.
+    written_keys: list[str] = field(default_factory=list)
+
+
+def item_reference(source: StoredFile | str) -> dict[str, Any]:
+    """What the job shows for the item."""
+    if isinstance(source, str):
+        return {"fileUrl": source}
+    reference: dict[str, Any] = {"fileId": source.id}
+    if source.external_id is not None:
+        reference["fileExternalId"] = source.external_id
+    return reference
+
+
+def resolve_sources(project_id: int, references: list[FileReference]) -> ItemSources:
+    """Check every reference before writing anything: unknown or repeated
+    files are a 400 naming them all, bad URLs and bad inline images a 400 for
+    the first. Inline images are stored last, as files of the project."""
+    stored = _resolve_files(project_id, references)
+    policy = services().settings.fetch_policy()
+    inline: dict[int, tuple[bytes, Any]] = {}
+    for index, ref in enumerate(references):
+        if ref.fileUrl is not None:
+            try:
+                check_url(ref.fileUrl, policy)
+            except UrlRefused as exc:
+                raise ApiError(400, f"items[{index}].fileUrl: {exc}") from None
+        elif ref.imageData is not None:
+            data = _decode_data_url(index, ref.imageData)
+            inline[index] = (
+                data,
+                inspect_image(data, max_pixels=services().settings.max_image_pixels),
+            )
+    result = ItemSources(sources=[])
+    for index, ref in enumerate(references):
+        if ref.fileUrl is not None:
+            result.sources.append(ref.fileUrl)
+        elif index in inline:
+            data, info = inline[index]
+            key = f"projects/{project_id}/files/{uuid.uuid4().hex}"
+            services().storage.put(key, data, info.mime_type)
+            result.written_keys.append(key)
+            file = StoredFile(
+                project_id=project_id,
+                external_id=None,
+                name=None,
+                mime_type=info.mime_type,
+                size=len(data),
+                width=info.width,
+                height=info.height,
+                sha256=info.sha256,
+                storage_key=key,
+                created_time=now_ms(),
+            )
+            db().add(file)
+            result.sources.append(file)
+        else:
+            result.sources.append(stored[index])
+    db().flush()  # ids for the inline files
+    return result
+
+
+def _decode_data_url(index: int, value: str) -> bytes:
+    match = DATA_URL.match(value)
+    if match is None:
+        raise ApiError(
+            400, f"items[{index}].imageData must be data:image/png;base64,… or image/jpeg"
+        )
+    max_bytes = services().settings.max_upload_bytes
+    if len(match.group(2)) > (max_bytes + 2) // 3 * 4 + 4:
+        raise ApiError(413, f"items[{index}].imageData is larger than {max_bytes} bytes")
+    try:
+        return base64.b64decode(match.group(2), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"items[{index}].imageData is not valid base64") from None
+
+
+def _resolve_files(project_id: int, references: list[FileReference]) -> dict[int, StoredFile]:
+    """The stored files named by id or external id, by item index; 400
+    naming every unknown or repeated one."""
+    ids = {ref.fileId for ref in references if ref.fileId is not None}
+    external_ids = {ref.fileExternalId for ref in references if ref.fileExternalId is not None}
+    scope = select(StoredFile).where(StoredFile.project_id == project_id)
+    by_id = {f.id: f for f in db().scalars(scope.where(StoredFile.id.in_(ids)))} if ids else {}
+    by_external_id = (
+        {
+            f.external_id: f
+            for f in db().scalars(scope.where(StoredFile.external_id.in_(external_ids)))
+        }
+        if external_ids
+        else {}
+    )
+    resolved: dict[int, StoredFile] = {}
+    missing: list[dict[str, Any]] = []
+    duplicated: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for index, ref in enumerate(references):
+        shown: dict[str, Any]
+        if ref.fileId is not None:
+            found, shown = by_id.get(ref.fileId), {"id": ref.fileId}
+        elif ref.fileExternalId is not None:
+            found, shown = (
+                by_external_id.get(ref.fileExternalId),
+                {"externalId": ref.fileExternalId},
+            )
+        else:
+            continue
+        if found is None:
+            missing.append(shown)
+        elif found.id in seen:
+            duplicated.append(shown)
+        else:
+            seen.add(found.id)
+            resolved[index] = found
+    if missing or duplicated:
+        message = "unknown files" if missing else "files are referenced more than once"
+        raise ApiError(400, message, missing=missing, duplicated=duplicated)
+    return resolved

@@ -1,0 +1,215 @@
+"""Fetching URLs that clients give (images now, webhooks later) without
+letting them reach inside the network: loopback, private, link-local,
+carrier-grade NAT, multicast, reserved and cloud-metadata addresses are
+refused in every spelling (IPv4-mapped IPv6, decimal, octal, hex), on every
+redirect hop, and the connection goes to the very address that was checked,
+so a DNS answer that changes between check and connect cannot redirect it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import SplitResult, urljoin, urlsplit
+
+import certifi
+import urllib3
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: host, port -> the addresses it resolves to (socket.getaddrinfo's shape, reduced).
+Resolver = Callable[[str, int], Sequence[str]]
+
+MAX_URL_LENGTH = 4096
+USER_AGENT = "segq-fetcher/1"
+
+
+class UrlRefused(ValueError):
+    """The URL may not be fetched; the message says why, for the client."""
+
+
+class FetchFailed(RuntimeError):
+    """The URL was allowed, but fetching it failed; the message says why."""
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    max_bytes: int
+    timeout_seconds: float = 10.0
+    max_redirects: int = 3
+    #: Networks let through although not public: for tests, or a deployment
+    #: that means to fetch from an internal image server.
+    allowed_networks: tuple[IpNetwork, ...] = field(default_factory=tuple)
+
+
+def parse_networks(text: str) -> tuple[IpNetwork, ...]:
+    return tuple(ipaddress.ip_network(part.strip()) for part in text.split(",") if part.strip())
+
+
+def _embedded_ipv4(address: IpAddress) -> IpAddress:
+    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo, NAT64), if any."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address.sixtofour is not None:
+            return address.sixtofour
+        if address.teredo is not None:
+            return address.teredo[1]
+        if address in ipaddress.ip_network("64:ff9b::/96"):
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def address_allowed(address: IpAddress, policy: FetchPolicy) -> bool:
+    if any(address in network for network in policy.allowed_networks):
+        return True
+    inner = _embedded_ipv4(address)
+    if inner is not address and any(inner in network for network in policy.allowed_networks):
+        return True
+    return all(a.is_global and not a.is_multicast for a in (address, inner))
+
+
+def literal_address(host: str) -> IpAddress | None:
+    """The address ``host`` spells, in any form a resolver would accept
+    (2130706433, 0177.0.0.1, 0x7f.1, ::ffff:127.0.0.1), or None for a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    try:
+        # inet_aton takes every legacy IPv4 spelling that getaddrinfo does.
+        return ipaddress.IPv4Address(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def check_url(url: str, policy: FetchPolicy) -> SplitResult:
+    """Refuse what can be refused without DNS: scheme, shape, credentials,
+    and addresses written into the URL."""
+    if len(url) > MAX_URL_LENGTH:
+        raise UrlRefused(f"URL is longer than {MAX_URL_LENGTH} characters")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+        raise UrlRefused("URL contains spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UrlRefused(f"URL is malformed: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise UrlRefused("URL must be http or https")
+    if not parts.hostname:
+        raise UrlRefused("URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise UrlRefused("URL may not carry credentials")
+    if port == 0:
+        raise UrlRefused("URL port must be 1-65535")
+    address = literal_address(parts.hostname)
+    if address is not None and not address_allowed(address, policy):
+        raise UrlRefused("URL points at a private, loopback or reserved address")
+    return parts
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    try:
+        answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise FetchFailed(f"cannot resolve {host}: {exc.strerror}") from None
+    return [str(answer[4][0]) for answer in answers]
+
+
+def _checked_address(host: str, port: int, policy: FetchPolicy, resolve: Resolver) -> str:
+    """One address to connect to, after checking every address the name has:
+    a name with any private answer is refused outright."""
+    answers = (
+        [literal_address(host)]
+        if literal_address(host)
+        else [ipaddress.ip_address(a.split("%", 1)[0]) for a in resolve(host, port)]
+    )
+    if not answers:
+        raise FetchFailed(f"{host} has no address")
+    for address in answers:
+        assert address is not None
+        if not address_allowed(address, policy):
+            raise UrlRefused(f"{host} resolves to a private, loopback or reserved address")
+    return str(answers[0])
+
+
+def fetch(url: str, policy: FetchPolicy, resolve: Resolver = system_resolver) -> bytes:
+    """GET ``url`` under ``policy``; at most ``policy.max_bytes`` of body."""
+    for _hop in range(policy.max_redirects + 1):
+        parts = check_url(url, policy)
+        host = parts.hostname
+        assert host is not None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        address = _checked_address(host, port, policy, resolve)
+        response = _get(parts, address, port, policy)
+        try:
+            if response.status in (301, 302, 303, 307, 308):
+                location = response.headers.get("Location")
+                if not location:
+                    raise FetchFailed(f"{response.status} redirect without a Location")
+                url = urljoin(url, location)
+                continue
+            if response.status != 200:
+                raise FetchFailed(f"the server answered {response.status}")
+            return _read_bounded(response, policy.max_bytes)
+        finally:
+            response.release_conn()
+    raise FetchFailed(f"more than {policy.max_redirects} redirects")
+
+
+def _get(parts: SplitResult, address: str, port: int, policy: FetchPolicy) -> Any:
+    host = parts.hostname
+    assert host is not None
+    pool: urllib3.HTTPConnectionPool
+    timeout = urllib3.Timeout(connect=policy.timeout_seconds, read=policy.timeout_seconds)
+    if parts.scheme == "https":
+        # Connect to the checked address; verify the certificate for the name.
+        pool = urllib3.HTTPSConnectionPool(
+            address,
+            port,
+            timeout=timeout,
+            retries=False,
+            server_hostname=host,
+            assert_hostname=host,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=certifi.where(),
+        )
+    else:
+        pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    host_header = host if parts.port is None else f"{host}:{parts.port}"
+    if ":" in host and not host.startswith("["):
+        host_header = f"[{host}]" if parts.port is None else f"[{host}]:{parts.port}"
+    try:
+        return pool.urlopen(
+            "GET",
+            path,
+            headers={"Host": host_header, "User-Agent": USER_AGENT},
+            redirect=False,
+            preload_content=False,
+            assert_same_host=False,
+        )
+    except urllib3.exceptions.HTTPError as exc:
+        raise FetchFailed(f"could not fetch the URL: {type(exc).__name__}") from None
+
+
+def _read_bounded(response: Any, max_bytes: int) -> bytes:
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise FetchFailed(f"the image is larger than {max_bytes} bytes")
+    body = bytearray()
+    try:
+        # Counted after decompression, so a gzip bomb is cut off too.
+        for chunk in response.stream(65536, decode_content=True):
+            body += chunk
+            if len(body) > max_bytes:
+                raise FetchFailed(f"the image is larger than {max_bytes} bytes")
+    except urllib3.exceptions.HTTPError as exc:
+        raise FetchFailed(f"could not read the URL: {type(exc).__name__}") from None
+    return bytes(body)
