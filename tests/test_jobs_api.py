@@ -243,6 +243,15 @@ def test_keys_and_tenancy(tenant: Tenant, other_tenant: Tenant, file_id: int) ->
     assert referencing.json["error"]["missing"] == [{"id": file_id}]
     deleting = client.delete(other_tenant.url(f"/files/{file_id}"), headers=other_tenant.headers)
     assert deleting.status_code == 404
+    listed = client.get(
+        other_tenant.url("/files?externalId=cam-3/0001"), headers=other_tenant.headers
+    )
+    assert listed.status_code == 200 and listed.json["items"] == []
+    canceling = client.post(
+        other_tenant.url(f"/context/vision/segment/{job_id}/cancel"), headers=other_tenant.headers
+    )
+    assert canceling.status_code == 404
+    assert tenant.get_job(job_id).json["status"] == "Queued"
     assert (
         tenant.client.get(tenant.url(f"/files/{file_id}"), headers=tenant.headers).status_code
         == 200
