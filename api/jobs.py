@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -24,7 +26,7 @@ from api.schemas import (
     parse,
 )
 from core.clock import now_ms
-from core.job_document import render_created_job, render_job
+from core.job_document import render_created_job, render_job, render_job_summary
 from core.models import ItemStatus, Job, JobItem, JobStatus
 from core.queue import enqueue_items
 from core.storage import StorageError
@@ -207,6 +209,73 @@ def _items_of(job: Job) -> list[JobItem]:
     return list(
         db().scalars(select(JobItem).where(JobItem.job_id == job.id).order_by(JobItem.position))
     )
+
+
+MAX_LIST_LIMIT = 1000
+
+
+def _cursor_after(raw: str | None) -> int | None:
+    """Cursors are opaque to clients: base64 of the last job id shown."""
+    if raw is None:
+        return None
+    try:
+        value = int(base64.urlsafe_b64decode(raw.encode() + b"==").decode())
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise ApiError(400, "cursor is invalid") from None
+    if value < 1:
+        raise ApiError(400, "cursor is invalid")
+    return value
+
+
+def _time_argument(name: str) -> int | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 15:
+        raise ApiError(400, f"{name} must be milliseconds since the epoch")
+    return int(raw)
+
+
+@jobs.get("")
+def list_jobs() -> Response:
+    """Newest first, by keyset on the id: a page never shifts when jobs are
+    created meanwhile (new ids are larger than every cursor)."""
+    query = select(Job).where(Job.project_id == current_project().id)
+    status = request.args.get("status")
+    if status is not None:
+        if status not in {s.value for s in JobStatus}:
+            raise ApiError(400, f"status must be one of {', '.join(s.value for s in JobStatus)}")
+        query = query.where(Job.status == status)
+    after = _time_argument("createdAfter")
+    if after is not None:
+        query = query.where(Job.created_time >= after)
+    before = _time_argument("createdBefore")
+    if before is not None:
+        query = query.where(Job.created_time < before)
+    cursor = _cursor_after(request.args.get("cursor"))
+    if cursor is not None:
+        query = query.where(Job.id < cursor)
+    raw_limit = request.args.get("limit", "100")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
+        raise ApiError(400, f"limit must be an integer in [1, {MAX_LIST_LIMIT}]")
+    limit = int(raw_limit)
+    page = list(db().scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
+    more = len(page) > limit
+    page = page[:limit]
+    counts: dict[int, dict[str, int]] = {}
+    if page:
+        rows = db().execute(
+            select(JobItem.job_id, JobItem.status, func.count())
+            .where(JobItem.job_id.in_([job.id for job in page]))
+            .group_by(JobItem.job_id, JobItem.status)
+        )
+        for job_id, item_status, number in rows:
+            counts.setdefault(job_id, {})[item_status] = number
+    items = [render_job_summary(job, counts.get(job.id, {})) for job in page]
+    next_cursor = (
+        base64.urlsafe_b64encode(str(page[-1].id).encode()).decode().rstrip("=") if more else None
+    )
+    return jsonify({"items": items, "nextCursor": next_cursor})
 
 
 def _owned_job(job_id: int, *, for_update: bool = False) -> Job:

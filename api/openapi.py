@@ -13,6 +13,7 @@ from api.schemas import (
     FileList,
     FileResponse,
     JobCreatedResponse,
+    JobList,
     JobResponse,
     SegmentRequest,
 )
@@ -57,6 +58,7 @@ def openapi_document() -> dict[str, Any]:
                 FileList,
                 JobCreatedResponse,
                 JobResponse,
+                JobList,
             )
         ],
         ref_template=REF,
@@ -131,9 +133,43 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json(JobCreatedResponse, "the job, queued"),
-                    **_errors(400, *auth_errors, 409, 413, 415, 422, 503),
+                    **_errors(400, *auth_errors, 409, 413, 415, 422, 429, 503),
                 },
-            }
+            },
+            "get": {
+                "summary": "List jobs, newest first",
+                "parameters": [
+                    _PROJECT,
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {
+                            "type": "string",
+                            "enum": ["Queued", "Running", "Completed", "Failed", "Canceled"],
+                        },
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "createdAfter",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 10**15 - 1},
+                    },
+                    {
+                        "name": "createdBefore",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 10**15 - 1},
+                    },
+                ],
+                "responses": {
+                    "200": _json(JobList, "a page of jobs"),
+                    **_errors(400, *auth_errors),
+                },
+            },
         },
         f"{PROJECT_PREFIX}/context/vision/segment/{{jobId}}": {
             "get": {

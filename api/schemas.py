@@ -202,6 +202,24 @@ class JobResponse(BaseModel):
     engine: str | None = Field(description="extension: the engine that ran the job")
 
 
+class JobSummary(BaseModel):
+    status: JobStatusName
+    jobId: int
+    createdTime: int
+    startTime: int | None
+    statusTime: int
+    errorMessage: str | None
+    progress: Progress
+    engine: str | None
+
+
+class JobList(BaseModel):
+    items: list[JobSummary]
+    nextCursor: str | None = Field(
+        description="pass as ?cursor= for the next page; null at the end"
+    )
+
+
 def checked_text(name: str, value: str, max_length: int = MAX_EXTERNAL_ID_LENGTH) -> str:
     """A client's text field (form, query, header) that will be stored or
     compared in the database: bounded and free of control characters."""

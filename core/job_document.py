@@ -103,3 +103,22 @@ def render_created_job(job: Job, items: Sequence[JobItem]) -> dict[str, Any]:
         "points": job.prompt.get("points"),
         "boundingBox": job.prompt.get("boundingBox"),
     }
+
+
+def render_job_summary(job: Job, item_counts: dict[str, int]) -> dict[str, Any]:
+    """A job in a listing: its state and progress, without items or results
+    (GET the job for those). ``item_counts``: item status -> number of items."""
+    return {
+        "status": job.status,
+        "jobId": job.id,
+        "createdTime": job.created_time,
+        "startTime": job.start_time,
+        "statusTime": job.status_time,
+        "errorMessage": job.error_message,
+        "progress": {
+            "total": sum(item_counts.values()),
+            "completed": item_counts.get(ItemStatus.COMPLETED, 0),
+            "failed": item_counts.get(ItemStatus.FAILED, 0),
+        },
+        "engine": job.engine,
+    }
