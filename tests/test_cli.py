@@ -60,3 +60,19 @@ def test_submit_checks_its_arguments_before_calling(tmp_path: Path) -> None:
     assert box.exit_code == 2 and "comma-separated numbers" in box.output
     unreachable = runner.invoke(main, [*common, "--point", "0.5,0.5"])
     assert unreachable.exit_code == 1 and "cannot reach segq" in unreachable.output
+
+
+def test_keys_are_stored_only_as_hashes(data_dir: Path) -> None:
+    import hashlib
+    import sqlite3
+
+    runner = CliRunner()
+    key = runner.invoke(main, ["create-project", "acme"]).output.strip()
+    with sqlite3.connect(data_dir / "segq.db") as connection:
+        rows = connection.execute("SELECT * FROM api_keys").fetchall()
+    assert len(rows) == 1
+    stored = " ".join(str(value) for value in rows[0])
+    assert key not in stored
+    assert hashlib.sha256(key.encode()).hexdigest() in stored
+    # The stored prefix is too short to be of use: 4 characters past "segq_".
+    assert all(len(str(value)) < 12 or not key.startswith(str(value)) for value in rows[0])
