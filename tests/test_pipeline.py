@@ -259,3 +259,11 @@ def test_storage_outage_requeues_then_fails_after_the_bound(
     job = tenant.get_job(job_id).json
     assert job["status"] == "Failed"
     assert job["errorMessage"].startswith("storage was unavailable for 3 attempts")
+
+
+def test_storage_retries_wait_longer_each_time() -> None:
+    from worker.tasks import storage_retry_delay
+
+    delays = [storage_retry_delay(n) for n in range(8)]
+    assert delays[:5] == [2, 4, 8, 16, 32]
+    assert delays[5:] == [60, 60, 60]

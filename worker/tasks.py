@@ -11,8 +11,13 @@ from core.queue import SEGMENT_ITEM_TASK
 from worker import runtime
 from worker.pipeline import StorageUnavailable, process_item
 
-#: Seconds before the n-th retry of an item whose storage failed: 2, 4, 8, ... capped.
 MAX_RETRY_DELAY_SECONDS = 60
+
+
+def storage_retry_delay(retries_so_far: int) -> int:
+    """Seconds before the next try of an item whose storage failed: 2, 4, 8,
+    ... capped at a minute (the attempts themselves are bounded by the pipeline)."""
+    return int(min(2 ** (retries_so_far + 1), MAX_RETRY_DELAY_SECONDS))
 
 
 @shared_task(name=SEGMENT_ITEM_TASK, bind=True, max_retries=None)
@@ -31,6 +36,5 @@ def segment_item(self: Any, item_id: int) -> str:
     except StorageUnavailable as exc:
         # The item is back in the queue; process_item counts the attempts and
         # fails the item once they run out, so this retry loop is bounded.
-        delay = min(2 ** (self.request.retries + 1), MAX_RETRY_DELAY_SECONDS)
-        raise self.retry(countdown=delay, exc=exc) from exc
+        raise self.retry(countdown=storage_retry_delay(self.request.retries), exc=exc) from exc
     return outcome.value
