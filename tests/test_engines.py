@@ -31,7 +31,9 @@ def textured(
 ) -> npt.NDArray[np.float64]:
     """(height, width, 3) float64 colour with blotchy noise (blurred, so
     neighbouring pixels correlate as in a photograph) plus fine noise."""
-    blotches = cv2.GaussianBlur(rng.normal(0, 1, (height, width, 3)), (0, 0), grain)
+    blotches = np.asarray(
+        cv2.GaussianBlur(rng.normal(0, 1, (height, width, 3)), (0, 0), grain), dtype=np.float64
+    )
     blotches *= 25 / max(float(blotches.std()), 1e-6)
     return np.array(colour, dtype=np.float64) + blotches + rng.normal(0, 8, (height, width, 3))
 
@@ -113,22 +115,27 @@ def test_grabcut_finds_a_small_object_in_a_large_image() -> None:
 
 def test_grabcut_points_only_prompt() -> None:
     image, truth = ellipse_scene(150, 200, centre=(95, 80), radii=(55, 40), seed=3)
-    points = prompt(points=[(95.0, 80.0), (80.0, 90.0), (10.0, 10.0)], labels=[1, 1, 0])
+    # Foreground clicks spread over the object, one background click.
+    points = prompt([(60.0, 80.0), (130.0, 80.0), (95.0, 55.0), (10.0, 10.0)], [1, 1, 1, 0])
 
     [candidate] = GrabCutEngine().segment(image, points, multimask=False)
 
-    assert iou(candidate.mask, truth) >= 0.75
-    assert candidate.mask[80, 95]
+    assert iou(candidate.mask, truth) >= 0.85
+    assert candidate.mask[80, 60]
     assert not candidate.mask[10, 10]
 
 
-def test_grabcut_single_click() -> None:
+def test_grabcut_single_click_gives_part_of_the_object() -> None:
+    # One click says nothing of the object's extent: the box guessed around it
+    # may cut the object, but what is found must be object.
     image, truth = ellipse_scene(150, 200, centre=(95, 80), radii=(40, 30), seed=4)
 
     [candidate] = GrabCutEngine().segment(image, prompt([(95.0, 80.0)], [1]), multimask=False)
 
     assert candidate.mask[80, 95]
-    assert iou(candidate.mask, truth) >= 0.6
+    found = np.count_nonzero(candidate.mask)
+    assert np.count_nonzero(candidate.mask & truth) >= 0.9 * found
+    assert found >= 0.3 * np.count_nonzero(truth)
 
 
 def test_grabcut_multimask_gives_distinct_ranked_candidates() -> None:
@@ -218,9 +225,11 @@ def test_grabcut_refuses_malformed_input() -> None:
     with pytest.raises(ValueError, match="point or a box"):
         engine.segment(image, prompt(), multimask=False)
     with pytest.raises(ValueError, match="uint8"):
-        engine.segment(image.astype(np.float32), prompt(box=(1, 1, 9, 9)), False)  # type: ignore[arg-type]
+        engine.segment(image.astype(np.float32), prompt(box=(1, 1, 9, 9)), False)
     with pytest.raises(ValueError, match="labels"):
         engine.segment(image, prompt([(1.0, 1.0)], [1, 0]), multimask=False)
+    with pytest.raises(ValueError, match="finite"):
+        engine.segment(image, prompt(box=(1, 1, float("nan"), 9)), multimask=False)
     with pytest.raises(ValueError, match="iterations"):
         GrabCutEngine(iterations=0)
 

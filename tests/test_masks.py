@@ -79,7 +79,7 @@ def test_rings_rasterize_back_on_random_blobs() -> None:
         noise = rng.random((height, width)).astype(np.float32)
         blur = float(rng.choice([0.0, 1.0, 2.0]))
         if blur:
-            noise = cv2.GaussianBlur(noise, (0, 0), blur)
+            noise = np.asarray(cv2.GaussianBlur(noise, (0, 0), blur), dtype=np.float32)
         mask = noise > np.median(noise)
 
         restored = rasterize_rings(mask_polygons(mask), height, width)
@@ -197,4 +197,4 @@ def test_svg_path_of_no_rings_is_empty() -> None:
 
 def test_non_bool_masks_are_refused() -> None:
     with pytest.raises(ValueError, match="bool"):
-        mask_area(np.ones((3, 3), dtype=np.uint8))  # type: ignore[arg-type]
+        mask_area(np.ones((3, 3), dtype=np.uint8))

@@ -27,6 +27,9 @@ FILLED_BOX_SCORE = 0.3
 _MIN_SAMPLES_PER_SIDE = 5
 # An object under 5% of the pixels it could have taken has collapsed.
 _COLLAPSED_FRACTION = 0.05
+# Padding of a box guessed around points, as fractions of the image's short
+# side, tried in turn while GrabCut's object outgrows the box.
+_POINT_BOX_PADDINGS = (0.15, 0.3, 0.6)
 # Rounds stop once fewer than 0.1% of the crop's pixels change label.
 _CONVERGED_FRACTION = 0.001
 
@@ -59,8 +62,9 @@ class GrabCutEngine:
     - around each foreground point a small disk of certain object (GC_FGD), around
       each background point a disk of certain background (GC_BGD); where the two
       overlap, the foreground point wins;
-    - without a box, a box around the foreground points (all points if none is
-      foreground), padded generously since the object's extent is unknown.
+    - without a box, a box guessed around the foreground points (all points if
+      none is foreground): padded by 15% of the image's short side, then 30%,
+      then 60% while GrabCut's object runs into the guess's sides or vanishes.
 
     ``iterations``: at most this many GrabCut rounds (colour models refit,
     graph cut redone); fewer when the labels stop changing. ``working_side``:
@@ -93,7 +97,7 @@ class GrabCutEngine:
         - ``grabcut``: GrabCut's object pixels;
         - ``cleaned``: only the connected parts (8-connected) holding a
           foreground point, or the largest part when there is none;
-        - ``filled box``: the box (or, without one, the box derived from the points).
+        - ``filled box``: the box (or, without one, the box guessed around the points).
 
         Score of a GrabCut candidate, in [0, 1]: ``agreement * coherence * fit``.
         ``agreement`` is the fraction of prompt points on the right side of the
@@ -118,19 +122,22 @@ class GrabCutEngine:
             raise ValueError(f"{points.shape[0]} points but {labels.shape[0]} labels")
         if points.shape[0] == 0 and prompt.box is None:
             raise ValueError("a prompt needs at least one point or a box")
+        if not np.isfinite(points).all() or (
+            prompt.box is not None and not np.isfinite(prompt.box).all()
+        ):
+            raise ValueError("prompt coordinates must be finite")
         foreground = labels == 1
         user_box = None if prompt.box is None else _box_from_pixels(prompt.box, height, width)
-        box = user_box or _box_around_points(
-            points[foreground] if foreground.any() else points, height, width
-        )
-        disk_radius = int(np.clip(round(0.02 * max(box.width, box.height)), 2, 10))
-
-        grabcut_mask = self._grabcut(image, box, points, foreground, disk_radius)
+        if user_box is not None:
+            box = user_box
+            grabcut_mask = self._grabcut(image, box, points, foreground, self.working_side)
+        else:
+            box, grabcut_mask = self._grabcut_around_points(image, points, foreground)
         if grabcut_mask is None:
             fallback = np.zeros((height, width), dtype=np.bool_)
             if user_box is not None or not foreground.any():
                 box.fill(fallback)
-            _draw_point_disks(fallback, points, foreground, disk_radius)
+            _draw_point_disks(fallback, points, foreground, _disk_radius(box))
             return [Candidate(mask=fallback, score=FILLED_BOX_SCORE)]
 
         cleaned = _parts_holding_points(grabcut_mask, points[foreground])
@@ -152,16 +159,43 @@ class GrabCutEngine:
                 distinct.append(candidate)
         return distinct if multimask else distinct[:1]
 
+    def _grabcut_around_points(
+        self,
+        image: npt.NDArray[np.uint8],
+        points: npt.NDArray[np.float64],
+        foreground: npt.NDArray[np.bool_],
+    ) -> tuple[PixelBox, BoolMask | None]:
+        """GrabCut in a box guessed around the points (the foreground ones, or
+        all when none is), and the box. The guess starts small and grows while
+        GrabCut's object fills it (reaches two or more of its sides inside the
+        image: the object goes on past them) or vanishes (the box held nothing
+        but object, so the background model learnt the object's colours)."""
+        height, width = image.shape[:2]
+        anchors = points[foreground] if foreground.any() else points
+        for padding in _POINT_BOX_PADDINGS:
+            box = _box_around_points(anchors, height, width, padding)
+            # The guessed box is worked at a lower resolution: clicks are
+            # ambiguous anyway, and so a click costs about what a box does.
+            grabcut_mask = self._grabcut(image, box, points, foreground, 0.6 * self.working_side)
+            covers_image = box == PixelBox(0, 0, width, height)
+            if covers_image or (
+                grabcut_mask is not None and _inner_sides_reached(grabcut_mask, box) < 2
+            ):
+                break
+        return box, grabcut_mask
+
     def _grabcut(
         self,
         image: npt.NDArray[np.uint8],
         box: PixelBox,
         points: npt.NDArray[np.float64],
         foreground: npt.NDArray[np.bool_],
-        disk_radius: int,
+        working_side: float,
     ) -> BoolMask | None:
-        """GrabCut's (H, W) object mask, or None when it cannot run or finds nothing."""
+        """GrabCut's (H, W) object mask, or None when it cannot run or finds nothing.
+        The crop is resized so that the box's longer side is ``working_side`` pixels."""
         height, width = image.shape[:2]
+        disk_radius = _disk_radius(box)
         crop = _crop_around(box, points[foreground], disk_radius, height, width)
         seeds = np.full((height, width), cv2.GC_BGD, dtype=np.uint8)
         seeds[box.top : box.bottom, box.left : box.right] = cv2.GC_PR_FGD
@@ -181,17 +215,23 @@ class GrabCutEngine:
         # The crop may outgrow the box (foreground points outside it): cap it
         # too, so the working image stays bounded.
         scale = min(
-            self.working_side / max(box.width, box.height),
-            2 * self.working_side / max(crop.width, crop.height),
+            working_side / max(box.width, box.height),
+            2 * working_side / max(crop.width, crop.height),
         )
         working_size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
         if working_size != (crop.width, crop.height):
-            crop_image = cv2.resize(
-                crop_image,
-                working_size,
-                interpolation=cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR,
+            crop_image = np.asarray(
+                cv2.resize(
+                    crop_image,
+                    working_size,
+                    interpolation=cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR,
+                ),
+                dtype=np.uint8,
             )
-            crop_seeds = cv2.resize(crop_seeds, working_size, interpolation=cv2.INTER_NEAREST)
+            crop_seeds = np.asarray(
+                cv2.resize(crop_seeds, working_size, interpolation=cv2.INTER_NEAREST),
+                dtype=np.uint8,
+            )
 
         background_count = _count_background(crop_seeds)
         if min(background_count, crop_seeds.size - background_count) < _MIN_SAMPLES_PER_SIDE:
@@ -200,14 +240,12 @@ class GrabCutEngine:
         if crop_object is None:
             return None
         if working_size != (crop.width, crop.height):
-            crop_object = (
-                cv2.resize(
-                    crop_object.astype(np.float32),
-                    (crop.width, crop.height),
-                    interpolation=cv2.INTER_LINEAR if scale < 1.0 else cv2.INTER_AREA,
-                )
-                >= 0.5
+            coverage = cv2.resize(
+                crop_object.astype(np.float32),
+                (crop.width, crop.height),
+                interpolation=cv2.INTER_LINEAR if scale < 1.0 else cv2.INTER_AREA,
             )
+            crop_object = np.asarray(coverage, dtype=np.float32) >= 0.5
         result = np.zeros((height, width), dtype=np.bool_)
         result[crop.top : crop.bottom, crop.left : crop.right] = crop_object
         # Certain seeds are certain at full resolution too, whatever the
@@ -227,15 +265,14 @@ class GrabCutEngine:
         background_model = np.zeros((1, 65), dtype=np.float64)
         foreground_model = np.zeros((1, 65), dtype=np.float64)
         cv2.setRNGSeed(self.seed)
-        candidates = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
-        candidate_count = int(np.count_nonzero(candidates))
+        possible_count = int(np.count_nonzero(_object_labels(seeds)))
         previous: BoolMask | None = None
         for round_index in range(self.iterations):
             try:
                 cv2.grabCut(
                     image,
                     seeds,
-                    None,
+                    (0, 0, 0, 0),  # the rectangle only matters to GC_INIT_WITH_RECT
                     background_model,
                     foreground_model,
                     1,
@@ -245,9 +282,9 @@ class GrabCutEngine:
                 # Degenerate colour statistics (a single colour, say) can make
                 # the GMM fit fail.
                 return previous
-            current = (seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)
+            current = _object_labels(seeds)
             kept = int(np.count_nonzero(current))
-            if kept < _COLLAPSED_FRACTION * candidate_count:
+            if kept < _COLLAPSED_FRACTION * possible_count:
                 # Rounds feed on their own labels: once the object shrinks to
                 # almost nothing, later rounds only finish the collapse; the
                 # last reasonable labelling is the better answer.
@@ -273,14 +310,34 @@ def _box_from_pixels(box: npt.NDArray[np.float64], height: int, width: int) -> P
     return PixelBox(left, top, right, bottom)
 
 
-def _box_around_points(points: npt.NDArray[np.float64], height: int, width: int) -> PixelBox:
-    """A box around (N, 2) pixel xy points, padded by half their spread plus 15%
-    of the image's short side, clipped to the image."""
+def _box_around_points(
+    points: npt.NDArray[np.float64], height: int, width: int, padding: float
+) -> PixelBox:
+    """A box around (N, 2) pixel xy points, padded by half their spread plus
+    ``padding`` times the image's short side, clipped to the image."""
     spread = float(np.ptp(points, axis=0).max())
-    pad = 0.5 * spread + 0.15 * min(height, width)
+    pad = 0.5 * spread + padding * min(height, width)
     x_min, y_min = points.min(axis=0) - pad
     x_max, y_max = points.max(axis=0) + pad
     return _box_from_pixels(np.array([x_min, y_min, x_max, y_max]), height, width)
+
+
+def _disk_radius(box: PixelBox) -> int:
+    """Seed disks scale with the box (2% of its longer side), within 2..10 px."""
+    return int(np.clip(round(0.02 * max(box.width, box.height)), 2, 10))
+
+
+def _inner_sides_reached(mask: BoolMask, box: PixelBox) -> int:
+    """How many of the box's sides that lie inside the image (not on its
+    border) the (H, W) mask touches."""
+    height, width = mask.shape
+    inside = mask[box.top : box.bottom, box.left : box.right]
+    return (
+        int(box.left > 0 and bool(inside[:, 0].any()))
+        + int(box.right < width and bool(inside[:, -1].any()))
+        + int(box.top > 0 and bool(inside[0, :].any()))
+        + int(box.bottom < height and bool(inside[-1, :].any()))
+    )
 
 
 def _crop_around(
@@ -318,6 +375,11 @@ def _draw_point_disks(
     _draw_disks(canvas, points[~foreground], radius, 0)
     _draw_disks(canvas, points[foreground], radius, 1)
     mask[...] = canvas.astype(np.bool_)
+
+
+def _object_labels(seeds: npt.NDArray[np.uint8]) -> BoolMask:
+    """Where (h, w) GC_* labels say object, certain or probable."""
+    return np.isin(seeds, (cv2.GC_FGD, cv2.GC_PR_FGD))
 
 
 def _count_background(seeds: npt.NDArray[np.uint8]) -> int:
