@@ -62,6 +62,13 @@ class Worker:
         ).stdout.split()
         return [int(pid) for pid in found]
 
+    def kill_pool(self) -> None:
+        """SIGKILL the pool processes (Celery's main process forks new ones)."""
+        for pid in self.pool_pids():
+            # A pool process may exit between pgrep and kill.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
     def kill(self) -> None:
         for pid in [*self.pool_pids(), self.process.pid]:
             with contextlib.suppress(ProcessLookupError):
@@ -175,8 +182,7 @@ def test_pool_process_killed_mid_item(
     worker = start_worker(1)
     wait_until(lambda: bool(running_items(sessions)), 60, "an item to start")
     victim = running_items(sessions)[0].id
-    for pid in worker.pool_pids():
-        os.kill(pid, signal.SIGKILL)
+    worker.kill_pool()
     wait_until(lambda: all_finished(sessions), 90, "every item to finish")
     assert_each_item_done_once(sessions, storage)
     with sessions() as session:
@@ -249,8 +255,7 @@ def test_poison_item_fails_after_bounded_attempts_while_others_finish(
     while not all_finished(sessions):
         assert time.monotonic() < deadline, "items did not finish"
         if any(item.id == poison for item in running_items(sessions)):
-            for pid in worker.pool_pids():
-                os.kill(pid, signal.SIGKILL)
+            worker.kill_pool()
             wait_until(
                 lambda: (
                     not any(
