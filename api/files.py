@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from api.auth import protect_project_routes
 from api.context import current_project, db, services
 from api.errors import ApiError
-from api.images import inspect_image
+from api.images import ImageInfo, inspect_image
 from api.schemas import CONTROL_CHARACTERS, MAX_EXTERNAL_ID_LENGTH, checked_text
 from core.clock import now_ms
 from core.models import StoredFile
@@ -71,27 +71,12 @@ def upload_file() -> tuple[Response, int, dict[str, str]]:
     if external_id is not None and _external_id_taken(project.id, external_id):
         raise ApiError(409, f"externalId {external_id!r} is already used in this project")
 
-    storage = services().storage
-    key = f"projects/{project.id}/files/{uuid.uuid4().hex}"
-    storage.put(key, data, info.mime_type)
-    stored = StoredFile(
-        project_id=project.id,
-        external_id=external_id,
-        name=name,
-        mime_type=info.mime_type,
-        size=len(data),
-        width=info.width,
-        height=info.height,
-        sha256=info.sha256,
-        storage_key=key,
-        created_time=now_ms(),
-    )
-    session.add(stored)
+    stored = store_image(project.id, data, info, external_id=external_id, name=name)
     try:
         session.commit()
     except Exception as exc:
         session.rollback()
-        _discard_object(key)
+        discard_objects([stored.storage_key])
         if isinstance(exc, IntegrityError):
             raise ApiError(
                 409, f"externalId {external_id!r} is already used in this project"
@@ -112,11 +97,42 @@ def _external_id_taken(project_id: int, external_id: str) -> bool:
     )
 
 
-def _discard_object(key: str) -> None:
-    try:
-        services().storage.delete(key)
-    except StorageError:
-        log.warning("could not remove orphaned object %s", key)
+def store_image(
+    project_id: int,
+    data: bytes,
+    info: ImageInfo,
+    *,
+    external_id: str | None = None,
+    name: str | None = None,
+) -> StoredFile:
+    """Write an inspected image to storage under a fresh key and add its row
+    to this request's session; the caller commits, or discards the object."""
+    key = f"projects/{project_id}/files/{uuid.uuid4().hex}"
+    services().storage.put(key, data, info.mime_type)
+    stored = StoredFile(
+        project_id=project_id,
+        external_id=external_id,
+        name=name,
+        mime_type=info.mime_type,
+        size=len(data),
+        width=info.width,
+        height=info.height,
+        sha256=info.sha256,
+        storage_key=key,
+        created_time=now_ms(),
+    )
+    db().add(stored)
+    return stored
+
+
+def discard_objects(keys: list[str]) -> None:
+    """Best-effort removal of objects whose rows were never committed (or
+    were just deleted): an orphan object is harmless, a failed request is not."""
+    for key in keys:
+        try:
+            services().storage.delete(key)
+        except StorageError:
+            log.warning("could not remove orphaned object %s", key)
 
 
 def _owned_file(file_id: int) -> StoredFile:
@@ -141,7 +157,7 @@ def delete_file(file_id: int) -> tuple[str, int]:
     session.commit()
     # After the commit: a crash here leaves an unreferenced object, never a
     # row pointing at nothing.
-    _discard_object(key)
+    discard_objects([key])
     return "", 204
 
 

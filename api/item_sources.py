@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,9 +14,9 @@ from sqlalchemy import select
 
 from api.context import db, services
 from api.errors import ApiError
+from api.files import store_image
 from api.images import inspect_image
 from api.schemas import FileReference
-from core.clock import now_ms
 from core.models import StoredFile
 from core.url_guard import UrlRefused, check_url
 
@@ -68,22 +67,8 @@ def resolve_sources(project_id: int, references: list[FileReference]) -> ItemSou
             result.sources.append(ref.fileUrl)
         elif index in inline:
             data, info = inline[index]
-            key = f"projects/{project_id}/files/{uuid.uuid4().hex}"
-            services().storage.put(key, data, info.mime_type)
-            result.written_keys.append(key)
-            file = StoredFile(
-                project_id=project_id,
-                external_id=None,
-                name=None,
-                mime_type=info.mime_type,
-                size=len(data),
-                width=info.width,
-                height=info.height,
-                sha256=info.sha256,
-                storage_key=key,
-                created_time=now_ms(),
-            )
-            db().add(file)
+            file = store_image(project_id, data, info)
+            result.written_keys.append(file.storage_key)
             result.sources.append(file)
         else:
             result.sources.append(stored[index])

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from api.auth import protect_project_routes
 from api.context import current_project, db, services
 from api.errors import ApiError
+from api.files import discard_objects
 from api.item_sources import item_reference, resolve_sources
 from api.json_body import read_json_object
 from api.schemas import (
@@ -29,7 +30,6 @@ from core.clock import now_ms
 from core.job_document import render_created_job, render_job, render_job_summary
 from core.models import ItemStatus, Job, JobItem, JobStatus
 from core.queue import enqueue_items
-from core.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         session.commit()
     except IntegrityError:
         session.rollback()
-        _discard_objects(sources.written_keys)
+        discard_objects(sources.written_keys)
         earlier = (
             _job_for_idempotency_key(project.id, idempotency_key, request_sha256)
             if idempotency_key is not None
@@ -135,14 +135,6 @@ def _check_unfinished_jobs(project_id: int) -> None:
             f"this project has {limit} unfinished jobs, the most allowed; retry when some finish",
             headers={"Retry-After": str(max(services().settings.poll_retry_after_seconds, 5))},
         )
-
-
-def _discard_objects(keys: list[str]) -> None:
-    for key in keys:
-        try:
-            services().storage.delete(key)
-        except StorageError:
-            log.warning("could not remove orphaned object %s", key)
 
 
 def _created_answer(job: Job) -> tuple[Response, int, dict[str, str]]:

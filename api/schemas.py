@@ -116,6 +116,7 @@ class FileList(BaseModel):
 class ItemReference(BaseModel):
     fileId: int | None = None
     fileExternalId: str | None = None
+    fileUrl: str | None = None
 
 
 class Vertex(BaseModel):
@@ -171,13 +172,18 @@ class Progress(BaseModel):
 JobStatusName = Literal["Queued", "Running", "Completed", "Failed", "Canceled"]
 
 
-class JobCreatedResponse(BaseModel):
+class JobState(BaseModel):
+    """The fields every shape of a job starts with."""
+
     status: JobStatusName
     jobId: int
     createdTime: int
     startTime: int | None
     statusTime: int
     errorMessage: str | None
+
+
+class JobCreatedResponse(JobState):
     items: list[ItemReference]
     points: list[Point] | None = None
     boundingBox: BoundingBox | None = None
@@ -188,13 +194,7 @@ class JobPrompt(BaseModel):
     boundingBox: BoundingBox | None = None
 
 
-class JobResponse(BaseModel):
-    status: JobStatusName
-    jobId: int
-    createdTime: int
-    startTime: int | None
-    statusTime: int
-    errorMessage: str | None
+class JobResponse(JobState):
     items: list[JobItemResult]
     prompt: JobPrompt
     failedItems: list[FailedItems] | None = None
@@ -202,13 +202,7 @@ class JobResponse(BaseModel):
     engine: str | None = Field(description="extension: the engine that ran the job")
 
 
-class JobSummary(BaseModel):
-    status: JobStatusName
-    jobId: int
-    createdTime: int
-    startTime: int | None
-    statusTime: int
-    errorMessage: str | None
+class JobSummary(JobState):
     progress: Progress
     engine: str | None
 

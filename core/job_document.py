@@ -46,6 +46,18 @@ def render_segment(
     return rendered
 
 
+def _job_state(job: Job) -> dict[str, Any]:
+    """The fields every shape of a job starts with."""
+    return {
+        "status": job.status,
+        "jobId": job.id,
+        "createdTime": job.created_time,
+        "startTime": job.start_time,
+        "statusTime": job.status_time,
+        "errorMessage": job.error_message,
+    }
+
+
 def render_job(job: Job, items: Sequence[JobItem], link_mask: MaskLinker | None) -> dict[str, Any]:
     """``items`` in position order. Failed items are listed under
     ``failedItems`` grouped by message; the others under ``items``, with
@@ -69,12 +81,7 @@ def render_job(job: Job, items: Sequence[JobItem], link_mask: MaskLinker | None)
             ]
         shown.append(entry)
     document: dict[str, Any] = {
-        "status": job.status,
-        "jobId": job.id,
-        "createdTime": job.created_time,
-        "startTime": job.start_time,
-        "statusTime": job.status_time,
-        "errorMessage": job.error_message,
+        **_job_state(job),
         "items": shown,
         "prompt": {
             "points": job.prompt.get("points"),
@@ -93,12 +100,7 @@ def render_job(job: Job, items: Sequence[JobItem], link_mask: MaskLinker | None)
 def render_created_job(job: Job, items: Sequence[JobItem]) -> dict[str, Any]:
     """The answer to POST: Cognite echoes the prompt at the top level here."""
     return {
-        "status": job.status,
-        "jobId": job.id,
-        "createdTime": job.created_time,
-        "startTime": job.start_time,
-        "statusTime": job.status_time,
-        "errorMessage": job.error_message,
+        **_job_state(job),
         "items": [item_reference(item) for item in items],
         "points": job.prompt.get("points"),
         "boundingBox": job.prompt.get("boundingBox"),
@@ -109,12 +111,7 @@ def render_job_summary(job: Job, item_counts: dict[str, int]) -> dict[str, Any]:
     """A job in a listing: its state and progress, without items or results
     (GET the job for those). ``item_counts``: item status -> number of items."""
     return {
-        "status": job.status,
-        "jobId": job.id,
-        "createdTime": job.created_time,
-        "startTime": job.start_time,
-        "statusTime": job.status_time,
-        "errorMessage": job.error_message,
+        **_job_state(job),
         "progress": {
             "total": sum(item_counts.values()),
             "completed": item_counts.get(ItemStatus.COMPLETED, 0),

@@ -259,6 +259,24 @@ def encode_result(
     return {"width": width, "height": height, "segments": segments}
 
 
+def _update_held_item(session: Session, claim: Claim, **values: Any) -> bool:
+    """Update the item only while ``claim``'s attempt still holds it (Running,
+    same attempt): the one guard every write of an attempt goes through."""
+    result = cast(
+        CursorResult[Any],
+        session.execute(
+            update(JobItem)
+            .where(
+                JobItem.id == claim.item_id,
+                JobItem.attempt == claim.attempt,
+                JobItem.status == ItemStatus.RUNNING,
+            )
+            .values(**values)
+        ),
+    )
+    return bool(result.rowcount)
+
+
 def finish_item(
     sessions: sessionmaker[Session],
     claim: Claim,
@@ -274,24 +292,15 @@ def finish_item(
         # Lock the job first: finishing items of one job take turns, so the
         # last one to finish sees every other item's final state.
         session.scalar(select(Job.id).where(Job.id == claim.job_id).with_for_update())
-        changed = cast(
-            CursorResult[Any],
-            session.execute(
-                update(JobItem)
-                .where(
-                    JobItem.id == claim.item_id,
-                    JobItem.attempt == claim.attempt,
-                    JobItem.status == ItemStatus.RUNNING,
-                )
-                .values(
-                    status=status,
-                    result=result,
-                    error_message=error_message,
-                    finished_time=now_ms(),
-                    lease_expires_time=None,
-                )
-            ),
-        ).rowcount
+        changed = _update_held_item(
+            session,
+            claim,
+            status=status,
+            result=result,
+            error_message=error_message,
+            finished_time=now_ms(),
+            lease_expires_time=None,
+        )
         if not changed:
             return False
         roll_up_job(session, claim.job_id)
@@ -334,19 +343,7 @@ def roll_up_job(session: Session, job_id: int) -> None:
 def renew_lease(sessions: sessionmaker[Session], claim: Claim, lease_seconds: int) -> bool:
     """Push the lease out again; False once the attempt no longer holds it."""
     with sessions.begin() as session:
-        changed = cast(
-            CursorResult[Any],
-            session.execute(
-                update(JobItem)
-                .where(
-                    JobItem.id == claim.item_id,
-                    JobItem.attempt == claim.attempt,
-                    JobItem.status == ItemStatus.RUNNING,
-                )
-                .values(lease_expires_time=now_ms() + lease_seconds * 1000)
-            ),
-        ).rowcount
-    return bool(changed)
+        return _update_held_item(session, claim, lease_expires_time=now_ms() + lease_seconds * 1000)
 
 
 @contextmanager
@@ -378,19 +375,13 @@ def lease_kept(sessions: sessionmaker[Session], claim: Claim, lease_seconds: int
 def release_item(sessions: sessionmaker[Session], claim: Claim) -> bool:
     """Give the item back to the queue, if ``claim`` still holds it."""
     with sessions.begin() as session:
-        changed = cast(
-            CursorResult[Any],
-            session.execute(
-                update(JobItem)
-                .where(
-                    JobItem.id == claim.item_id,
-                    JobItem.attempt == claim.attempt,
-                    JobItem.status == ItemStatus.RUNNING,
-                )
-                .values(status=ItemStatus.QUEUED, lease_expires_time=None, published_time=now_ms())
-            ),
-        ).rowcount
-    return bool(changed)
+        return _update_held_item(
+            session,
+            claim,
+            status=ItemStatus.QUEUED,
+            lease_expires_time=None,
+            published_time=now_ms(),
+        )
 
 
 def process_item(
