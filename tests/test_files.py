@@ -154,3 +154,25 @@ def test_control_characters_in_ids_are_400(tenant: Tenant, sessions: sessionmake
     # A weird multipart filename is kept only in its printable part.
     named = tenant.upload(png_bytes(), "bad\x00name.png")
     assert named.status_code == 201 and named.json["name"] == "badname.png"
+
+
+def test_oversized_chunked_upload_is_413(tenant: Tenant, sessions: sessionmaker[Session]) -> None:
+    noise = Image.effect_noise((1500, 1500), 100).convert("RGB")
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    boundary = "segqboundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode() + buffer.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+    # No Content-Length: the body ends where the stream ends, as a WSGI server
+    # presents a chunked request.
+    response = tenant.client.post(
+        tenant.url("/files"),
+        input_stream=io.BytesIO(body),
+        headers={**tenant.headers, "Transfer-Encoding": "chunked"},
+        content_type=f"multipart/form-data; boundary={boundary}",
+        environ_overrides={"wsgi.input_terminated": True},
+    )
+    assert response.status_code == 413, response.json
+    assert count_files(sessions) == 0
