@@ -114,9 +114,12 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     try:
         enqueue_items(services().celery, item_ids)
     except Exception:
-        # The job is committed and stays Queued; the reconciler publishes it
-        # again once the broker is back. The client's answer is still true.
+        # The job is committed and stays Queued; the client's answer is still
+        # true. Marking its items unpublished has the reconciler send them at
+        # its next pass instead of after SEGQ_REPUBLISH_AFTER_SECONDS.
         log.exception("could not publish job %s to the broker", job.id)
+        session.execute(update(JobItem).where(JobItem.job_id == job.id).values(published_time=None))
+        session.commit()
     return _created_answer(job)
 
 

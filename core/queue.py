@@ -43,6 +43,15 @@ def make_celery(broker_url: str, *, broker_folder: Path, time_limit_seconds: int
     app.conf.update(
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        # Publishing happens inside an API request: give up quickly and let
+        # the reconciler send the message later, rather than hold the client.
+        broker_connection_timeout=3,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
         task_default_queue=SEGMENT_QUEUE,
         task_serializer="json",
         accept_content=["json"],

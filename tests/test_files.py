@@ -162,9 +162,13 @@ def test_oversized_chunked_upload_is_413(tenant: Tenant, sessions: sessionmaker[
     noise.save(buffer, "PNG")
     boundary = "segqboundary"
     body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
-        "Content-Type: image/png\r\n\r\n"
-    ).encode() + buffer.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + buffer.getvalue()
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     # No Content-Length: the body ends where the stream ends, as a WSGI server
     # presents a chunked request.
     response = tenant.client.post(
