@@ -267,3 +267,17 @@ def test_storage_retries_wait_longer_each_time() -> None:
     delays = [storage_retry_delay(n) for n in range(8)]
     assert delays[:5] == [2, 4, 8, 16, 32]
     assert delays[5:] == [60, 60, 60]
+
+
+def test_an_engine_error_fails_the_item_with_its_message(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
+) -> None:
+    class BrokenEngine(GrabCutEngine):
+        def segment(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("CUDA out of memory")
+
+    job_id, [item_id] = submit(tenant)
+    assert run(sessions, storage, BrokenEngine(), item_id) == Outcome.FAILED
+    job = tenant.get_job(job_id).json
+    assert job["status"] == "Failed"
+    assert job["errorMessage"] == "segmentation failed: RuntimeError: CUDA out of memory"

@@ -429,6 +429,11 @@ def process_item(
             release_item(sessions, claim)
             raise StorageUnavailable(str(exc)) from exc
         error_message = f"storage was unavailable for {claim.attempt} attempts: {exc}"
+    except Exception as exc:
+        # An engine or encoder bug would fail again on every attempt: fail
+        # the item now, with what went wrong, and keep the worker serving.
+        log.exception("item %s failed in the pipeline", claim.item_id)
+        error_message = f"segmentation failed: {type(exc).__name__}: {str(exc)[:300]}"
     landed = finish_item(sessions, claim, result=result, error_message=error_message)
     if not landed:
         return Outcome.LEASE_LOST
