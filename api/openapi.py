@@ -191,6 +191,12 @@ def openapi_document() -> dict[str, Any]:
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics: the unfinished backlog",
+                "responses": {"200": {"description": "text/plain exposition format"}},
+            }
+        },
         "/healthz": {
             "get": {"summary": "The process is up", "responses": {"200": {"description": "up"}}}
         },

@@ -7,11 +7,13 @@ import logging
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
 from api.context import db, services
 from api.errors import ApiError
 from api.openapi import DOCS_PAGE, openapi_document
+from core.clock import now_ms
+from core.models import ItemStatus, Job, JobItem, JobStatus
 from core.storage import LocalStorage, ObjectNotFound
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,47 @@ def readyz() -> tuple[Response, int, dict[str, str]]:
     if ready:
         return jsonify(body), 200, {}
     return jsonify(body), 503, {"Retry-After": "5"}
+
+
+@service.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text format, read from Postgres at scrape time (so every API
+    process answers the same): the backlog an autoscaler needs. Only
+    unfinished rows are counted; they are few and indexed by status."""
+    session = db()
+    now = now_ms()
+    lines = [
+        "# HELP segq_items Job items by status (unfinished only).",
+        "# TYPE segq_items gauge",
+    ]
+    item_counts = dict(
+        session.execute(
+            select(JobItem.status, func.count())
+            .where(JobItem.status.in_([ItemStatus.QUEUED, ItemStatus.RUNNING]))
+            .group_by(JobItem.status)
+        ).all()
+    )
+    for status in (ItemStatus.QUEUED, ItemStatus.RUNNING):
+        lines.append(f'segq_items{{status="{status.value}"}} {item_counts.get(status, 0)}')
+    lines += ["# HELP segq_jobs Jobs by status (unfinished only).", "# TYPE segq_jobs gauge"]
+    job_counts = dict(
+        session.execute(
+            select(Job.status, func.count())
+            .where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+            .group_by(Job.status)
+        ).all()
+    )
+    for status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        lines.append(f'segq_jobs{{status="{status.value}"}} {job_counts.get(status, 0)}')
+    oldest = session.scalar(
+        select(func.min(Job.created_time)).where(Job.status == JobStatus.QUEUED)
+    )
+    lines += [
+        "# HELP segq_oldest_queued_job_age_seconds Age of the oldest job no worker has started.",
+        "# TYPE segq_oldest_queued_job_age_seconds gauge",
+        f"segq_oldest_queued_job_age_seconds {0 if oldest is None else (now - oldest) / 1000:.3f}",
+    ]
+    return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
 
 
 @service.get("/openapi.json")

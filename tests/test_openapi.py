@@ -40,3 +40,19 @@ def test_answers_match_their_schemas(client: FlaskClient, tenant: Tenant) -> Non
     request = validator(spec, "SegmentRequest")
     request.validate(cognite_sample_body(1))
     assert not request.is_valid({"items": [{"fileId": 1}], "points": [{"x": 2, "y": 0}]})
+
+
+def test_metrics_show_the_backlog(client: FlaskClient, tenant: Tenant) -> None:
+    file_id = tenant.upload(png_bytes()).json["id"]
+    for _ in range(2):
+        tenant.post_job(cognite_sample_body(file_id))
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.mimetype == "text/plain"
+    lines = dict(
+        line.rsplit(" ", 1) for line in response.text.splitlines() if not line.startswith("#")
+    )
+    assert lines['segq_items{status="Queued"}'] == "2"
+    assert lines['segq_jobs{status="Queued"}'] == "2"
+    assert lines['segq_jobs{status="Running"}'] == "0"
+    assert float(lines["segq_oldest_queued_job_age_seconds"]) >= 0
