@@ -52,6 +52,10 @@ format: install ## Apply ruff's formatting and safe fixes
 bench-quality: install ## Mean IoU of the classical engine vs the filled box on the COCO sample
 	$(BIN)/python bench/quality_grabcut.py
 
+.PHONY: bench-ingest
+bench-ingest: install services ## Items accepted/finished per second and per-item overhead vs a bare Celery round trip
+	$(BIN)/python bench/ingest.py
+
 .PHONY: lock
 lock: ## Re-resolve requirements.lock from pyproject.toml (needs network)
 	rm -rf /tmp/segq-lock && $(PYTHON) -m venv /tmp/segq-lock

@@ -107,3 +107,17 @@ def test_engine_choice_follows_the_settings(tmp_path: Path) -> None:
     assert resolve_engine(None, None, tmp_path) == EngineChoice(
         "sam_vit_b", tmp_path / "sam_vit_b_01ec64.pth"
     )
+
+
+def test_the_benchmark_engine_is_chosen_only_by_name(tmp_path: Path) -> None:
+    import numpy as np
+
+    from worker.engines import load_engine
+    from worker.engines.base import Prompt
+
+    choice = resolve_engine("benchmark_fixed_mask", None, tmp_path)
+    assert choice == EngineChoice("benchmark_fixed_mask", None)
+    engine = load_engine(choice, "cpu")
+    prompt = Prompt(np.zeros((0, 2)), np.zeros(0, dtype=np.int64), np.array([0.0, 0.0, 5.0, 5.0]))
+    [candidate] = engine.segment(np.zeros((40, 60, 3), dtype=np.uint8), prompt, multimask=True)
+    assert candidate.mask.shape == (40, 60) and candidate.mask.sum() == 20 * 30

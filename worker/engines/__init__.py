@@ -11,6 +11,8 @@ from pathlib import Path
 from worker.engines.base import SegmentationEngine
 
 ENGINE_NAMES = ("sam_vit_b", "sam_vit_l", "sam_vit_h", "grabcut")
+#: Engines that take no model; the benchmark one is chosen only by name.
+MODEL_FREE_ENGINES = ("grabcut", "benchmark_fixed_mask")
 
 
 class EngineConfigError(ValueError):
@@ -35,12 +37,12 @@ def resolve_engine(model: str | None, checkpoint: str | None, weights_dir: Path)
         if found.is_file():
             return EngineChoice("sam_vit_b", found)
         return EngineChoice("grabcut", None)
-    if model not in ENGINE_NAMES:
+    if model not in ENGINE_NAMES and model not in MODEL_FREE_ENGINES:
         raise EngineConfigError(
             f"unknown SEGQ_MODEL {model!r}; choose one of {', '.join(ENGINE_NAMES)}"
         )
-    if model == "grabcut":
-        return EngineChoice("grabcut", None)
+    if model in MODEL_FREE_ENGINES:
+        return EngineChoice(model, None)
     if checkpoint is not None:
         return EngineChoice(model, Path(checkpoint))
     architecture = model.removeprefix("sam_")
@@ -59,6 +61,10 @@ def load_engine(choice: EngineChoice, device: str) -> SegmentationEngine:
         from worker.engines.grabcut import GrabCutEngine
 
         return GrabCutEngine()
+    if choice.name == "benchmark_fixed_mask":
+        from worker.engines.fixed_mask import BenchmarkFixedMaskEngine
+
+        return BenchmarkFixedMaskEngine()
     from worker.engines.sam import SamEngine, load_sam
 
     assert choice.checkpoint is not None

@@ -1,0 +1,336 @@
+"""Ingestion throughput and per-item overhead, against Postgres and Redis.
+
+Runs `segq serve` (gunicorn) and `segq worker` processes with the
+benchmark-only engine (a fixed mask: no model cost), submits items through the
+HTTP API, and prints:
+
+- items accepted per second, for jobs of 500 items and for jobs of 1 item
+  (workers stopped, so only the API is measured);
+- items finished per second while workers drain that backlog;
+- per-item overhead at p50 and p99 with idle workers: from the job's creation
+  (before the API commits) to the item's completion, which is queue wait plus
+  pipeline time outside the engine;
+- beside them, this machine's bare Celery round trip of an empty task over the
+  same Redis, measured in the same run, so the figures read as ratios.
+
+    make bench-ingest                 # = .venv/bin/python bench/ingest.py
+    .venv/bin/python bench/ingest.py --items 2000 --single-jobs 500   # quicker
+
+The machine is shared and noisy: compare ratios, not absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+import requests
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from PIL import Image
+from sqlalchemy import create_engine, func, select, text
+
+from core.db import make_engine, make_session_factory
+from core.migrations import upgrade_to_head
+from core.models import ItemStatus, Job, JobItem
+from core.projects import create_project
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = {"boundingBox": {"xMin": 0.2, "yMin": 0.2, "xMax": 0.8, "yMax": 0.8}}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.database = f"segq_bench_{uuid.uuid4().hex[:8]}"
+        admin_url = args.postgres
+        self.admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as connection:
+            connection.execute(text(f'CREATE DATABASE "{self.database}"'))
+        self.database_url = admin_url.rsplit("/", 1)[0] + f"/{self.database}"
+        engine = make_engine(self.database_url)
+        upgrade_to_head(engine)
+        self.sessions = make_session_factory(engine)
+        with self.sessions.begin() as session:
+            _, self.key = create_project(session, "bench")
+        redis.Redis.from_url(args.redis).flushdb()
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}/api/v1/projects/bench"
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "SEGQ_DATA_DIR": str(workdir / "data"),
+            "SEGQ_DATABASE_URL": self.database_url,
+            "SEGQ_BROKER_URL": args.redis,
+            "SEGQ_STORAGE_URL": (workdir / "objects").as_uri(),
+            "SEGQ_MODEL": "benchmark_fixed_mask",
+            "SEGQ_RATE_LIMIT_PER_SECOND": "1000000",
+            "SEGQ_MAX_UNFINISHED_JOBS": "1000000",
+        }
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {self.key}"
+
+    def close(self) -> None:
+        self.sessions.kw["bind"].dispose()
+        with self.admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE "{self.database}" WITH (FORCE)'))
+        self.admin.dispose()
+
+    @contextmanager
+    def process(self, *arguments: str) -> Iterator[None]:
+        log = (self.workdir / f"{arguments[0]}.log").open("ab")
+        child = subprocess.Popen(
+            [sys.executable, "-m", "cli.main", *arguments],
+            env=self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield
+        finally:
+            child.terminate()
+            child.wait(timeout=60)
+            log.close()
+
+    def api(self) -> Any:
+        return self.process(
+            "serve",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.args.api_processes),
+            "--threads",
+            str(self.args.api_threads),
+        )
+
+    def workers(self) -> Any:
+        return self.process(
+            "worker", f"--concurrency={self.args.worker_processes}", "--loglevel=WARNING"
+        )
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).ok:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("the API did not become ready")
+
+    def upload_images(self, count: int) -> list[int]:
+        def upload(seed: int) -> int:
+            pixels = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, "PNG")
+            response = self.http.post(
+                f"{self.base}/files", files={"file": ("i.png", buffer.getvalue())}
+            )
+            response.raise_for_status()
+            return int(response.json()["id"])
+
+        with ThreadPoolExecutor(self.args.client_threads) as pool:
+            return list(pool.map(upload, range(count)))
+
+    def submit(self, bodies: list[dict[str, Any]]) -> float:
+        """POST every body from client threads; seconds taken."""
+
+        def post(body: dict[str, Any]) -> None:
+            response = self.http.post(f"{self.base}/context/vision/segment", json=body)
+            if response.status_code != 200:
+                raise RuntimeError(f"{response.status_code}: {response.text[:200]}")
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(self.args.client_threads) as pool:
+            list(pool.map(post, bodies))
+        return time.perf_counter() - started
+
+    def unfinished(self) -> int:
+        with self.sessions() as session:
+            return (
+                session.scalar(
+                    select(func.count())
+                    .select_from(JobItem)
+                    .where(JobItem.status.in_([ItemStatus.QUEUED, ItemStatus.RUNNING]))
+                )
+                or 0
+            )
+
+    def drain(self) -> float:
+        """Start the workers and wait until every item is finished; seconds taken."""
+        started = time.perf_counter()
+        while self.unfinished():
+            time.sleep(0.2)
+        return time.perf_counter() - started
+
+    def overheads(self, since_job: int) -> list[float]:
+        """Seconds from job creation to item completion, for jobs after ``since_job``."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(JobItem.finished_time - Job.created_time)
+                .join(Job, Job.id == JobItem.job_id)
+                .where(Job.id > since_job, JobItem.status == ItemStatus.COMPLETED)
+            ).scalars()
+            return [value / 1000 for value in rows if value is not None]
+
+    def last_job(self) -> int:
+        with self.sessions() as session:
+            return session.scalar(select(func.max(Job.id))) or 0
+
+
+def celery_round_trips(redis_url: str, count: int) -> list[float]:
+    """An empty task sent and its result read back, one at a time, through a
+    solo worker on the same Redis: the floor any Celery pipeline stands on."""
+    app = Celery("bench", broker=redis_url, backend=redis_url, set_as_current=False)
+    app.conf.update(task_default_queue="bench.noop", worker_prefetch_multiplier=1)
+
+    @app.task(name="bench.noop")  # type: ignore[untyped-decorator]
+    def noop() -> None:
+        return None
+
+    times = []
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+        for _ in range(count):
+            started = time.perf_counter()
+            noop.delay().get(timeout=10)
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def sequential_overheads(bench: Bench, ids: list[int], count: int) -> list[float]:
+    """Idle workers, one 1-item job at a time, each waited for."""
+    since = bench.last_job()
+    for index in range(count):
+        bench.submit([{"items": [{"fileId": ids[index % len(ids)]}], **PROMPT}])
+        while bench.unfinished():
+            time.sleep(0.002)
+    return bench.overheads(since)
+
+
+def run(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="segq-bench-") as workdir:
+        bench = Bench(args, Path(workdir))
+        try:
+            with bench.api():
+                bench.wait_ready()
+                ids = bench.upload_images(args.job_size)
+                jobs = [
+                    {"items": [{"fileId": i} for i in ids], **PROMPT}
+                    for _ in range(max(1, args.items // args.job_size))
+                ]
+                big_items = len(jobs) * args.job_size
+                big_seconds = bench.submit(jobs)
+                with bench.workers():
+                    big_drain = bench.drain()
+                singles = [
+                    {"items": [{"fileId": ids[n % len(ids)]}], **PROMPT}
+                    for n in range(args.single_jobs)
+                ]
+                single_seconds = bench.submit(singles)
+                with bench.workers():
+                    single_drain = bench.drain()
+                    time.sleep(2)  # workers settle before latency is measured
+                    overhead = sequential_overheads(bench, ids, args.latency_samples)
+        finally:
+            bench.close()
+    trips = celery_round_trips(args.redis, args.latency_samples)
+    bare = statistics.median(trips)
+    p50, p99 = statistics.median(overhead), percentile(overhead, 0.99)
+    size = args.job_size
+    rows = [
+        (
+            f"accepted, {size}-item jobs",
+            f"{big_items / big_seconds:.0f} items/s",
+            f"{big_items} items in {big_seconds:.1f} s",
+        ),
+        (
+            "accepted, 1-item jobs",
+            f"{args.single_jobs / single_seconds:.0f} jobs/s",
+            f"{args.single_jobs} jobs in {single_seconds:.1f} s",
+        ),
+        (
+            f"finished, {size}-item jobs",
+            f"{big_items / big_drain:.0f} items/s",
+            f"drained in {big_drain:.1f} s",
+        ),
+        (
+            "finished, 1-item jobs",
+            f"{args.single_jobs / single_drain:.0f} items/s",
+            f"drained in {single_drain:.1f} s",
+        ),
+        (
+            "bare Celery round trip",
+            f"p50 {bare * 1000:.1f} ms",
+            f"p99 {percentile(trips, 0.99) * 1000:.1f} ms",
+        ),
+        (
+            "per-item overhead",
+            f"p50 {p50 * 1000:.1f} ms",
+            f"p99 {p99 * 1000:.1f} ms; p50 is {p50 / bare:.1f}x the bare round trip",
+        ),
+    ]
+    print(
+        f"{os.cpu_count()} cores; API {args.api_processes} processes x {args.api_threads} threads, "
+        f"worker concurrency {args.worker_processes}, {args.client_threads} client threads"
+    )
+    for name, figure, detail in rows:
+        print(f"{name:<26} {figure:>16}   ({detail})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--items", type=int, default=10_000, help="items in large jobs")
+    parser.add_argument("--job-size", type=int, default=500)
+    parser.add_argument("--single-jobs", type=int, default=10_000, help="1-item jobs")
+    parser.add_argument("--latency-samples", type=int, default=200)
+    parser.add_argument("--api-processes", type=int, default=2)
+    parser.add_argument("--api-threads", type=int, default=8)
+    parser.add_argument("--worker-processes", type=int, default=2)
+    parser.add_argument("--client-threads", type=int, default=16)
+    parser.add_argument(
+        "--postgres",
+        default=os.environ.get(
+            "SEGQ_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+        ),
+    )
+    parser.add_argument(
+        "--redis", default=os.environ.get("SEGQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+    )
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
