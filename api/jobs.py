@@ -82,18 +82,19 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     try:
         session.add(job)
         session.flush()  # the job's id, for its items; a duplicate key fails here
-        for position, source in enumerate(sources.sources):
-            session.add(
-                JobItem(
-                    job_id=job.id,
-                    position=position,
-                    file_id=None if isinstance(source, str) else source.id,
-                    file_ref=item_reference(source),
-                    status=ItemStatus.QUEUED,
-                    attempt=0,
-                    published_time=now,
-                )
+        items = [
+            JobItem(
+                job_id=job.id,
+                position=position,
+                file_id=None if isinstance(source, str) else source.id,
+                file_ref=item_reference(source),
+                status=ItemStatus.QUEUED,
+                attempt=0,
+                published_time=now,
             )
+            for position, source in enumerate(sources.sources)
+        ]
+        session.add_all(items)
         session.commit()
     except IntegrityError:
         session.rollback()
@@ -110,9 +111,9 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         # Another request with the same idempotency key committed first.
         return _created_answer(earlier)
 
-    item_ids = list(session.scalars(select(JobItem.id).where(JobItem.job_id == job.id)))
     try:
-        enqueue_items(services().celery, item_ids)
+        # The committed objects keep their ids (expire_on_commit=False): no re-read.
+        enqueue_items(services().celery, [item.id for item in items])
     except Exception:
         # The job is committed and stays Queued; the client's answer is still
         # true. Marking its items unpublished has the reconciler send them at
@@ -120,7 +121,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         log.exception("could not publish job %s to the broker", job.id)
         session.execute(update(JobItem).where(JobItem.job_id == job.id).values(published_time=None))
         session.commit()
-    return _created_answer(job)
+    return _created_answer(job, items)
 
 
 def _check_unfinished_jobs(project_id: int) -> None:
@@ -140,8 +141,11 @@ def _check_unfinished_jobs(project_id: int) -> None:
         )
 
 
-def _created_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
-    items = _items_of(job)
+def _created_answer(
+    job: Job, items: list[JobItem] | None = None
+) -> tuple[Response, int, dict[str, str]]:
+    if items is None:
+        items = _items_of(job)
     location = url_for("jobs.get_job", project=current_project().name, job_id=job.id)
     return jsonify(render_created_job(job, items)), 200, {"Location": location}
 
