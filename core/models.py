@@ -132,6 +132,8 @@ class JobItem(Base):
         UniqueConstraint("job_id", "position"),
         Index("ix_job_items_status_lease", "status", "lease_expires_time"),
         Index("ix_job_items_status_published", "status", "published_time"),
+        # Rolling a job up asks "does it still have a queued or running item?"
+        Index("ix_job_items_job_id_status", "job_id", "status"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
