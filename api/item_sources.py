@@ -14,8 +14,8 @@ from sqlalchemy import select
 
 from api.context import db, services
 from api.errors import ApiError
-from api.files import store_image
-from api.images import inspect_image
+from api.files import discard_objects, store_image
+from api.images import ImageInfo, inspect_image
 from api.schemas import FileReference
 from core.models import StoredFile
 from core.url_guard import UrlRefused, check_url
@@ -48,7 +48,7 @@ def resolve_sources(project_id: int, references: list[FileReference]) -> ItemSou
     the first. Inline images are stored last, as files of the project."""
     stored = _resolve_files(project_id, references)
     policy = services().settings.fetch_policy()
-    inline: dict[int, tuple[bytes, Any]] = {}
+    inline: dict[int, tuple[bytes, ImageInfo]] = {}
     for index, ref in enumerate(references):
         if ref.fileUrl is not None:
             try:
@@ -62,17 +62,21 @@ def resolve_sources(project_id: int, references: list[FileReference]) -> ItemSou
                 inspect_image(data, max_pixels=services().settings.max_image_pixels),
             )
     result = ItemSources(sources=[])
-    for index, ref in enumerate(references):
-        if ref.fileUrl is not None:
-            result.sources.append(ref.fileUrl)
-        elif index in inline:
-            data, info = inline[index]
-            file = store_image(project_id, data, info)
-            result.written_keys.append(file.storage_key)
-            result.sources.append(file)
-        else:
-            result.sources.append(stored[index])
-    db().flush()  # ids for the inline files
+    try:
+        for index, ref in enumerate(references):
+            if ref.fileUrl is not None:
+                result.sources.append(ref.fileUrl)
+            elif index in inline:
+                data, info = inline[index]
+                file = store_image(project_id, data, info)
+                result.written_keys.append(file.storage_key)
+                result.sources.append(file)
+            else:
+                result.sources.append(stored[index])
+        db().flush()  # ids for the inline files
+    except Exception:
+        discard_objects(result.written_keys)
+        raise
     return result
 
 
