@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,8 @@ class FetchFailed(RuntimeError):
 @dataclass(frozen=True)
 class FetchPolicy:
     max_bytes: int
+    #: Per connect and per read; the whole fetch, every hop included, gets
+    #: three times this, so a server dripping bytes cannot hold a worker.
     timeout_seconds: float = 10.0
     max_redirects: int = 3
     #: Networks let through although not public: for tests, or a deployment
@@ -139,47 +142,56 @@ def _checked_address(host: str, port: int, policy: FetchPolicy, resolve: Resolve
 
 def fetch(url: str, policy: FetchPolicy, resolve: Resolver = system_resolver) -> bytes:
     """GET ``url`` under ``policy``; at most ``policy.max_bytes`` of body."""
+    deadline = time.monotonic() + 3 * policy.timeout_seconds
     for _hop in range(policy.max_redirects + 1):
         parts = check_url(url, policy)
         host = parts.hostname
         assert host is not None
         port = parts.port or (443 if parts.scheme == "https" else 80)
         address = _checked_address(host, port, policy, resolve)
-        response = _get(parts, address, port, policy)
+        pool = _pool(parts, address, port, policy)
         try:
-            if response.status in (301, 302, 303, 307, 308):
-                location = response.headers.get("Location")
-                if not location:
-                    raise FetchFailed(f"{response.status} redirect without a Location")
-                url = urljoin(url, location)
-                continue
-            if response.status != 200:
-                raise FetchFailed(f"the server answered {response.status}")
-            return _read_bounded(response, policy.max_bytes)
+            response = _get(pool, parts)
+            try:
+                if response.status in (301, 302, 303, 307, 308):
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise FetchFailed(f"{response.status} redirect without a Location")
+                    url = urljoin(url, location)
+                    continue
+                if response.status != 200:
+                    raise FetchFailed(f"the server answered {response.status}")
+                return _read_bounded(response, policy.max_bytes, deadline)
+            finally:
+                response.release_conn()
         finally:
-            response.release_conn()
+            pool.close()
     raise FetchFailed(f"more than {policy.max_redirects} redirects")
 
 
-def _get(parts: SplitResult, address: str, port: int, policy: FetchPolicy) -> Any:
-    host = parts.hostname
-    assert host is not None
-    pool: urllib3.HTTPConnectionPool
+def _pool(
+    parts: SplitResult, address: str, port: int, policy: FetchPolicy
+) -> urllib3.HTTPConnectionPool:
+    """A connection pool to the checked ``address``, never to the name."""
     timeout = urllib3.Timeout(connect=policy.timeout_seconds, read=policy.timeout_seconds)
     if parts.scheme == "https":
         # Connect to the checked address; verify the certificate for the name.
-        pool = urllib3.HTTPSConnectionPool(
+        return urllib3.HTTPSConnectionPool(
             address,
             port,
             timeout=timeout,
             retries=False,
-            server_hostname=host,
-            assert_hostname=host,
+            server_hostname=parts.hostname,
+            assert_hostname=parts.hostname,
             cert_reqs="CERT_REQUIRED",
             ca_certs=certifi.where(),
         )
-    else:
-        pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
+    return urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
+
+
+def _get(pool: urllib3.HTTPConnectionPool, parts: SplitResult) -> Any:
+    host = parts.hostname
+    assert host is not None
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
@@ -199,17 +211,24 @@ def _get(parts: SplitResult, address: str, port: int, policy: FetchPolicy) -> An
         raise FetchFailed(f"could not fetch the URL: {type(exc).__name__}") from None
 
 
-def _read_bounded(response: Any, max_bytes: int) -> bytes:
+def _read_bounded(response: Any, max_bytes: int, deadline: float) -> bytes:
     declared = response.headers.get("Content-Length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise FetchFailed(f"the image is larger than {max_bytes} bytes")
     body = bytearray()
     try:
         # Counted after decompression, so a gzip bomb is cut off too.
-        for chunk in response.stream(65536, decode_content=True):
+        while True:
+            # read1: what has arrived, not a full buffer, so the deadline is
+            # checked while a server drips.
+            chunk = response.read1(65536, decode_content=True)
+            if not chunk:
+                break
             body += chunk
             if len(body) > max_bytes:
                 raise FetchFailed(f"the image is larger than {max_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise FetchFailed("the server sent the image too slowly")
     except urllib3.exceptions.HTTPError as exc:
         raise FetchFailed(f"could not read the URL: {type(exc).__name__}") from None
     return bytes(body)

@@ -4,8 +4,10 @@ imageData (inline), and the guard itself, against real HTTP servers on loopback.
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,6 +52,15 @@ class ImageServer:
                     self.end_headers()
                 elif self.path == "/big":
                     self._send(b"\0" * 3_000_000)
+                elif self.path == "/drip":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    with contextlib.suppress(OSError):  # the client hangs up
+                        for _ in range(1000):
+                            self.wfile.write(b"\0")
+                            self.wfile.flush()
+                            time.sleep(0.05)
                 elif self.path == "/bomb":
                     self._send(gzip.compress(b"\0" * 20_000_000), {"Content-Encoding": "gzip"})
                 else:
@@ -67,6 +78,9 @@ class ImageServer:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        # Do not wait for a dripping handler at teardown.
+        self.httpd.daemon_threads = True
+        self.httpd.block_on_close = False
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -180,6 +194,14 @@ def test_redirect_loops_and_bodies_are_bounded(image_server: ImageServer) -> Non
         fetch(f"{image_server.url}/bomb", policy(max_bytes=1_000_000))
     with pytest.raises(FetchFailed, match="404"):
         fetch(f"{image_server.url}/missing", policy())
+
+
+def test_a_dripping_server_cannot_hold_a_worker(image_server: ImageServer) -> None:
+    started = time.monotonic()
+    slow = FetchPolicy(max_bytes=10_000, timeout_seconds=0.5, allowed_networks=LOOPBACK_ONLY)
+    with pytest.raises(FetchFailed, match="too slowly"):
+        fetch(f"{image_server.url}/drip", slow)
+    assert time.monotonic() - started < 3
 
 
 @pytest.fixture
