@@ -45,6 +45,7 @@ from celery.contrib.testing.worker import start_worker
 from PIL import Image
 from sqlalchemy import create_engine, func, select, text
 
+from cli.demo import wait_ready
 from core.db import make_engine, make_session_factory
 from core.migrations import upgrade_to_head
 from core.models import ItemStatus, Job, JobItem
@@ -138,15 +139,7 @@ class Bench:
         )
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{self.port}/readyz", timeout=2).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("the API did not become ready")
+        wait_ready(f"http://127.0.0.1:{self.port}", timeout=60)
 
     def upload_images(self, count: int) -> list[int]:
         def upload(seed: int) -> int:

@@ -118,7 +118,8 @@ def _running(*commands: list[str]) -> Iterator[None]:
                 process.kill()
 
 
-def _wait_ready(base_url: str, timeout: float) -> None:
+def wait_ready(base_url: str, timeout: float) -> None:
+    """Poll /readyz until the API answers ready, or raise after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -145,7 +146,7 @@ def run_demo(out_dir: Path, image_path: Path | None, timeout: float) -> dict[str
         [*segq, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         [*segq, "worker", "--concurrency", "1"],
     ):
-        _wait_ready(base_url, timeout=60)
+        wait_ready(base_url, timeout=60)
         client = SegqClient(base_url, DEMO_PROJECT, key)
         uploaded = client.upload(image_path)
         print(f"uploaded file {uploaded['id']} ({uploaded['width']}x{uploaded['height']})")
