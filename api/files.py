@@ -14,7 +14,7 @@ from api.auth import protect_project_routes
 from api.context import current_project, db, services
 from api.errors import ApiError
 from api.images import ImageInfo, inspect_image
-from api.schemas import CONTROL_CHARACTERS, MAX_EXTERNAL_ID_LENGTH, checked_text
+from api.schemas import CONTROL_CHARACTERS, MAX_EXTERNAL_ID_LENGTH, checked_text, list_limit
 from core.clock import now_ms
 from core.models import StoredFile
 from core.storage import StorageError
@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 files = Blueprint("files", __name__, url_prefix="/api/v1/projects/<project>/files")
 protect_project_routes(files)
-
-MAX_LIST_LIMIT = 1000
 
 
 def file_body(stored: StoredFile) -> dict[str, Any]:
@@ -167,8 +165,6 @@ def list_files() -> Response:
     external_id = request.args.get("externalId")
     if external_id is not None:
         query = query.where(StoredFile.external_id == checked_text("externalId", external_id))
-    raw_limit = request.args.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
-        raise ApiError(400, f"limit must be an integer in [1, {MAX_LIST_LIMIT}]")
-    rows = db().scalars(query.order_by(StoredFile.id.desc()).limit(int(raw_limit)))
+    limit = list_limit(request.args.get("limit"))
+    rows = db().scalars(query.order_by(StoredFile.id.desc()).limit(limit))
     return jsonify({"items": [file_body(stored) for stored in rows]})

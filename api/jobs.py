@@ -24,6 +24,7 @@ from api.schemas import (
     SUPPORTED_OUTPUTS,
     SegmentRequest,
     checked_text,
+    list_limit,
     parse,
 )
 from core.clock import now_ms
@@ -210,9 +211,6 @@ def _items_of(job: Job) -> list[JobItem]:
     )
 
 
-MAX_LIST_LIMIT = 1000
-
-
 def _cursor_after(raw: str | None) -> int | None:
     """Cursors are opaque to clients: base64 of the last job id shown."""
     if raw is None:
@@ -254,10 +252,7 @@ def list_jobs() -> Response:
     cursor = _cursor_after(request.args.get("cursor"))
     if cursor is not None:
         query = query.where(Job.id < cursor)
-    raw_limit = request.args.get("limit", "100")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIST_LIMIT:
-        raise ApiError(400, f"limit must be an integer in [1, {MAX_LIST_LIMIT}]")
-    limit = int(raw_limit)
+    limit = list_limit(request.args.get("limit"))
     page = list(db().scalars(query.order_by(Job.id.desc()).limit(limit + 1)))
     more = len(page) > limit
     page = page[:limit]

@@ -214,6 +214,18 @@ class JobList(BaseModel):
     )
 
 
+MAX_LIST_LIMIT = 1000
+
+
+def list_limit(raw: str | None, default: int = 100) -> int:
+    """The ``limit`` of a listing: an integer in [1, MAX_LIST_LIMIT], else 400."""
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
+        raise ApiError(400, f"limit must be an integer in [1, {MAX_LIST_LIMIT}]")
+    return int(raw)
+
+
 def checked_text(name: str, value: str, max_length: int = MAX_EXTERNAL_ID_LENGTH) -> str:
     """A client's text field (form, query, header) that will be stored or
     compared in the database: bounded and free of control characters."""

@@ -13,7 +13,7 @@ from api.context import db, services
 from api.errors import ApiError
 from api.openapi import DOCS_PAGE, openapi_document
 from core.clock import now_ms
-from core.models import ItemStatus, Job, JobItem, JobStatus
+from core.models import Job, JobItem, JobStatus
 from core.storage import LocalStorage, ObjectNotFound
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ def readyz() -> tuple[Response, int, dict[str, str]]:
     return jsonify(body), 503, {"Retry-After": "5"}
 
 
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
 @service.get("/metrics")
 def metrics() -> Response:
     """Prometheus text format, read from Postgres at scrape time (so every API
@@ -59,29 +62,21 @@ def metrics() -> Response:
     unfinished rows are counted; they are few and indexed by status."""
     session = db()
     now = now_ms()
-    lines = [
-        "# HELP segq_items Job items by status (unfinished only).",
-        "# TYPE segq_items gauge",
-    ]
-    item_counts = dict(
-        session.execute(
-            select(JobItem.status, func.count())
-            .where(JobItem.status.in_([ItemStatus.QUEUED, ItemStatus.RUNNING]))
-            .group_by(JobItem.status)
-        ).all()
-    )
-    for status in (ItemStatus.QUEUED, ItemStatus.RUNNING):
-        lines.append(f'segq_items{{status="{status.value}"}} {item_counts.get(status, 0)}')
-    lines += ["# HELP segq_jobs Jobs by status (unfinished only).", "# TYPE segq_jobs gauge"]
-    job_counts = dict(
-        session.execute(
-            select(Job.status, func.count())
-            .where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-            .group_by(Job.status)
-        ).all()
-    )
-    for status in (JobStatus.QUEUED, JobStatus.RUNNING):
-        lines.append(f'segq_jobs{{status="{status.value}"}} {job_counts.get(status, 0)}')
+    lines: list[str] = []
+    for name, model, help_text in (
+        ("segq_items", JobItem, "Job items by status (unfinished only)."),
+        ("segq_jobs", Job, "Jobs by status (unfinished only)."),
+    ):
+        counts = dict(
+            session.execute(
+                select(model.status, func.count())
+                .where(model.status.in_(UNFINISHED))
+                .group_by(model.status)
+            ).all()
+        )
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        for status in UNFINISHED:
+            lines.append(f'{name}{{status="{status.value}"}} {counts.get(status, 0)}')
     oldest = session.scalar(
         select(func.min(Job.created_time)).where(Job.status == JobStatus.QUEUED)
     )
