@@ -15,6 +15,7 @@ from api.files import files
 from api.jobs import jobs
 from api.rate_limit import make_rate_limiter
 from api.service import service
+from api.webhooks import webhooks
 from core.db import make_engine, make_session_factory
 from core.queue import make_celery
 from core.settings import Settings
@@ -68,6 +69,7 @@ def create_app(
     app.register_blueprint(service)
     app.register_blueprint(files)
     app.register_blueprint(jobs)
+    app.register_blueprint(webhooks)
     app.teardown_appcontext(close_db)
 
     @app.before_request

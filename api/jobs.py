@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -23,7 +21,10 @@ from api.schemas import (
     DEFAULT_OUTPUTS,
     SUPPORTED_OUTPUTS,
     SegmentRequest,
+    Webhook,
     checked_text,
+    cursor_after,
+    encode_cursor,
     list_limit,
     parse,
 )
@@ -31,6 +32,8 @@ from core.clock import now_ms
 from core.job_document import render_created_job, render_job, render_job_summary
 from core.models import ItemStatus, Job, JobItem, JobStatus
 from core.queue import enqueue_items
+from core.url_guard import UrlRefused, check_url
+from core.webhook_events import JOB_CANCELED, record_event, subscribed_events
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     body = read_json_object()
     segment_request = parse(SegmentRequest, body)
     _check_semantics(segment_request)
+    webhook = _checked_webhook(segment_request.webhook)
     idempotency_key = _idempotency_key()
     request_sha256 = hashlib.sha256(
         json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
@@ -79,6 +83,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         },
         idempotency_key=idempotency_key,
         request_sha256=request_sha256,
+        webhook=webhook,
     )
     try:
         session.add(job)
@@ -155,8 +160,6 @@ def _check_semantics(segment_request: SegmentRequest) -> None:
     """What the schema cannot say: well-formed requests that cannot be run."""
     if segment_request.prompts is not None:
         raise ApiError(422, "prompts is not supported by this server yet")
-    if segment_request.webhook is not None:
-        raise ApiError(422, "webhook is not supported by this server yet")
     if segment_request.model is not None:
         raise ApiError(422, "model selection is not supported: this server runs one engine")
     if not segment_request.points and segment_request.boundingBox is None:
@@ -189,6 +192,19 @@ def _check_semantics(segment_request: SegmentRequest) -> None:
             )
 
 
+def _checked_webhook(webhook: Webhook | None) -> dict[str, object] | None:
+    """The job's webhook as stored, with full event names. The URL passes
+    the checks that need no DNS now; the worker checks its addresses at
+    every delivery, as it does for image URLs."""
+    if webhook is None:
+        return None
+    try:
+        check_url(webhook.url, services().settings.webhook_policy())
+    except UrlRefused as exc:
+        raise ApiError(422, f"webhook.url: {exc}") from None
+    return {"url": webhook.url, "events": subscribed_events(webhook.events)}
+
+
 def _idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
@@ -209,19 +225,6 @@ def _items_of(job: Job) -> list[JobItem]:
     return list(
         db().scalars(select(JobItem).where(JobItem.job_id == job.id).order_by(JobItem.position))
     )
-
-
-def _cursor_after(raw: str | None) -> int | None:
-    """Cursors are opaque to clients: base64 of the last job id shown."""
-    if raw is None:
-        return None
-    try:
-        value = int(base64.urlsafe_b64decode(raw.encode() + b"==").decode())
-    except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise ApiError(400, "cursor is invalid") from None
-    if value < 1:
-        raise ApiError(400, "cursor is invalid")
-    return value
 
 
 def _time_argument(name: str) -> int | None:
@@ -249,7 +252,7 @@ def list_jobs() -> Response:
     before = _time_argument("createdBefore")
     if before is not None:
         query = query.where(Job.created_time < before)
-    cursor = _cursor_after(request.args.get("cursor"))
+    cursor = cursor_after(request.args.get("cursor"))
     if cursor is not None:
         query = query.where(Job.id < cursor)
     limit = list_limit(request.args.get("limit"))
@@ -266,13 +269,11 @@ def list_jobs() -> Response:
         for job_id, item_status, number in rows:
             counts.setdefault(job_id, {})[item_status] = number
     items = [render_job_summary(job, counts.get(job.id, {})) for job in page]
-    next_cursor = (
-        base64.urlsafe_b64encode(str(page[-1].id).encode()).decode().rstrip("=") if more else None
-    )
+    next_cursor = encode_cursor(page[-1].id) if more else None
     return jsonify({"items": items, "nextCursor": next_cursor})
 
 
-def _owned_job(job_id: int, *, for_update: bool = False) -> Job:
+def owned_job(job_id: int, *, for_update: bool = False) -> Job:
     query = select(Job).where(Job.id == job_id, Job.project_id == current_project().id)
     job = db().scalar(query.with_for_update() if for_update else query)
     # Another project's job is "not found", never "forbidden": no existence oracle.
@@ -300,7 +301,7 @@ def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
 
 @jobs.get("/<id:job_id>")
 def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
-    return _job_answer(_owned_job(job_id))
+    return _job_answer(owned_job(job_id))
 
 
 @jobs.post("/<id:job_id>/cancel")
@@ -308,7 +309,7 @@ def cancel_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     """Queued items never run; an item already running finishes, and no
     further item starts. Canceling a canceled job changes nothing."""
     session = db()
-    job = _owned_job(job_id, for_update=True)
+    job = owned_job(job_id, for_update=True)
     if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
         session.rollback()
         raise ApiError(409, f"job {job_id} has already finished ({job.status})")
@@ -321,5 +322,6 @@ def cancel_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
             .where(JobItem.job_id == job.id, JobItem.status == ItemStatus.QUEUED)
             .values(status=ItemStatus.CANCELED, finished_time=now)
         )
+        record_event(session, job, JOB_CANCELED, now, lambda: render_job(job, _items_of(job), None))
     session.commit()
     return _job_answer(job)

@@ -16,6 +16,9 @@ from api.schemas import (
     JobList,
     JobResponse,
     SegmentRequest,
+    WebhookDeliveryList,
+    WebhookDeliveryResponse,
+    WebhookSecret,
 )
 
 PROJECT_PREFIX = "/api/v1/projects/{project}"
@@ -59,6 +62,9 @@ def openapi_document() -> dict[str, Any]:
                 JobCreatedResponse,
                 JobResponse,
                 JobList,
+                WebhookSecret,
+                WebhookDeliveryList,
+                WebhookDeliveryResponse,
             )
         ],
         ref_template=REF,
@@ -190,6 +196,56 @@ def openapi_document() -> dict[str, Any]:
                     **_errors(*auth_errors, 404, 409),
                 },
             }
+        },
+        f"{PROJECT_PREFIX}/context/vision/segment/{{jobId}}/webhook-deliveries": {
+            "get": {
+                "summary": "The job's webhook deliveries, oldest first, with their attempts",
+                "parameters": [
+                    _PROJECT,
+                    _id("jobId"),
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": _json(WebhookDeliveryList, "a page of deliveries"),
+                    **_errors(400, *auth_errors, 404),
+                },
+            }
+        },
+        (
+            f"{PROJECT_PREFIX}/context/vision/segment/{{jobId}}"
+            "/webhook-deliveries/{deliveryId}/redeliver"
+        ): {
+            "post": {
+                "summary": "Send a delivery again now, with the same webhook-id",
+                "parameters": [_PROJECT, _id("jobId"), _id("deliveryId")],
+                "responses": {
+                    "202": _json(WebhookDeliveryResponse, "the delivery, pending"),
+                    **_errors(*auth_errors, 404),
+                },
+            }
+        },
+        f"{PROJECT_PREFIX}/webhooks/secret": {
+            "get": {
+                "summary": "The project's webhook signing secret (made on first read)",
+                "parameters": [_PROJECT],
+                "responses": {
+                    "200": _json(WebhookSecret, "the secret"),
+                    **_errors(*auth_errors),
+                },
+            },
+            "post": {
+                "summary": "Rotate the secret; the previous one also signs for a day",
+                "parameters": [_PROJECT],
+                "responses": {
+                    "200": _json(WebhookSecret, "the new secret"),
+                    **_errors(*auth_errors),
+                },
+            },
         },
         "/metrics": {
             "get": {

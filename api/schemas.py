@@ -3,6 +3,8 @@ generate /openapi.json, so the documentation cannot drift from the checks."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -59,9 +61,34 @@ class FileReference(StrictModel):
     imageData: str | None = None
 
 
+#: Full event names, and the contract's short ones for job events.
+WebhookEventName = Literal[
+    "job.started",
+    "job.completed",
+    "job.failed",
+    "job.canceled",
+    "item.completed",
+    "item.failed",
+    "started",
+    "completed",
+    "failed",
+    "canceled",
+]
+
+
 class Webhook(StrictModel):
-    url: str
-    events: list[str] | None = None
+    url: Annotated[str, Field(min_length=1, max_length=2048)]
+    events: (
+        Annotated[
+            list[WebhookEventName],
+            Field(
+                min_length=1,
+                max_length=10,
+                description="default: job.completed, job.failed, job.canceled",
+            ),
+        ]
+        | None
+    ) = None
 
 
 class PromptSet(StrictModel):
@@ -214,6 +241,41 @@ class JobList(BaseModel):
     )
 
 
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="whsec_ + base64: the Standard Webhooks signing secret")
+    rotatedTime: int | None
+    previousSecretExpiresTime: int | None = Field(
+        description="until then, deliveries are signed with the previous secret too"
+    )
+
+
+class WebhookAttemptRecord(BaseModel):
+    attempt: int
+    attemptedTime: int
+    statusCode: int | None = Field(description="null when no answer came")
+    latencyMs: int
+    error: str | None
+
+
+DeliveryStatusName = Literal["Pending", "Delivered", "Failed"]
+
+
+class WebhookDeliveryResponse(BaseModel):
+    deliveryId: int
+    type: str
+    url: str
+    webhookId: str = Field(description="the webhook-id header: the same on every retry")
+    status: DeliveryStatusName
+    createdTime: int
+    nextAttemptTime: int | None
+    attempts: list[WebhookAttemptRecord] = Field(description="the latest attempts, oldest first")
+
+
+class WebhookDeliveryList(BaseModel):
+    items: list[WebhookDeliveryResponse]
+    nextCursor: str | None
+
+
 MAX_LIST_LIMIT = 1000
 
 
@@ -224,6 +286,24 @@ def list_limit(raw: str | None, default: int = 100) -> int:
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
         raise ApiError(400, f"limit must be an integer in [1, {MAX_LIST_LIMIT}]")
     return int(raw)
+
+
+def encode_cursor(last_id: int) -> str:
+    """Cursors are opaque to clients: base64 of the last id shown."""
+    return base64.urlsafe_b64encode(str(last_id).encode()).decode().rstrip("=")
+
+
+def cursor_after(raw: str | None) -> int | None:
+    """The last id shown, from a ``cursor`` a listing handed out; 400 if it is not one."""
+    if raw is None:
+        return None
+    try:
+        value = int(base64.urlsafe_b64decode(raw.encode() + b"==").decode())
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise ApiError(400, "cursor is invalid") from None
+    if value < 1:
+        raise ApiError(400, "cursor is invalid")
+    return value
 
 
 def checked_text(name: str, value: str, max_length: int = MAX_EXTERNAL_ID_LENGTH) -> str:

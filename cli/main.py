@@ -54,11 +54,25 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
 )
 @click.option("--pool", default="prefork", show_default=True)
 @click.option("--loglevel", default="INFO", show_default=True)
-def worker(concurrency: int, pool: str, loglevel: str) -> None:
-    """Run a Celery worker that segments queued items."""
-    from core.queue import SEGMENT_QUEUE
+@click.option(
+    "--queues",
+    default="segment,webhooks",
+    show_default=True,
+    help="what to serve: 'segment' (loads the model), 'webhooks' (model-free), or both",
+)
+def worker(concurrency: int, pool: str, loglevel: str, queues: str) -> None:
+    """Run a Celery worker that segments queued items and delivers webhooks.
+
+    In production, run GPU workers with --queues segment and a few small
+    workers with --queues webhooks --concurrency 8 --pool threads, so a slow
+    webhook receiver never holds a GPU."""
+    from core.queue import QUEUES
     from worker.celery_app import app
 
+    names = [name.strip() for name in queues.split(",") if name.strip()]
+    unknown = set(names) - set(QUEUES)
+    if not names or unknown:
+        raise click.BadParameter(f"choose from {', '.join(QUEUES)}", param_hint="--queues")
     app.worker_main(
         [
             "worker",
@@ -66,7 +80,7 @@ def worker(concurrency: int, pool: str, loglevel: str) -> None:
             f"--pool={pool}",
             f"--loglevel={loglevel}",
             "-Q",
-            SEGMENT_QUEUE,
+            ",".join(QUEUES[name] for name in names),
             "--without-gossip",
             "--without-mingle",
         ]

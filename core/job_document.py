@@ -4,7 +4,7 @@ Shared by the API (with fresh mask URLs) and webhooks (without URLs)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from core.models import ItemStatus, Job, JobItem
@@ -107,15 +107,21 @@ def render_created_job(job: Job, items: Sequence[JobItem]) -> dict[str, Any]:
     }
 
 
-def render_job_summary(job: Job, item_counts: dict[str, int]) -> dict[str, Any]:
+def _progress(item_counts: Mapping[str, int]) -> dict[str, int]:
+    return {
+        "total": sum(item_counts.values()),
+        "completed": item_counts.get(ItemStatus.COMPLETED, 0),
+        "failed": item_counts.get(ItemStatus.FAILED, 0),
+    }
+
+
+def render_job_summary(job: Job, item_counts: Mapping[str, int]) -> dict[str, Any]:
     """A job in a listing: its state and progress, without items or results
     (GET the job for those). ``item_counts``: item status -> number of items."""
-    return {
-        **_job_state(job),
-        "progress": {
-            "total": sum(item_counts.values()),
-            "completed": item_counts.get(ItemStatus.COMPLETED, 0),
-            "failed": item_counts.get(ItemStatus.FAILED, 0),
-        },
-        "engine": job.engine,
-    }
+    return {**_job_state(job), "progress": _progress(item_counts), "engine": job.engine}
+
+
+def render_item_event(job: Job, item: JobItem, item_counts: Mapping[str, int]) -> dict[str, Any]:
+    """The data of an item event: the job as GET shows it (without mask
+    URLs) but with only this item, beside the whole job's progress."""
+    return {**render_job(job, [item], None), "progress": _progress(item_counts)}

@@ -60,6 +60,12 @@ class Project(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     created_time: Mapped[int] = mapped_column(BigInteger)
+    # Standard Webhooks secret ("whsec_" + base64), made on first use. After a
+    # rotation the previous one still signs for a grace period, so receivers
+    # can switch over without dropping deliveries.
+    webhook_secret: Mapped[str | None] = mapped_column(String(64))
+    webhook_previous_secret: Mapped[str | None] = mapped_column(String(64))
+    webhook_secret_rotated_time: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ApiKey(Base):
@@ -122,6 +128,8 @@ class Job(Base):
     options: Mapped[JsonDict]
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_sha256: Mapped[str | None] = mapped_column(String(64))
+    # {"url": ..., "events": ["job.completed", ...]} or None.
+    webhook: Mapped[JsonDict | None]
 
 
 class JobItem(Base):
@@ -156,3 +164,64 @@ class JobItem(Base):
     engine: Mapped[str | None] = mapped_column(String(32))
     # {"width", "height", "segments": [...]} with storage keys, never URLs.
     result: Mapped[JsonDict | None]
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "Pending"
+    DELIVERED = "Delivered"
+    #: Given up: the retries ran out, the receiver answered 410 Gone, or the
+    #: URL was refused by the SSRF guard.
+    FAILED = "Failed"
+
+
+class WebhookDelivery(Base):
+    """One event of a job, to be POSTed to the job's webhook URL: an outbox
+    row, written in the same transaction as the state change it reports.
+
+    ``body`` is rendered once, at that moment, so every retry sends the same
+    bytes under the same ``message_id`` (the ``webhook-id`` header)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        # The dispatcher's question: which pending deliveries are due?
+        Index("ix_webhook_deliveries_status_next_attempt_time", "status", "next_attempt_time"),
+        Index("ix_webhook_deliveries_job_id_id", "job_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(BigId, ForeignKey("jobs.id", ondelete="CASCADE"))
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    event_type: Mapped[str] = mapped_column(String(32))
+    url: Mapped[str] = mapped_column(Text)
+    message_id: Mapped[str] = mapped_column(String(64), unique=True)
+    body: Mapped[str] = mapped_column(Text)
+    created_time: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16))
+    #: Attempts claimed so far, in all; a claim names its number, and only
+    #: that attempt may record its outcome.
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    #: Failed attempts since the delivery was (re)started: the place in the
+    #: retry schedule.
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    #: Pending: when the next attempt may start. A claim pushes it past the
+    #: attempt's longest run, so a deliverer that dies frees it again.
+    next_attempt_time: Mapped[int | None] = mapped_column(BigInteger)
+    #: When a wake-up message was last sent for it (see worker/webhook_delivery.py).
+    published_time: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class WebhookAttempt(Base):
+    """One POST of a delivery and what came of it."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    attempted_time: Mapped[int] = mapped_column(BigInteger)
+    #: The receiver's HTTP status; None when no answer came (timeout, refused).
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)

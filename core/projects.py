@@ -6,14 +6,18 @@ import hashlib
 import re
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from core.clock import now_ms
 from core.models import ApiKey, Project
+from core.webhook_signing import new_secret
 
 API_KEY_PREFIX = "segq_"
 PROJECT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+#: After a rotation the previous webhook secret signs deliveries beside the
+#: new one for this long, so receivers can switch secrets without a gap.
+SECRET_ROTATION_GRACE_MS = 24 * 3600 * 1000
 
 
 class ProjectError(ValueError):
@@ -60,3 +64,46 @@ def project_for_key(session: Session, key: str) -> Project | None:
         .join(ApiKey, ApiKey.project_id == Project.id)
         .where(ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_time.is_(None))
     )
+
+
+def ensure_webhook_secret(session: Session, project_id: int) -> Project:
+    """The project, with its webhook secret made if it had none. Race-free:
+    of two first uses at once, one secret wins and both see it."""
+    project = session.get(Project, project_id)
+    if project is None:
+        raise ProjectError(f"project {project_id} does not exist")
+    if project.webhook_secret is None:
+        session.execute(
+            update(Project)
+            .where(Project.id == project_id, Project.webhook_secret.is_(None))
+            .values(webhook_secret=new_secret())
+        )
+        session.refresh(project)
+    return project
+
+
+def rotate_webhook_secret(session: Session, project_id: int, now: int) -> Project:
+    """Replace the project's webhook secret; the old one keeps signing for
+    SECRET_ROTATION_GRACE_MS."""
+    project = session.scalar(select(Project).where(Project.id == project_id).with_for_update())
+    if project is None:
+        raise ProjectError(f"project {project_id} does not exist")
+    project.webhook_previous_secret = project.webhook_secret
+    project.webhook_secret = new_secret()
+    project.webhook_secret_rotated_time = now
+    return project
+
+
+def signing_secrets(project: Project, now: int) -> list[str]:
+    """The secrets a delivery is signed with now: the current one, and the
+    previous one while its grace period lasts."""
+    assert project.webhook_secret is not None
+    in_use = [project.webhook_secret]
+    rotated = project.webhook_secret_rotated_time
+    if (
+        project.webhook_previous_secret is not None
+        and rotated is not None
+        and now < rotated + SECRET_ROTATION_GRACE_MS
+    ):
+        in_use.append(project.webhook_previous_secret)
+    return in_use

@@ -14,6 +14,11 @@ from celery import Celery
 
 SEGMENT_ITEM_TASK = "segq.segment_item"
 SEGMENT_QUEUE = "segq.segment"
+DELIVER_WEBHOOK_TASK = "segq.deliver_webhook"
+#: Its own queue, so deliveries can be served by workers that load no model
+#: and a slow receiver never holds a GPU worker.
+WEBHOOK_QUEUE = "segq.webhooks"
+QUEUES = {"segment": SEGMENT_QUEUE, "webhooks": WEBHOOK_QUEUE}
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ def make_celery(broker_url: str, *, broker_folder: Path, time_limit_seconds: int
             "interval_max": 0.5,
         },
         task_default_queue=SEGMENT_QUEUE,
+        task_routes={DELIVER_WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE}},
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -84,3 +90,10 @@ def enqueue_items(app: Celery, item_ids: Iterable[int]) -> None:
     with app.producer_or_acquire() as producer:
         for item_id in item_ids:
             app.send_task(SEGMENT_ITEM_TASK, args=[item_id], producer=producer)
+
+
+def enqueue_deliveries(app: Celery, delivery_ids: Iterable[int]) -> None:
+    """Publish one wake-up message per webhook delivery, after commit."""
+    with app.producer_or_acquire() as producer:
+        for delivery_id in delivery_ids:
+            app.send_task(DELIVER_WEBHOOK_TASK, args=[delivery_id], producer=producer)

@@ -15,6 +15,10 @@ from pathlib import Path
 
 from core.url_guard import FetchPolicy, parse_networks
 
+#: The Standard Webhooks reference schedule: after the first attempt, retries
+#: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h later: about 27 hours in all.
+DEFAULT_WEBHOOK_RETRY_DELAYS = (5, 300, 1800, 7200, 18000, 36000, 36000)
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value segq cannot use."""
@@ -45,12 +49,27 @@ class Settings:
     max_unfinished_jobs: int
     fetch_allowed_networks: str
     fetch_timeout_seconds: int
+    webhook_timeout_seconds: int
+    #: Seconds to wait after each failed delivery attempt; one more attempt
+    #: follows each entry, then the delivery is given up.
+    webhook_retry_delays: tuple[int, ...]
+    webhook_poll_seconds: float
 
     def fetch_policy(self) -> FetchPolicy:
         """How workers may fetch images from URLs that clients give."""
         return FetchPolicy(
             max_bytes=self.max_upload_bytes,
             timeout_seconds=self.fetch_timeout_seconds,
+            allowed_networks=parse_networks(self.fetch_allowed_networks),
+        )
+
+    def webhook_policy(self) -> FetchPolicy:
+        """How workers may POST to the webhook URLs that clients give: the
+        same guard as image URLs, and no redirects."""
+        return FetchPolicy(
+            max_bytes=0,
+            timeout_seconds=self.webhook_timeout_seconds,
+            max_redirects=0,
             allowed_networks=parse_networks(self.fetch_allowed_networks),
         )
 
@@ -89,6 +108,11 @@ class Settings:
             max_unfinished_jobs=_int(env, "SEGQ_MAX_UNFINISHED_JOBS", 10000),
             fetch_allowed_networks=env.get("SEGQ_FETCH_ALLOWED_NETWORKS", ""),
             fetch_timeout_seconds=_int(env, "SEGQ_FETCH_TIMEOUT_SECONDS", 10),
+            webhook_timeout_seconds=_int(env, "SEGQ_WEBHOOK_TIMEOUT_SECONDS", 10),
+            webhook_retry_delays=_ints(
+                env, "SEGQ_WEBHOOK_RETRY_DELAYS", DEFAULT_WEBHOOK_RETRY_DELAYS
+            ),
+            webhook_poll_seconds=_float(env, "SEGQ_WEBHOOK_POLL_SECONDS", 1.0),
         )
 
 
@@ -102,6 +126,30 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
     if value <= 0:
         raise SettingsError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _ints(env: Mapping[str, str], name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    """A comma-separated list of positive integers."""
+    raw = env.get(name)
+    if not raw:
+        return default
+    values = tuple(_int({name: part.strip()}, name, 0) for part in raw.split(","))
+    if not values or 0 in values:
+        raise SettingsError(f"{name} must be positive integers separated by commas, got {raw!r}")
+    return values
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise SettingsError(f"{name} must be positive, got {raw!r}")
     return value
 
 

@@ -1,4 +1,4 @@
-"""Fetching URLs that clients give (images now, webhooks later) without
+"""Fetching URLs that clients give (images, webhook receivers) without
 letting them reach inside the network: loopback, private, link-local,
 carrier-grade NAT, multicast, reserved and cloud-metadata addresses are
 refused in every spelling (IPv4-mapped IPv6, decimal, octal, hex), on every
@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, urljoin, urlsplit
@@ -144,14 +144,9 @@ def fetch(url: str, policy: FetchPolicy, resolve: Resolver = system_resolver) ->
     """GET ``url`` under ``policy``; at most ``policy.max_bytes`` of body."""
     deadline = time.monotonic() + 3 * policy.timeout_seconds
     for _hop in range(policy.max_redirects + 1):
-        parts = check_url(url, policy)
-        host = parts.hostname
-        assert host is not None
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        address = _checked_address(host, port, policy, resolve)
-        pool = _pool(parts, address, port, policy)
+        parts, pool = _checked_pool(url, policy, resolve)
         try:
-            response = _get(pool, parts)
+            response = _request(pool, parts, "GET")
             try:
                 if response.status in (301, 302, 303, 307, 308):
                     location = response.headers.get("Location")
@@ -167,6 +162,17 @@ def fetch(url: str, policy: FetchPolicy, resolve: Resolver = system_resolver) ->
         finally:
             pool.close()
     raise FetchFailed(f"more than {policy.max_redirects} redirects")
+
+
+def _checked_pool(
+    url: str, policy: FetchPolicy, resolve: Resolver
+) -> tuple[SplitResult, urllib3.HTTPConnectionPool]:
+    """Check ``url`` and the addresses of its host; a pool to one of them."""
+    parts = check_url(url, policy)
+    host = parts.hostname
+    assert host is not None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts, _pool(parts, _checked_address(host, port, policy, resolve), port, policy)
 
 
 def _pool(
@@ -189,7 +195,33 @@ def _pool(
     return urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
 
 
-def _get(pool: urllib3.HTTPConnectionPool, parts: SplitResult) -> Any:
+def post(
+    url: str,
+    body: bytes,
+    headers: Mapping[str, str],
+    policy: FetchPolicy,
+    resolve: Resolver = system_resolver,
+) -> int:
+    """POST ``body`` to ``url`` under ``policy``; the status code of the
+    answer, whose body is not read. Redirects are never followed: the caller
+    decides what a 3xx means."""
+    parts, pool = _checked_pool(url, policy, resolve)
+    try:
+        response = _request(pool, parts, "POST", body, headers)
+        status: int = response.status
+        response.release_conn()
+        return status
+    finally:
+        pool.close()
+
+
+def _request(
+    pool: urllib3.HTTPConnectionPool,
+    parts: SplitResult,
+    method: str,
+    body: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Any:
     host = parts.hostname
     assert host is not None
     path = parts.path or "/"
@@ -200,15 +232,16 @@ def _get(pool: urllib3.HTTPConnectionPool, parts: SplitResult) -> Any:
         host_header = f"[{host}]" if parts.port is None else f"[{host}]:{parts.port}"
     try:
         return pool.urlopen(
-            "GET",
+            method,
             path,
-            headers={"Host": host_header, "User-Agent": USER_AGENT},
+            body=body,
+            headers={**(headers or {}), "Host": host_header, "User-Agent": USER_AGENT},
             redirect=False,
             preload_content=False,
             assert_same_host=False,
         )
     except urllib3.exceptions.HTTPError as exc:
-        raise FetchFailed(f"could not fetch the URL: {type(exc).__name__}") from None
+        raise FetchFailed(f"could not reach the URL: {type(exc).__name__}") from None
 
 
 def _read_bounded(response: Any, max_bytes: int, deadline: float) -> bytes:

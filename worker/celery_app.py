@@ -9,10 +9,11 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 import worker.tasks  # noqa: F401  (registers the tasks on this app)
 from core.db import make_engine, make_session_factory
-from core.queue import enqueue_items, make_celery
+from core.queue import SEGMENT_QUEUE, enqueue_deliveries, enqueue_items, make_celery
 from core.settings import Settings
 from worker import runtime
-from worker.reconciler import ReconcilerThread, reconcile
+from worker.reconciler import PeriodicPass, reconcile
+from worker.webhook_delivery import dispatch_due
 
 settings = Settings.from_env()
 app = make_celery(
@@ -22,35 +23,58 @@ app = make_celery(
 )
 
 
+def _consumes_segment_queue() -> bool:
+    # None: no -Q given, every queue is consumed.
+    consumed = app.amqp.queues.consume_from
+    return consumed is None or SEGMENT_QUEUE in consumed
+
+
 @worker_process_init.connect
 def _load_model(**_kwargs: Any) -> None:
     # In each pool process after the fork: CUDA and database connections do
-    # not survive a fork, so nothing of the sort is made in the parent.
-    runtime.current()
+    # not survive a fork, so nothing of the sort is made in the parent. A
+    # worker that only delivers webhooks loads no model.
+    if _consumes_segment_queue():
+        runtime.current()
 
 
-_reconciler: ReconcilerThread | None = None
+_passes: list[PeriodicPass] = []
 
 
 @worker_ready.connect
-def _start_reconciler(**_kwargs: Any) -> None:
-    # In the worker's main process, which loads no model: every worker runs
-    # one, and an advisory lock makes them take turns.
-    global _reconciler
+def _start_passes(**_kwargs: Any) -> None:
+    # In the worker's main process, which loads no model. Every worker runs
+    # these: an advisory lock makes reconcilers take turns, and dispatchers
+    # skip the rows another one has locked.
     sessions = make_session_factory(make_engine(settings.database_url))
-    _reconciler = ReconcilerThread(
-        lambda: reconcile(
-            sessions,
-            lambda ids: enqueue_items(app, ids),
-            republish_after_seconds=settings.republish_after_seconds,
-            max_attempts=settings.max_attempts,
-        ),
-        interval=settings.reconcile_interval_seconds,
+    _passes.append(
+        PeriodicPass(
+            "segq-reconciler",
+            lambda: reconcile(
+                sessions,
+                lambda ids: enqueue_items(app, ids),
+                republish_after_seconds=settings.republish_after_seconds,
+                max_attempts=settings.max_attempts,
+            ),
+            interval=settings.reconcile_interval_seconds,
+        )
     )
-    _reconciler.start()
+    _passes.append(
+        PeriodicPass(
+            "segq-webhook-dispatcher",
+            lambda: dispatch_due(
+                sessions,
+                lambda ids: enqueue_deliveries(app, ids),
+                republish_after_seconds=settings.republish_after_seconds,
+            ),
+            interval=settings.webhook_poll_seconds,
+        )
+    )
+    for periodic in _passes:
+        periodic.start()
 
 
 @worker_shutdown.connect
-def _stop_reconciler(**_kwargs: Any) -> None:
-    if _reconciler is not None:
-        _reconciler.stop()
+def _stop_passes(**_kwargs: Any) -> None:
+    for periodic in _passes:
+        periodic.stop()

@@ -20,13 +20,22 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.clock import now_ms
+from core.job_document import render_item_event, render_job
 from core.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
 from core.storage import ObjectNotFound, ObjectStorage, StorageError
 from core.url_guard import FetchFailed, FetchPolicy, UrlRefused, fetch
+from core.webhook_events import (
+    ITEM_COMPLETED,
+    ITEM_FAILED,
+    JOB_COMPLETED,
+    JOB_FAILED,
+    JOB_STARTED,
+    record_event,
+)
 from worker.engines.base import Candidate, Prompt, SegmentationEngine
 from worker.masks import (
     encode_png,
@@ -112,11 +121,12 @@ def claim_item(
         item.lease_expires_time = now + lease_seconds * 1000
         item.started_time = item.started_time or now
         item.engine = engine_name
+        job.engine = job.engine or engine_name
         if job.status == JobStatus.QUEUED:
             job.status = JobStatus.RUNNING
             job.start_time = now
             job.status_time = now
-        job.engine = job.engine or engine_name
+            record_event(session, job, JOB_STARTED, now, lambda: _render_whole_job(session, job))
         file_key = None
         if item.file_id is not None:
             stored = session.get(StoredFile, item.file_id)
@@ -143,6 +153,7 @@ def fail_abandoned_item(session: Session, item: JobItem, now: int) -> None:
     item.error_message = abandoned_message(item.attempt)
     item.finished_time = now
     item.lease_expires_time = None
+    _record_item_event(session, item.job_id, item.id, ItemStatus.FAILED, now)
     roll_up_job(session, item.job_id)
 
 
@@ -292,17 +303,19 @@ def finish_item(
         # Lock the job first: finishing items of one job take turns, so the
         # last one to finish sees every other item's final state.
         session.scalar(select(Job.id).where(Job.id == claim.job_id).with_for_update())
+        now = now_ms()
         changed = _update_held_item(
             session,
             claim,
             status=status,
             result=result,
             error_message=error_message,
-            finished_time=now_ms(),
+            finished_time=now,
             lease_expires_time=None,
         )
         if not changed:
             return False
+        _record_item_event(session, claim.job_id, claim.item_id, status, now)
         roll_up_job(session, claim.job_id)
     return True
 
@@ -333,6 +346,38 @@ def roll_up_job(session: Session, job_id: int) -> None:
             )
             or "every item failed"
         )
+    event = JOB_COMPLETED if job.status == JobStatus.COMPLETED else JOB_FAILED
+    record_event(session, job, event, now, lambda: _render_whole_job(session, job))
+
+
+def _render_whole_job(session: Session, job: Job) -> dict[str, Any]:
+    """The job as GET shows it, without mask URLs: a job event's data."""
+    items = session.scalars(
+        select(JobItem).where(JobItem.job_id == job.id).order_by(JobItem.position)
+    )
+    return render_job(job, list(items), None)
+
+
+def _record_item_event(
+    session: Session, job_id: int, item_id: int, status: ItemStatus, now: int
+) -> None:
+    """item.completed or item.failed, for a job whose webhook asks for it.
+    The caller holds the job's row, so the progress counted is this moment's."""
+    job = session.get(Job, job_id)
+    assert job is not None
+    event = ITEM_COMPLETED if status == ItemStatus.COMPLETED else ITEM_FAILED
+
+    def render() -> dict[str, Any]:
+        item = session.get(JobItem, item_id)
+        assert item is not None
+        counts = session.execute(
+            select(JobItem.status, func.count())
+            .where(JobItem.job_id == job_id)
+            .group_by(JobItem.status)
+        )
+        return render_item_event(job, item, {item_status: n for item_status, n in counts})
+
+    record_event(session, job, event, now, render)
 
 
 def _job_has_item_in(session: Session, job_id: int, statuses: tuple[ItemStatus, ...]) -> bool:

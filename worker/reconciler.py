@@ -112,12 +112,13 @@ def _take_pass_lock(session: Session) -> bool:
     return bool(locked)
 
 
-class ReconcilerThread(threading.Thread):
-    """Runs a pass every ``interval`` seconds in the worker's main process
-    until stopped. A failed pass (database down) is logged and retried."""
+class PeriodicPass(threading.Thread):
+    """Runs ``run_pass`` every ``interval`` seconds in the worker's main
+    process until stopped. A failed pass (database down) is logged and
+    retried at the next beat."""
 
-    def __init__(self, run_pass: Callable[[], Pass], interval: float) -> None:
-        super().__init__(name="segq-reconciler", daemon=True)
+    def __init__(self, name: str, run_pass: Callable[[], object], interval: float) -> None:
+        super().__init__(name=name, daemon=True)
         self._run_pass = run_pass
         self._interval = interval
         self._stop_event = threading.Event()
@@ -128,7 +129,7 @@ class ReconcilerThread(threading.Thread):
                 self._run_pass()
             except Exception:
                 log.warning(
-                    "reconciler pass failed; retrying in %s s", self._interval, exc_info=True
+                    "%s pass failed; retrying in %s s", self.name, self._interval, exc_info=True
                 )
 
     def stop(self) -> None:

@@ -1,6 +1,7 @@
 """What a worker process holds for its whole life: one engine (the model is
 loaded once per process, never per task), one storage client, one
-database session factory."""
+database session factory; and, apart, what webhook delivery needs, so a
+worker that only delivers webhooks loads no model."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from core.storage import ObjectStorage, open_storage
 from worker.engines import load_engine, resolve_engine
 from worker.engines.base import SegmentationEngine
 from worker.pipeline import ImageLimits
+from worker.webhook_delivery import DeliveryRules
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,14 @@ class WorkerRuntime:
     max_attempts: int = 5
 
 
+@dataclass(frozen=True)
+class DeliveryRuntime:
+    sessions: sessionmaker[Session]
+    rules: DeliveryRules
+
+
 _runtime: WorkerRuntime | None = None
+_delivery_runtime: DeliveryRuntime | None = None
 _lock = threading.Lock()
 
 
@@ -67,3 +76,22 @@ def current() -> WorkerRuntime:
         if _runtime is None:
             _runtime = build_runtime(Settings.from_env())
         return _runtime
+
+
+def install_delivery(delivery_runtime: DeliveryRuntime | None) -> None:
+    """Use ``delivery_runtime`` for webhook deliveries in this process."""
+    global _delivery_runtime
+    _delivery_runtime = delivery_runtime
+
+
+def delivery() -> DeliveryRuntime:
+    """This process's webhook delivery runtime, built on first use."""
+    global _delivery_runtime
+    with _lock:
+        if _delivery_runtime is None:
+            settings = Settings.from_env()
+            _delivery_runtime = DeliveryRuntime(
+                sessions=make_session_factory(make_engine(settings.database_url)),
+                rules=DeliveryRules(settings.webhook_policy(), settings.webhook_retry_delays),
+            )
+        return _delivery_runtime

@@ -7,9 +7,10 @@ from typing import Any
 
 from celery import shared_task
 
-from core.queue import SEGMENT_ITEM_TASK
+from core.queue import DELIVER_WEBHOOK_TASK, SEGMENT_ITEM_TASK
 from worker import runtime
 from worker.pipeline import StorageUnavailable, process_item
+from worker.webhook_delivery import deliver
 
 MAX_RETRY_DELAY_SECONDS = 60
 
@@ -38,3 +39,11 @@ def segment_item(self: Any, item_id: int) -> str:
         # fails the item once they run out, so this retry loop is bounded.
         raise self.retry(countdown=storage_retry_delay(self.request.retries), exc=exc) from exc
     return outcome.value
+
+
+@shared_task(name=DELIVER_WEBHOOK_TASK, ignore_result=True)
+def deliver_webhook(delivery_id: int) -> str:
+    """One attempt; a failed one is retried by the dispatcher when the
+    schedule says, not by Celery, so the schedule survives a lost message."""
+    current = runtime.delivery()
+    return deliver(current.sessions, delivery_id, current.rules).value

@@ -1,0 +1,162 @@
+"""Webhooks: the project's signing secret, and each job's deliveries.
+
+Events are recorded by whoever changes a job (core/webhook_events.py) and
+delivered by workers (worker/webhook_delivery.py); here clients read the
+secret, rotate it, see every attempt and ask for a delivery again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+from sqlalchemy import func, select
+
+from api.auth import protect_project_routes
+from api.context import current_project, db, services
+from api.errors import ApiError
+from api.jobs import owned_job
+from api.schemas import cursor_after, encode_cursor, list_limit
+from core.clock import now_ms
+from core.models import DeliveryStatus, Project, WebhookAttempt, WebhookDelivery
+from core.projects import SECRET_ROTATION_GRACE_MS, ensure_webhook_secret, rotate_webhook_secret
+from core.queue import enqueue_deliveries
+
+webhooks = Blueprint("webhooks", __name__, url_prefix="/api/v1/projects/<project>")
+protect_project_routes(webhooks)
+
+#: Attempts shown per delivery: the latest ones (redeliveries can add many).
+ATTEMPTS_SHOWN = 25
+
+
+def _secret_body(project: Project) -> dict[str, Any]:
+    rotated = project.webhook_secret_rotated_time
+    return {
+        "secret": project.webhook_secret,
+        "rotatedTime": rotated,
+        "previousSecretExpiresTime": (
+            rotated + SECRET_ROTATION_GRACE_MS
+            if rotated is not None and project.webhook_previous_secret is not None
+            else None
+        ),
+    }
+
+
+@webhooks.get("/webhooks/secret")
+def read_secret() -> Response:
+    """The secret receivers verify signatures with; made on first read."""
+    session = db()
+    project = ensure_webhook_secret(session, current_project().id)
+    session.commit()
+    return jsonify(_secret_body(project))
+
+
+@webhooks.post("/webhooks/secret")
+def rotate_secret() -> Response:
+    """A new secret. Deliveries are signed with both for a day, so
+    receivers can switch over without rejecting any."""
+    session = db()
+    project = rotate_webhook_secret(session, current_project().id, now_ms())
+    session.commit()
+    return jsonify(_secret_body(project))
+
+
+def _delivery_body(delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> dict[str, Any]:
+    return {
+        "deliveryId": delivery.id,
+        "type": delivery.event_type,
+        "url": delivery.url,
+        "webhookId": delivery.message_id,
+        "status": delivery.status,
+        "createdTime": delivery.created_time,
+        "nextAttemptTime": (
+            delivery.next_attempt_time if delivery.status == DeliveryStatus.PENDING else None
+        ),
+        "attempts": [
+            {
+                "attempt": attempt.attempt,
+                "attemptedTime": attempt.attempted_time,
+                "statusCode": attempt.status_code,
+                "latencyMs": attempt.latency_ms,
+                "error": attempt.error,
+            }
+            for attempt in attempts
+        ],
+    }
+
+
+def _latest_attempts(delivery_ids: list[int]) -> dict[int, list[WebhookAttempt]]:
+    """The last ATTEMPTS_SHOWN attempts of each delivery, oldest first."""
+    if not delivery_ids:
+        return {}
+    rank = (
+        func.row_number()
+        .over(partition_by=WebhookAttempt.delivery_id, order_by=WebhookAttempt.id.desc())
+        .label("rank")
+    )
+    ranked = (
+        select(WebhookAttempt.id, rank)
+        .where(WebhookAttempt.delivery_id.in_(delivery_ids))
+        .subquery()
+    )
+    rows = db().scalars(
+        select(WebhookAttempt)
+        .join(ranked, ranked.c.id == WebhookAttempt.id)
+        .where(ranked.c.rank <= ATTEMPTS_SHOWN)
+        .order_by(WebhookAttempt.id)
+    )
+    attempts: dict[int, list[WebhookAttempt]] = {}
+    for attempt in rows:
+        attempts.setdefault(attempt.delivery_id, []).append(attempt)
+    return attempts
+
+
+@webhooks.get("/context/vision/segment/<id:job_id>/webhook-deliveries")
+def list_deliveries(job_id: int) -> Response:
+    """The job's deliveries, oldest first, with their latest attempts."""
+    job = owned_job(job_id)
+    query = select(WebhookDelivery).where(WebhookDelivery.job_id == job.id)
+    cursor = cursor_after(request.args.get("cursor"))
+    if cursor is not None:
+        query = query.where(WebhookDelivery.id > cursor)
+    limit = list_limit(request.args.get("limit"))
+    page = list(db().scalars(query.order_by(WebhookDelivery.id).limit(limit + 1)))
+    more = len(page) > limit
+    page = page[:limit]
+    attempts = _latest_attempts([delivery.id for delivery in page])
+    return jsonify(
+        {
+            "items": [_delivery_body(d, attempts.get(d.id, [])) for d in page],
+            "nextCursor": encode_cursor(page[-1].id) if more else None,
+        }
+    )
+
+
+@webhooks.post("/context/vision/segment/<id:job_id>/webhook-deliveries/<id:delivery_id>/redeliver")
+def redeliver(job_id: int, delivery_id: int) -> tuple[Response, int]:
+    """Send the event again now, with a fresh retry schedule and the same
+    webhook-id (receivers that saw it already drop it)."""
+    session = db()
+    job = owned_job(job_id)
+    delivery = session.scalar(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.job_id == job.id)
+        .with_for_update()
+    )
+    if delivery is None:
+        raise ApiError(
+            404, f"delivery {delivery_id} not found", missing=[{"deliveryId": delivery_id}]
+        )
+    now = now_ms()
+    delivery.status = DeliveryStatus.PENDING
+    delivery.failures = 0
+    delivery.next_attempt_time = now
+    delivery.published_time = now
+    session.commit()
+    try:
+        enqueue_deliveries(services().celery, [delivery.id])
+    except Exception:
+        # Pending and due: the dispatcher sends it at its next pass.
+        delivery.published_time = None
+        session.commit()
+    attempts = _latest_attempts([delivery.id])
+    return jsonify(_delivery_body(delivery, attempts.get(delivery.id, []))), 202

@@ -1,0 +1,100 @@
+"""Webhook events: which exist, what a job subscribes to, and recording one
+as a delivery row in the caller's transaction (the outbox), so an event
+exists exactly when the state change that causes it was committed.
+
+Written by the worker (a job starts, an item finishes, a job finishes) and
+by the API (a job is canceled); delivered by worker/webhook_delivery.py.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from core.models import DeliveryStatus, Job, WebhookDelivery
+
+JOB_STARTED = "job.started"
+JOB_COMPLETED = "job.completed"
+JOB_FAILED = "job.failed"
+JOB_CANCELED = "job.canceled"
+ITEM_COMPLETED = "item.completed"
+ITEM_FAILED = "item.failed"
+
+EVENT_TYPES = (JOB_STARTED, JOB_COMPLETED, JOB_FAILED, JOB_CANCELED, ITEM_COMPLETED, ITEM_FAILED)
+#: What a webhook without ``events`` is told: how its job ended.
+DEFAULT_EVENTS = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED)
+#: The contract's short spellings ("completed") name job events.
+SHORT_NAMES = {
+    "started": JOB_STARTED,
+    "completed": JOB_COMPLETED,
+    "failed": JOB_FAILED,
+    "canceled": JOB_CANCELED,
+}
+
+
+class UnknownEvent(ValueError):
+    pass
+
+
+def subscribed_events(names: Sequence[str] | None) -> list[str]:
+    """The full event names for what a client asked for, in a stable order."""
+    if names is None:
+        return list(DEFAULT_EVENTS)
+    wanted: set[str] = set()
+    for name in names:
+        full = SHORT_NAMES.get(name, name)
+        if full not in EVENT_TYPES:
+            raise UnknownEvent(
+                f"unknown webhook event {name!r}; events are {', '.join(EVENT_TYPES)}"
+            )
+        wanted.add(full)
+    return [event for event in EVENT_TYPES if event in wanted]
+
+
+def wants(job: Job, event_type: str) -> bool:
+    return job.webhook is not None and event_type in job.webhook["events"]
+
+
+def new_message_id() -> str:
+    """The ``webhook-id`` of one event: random, so it says nothing about
+    other jobs, and the same on every retry of the event."""
+    return "msg_" + secrets.token_urlsafe(18)
+
+
+def record_event(
+    session: Session,
+    job: Job,
+    event_type: str,
+    now: int,
+    render_data: Callable[[], dict[str, Any]],
+) -> WebhookDelivery | None:
+    """Add a delivery of ``event_type`` for ``job`` to ``session`` if the job's
+    webhook asks for it (``render_data`` is called only then). The caller
+    commits it with the state change; a dispatcher sends it after that."""
+    if not wants(job, event_type):
+        return None
+    assert job.webhook is not None
+    body = json.dumps(
+        {"type": event_type, "timestamp": now, "data": render_data()},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+    delivery = WebhookDelivery(
+        job_id=job.id,
+        project_id=job.project_id,
+        event_type=event_type,
+        url=job.webhook["url"],
+        message_id=new_message_id(),
+        body=body,
+        created_time=now,
+        status=DeliveryStatus.PENDING,
+        attempt=0,
+        failures=0,
+        next_attempt_time=now,
+    )
+    session.add(delivery)
+    return delivery

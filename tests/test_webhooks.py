@@ -1,0 +1,521 @@
+"""Webhooks end to end against a real HTTP receiver on loopback: events are
+recorded with the job's state changes, delivered by their own task, signed
+per Standard Webhooks (checked with the `standardwebhooks` package, as a
+receiver would), retried on a schedule, and recorded attempt by attempt."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+from flask import Flask
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from standardwebhooks import Webhook
+
+from api import create_app
+from core.models import DeliveryStatus, WebhookDelivery
+from core.queue import WEBHOOK_QUEUE, enqueue_deliveries
+from core.settings import Settings
+from core.storage import S3Storage
+from core.url_guard import FetchPolicy, parse_networks
+from tests.conftest import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
+from tests.images import png_bytes, scene_prompt_body
+from worker import runtime
+from worker.engines.grabcut import GrabCutEngine
+from worker.pipeline import process_item
+from worker.reconciler import PeriodicPass
+from worker.webhook_delivery import DeliveryRules, Outcome, deliver, dispatch_due
+
+LOOPBACK = "127.0.0.1/32"
+ALL_EVENTS = ["job.started", "job.completed", "job.failed", "item.completed", "item.failed"]
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: bytes
+    time: float
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver: records each request and answers the next of
+    ``answers`` (then 200); an answer may be a status or (status, delay)."""
+
+    url: str = ""
+    received: list[Received] = field(default_factory=list)
+    answers: list[int | tuple[int, float]] = field(default_factory=list)
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(r.body) for r in self.received]
+
+    def wait_for(self, count: int, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.received) >= count, f"{len(self.received)} of {count} arrived"
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver()
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            with lock:
+                state.received.append(Received(dict(self.headers), body, time.monotonic()))
+                answer = state.answers.pop(0) if state.answers else 200
+            status, delay = answer if isinstance(answer, tuple) else (answer, 0.0)
+            time.sleep(delay)
+            self.send_response(status)
+            if 300 <= status < 400:
+                self.send_header("Location", f"{state.url}/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def rules(timeout: float = 2.0, retry_delays: tuple[int, ...] = (1, 1)) -> DeliveryRules:
+    return DeliveryRules(
+        FetchPolicy(
+            max_bytes=0,
+            timeout_seconds=timeout,
+            max_redirects=0,
+            allowed_networks=parse_networks(LOOPBACK),
+        ),
+        retry_delays,
+    )
+
+
+@pytest.fixture
+def hook_app(
+    settings: Settings, sessions: sessionmaker[Session], storage: S3Storage, celery_app: Celery
+) -> Flask:
+    # The receiver is on loopback, which the SSRF guard refuses unless allowed.
+    return create_app(
+        replace(settings, fetch_allowed_networks=LOOPBACK), storage=storage, celery=celery_app
+    )
+
+
+@pytest.fixture
+def hooked(hook_app: Flask, sessions: sessionmaker[Session]) -> Tenant:
+    return make_tenant(hook_app.test_client(), sessions, "acme")
+
+
+def secret_of(tenant: Tenant) -> str:
+    response = tenant.client.get(tenant.url("/webhooks/secret"), headers=tenant.headers)
+    assert response.status_code == 200
+    secret: str = response.json["secret"]
+    assert secret.startswith("whsec_")
+    return secret
+
+
+def submit(tenant: Tenant, webhook: dict[str, Any], items: int = 1) -> int:
+    file_ids = [tenant.upload(png_bytes(160, 120, seed)).json["id"] for seed in range(items)]
+    body = {**scene_prompt_body(file_ids[0]), "webhook": webhook}
+    body["items"] = [{"fileId": file_id} for file_id in file_ids]
+    response = tenant.post_job(body)
+    assert response.status_code == 200, response.json
+    job_id: int = response.json["jobId"]
+    return job_id
+
+
+def run_items(sessions: sessionmaker[Session], storage: S3Storage) -> None:
+    from core.models import JobItem
+
+    with sessions() as session:
+        ids = list(session.scalars(select(JobItem.id).order_by(JobItem.id)))
+    engine = GrabCutEngine()
+    for item_id in ids:
+        process_item(
+            sessions, storage, engine, item_id, lease_seconds=60, max_attempts=3, limits=TEST_LIMITS
+        )
+
+
+def drain(
+    sessions: sessionmaker[Session],
+    delivery_rules: DeliveryRules,
+    done: Callable[[], bool],
+    timeout: float = 20,
+) -> list[Outcome]:
+    """The dispatcher and the delivery task, called in turn until ``done``."""
+    outcomes: list[Outcome] = []
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"not done; outcomes so far {outcomes}"
+        published: list[int] = []
+        dispatch_due(sessions, published.extend, republish_after_seconds=300)
+        outcomes += [deliver(sessions, delivery_id, delivery_rules) for delivery_id in published]
+        time.sleep(0.05)
+    return outcomes
+
+
+def deliveries(sessions: sessionmaker[Session]) -> list[WebhookDelivery]:
+    with sessions() as session:
+        return list(session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.id)))
+
+
+def all_settled(sessions: sessionmaker[Session]) -> Callable[[], bool]:
+    return lambda: all(d.status != DeliveryStatus.PENDING for d in deliveries(sessions))
+
+
+def without_urls(document: Any) -> Any:
+    """A GET job body as webhooks carry it: mask links without url and expiry."""
+    if isinstance(document, dict):
+        return {
+            key: without_urls(value)
+            for key, value in document.items()
+            if key not in ("url", "expiresTime")
+        }
+    if isinstance(document, list):
+        return [without_urls(value) for value in document]
+    return document
+
+
+def test_every_event_arrives_signed_and_verifiable(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    job_id = submit(hooked, {"url": f"{receiver.url}/hook", "events": ALL_EVENTS}, items=2)
+    run_items(sessions, storage)
+    drain(sessions, rules(), all_settled(sessions))
+
+    verifier = Webhook(secret_of(hooked))
+    payloads = [verifier.verify(r.body, r.headers) for r in receiver.received]
+    types = sorted(p["type"] for p in payloads)
+    assert types == ["item.completed", "item.completed", "job.completed", "job.started"]
+    ids = [r.headers["webhook-id"] for r in receiver.received]
+    assert len(set(ids)) == 4
+    assert all(r.headers["Content-Type"] == "application/json" for r in receiver.received)
+
+    finished = next(p for p in payloads if p["type"] == "job.completed")
+    assert finished["data"] == without_urls(hooked.get_job(job_id).json)
+    assert "url" not in json.dumps(finished["data"]["items"])
+    items = [p for p in payloads if p["type"] == "item.completed"]
+    assert {p["data"]["progress"]["completed"] for p in items} == {1, 2}
+    assert all(len(p["data"]["items"]) == 1 and p["data"]["items"][0]["segments"] for p in items)
+    started = next(p for p in payloads if p["type"] == "job.started")
+    assert started["data"]["status"] == "Running"
+    assert all(isinstance(p["timestamp"], int) for p in payloads)
+
+
+def test_a_signature_from_another_secret_or_a_changed_body_is_rejected(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    from standardwebhooks.webhooks import WebhookVerificationError
+
+    submit(hooked, {"url": receiver.url})
+    run_items(sessions, storage)
+    drain(sessions, rules(), all_settled(sessions))
+    (request,) = receiver.received
+    with pytest.raises(WebhookVerificationError):
+        Webhook("whsec_" + "A" * 43 + "=").verify(request.body, request.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(secret_of(hooked)).verify(request.body + b" ", request.headers)
+
+
+def test_default_events_and_short_names(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    submit(hooked, {"url": receiver.url})  # default: how the job ended
+    submit(hooked, {"url": receiver.url, "events": ["completed"]})
+    canceled = submit(hooked, {"url": receiver.url, "events": ["canceled", "item.failed"]})
+    hooked.client.post(
+        hooked.url(f"/context/vision/segment/{canceled}/cancel"), headers=hooked.headers
+    )
+    run_items(sessions, storage)
+    drain(sessions, rules(), all_settled(sessions))
+    assert sorted(b["type"] for b in receiver.bodies()) == [
+        "job.canceled",
+        "job.completed",
+        "job.completed",
+    ]
+    canceled_event = next(b for b in receiver.bodies() if b["type"] == "job.canceled")
+    assert canceled_event["data"]["status"] == "Canceled"
+    assert canceled_event["data"]["jobId"] == canceled
+
+
+def test_failures_are_retried_with_the_same_id_and_every_attempt_is_recorded(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    receiver.answers = [500, 503]
+    job_id = submit(hooked, {"url": receiver.url})
+    run_items(sessions, storage)
+    job_before = without_urls(hooked.get_job(job_id).json)
+    outcomes = drain(sessions, rules(retry_delays=(1, 1, 1)), all_settled(sessions))
+    assert outcomes == [Outcome.RETRYING, Outcome.RETRYING, Outcome.DELIVERED]
+
+    assert len({r.headers["webhook-id"] for r in receiver.received}) == 1
+    assert len({r.body for r in receiver.received}) == 1
+    gaps = [b.time - a.time for a, b in zip(receiver.received, receiver.received[1:], strict=False)]
+    assert all(gap >= 0.9 for gap in gaps), gaps  # the schedule's delays were kept
+    secret = secret_of(hooked)
+    for request in receiver.received:
+        Webhook(secret).verify(request.body, request.headers)
+
+    listing = hooked.client.get(
+        hooked.url(f"/context/vision/segment/{job_id}/webhook-deliveries"), headers=hooked.headers
+    ).json
+    (delivery,) = listing["items"]
+    assert delivery["status"] == "Delivered"
+    assert delivery["webhookId"] == receiver.received[0].headers["webhook-id"]
+    assert [a["statusCode"] for a in delivery["attempts"]] == [500, 503, 200]
+    assert [a["attempt"] for a in delivery["attempts"]] == [1, 2, 3]
+    assert delivery["attempts"][0]["error"] == "the receiver answered 500"
+    assert delivery["attempts"][2]["error"] is None
+    assert all(a["latencyMs"] >= 0 and a["attemptedTime"] > 0 for a in delivery["attempts"])
+    assert delivery["nextAttemptTime"] is None
+    # A delivery failure never changes the job.
+    assert without_urls(hooked.get_job(job_id).json) == job_before
+
+
+def test_deliveries_give_up_when_the_schedule_runs_out(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    receiver.answers = [500] * 10
+    submit(hooked, {"url": receiver.url})
+    run_items(sessions, storage)
+    outcomes = drain(sessions, rules(retry_delays=(1, 1)), all_settled(sessions))
+    assert outcomes == [Outcome.RETRYING, Outcome.RETRYING, Outcome.GIVEN_UP]
+    (delivery,) = deliveries(sessions)
+    assert delivery.status == DeliveryStatus.FAILED
+    assert len(receiver.received) == 3
+
+
+def test_410_gone_stops_retries_and_redirects_are_failures(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    receiver.answers = [410]
+    submit(hooked, {"url": f"{receiver.url}/gone"})
+    run_items(sessions, storage)
+    assert drain(sessions, rules(), all_settled(sessions)) == [Outcome.GIVEN_UP]
+
+    receiver.answers = [302, 200]
+    submit(hooked, {"url": f"{receiver.url}/moved"})
+    run_items(sessions, storage)
+    assert drain(sessions, rules(), all_settled(sessions)) == [
+        Outcome.RETRYING,
+        Outcome.DELIVERED,
+    ]
+    # The redirect's target was never asked: the retry went to the same URL.
+    assert [r.headers.get("webhook-id") is not None for r in receiver.received] == [True] * 3
+    paths = [d.url.rsplit("/", 1)[1] for d in deliveries(sessions)]
+    assert paths == ["gone", "moved"]
+    assert all("elsewhere" not in str(r.headers) for r in receiver.received)
+
+
+def test_a_slow_receiver_times_out_and_never_holds_the_job(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    receiver.answers = [(200, 3.0)]
+    job_id = submit(hooked, {"url": receiver.url})
+    run_items(sessions, storage)
+    assert hooked.get_job(job_id).json["status"] == "Completed"  # before any delivery
+    outcomes = drain(sessions, rules(timeout=0.5), all_settled(sessions))
+    assert outcomes == [Outcome.RETRYING, Outcome.DELIVERED]
+    listing = hooked.client.get(
+        hooked.url(f"/context/vision/segment/{job_id}/webhook-deliveries"), headers=hooked.headers
+    ).json
+    first = listing["items"][0]["attempts"][0]
+    assert first["statusCode"] is None
+    assert "ReadTimeoutError" in first["error"]
+    assert 400 <= first["latencyMs"] < 2500
+
+
+def test_webhook_urls_pass_the_ssrf_guard(
+    other_tenant: Tenant,
+    hooked: Tenant,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+    receiver: Receiver,
+) -> None:
+    tenant = other_tenant  # on an app with the default guard: loopback refused
+    file_id = tenant.upload(png_bytes(160, 120)).json["id"]
+    for url in (
+        "http://127.0.0.1:9/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::ffff:10.0.0.1]/",
+        "ftp://example.com/hook",
+        "http://user:pw@example.com/",
+    ):
+        response = tenant.post_job({**scene_prompt_body(file_id), "webhook": {"url": url}})
+        assert response.status_code == 422, (url, response.json)
+        assert response.json["error"]["message"].startswith("webhook.url: ")
+    for bad in ({"url": ""}, {"url": "https://example.com", "events": ["job.exploded"]}):
+        response = tenant.post_job({**scene_prompt_body(file_id), "webhook": bad})
+        assert response.status_code == 400, (bad, response.json)
+
+    # A name that resolves to loopback passes the static check and is refused
+    # at delivery, for good: no retries.
+    submit(hooked, {"url": receiver.url.replace("127.0.0.1", "localhost")})
+    run_items(sessions, storage)
+    strict = replace(rules(), policy=replace(rules().policy, allowed_networks=()))
+    assert drain(sessions, strict, all_settled(sessions)) == [Outcome.GIVEN_UP]
+    assert receiver.received == []
+
+
+def test_rotation_signs_with_both_secrets_for_a_while(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    old = secret_of(hooked)
+    assert secret_of(hooked) == old  # stable until rotated
+    rotated = hooked.client.post(hooked.url("/webhooks/secret"), headers=hooked.headers).json
+    new = rotated["secret"]
+    assert new != old and new.startswith("whsec_")
+    assert rotated["previousSecretExpiresTime"] - rotated["rotatedTime"] == 24 * 3600 * 1000
+    submit(hooked, {"url": receiver.url})
+    run_items(sessions, storage)
+    drain(sessions, rules(), all_settled(sessions))
+    (request,) = receiver.received
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
+    Webhook(old).verify(request.body, request.headers)
+    Webhook(new).verify(request.body, request.headers)
+
+
+def test_redeliver_sends_the_same_event_again(
+    hooked: Tenant,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+    receiver: Receiver,
+    other_tenant: Tenant,
+) -> None:
+    job_id = submit(hooked, {"url": receiver.url})
+    run_items(sessions, storage)
+    drain(sessions, rules(), all_settled(sessions))
+    (delivery,) = deliveries(sessions)
+    path = f"/context/vision/segment/{job_id}/webhook-deliveries/{delivery.id}/redeliver"
+
+    answer = hooked.client.post(hooked.url(path), headers=hooked.headers)
+    assert answer.status_code == 202
+    assert answer.json["status"] == "Pending"
+    # The API published a wake-up message on the webhook queue; run what it asks.
+    queued = redis.Redis.from_url(REDIS_URL)
+    assert queued.llen(WEBHOOK_QUEUE) == 1
+    queued.close()
+    assert deliver(sessions, delivery.id, rules()) == Outcome.DELIVERED
+    assert len(receiver.received) == 2
+    assert receiver.received[0].headers["webhook-id"] == receiver.received[1].headers["webhook-id"]
+    assert receiver.received[0].body == receiver.received[1].body
+
+    # Another project's job, or a delivery of another job: not found.
+    other = other_tenant.client.post(other_tenant.url(path), headers=other_tenant.headers)
+    assert other.status_code == 404
+    other_job = submit(hooked, {"url": receiver.url})
+    wrong = f"/context/vision/segment/{other_job}/webhook-deliveries/{delivery.id}/redeliver"
+    assert hooked.client.post(hooked.url(wrong), headers=hooked.headers).status_code == 404
+    assert (
+        hooked.client.get(
+            hooked.url(f"/context/vision/segment/{job_id}/webhook-deliveries?cursor=%%"),
+            headers=hooked.headers,
+        ).status_code
+        == 400
+    )
+
+
+def test_delivery_listing_pages_with_a_cursor(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    job_id = submit(hooked, {"url": receiver.url, "events": ALL_EVENTS}, items=3)
+    run_items(sessions, storage)
+    seen: list[int] = []
+    cursor = ""
+    while True:
+        page = hooked.client.get(
+            hooked.url(f"/context/vision/segment/{job_id}/webhook-deliveries?limit=2{cursor}"),
+            headers=hooked.headers,
+        ).json
+        seen += [d["deliveryId"] for d in page["items"]]
+        if page["nextCursor"] is None:
+            break
+        cursor = f"&cursor={page['nextCursor']}"
+    assert seen == sorted(seen) and len(seen) == 5  # started, 3 items, completed
+    assert all(d.status == DeliveryStatus.PENDING for d in deliveries(sessions))
+
+
+def test_a_lost_wake_up_message_is_sent_again(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    submit(hooked, {"url": receiver.url})
+    run_items(sessions, storage)
+    lost: list[int] = []
+    assert dispatch_due(sessions, lost.extend, republish_after_seconds=300) == 1
+    # Published and not yet stale: not sent twice.
+    assert dispatch_due(sessions, lost.extend, republish_after_seconds=300) == 0
+    time.sleep(1.1)
+    again: list[int] = []
+    assert dispatch_due(sessions, again.extend, republish_after_seconds=1) == 1
+    assert again == lost
+    assert deliver(sessions, again[0], rules()) == Outcome.DELIVERED
+    # Duplicate wake-ups are harmless: the delivery is no longer due.
+    assert deliver(sessions, lost[0], rules()) == Outcome.SKIPPED
+    assert len(receiver.received) == 1
+
+
+def test_a_celery_worker_delivers_from_the_webhook_queue(
+    hooked: Tenant,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+    receiver: Receiver,
+    celery_app: Celery,
+) -> None:
+    """The real wiring: the API and worker record events, the dispatcher
+    publishes them to their own queue, a Celery worker serving that queue
+    delivers them."""
+    import worker.tasks  # noqa: F401  (registers the shared tasks on celery_app)
+
+    runtime.install(
+        runtime.WorkerRuntime(
+            sessions, storage, GrabCutEngine(), lease_seconds=60, limits=TEST_LIMITS
+        )
+    )
+    runtime.install_delivery(runtime.DeliveryRuntime(sessions, rules()))
+    dispatcher = PeriodicPass(
+        "test-dispatcher",
+        lambda: dispatch_due(
+            sessions,
+            lambda ids: enqueue_deliveries(celery_app, ids),
+            republish_after_seconds=300,
+        ),
+        interval=0.2,
+    )
+    dispatcher.start()
+    try:
+        with start_worker(
+            celery_app,
+            pool="solo",
+            perform_ping_check=False,
+            shutdown_timeout=10,
+            queues=["segq.segment", WEBHOOK_QUEUE],
+        ):
+            job_id = submit(hooked, {"url": receiver.url, "events": ["job.started", "completed"]})
+            receiver.wait_for(2)
+    finally:
+        dispatcher.stop()
+        runtime.install(None)
+        runtime.install_delivery(None)
+    verifier = Webhook(secret_of(hooked))
+    payloads = [verifier.verify(r.body, r.headers) for r in receiver.received]
+    assert sorted(p["type"] for p in payloads) == ["job.completed", "job.started"]
+    assert all(p["data"]["jobId"] == job_id for p in payloads)
