@@ -67,12 +67,14 @@ def worker(concurrency: int, pool: str, loglevel: str, queues: str) -> None:
     workers with --queues webhooks --concurrency 8 --pool threads, so a slow
     webhook receiver never holds a GPU."""
     from core.queue import QUEUES
-    from worker.celery_app import app
 
     names = [name.strip() for name in queues.split(",") if name.strip()]
     unknown = set(names) - set(QUEUES)
     if not names or unknown:
         raise click.BadParameter(f"choose from {', '.join(QUEUES)}", param_hint="--queues")
+    # Imported only now: it reads the settings and builds the Celery app.
+    from worker.celery_app import app
+
     app.worker_main(
         [
             "worker",

@@ -17,15 +17,17 @@ import pytest
 import redis
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
+from click.testing import CliRunner
 from flask import Flask
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook
 
 from api import create_app
+from cli.main import main
 from core.models import DeliveryStatus, WebhookDelivery
 from core.queue import WEBHOOK_QUEUE, enqueue_deliveries
-from core.settings import Settings
+from core.settings import Settings, SettingsError
 from core.storage import S3Storage
 from core.url_guard import FetchPolicy, parse_networks
 from tests.conftest import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
@@ -519,3 +521,24 @@ def test_a_celery_worker_delivers_from_the_webhook_queue(
     payloads = [verifier.verify(r.body, r.headers) for r in receiver.received]
     assert sorted(p["type"] for p in payloads) == ["job.completed", "job.started"]
     assert all(p["data"]["jobId"] == job_id for p in payloads)
+
+
+def test_webhook_settings_are_read_and_checked() -> None:
+    settings = Settings.from_env(
+        {"SEGQ_WEBHOOK_RETRY_DELAYS": "1, 2,3", "SEGQ_WEBHOOK_TIMEOUT_SECONDS": "4"}
+    )
+    assert settings.webhook_retry_delays == (1, 2, 3)
+    assert settings.webhook_policy().timeout_seconds == 4
+    assert settings.webhook_policy().max_redirects == 0
+    assert sum(Settings.from_env({}).webhook_retry_delays) >= 24 * 3600  # at least a day
+    for bad in ("1,,2", "1,-2", "x"):
+        with pytest.raises(SettingsError):
+            Settings.from_env({"SEGQ_WEBHOOK_RETRY_DELAYS": bad})
+    with pytest.raises(SettingsError):
+        Settings.from_env({"SEGQ_WEBHOOK_POLL_SECONDS": "nan"})
+
+
+def test_worker_queues_are_checked() -> None:
+    result = CliRunner().invoke(main, ["worker", "--queues", "segment,bogus"])
+    assert result.exit_code == 2
+    assert "choose from segment, webhooks" in result.output
