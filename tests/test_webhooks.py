@@ -36,7 +36,13 @@ from worker import runtime
 from worker.engines.grabcut import GrabCutEngine
 from worker.pipeline import process_item
 from worker.reconciler import PeriodicPass
-from worker.webhook_delivery import DeliveryRules, Outcome, deliver, dispatch_due
+from worker.webhook_delivery import (
+    DeliveryRules,
+    Outcome,
+    claim_delivery,
+    deliver,
+    dispatch_due,
+)
 
 LOOPBACK = "127.0.0.1/32"
 ALL_EVENTS = ["job.started", "job.completed", "job.failed", "item.completed", "item.failed"]
@@ -473,6 +479,28 @@ def test_a_lost_wake_up_message_is_sent_again(
     # Duplicate wake-ups are harmless: the delivery is no longer due.
     assert deliver(sessions, lost[0], rules()) == Outcome.SKIPPED
     assert len(receiver.received) == 1
+
+
+def test_a_delivery_whose_deliverer_died_is_attempted_again(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    submit(hooked, {"url": receiver.url})
+    run_items(sessions, storage)
+    quick = rules(timeout=0.5)
+    (delivery,) = deliveries(sessions)
+    # A deliverer claims the delivery and dies before it records anything.
+    assert claim_delivery(sessions, delivery.id, quick) is not None
+    assert deliver(sessions, delivery.id, quick) == Outcome.SKIPPED  # still held
+    started = time.monotonic()
+    assert drain(sessions, quick, all_settled(sessions)) == [Outcome.DELIVERED]
+    assert time.monotonic() - started >= 1.0  # once the claim (3 x 0.5 s) ran out
+    (request,) = receiver.received
+    Webhook(secret_of(hooked)).verify(request.body, request.headers)
+    listing = hooked.client.get(
+        hooked.url(f"/context/vision/segment/{delivery.job_id}/webhook-deliveries"),
+        headers=hooked.headers,
+    ).json
+    assert [a["attempt"] for a in listing["items"][0]["attempts"]] == [2]
 
 
 def test_a_celery_worker_delivers_from_the_webhook_queue(

@@ -51,10 +51,10 @@ class DeliveryRules:
 
     @property
     def claim_ms(self) -> int:
-        """How long one attempt may hold a delivery: past its longest run
-        (connect and read timeouts) with a margin. A deliverer that dies
-        frees the delivery after this."""
-        return int((2 * self.policy.timeout_seconds + 30) * 1000)
+        """How long one attempt may hold a delivery: its connect and answer
+        timeouts, and one more as a margin. A deliverer that dies frees the
+        delivery after this."""
+        return int(3 * self.policy.timeout_seconds * 1000)
 
 
 def dispatch_due(
