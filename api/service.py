@@ -13,7 +13,7 @@ from api.context import db, services
 from api.errors import ApiError
 from api.openapi import DOCS_PAGE, openapi_document
 from core.clock import now_ms
-from core.models import Job, JobItem, JobStatus
+from core.models import DeliveryStatus, Job, JobItem, JobStatus, WebhookDelivery
 from core.storage import LocalStorage, ObjectNotFound
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,20 @@ def metrics() -> Response:
         "# HELP segq_oldest_queued_job_age_seconds Age of the oldest job no worker has started.",
         "# TYPE segq_oldest_queued_job_age_seconds gauge",
         f"segq_oldest_queued_job_age_seconds {0 if oldest is None else (now - oldest) / 1000:.3f}",
+    ]
+    pending, oldest_due = session.execute(
+        select(func.count(), func.min(WebhookDelivery.next_attempt_time)).where(
+            WebhookDelivery.status == DeliveryStatus.PENDING
+        )
+    ).one()
+    overdue = 0 if oldest_due is None else max(0, now - oldest_due) / 1000
+    lines += [
+        "# HELP segq_webhook_deliveries_pending Webhook deliveries not yet delivered or given up.",
+        "# TYPE segq_webhook_deliveries_pending gauge",
+        f"segq_webhook_deliveries_pending {pending}",
+        "# HELP segq_webhook_oldest_due_seconds How long the most overdue delivery has waited.",
+        "# TYPE segq_webhook_oldest_due_seconds gauge",
+        f"segq_webhook_oldest_due_seconds {overdue:.3f}",
     ]
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
 

@@ -460,6 +460,8 @@ def test_delivery_listing_pages_with_a_cursor(
         cursor = f"&cursor={page['nextCursor']}"
     assert seen == sorted(seen) and len(seen) == 5  # started, 3 items, completed
     assert all(d.status == DeliveryStatus.PENDING for d in deliveries(sessions))
+    metrics = hooked.client.get("/metrics").get_data(as_text=True)
+    assert "segq_webhook_deliveries_pending 5\n" in metrics
 
 
 def test_a_lost_wake_up_message_is_sent_again(
