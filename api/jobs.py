@@ -201,7 +201,8 @@ def _checked_webhook(webhook: Webhook | None) -> dict[str, object] | None:
     try:
         check_url(webhook.url, services().settings.webhook_policy())
     except UrlRefused as exc:
-        raise ApiError(422, f"webhook.url: {exc}") from None
+        # 400, as for a refused fileUrl.
+        raise ApiError(400, f"webhook.url: {exc}") from None
     return {"url": webhook.url, "events": subscribed_events(webhook.events)}
 
 

@@ -225,7 +225,7 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [_PROJECT, _id("jobId"), _id("deliveryId")],
                 "responses": {
                     "202": _json(WebhookDeliveryResponse, "the delivery, pending"),
-                    **_errors(*auth_errors, 404),
+                    **_errors(*auth_errors, 404, 409),
                 },
             }
         },

@@ -131,6 +131,20 @@ def list_deliveries(job_id: int) -> Response:
     )
 
 
+def _attempt_in_flight(delivery: WebhookDelivery, now: int) -> bool:
+    """Claimed by an attempt that has not recorded its outcome, and not yet
+    given up for dead. Starting another beside it would only POST twice."""
+    if delivery.status != DeliveryStatus.PENDING or (delivery.next_attempt_time or 0) <= now:
+        return False
+    recorded = db().scalar(
+        select(WebhookAttempt.id).where(
+            WebhookAttempt.delivery_id == delivery.id,
+            WebhookAttempt.attempt == delivery.attempt,
+        )
+    )
+    return delivery.attempt > 0 and recorded is None
+
+
 @webhooks.post("/context/vision/segment/<id:job_id>/webhook-deliveries/<id:delivery_id>/redeliver")
 def redeliver(job_id: int, delivery_id: int) -> tuple[Response, int]:
     """Send the event again now, with a fresh retry schedule and the same
@@ -147,6 +161,13 @@ def redeliver(job_id: int, delivery_id: int) -> tuple[Response, int]:
             404, f"delivery {delivery_id} not found", missing=[{"deliveryId": delivery_id}]
         )
     now = now_ms()
+    if _attempt_in_flight(delivery, now):
+        wait_seconds = max(1, ((delivery.next_attempt_time or now) - now) // 1000)
+        raise ApiError(
+            409,
+            f"an attempt of delivery {delivery_id} is under way; ask again once it is recorded",
+            headers={"Retry-After": str(wait_seconds)},
+        )
     delivery.status = DeliveryStatus.PENDING
     delivery.failures = 0
     delivery.next_attempt_time = now

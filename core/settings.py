@@ -50,6 +50,7 @@ class Settings:
     fetch_allowed_networks: str
     fetch_timeout_seconds: int
     webhook_timeout_seconds: int
+    webhook_allowed_networks: str
     #: Seconds to wait after each failed delivery attempt; one more attempt
     #: follows each entry, then the delivery is given up.
     webhook_retry_delays: tuple[int, ...]
@@ -65,12 +66,12 @@ class Settings:
 
     def webhook_policy(self) -> FetchPolicy:
         """How workers may POST to the webhook URLs that clients give: the
-        same guard as image URLs, and no redirects."""
+        same guard as image URLs, with its own exceptions, and no redirects."""
         return FetchPolicy(
             max_bytes=0,
             timeout_seconds=self.webhook_timeout_seconds,
             max_redirects=0,
-            allowed_networks=parse_networks(self.fetch_allowed_networks),
+            allowed_networks=parse_networks(self.webhook_allowed_networks),
         )
 
     @property
@@ -109,6 +110,7 @@ class Settings:
             fetch_allowed_networks=env.get("SEGQ_FETCH_ALLOWED_NETWORKS", ""),
             fetch_timeout_seconds=_int(env, "SEGQ_FETCH_TIMEOUT_SECONDS", 10),
             webhook_timeout_seconds=_int(env, "SEGQ_WEBHOOK_TIMEOUT_SECONDS", 10),
+            webhook_allowed_networks=env.get("SEGQ_WEBHOOK_ALLOWED_NETWORKS", ""),
             webhook_retry_delays=_ints(
                 env, "SEGQ_WEBHOOK_RETRY_DELAYS", DEFAULT_WEBHOOK_RETRY_DELAYS
             ),

@@ -8,8 +8,11 @@ so a DNS answer that changes between check and connect cannot redirect it.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import ipaddress
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 
 import certifi
 import urllib3
+import urllib3.connection
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -105,6 +109,12 @@ def check_url(url: str, policy: FetchPolicy) -> SplitResult:
         raise UrlRefused("URL must be http or https")
     if not parts.hostname:
         raise UrlRefused("URL has no host")
+    try:
+        ascii_host = parts.hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise UrlRefused("URL host is not a valid name (a label is empty or too long)") from None
+    if ascii_host != parts.hostname:
+        raise UrlRefused("write an international domain name in its ASCII (xn--) form")
     if parts.username is not None or parts.password is not None:
         raise UrlRefused("URL may not carry credentials")
     if port == 0:
@@ -146,7 +156,7 @@ def fetch(url: str, policy: FetchPolicy, resolve: Resolver = system_resolver) ->
     for _hop in range(policy.max_redirects + 1):
         parts, pool = _checked_pool(url, policy, resolve)
         try:
-            response = _request(pool, parts, "GET")
+            response = _get(pool, parts)
             try:
                 if response.status in (301, 302, 303, 307, 308):
                     location = response.headers.get("Location")
@@ -204,44 +214,92 @@ def post(
 ) -> int:
     """POST ``body`` to ``url`` under ``policy``; the status code of the
     answer, whose body is not read. Redirects are never followed: the caller
-    decides what a 3xx means."""
-    parts, pool = _checked_pool(url, policy, resolve)
-    try:
-        response = _request(pool, parts, "POST", body, headers)
-        status: int = response.status
-        response.release_conn()
-        return status
-    finally:
-        pool.close()
-
-
-def _request(
-    pool: urllib3.HTTPConnectionPool,
-    parts: SplitResult,
-    method: str,
-    body: bytes | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> Any:
+    decides what a 3xx means. The whole exchange, from connecting to the
+    answer's last header, is cut off after twice the timeout, so a receiver
+    that drips its answer cannot hold the caller (socket timeouts alone
+    restart at every byte)."""
+    parts = check_url(url, policy)
     host = parts.hostname
     assert host is not None
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + parts.query
-    host_header = host if parts.port is None else f"{host}:{parts.port}"
-    if ":" in host and not host.startswith("["):
-        host_header = f"[{host}]" if parts.port is None else f"[{host}]:{parts.port}"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    connection = _connection(parts, _checked_address(host, port, policy, resolve), port, policy)
+    limit = 2 * policy.timeout_seconds
+    cut_off = threading.Event()
+
+    def cut() -> None:
+        cut_off.set()
+        if connection.sock is not None:
+            with contextlib.suppress(OSError):
+                connection.sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(limit, cut)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        connection.request(
+            "POST",
+            _target(parts),
+            body=body,
+            headers={**headers, "Host": _host_header(parts), "User-Agent": USER_AGENT},
+            preload_content=False,
+        )
+        status: int = connection.getresponse().status
+        if cut_off.is_set():  # the headers ended because the watchdog hung up
+            raise TimeoutError
+    except (OSError, urllib3.exceptions.HTTPError, http.client.HTTPException) as exc:
+        if cut_off.is_set():
+            raise FetchFailed(f"the answer took longer than {limit:g} s") from None
+        if isinstance(exc, TimeoutError | urllib3.exceptions.TimeoutError):
+            raise FetchFailed(f"no answer within {policy.timeout_seconds:g} s") from None
+        raise FetchFailed(f"could not reach the URL: {type(exc).__name__}") from None
+    finally:
+        watchdog.cancel()
+        connection.close()
+    return status
+
+
+def _connection(
+    parts: SplitResult, address: str, port: int, policy: FetchPolicy
+) -> urllib3.connection.HTTPConnection:
+    """One connection to the checked ``address``, never to the name."""
+    if parts.scheme == "https":
+        return urllib3.connection.HTTPSConnection(
+            address,
+            port,
+            timeout=policy.timeout_seconds,
+            server_hostname=parts.hostname,
+            assert_hostname=parts.hostname,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=certifi.where(),
+        )
+    return urllib3.connection.HTTPConnection(address, port, timeout=policy.timeout_seconds)
+
+
+def _target(parts: SplitResult) -> str:
+    """The request target: path and query."""
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def _host_header(parts: SplitResult) -> str:
+    host = parts.hostname
+    assert host is not None
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    return host if parts.port is None else f"{host}:{parts.port}"
+
+
+def _get(pool: urllib3.HTTPConnectionPool, parts: SplitResult) -> Any:
     try:
         return pool.urlopen(
-            method,
-            path,
-            body=body,
-            headers={**(headers or {}), "Host": host_header, "User-Agent": USER_AGENT},
+            "GET",
+            _target(parts),
+            headers={"Host": _host_header(parts), "User-Agent": USER_AGENT},
             redirect=False,
             preload_content=False,
             assert_same_host=False,
         )
     except urllib3.exceptions.HTTPError as exc:
-        raise FetchFailed(f"could not reach the URL: {type(exc).__name__}") from None
+        raise FetchFailed(f"could not fetch the URL: {type(exc).__name__}") from None
 
 
 def _read_bounded(response: Any, max_bytes: int, deadline: float) -> bytes:

@@ -36,6 +36,10 @@ SHORT_NAMES = {
 }
 
 
+#: A larger event body is sent without the job's items (GET the job for them).
+MAX_BODY_BYTES = 256 * 1024
+
+
 class UnknownEvent(ValueError):
     pass
 
@@ -65,6 +69,14 @@ def new_message_id() -> str:
     return "msg_" + secrets.token_urlsafe(18)
 
 
+def _event_body(event_type: str, now: int, data: dict[str, Any]) -> str:
+    return json.dumps(
+        {"type": event_type, "timestamp": now, "data": data},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
 def record_event(
     session: Session,
     job: Job,
@@ -78,11 +90,13 @@ def record_event(
     if not wants(job, event_type):
         return None
     assert job.webhook is not None
-    body = json.dumps(
-        {"type": event_type, "timestamp": now, "data": render_data()},
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    data = render_data()
+    body = _event_body(event_type, now, data)
+    if len(body.encode()) > MAX_BODY_BYTES:
+        # Receivers often refuse large bodies, and a refused one would be
+        # retried for a day: send the job without its items instead.
+        lean = {k: v for k, v in data.items() if k not in ("items", "failedItems")}
+        body = _event_body(event_type, now, {**lean, "itemsOmitted": True})
     delivery = WebhookDelivery(
         job_id=job.id,
         project_id=job.project_id,

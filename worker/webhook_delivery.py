@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 BATCH = 1000
 #: Kept of what a receiver's error says, in an attempt's record.
 MAX_ERROR_LENGTH = 300
+#: A delivery this close to due may be claimed: the dispatcher and the
+#: deliverer run on different machines whose clocks differ a little, and a
+#: claim refused for a few milliseconds would wait for a republish.
+CLOCK_TOLERANCE_MS = 2000
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,10 @@ class DeliveryRules:
 
     @property
     def claim_ms(self) -> int:
-        """How long one attempt may hold a delivery: its connect and answer
-        timeouts, and one more as a margin. A deliverer that dies frees the
-        delivery after this."""
-        return int(3 * self.policy.timeout_seconds * 1000)
+        """How long one attempt may hold a delivery: the POST is cut off
+        after twice the timeout (core.url_guard.post); one more is margin.
+        A deliverer that dies frees the delivery after this."""
+        return int(3 * self.policy.timeout_seconds * 1000) + CLOCK_TOLERANCE_MS
 
 
 def dispatch_due(
@@ -130,7 +134,7 @@ def claim_delivery(
             .where(
                 WebhookDelivery.id == delivery_id,
                 WebhookDelivery.status == DeliveryStatus.PENDING,
-                WebhookDelivery.next_attempt_time <= now,
+                WebhookDelivery.next_attempt_time <= now + CLOCK_TOLERANCE_MS,
             )
             .with_for_update(skip_locked=True)
         )
@@ -184,6 +188,12 @@ def send(claim: DeliveryClaim, policy: FetchPolicy) -> AttemptResult:
         return AttemptResult(None, elapsed_ms(), f"URL refused: {exc}", final=True)
     except FetchFailed as exc:
         return AttemptResult(None, elapsed_ms(), str(exc)[:MAX_ERROR_LENGTH])
+    except Exception as exc:
+        # Whatever else goes wrong is recorded and retried like a failed
+        # answer: a delivery never stays claimed with no trace.
+        log.exception("webhook delivery %s failed unexpectedly", claim.delivery_id)
+        error = f"delivery failed: {type(exc).__name__}: {exc}"
+        return AttemptResult(None, elapsed_ms(), error[:MAX_ERROR_LENGTH])
     latency = elapsed_ms()
     if 200 <= status < 300:
         return AttemptResult(status, latency, None)
