@@ -8,7 +8,7 @@ from flask import Blueprint, g, request
 
 from api.context import db, services
 from api.errors import ApiError
-from core.projects import hash_api_key, project_for_key
+from core.projects import hash_api_key
 
 
 def protect_project_routes(blueprint: Blueprint) -> None:
@@ -30,7 +30,9 @@ def protect_project_routes(blueprint: Blueprint) -> None:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         key = key.strip()
-        project = project_for_key(db(), key)
+        # Remembered for a second per process (api/process_caches.py): a
+        # revoked key is refused within that second.
+        project = services().projects_by_key.project(db(), key)
         if project is None:
             raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
         if project.name != g.project_name:

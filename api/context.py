@@ -3,12 +3,13 @@ the database session opened for this one request."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from celery import Celery
 from flask import current_app, g
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.process_caches import ProjectsByKey, UnfinishedJobCounts
 from api.rate_limit import RateLimiter
 from core.models import Project
 from core.settings import Settings
@@ -22,6 +23,8 @@ class Services:
     storage: ObjectStorage
     celery: Celery
     rate_limiter: RateLimiter
+    projects_by_key: ProjectsByKey = field(default_factory=ProjectsByKey)
+    unfinished_jobs: UnfinishedJobCounts = field(default_factory=UnfinishedJobCounts)
 
 
 def services() -> Services:

@@ -20,7 +20,7 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import CursorResult, Exists, and_, case, func, literal, null, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.clock import now_ms
@@ -94,53 +94,110 @@ def claim_item(
     that died; after ``max_attempts`` such attempts it is failed rather than
     tried again (an image that kills its worker must not kill them all)."""
     with sessions.begin() as session:
-        job_id = session.scalar(select(JobItem.job_id).where(JobItem.id == item_id))
-        if job_id is None:
-            log.warning("item %s does not exist", item_id)
-            return None
         # Always the job's row first, then the item's: every writer takes
         # them in this order (see cancel), so they cannot deadlock.
-        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
-        item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
-        assert job is not None
-        assert item is not None
+        job = session.scalar(
+            select(Job)
+            .where(Job.id == select(JobItem.job_id).where(JobItem.id == item_id).scalar_subquery())
+            .with_for_update()
+        )
+        if job is None:
+            log.warning("item %s does not exist", item_id)
+            return None
         now = now_ms()
-        if ItemStatus(item.status).finished:
+        taken = None
+        if job.status != JobStatus.CANCELED:
+            taken = _take_runnable_item(
+                session, item_id, now, lease_seconds, engine_name, max_attempts
+            )
+        if taken is None:
+            # Not runnable as it stands: find out why, with the item's row locked.
+            item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
+            assert item is not None
+            if ItemStatus(item.status).finished:
+                return None
+            if job.status == JobStatus.CANCELED:
+                item.status = ItemStatus.CANCELED
+                item.finished_time = now
+                return None
+            if item.status == ItemStatus.RUNNING and (item.lease_expires_time or 0) > now:
+                return None
+            if item.attempt >= max_attempts:
+                fail_abandoned_item(session, item, now)
+                return None
+            # Runnable only since the claim statement looked: the attempt that
+            # held it released it (which takes no job lock) and sends it again.
             return None
-        if job.status == JobStatus.CANCELED:
-            item.status = ItemStatus.CANCELED
-            item.finished_time = now
-            return None
-        if item.status == ItemStatus.RUNNING and (item.lease_expires_time or 0) > now:
-            return None
-        if item.attempt >= max_attempts:
-            fail_abandoned_item(session, item, now)
-            return None
-        item.status = ItemStatus.RUNNING
-        item.attempt += 1
-        item.lease_expires_time = now + lease_seconds * 1000
-        item.started_time = item.started_time or now
-        item.engine = engine_name
         job.engine = job.engine or engine_name
         if job.status == JobStatus.QUEUED:
             job.status = JobStatus.RUNNING
             job.start_time = now
             job.status_time = now
             record_event(session, job, JOB_STARTED, now, lambda: _render_whole_job(session, job))
-        file_key = None
-        if item.file_id is not None:
-            stored = session.get(StoredFile, item.file_id)
-            file_key = stored.storage_key if stored is not None else None
         return Claim(
-            item_id=item.id,
-            attempt=item.attempt,
+            item_id=item_id,
+            attempt=taken.attempt,
             job_id=job.id,
             project_id=job.project_id,
-            file_key=file_key,
-            source_url=item.file_ref.get("fileUrl"),
+            file_key=taken.file_key,
+            source_url=taken.file_ref.get("fileUrl"),
             prompt=dict(job.prompt),
             options=dict(job.options),
         )
+
+
+@dataclass(frozen=True)
+class _TakenItem:
+    attempt: int
+    file_ref: dict[str, Any]
+    #: None for a URL item, or once the file was deleted.
+    file_key: str | None
+
+
+def _take_runnable_item(
+    session: Session,
+    item_id: int,
+    now: int,
+    lease_seconds: int,
+    engine_name: str,
+    max_attempts: int,
+) -> _TakenItem | None:
+    """Start an attempt at the item in one statement if it is runnable as it
+    stands (Queued, or Running with its lease run out, and attempts left);
+    None otherwise, with nothing changed. The caller holds the job's row."""
+    row = session.execute(
+        update(JobItem)
+        .where(
+            JobItem.id == item_id,
+            or_(
+                JobItem.status == ItemStatus.QUEUED,
+                and_(
+                    JobItem.status == ItemStatus.RUNNING,
+                    func.coalesce(JobItem.lease_expires_time, 0) <= now,
+                ),
+            ),
+            JobItem.attempt < max_attempts,
+        )
+        .values(
+            status=ItemStatus.RUNNING,
+            attempt=JobItem.attempt + 1,
+            lease_expires_time=now + lease_seconds * 1000,
+            started_time=func.coalesce(JobItem.started_time, now),
+            engine=engine_name,
+        )
+        .returning(
+            JobItem.attempt,
+            JobItem.file_ref,
+            select(StoredFile.storage_key)
+            .where(StoredFile.id == JobItem.file_id)
+            .scalar_subquery(),
+        )
+        .execution_options(synchronize_session=False)
+    ).one_or_none()
+    if row is None:
+        return None
+    attempt, file_ref, file_key = row
+    return _TakenItem(attempt=attempt, file_ref=file_ref, file_key=file_key)
 
 
 def abandoned_message(attempts: int) -> str:
@@ -283,6 +340,9 @@ def _update_held_item(session: Session, claim: Claim, **values: Any) -> bool:
                 JobItem.status == ItemStatus.RUNNING,
             )
             .values(**values)
+            # No session that calls this holds the item as an object, so
+            # there is nothing to bring up to date (and that costs).
+            .execution_options(synchronize_session=False)
         ),
     )
     return bool(result.rowcount)
@@ -301,8 +361,9 @@ def finish_item(
     status = ItemStatus.COMPLETED if result is not None else ItemStatus.FAILED
     with sessions.begin() as session:
         # Lock the job first: finishing items of one job take turns, so the
-        # last one to finish sees every other item's final state.
-        session.scalar(select(Job.id).where(Job.id == claim.job_id).with_for_update())
+        # last one to finish sees every other item's final state. Loaded
+        # whole, so roll_up_job finds it in the session instead of reading it.
+        session.scalar(select(Job).where(Job.id == claim.job_id).with_for_update())
         now = now_ms()
         changed = _update_held_item(
             session,
@@ -327,16 +388,10 @@ def roll_up_job(session: Session, job_id: int) -> None:
     assert job is not None
     if JobStatus(job.status).finished:
         return
-    # Two index probes, not a count of every item: this runs at every
-    # item's completion, and a job may have a thousand items.
-    if _job_has_item_in(session, job_id, (ItemStatus.QUEUED, ItemStatus.RUNNING)):
+    outcome = _job_outcome(session, job_id)
+    if outcome is None:
         return
-    now = now_ms()
-    job.status_time = now
-    if _job_has_item_in(session, job_id, (ItemStatus.COMPLETED,)):
-        job.status = JobStatus.COMPLETED
-    else:
-        job.status = JobStatus.FAILED
+    if outcome == JobStatus.FAILED:
         job.error_message = (
             session.scalar(
                 select(JobItem.error_message)
@@ -346,7 +401,11 @@ def roll_up_job(session: Session, job_id: int) -> None:
             )
             or "every item failed"
         )
-    event = JOB_COMPLETED if job.status == JobStatus.COMPLETED else JOB_FAILED
+    # Set after the reads above, so they do not flush it on their own.
+    now = now_ms()
+    job.status = outcome
+    job.status_time = now
+    event = JOB_COMPLETED if outcome == JobStatus.COMPLETED else JOB_FAILED
     record_event(session, job, event, now, lambda: _render_whole_job(session, job))
 
 
@@ -380,11 +439,26 @@ def _record_item_event(
     record_event(session, job, event, now, render)
 
 
-def _job_has_item_in(session: Session, job_id: int, statuses: tuple[ItemStatus, ...]) -> bool:
-    found = session.scalar(
-        select(JobItem.id).where(JobItem.job_id == job_id, JobItem.status.in_(statuses)).limit(1)
+def _job_outcome(session: Session, job_id: int) -> JobStatus | None:
+    """None while an item of the job is left to run; then Completed if any
+    item succeeded, Failed if none did. One statement of at most two index
+    probes, not a count of every item: this runs at every item's completion,
+    and a job may have a thousand items."""
+
+    def has_item_in(*statuses: ItemStatus) -> Exists:
+        found = select(JobItem.id).where(JobItem.job_id == job_id, JobItem.status.in_(statuses))
+        return found.exists()
+
+    outcome = session.scalar(
+        select(
+            case(
+                (has_item_in(ItemStatus.QUEUED, ItemStatus.RUNNING), null()),
+                (has_item_in(ItemStatus.COMPLETED), literal(JobStatus.COMPLETED.value)),
+                else_=literal(JobStatus.FAILED.value),
+            )
+        )
     )
-    return found is not None
+    return None if outcome is None else JobStatus(outcome)
 
 
 def renew_lease(sessions: sessionmaker[Session], claim: Claim, lease_seconds: int) -> bool:
