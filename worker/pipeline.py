@@ -362,8 +362,10 @@ def finish_item(
     with sessions.begin() as session:
         # Lock the job first: finishing items of one job take turns, so the
         # last one to finish sees every other item's final state. Loaded
-        # whole, so roll_up_job finds it in the session instead of reading it.
-        session.scalar(select(Job).where(Job.id == claim.job_id).with_for_update())
+        # whole and held in a variable (the session keeps unchanged objects
+        # only weakly), so the roll-up finds it in the session, not by a query.
+        job = session.scalar(select(Job).where(Job.id == claim.job_id).with_for_update())
+        assert job is not None
         now = now_ms()
         changed = _update_held_item(
             session,
