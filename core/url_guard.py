@@ -154,7 +154,8 @@ def fetch(url: str, policy: FetchPolicy, resolve: Resolver = system_resolver) ->
     """GET ``url`` under ``policy``; at most ``policy.max_bytes`` of body."""
     deadline = time.monotonic() + 3 * policy.timeout_seconds
     for _hop in range(policy.max_redirects + 1):
-        parts, pool = _checked_pool(url, policy, resolve)
+        parts, address, port = _checked_target(url, policy, resolve)
+        pool = _pool(parts, address, port, policy)
         try:
             response = _get(pool, parts)
             try:
@@ -174,15 +175,26 @@ def fetch(url: str, policy: FetchPolicy, resolve: Resolver = system_resolver) ->
     raise FetchFailed(f"more than {policy.max_redirects} redirects")
 
 
-def _checked_pool(
+def _checked_target(
     url: str, policy: FetchPolicy, resolve: Resolver
-) -> tuple[SplitResult, urllib3.HTTPConnectionPool]:
-    """Check ``url`` and the addresses of its host; a pool to one of them."""
+) -> tuple[SplitResult, str, int]:
+    """Check ``url`` and every address of its host: the URL's parts, the
+    address to connect to, and the port."""
     parts = check_url(url, policy)
     host = parts.hostname
     assert host is not None
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    return parts, _pool(parts, _checked_address(host, port, policy, resolve), port, policy)
+    return parts, _checked_address(host, port, policy, resolve), port
+
+
+def _tls_options(parts: SplitResult) -> dict[str, Any]:
+    """Connect to the checked address; verify the certificate for the name."""
+    return {
+        "server_hostname": parts.hostname,
+        "assert_hostname": parts.hostname,
+        "cert_reqs": "CERT_REQUIRED",
+        "ca_certs": certifi.where(),
+    }
 
 
 def _pool(
@@ -191,16 +203,8 @@ def _pool(
     """A connection pool to the checked ``address``, never to the name."""
     timeout = urllib3.Timeout(connect=policy.timeout_seconds, read=policy.timeout_seconds)
     if parts.scheme == "https":
-        # Connect to the checked address; verify the certificate for the name.
         return urllib3.HTTPSConnectionPool(
-            address,
-            port,
-            timeout=timeout,
-            retries=False,
-            server_hostname=parts.hostname,
-            assert_hostname=parts.hostname,
-            cert_reqs="CERT_REQUIRED",
-            ca_certs=certifi.where(),
+            address, port, timeout=timeout, retries=False, **_tls_options(parts)
         )
     return urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
 
@@ -218,11 +222,8 @@ def post(
     answer's last header, is cut off after twice the timeout, so a receiver
     that drips its answer cannot hold the caller (socket timeouts alone
     restart at every byte)."""
-    parts = check_url(url, policy)
-    host = parts.hostname
-    assert host is not None
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    connection = _connection(parts, _checked_address(host, port, policy, resolve), port, policy)
+    parts, address, port = _checked_target(url, policy, resolve)
+    connection = _connection(parts, address, port, policy)
     limit = 2 * policy.timeout_seconds
     cut_off = threading.Event()
 
@@ -264,13 +265,7 @@ def _connection(
     """One connection to the checked ``address``, never to the name."""
     if parts.scheme == "https":
         return urllib3.connection.HTTPSConnection(
-            address,
-            port,
-            timeout=policy.timeout_seconds,
-            server_hostname=parts.hostname,
-            assert_hostname=parts.hostname,
-            cert_reqs="CERT_REQUIRED",
-            ca_certs=certifi.where(),
+            address, port, timeout=policy.timeout_seconds, **_tls_options(parts)
         )
     return urllib3.connection.HTTPConnection(address, port, timeout=policy.timeout_seconds)
 
