@@ -33,7 +33,7 @@ from core.job_document import render_created_job, render_job, render_job_summary
 from core.models import ItemStatus, Job, JobItem, JobStatus
 from core.queue import enqueue_items
 from core.url_guard import UrlRefused, check_url
-from core.webhook_events import JOB_CANCELED, record_event, subscribed_events
+from core.webhook_events import JOB_CANCELED, record_event, subscribed_events, whole_job_data
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +343,6 @@ def cancel_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
             .where(JobItem.job_id == job.id, JobItem.status == ItemStatus.QUEUED)
             .values(status=ItemStatus.CANCELED, finished_time=now)
         )
-        record_event(session, job, JOB_CANCELED, now, lambda: render_job(job, _items_of(job), None))
+        record_event(session, job, JOB_CANCELED, now, lambda: whole_job_data(session, job))
     session.commit()
     return _job_answer(job)

@@ -13,9 +13,11 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.models import DeliveryStatus, Job, WebhookDelivery
+from core.job_document import render_job
+from core.models import DeliveryStatus, Job, JobItem, WebhookDelivery
 
 JOB_STARTED = "job.started"
 JOB_COMPLETED = "job.completed"
@@ -67,6 +69,14 @@ def new_message_id() -> str:
     """The ``webhook-id`` of one event: random, so it says nothing about
     other jobs, and the same on every retry of the event."""
     return "msg_" + secrets.token_urlsafe(18)
+
+
+def whole_job_data(session: Session, job: Job) -> dict[str, Any]:
+    """A job event's data: the job as GET shows it, without mask URLs."""
+    items = session.scalars(
+        select(JobItem).where(JobItem.job_id == job.id).order_by(JobItem.position)
+    )
+    return render_job(job, list(items), None)
 
 
 def _event_body(event_type: str, now: int, data: dict[str, Any]) -> str:

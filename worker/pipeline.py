@@ -24,7 +24,7 @@ from sqlalchemy import CursorResult, Exists, and_, case, func, literal, null, or
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.clock import now_ms
-from core.job_document import render_item_event, render_job
+from core.job_document import render_item_event
 from core.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
 from core.storage import ObjectNotFound, ObjectStorage, StorageError
 from core.url_guard import FetchFailed, FetchPolicy, UrlRefused, fetch
@@ -35,6 +35,7 @@ from core.webhook_events import (
     JOB_FAILED,
     JOB_STARTED,
     record_event,
+    whole_job_data,
 )
 from worker.engines.base import Candidate, Prompt, SegmentationEngine
 from worker.masks import (
@@ -133,7 +134,7 @@ def claim_item(
             job.status = JobStatus.RUNNING
             job.start_time = now
             job.status_time = now
-            record_event(session, job, JOB_STARTED, now, lambda: _render_whole_job(session, job))
+            record_event(session, job, JOB_STARTED, now, lambda: whole_job_data(session, job))
         return Claim(
             item_id=item_id,
             attempt=taken.attempt,
@@ -408,15 +409,7 @@ def roll_up_job(session: Session, job_id: int) -> None:
     job.status = outcome
     job.status_time = now
     event = JOB_COMPLETED if outcome == JobStatus.COMPLETED else JOB_FAILED
-    record_event(session, job, event, now, lambda: _render_whole_job(session, job))
-
-
-def _render_whole_job(session: Session, job: Job) -> dict[str, Any]:
-    """The job as GET shows it, without mask URLs: a job event's data."""
-    items = session.scalars(
-        select(JobItem).where(JobItem.job_id == job.id).order_by(JobItem.position)
-    )
-    return render_job(job, list(items), None)
+    record_event(session, job, event, now, lambda: whole_job_data(session, job))
 
 
 def _record_item_event(
