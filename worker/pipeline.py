@@ -20,7 +20,19 @@ from typing import Any, cast
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from sqlalchemy import CursorResult, Exists, and_, case, func, literal, null, or_, select, update
+from sqlalchemy import (
+    CursorResult,
+    Exists,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.clock import now_ms
@@ -97,11 +109,7 @@ def claim_item(
     with sessions.begin() as session:
         # Always the job's row first, then the item's: every writer takes
         # them in this order (see cancel), so they cannot deadlock.
-        job = session.scalar(
-            select(Job)
-            .where(Job.id == select(JobItem.job_id).where(JobItem.id == item_id).scalar_subquery())
-            .with_for_update()
-        )
+        job = session.scalar(_LOCK_JOB_OF_ITEM, {"item_id": item_id})
         if job is None:
             log.warning("item %s does not exist", item_id)
             return None
@@ -147,6 +155,69 @@ def claim_item(
         )
 
 
+# The statements every item runs, built once: SQLAlchemy then reuses their
+# compiled SQL without rebuilding and re-hashing them per item, which on a
+# busy worker costs more than the round trips. Values come as parameters.
+
+_LOCK_JOB_OF_ITEM = (
+    select(Job)
+    .where(
+        Job.id == select(JobItem.job_id).where(JobItem.id == bindparam("item_id")).scalar_subquery()
+    )
+    .with_for_update()
+)
+
+_LOCK_JOB = select(Job).where(Job.id == bindparam("job_id")).with_for_update()
+
+_TAKE_RUNNABLE_ITEM = (
+    update(JobItem)
+    .where(
+        JobItem.id == bindparam("item_id"),
+        or_(
+            JobItem.status == ItemStatus.QUEUED,
+            and_(
+                JobItem.status == ItemStatus.RUNNING,
+                func.coalesce(JobItem.lease_expires_time, 0) <= bindparam("now"),
+            ),
+        ),
+        JobItem.attempt < bindparam("max_attempts"),
+    )
+    .values(
+        status=ItemStatus.RUNNING,
+        attempt=JobItem.attempt + 1,
+        lease_expires_time=bindparam("lease_expires_time"),
+        started_time=func.coalesce(JobItem.started_time, bindparam("now")),
+        engine=bindparam("engine"),
+    )
+    .returning(
+        JobItem.attempt,
+        JobItem.file_ref,
+        select(StoredFile.storage_key).where(StoredFile.id == JobItem.file_id).scalar_subquery(),
+    )
+    .execution_options(synchronize_session=False)
+)
+
+
+def _has_item_in(*statuses: ItemStatus) -> Exists:
+    found = select(JobItem.id).where(
+        JobItem.job_id == bindparam("job_id"), JobItem.status.in_(statuses)
+    )
+    return found.exists()
+
+
+#: None while an item of the job is left to run; then Completed if any item
+#: succeeded, Failed if none did. At most two index probes, not a count of
+#: every item: this runs at every item's completion, and a job may have a
+#: thousand items.
+_JOB_OUTCOME = select(
+    case(
+        (_has_item_in(ItemStatus.QUEUED, ItemStatus.RUNNING), null()),
+        (_has_item_in(ItemStatus.COMPLETED), literal(JobStatus.COMPLETED.value)),
+        else_=literal(JobStatus.FAILED.value),
+    )
+)
+
+
 @dataclass(frozen=True)
 class _TakenItem:
     attempt: int
@@ -167,33 +238,14 @@ def _take_runnable_item(
     stands (Queued, or Running with its lease run out, and attempts left);
     None otherwise, with nothing changed. The caller holds the job's row."""
     row = session.execute(
-        update(JobItem)
-        .where(
-            JobItem.id == item_id,
-            or_(
-                JobItem.status == ItemStatus.QUEUED,
-                and_(
-                    JobItem.status == ItemStatus.RUNNING,
-                    func.coalesce(JobItem.lease_expires_time, 0) <= now,
-                ),
-            ),
-            JobItem.attempt < max_attempts,
-        )
-        .values(
-            status=ItemStatus.RUNNING,
-            attempt=JobItem.attempt + 1,
-            lease_expires_time=now + lease_seconds * 1000,
-            started_time=func.coalesce(JobItem.started_time, now),
-            engine=engine_name,
-        )
-        .returning(
-            JobItem.attempt,
-            JobItem.file_ref,
-            select(StoredFile.storage_key)
-            .where(StoredFile.id == JobItem.file_id)
-            .scalar_subquery(),
-        )
-        .execution_options(synchronize_session=False)
+        _TAKE_RUNNABLE_ITEM,
+        {
+            "item_id": item_id,
+            "now": now,
+            "max_attempts": max_attempts,
+            "lease_expires_time": now + lease_seconds * 1000,
+            "engine": engine_name,
+        },
     ).one_or_none()
     if row is None:
         return None
@@ -365,7 +417,7 @@ def finish_item(
         # last one to finish sees every other item's final state. Loaded
         # whole and held in a variable (the session keeps unchanged objects
         # only weakly), so the roll-up finds it in the session, not by a query.
-        job = session.scalar(select(Job).where(Job.id == claim.job_id).with_for_update())
+        job = session.scalar(_LOCK_JOB, {"job_id": claim.job_id})
         assert job is not None
         now = now_ms()
         changed = _update_held_item(
@@ -435,24 +487,7 @@ def _record_item_event(
 
 
 def _job_outcome(session: Session, job_id: int) -> JobStatus | None:
-    """None while an item of the job is left to run; then Completed if any
-    item succeeded, Failed if none did. One statement of at most two index
-    probes, not a count of every item: this runs at every item's completion,
-    and a job may have a thousand items."""
-
-    def has_item_in(*statuses: ItemStatus) -> Exists:
-        found = select(JobItem.id).where(JobItem.job_id == job_id, JobItem.status.in_(statuses))
-        return found.exists()
-
-    outcome = session.scalar(
-        select(
-            case(
-                (has_item_in(ItemStatus.QUEUED, ItemStatus.RUNNING), null()),
-                (has_item_in(ItemStatus.COMPLETED), literal(JobStatus.COMPLETED.value)),
-                else_=literal(JobStatus.FAILED.value),
-            )
-        )
-    )
+    outcome = session.scalar(_JOB_OUTCOME, {"job_id": job_id})
     return None if outcome is None else JobStatus(outcome)
 
 
