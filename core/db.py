@@ -25,7 +25,14 @@ def make_engine(database_url: str) -> Engine:
     if database_url.startswith("postgresql://"):
         # psycopg 3 is the driver segq ships with.
         database_url = "postgresql+psycopg://" + database_url.removeprefix("postgresql://")
-    return create_engine(database_url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # No ping before each checkout: it is a round trip per transaction, and
+    # a worker's item makes two. A connection that died (Postgres restarted)
+    # fails its next statement instead; SQLAlchemy then discards every pooled
+    # connection opened before the failure, so one statement per process
+    # fails, not one per connection. The API answers it with 503 and
+    # Retry-After (api/errors.py); the worker's task retries it
+    # (worker/tasks.py).
+    return create_engine(database_url, pool_size=10, max_overflow=20)
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:

@@ -69,7 +69,10 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def db_engine(database_url: str) -> Iterator[Engine]:
-    engine = make_engine(database_url)
+    # The tests' own engine pings before use, unlike production's (core/db.py):
+    # some tests restart Postgres or drop its connections, and every later
+    # test must start from a working pool.
+    engine = create_engine(database_url, pool_pre_ping=True)
     yield engine
     engine.dispose()
 
