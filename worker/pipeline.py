@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -497,30 +499,84 @@ def renew_lease(sessions: sessionmaker[Session], claim: Claim, lease_seconds: in
         return _update_held_item(session, claim, lease_expires_time=now_ms() + lease_seconds * 1000)
 
 
+class LeaseKeeper:
+    """Renews the leases of the items this process is running, every third
+    of their length, so a short lease covers a long item and a dead
+    worker's item is free again within one lease.
+
+    One thread per process for every item it runs: starting and joining a
+    thread per item cost more than a small item's whole claim."""
+
+    def __init__(self) -> None:
+        self._wake = threading.Condition()
+        self._held: dict[tuple[int, int], _HeldLease] = {}
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def hold(self, sessions: sessionmaker[Session], claim: Claim, lease_seconds: int) -> None:
+        with self._wake:
+            self._start_thread_once()
+            interval = lease_seconds / 3
+            self._held[claim.item_id, claim.attempt] = _HeldLease(
+                sessions, claim, lease_seconds, interval, time.monotonic() + interval
+            )
+            self._wake.notify()
+
+    def let_go(self, claim: Claim) -> None:
+        with self._wake:
+            self._held.pop((claim.item_id, claim.attempt), None)
+
+    def _start_thread_once(self) -> None:
+        # A thread does not survive fork: a pool process starts its own.
+        if self._thread is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                now = time.monotonic()
+                due = [held for held in self._held.values() if held.next_time <= now]
+                if not due:
+                    next_time = min((held.next_time for held in self._held.values()), default=None)
+                    self._wake.wait(None if next_time is None else next_time - now)
+                    continue
+                for held in due:
+                    held.next_time = now + held.interval
+            for held in due:
+                self._renew(held)
+
+    def _renew(self, held: _HeldLease) -> None:
+        try:
+            if not renew_lease(held.sessions, held.claim, held.lease_seconds):
+                self.let_go(held.claim)  # another attempt has it, or it is finished
+        except Exception:
+            # The database may be back by the next beat; the completion
+            # checks the lease anyway.
+            log.warning("could not renew the lease of item %s", held.claim.item_id, exc_info=True)
+
+
+@dataclass
+class _HeldLease:
+    sessions: sessionmaker[Session]
+    claim: Claim
+    lease_seconds: int
+    interval: float
+    next_time: float
+
+
+_lease_keeper = LeaseKeeper()
+
+
 @contextmanager
 def lease_kept(sessions: sessionmaker[Session], claim: Claim, lease_seconds: int) -> Iterator[None]:
-    """Renew the lease every third of its length while the body runs, so a
-    short lease covers a long item and a dead worker's item is free again
-    within one lease."""
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(lease_seconds / 3):
-            try:
-                if not renew_lease(sessions, claim, lease_seconds):
-                    return
-            except Exception:
-                # The database may be back by the next beat; the completion
-                # checks the lease anyway.
-                log.warning("could not renew the lease of item %s", claim.item_id, exc_info=True)
-
-    keeper = threading.Thread(target=renew, name=f"lease-{claim.item_id}", daemon=True)
-    keeper.start()
+    """Keep ``claim``'s lease renewed while the body runs."""
+    _lease_keeper.hold(sessions, claim, lease_seconds)
     try:
         yield
     finally:
-        stop.set()
-        keeper.join()
+        _lease_keeper.let_go(claim)
 
 
 def release_item(sessions: sessionmaker[Session], claim: Claim) -> bool:
