@@ -11,7 +11,10 @@ HTTP API, and prints:
   (before the API commits) to the item's completion, which is queue wait plus
   pipeline time outside the engine;
 - beside them, this machine's bare Celery round trip of an empty task over the
-  same Redis, measured in the same run, so the figures read as ratios.
+  same Redis, measured in the same run, so the figures read as ratios;
+- what one accepted 1-item job costs in CPU, for the whole machine and for the
+  API's processes (Linux /proc): the ceiling on jobs per second is the cores
+  divided by that.
 
     make bench-ingest                 # = .venv/bin/python bench/ingest.py
     .venv/bin/python bench/ingest.py --items 2000 --single-jobs 500   # quicker
@@ -106,7 +109,7 @@ class Bench:
         self.admin.dispose()
 
     @contextmanager
-    def process(self, *arguments: str) -> Iterator[None]:
+    def process(self, *arguments: str) -> Iterator[subprocess.Popen[bytes]]:
         log = (self.workdir / f"{arguments[0]}.log").open("ab")
         child = subprocess.Popen(
             [sys.executable, "-m", "cli.main", *arguments],
@@ -116,7 +119,7 @@ class Bench:
             stderr=subprocess.STDOUT,
         )
         try:
-            yield
+            yield child
         finally:
             child.terminate()
             child.wait(timeout=60)
@@ -209,6 +212,43 @@ class Bench:
             return session.scalar(select(func.max(Job.id))) or 0
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds every core has spent busy since boot; None off Linux."""
+    try:
+        first_line = Path("/proc/stat").read_text().split("\n", 1)[0]
+    except OSError:
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is in user)
+    ticks = [int(value) for value in first_line.split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
+def process_tree_seconds(root: int) -> float:
+    """CPU seconds used so far by process ``root`` and its live descendants."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # The fields after the command name, which may hold spaces.
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        used[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    tree = {root}
+    grew = True
+    while grew:
+        grown = tree | {pid for pid, parent in parents.items() if parent in tree}
+        grew, tree = len(grown) > len(tree), grown
+    return sum(used.get(pid, 0.0) for pid in tree)
+
+
 def celery_round_trips(redis_url: str, count: int) -> list[float]:
     """An empty task sent and its result read back, one at a time, through a
     solo worker on the same Redis: the floor any Celery pipeline stands on."""
@@ -242,7 +282,7 @@ def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="segq-bench-") as workdir:
         bench = Bench(args, Path(workdir))
         try:
-            with bench.api():
+            with bench.api() as api:
                 bench.wait_ready()
                 ids = bench.upload_images(args.job_size)
                 jobs = [
@@ -259,7 +299,9 @@ def run(args: argparse.Namespace) -> None:
                     for n in range(args.single_jobs)
                 ]
                 before_singles = bench.last_job()
+                busy_before, api_before = machine_busy_seconds(), process_tree_seconds(api.pid)
                 single_seconds = bench.submit(singles)
+                busy_after, api_after = machine_busy_seconds(), process_tree_seconds(api.pid)
                 with bench.workers():
                     single_drain = bench.drain(before_singles)
                     time.sleep(2)  # workers settle before latency is measured
@@ -302,6 +344,18 @@ def run(args: argparse.Namespace) -> None:
             f"p99 {p99 * 1000:.1f} ms; p50 is {p50 / bare:.1f}x the bare round trip",
         ),
     ]
+    if busy_before is not None and busy_after is not None:
+        machine_ms = (busy_after - busy_before) / args.single_jobs * 1000
+        api_ms = (api_after - api_before) / args.single_jobs * 1000
+        cores = os.cpu_count() or 1
+        rows.append(
+            (
+                "CPU per 1-item job",
+                f"{machine_ms:.1f} ms",
+                f"whole machine; API processes {api_ms:.1f} ms; "
+                f"{cores} cores allow {cores * 1000 / machine_ms:.0f} jobs/s at that cost",
+            )
+        )
     print(
         f"{os.cpu_count()} cores; API {args.api_processes} processes x {args.api_threads} threads, "
         f"worker concurrency {args.worker_processes}, {args.client_threads} client threads"
