@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.models import JobItem
+from core.models import ItemStatus, JobItem
 from core.storage import S3Storage
 from tests.conftest import TEST_LIMITS, Tenant
 from tests.images import png_bytes, scene_prompt_body
 from worker.engines.grabcut import GrabCutEngine
-from worker.pipeline import Outcome, process_item
+from worker.pipeline import Claim, Outcome, claim_item, process_item
 
 
 def job_with_items(tenant: Tenant, count: int) -> tuple[int, list[int]]:
@@ -91,3 +93,40 @@ def test_cancel_is_idempotent_and_refused_once_finished(
     refused = cancel(tenant, done_id)
     assert refused.status_code == 409 and refused.json["error"]["code"] == 409
     assert tenant.get_job(done_id).json["status"] == "Completed"
+
+
+def test_no_item_starts_once_a_cancel_has_answered(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    """Claims racing a cancel: each item is either taken before the cancel
+    (and runs to its end) or never; none starts after the cancel answered."""
+    job_id, items = job_with_items(tenant, 16)
+    start = threading.Barrier(len(items) + 1)
+
+    def claim(item_id: int) -> Claim | None:
+        start.wait()
+        return claim_item(
+            sessions, item_id, lease_seconds=60, engine_name="grabcut", max_attempts=3
+        )
+
+    def running() -> set[int]:
+        with sessions() as session:
+            return set(
+                session.scalars(
+                    select(JobItem.id).where(
+                        JobItem.job_id == job_id, JobItem.status == ItemStatus.RUNNING
+                    )
+                )
+            )
+
+    with ThreadPoolExecutor(len(items)) as pool:
+        claims = [pool.submit(claim, item_id) for item_id in items]
+        start.wait()
+        assert cancel(tenant, job_id).json["status"] == "Canceled"
+        running_at_cancel = running()
+        taken = {c.item_id for future in claims if (c := future.result()) is not None}
+
+    assert running() == running_at_cancel == taken
+    with sessions() as session:
+        statuses = session.scalars(select(JobItem.status).where(JobItem.job_id == job_id)).all()
+    assert statuses.count(ItemStatus.CANCELED) == len(items) - len(taken)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.models import ItemStatus, Job, JobItem, JobStatus
+from core.models import ItemStatus, Job, JobItem, JobStatus, WebhookDelivery
 from core.storage import S3Storage, StorageError
 from tests.conftest import TEST_LIMITS, Tenant
 from tests.images import png_bytes, scene, scene_prompt_body
@@ -48,8 +50,6 @@ def submit(
 
 
 def item_ids(tenant: Tenant, job_id: int) -> list[int]:
-    from sqlalchemy import select
-
     sessions = tenant.client.application.extensions["segq"].sessions
     with sessions() as session:
         return list(
@@ -281,3 +281,48 @@ def test_an_engine_error_fails_the_item_with_its_message(
     job = tenant.get_job(job_id).json
     assert job["status"] == "Failed"
     assert job["errorMessage"] == "segmentation failed: RuntimeError: CUDA out of memory"
+
+
+def claim_all_at_once(sessions: sessionmaker[Session], item_ids: list[int]) -> list[Any]:
+    """Claim every item from its own thread, all released together."""
+    start = threading.Barrier(len(item_ids))
+
+    def claim(item_id: int) -> Any:
+        start.wait()
+        return claim_item(
+            sessions, item_id, lease_seconds=LEASE, engine_name="grabcut", max_attempts=3
+        )
+
+    with ThreadPoolExecutor(len(item_ids)) as pool:
+        return list(pool.map(claim, item_ids))
+
+
+def test_concurrent_claims_start_the_job_exactly_once(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    files = [tenant.upload(png_bytes(seed=seed)).json["id"] for seed in range(12)]
+    body = {**scene_prompt_body(files[0]), "items": [{"fileId": i} for i in files]}
+    job_id, items = submit(tenant, body)
+    with sessions.begin() as session:
+        # Set directly: the API refuses hooks it cannot reach, and none is sent here.
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(webhook={"url": "https://hooks.example/segq", "events": ["job.started"]})
+        )
+
+    claims = claim_all_at_once(sessions, items)
+
+    assert all(claim is not None and claim.attempt == 1 for claim in claims)
+    assert {claim.job_id for claim in claims} == {job_id}
+    job = load(sessions, Job, job_id)
+    assert (job.status, job.engine) == (JobStatus.RUNNING, "grabcut")
+    # The claim that started the job was one of them (each takes its time
+    # before it waits for the job's row, so the first to wait is not always first in).
+    started_times = [load(sessions, JobItem, i).started_time for i in items]
+    assert job.start_time in started_times
+    with sessions() as session:
+        started = session.scalars(
+            select(WebhookDelivery.event_type).where(WebhookDelivery.job_id == job_id)
+        ).all()
+    assert started == ["job.started"]

@@ -109,52 +109,74 @@ def claim_item(
     that died; after ``max_attempts`` such attempts it is failed rather than
     tried again (an image that kills its worker must not kill them all)."""
     with sessions.begin() as session:
-        # Always the job's row first, then the item's: every writer takes
-        # them in this order (see cancel), so they cannot deadlock.
+        now = now_ms()
+        # The job's row before the item's, as every writer takes them (see
+        # cancel), so they cannot deadlock: the first claim of a job takes
+        # it to start the job; every claim holds it in share mode while it
+        # takes the item, so a cancel either comes before or waits.
+        started = session.execute(
+            _START_JOB_OF_ITEM, {"item_id": item_id, "engine": engine_name, "now": now}
+        ).one_or_none()
+        taken = session.execute(
+            _TAKE_RUNNABLE_ITEM,
+            {
+                "item_id": item_id,
+                "now": now,
+                "max_attempts": max_attempts,
+                "lease_expires_time": now + lease_seconds * 1000,
+                "engine": engine_name,
+            },
+        ).one_or_none()
+        if taken is not None:
+            if started is not None and started.webhook is not None:
+                job = session.get_one(Job, taken.job_id)
+                record_event(session, job, JOB_STARTED, now, lambda: whole_job_data(session, job))
+            return Claim(
+                item_id=item_id,
+                attempt=taken.attempt,
+                job_id=taken.job_id,
+                project_id=taken.project_id,
+                file_key=taken.storage_key,
+                source_url=taken.file_ref.get("fileUrl"),
+                prompt=dict(taken.prompt),
+                options=dict(taken.options),
+            )
+        if started is not None:
+            # Every item of a Queued job is Queued at attempt 0: runnable.
+            raise RuntimeError(f"item {item_id} of queued job {started.id} was not runnable")
+    # Not runnable as it stands. Find out why in a transaction of its own,
+    # which takes the rows for update (the one above held the job's only
+    # in share mode, and a lock is not upgraded: two such would deadlock).
+    _settle_unrunnable_item(sessions, item_id, max_attempts)
+    return None
+
+
+def _settle_unrunnable_item(
+    sessions: sessionmaker[Session], item_id: int, max_attempts: int
+) -> None:
+    """Cancel the item of a canceled job, fail one that workers kept dying
+    on; leave alone one that is finished or held by a live attempt."""
+    with sessions.begin() as session:
         job = session.scalar(_LOCK_JOB_OF_ITEM, {"item_id": item_id})
         if job is None:
             log.warning("item %s does not exist", item_id)
-            return None
+            return
+        item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
+        assert item is not None
         now = now_ms()
-        taken = None
-        if job.status != JobStatus.CANCELED:
-            taken = _take_runnable_item(
-                session, item_id, now, lease_seconds, engine_name, max_attempts
-            )
-        if taken is None:
-            # Not runnable as it stands: find out why, with the item's row locked.
-            item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
-            assert item is not None
-            if ItemStatus(item.status).finished:
-                return None
-            if job.status == JobStatus.CANCELED:
-                item.status = ItemStatus.CANCELED
-                item.finished_time = now
-                return None
-            if item.status == ItemStatus.RUNNING and (item.lease_expires_time or 0) > now:
-                return None
-            if item.attempt >= max_attempts:
-                fail_abandoned_item(session, item, now)
-                return None
-            # Runnable only since the claim statement looked: the attempt that
-            # held it released it (which takes no job lock) and sends it again.
-            return None
-        job.engine = job.engine or engine_name
-        if job.status == JobStatus.QUEUED:
-            job.status = JobStatus.RUNNING
-            job.start_time = now
-            job.status_time = now
-            record_event(session, job, JOB_STARTED, now, lambda: whole_job_data(session, job))
-        return Claim(
-            item_id=item_id,
-            attempt=taken.attempt,
-            job_id=job.id,
-            project_id=job.project_id,
-            file_key=taken.file_key,
-            source_url=taken.file_ref.get("fileUrl"),
-            prompt=dict(job.prompt),
-            options=dict(job.options),
-        )
+        if ItemStatus(item.status).finished:
+            return
+        if job.status == JobStatus.CANCELED:
+            item.status = ItemStatus.CANCELED
+            item.finished_time = now
+            return
+        if item.status == ItemStatus.RUNNING and (item.lease_expires_time or 0) > now:
+            return
+        if item.attempt >= max_attempts:
+            fail_abandoned_item(session, item, now)
+        # Otherwise it became runnable only after the claim looked: the
+        # attempt that held it released it (which takes no job lock) and
+        # sends it again.
 
 
 # The statements every item runs, built once: SQLAlchemy then reuses their
@@ -171,6 +193,37 @@ _LOCK_JOB_OF_ITEM = (
 
 _LOCK_JOB = select(Job).where(Job.id == bindparam("job_id")).with_for_update()
 
+#: Queued -> Running at a job's first claim; no row once the job has started.
+_START_JOB_OF_ITEM = (
+    update(Job)
+    .where(
+        Job.id
+        == select(JobItem.job_id).where(JobItem.id == bindparam("item_id")).scalar_subquery(),
+        Job.status == JobStatus.QUEUED,
+    )
+    .values(
+        status=JobStatus.RUNNING,
+        engine=bindparam("engine"),
+        start_time=bindparam("now"),
+        status_time=bindparam("now"),
+    )
+    .returning(Job.id, Job.webhook)
+    .execution_options(synchronize_session=False)
+)
+
+
+def _of_items_job(column: Any) -> Any:
+    """A column of the item's job, for RETURNING (SQLite returns only the
+    updated table's columns, or subqueries)."""
+    return select(column).where(Job.id == JobItem.job_id).scalar_subquery().label(column.key)
+
+
+#: Start an attempt at the item if it is runnable as it stands (Queued, or
+#: Running with its lease run out, and attempts left) and its job is not
+#: canceled; no row otherwise, with nothing changed. The job's row is held
+#: in share mode (FOR SHARE) while the item's is taken: claims of one job do
+#: not wait for each other, and a cancel (FOR UPDATE) waits for them or
+#: they for it. What the attempt needs of the item and the job comes back.
 _TAKE_RUNNABLE_ITEM = (
     update(JobItem)
     .where(
@@ -183,6 +236,10 @@ _TAKE_RUNNABLE_ITEM = (
             ),
         ),
         JobItem.attempt < bindparam("max_attempts"),
+        select(Job.id)
+        .where(Job.id == JobItem.job_id, Job.status != JobStatus.CANCELED)
+        .with_for_update(read=True)
+        .exists(),
     )
     .values(
         status=ItemStatus.RUNNING,
@@ -194,7 +251,14 @@ _TAKE_RUNNABLE_ITEM = (
     .returning(
         JobItem.attempt,
         JobItem.file_ref,
-        select(StoredFile.storage_key).where(StoredFile.id == JobItem.file_id).scalar_subquery(),
+        select(StoredFile.storage_key)
+        .where(StoredFile.id == JobItem.file_id)
+        .scalar_subquery()
+        .label("storage_key"),
+        JobItem.job_id,
+        _of_items_job(Job.project_id),
+        _of_items_job(Job.prompt),
+        _of_items_job(Job.options),
     )
     .execution_options(synchronize_session=False)
 )
@@ -218,41 +282,6 @@ _JOB_OUTCOME = select(
         else_=literal(JobStatus.FAILED.value),
     )
 )
-
-
-@dataclass(frozen=True)
-class _TakenItem:
-    attempt: int
-    file_ref: dict[str, Any]
-    #: None for a URL item, or once the file was deleted.
-    file_key: str | None
-
-
-def _take_runnable_item(
-    session: Session,
-    item_id: int,
-    now: int,
-    lease_seconds: int,
-    engine_name: str,
-    max_attempts: int,
-) -> _TakenItem | None:
-    """Start an attempt at the item in one statement if it is runnable as it
-    stands (Queued, or Running with its lease run out, and attempts left);
-    None otherwise, with nothing changed. The caller holds the job's row."""
-    row = session.execute(
-        _TAKE_RUNNABLE_ITEM,
-        {
-            "item_id": item_id,
-            "now": now,
-            "max_attempts": max_attempts,
-            "lease_expires_time": now + lease_seconds * 1000,
-            "engine": engine_name,
-        },
-    ).one_or_none()
-    if row is None:
-        return None
-    attempt, file_ref, file_key = row
-    return _TakenItem(attempt=attempt, file_ref=file_ref, file_key=file_key)
 
 
 def abandoned_message(attempts: int) -> str:
