@@ -98,7 +98,8 @@ def enqueue_items(app: Celery, item_ids: Iterable[int]) -> None:
     with app.producer_or_acquire() as producer:
         # A batch builds a Redis pipeline, which costs more than the one
         # round trip it saves when there is a single message.
-        with producer.batch() if len(ids) > 1 else nullcontext():
+        batch = producer.batch() if len(ids) > 1 else nullcontext()
+        with batch:
             for item_id in ids:
                 app.send_task(SEGMENT_ITEM_TASK, args=[item_id], producer=producer)
 
