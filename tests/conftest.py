@@ -8,6 +8,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,27 @@ def tenant(client: FlaskClient, sessions: sessionmaker[Session]) -> Tenant:
 @pytest.fixture
 def other_tenant(client: FlaskClient, sessions: sessionmaker[Session]) -> Tenant:
     return make_tenant(client, sessions, "globex")
+
+
+@contextmanager
+def grabcut_worker(
+    celery_app: Celery, sessions: sessionmaker[Session], storage: S3Storage
+) -> Iterator[None]:
+    """A real Celery worker (solo pool, in a thread of this process) running
+    the GrabCut engine on ``sessions`` and ``storage``."""
+    from celery.contrib.testing.worker import start_worker
+
+    import worker.tasks  # noqa: F401  (registers the shared tasks on celery_app)
+    from worker import runtime
+    from worker.engines.grabcut import GrabCutEngine
+
+    runtime.install(
+        runtime.WorkerRuntime(
+            sessions, storage, GrabCutEngine(), lease_seconds=60, limits=TEST_LIMITS
+        )
+    )
+    try:
+        with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+            yield
+    finally:
+        runtime.install(None)

@@ -9,15 +9,12 @@ from collections.abc import Iterator
 
 import pytest
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 from sqlalchemy import Engine, text
 
 from core.db import make_engine, make_session_factory
 from core.storage import S3Storage
-from tests.conftest import TEST_LIMITS, Tenant
+from tests.conftest import Tenant, grabcut_worker
 from tests.images import jpeg_bytes, scene_prompt_body
-from worker import runtime
-from worker.engines.grabcut import GrabCutEngine
 
 
 @pytest.fixture
@@ -30,17 +27,8 @@ def worker_engine(database_url: str) -> Iterator[Engine]:
 
 @pytest.fixture
 def running_worker(celery_app: Celery, worker_engine: Engine, storage: S3Storage) -> Iterator[None]:
-    import worker.tasks  # noqa: F401  (registers the shared tasks on celery_app)
-
-    sessions = make_session_factory(worker_engine)
-    runtime.install(
-        runtime.WorkerRuntime(
-            sessions, storage, GrabCutEngine(), lease_seconds=60, limits=TEST_LIMITS
-        )
-    )
-    with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+    with grabcut_worker(celery_app, make_session_factory(worker_engine), storage):
         yield
-    runtime.install(None)
 
 
 def drop_every_other_connection(engine: Engine) -> int:

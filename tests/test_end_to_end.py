@@ -13,15 +13,12 @@ import numpy as np
 import pytest
 import requests
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.storage import S3Storage
-from tests.conftest import TEST_LIMITS, Tenant
+from tests.conftest import Tenant, grabcut_worker
 from tests.images import cognite_sample_body, jpeg_bytes, scene, scene_prompt_body
-from worker import runtime
-from worker.engines.grabcut import GrabCutEngine
 from worker.masks import Ring, rasterize_rings
 
 
@@ -29,16 +26,8 @@ from worker.masks import Ring, rasterize_rings
 def running_worker(
     celery_app: Celery, sessions: sessionmaker[Session], storage: S3Storage
 ) -> Iterator[None]:
-    import worker.tasks  # noqa: F401  (registers the shared tasks on celery_app)
-
-    runtime.install(
-        runtime.WorkerRuntime(
-            sessions, storage, GrabCutEngine(), lease_seconds=60, limits=TEST_LIMITS
-        )
-    )
-    with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+    with grabcut_worker(celery_app, sessions, storage):
         yield
-    runtime.install(None)
 
 
 def wait_finished(tenant: Tenant, job_id: int, timeout: float = 60) -> Any:
