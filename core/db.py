@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def make_engine(database_url: str) -> Engine:
@@ -26,12 +33,12 @@ def make_engine(database_url: str) -> Engine:
         # psycopg 3 is the driver segq ships with.
         database_url = "postgresql+psycopg://" + database_url.removeprefix("postgresql://")
     # No ping before each checkout: it is a round trip per transaction, and
-    # a worker's item makes two. A connection that died (Postgres restarted)
-    # fails its next statement instead; SQLAlchemy then discards every pooled
-    # connection opened before the failure, so one statement per process
-    # fails, not one per connection. The API answers it with 503 and
-    # Retry-After (api/errors.py); the worker's task retries it
-    # (worker/tasks.py).
+    # a worker's item makes two. A connection that died (Postgres restarted,
+    # a proxy dropped it) fails its next statement instead, and SQLAlchemy
+    # then discards every connection of the pool opened before the failure:
+    # one failure per engine, plus one per connection in use at the time.
+    # The API answers it with 503 and Retry-After (api/errors.py); the
+    # worker runs its transactions through once_more_if_disconnected.
     return create_engine(database_url, pool_size=10, max_overflow=20)
 
 
@@ -46,3 +53,20 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def once_more_if_disconnected(transaction: Callable[[], T]) -> T:
+    """Run ``transaction``; if it failed because its pooled connection had
+    died, run it once more (the pool has reconnected by then).
+
+    Only for transactions that are safe to repeat: a dead connection fails
+    at its first statement, so the failed run changed nothing, except when
+    the connection died while committing, and then the repeat must find the
+    work done and do nothing (the worker's transactions are guarded so)."""
+    try:
+        return transaction()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        log.warning("a database connection had died; running the transaction once more")
+        return transaction()

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from celery import Celery
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 
 from core.db import make_engine, make_session_factory
+from core.models import ItemStatus, JobItem
 from core.storage import S3Storage
-from tests.conftest import Tenant, grabcut_worker
+from tests.conftest import TEST_LIMITS, Tenant, grabcut_worker
 from tests.images import jpeg_bytes, scene_prompt_body
+from worker.engines.grabcut import GrabCutEngine
+from worker.pipeline import Outcome, process_item
 
 
 @pytest.fixture
@@ -36,7 +40,8 @@ def drop_every_other_connection(engine: Engine) -> int:
     with engine.connect() as connection:
         dropped = connection.execute(
             text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                # Waits (up to 5 s) until each backend is gone.
+                "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
         ).scalar_one()
@@ -72,8 +77,42 @@ def test_dropped_connections_cost_one_503_and_one_prompt_retry(
     assert int(refused.headers["Retry-After"]) > 0
     assert tenant.get_job(first).status_code == 200
 
-    # The worker's connection is dead too: its claim fails, the task retries
-    # a second later on a new connection. Without that retry the item would
-    # wait for the reconciler (SEGQ_REPUBLISH_AFTER_SECONDS, minutes).
+    # The worker's connection is dead too: its claim fails once and runs
+    # again on a new connection. Without that the item would wait for the
+    # reconciler (SEGQ_REPUBLISH_AFTER_SECONDS, minutes).
     second = tenant.post_job(scene_prompt_body(file_id)).json["jobId"]
     assert wait_status(tenant, second, 15) == "Completed"
+
+
+def test_connections_dropped_mid_item_do_not_cost_its_result(
+    tenant: Tenant, worker_engine: Engine, db_engine: Engine, storage: S3Storage
+) -> None:
+    """The worker's connection dies while the engine runs: the completion
+    meets the dead connection first, and must still land (else the result
+    is dropped and the item waits for its lease to run out)."""
+    file_id = tenant.upload(jpeg_bytes(120, 90)).json["id"]
+    job_id = tenant.post_job(scene_prompt_body(file_id)).json["jobId"]
+    sessions = make_session_factory(worker_engine)
+    with sessions() as session:
+        [item_id] = session.scalars(select(JobItem.id).where(JobItem.job_id == job_id))
+    dropped: list[int] = []
+
+    class DroppingEngine(GrabCutEngine):
+        def segment(self, *args: Any, **kwargs: Any) -> Any:
+            dropped.append(drop_every_other_connection(db_engine))
+            return super().segment(*args, **kwargs)
+
+    outcome = process_item(
+        sessions,
+        storage,
+        DroppingEngine(),
+        item_id,
+        lease_seconds=60,
+        max_attempts=3,
+        limits=TEST_LIMITS,
+    )
+    assert dropped and dropped[0] >= 1  # the claim's connection, back in the pool
+    assert outcome == Outcome.COMPLETED
+    with sessions() as session:
+        item = session.get_one(JobItem, item_id)
+        assert (item.status, item.attempt) == (ItemStatus.COMPLETED, 1)

@@ -38,6 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.clock import now_ms
+from core.db import once_more_if_disconnected
 from core.job_document import render_item_event
 from core.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
 from core.storage import ObjectNotFound, ObjectStorage, StorageError
@@ -117,6 +118,9 @@ def claim_item(
         started = session.execute(
             _START_JOB_OF_ITEM, {"item_id": item_id, "engine": engine_name, "now": now}
         ).one_or_none()
+        # Read again: that statement may have waited for the job's row (a
+        # cancel, a roll-up), and the lease is counted from now.
+        now = now_ms()
         taken = session.execute(
             _TAKE_RUNNABLE_ITEM,
             {
@@ -537,10 +541,15 @@ class LeaseKeeper:
     thread per item cost more than a small item's whole claim."""
 
     def __init__(self) -> None:
+        self._forget_all()
+        # A forked child has none of the parent's threads, and none of its
+        # items: it starts empty (and not with a lock held at the fork).
+        os.register_at_fork(after_in_child=self._forget_all)
+
+    def _forget_all(self) -> None:
         self._wake = threading.Condition()
         self._held: dict[tuple[int, int], _HeldLease] = {}
         self._thread: threading.Thread | None = None
-        self._pid = 0
 
     def hold(self, sessions: sessionmaker[Session], claim: Claim, lease_seconds: int) -> None:
         with self._wake:
@@ -556,9 +565,7 @@ class LeaseKeeper:
             self._held.pop((claim.item_id, claim.attempt), None)
 
     def _start_thread_once(self) -> None:
-        # A thread does not survive fork: a pool process starts its own.
-        if self._thread is None or self._pid != os.getpid():
-            self._pid = os.getpid()
+        if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
             self._thread.start()
 
@@ -637,12 +644,17 @@ def process_item(
     until ``max_attempts`` attempts have been made; then the item fails.
     Database errors propagate: the lease runs out and the item is run again.
     """
-    claim = claim_item(
-        sessions,
-        item_id,
-        lease_seconds=lease_seconds,
-        engine_name=engine.name,
-        max_attempts=max_attempts,
+    # Each transaction runs once more if its pooled connection had died
+    # (core/db.py): all three are guarded by the attempt, so a repeat after a
+    # commit that did land finds the work done.
+    claim = once_more_if_disconnected(
+        lambda: claim_item(
+            sessions,
+            item_id,
+            lease_seconds=lease_seconds,
+            engine_name=engine.name,
+            max_attempts=max_attempts,
+        )
     )
     if claim is None:
         return Outcome.SKIPPED
@@ -662,7 +674,7 @@ def process_item(
         error_message = str(failure)
     except StorageError as exc:
         if claim.attempt < max_attempts:
-            release_item(sessions, claim)
+            once_more_if_disconnected(lambda: release_item(sessions, claim))
             raise StorageUnavailable(str(exc)) from exc
         error_message = f"storage was unavailable for {claim.attempt} attempts: {exc}"
     except Exception as exc:
@@ -670,7 +682,9 @@ def process_item(
         # the item now, with what went wrong, and keep the worker serving.
         log.exception("item %s failed in the pipeline", claim.item_id)
         error_message = f"segmentation failed: {type(exc).__name__}: {str(exc)[:300]}"
-    landed = finish_item(sessions, claim, result=result, error_message=error_message)
+    landed = once_more_if_disconnected(
+        lambda: finish_item(sessions, claim, result=result, error_message=error_message)
+    )
     if not landed:
         return Outcome.LEASE_LOST
     return Outcome.COMPLETED if result is not None else Outcome.FAILED

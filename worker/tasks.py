@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
-from sqlalchemy.exc import DBAPIError
 
 from core.queue import DELIVER_WEBHOOK_TASK, SEGMENT_ITEM_TASK
 from worker import runtime
@@ -14,8 +13,6 @@ from worker.pipeline import StorageUnavailable, process_item
 from worker.webhook_delivery import deliver
 
 MAX_RETRY_DELAY_SECONDS = 60
-DISCONNECT_RETRY_SECONDS = 1
-MAX_DISCONNECT_RETRIES = 3
 
 
 def storage_retry_delay(retries_so_far: int) -> int:
@@ -41,15 +38,6 @@ def segment_item(self: Any, item_id: int) -> str:
         # The item is back in the queue; process_item counts the attempts and
         # fails the item once they run out, so this retry loop is bounded.
         raise self.retry(countdown=storage_retry_delay(self.request.retries), exc=exc) from exc
-    except DBAPIError as exc:
-        if not exc.connection_invalidated or self.request.retries >= MAX_DISCONNECT_RETRIES:
-            raise
-        # A pooled connection had died (Postgres restarted; core/db.py does
-        # not ping before use). The pool now reconnects: try again soon. Safe
-        # at any step: a claim that had landed holds a lease, so the retry
-        # skips the item and the lease's expiry brings it back. Past the
-        # bound, the reconciler sends the item again.
-        raise self.retry(countdown=DISCONNECT_RETRY_SECONDS, exc=exc) from exc
     return outcome.value
 
 

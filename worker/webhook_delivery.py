@@ -28,6 +28,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.clock import now_ms
+from core.db import once_more_if_disconnected
 from core.models import DeliveryStatus, WebhookAttempt, WebhookDelivery
 from core.projects import ensure_webhook_secret, signing_secrets
 from core.url_guard import FetchFailed, FetchPolicy, UrlRefused, post
@@ -257,12 +258,19 @@ class Outcome(StrEnum):
 
 def deliver(sessions: sessionmaker[Session], delivery_id: int, rules: DeliveryRules) -> Outcome:
     """Make one attempt at a delivery, if it is due."""
-    claim = claim_delivery(sessions, delivery_id, rules)
+    # A connection that had died fails the transaction once (core/db.py).
+    # A repeated claim after a claim that did land finds the delivery in
+    # flight and skips it (the claim runs out and the dispatcher sends it
+    # again); a repeated record after one that did land may add the
+    # attempt's row twice, and changes the delivery once.
+    claim = once_more_if_disconnected(lambda: claim_delivery(sessions, delivery_id, rules))
     if claim is None:
         return Outcome.SKIPPED
     attempted_time = now_ms()
     result = send(claim, rules.policy)
-    status = record_attempt(sessions, claim, result, rules, attempted_time)
+    status = once_more_if_disconnected(
+        lambda: record_attempt(sessions, claim, result, rules, attempted_time)
+    )
     if result.error is not None:
         log.info("webhook delivery %s attempt %s: %s", delivery_id, claim.attempt, result.error)
     if status is None:
