@@ -221,9 +221,12 @@ def machine_busy_seconds() -> float | None:
         first_line = Path("/proc/stat").read_text().split("\n", 1)[0]
     except OSError:
         return None
-    # user nice system idle iowait irq softirq steal (guest time is in user)
-    ticks = [int(value) for value in first_line.split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+    # user nice system idle iowait irq softirq (guest time is in user). Not
+    # steal: time the hypervisor gave to other machines, not spent here.
+    user, nice, system, _idle, _iowait, irq, softirq = (
+        int(value) for value in first_line.split()[1:8]
+    )
+    return (user + nice + system + irq + softirq) / CLOCK_TICKS
 
 
 def process_tree_seconds(root: int) -> float:
