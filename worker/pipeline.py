@@ -538,7 +538,7 @@ class LeaseKeeper:
     worker's item is free again within one lease.
 
     One thread per process for every item it runs: starting and joining a
-    thread per item cost more than a small item's whole claim."""
+    thread per item cost two context switches on every item's path."""
 
     def __init__(self) -> None:
         self._forget_all()
