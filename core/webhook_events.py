@@ -61,8 +61,9 @@ def subscribed_events(names: Sequence[str] | None) -> list[str]:
     return [event for event in EVENT_TYPES if event in wanted]
 
 
-def wants(job: Job, event_type: str) -> bool:
-    return job.webhook is not None and event_type in job.webhook["events"]
+def wants(webhook: dict[str, Any] | None, event_type: str) -> bool:
+    """Whether a job's ``webhook`` (None: it has none) subscribes to ``event_type``."""
+    return webhook is not None and event_type in webhook["events"]
 
 
 def new_message_id() -> str:
@@ -97,7 +98,7 @@ def record_event(
     """Add a delivery of ``event_type`` for ``job`` to ``session`` if the job's
     webhook asks for it (``render_data`` is called only then). The caller
     commits it with the state change; a dispatcher sends it after that."""
-    if not wants(job, event_type):
+    if not wants(job.webhook, event_type):
         return None
     assert job.webhook is not None
     data = render_data()

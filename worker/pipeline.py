@@ -50,6 +50,7 @@ from core.webhook_events import (
     JOB_FAILED,
     JOB_STARTED,
     record_event,
+    wants,
     whole_job_data,
 )
 from worker.engines.base import Candidate, Prompt, SegmentationEngine
@@ -132,7 +133,8 @@ def claim_item(
             },
         ).one_or_none()
         if taken is not None:
-            if started is not None and started.webhook is not None:
+            # Loaded only to render the event, if its webhook wants it.
+            if started is not None and wants(started.webhook, JOB_STARTED):
                 job = session.get_one(Job, taken.job_id)
                 record_event(session, job, JOB_STARTED, now, lambda: whole_job_data(session, job))
             return Claim(
