@@ -5,6 +5,7 @@ worker that only delivers webhooks loads no model."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -43,6 +44,14 @@ _delivery_runtime: DeliveryRuntime | None = None
 _lock = threading.Lock()
 
 
+@functools.cache
+def _sessions_for(database_url: str) -> sessionmaker[Session]:
+    """One engine, and so one connection pool, per database and process:
+    a process that segments and delivers webhooks shares it between both.
+    First used in a pool process, after the fork, never in the parent."""
+    return make_session_factory(make_engine(database_url))
+
+
 def build_runtime(settings: Settings) -> WorkerRuntime:
     choice = resolve_engine(
         settings.model, settings.model_checkpoint, settings.data_dir / "weights"
@@ -50,7 +59,7 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
     engine = load_engine(choice, settings.device)
     log.info("engine %s ready", engine.name)
     return WorkerRuntime(
-        sessions=make_session_factory(make_engine(settings.database_url)),
+        sessions=_sessions_for(settings.database_url),
         storage=open_storage(
             settings.storage_url,
             s3_endpoint_url=settings.s3_endpoint_url,
@@ -91,7 +100,7 @@ def delivery() -> DeliveryRuntime:
         if _delivery_runtime is None:
             settings = Settings.from_env()
             _delivery_runtime = DeliveryRuntime(
-                sessions=make_session_factory(make_engine(settings.database_url)),
+                sessions=_sessions_for(settings.database_url),
                 rules=DeliveryRules(settings.webhook_policy(), settings.webhook_retry_delays),
             )
         return _delivery_runtime
