@@ -102,7 +102,7 @@ def test_messages_lost_by_the_broker_are_sent_again(
     ).json["jobId"]
     item_ids = [item.id for item in items_of(sessions, job_id)]
     assert messages() == item_ids
-    redis.Redis.from_url(REDIS_URL).flushall()
+    redis.Redis.from_url(REDIS_URL).flushdb()
     assert messages() == []
     assert run_pass(sessions, celery_app).republished == 3
     assert messages() == item_ids
@@ -147,7 +147,7 @@ def test_one_pass_at_a_time(
 ) -> None:
     file_id = tenant.upload(png_bytes()).json["id"]
     tenant.post_job(scene_prompt_body(file_id))
-    redis.Redis.from_url(REDIS_URL).flushall()
+    redis.Redis.from_url(REDIS_URL).flushdb()
     with sessions() as holder:
         holder.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY})
         assert run_pass(sessions, celery_app).republished == 0
