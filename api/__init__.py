@@ -7,13 +7,13 @@ import uuid
 
 from celery import Celery
 from flask import Flask, Response, g, request
-from werkzeug.routing import IntegerConverter
 
 from api.context import Services, close_db
 from api.errors import register_error_handlers
 from api.files import files
 from api.jobs import jobs
 from api.rate_limit import make_rate_limiter
+from api.request_integers import IdConverter
 from api.service import service
 from api.webhooks import webhooks
 from core.db import make_engine, make_session_factory
@@ -25,14 +25,6 @@ log = logging.getLogger(__name__)
 
 # Room for the multipart framing around the largest allowed file.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
-
-
-class IdConverter(IntegerConverter):
-    """Ids in paths: positive and within a 64-bit column. A larger number
-    matches no route (404) instead of reaching the database."""
-
-    def __init__(self, map: object, *args: object, **kwargs: object) -> None:
-        super().__init__(map, min=1, max=2**63 - 1)  # type: ignore[arg-type]
 
 
 def create_app(

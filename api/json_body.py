@@ -13,8 +13,19 @@ from api.errors import ApiError
 MAX_JSON_BODY_BYTES = 2 * 1024 * 1024
 
 
+#: Integers longer than this are no id, count or coordinate segq knows of.
+#: Python refuses to convert past 4,300 digits anyway, with a ValueError.
+MAX_INTEGER_DIGITS = 20
+
+
 def _reject_constant(name: str) -> Any:
     raise ApiError(400, f"{name} is not valid JSON")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INTEGER_DIGITS:
+        raise ApiError(400, f"a number in the body has more than {MAX_INTEGER_DIGITS} digits")
+    return int(text)
 
 
 def _read_body(limit: int) -> bytes:
@@ -35,17 +46,20 @@ def _read_body(limit: int) -> bytes:
     return b"".join(parts)
 
 
-def read_json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or a 400/415 ApiError.
+def read_json_object(max_bytes: int = MAX_JSON_BODY_BYTES) -> dict[str, Any]:
+    """The request body as a JSON object of at most ``max_bytes``, or a
+    400/413/415 ApiError.
 
     Python's parser accepts NaN and Infinity, which JSON does not; they are
     refused here so they never reach a coordinate."""
     mimetype = request.mimetype
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise ApiError(415, "Content-Type must be application/json")
-    raw = _read_body(MAX_JSON_BODY_BYTES)
+    # The app's bound is the largest upload's; a route may allow more.
+    request.max_content_length = max(request.max_content_length or 0, max_bytes)
+    raw = _read_body(max_bytes)
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant, parse_int=_bounded_int)
     except UnicodeDecodeError:
         raise ApiError(400, "body is not UTF-8") from None
     except json.JSONDecodeError as exc:

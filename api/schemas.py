@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.errors import ApiError
+from api.request_integers import ascii_integer, request_integer
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -283,9 +284,7 @@ def list_limit(raw: str | None, default: int = 100) -> int:
     """The ``limit`` of a listing: an integer in [1, MAX_LIST_LIMIT], else 400."""
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIST_LIMIT:
-        raise ApiError(400, f"limit must be an integer in [1, {MAX_LIST_LIMIT}]")
-    return int(raw)
+    return request_integer("limit", raw, minimum=1, maximum=MAX_LIST_LIMIT)
 
 
 def encode_cursor(last_id: int) -> str:
@@ -298,10 +297,11 @@ def cursor_after(raw: str | None) -> int | None:
     if raw is None:
         return None
     try:
-        value = int(base64.urlsafe_b64decode(raw.encode() + b"==").decode())
-    except (ValueError, UnicodeDecodeError, binascii.Error):
+        text = base64.urlsafe_b64decode(raw.encode() + b"==").decode()
+    except (ValueError, UnicodeError, binascii.Error):
         raise ApiError(400, "cursor is invalid") from None
-    if value < 1:
+    value = ascii_integer(text, minimum=1)
+    if value is None:
         raise ApiError(400, "cursor is invalid")
     return value
 

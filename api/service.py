@@ -3,6 +3,7 @@ own description, and local-disk objects behind signed URLs."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Any
 
@@ -12,6 +13,7 @@ from sqlalchemy import func, select, text
 from api.context import db, services
 from api.errors import ApiError
 from api.openapi import DOCS_PAGE, openapi_document
+from api.request_integers import ascii_integer
 from core.clock import now_ms
 from core.models import DeliveryStatus, Job, JobItem, JobStatus, WebhookDelivery
 from core.storage import LocalStorage, ObjectNotFound
@@ -55,11 +57,29 @@ def readyz() -> tuple[Response, int, dict[str, str]]:
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
+def _check_metrics_token(token: str | None) -> None:
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode("utf-8", "replace"), token.encode()
+    ):
+        raise ApiError(
+            401,
+            "metrics need 'Authorization: Bearer <SEGQ_METRICS_TOKEN>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
 @service.get("/metrics")
 def metrics() -> Response:
     """Prometheus text format, read from Postgres at scrape time (so every API
     process answers the same): the backlog an autoscaler needs. Only
-    unfinished rows are counted; they are few and indexed by status."""
+    unfinished rows are counted; they are few and indexed by status.
+
+    The figures are totals over every project: with SEGQ_METRICS_TOKEN set,
+    only a scraper holding that token reads them."""
+    _check_metrics_token(services().settings.metrics_token)
     session = db()
     now = now_ms()
     lines: list[str] = []
@@ -118,9 +138,9 @@ def local_object(key: str) -> Response:
     storage = services().storage
     if not isinstance(storage, LocalStorage):
         raise ApiError(404, "not found")
-    expires = request.args.get("expires", "")
+    expires = ascii_integer(request.args.get("expires", ""))
     signature = request.args.get("signature", "")
-    if not expires.isdigit() or not storage.verify_signature(key, int(expires), signature):
+    if expires is None or not storage.verify_signature(key, expires, signature):
         raise ApiError(403, "this URL is invalid or has expired")
     try:
         data = storage.get(key)

@@ -194,7 +194,10 @@ class LocalStorage:
         """True while the URL has not expired and its signature is ours."""
         if expires < time.time():
             return False
-        return hmac.compare_digest(self._signature(key, expires), signature)
+        # As bytes: compare_digest refuses str with non-ASCII characters.
+        return hmac.compare_digest(
+            self._signature(key, expires).encode(), signature.encode("utf-8", "replace")
+        )
 
     def _signature(self, key: str, expires: int) -> str:
         message = f"{key}\n{expires}".encode()

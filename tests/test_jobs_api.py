@@ -11,7 +11,9 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.json_body import MAX_JSON_BODY_BYTES
 from core.models import Job, JobItem
+from core.settings import Settings
 from tests.conftest import REDIS_URL, Tenant
 from tests.images import cognite_sample_body, png_bytes
 
@@ -292,10 +294,12 @@ def test_cdf_version_header_is_ignored(tenant: Tenant, file_id: int) -> None:
 
 
 def test_oversized_json_is_413_also_when_chunked(
-    tenant: Tenant, sessions: sessionmaker[Session]
+    tenant: Tenant, sessions: sessionmaker[Session], settings: Settings
 ) -> None:
+    # A job body may hold one inline image as large as an upload, in base64.
+    limit = MAX_JSON_BODY_BYTES + 4 * -(-settings.max_upload_bytes // 3)
     body = json.dumps(
-        {"items": [{"fileId": 1}], "points": [{"x": 0.5, "y": 0.5}], "pad": "x" * 3_000_000}
+        {"items": [{"fileId": 1}], "points": [{"x": 0.5, "y": 0.5}], "pad": "x" * limit}
     )
     sized = tenant.client.post(
         tenant.url("/context/vision/segment"),
