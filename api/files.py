@@ -9,6 +9,8 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request, url_for
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.auth import protect_project_routes
 from api.context import current_project, db, services
@@ -20,6 +22,9 @@ from core.models import StoredFile
 from core.storage import StorageError
 
 log = logging.getLogger(__name__)
+
+#: An upload needs three parts (file, externalId, name); many more is not an upload.
+MAX_FORM_PARTS = 100
 
 files = Blueprint("files", __name__, url_prefix="/api/v1/projects/<project>/files")
 protect_project_routes(files)
@@ -50,7 +55,7 @@ def _optional_text_field(name: str) -> str | None:
 def upload_file() -> tuple[Response, int, dict[str, str]]:
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "upload as multipart/form-data with the image in field 'file'")
-    upload = request.files.get("file")
+    upload = _uploaded_form_file()
     if upload is None:
         raise ApiError(400, "multipart field 'file' is missing")
     external_id = _optional_text_field("externalId")
@@ -82,6 +87,26 @@ def upload_file() -> tuple[Response, int, dict[str, str]]:
         raise
     location = url_for("files.get_file", project=project.name, file_id=stored.id)
     return jsonify(file_body(stored)), 201, {"Location": location}
+
+
+def _uploaded_form_file() -> FileStorage | None:
+    """The form's ``file`` part, parsed within bounds: the body's size (the
+    app's MAX_CONTENT_LENGTH) and the number of parts. Text parts are not
+    bounded apart from the body, so a 413 from the parser with the body
+    within its size means too many parts."""
+    request.max_form_parts = MAX_FORM_PARTS
+    request.max_form_memory_size = None
+    try:
+        return request.files.get("file")
+    except RequestEntityTooLarge:
+        length = request.content_length
+        if length is not None and length <= (request.max_content_length or length):
+            raise ApiError(413, f"the form has more than {MAX_FORM_PARTS} parts") from None
+        if length is None:
+            raise ApiError(
+                413, f"request body is too large or has more than {MAX_FORM_PARTS} parts"
+            ) from None
+        raise
 
 
 def _external_id_taken(project_id: int, external_id: str) -> bool:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, unquote_to_bytes
 
 from sqlalchemy import select
 
@@ -20,7 +20,9 @@ from api.schemas import FileReference
 from core.models import StoredFile
 from core.url_guard import UrlRefused, check_url
 
-DATA_URL = re.compile(r"^data:(image/(?:png|jpeg));base64,(.*)$", re.DOTALL)
+#: Declared types of inline images; empty is RFC 2397's default (the bytes
+#: are sniffed whatever is declared).
+INLINE_MEDIA_TYPES = frozenset({"", "image/png", "image/jpeg", "image/jpg", "image/pjpeg"})
 
 
 @dataclass
@@ -81,18 +83,36 @@ def resolve_sources(project_id: int, references: list[FileReference]) -> ItemSou
 
 
 def _decode_data_url(index: int, value: str) -> bytes:
-    match = DATA_URL.match(value)
-    if match is None:
-        raise ApiError(
-            400, f"items[{index}].imageData must be data:image/png;base64,… or image/jpeg"
-        )
+    """The bytes of an RFC 2397 URL, ``data:[<type>][;param=value]*[;base64],<data>``.
+
+    The scheme, the type and the ``base64`` token are case-insensitive;
+    base64 may be wrapped in whitespace or lack its padding; without
+    ``;base64`` the data is percent-encoded. The declared type must be one
+    segq reads, or left out: the bytes decide what the image really is."""
+    field = f"items[{index}].imageData"
+    header, comma, data = value.partition(",")
+    if not comma or header[:5].lower() != "data:":
+        raise ApiError(400, f"{field} must be a data: URL (data:image/png;base64,...)")
+    tokens = [token.strip() for token in header[5:].split(";")]
+    media_type = tokens[0].lower()
+    is_base64 = len(tokens) > 1 and tokens[-1].lower() == "base64"
+    if media_type not in INLINE_MEDIA_TYPES:
+        raise ApiError(415, f"{field} must be image/png or image/jpeg, not {tokens[0][:40]!r}")
     max_bytes = services().settings.max_upload_bytes
-    if len(match.group(2)) > (max_bytes + 2) // 3 * 4 + 4:
-        raise ApiError(413, f"items[{index}].imageData is larger than {max_bytes} bytes")
-    try:
-        return base64.b64decode(match.group(2), validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"items[{index}].imageData is not valid base64") from None
+    if len(data) > 3 * max_bytes + 1024:  # longer than any encoding of an allowed image
+        raise ApiError(413, f"{field} is larger than {max_bytes} bytes")
+    decoded: bytes
+    if is_base64:
+        compact = "".join(unquote(data).split())
+        try:
+            decoded = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{field} is not valid base64") from None
+    else:
+        decoded = unquote_to_bytes(data)
+    if len(decoded) > max_bytes:
+        raise ApiError(413, f"{field} is larger than {max_bytes} bytes")
+    return decoded
 
 
 def _resolve_files(project_id: int, references: list[FileReference]) -> dict[int, StoredFile]:
@@ -126,9 +146,11 @@ def _resolve_files(project_id: int, references: list[FileReference]) -> dict[int
         else:
             continue
         if found is None:
-            missing.append(shown)
+            if shown not in missing:
+                missing.append(shown)
         elif found.id in seen:
-            duplicated.append(shown)
+            if shown not in duplicated:
+                duplicated.append(shown)
         else:
             seen.add(found.id)
             resolved[index] = found

@@ -16,7 +16,8 @@ from api.context import current_project, db, services
 from api.errors import ApiError
 from api.files import discard_objects
 from api.item_sources import item_reference, resolve_sources
-from api.json_body import read_json_object
+from api.json_body import MAX_JSON_BODY_BYTES, read_json_object
+from api.request_integers import request_integer
 from api.schemas import (
     DEFAULT_OUTPUTS,
     SUPPORTED_OUTPUTS,
@@ -45,14 +46,12 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 @jobs.post("")
 def create_job() -> tuple[Response, int, dict[str, str]]:
-    body = read_json_object()
+    body = read_json_object(max_bytes=_max_job_body_bytes())
     segment_request = parse(SegmentRequest, body)
     _check_semantics(segment_request)
     webhook = _checked_webhook(segment_request.webhook)
     idempotency_key = _idempotency_key()
-    request_sha256 = hashlib.sha256(
-        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    ).hexdigest()
+    request_sha256 = _request_fingerprint(segment_request, webhook)
 
     project = current_project()
     session = db()
@@ -128,6 +127,12 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         session.execute(update(JobItem).where(JobItem.job_id == job.id).values(published_time=None))
         session.commit()
     return _created_answer(job, items)
+
+
+def _max_job_body_bytes() -> int:
+    """A job body may carry one inline image as large as an upload (base64
+    is 4 bytes for 3), on top of what any other body may hold."""
+    return MAX_JSON_BODY_BYTES + 4 * -(-services().settings.max_upload_bytes // 3)
 
 
 def _check_unfinished_jobs(project_id: int) -> None:
@@ -226,6 +231,20 @@ def _checked_webhook(webhook: Webhook | None) -> dict[str, object] | None:
     return {"url": webhook.url, "events": subscribed_events(webhook.events)}
 
 
+def _request_fingerprint(segment_request: SegmentRequest, webhook: dict[str, object] | None) -> str:
+    """What an Idempotency-Key is compared on: the request as validated, with
+    defaults filled in and numbers as numbers, so the same request spelt
+    another way (``1`` or ``1.0``, a default written out, ``started`` or
+    ``job.started``) is the same request."""
+    normalized = segment_request.model_dump(mode="json")
+    normalized["points"] = normalized["points"] or None
+    normalized["outputs"] = sorted(set(segment_request.outputs or DEFAULT_OUTPUTS))
+    normalized["webhook"] = webhook
+    return hashlib.sha256(
+        json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
 def _idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
@@ -252,9 +271,7 @@ def _time_argument(name: str) -> int | None:
     raw = request.args.get(name)
     if raw is None:
         return None
-    if not raw.isdigit() or len(raw) > 15:
-        raise ApiError(400, f"{name} must be milliseconds since the epoch")
-    return int(raw)
+    return request_integer(name, raw)
 
 
 @jobs.get("")
@@ -303,6 +320,16 @@ def owned_job(job_id: int, *, for_update: bool = False) -> Job:
     return job
 
 
+def public_link(public_url: str | None, url: str) -> str:
+    """An absolute link for ``url``, which local-disk storage makes relative
+    to the API's root: joined to the configured public URL, never to the
+    request's Host header (a client could name any host there). Without a
+    configured URL the link stays relative to the API's root."""
+    if public_url is None:
+        return url
+    return urljoin(public_url + "/", url.lstrip("/")) if url.startswith("/") else url
+
+
 def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
     settings = services().settings
     storage = services().storage
@@ -311,7 +338,9 @@ def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
     def link_mask(key: str) -> tuple[str, int]:
         # Signers count whole seconds from "now"; this is never later than theirs.
         expires_time = (now_ms() // 1000 + expires_in) * 1000
-        return urljoin(request.host_url, storage.presigned_get_url(key, expires_in)), expires_time
+        return public_link(settings.public_url, storage.presigned_get_url(key, expires_in)), (
+            expires_time
+        )
 
     document = render_job(job, _items_of(job), link_mask)
     headers: dict[str, str] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +40,19 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
 
         def load(self) -> Any:
             # Built in each gunicorn process, after the fork.
-            return create_app()
+            return create_app(settings_for_bind_address(Settings.from_env(), host, port))
 
     Server().run()
+
+
+def settings_for_bind_address(settings: Settings, host: str, port: int) -> Settings:
+    """Without SEGQ_PUBLIC_URL, links to local-disk objects name the address
+    the API is bound to; a wildcard bind names no address clients can use,
+    so links then stay relative to the API's root."""
+    if settings.public_url is not None or host in ("0.0.0.0", "::", ""):  # noqa: S104
+        return settings
+    shown = f"[{host}]" if ":" in host else host
+    return replace(settings, public_url=f"http://{shown}:{port}")
 
 
 @main.command()

@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from core.url_guard import FetchPolicy, parse_networks
 
@@ -55,6 +56,11 @@ class Settings:
     #: follows each entry, then the delivery is given up.
     webhook_retry_delays: tuple[int, ...]
     webhook_poll_seconds: float
+    #: The API's root as clients reach it (``https://segq.example``), for the
+    #: links it hands out to local-disk objects. Never taken from a request.
+    public_url: str | None = None
+    #: When set, /metrics answers only to ``Authorization: Bearer <token>``.
+    metrics_token: str | None = None
 
     def fetch_policy(self) -> FetchPolicy:
         """How workers may fetch images from URLs that clients give."""
@@ -115,6 +121,8 @@ class Settings:
                 env, "SEGQ_WEBHOOK_RETRY_DELAYS", DEFAULT_WEBHOOK_RETRY_DELAYS
             ),
             webhook_poll_seconds=_float(env, "SEGQ_WEBHOOK_POLL_SECONDS", 1.0),
+            public_url=_public_url(env, "SEGQ_PUBLIC_URL"),
+            metrics_token=env.get("SEGQ_METRICS_TOKEN") or None,
         )
 
 
@@ -153,6 +161,19 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if not value > 0 or value == float("inf"):
         raise SettingsError(f"{name} must be positive, got {raw!r}")
     return value
+
+
+def _public_url(env: Mapping[str, str], name: str) -> str | None:
+    """An http(s) root URL without a trailing slash, or None when unset."""
+    raw = env.get(name)
+    if not raw:
+        return None
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise SettingsError(
+            f"{name} must be an http(s) URL such as https://segq.example, got {raw!r}"
+        )
+    return raw.rstrip("/")
 
 
 def _persistent_secret(data_dir: Path) -> str:

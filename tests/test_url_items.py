@@ -275,10 +275,42 @@ def test_inline_images_become_files_of_the_project(
 
 
 @pytest.mark.parametrize(
+    "spelling",
+    [
+        "DATA:IMAGE/PNG;BASE64,{b64}",
+        "data:image/png;name=photo.png;charset=binary;base64,{b64}",
+        "data:;base64,{b64}",
+        "data:image/png;base64,{wrapped}",
+        "data:image/png;base64,{unpadded}",
+        "data:image/png;base64,{escaped}",
+    ],
+    ids=["upper-case", "parameters", "no-type", "line-wrapped", "no-padding", "percent-encoded"],
+)
+def test_data_urls_are_read_as_rfc_2397_says(
+    tenant: Tenant, sessions: sessionmaker[Session], spelling: str
+) -> None:
+    # An image whose base64 ends in padding, to test its absence.
+    image = next(i for i in (png_bytes(33, 17, seed) for seed in range(30)) if len(i) % 3)
+    b64 = base64.b64encode(image).decode()
+    data_url = spelling.format(
+        b64=b64,
+        wrapped="\r\n".join(b64[i : i + 76] for i in range(0, len(b64), 76)),
+        unpadded=b64.rstrip("="),
+        escaped=b64.replace("+", "%2B").replace("/", "%2F").replace("=", "%3D"),
+    )
+    created = tenant.post_job({"items": [{"imageData": data_url}], **PROMPT})
+    assert created.status_code == 200, created.json
+    [item] = created.json["items"]
+    stored = tenant.client.get(tenant.url(f"/files/{item['fileId']}"), headers=tenant.headers)
+    assert (stored.json["width"], stored.json["height"]) == (33, 17)
+    assert stored.json["size"] == len(image)
+
+
+@pytest.mark.parametrize(
     ("image_data", "status"),
     [
         ("data:image/png;base64,not*base64!", 400),
-        ("data:image/gif;base64,R0lGODlh", 400),
+        ("data:image/gif;base64,R0lGODlh", 415),
         ("https://example.com/x.png", 400),
         ("data:image/png;base64," + base64.b64encode(b"GIF89a not really").decode(), 415),
         ("data:image/jpeg;base64," + base64.b64encode(png_bytes()[:60]).decode(), 415),
