@@ -8,6 +8,7 @@ import uuid
 from celery import Celery
 from flask import Flask, Response, g, request
 
+from api.content_encoding import inflate_request_body
 from api.context import Services, close_db
 from api.errors import register_error_handlers
 from api.files import files
@@ -71,6 +72,11 @@ def create_app(
         g.request_id = (
             incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else (uuid.uuid4().hex)
         )
+
+    @app.before_request
+    def _inflate_body() -> None:
+        # Before anything reads the body, so every bound counts inflated bytes.
+        inflate_request_body(request.environ)
 
     @app.after_request
     def _tag_response(response: Response) -> Response:
