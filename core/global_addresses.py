@@ -34,10 +34,11 @@ def _block(network: str, name: str, globally_reachable: bool | None) -> SpecialB
 #: Address Registry (RFC 6890 and their later additions), with each entry's
 #: "Globally Reachable" column, as published at
 #: https://www.iana.org/assignments/iana-ipv4-special-registry/ and
-#: https://www.iana.org/assignments/iana-ipv6-special-registry/ (transcribed
-#: from the registries as of 2025; re-check them when they change). The
-#: most specific block an address falls in decides: 192.0.0.9 is global
-#: although 192.0.0.0/24 is not.
+#: https://www.iana.org/assignments/iana-ipv6-special-registry/, written out
+#: by hand as the registries stood in 2025 (their latest entry here is RFC
+#: 9780's, 100:0:0:1::/64); a block IANA adds later is allowed until it is
+#: added here. The most specific block an address falls in decides:
+#: 192.0.0.9 is global although 192.0.0.0/24 is not.
 SPECIAL_PURPOSE_BLOCKS: tuple[SpecialBlock, ...] = (
     # IPv4
     _block("0.0.0.0/8", '"This network" (RFC 791)', False),

@@ -143,7 +143,10 @@ def _checked_host(parts: SplitResult) -> IpAddress | None:
     if not host.isascii():
         raise UrlRefused("write an international domain name in its ASCII (xn--) form")
     try:
-        name = idna.decode(idna.encode(host)).rstrip(".")
+        # Checks labels, hyphens and length, and decodes each A-label to see
+        # that it is valid; an A-label never decodes to ASCII, so the ASCII
+        # form is the one to compare with "localhost".
+        name = idna.encode(host).decode("ascii").rstrip(".")
     except idna.IDNAError as exc:
         raise UrlRefused(f"URL host is not a valid name: {exc}") from None
     last_label = name.rpartition(".")[2]
