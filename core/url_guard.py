@@ -1,9 +1,12 @@
 """Fetching URLs that clients give (images, webhook receivers) without
-letting them reach inside the network: loopback, private, link-local,
-carrier-grade NAT, multicast, reserved and cloud-metadata addresses are
-refused in every spelling (IPv4-mapped IPv6, decimal, octal, hex), on every
-redirect hop, and the connection goes to the very address that was checked,
-so a DNS answer that changes between check and connect cannot redirect it.
+letting them reach inside the network. Only globally reachable unicast
+addresses are allowed (an allow-list from IANA's registries, in
+core/global_addresses.py), whatever the spelling (decimal, octal, hex,
+trailing dot, any IPv6 form that carries an IPv4 address); names of this
+machine and malformed hosts are refused before any DNS; every redirect hop
+is checked again, and the connection goes to the very address that was
+checked, so a DNS answer that changes between check and connect cannot
+redirect it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import ipaddress
+import re
 import socket
 import threading
 import time
@@ -20,11 +24,12 @@ from typing import Any
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 import certifi
+import idna
 import urllib3
 import urllib3.connection
 
-IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from core.global_addresses import IpAddress, IpNetwork, is_globally_reachable_unicast
+
 #: host, port -> the addresses it resolves to (socket.getaddrinfo's shape, reduced).
 Resolver = Callable[[str, int], Sequence[str]]
 
@@ -38,6 +43,11 @@ class UrlRefused(ValueError):
 
 class FetchFailed(RuntimeError):
     """The URL was allowed, but fetching it failed; the message says why."""
+
+
+class HostNotFound(FetchFailed):
+    """The URL's host name does not exist or has no address: unlike a
+    failure to reach a resolver, asking again soon will not change that."""
 
 
 @dataclass(frozen=True)
@@ -56,46 +66,43 @@ def parse_networks(text: str) -> tuple[IpNetwork, ...]:
     return tuple(ipaddress.ip_network(part.strip()) for part in text.split(",") if part.strip())
 
 
-def _embedded_ipv4(address: IpAddress) -> IpAddress:
-    """The IPv4 address an IPv6 one carries (mapped, 6to4, Teredo, NAT64), if any."""
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return address.ipv4_mapped
-        if address.sixtofour is not None:
-            return address.sixtofour
-        if address.teredo is not None:
-            return address.teredo[1]
-        if address in ipaddress.ip_network("64:ff9b::/96"):
-            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return address
-
-
 def address_allowed(address: IpAddress, policy: FetchPolicy) -> bool:
-    if any(address in network for network in policy.allowed_networks):
+    """Whether a connection may go to ``address``: a globally reachable
+    unicast address (core/global_addresses.py), or one in the policy's
+    allowed networks, written plainly or IPv4-mapped (the same socket)."""
+    same_socket: tuple[IpAddress, ...] = (address,)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        same_socket += (address.ipv4_mapped,)
+    if any(a in network for a in same_socket for network in policy.allowed_networks):
         return True
-    inner = _embedded_ipv4(address)
-    if inner is not address and any(inner in network for network in policy.allowed_networks):
-        return True
-    return all(a.is_global and not a.is_multicast for a in (address, inner))
+    return is_globally_reachable_unicast(address)
 
 
 def literal_address(host: str) -> IpAddress | None:
     """The address ``host`` spells, in any form a resolver would accept
-    (2130706433, 0177.0.0.1, 0x7f.1, ::ffff:127.0.0.1), or None for a name."""
+    (2130706433, 0177.0.0.1, 0x7f.1, 127.1, ::ffff:127.0.0.1, fe80::1%eth0),
+    with or without one trailing dot, or None for a name."""
     try:
         return ipaddress.ip_address(host)
     except ValueError:
         pass
+    # A resolver that strips the root's dot reads "127.0.0.1." as 127.0.0.1.
+    unrooted = host[:-1] if host.endswith(".") else host
+    try:
+        return ipaddress.ip_address(unrooted)
+    except ValueError:
+        pass
     try:
         # inet_aton takes every legacy IPv4 spelling that getaddrinfo does.
-        return ipaddress.IPv4Address(socket.inet_aton(host))
-    except OSError:
+        return ipaddress.IPv4Address(socket.inet_aton(unrooted))
+    except (OSError, ValueError):
         return None
 
 
 def check_url(url: str, policy: FetchPolicy) -> SplitResult:
     """Refuse what can be refused without DNS: scheme, shape, credentials,
-    and addresses written into the URL."""
+    the host's syntax, names of this machine, and addresses written into
+    the URL."""
     if len(url) > MAX_URL_LENGTH:
         raise UrlRefused(f"URL is longer than {MAX_URL_LENGTH} characters")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
@@ -107,44 +114,80 @@ def check_url(url: str, policy: FetchPolicy) -> SplitResult:
         raise UrlRefused(f"URL is malformed: {exc}") from None
     if parts.scheme not in ("http", "https"):
         raise UrlRefused("URL must be http or https")
-    if not parts.hostname:
-        raise UrlRefused("URL has no host")
-    try:
-        ascii_host = parts.hostname.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise UrlRefused("URL host is not a valid name (a label is empty or too long)") from None
-    if ascii_host != parts.hostname:
-        raise UrlRefused("write an international domain name in its ASCII (xn--) form")
     if parts.username is not None or parts.password is not None:
         raise UrlRefused("URL may not carry credentials")
     if port == 0:
         raise UrlRefused("URL port must be 1-65535")
-    address = literal_address(parts.hostname)
+    address = _checked_host(parts)
     if address is not None and not address_allowed(address, policy):
         raise UrlRefused("URL points at a private, loopback or reserved address")
     return parts
+
+
+def _checked_host(parts: SplitResult) -> IpAddress | None:
+    """The address the URL's host spells, or None for a name that is
+    well-formed and not one of this machine's."""
+    host = parts.hostname  # lowercased by urlsplit
+    if not host:
+        raise UrlRefused("URL has no host")
+    if "%" in host:
+        raise UrlRefused("URL host may not be percent-encoded or carry an IPv6 zone")
+    if parts.netloc.rpartition("@")[2].startswith("["):
+        try:
+            return ipaddress.IPv6Address(host)
+        except ValueError:
+            raise UrlRefused("URL host in brackets must be an IPv6 address") from None
+    address = literal_address(host)
+    if address is not None:
+        return address
+    if not host.isascii():
+        raise UrlRefused("write an international domain name in its ASCII (xn--) form")
+    try:
+        # Checks labels, hyphens and length, and decodes each A-label to see
+        # that it is valid; an A-label never decodes to ASCII, so the ASCII
+        # form is the one to compare with "localhost".
+        name = idna.encode(host).decode("ascii").rstrip(".")
+    except idna.IDNAError as exc:
+        raise UrlRefused(f"URL host is not a valid name: {exc}") from None
+    last_label = name.rpartition(".")[2]
+    if last_label.isdigit() or re.fullmatch(r"0x[0-9a-f]*", last_label):
+        # No top-level domain is a number: a resolver or browser would read
+        # the host as an address, and it is not a valid one.
+        raise UrlRefused("URL host is neither a valid IP address nor a name")
+    if name == "localhost" or name.endswith(".localhost"):
+        # RFC 6761: these names always mean this machine.
+        raise UrlRefused("URL host names this machine (localhost)")
+    return None
+
+
+#: getaddrinfo's answers that the name has no address: NXDOMAIN, or a name
+#: with no A/AAAA records. EAI_AGAIN (no answer from a resolver in time) and
+#: EAI_FAIL (SERVFAIL) are passing troubles of the resolver, not the name's.
+_NO_ADDRESS = frozenset({socket.EAI_NONAME, socket.EAI_NODATA, socket.EAI_ADDRFAMILY})
 
 
 def system_resolver(host: str, port: int) -> list[str]:
     try:
         answers = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
+        if exc.errno in _NO_ADDRESS:
+            raise HostNotFound(f"{host} does not resolve: {exc.strerror}") from None
         raise FetchFailed(f"cannot resolve {host}: {exc.strerror}") from None
     return [str(answer[4][0]) for answer in answers]
 
 
 def _checked_address(host: str, port: int, policy: FetchPolicy, resolve: Resolver) -> str:
     """One address to connect to, after checking every address the name has:
-    a name with any private answer is refused outright."""
+    a name with any answer that is not allowed is refused outright."""
+    literal = literal_address(host)
     answers = (
-        [literal_address(host)]
-        if literal_address(host)
+        [literal]
+        if literal is not None
         else [ipaddress.ip_address(a.split("%", 1)[0]) for a in resolve(host, port)]
     )
     if not answers:
-        raise FetchFailed(f"{host} has no address")
+        raise HostNotFound(f"{host} has no address")
     for address in answers:
-        assert address is not None
         if not address_allowed(address, policy):
             raise UrlRefused(f"{host} resolves to a private, loopback or reserved address")
     return str(answers[0])

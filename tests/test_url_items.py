@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,18 +15,31 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 from flask import Flask
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from core.models import JobItem, StoredFile
+from core.models import Job, JobItem, StoredFile
+from core.queue import SEGMENT_QUEUE
 from core.settings import Settings
 from core.storage import S3Storage
-from core.url_guard import FetchFailed, FetchPolicy, UrlRefused, check_url, fetch, parse_networks
-from tests.conftest import TEST_LIMITS, Tenant, make_tenant
+from core.url_guard import (
+    FetchFailed,
+    FetchPolicy,
+    HostNotFound,
+    UrlRefused,
+    check_url,
+    fetch,
+    parse_networks,
+    system_resolver,
+)
+from tests.conftest import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
+from tests.fake_dns import fake_dns
 from tests.images import png_bytes
+from tests.refused_urls import INTERNAL_SPELLINGS
 from worker.engines.grabcut import GrabCutEngine
 from worker.pipeline import ImageLimits, Outcome, process_item
 
@@ -128,6 +142,8 @@ FORBIDDEN = [
     "http:///x",
     "http://example.com:0/x",
     "http://example.com:99999/x",
+    "http://[2606:4700:4700::1111%25eth0]/x",  # a zone id means nothing off this link
+    *INTERNAL_SPELLINGS,
 ]
 
 
@@ -143,10 +159,33 @@ def test_forbidden_urls_are_refused_before_any_connection(url: str) -> None:
 def test_public_addresses_and_names_pass_the_static_check() -> None:
     for url in (
         "https://example.com/a.jpg",
+        "https://Example.COM./a.jpg",
+        "https://xn--bcher-kva.example/a.jpg",
         "http://93.184.216.34/a.png",
+        "http://93.184.216.34./a.png",
         "http://[2606:2800:220:1::]/",
+        "http://[64:ff9b::5db8:d822]/",  # NAT64 of 93.184.216.34
+        "http://[2002:5db8:d822::1]/",  # 6to4 of 93.184.216.34
+        "http://192.0.0.9/",  # PCP anycast: global although 192.0.0.0/24 is not
     ):
         check_url(url, FetchPolicy(max_bytes=1))
+
+
+def test_a_name_with_no_address_is_told_apart_from_a_resolver_in_trouble(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dns = fake_dns(monkeypatch)
+    dns.set("gone.segq.test", socket.EAI_NONAME)
+    dns.set("slow.segq.test", socket.EAI_AGAIN)
+    dns.set("broken.segq.test", socket.EAI_FAIL)
+    with pytest.raises(HostNotFound, match="does not resolve"):
+        system_resolver("gone.segq.test", 80)
+    for transient in ("slow.segq.test", "broken.segq.test"):
+        with pytest.raises(FetchFailed) as failure:
+            system_resolver(transient, 80)
+        assert not isinstance(failure.value, HostNotFound)
+    with pytest.raises(HostNotFound, match="has no address"):
+        fetch("http://empty.segq.test/x", policy(), resolve=lambda *_: [])
 
 
 def test_fetch_reads_an_allowed_url(image_server: ImageServer) -> None:
@@ -255,7 +294,11 @@ def test_forbidden_urls_get_400_and_store_nothing(
         response = tenant.post_job({"items": [{"fileUrl": url}], **PROMPT})
         assert response.status_code == 400, (url, response.json)
         assert response.json["error"]["message"].startswith("items[0].fileUrl")
+    assert count(sessions, Job) == 0
     assert count(sessions, JobItem) == 0
+    queue = redis.Redis.from_url(REDIS_URL)
+    assert queue.llen(SEGMENT_QUEUE) == 0
+    queue.close()
 
 
 def test_inline_images_become_files_of_the_project(

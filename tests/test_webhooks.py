@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,13 +28,15 @@ from standardwebhooks import Webhook
 from api import create_app
 from cli.main import main
 from core import webhook_events
-from core.models import DeliveryStatus, WebhookDelivery
-from core.queue import WEBHOOK_QUEUE, enqueue_deliveries
+from core.models import DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
+from core.queue import SEGMENT_QUEUE, WEBHOOK_QUEUE, enqueue_deliveries
 from core.settings import Settings, SettingsError
 from core.storage import S3Storage
 from core.url_guard import FetchPolicy, parse_networks
 from tests.conftest import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
+from tests.fake_dns import fake_dns
 from tests.images import png_bytes, scene_prompt_body
+from tests.refused_urls import INTERNAL_SPELLINGS
 from worker import runtime
 from worker.engines.grabcut import GrabCutEngine
 from worker.pipeline import process_item
@@ -392,6 +395,7 @@ def test_webhook_urls_pass_the_ssrf_guard(
     sessions: sessionmaker[Session],
     storage: S3Storage,
     receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     tenant = other_tenant  # on an app with the default guard: loopback refused
     file_id = tenant.upload(png_bytes(160, 120)).json["id"]
@@ -403,6 +407,7 @@ def test_webhook_urls_pass_the_ssrf_guard(
         "http://user:pw@example.com/",
         f"http://{'a' * 64}.example.com/",
         "http://例え.jp/",
+        *INTERNAL_SPELLINGS,
     ):
         response = tenant.post_job({**scene_prompt_body(file_id), "webhook": {"url": url}})
         assert response.status_code == 400, (url, response.json)
@@ -410,14 +415,92 @@ def test_webhook_urls_pass_the_ssrf_guard(
     for bad in ({"url": ""}, {"url": "https://example.com", "events": ["job.exploded"]}):
         response = tenant.post_job({**scene_prompt_body(file_id), "webhook": bad})
         assert response.status_code == 400, (bad, response.json)
+    # Nothing of the refused jobs was stored or published.
+    assert count_rows(sessions, Job) == 0
+    queues = redis.Redis.from_url(REDIS_URL)
+    assert queues.llen(SEGMENT_QUEUE) == 0
+    queues.close()
 
-    # A name that resolves to loopback passes the static check and is refused
-    # at delivery, for good: no retries.
-    submit(hooked, {"url": receiver.url.replace("127.0.0.1", "localhost")})
+    # A name that resolves only to addresses the guard refuses passes the
+    # static check and is refused at delivery, for good: one attempt.
+    dns = fake_dns(monkeypatch)
+    dns.set("loopback.segq.test", ["127.0.0.1", "::1"])
+    submit(hooked, {"url": receiver.url.replace("127.0.0.1", "loopback.segq.test")})
     run_items(sessions, storage)
     strict = replace(rules(), policy=replace(rules().policy, allowed_networks=()))
     assert drain(sessions, strict, all_settled(sessions)) == [Outcome.GIVEN_UP]
     assert receiver.received == []
+    assert [a.error for a in attempts(sessions)] == [
+        "URL refused: loopback.segq.test resolves to a private, loopback or reserved address"
+    ]
+
+
+def test_a_receiver_name_with_any_refused_address_is_never_dialled(
+    hooked: Tenant,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 127.0.0.1 (the receiver) is allowed here; 10.0.0.1 is not, so the name
+    # is refused before either is dialled.
+    fake_dns(monkeypatch).set("mixed.segq.test", ["127.0.0.1", "10.0.0.1"])
+    submit(hooked, {"url": receiver.url.replace("127.0.0.1", "mixed.segq.test")})
+    run_items(sessions, storage)
+    assert drain(sessions, rules(), all_settled(sessions)) == [Outcome.GIVEN_UP]
+    assert receiver.received == []
+
+
+def test_a_receiver_name_that_does_not_exist_fails_for_good_at_once(
+    hooked: Tenant,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dns = fake_dns(monkeypatch)
+    dns.set("gone.segq.test", socket.EAI_NONAME)
+    submit(hooked, {"url": receiver.url.replace("127.0.0.1", "gone.segq.test")})
+    run_items(sessions, storage)
+    assert drain(sessions, rules(retry_delays=(1, 1)), all_settled(sessions)) == [Outcome.GIVEN_UP]
+    (delivery,) = deliveries(sessions)
+    assert (delivery.status, delivery.failures) == (DeliveryStatus.FAILED, 1)
+    assert [a.error for a in attempts(sessions)] == [
+        "gone.segq.test does not resolve: Name or service not known"
+    ]
+    assert dns.asked == ["gone.segq.test"]
+
+
+def test_a_resolver_that_does_not_answer_is_retried(
+    hooked: Tenant,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dns = fake_dns(monkeypatch)
+    dns.set("flaky.segq.test", socket.EAI_AGAIN, socket.EAI_FAIL, ["127.0.0.1"])
+    submit(hooked, {"url": receiver.url.replace("127.0.0.1", "flaky.segq.test")})
+    run_items(sessions, storage)
+    assert drain(sessions, rules(retry_delays=(1, 1)), all_settled(sessions)) == [
+        Outcome.RETRYING,
+        Outcome.RETRYING,
+        Outcome.DELIVERED,
+    ]
+    assert len(receiver.received) == 1
+    assert receiver.received[0].headers["Host"] == receiver.url.replace(
+        "http://127.0.0.1", "flaky.segq.test"
+    )
+
+
+def attempts(sessions: sessionmaker[Session]) -> list[WebhookAttempt]:
+    with sessions() as session:
+        return list(session.scalars(select(WebhookAttempt).order_by(WebhookAttempt.id)))
+
+
+def count_rows(sessions: sessionmaker[Session], model: Any) -> int:
+    with sessions() as session:
+        return len(list(session.scalars(select(model))))
 
 
 def test_rotation_signs_with_both_secrets_for_a_while(

@@ -31,7 +31,7 @@ from core.clock import now_ms
 from core.db import once_more_if_disconnected
 from core.models import DeliveryStatus, WebhookAttempt, WebhookDelivery
 from core.projects import ensure_webhook_secret, signing_secrets
-from core.url_guard import FetchFailed, FetchPolicy, UrlRefused, post
+from core.url_guard import FetchFailed, FetchPolicy, HostNotFound, UrlRefused, post
 from core.webhook_signing import signature_header
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,8 @@ class AttemptResult:
     status_code: int | None
     latency_ms: int
     error: str | None
-    #: No further attempt can succeed: 410 Gone, or a URL the guard refuses.
+    #: No further attempt can succeed: 410 Gone, a URL the guard refuses
+    #: (its host's addresses included), or a host name that does not exist.
     final: bool = False
 
     @property
@@ -186,7 +187,14 @@ def send(claim: DeliveryClaim, policy: FetchPolicy) -> AttemptResult:
     try:
         status = post(claim.url, claim.body.encode(), headers, policy)
     except UrlRefused as exc:
-        return AttemptResult(None, elapsed_ms(), f"URL refused: {exc}", final=True)
+        return AttemptResult(
+            None, elapsed_ms(), f"URL refused: {exc}"[:MAX_ERROR_LENGTH], final=True
+        )
+    except HostNotFound as exc:
+        # NXDOMAIN is not retried: a receiver's name does not come into
+        # being within the retry schedule. A resolver that does not answer
+        # (EAI_AGAIN) is a FetchFailed, retried below.
+        return AttemptResult(None, elapsed_ms(), str(exc)[:MAX_ERROR_LENGTH], final=True)
     except FetchFailed as exc:
         return AttemptResult(None, elapsed_ms(), str(exc)[:MAX_ERROR_LENGTH])
     except Exception as exc:
