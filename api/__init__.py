@@ -35,6 +35,12 @@ class IdConverter(IntegerConverter):
         super().__init__(map, min=1, max=2**63 - 1)  # type: ignore[arg-type]
 
 
+def max_request_bytes(settings: Settings) -> int:
+    """The largest body the API reads: the largest upload with room for its
+    multipart framing."""
+    return settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -45,7 +51,7 @@ def create_app(
     given (tests pass their own storage or Celery app)."""
     settings = settings or Settings.from_env()
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = max_request_bytes(settings)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["segq"] = Services(
         settings=settings,

@@ -55,6 +55,9 @@ class Settings:
     #: follows each entry, then the delivery is given up.
     webhook_retry_delays: tuple[int, ...]
     webhook_poll_seconds: float
+    #: How long the HTTP server waits for a request to arrive whole, headers
+    #: and body, from its first byte; also how long an idle connection stays.
+    request_deadline_seconds: int
 
     def fetch_policy(self) -> FetchPolicy:
         """How workers may fetch images from URLs that clients give."""
@@ -115,6 +118,8 @@ class Settings:
                 env, "SEGQ_WEBHOOK_RETRY_DELAYS", DEFAULT_WEBHOOK_RETRY_DELAYS
             ),
             webhook_poll_seconds=_float(env, "SEGQ_WEBHOOK_POLL_SECONDS", 1.0),
+            # Long enough for the largest upload (25 MiB) at about 2 Mbit/s.
+            request_deadline_seconds=_int(env, "SEGQ_REQUEST_DEADLINE_SECONDS", 120),
         )
 
 
