@@ -104,11 +104,13 @@ class DeadlineServer(TcpWSGIServer):  # type: ignore[misc]
     deadline_seconds = 120
 
     def maintenance(self, now: int) -> None:
-        super().maintenance(now)
         cutoff = time.monotonic() - self.deadline_seconds
         for channel in list(self.active_channels.values()):
             if isinstance(channel, DeadlineChannel):
                 self._enforce_deadline(channel, cutoff)
+        # After the deadlines: waitress's own check closes idle connections
+        # at once, and a stalled request is idle too, but it gets its 408.
+        super().maintenance(now)
 
     def _enforce_deadline(self, channel: DeadlineChannel, cutoff: float) -> None:
         with channel.requests_lock:
