@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 import uuid
 from typing import Any
@@ -49,6 +50,9 @@ MAX_HEADER_BYTES = 64 * 1024
 #: How often the deadlines are checked, so a request is cut off at most this
 #: long after its deadline.
 DEADLINE_CHECK_SECONDS = 1
+#: Descriptors beyond one per connection: listening sockets, the event
+#: loop's wake-up pipe, bodies spooled to files, database and Redis pools.
+SPARE_DESCRIPTORS = 256
 #: How long the event loop waits for a socket before it tells gunicorn's
 #: arbiter that the process is alive.
 LOOP_SECONDS = 1.0
@@ -137,6 +141,7 @@ class WaitressWorker(Worker):  # type: ignore[misc]
 
     def run(self) -> None:
         settings = Settings.from_env()
+        _allow_descriptors(self.cfg.worker_connections + SPARE_DESCRIPTORS)
         adjustments = Adjustments(
             threads=self.cfg.threads,
             connection_limit=self.cfg.worker_connections,
@@ -185,6 +190,16 @@ class WaitressWorker(Worker):  # type: ignore[misc]
         ):
             self.notify()
             wasyncore.loop(timeout=0.1, use_poll=True, map=socket_map, count=1)
+
+
+def _allow_descriptors(needed: int) -> None:
+    """Raise this process's open-file limit to ``needed`` where the hard
+    limit allows: the usual soft limit, 1024, is fewer than the default
+    connection bound, and accept() fails past it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        ceiling = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, ceiling), hard))
 
 
 def serve(*, host: str, port: int, workers: int, threads: int, connections: int) -> None:
