@@ -45,8 +45,6 @@ from core.settings import Settings
 #: The request line and headers together. A request that needs more is not
 #: one of segq's (keys and ids are short).
 MAX_HEADER_BYTES = 64 * 1024
-# waitress and gunicorn ship no type information, so their classes are Any to
-# mypy and each subclass below says it knows.
 #: How often the deadlines are checked, so a request is cut off at most this
 #: long after its deadline.
 DEADLINE_CHECK_SECONDS = 1
@@ -56,6 +54,9 @@ SPARE_DESCRIPTORS = 256
 #: How long the event loop waits for a socket before it tells gunicorn's
 #: arbiter that the process is alive.
 LOOP_SECONDS = 1.0
+
+# waitress and gunicorn ship no type information, so their classes are Any to
+# mypy and each subclass below says it knows.
 
 
 class RequestTimeout(Error):  # type: ignore[misc]
@@ -146,6 +147,7 @@ class WaitressWorker(Worker):  # type: ignore[misc]
             threads=self.cfg.threads,
             connection_limit=self.cfg.worker_connections,
             backlog=self.cfg.backlog,
+            # Idle connections (no request under way) close after as long.
             channel_timeout=settings.request_deadline_seconds,
             cleanup_interval=DEADLINE_CHECK_SECONDS,
             max_request_header_size=MAX_HEADER_BYTES,
