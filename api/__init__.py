@@ -13,6 +13,7 @@ from api.context import Services, close_db
 from api.errors import register_error_handlers
 from api.files import files
 from api.jobs import jobs
+from api.json_body import max_job_body_bytes
 from api.rate_limit import make_rate_limiter
 from api.request_integers import IdConverter
 from api.service import service
@@ -28,6 +29,15 @@ log = logging.getLogger(__name__)
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
+def max_request_bytes(settings: Settings) -> int:
+    """The largest body any route reads, for the HTTP server's own bound: an
+    upload with its multipart framing, or a job body with an inline image."""
+    return max(
+        settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        max_job_body_bytes(settings.max_upload_bytes),
+    )
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -38,6 +48,7 @@ def create_app(
     given (tests pass their own storage or Celery app)."""
     settings = settings or Settings.from_env()
     app = Flask(__name__)
+    # Routes that read more (a job body with an inline image) raise it.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["segq"] = Services(

@@ -16,7 +16,7 @@ from api.context import current_project, db, services
 from api.errors import ApiError
 from api.files import discard_objects
 from api.item_sources import item_reference, resolve_sources
-from api.json_body import MAX_JSON_BODY_BYTES, read_json_object
+from api.json_body import max_job_body_bytes, read_json_object
 from api.request_integers import request_integer
 from api.schemas import (
     DEFAULT_OUTPUTS,
@@ -46,7 +46,7 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 @jobs.post("")
 def create_job() -> tuple[Response, int, dict[str, str]]:
-    body = read_json_object(max_bytes=_max_job_body_bytes())
+    body = read_json_object(max_bytes=max_job_body_bytes(services().settings.max_upload_bytes))
     segment_request = parse(SegmentRequest, body)
     _check_semantics(segment_request)
     webhook = _checked_webhook(segment_request.webhook)
@@ -127,12 +127,6 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         session.execute(update(JobItem).where(JobItem.job_id == job.id).values(published_time=None))
         session.commit()
     return _created_answer(job, items)
-
-
-def _max_job_body_bytes() -> int:
-    """A job body may carry one inline image as large as an upload (base64
-    is 4 bytes for 3), on top of what any other body may hold."""
-    return MAX_JSON_BODY_BYTES + 4 * -(-services().settings.max_upload_bytes // 3)
 
 
 def _check_unfinished_jobs(project_id: int) -> None:

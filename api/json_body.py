@@ -18,6 +18,12 @@ MAX_JSON_BODY_BYTES = 2 * 1024 * 1024
 MAX_INTEGER_DIGITS = 20
 
 
+def max_job_body_bytes(max_upload_bytes: int) -> int:
+    """A job body may carry one inline image as large as an upload (base64
+    is 4 bytes for 3), on top of what any other JSON body may hold."""
+    return MAX_JSON_BODY_BYTES + 4 * -(-max_upload_bytes // 3)
+
+
 def _reject_constant(name: str) -> Any:
     raise ApiError(400, f"{name} is not valid JSON")
 

@@ -1,6 +1,6 @@
 """Ingestion throughput and per-item overhead, against Postgres and Redis.
 
-Runs `segq serve` (gunicorn) and `segq worker` processes with the
+Runs `segq serve` and `segq worker` processes with the
 benchmark-only engine (a fixed mask: no model cost), submits items through the
 HTTP API, and prints:
 

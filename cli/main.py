@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,36 +22,20 @@ def main() -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
-@click.option("--workers", default=2, show_default=True, type=int, help="gunicorn processes")
+@click.option("--workers", default=2, show_default=True, type=int, help="processes")
 @click.option("--threads", default=4, show_default=True, type=int, help="threads per process")
-def serve(host: str, port: int, workers: int, threads: int) -> None:
-    """Run the HTTP API (gunicorn)."""
-    from gunicorn.app.base import BaseApplication
+@click.option(
+    "--connections",
+    default=1000,
+    show_default=True,
+    type=int,
+    help="open connections per process; more wait in the listen backlog",
+)
+def serve(host: str, port: int, workers: int, threads: int, connections: int) -> None:
+    """Run the HTTP API (waitress in gunicorn's processes)."""
+    from api.http_server import serve as serve_http
 
-    from api import create_app
-
-    class Server(BaseApplication):  # type: ignore[misc]
-        def load_config(self) -> None:
-            self.cfg.set("bind", f"{host}:{port}")
-            self.cfg.set("workers", workers)
-            self.cfg.set("threads", threads)
-            self.cfg.set("accesslog", "-")
-
-        def load(self) -> Any:
-            # Built in each gunicorn process, after the fork.
-            return create_app(settings_for_bind_address(Settings.from_env(), host, port))
-
-    Server().run()
-
-
-def settings_for_bind_address(settings: Settings, host: str, port: int) -> Settings:
-    """Without SEGQ_PUBLIC_URL, links to local-disk objects name the address
-    the API is bound to; a wildcard bind names no address clients can use,
-    so links then stay relative to the API's root."""
-    if settings.public_url is not None or host in ("0.0.0.0", "::", ""):  # noqa: S104
-        return settings
-    shown = f"[{host}]" if ":" in host else host
-    return replace(settings, public_url=f"http://{shown}:{port}")
+    serve_http(host=host, port=port, workers=workers, threads=threads, connections=connections)
 
 
 @main.command()

@@ -56,6 +56,9 @@ class Settings:
     #: follows each entry, then the delivery is given up.
     webhook_retry_delays: tuple[int, ...]
     webhook_poll_seconds: float
+    #: How long the HTTP server waits for a request to arrive whole, headers
+    #: and body, from its first byte; also how long an idle connection stays.
+    request_deadline_seconds: int
     #: The API's root as clients reach it (``https://segq.example``), for the
     #: links it hands out to local-disk objects. Never taken from a request.
     public_url: str | None = None
@@ -123,6 +126,8 @@ class Settings:
             webhook_poll_seconds=_float(env, "SEGQ_WEBHOOK_POLL_SECONDS", 1.0),
             public_url=_public_url(env, "SEGQ_PUBLIC_URL"),
             metrics_token=env.get("SEGQ_METRICS_TOKEN") or None,
+            # Long enough for the largest upload (25 MiB) at about 2 Mbit/s.
+            request_deadline_seconds=_int(env, "SEGQ_REQUEST_DEADLINE_SECONDS", 120),
         )
 
 

@@ -11,11 +11,23 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.json_body import MAX_JSON_BODY_BYTES
+from api.json_body import max_job_body_bytes
 from core.models import Job, JobItem
 from core.settings import Settings
 from tests.conftest import REDIS_URL, Tenant
 from tests.images import cognite_sample_body, png_bytes
+
+#: Job bodies that are not JSON objects segq can read, each answered 400
+#: (also through the real HTTP server: tests/test_http_server.py).
+MALFORMED_JSON_BODIES = {
+    "nan": b'{"items": [{"fileId": 1}], "points": [{"x": NaN, "y": 0.5}]}',
+    "infinity": b'{"items": [{"fileId": 1}], "points": [{"x": Infinity, "y": 0.5}]}',
+    "overflow": b'{"items": [{"fileId": 1}], "points": [{"x": 1e999, "y": 0.5}]}',
+    "truncated": b'{"items": [',
+    "deep": b"[" * 100_000 + b"]" * 100_000,
+    "not-object": b'"just a string"',
+    "not-utf8": b"\xff\xfe not utf-8",
+}
 
 
 def count_jobs(sessions: sessionmaker[Session]) -> tuple[int, int]:
@@ -138,19 +150,7 @@ def test_bad_bodies_get_the_envelope_and_store_nothing(
     assert queued_messages() == 0
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b'{"items": [{"fileId": 1}], "points": [{"x": NaN, "y": 0.5}]}',
-        b'{"items": [{"fileId": 1}], "points": [{"x": Infinity, "y": 0.5}]}',
-        b'{"items": [{"fileId": 1}], "points": [{"x": 1e999, "y": 0.5}]}',
-        b'{"items": [',
-        b"[" * 100_000 + b"]" * 100_000,
-        b'"just a string"',
-        b"\xff\xfe not utf-8",
-    ],
-    ids=["nan", "infinity", "overflow", "truncated", "deep", "not-object", "not-utf8"],
-)
+@pytest.mark.parametrize("raw", MALFORMED_JSON_BODIES.values(), ids=MALFORMED_JSON_BODIES.keys())
 def test_malformed_json_is_400(tenant: Tenant, raw: bytes, sessions: sessionmaker[Session]) -> None:
     response = tenant.client.post(
         tenant.url("/context/vision/segment"),
@@ -297,7 +297,7 @@ def test_oversized_json_is_413_also_when_chunked(
     tenant: Tenant, sessions: sessionmaker[Session], settings: Settings
 ) -> None:
     # A job body may hold one inline image as large as an upload, in base64.
-    limit = MAX_JSON_BODY_BYTES + 4 * -(-settings.max_upload_bytes // 3)
+    limit = max_job_body_bytes(settings.max_upload_bytes)
     body = json.dumps(
         {"items": [{"fileId": 1}], "points": [{"x": 0.5, "y": 0.5}], "pad": "x" * limit}
     )

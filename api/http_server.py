@@ -1,0 +1,236 @@
+"""Serving the API over HTTP: gunicorn's processes, each running waitress.
+
+gunicorn forks the processes (``--workers``), watches them and replaces any
+that dies; the app is built in each process after the fork. Inside each
+process waitress serves HTTP: its event loop reads every request whole,
+headers and body (spooled to a temporary file past 512 KiB), before one of
+its threads (``--threads``) runs the app. A slow or stalled client therefore
+holds a connection, not a thread, unlike gunicorn's own sync and gthread
+workers, whose threads read the body while the app waits for it.
+
+Two things are added here through waitress's own extension points:
+
+- waitress closes a connection only after ``channel_timeout`` seconds
+  without a byte, so a client that drips one byte a second keeps its
+  request open for ever. ``DeadlineServer`` gives each request a deadline
+  for arriving whole, counted from its first byte, and answers 408 when it
+  passes.
+- the answers waitress gives itself (a malformed request line or header,
+  headers over ``MAX_HEADER_BYTES``, a body over the app's bound, the
+  deadline) carry segq's error envelope and an ``X-Request-Id``, as the
+  app's own errors do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.workers.base import Worker
+from waitress import wasyncore
+from waitress.adjustments import Adjustments
+from waitress.channel import HTTPChannel
+from waitress.server import TcpWSGIServer
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
+from waitress.utilities import Error, ServerNotImplemented
+
+from api import create_app, max_request_bytes
+from core.settings import Settings
+
+#: The request line and headers together. A request that needs more is not
+#: one of segq's (keys and ids are short).
+MAX_HEADER_BYTES = 64 * 1024
+#: How often the deadlines are checked, so a request is cut off at most this
+#: long after its deadline.
+DEADLINE_CHECK_SECONDS = 1
+#: Descriptors beyond one per connection: listening sockets, the event
+#: loop's wake-up pipe, bodies spooled to files, database and Redis pools.
+SPARE_DESCRIPTORS = 256
+#: How long the event loop waits for a socket before it tells gunicorn's
+#: arbiter that the process is alive.
+LOOP_SECONDS = 1.0
+
+# waitress and gunicorn ship no type information, so their classes are Any to
+# mypy and each subclass below says it knows.
+
+
+class RequestTimeout(Error):  # type: ignore[misc]
+    code = 408
+    reason = "Request Timeout"
+
+
+class EnvelopeErrorTask(ErrorTask):  # type: ignore[misc]
+    """The answers waitress gives itself, in segq's error envelope."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        code, reason = error.code, error.reason
+        if isinstance(error, ServerNotImplemented):
+            # A Transfer-Encoding other than chunked: the client's request
+            # is what segq refuses, and segq answers no request with a 5xx.
+            code, reason = 400, "Bad Request"
+        body = json.dumps({"error": {"code": code, "message": f"{reason}: {error.body}"}}).encode()
+        self.status = f"{code} {reason}"
+        self.response_headers.extend(
+            [("Content-Type", "application/json"), ("X-Request-Id", uuid.uuid4().hex)]
+        )
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class DeadlineChannel(HTTPChannel):  # type: ignore[misc]
+    """A connection that remembers when the request it is reading began."""
+
+    error_task_class = EnvelopeErrorTask
+    request_started = 0.0
+
+    def received(self, data: bytes) -> bool:
+        # waitress makes a new parser for each request; a parser that was
+        # not there before this data is a request whose first byte is in it.
+        before = self.request
+        now = time.monotonic()
+        result: bool = super().received(data)
+        if self.request is not None and self.request is not before:
+            self.request_started = now
+        return result
+
+
+class DeadlineServer(TcpWSGIServer):  # type: ignore[misc]
+    """waitress's TCP server, cutting off requests that do not arrive whole
+    within ``deadline_seconds`` of their first byte."""
+
+    channel_class = DeadlineChannel
+    deadline_seconds = 120
+
+    def maintenance(self, now: int) -> None:
+        cutoff = time.monotonic() - self.deadline_seconds
+        for channel in list(self.active_channels.values()):
+            if isinstance(channel, DeadlineChannel):
+                self._enforce_deadline(channel, cutoff)
+        # After the deadlines: waitress's own check closes idle connections
+        # at once, and a stalled request is idle too, but it gets its 408.
+        super().maintenance(now)
+
+    def _enforce_deadline(self, channel: DeadlineChannel, cutoff: float) -> None:
+        with channel.requests_lock:
+            request = channel.request
+            # A channel with requests queued is waiting for the app, not the client.
+            if request is None or channel.requests or channel.request_started > cutoff:
+                return
+            # Completed with an error, the request takes the path waitress
+            # gives a malformed one: a thread answers it, then the
+            # connection closes and the buffered part of the body goes.
+            request.error = RequestTimeout(
+                f"the request did not arrive whole within {self.deadline_seconds} seconds"
+            )
+            request.completed = True
+            channel.request = None
+            channel.requests.append(request)
+        self.add_task(channel)
+
+
+class WaitressWorker(Worker):  # type: ignore[misc]
+    """A gunicorn worker process that serves its listening sockets with
+    waitress: gunicorn's ``threads`` are waitress's threads and its
+    ``worker_connections`` bounds the open connections of this process."""
+
+    def run(self) -> None:
+        settings = Settings.from_env()
+        _allow_descriptors(self.cfg.worker_connections + SPARE_DESCRIPTORS)
+        adjustments = Adjustments(
+            threads=self.cfg.threads,
+            connection_limit=self.cfg.worker_connections,
+            backlog=self.cfg.backlog,
+            # Idle connections (no request under way) close after as long.
+            channel_timeout=settings.request_deadline_seconds,
+            cleanup_interval=DEADLINE_CHECK_SECONDS,
+            max_request_header_size=MAX_HEADER_BYTES,
+            # waitress refuses a body of this size or more; the app's bound
+            # (Flask's MAX_CONTENT_LENGTH) is inclusive.
+            max_request_body_size=max_request_bytes(settings) + 1,
+            # select() cannot watch descriptors past 1024.
+            asyncore_use_poll=True,
+            ident="segq",
+        )
+        socket_map: dict[int, Any] = {}
+        dispatcher = ThreadedTaskDispatcher()
+        dispatcher.set_thread_count(adjustments.threads)
+        servers = []
+        for listener in self.sockets:
+            sock = listener.sock
+            server = DeadlineServer(
+                self.wsgi,
+                socket_map,
+                _sock=sock,
+                dispatcher=dispatcher,
+                adj=adjustments,
+                sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()),
+                bind_socket=False,
+            )
+            server.deadline_seconds = settings.request_deadline_seconds
+            servers.append(server)
+        while self.alive and self.ppid == os.getppid():
+            self.notify()
+            wasyncore.loop(timeout=LOOP_SECONDS, use_poll=True, map=socket_map, count=1)
+        self._drain(servers, socket_map)
+        dispatcher.shutdown()
+
+    def _drain(self, servers: list[DeadlineServer], socket_map: dict[int, Any]) -> None:
+        """Stop accepting, and let the requests under way finish (at most
+        gunicorn's ``graceful_timeout``) before the process exits."""
+        for server in servers:
+            server.accepting = False
+        give_up = time.monotonic() + self.cfg.graceful_timeout
+        while time.monotonic() < give_up and any(
+            channel.requests for server in servers for channel in server.active_channels.values()
+        ):
+            self.notify()
+            wasyncore.loop(timeout=0.1, use_poll=True, map=socket_map, count=1)
+
+
+def _allow_descriptors(needed: int) -> None:
+    """Raise this process's open-file limit to ``needed`` where the hard
+    limit allows: the usual soft limit, 1024, is fewer than the default
+    connection bound, and accept() fails past it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        ceiling = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, ceiling), hard))
+
+
+def settings_for_bind_address(settings: Settings, host: str, port: int) -> Settings:
+    """Without SEGQ_PUBLIC_URL, links to local-disk objects name the address
+    the API is bound to; a wildcard bind names no address clients can use,
+    so links then stay relative to the API's root."""
+    if settings.public_url is not None or host in ("0.0.0.0", "::", ""):  # noqa: S104
+        return settings
+    shown = f"[{host}]" if ":" in host else host
+    return replace(settings, public_url=f"http://{shown}:{port}")
+
+
+def serve(*, host: str, port: int, workers: int, threads: int, connections: int) -> None:
+    """Run the API on ``host:port`` until the process is told to stop."""
+
+    class Application(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            self.cfg.set("bind", f"{host}:{port}")
+            self.cfg.set("workers", workers)
+            self.cfg.set("threads", threads)
+            self.cfg.set("worker_connections", connections)
+            self.cfg.set("worker_class", WaitressWorker)
+            # Its one default path would be shared by every segq serve on the
+            # machine (tests, the demo, the bench); segq does not use it.
+            self.cfg.set("control_socket_disable", True)
+
+        def load(self) -> Any:
+            # Built in each process, after the fork.
+            return create_app(settings_for_bind_address(Settings.from_env(), host, port))
+
+    Application().run()
