@@ -29,6 +29,8 @@ from worker.pipeline import (
     claim_item,
     finish_item,
     process_item,
+    release_item,
+    renew_lease,
 )
 
 LEASE = 60
@@ -156,6 +158,31 @@ def test_a_held_lease_keeps_others_out_and_a_lost_one_drops_the_result(
     # The stalled attempt finishes late: its completion must not land.
     assert finish_item(sessions, first, result={"width": 1, "height": 1, "segments": []}) is False
     assert load(sessions, JobItem, item_id).result == winner.result
+
+
+def test_a_lost_attempt_is_fenced_while_another_attempt_runs(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    """The attempt, not only the status, guards every write: an attempt that
+    lost its lease cannot complete, renew or release the item while the
+    next attempt holds it (both see it Running)."""
+    _, [item_id] = submit(tenant)
+    first = claim_item(
+        sessions, item_id, lease_seconds=LEASE, engine_name="grabcut", max_attempts=3
+    )
+    assert first is not None
+    with sessions.begin() as session:
+        session.execute(update(JobItem).where(JobItem.id == item_id).values(lease_expires_time=0))
+    second = claim_item(
+        sessions, item_id, lease_seconds=LEASE, engine_name="grabcut", max_attempts=3
+    )
+    assert second is not None and second.attempt == 2
+    assert not finish_item(sessions, first, result={"width": 1, "height": 1, "segments": []})
+    assert not renew_lease(sessions, first, LEASE)
+    assert not release_item(sessions, first)
+    item = load(sessions, JobItem, item_id)
+    assert (item.status, item.attempt, item.result) == (ItemStatus.RUNNING, 2, None)
+    assert finish_item(sessions, second, result={"width": 1, "height": 1, "segments": []})
 
 
 def test_a_deleted_file_fails_its_item_and_the_job_keeps_the_rest(
