@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.fault_points import FAULT_POINTS
 from core.url_guard import FetchPolicy, parse_networks
 
 #: The Standard Webhooks reference schedule: after the first attempt, retries
@@ -55,6 +56,8 @@ class Settings:
     #: follows each entry, then the delivery is given up.
     webhook_retry_delays: tuple[int, ...]
     webhook_poll_seconds: float
+    #: Test-only (core/fault_points.py): where this process dies on purpose.
+    fault_point: str | None = None
 
     def fetch_policy(self) -> FetchPolicy:
         """How workers may fetch images from URLs that clients give."""
@@ -115,6 +118,7 @@ class Settings:
                 env, "SEGQ_WEBHOOK_RETRY_DELAYS", DEFAULT_WEBHOOK_RETRY_DELAYS
             ),
             webhook_poll_seconds=_float(env, "SEGQ_WEBHOOK_POLL_SECONDS", 1.0),
+            fault_point=_fault_point(env),
         )
 
 
@@ -153,6 +157,14 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if not value > 0 or value == float("inf"):
         raise SettingsError(f"{name} must be positive, got {raw!r}")
     return value
+
+
+def _fault_point(env: Mapping[str, str]) -> str | None:
+    raw = env.get("SEGQ_TEST_FAULT_POINT") or None
+    # A misspelt point would leave a test's fault silently unarmed.
+    if raw is not None and raw not in FAULT_POINTS:
+        raise SettingsError(f"SEGQ_TEST_FAULT_POINT must be one of {sorted(FAULT_POINTS)}")
+    return raw
 
 
 def _persistent_secret(data_dir: Path) -> str:
