@@ -7,7 +7,8 @@ between one process and a server it talks to.
   kernel's backlog) and get no further. ``heal()`` lets everything that
   waited through, in order, as a link that comes back does.
 - ``refuse()`` is a server that is gone: open connections are reset and new
-  ones are closed at once. ``heal()`` serves again.
+  ones refused (nothing listens on the port). ``heal()`` serves again, on
+  the same port.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class TcpProxy:
         self._target = (target_host, target_port)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
+        self._listening = True
         #: Set while data may flow; cleared by cut().
         self._flowing = threading.Event()
         self._flowing.set()
@@ -31,7 +33,12 @@ class TcpProxy:
         self._closed = False
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
-        threading.Thread(target=self._accept, name=f"proxy-{self.port}", daemon=True).start()
+        self._serve()
+
+    def _serve(self) -> None:
+        threading.Thread(
+            target=self._accept, args=(self._listener,), name=f"proxy-{self.port}", daemon=True
+        ).start()
 
     def url_for(self, url: str, host_port: str) -> str:
         """``url`` with its ``host_port`` replaced by this proxy's."""
@@ -43,6 +50,9 @@ class TcpProxy:
 
     def refuse(self) -> None:
         self._refusing = True
+        if self._listening:
+            self._listening = False
+            _stop_listening(self._listener)
         with self._lock:
             doomed = list(self._sockets)
         for sock in doomed:
@@ -51,10 +61,15 @@ class TcpProxy:
     def heal(self) -> None:
         self._refusing = False
         self._flowing.set()
+        if not self._listening and not self._closed:
+            # create_server sets SO_REUSEADDR: the port is free to take again.
+            self._listener = socket.create_server(("127.0.0.1", self.port))
+            self._listening = True
+            self._serve()
 
     def close(self) -> None:
         self._closed = True
-        self._listener.close()
+        _stop_listening(self._listener)
         self._flowing.set()
         with self._lock:
             doomed = list(self._sockets)
@@ -72,11 +87,11 @@ class TcpProxy:
     ) -> None:
         self.close()
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         while not self._closed:
             try:
-                client, _ = self._listener.accept()
-            except OSError:
+                client, _ = listener.accept()
+            except OSError:  # closed: refusing, or done
                 return
             if self._refusing:
                 _reset(client)
@@ -130,3 +145,11 @@ def _reset(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()
+
+
+def _stop_listening(listener: socket.socket) -> None:
+    """Close the port: a shutdown wakes the thread blocked accepting on it
+    (a close alone would leave the kernel listening until that returns)."""
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)
+    listener.close()

@@ -46,7 +46,9 @@ class Worker:
     """A `segq worker` process: Celery's main process and its pool, with its
     engine probed (tests/probed_worker.py)."""
 
-    def __init__(self, env: dict[str, str], concurrency: int, log: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], concurrency: int, log: Path, queues: str = "segment,webhooks"
+    ) -> None:
         self.log_path = log
         self.log = log.open("ab")
         self.process = subprocess.Popen(
@@ -56,6 +58,7 @@ class Worker:
                 "tests.probed_worker",
                 "worker",
                 f"--concurrency={concurrency}",
+                f"--queues={queues}",
                 "--loglevel=WARNING",
             ],
             env=env,
