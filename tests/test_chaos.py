@@ -13,8 +13,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -24,14 +26,17 @@ import pytest
 import redis
 import requests
 from celery import Celery
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import create_app
+from core.db import make_engine, make_session_factory
 from core.fault_points import API_AFTER_COMMIT
+from core.migrations import upgrade_to_head
 from core.models import ItemStatus, Job, JobItem, JobStatus
 from core.queue import enqueue_items
 from core.settings import Settings
-from tests.conftest import REDIS_URL, TEST_BUCKET, Tenant, free_port
+from tests.conftest import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant
 from tests.images import png_bytes, scene_prompt_body
 from tests.probed_worker import engine_runs
 from tests.tcp_proxy import TcpProxy
@@ -478,31 +483,84 @@ def _answers(url: str) -> bool:
         return False
 
 
-def postgres_cluster() -> list[str]:
-    version = sorted(os.listdir("/etc/postgresql"))[0]
-    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+class PostgresCluster:
+    """A PostgreSQL cluster of the test's own (initdb into a temporary
+    folder, on a free port), so the test can stop it: never the machine's.
+    Run as the ``postgres`` user when the tests run as root, which
+    PostgreSQL refuses to run as."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        pg_ctl = str(found[-1]) if found else shutil.which("pg_ctl")
+        if pg_ctl is None:
+            pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
+        self.bin = Path(pg_ctl).parent
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.data = Path(tempfile.mkdtemp(prefix="segq-test-pg-"))
+        if self.as_user:
+            shutil.chown(self.data, "postgres", "postgres")
+        self.port = free_port()
+        self.admin_url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+
+    def _run(self, program: str, *args: str) -> None:
+        subprocess.run(
+            [*self.as_user, str(self.bin / program), *args],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.data / "log")
+        self._run("pg_ctl", "-D", str(self.data), "-l", log, "-o", options, "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.data, ignore_errors=True)
 
 
-needs_local_postgres = pytest.mark.skipif(
-    not shutil.which("pg_ctlcluster") or not os.path.isdir("/etc/postgresql"),
-    reason="needs the machine's own PostgreSQL cluster (pg_ctlcluster) to stop and start it",
-)
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.remove()
 
 
-@needs_local_postgres
 def test_postgres_restart_under_load(
-    tenant: Tenant,
-    sessions: sessionmaker[Session],
+    own_postgres: PostgresCluster,
+    settings: Settings,
     storage: Any,
+    celery_app: Celery,
     start_worker: StartWorker,
     engine_runs_file: Path,
 ) -> None:
     """While Postgres is down the API answers 503 with Retry-After; afterwards
     API and worker carry on by themselves and every item finishes."""
+    admin = create_engine(own_postgres.admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text('CREATE DATABASE "segq"'))
+    admin.dispose()
+    database_url = own_postgres.admin_url.rsplit("/", 1)[0] + "/segq"
+    upgrade_to_head(make_engine(database_url))
+    # pre-ping for the test's own reads, which must work right after the restart.
+    db_engine = create_engine(database_url, pool_pre_ping=True)
+    sessions = make_session_factory(db_engine)
+    app = create_app(
+        replace(settings, database_url=database_url), storage=storage, celery=celery_app
+    )
+    tenant = make_tenant(app.test_client(), sessions, "acme")
+
     job_id = submit(tenant, images=6)
-    start_worker(1)
+    start_worker(1, SEGQ_DATABASE_URL=database_url)
     wait_until(lambda: bool(running_items(sessions)), 60, "an item to start")
-    subprocess.run([*postgres_cluster(), "stop", "-m", "fast"], check=True, timeout=60)
+    own_postgres.stop()
     try:
         down = tenant.get_job(job_id)
         assert down.status_code == 503
@@ -512,7 +570,8 @@ def test_postgres_restart_under_load(
         assert posted.status_code == 503
         time.sleep(2)  # the worker meets the outage too
     finally:
-        subprocess.run([*postgres_cluster(), "start"], check=True, timeout=60)
+        own_postgres.start()
     wait_until(lambda: tenant.get_job(job_id).status_code == 200, 30, "the API to recover")
     wait_until(lambda: all_finished(sessions), 120, "every item to finish")
     assert_each_item_done_once(sessions, storage, engine_runs_file)
+    db_engine.dispose()
