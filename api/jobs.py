@@ -30,6 +30,7 @@ from api.schemas import (
     parse,
 )
 from core.clock import now_ms
+from core.fault_points import API_AFTER_COMMIT, die_if_armed
 from core.job_document import render_created_job, render_job, render_job_summary
 from core.models import ItemStatus, Job, JobItem, JobStatus
 from core.queue import enqueue_items
@@ -116,13 +117,15 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         # Another request with the same idempotency key committed first.
         return _created_answer(earlier)
 
+    die_if_armed(API_AFTER_COMMIT, services().settings.fault_point)
     try:
         # The committed objects keep their ids (expire_on_commit=False): no re-read.
         enqueue_items(services().celery, [item.id for item in items])
     except Exception:
         # The job is committed and stays Queued; the client's answer is still
         # true. Marking its items unpublished has the reconciler send them at
-        # its next pass instead of after SEGQ_REPUBLISH_AFTER_SECONDS.
+        # its next pass. (A process that dies here marks nothing; the
+        # reconciler finds its items once the queue runs empty without them.)
         log.exception("could not publish job %s to the broker", job.id)
         session.execute(update(JobItem).where(JobItem.job_id == job.id).values(published_time=None))
         session.commit()

@@ -104,6 +104,15 @@ def enqueue_items(app: Celery, item_ids: Iterable[int]) -> None:
                 app.send_task(SEGMENT_ITEM_TASK, args=[item_id], producer=producer)
 
 
+def messages_waiting(app: Celery, queue: str = SEGMENT_QUEUE) -> int:
+    """Messages in ``queue`` that no worker has taken yet; one broker round
+    trip (kombu counts them on Redis, all priorities, and on the filesystem
+    broker alike)."""
+    with app.connection_or_acquire() as connection:
+        declared = connection.default_channel.queue_declare(queue=queue, passive=False)
+        return int(declared.message_count)
+
+
 def enqueue_deliveries(app: Celery, delivery_ids: Iterable[int]) -> None:
     """Publish one wake-up message per webhook delivery, after commit."""
     with app.producer_or_acquire() as producer:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from core.fault_points import FAULT_POINTS
 from core.url_guard import FetchPolicy, parse_networks
 
 #: The Standard Webhooks reference schedule: after the first attempt, retries
@@ -64,6 +65,8 @@ class Settings:
     public_url: str | None = None
     #: When set, /metrics answers only to ``Authorization: Bearer <token>``.
     metrics_token: str | None = None
+    #: Test-only (core/fault_points.py): where this process dies on purpose.
+    fault_point: str | None = None
 
     def fetch_policy(self) -> FetchPolicy:
         """How workers may fetch images from URLs that clients give."""
@@ -128,6 +131,7 @@ class Settings:
             metrics_token=env.get("SEGQ_METRICS_TOKEN") or None,
             # Long enough for the largest upload (25 MiB) at about 2 Mbit/s.
             request_deadline_seconds=_int(env, "SEGQ_REQUEST_DEADLINE_SECONDS", 120),
+            fault_point=_fault_point(env),
         )
 
 
@@ -179,6 +183,14 @@ def _public_url(env: Mapping[str, str], name: str) -> str | None:
             f"{name} must be an http(s) URL such as https://segq.example, got {raw!r}"
         )
     return raw.rstrip("/")
+
+
+def _fault_point(env: Mapping[str, str]) -> str | None:
+    raw = env.get("SEGQ_TEST_FAULT_POINT") or None
+    # A misspelt point would leave a test's fault silently unarmed.
+    if raw is not None and raw not in FAULT_POINTS:
+        raise SettingsError(f"SEGQ_TEST_FAULT_POINT must be one of {sorted(FAULT_POINTS)}")
+    return raw
 
 
 def _persistent_secret(data_dir: Path) -> str:

@@ -1,7 +1,9 @@
 """Object storage behind one small interface: S3 (boto3) or a local directory.
 
-Keys are plain relative paths such as ``projects/3/jobs/12/items/40/mask-0.png``.
-Writers always use fixed keys, so a retried write replaces rather than duplicates.
+Keys are plain relative paths such as
+``projects/3/jobs/12/items/40/attempt-1/mask-0.png``. Each attempt at an item
+writes under keys of its own (worker/pipeline.py), so a retried write
+replaces only what the same attempt wrote.
 """
 
 from __future__ import annotations

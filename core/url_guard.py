@@ -293,6 +293,10 @@ def post(
     except (OSError, urllib3.exceptions.HTTPError, http.client.HTTPException) as exc:
         if cut_off.is_set():
             raise FetchFailed(f"the answer took longer than {limit:g} s") from None
+        # Before the timeouts: urllib3 derives a refused connection from its
+        # connect timeout, and a receiver that is down is not a slow one.
+        if isinstance(exc, urllib3.exceptions.NewConnectionError):
+            raise FetchFailed(f"could not connect: {exc.__context__ or exc}") from None
         if isinstance(exc, TimeoutError | urllib3.exceptions.TimeoutError):
             raise FetchFailed(f"no answer within {policy.timeout_seconds:g} s") from None
         raise FetchFailed(f"could not reach the URL: {type(exc).__name__}") from None

@@ -211,7 +211,10 @@ def other_tenant(client: FlaskClient, sessions: sessionmaker[Session]) -> Tenant
 
 @contextmanager
 def grabcut_worker(
-    celery_app: Celery, sessions: sessionmaker[Session], storage: S3Storage
+    celery_app: Celery,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+    max_attempts: int = 5,
 ) -> Iterator[None]:
     """A real Celery worker (solo pool, in a thread of this process) running
     the GrabCut engine on ``sessions`` and ``storage``."""
@@ -223,7 +226,12 @@ def grabcut_worker(
 
     runtime.install(
         runtime.WorkerRuntime(
-            sessions, storage, GrabCutEngine(), lease_seconds=60, limits=TEST_LIMITS
+            sessions,
+            storage,
+            GrabCutEngine(),
+            lease_seconds=60,
+            limits=TEST_LIMITS,
+            max_attempts=max_attempts,
         )
     )
     try:

@@ -1,8 +1,9 @@
 """Faults on loopback with real processes: a `segq worker` (Celery prefork)
-against Postgres, Redis and moto's S3, killed, flushed and fed the same item
-twice. Each test ends with the same check over everything it submitted:
-every item finished exactly once in effect (one result, one set of stored
-objects), none lost."""
+against Postgres, Redis and moto's S3, killed, flushed, fed the same item
+twice and cut off from the network. Each test ends with the same check over
+everything it submitted: every item finished exactly once in effect (one
+result, one set of stored objects, no more engine runs than attempts),
+none lost."""
 
 from __future__ import annotations
 
@@ -12,23 +13,33 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlparse
 
 import boto3
 import pytest
 import redis
+import requests
 from celery import Celery
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import create_app
+from core.db import make_engine, make_session_factory
+from core.fault_points import API_AFTER_COMMIT
+from core.migrations import upgrade_to_head
 from core.models import ItemStatus, Job, JobItem, JobStatus
 from core.queue import enqueue_items
 from core.settings import Settings
-from tests.conftest import REDIS_URL, TEST_BUCKET, Tenant
+from tests.conftest import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant
 from tests.images import png_bytes, scene_prompt_body
+from tests.probed_worker import engine_runs
+from tests.tcp_proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parent.parent
 LEASE_SECONDS = 3
@@ -37,17 +48,22 @@ pytestmark = pytest.mark.slow
 
 
 class Worker:
-    """A `segq worker` process: Celery's main process and its pool."""
+    """A `segq worker` process: Celery's main process and its pool, with its
+    engine probed (tests/probed_worker.py)."""
 
-    def __init__(self, env: dict[str, str], concurrency: int, log: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], concurrency: int, log: Path, queues: str = "segment,webhooks"
+    ) -> None:
+        self.log_path = log
         self.log = log.open("ab")
         self.process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
-                "cli.main",
+                "tests.probed_worker",
                 "worker",
                 f"--concurrency={concurrency}",
+                f"--queues={queues}",
                 "--loglevel=WARNING",
             ],
             env=env,
@@ -85,10 +101,19 @@ class Worker:
         self.log.close()
 
 
+class StartWorker(Protocol):
+    def __call__(self, concurrency: int = 1, **env: str) -> Worker: ...
+
+
+@pytest.fixture
+def engine_runs_file(tmp_path: Path) -> Path:
+    return tmp_path / "engine-runs"
+
+
 @pytest.fixture
 def start_worker(
-    settings: Settings, tmp_path: Path, storage: Any, celery_app: Celery
-) -> Iterator[Callable[[int], Worker]]:
+    settings: Settings, tmp_path: Path, storage: Any, celery_app: Celery, engine_runs_file: Path
+) -> Iterator[StartWorker]:
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -102,11 +127,13 @@ def start_worker(
         "SEGQ_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
         "SEGQ_REPUBLISH_AFTER_SECONDS": "4",
         "SEGQ_RECONCILE_INTERVAL_SECONDS": "1",
+        "SEGQ_PROBE_RUNS": str(engine_runs_file),
     }
     workers: list[Worker] = []
 
-    def start(concurrency: int = 1) -> Worker:
-        worker = Worker(env, concurrency, tmp_path / "worker.log")
+    def start(concurrency: int = 1, **overrides: str) -> Worker:
+        log = tmp_path / f"worker-{len(workers)}.log"
+        worker = Worker({**env, **overrides}, concurrency, log)
         workers.append(worker)
         return worker
 
@@ -147,9 +174,10 @@ def all_finished(sessions: sessionmaker[Session]) -> bool:
 
 
 def assert_each_item_done_once(
-    sessions: sessionmaker[Session], storage: Any, expect_failed: int = 0
-) -> None:
-    """The closing check: nothing lost, nothing with two results."""
+    sessions: sessionmaker[Session], storage: Any, runs_file: Path, expect_failed: int = 0
+) -> dict[int, int]:
+    """The closing check: nothing lost, nothing with two results, no engine
+    run without an attempt of its own. Returns the engine runs per item."""
     with sessions() as session:
         items = list(session.scalars(select(JobItem)))
         jobs = list(session.scalars(select(Job)))
@@ -170,13 +198,24 @@ def assert_each_item_done_once(
         storage.prefix + item.result["segments"][0]["maskKey"] for item in completed if item.result
     )
     assert masks == expected
+    # Stored objects cannot show an item run twice (a repeat may write the
+    # same bytes, and a winner deletes earlier attempts' objects): the
+    # engine's own count can. Each run needs a claim, which counts an attempt.
+    runs = engine_runs(runs_file)
+    assert set(runs) <= {item.id for item in items}
+    for item in items:
+        assert runs.get(item.id, 0) <= item.attempt, (item.id, runs.get(item.id), item.attempt)
+    for item in completed:
+        assert runs.get(item.id, 0) >= 1
+    return runs
 
 
 def test_pool_process_killed_mid_item(
     tenant: Tenant,
     sessions: sessionmaker[Session],
     storage: Any,
-    start_worker: Callable[[int], Worker],
+    start_worker: StartWorker,
+    engine_runs_file: Path,
 ) -> None:
     submit(tenant, images=6)
     worker = start_worker(1)
@@ -184,7 +223,7 @@ def test_pool_process_killed_mid_item(
     victim = running_items(sessions)[0].id
     worker.kill_pool()
     wait_until(lambda: all_finished(sessions), 90, "every item to finish")
-    assert_each_item_done_once(sessions, storage)
+    assert_each_item_done_once(sessions, storage, engine_runs_file)
     with sessions() as session:
         item = session.get(JobItem, victim)
         assert item is not None and item.attempt >= 2  # the killed attempt, then another
@@ -194,7 +233,8 @@ def test_whole_worker_killed_then_replaced(
     tenant: Tenant,
     sessions: sessionmaker[Session],
     storage: Any,
-    start_worker: Callable[[int], Worker],
+    start_worker: StartWorker,
+    engine_runs_file: Path,
 ) -> None:
     submit(tenant, images=5)
     first = start_worker(1)
@@ -202,21 +242,22 @@ def test_whole_worker_killed_then_replaced(
     first.kill()
     start_worker(1)
     wait_until(lambda: all_finished(sessions), 90, "every item to finish")
-    assert_each_item_done_once(sessions, storage)
+    assert_each_item_done_once(sessions, storage, engine_runs_file)
 
 
 def test_broker_loses_every_message(
     tenant: Tenant,
     sessions: sessionmaker[Session],
     storage: Any,
-    start_worker: Callable[[int], Worker],
+    start_worker: StartWorker,
+    engine_runs_file: Path,
 ) -> None:
     submit(tenant, images=6)
     start_worker(1)
     wait_until(lambda: bool(running_items(sessions)), 60, "an item to start")
     redis.Redis.from_url(REDIS_URL).flushdb()  # queued and unacknowledged messages alike
     wait_until(lambda: all_finished(sessions), 90, "every item to finish")
-    assert_each_item_done_once(sessions, storage)
+    assert_each_item_done_once(sessions, storage, engine_runs_file)
 
 
 def test_the_same_item_delivered_many_times_at_once(
@@ -224,7 +265,8 @@ def test_the_same_item_delivered_many_times_at_once(
     sessions: sessionmaker[Session],
     storage: Any,
     celery_app: Celery,
-    start_worker: Callable[[int], Worker],
+    start_worker: StartWorker,
+    engine_runs_file: Path,
 ) -> None:
     job_id = submit(tenant, images=2, size=(400, 300))
     with sessions() as session:
@@ -232,16 +274,18 @@ def test_the_same_item_delivered_many_times_at_once(
     enqueue_items(celery_app, item_ids * 5)  # five more copies of each
     start_worker(2)
     wait_until(lambda: all_finished(sessions), 90, "every item to finish")
-    assert_each_item_done_once(sessions, storage)
+    runs = assert_each_item_done_once(sessions, storage, engine_runs_file)
     with sessions() as session:
         assert [item.attempt for item in session.scalars(select(JobItem))] == [1, 1]
+    assert sorted(runs.values()) == [1, 1]  # six messages each, one engine run each
 
 
 def test_poison_item_fails_after_bounded_attempts_while_others_finish(
     tenant: Tenant,
     sessions: sessionmaker[Session],
     storage: Any,
-    start_worker: Callable[[int], Worker],
+    start_worker: StartWorker,
+    engine_runs_file: Path,
 ) -> None:
     """An image that kills its worker every time: here the test is the
     killer, taking down whichever pool process runs that item."""
@@ -269,7 +313,7 @@ def test_poison_item_fails_after_bounded_attempts_while_others_finish(
                 "the lease to run out",
             )
         time.sleep(0.02)
-    assert_each_item_done_once(sessions, storage, expect_failed=1)
+    assert_each_item_done_once(sessions, storage, engine_runs_file, expect_failed=1)
     with sessions() as session:
         item = session.get(JobItem, poison)
         assert item is not None and item.attempt == MAX_ATTEMPTS
@@ -278,30 +322,245 @@ def test_poison_item_fails_after_bounded_attempts_while_others_finish(
         assert job is not None and job.status == JobStatus.COMPLETED  # the others succeeded
 
 
-def postgres_cluster() -> list[str]:
-    version = sorted(os.listdir("/etc/postgresql"))[0]
-    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+def s3_objects(storage: Any, under: str) -> dict[str, bytes]:
+    """The objects stored under ``under`` (a key prefix within the test's
+    storage), with their bytes."""
+    s3 = boto3.client("s3", endpoint_url=storage._client.meta.endpoint_url)
+    listed = s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=storage.prefix + under)
+    return {
+        o["Key"].removeprefix(storage.prefix): s3.get_object(Bucket=TEST_BUCKET, Key=o["Key"])[
+            "Body"
+        ].read()
+        for o in listed.get("Contents", [])
+    }
 
 
-needs_local_postgres = pytest.mark.skipif(
-    not shutil.which("pg_ctlcluster") or not os.path.isdir("/etc/postgresql"),
-    reason="needs the machine's own PostgreSQL cluster (pg_ctlcluster) to stop and start it",
-)
-
-
-@needs_local_postgres
-def test_postgres_restart_under_load(
+def test_a_worker_cut_off_from_postgres_and_redis_cannot_replace_the_winners_result(
     tenant: Tenant,
+    settings: Settings,
     sessions: sessionmaker[Session],
     storage: Any,
-    start_worker: Callable[[int], Worker],
+    start_worker: StartWorker,
+    engine_runs_file: Path,
+    tmp_path: Path,
+) -> None:
+    """A partition, not a crash: the first worker keeps running, cut off
+    from Postgres and Redis (its connections hang, nothing is closed) but
+    not from storage. Its lease runs out, a second worker completes the
+    item; then the first writes its masks and, when the network comes back,
+    tries to complete. Its completion is refused (the attempt is fenced),
+    the winner's objects are untouched, and the loser's are deleted."""
+    job_id = submit(tenant, images=1, size=(400, 300))
+    with sessions() as session:
+        item_id = session.scalars(select(JobItem.id).where(JobItem.job_id == job_id)).one()
+    database = urlparse(settings.database_url)
+    broker = urlparse(settings.broker_url)
+    assert database.hostname and database.port and broker.hostname and broker.port
+    gate = tmp_path / "cut-off-worker-may-finish"
+    with (
+        TcpProxy(database.hostname, database.port) as db_link,
+        TcpProxy(broker.hostname, broker.port) as broker_link,
+    ):
+        cut_off = start_worker(
+            1,
+            SEGQ_DATABASE_URL=db_link.url_for(settings.database_url, database.netloc),
+            SEGQ_BROKER_URL=broker_link.url_for(settings.broker_url, broker.netloc),
+            SEGQ_PROBE_GATE=str(gate),
+            SEGQ_PROBE_INVERT="1",  # its masks differ from the winner's
+        )
+        wait_until(lambda: bool(running_items(sessions)), 60, "the first attempt to start")
+        db_link.cut()
+        broker_link.cut()
+
+        start_worker(1)
+        wait_until(lambda: all_finished(sessions), 60, "the second worker to complete the item")
+        with sessions() as session:
+            won = session.get_one(JobItem, item_id)
+        assert (won.status, won.attempt) == (ItemStatus.COMPLETED, 2)
+        assert won.result is not None
+        winners_key = won.result["segments"][0]["maskKey"]
+        item_prefix = winners_key.split("/items/")[0] + f"/items/{item_id}/"
+        winners_objects = s3_objects(storage, item_prefix)
+        assert list(winners_objects) == [winners_key]
+
+        # The cut-off attempt finishes its work and writes its masks, while
+        # its connections to Postgres and Redis still hang.
+        gate.touch()
+        wait_until(
+            lambda: s3_objects(storage, item_prefix) != winners_objects,
+            30,
+            "the cut-off attempt to write its masks",
+        )
+        during = s3_objects(storage, item_prefix)
+        assert during[winners_key] == winners_objects[winners_key], "the winner's mask was replaced"
+        assert len(during) == 2
+
+        db_link.heal()
+        broker_link.heal()
+        # Its completion is refused, and it deletes the objects it wrote.
+        wait_until(
+            lambda: s3_objects(storage, item_prefix) == winners_objects,
+            30,
+            "the cut-off attempt to give up its objects",
+        )
+    assert b"attempt 1 lost its lease" in cut_off.log_path.read_bytes()
+    with sessions() as session:
+        after = session.get_one(JobItem, item_id)
+    assert (after.status, after.attempt, after.result, after.finished_time) == (
+        won.status,
+        won.attempt,
+        won.result,
+        won.finished_time,
+    )
+    runs = assert_each_item_done_once(sessions, storage, engine_runs_file)
+    assert runs == {item_id: 2}
+
+
+def test_an_api_process_killed_between_commit_and_publish(
+    tenant: Tenant,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    storage: Any,
+    start_worker: StartWorker,
+    engine_runs_file: Path,
+    tmp_path: Path,
+) -> None:
+    """A real API process (gunicorn) SIGKILLed right after committing a job,
+    before publishing it (a fault point the test arms): the client gets no
+    answer, the items stay marked as sent with no message anywhere. The
+    reconciler finds them at its first pass once the queue is empty, not
+    after SEGQ_REPUBLISH_AFTER_SECONDS."""
+    file_id = tenant.upload(png_bytes(400, 300)).json["id"]
+    port = free_port()
+    api_log = (tmp_path / "api.log").open("ab")
+    api = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve", f"--port={port}", "--workers=1"],
+        env={
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "SEGQ_DATA_DIR": str(tmp_path / "api-data"),
+            "SEGQ_DATABASE_URL": settings.database_url,
+            "SEGQ_BROKER_URL": settings.broker_url,
+            "SEGQ_STORAGE_URL": f"s3://{TEST_BUCKET}/{storage.prefix.rstrip('/')}",
+            "SEGQ_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
+            "SEGQ_TEST_FAULT_POINT": API_AFTER_COMMIT,
+        },
+        cwd=REPO,
+        stdout=api_log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        root = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _answers(f"{root}/healthz"), 30, "the API to serve")
+        with pytest.raises(requests.ConnectionError):
+            requests.post(
+                f"{root}/api/v1/projects/{tenant.name}/context/vision/segment",
+                json=scene_prompt_body(file_id),
+                headers=tenant.headers,
+                timeout=30,
+            )
+        killed = time.monotonic()
+    finally:
+        api.terminate()
+        api.wait(timeout=30)
+        api_log.close()
+    with sessions() as session:
+        [item] = session.scalars(select(JobItem)).all()
+    assert (item.status, item.attempt) == (ItemStatus.QUEUED, 0)
+    assert item.published_time is not None  # it died before it could say otherwise
+    assert redis.Redis.from_url(REDIS_URL).llen("segq.segment") == 0
+
+    start_worker(1, SEGQ_REPUBLISH_AFTER_SECONDS="300")
+    wait_until(lambda: all_finished(sessions), 60, "the item to finish")
+    assert time.monotonic() - killed < 60  # well within the 300 s republish delay
+    assert_each_item_done_once(sessions, storage, engine_runs_file)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:  # not listening yet, or still starting
+        return False
+
+
+class PostgresCluster:
+    """A PostgreSQL cluster of the test's own (initdb into a temporary
+    folder, on a free port), so the test can stop it: never the machine's.
+    Run as the ``postgres`` user when the tests run as root, which
+    PostgreSQL refuses to run as."""
+
+    def __init__(self) -> None:
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        pg_ctl = str(found[-1]) if found else shutil.which("pg_ctl")
+        if pg_ctl is None:
+            pytest.skip("PostgreSQL's server programs (initdb, pg_ctl) are not installed")
+        self.bin = Path(pg_ctl).parent
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        self.data = Path(tempfile.mkdtemp(prefix="segq-test-pg-"))
+        if self.as_user:
+            shutil.chown(self.data, "postgres", "postgres")
+        self.port = free_port()
+        self.admin_url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+
+    def _run(self, program: str, *args: str) -> None:
+        subprocess.run(
+            [*self.as_user, str(self.bin / program), *args],
+            check=True,
+            timeout=60,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        log = str(self.data / "log")
+        self._run("pg_ctl", "-D", str(self.data), "-l", log, "-o", options, "-w", "start")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError):
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresCluster]:
+    cluster = PostgresCluster()
+    yield cluster
+    cluster.remove()
+
+
+def test_postgres_restart_under_load(
+    own_postgres: PostgresCluster,
+    settings: Settings,
+    storage: Any,
+    celery_app: Celery,
+    start_worker: StartWorker,
+    engine_runs_file: Path,
 ) -> None:
     """While Postgres is down the API answers 503 with Retry-After; afterwards
     API and worker carry on by themselves and every item finishes."""
+    admin = create_engine(own_postgres.admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text('CREATE DATABASE "segq"'))
+    admin.dispose()
+    database_url = own_postgres.admin_url.rsplit("/", 1)[0] + "/segq"
+    upgrade_to_head(make_engine(database_url))
+    # pre-ping for the test's own reads, which must work right after the restart.
+    db_engine = create_engine(database_url, pool_pre_ping=True)
+    sessions = make_session_factory(db_engine)
+    app = create_app(
+        replace(settings, database_url=database_url), storage=storage, celery=celery_app
+    )
+    tenant = make_tenant(app.test_client(), sessions, "acme")
+
     job_id = submit(tenant, images=6)
-    start_worker(1)
+    start_worker(1, SEGQ_DATABASE_URL=database_url)
     wait_until(lambda: bool(running_items(sessions)), 60, "an item to start")
-    subprocess.run([*postgres_cluster(), "stop", "-m", "fast"], check=True, timeout=60)
+    own_postgres.stop()
     try:
         down = tenant.get_job(job_id)
         assert down.status_code == 503
@@ -311,7 +570,8 @@ def test_postgres_restart_under_load(
         assert posted.status_code == 503
         time.sleep(2)  # the worker meets the outage too
     finally:
-        subprocess.run([*postgres_cluster(), "start"], check=True, timeout=60)
+        own_postgres.start()
     wait_until(lambda: tenant.get_job(job_id).status_code == 200, 30, "the API to recover")
     wait_until(lambda: all_finished(sessions), 120, "every item to finish")
-    assert_each_item_done_once(sessions, storage)
+    assert_each_item_done_once(sessions, storage, engine_runs_file)
+    db_engine.dispose()

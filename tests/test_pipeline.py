@@ -5,30 +5,34 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+from celery import Celery
 from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.models import ItemStatus, Job, JobItem, JobStatus, WebhookDelivery
-from core.storage import S3Storage, StorageError
-from tests.conftest import TEST_LIMITS, Tenant
+from core.storage import S3Storage
+from tests.conftest import TEST_LIMITS, Tenant, grabcut_worker
 from tests.images import png_bytes, scene, scene_prompt_body
+from tests.tcp_proxy import TcpProxy
 from worker.engines.grabcut import GrabCutEngine
 from worker.masks import Ring, rasterize_rings
 from worker.pipeline import (
     Claim,
     LeaseKeeper,
     Outcome,
-    StorageUnavailable,
     claim_item,
     finish_item,
     process_item,
+    release_item,
+    renew_lease,
 )
 
 LEASE = 60
@@ -158,6 +162,31 @@ def test_a_held_lease_keeps_others_out_and_a_lost_one_drops_the_result(
     assert load(sessions, JobItem, item_id).result == winner.result
 
 
+def test_a_lost_attempt_is_fenced_while_another_attempt_runs(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    """The attempt, not only the status, guards every write: an attempt that
+    lost its lease cannot complete, renew or release the item while the
+    next attempt holds it (both see it Running)."""
+    _, [item_id] = submit(tenant)
+    first = claim_item(
+        sessions, item_id, lease_seconds=LEASE, engine_name="grabcut", max_attempts=3
+    )
+    assert first is not None
+    with sessions.begin() as session:
+        session.execute(update(JobItem).where(JobItem.id == item_id).values(lease_expires_time=0))
+    second = claim_item(
+        sessions, item_id, lease_seconds=LEASE, engine_name="grabcut", max_attempts=3
+    )
+    assert second is not None and second.attempt == 2
+    assert not finish_item(sessions, first, result={"width": 1, "height": 1, "segments": []})
+    assert not renew_lease(sessions, first, LEASE)
+    assert not release_item(sessions, first)
+    item = load(sessions, JobItem, item_id)
+    assert (item.status, item.attempt, item.result) == (ItemStatus.RUNNING, 2, None)
+    assert finish_item(sessions, second, result={"width": 1, "height": 1, "segments": []})
+
+
 def test_a_deleted_file_fails_its_item_and_the_job_keeps_the_rest(
     tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
 ) -> None:
@@ -231,37 +260,74 @@ def test_only_the_requested_outputs_are_made(
     assert "rle" in segment and "mask" not in segment and "polygons" not in segment
 
 
-@dataclass
-class WritesFail:
-    """Real storage for reads; every write fails as an unreachable server's would."""
+def attempt_times(
+    sessions: sessionmaker[Session], item_id: int, until: Any, timeout: float = 60
+) -> dict[int, float]:
+    """When each attempt at the item started (monotonic seconds, seen by
+    polling its row) until ``until(item)`` holds."""
+    seen: dict[int, float] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        item = load(sessions, JobItem, item_id)
+        seen.setdefault(item.attempt, time.monotonic())
+        if until(item):
+            return seen
+        assert time.monotonic() < deadline, f"attempts so far: {sorted(seen)}"
+        time.sleep(0.02)
 
-    inner: S3Storage
 
-    def get(self, key: str) -> bytes:
-        return self.inner.get(key)
+def proxied_storage(storage: S3Storage, link: TcpProxy) -> S3Storage:
+    """``storage``'s bucket and prefix, reached through ``link`` with boto3."""
+    endpoint = urlparse(storage._client.meta.endpoint_url)
+    return S3Storage(
+        storage.bucket,
+        storage.prefix.rstrip("/"),
+        endpoint_url=link.url_for(storage._client.meta.endpoint_url, endpoint.netloc),
+    )
 
-    def put(self, key: str, data: bytes, content_type: str) -> None:
-        raise StorageError("connection refused")
+
+def test_storage_outage_requeues_with_the_tasks_countdown_until_storage_answers(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, celery_app: Celery
+) -> None:
+    """A real S3 endpoint (moto over HTTP, through boto3) that stops
+    answering, and the Celery task's own retry countdown: attempts 2 and 4
+    seconds apart, and the item completes once storage is back."""
+    job_id, [item_id] = submit(tenant)
+    s3 = urlparse(storage._client.meta.endpoint_url)
+    assert s3.hostname and s3.port
+    with TcpProxy(s3.hostname, s3.port) as link:
+        link.refuse()
+        with grabcut_worker(celery_app, sessions, proxied_storage(storage, link), max_attempts=4):
+            # (The API published the item when it created the job.)
+            outage = attempt_times(
+                sessions, item_id, lambda item: item.attempt == 2 and item.status == "Queued"
+            )
+            link.heal()  # back after the second attempt failed
+            seen = {**outage, **attempt_times(sessions, item_id, lambda i: i.status == "Completed")}
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert seen[2] - seen[1] >= 2 - 0.1
+    assert seen[3] - seen[2] >= 4 - 0.1
+    job = tenant.get_job(job_id).json
+    assert job["status"] == "Completed"
+    [segment] = load(sessions, JobItem, item_id).result["segments"]
+    assert storage.get(segment["maskKey"]).startswith(b"\x89PNG")
 
 
-def test_storage_outage_requeues_then_fails_after_the_bound(
-    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
+def test_storage_outage_fails_the_item_after_the_bound(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, celery_app: Celery
 ) -> None:
     job_id, [item_id] = submit(tenant)
-    broken = WritesFail(storage)
-    for attempt in (1, 2):
-        with pytest.raises(StorageUnavailable):
-            run(sessions, broken, engine, item_id, max_attempts=3)
-        item = load(sessions, JobItem, item_id)
-        assert (item.status, item.attempt, item.lease_expires_time) == (
-            ItemStatus.QUEUED,
-            attempt,
-            None,
-        )
-    assert run(sessions, broken, engine, item_id, max_attempts=3) == Outcome.FAILED
+    s3 = urlparse(storage._client.meta.endpoint_url)
+    assert s3.hostname and s3.port
+    with TcpProxy(s3.hostname, s3.port) as link:
+        link.refuse()
+        with grabcut_worker(celery_app, sessions, proxied_storage(storage, link), max_attempts=2):
+            seen = attempt_times(sessions, item_id, lambda item: item.status == "Failed")
+    assert sorted(seen) == [0, 1, 2]
+    assert seen[2] - seen[1] >= 2 - 0.1
     job = tenant.get_job(job_id).json
     assert job["status"] == "Failed"
-    assert job["errorMessage"].startswith("storage was unavailable for 3 attempts")
+    assert job["errorMessage"].startswith("storage was unavailable for 2 attempts")
 
 
 def test_storage_retries_wait_longer_each_time() -> None:

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +40,8 @@ from tests.conftest import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.fake_dns import fake_dns
 from tests.images import png_bytes, scene_prompt_body
 from tests.refused_urls import INTERNAL_SPELLINGS
+from tests.tcp_proxy import TcpProxy
+from tests.test_chaos import REPO, Worker
 from worker import runtime
 from worker.engines.grabcut import GrabCutEngine
 from worker.pipeline import process_item
@@ -716,3 +721,78 @@ def test_a_body_too_large_is_sent_without_items(
     assert "items" not in payload["data"]
     assert payload["data"]["jobId"] == job_id
     assert payload["data"]["progress"] == {"total": 2, "completed": 2, "failed": 0}
+
+
+def test_a_receiver_that_refuses_connections_is_retried(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    """Nothing listens at the URL (connection refused), then the receiver is
+    back: the job is untouched, the attempt recorded, the retry delivers."""
+    with TcpProxy("127.0.0.1", int(receiver.url.rsplit(":", 1)[1])) as link:
+        link.refuse()
+        job_id = submit(hooked, {"url": f"http://127.0.0.1:{link.port}/hook"})
+        run_items(sessions, storage)
+        first = drain(
+            sessions, rules(retry_delays=(1,)), lambda: bool(deliveries(sessions)[0].failures)
+        )
+        assert first == [Outcome.RETRYING]
+        assert receiver.received == []
+        link.heal()
+        assert drain(sessions, rules(retry_delays=(1,)), all_settled(sessions)) == [
+            Outcome.DELIVERED
+        ]
+    (request,) = receiver.received
+    Webhook(secret_of(hooked)).verify(request.body, request.headers)
+    listing = hooked.client.get(
+        hooked.url(f"/context/vision/segment/{job_id}/webhook-deliveries"), headers=hooked.headers
+    ).json
+    attempts = listing["items"][0]["attempts"]
+    assert [a["statusCode"] for a in attempts] == [None, 200]
+    assert "refused" in attempts[0]["error"], attempts[0]
+
+
+def test_a_webhook_worker_process_killed_mid_attempt(
+    hooked: Tenant,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+    receiver: Receiver,
+    tmp_path: Path,
+) -> None:
+    """A real `segq worker --queues webhooks` SIGKILLed while its POST waits
+    for the receiver's answer: nothing is recorded for that attempt, its
+    claim runs out (three timeouts), and another attempt delivers the same
+    event under the same webhook-id."""
+    receiver.answers = [(200, 60.0)]  # holds the first POST past the kill
+    job_id = submit(hooked, {"url": receiver.url})
+    run_items(sessions, storage)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "SEGQ_DATA_DIR": str(tmp_path / "worker-data"),
+        "SEGQ_DATABASE_URL": settings.database_url,
+        "SEGQ_BROKER_URL": settings.broker_url,
+        "SEGQ_WEBHOOK_ALLOWED_NETWORKS": LOOPBACK,
+        "SEGQ_WEBHOOK_TIMEOUT_SECONDS": "1",
+        "SEGQ_WEBHOOK_POLL_SECONDS": "0.2",
+    }
+    deliverer = Worker(env, 1, tmp_path / "deliverer.log", queues="webhooks")
+    try:
+        receiver.wait_for(1, timeout=60)
+        deliverer.kill()
+        killed = time.monotonic()
+    finally:
+        deliverer.stop()
+    assert deliverer.process.returncode == -signal.SIGKILL
+    # The same rules as the killed worker's: its claim lasts 3 x 1 s (+ margin).
+    assert drain(sessions, rules(timeout=1), all_settled(sessions), timeout=30) == [
+        Outcome.DELIVERED
+    ]
+    assert time.monotonic() - killed >= 2.5
+    first, second = receiver.received
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert first.body == second.body
+    listing = hooked.client.get(
+        hooked.url(f"/context/vision/segment/{job_id}/webhook-deliveries"), headers=hooked.headers
+    ).json
+    assert [a["attempt"] for a in listing["items"][0]["attempts"]] == [2]

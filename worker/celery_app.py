@@ -9,7 +9,13 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 import worker.tasks  # noqa: F401  (registers the tasks on this app)
 from core.db import make_engine, make_session_factory
-from core.queue import SEGMENT_QUEUE, enqueue_deliveries, enqueue_items, make_celery
+from core.queue import (
+    SEGMENT_QUEUE,
+    enqueue_deliveries,
+    enqueue_items,
+    make_celery,
+    messages_waiting,
+)
 from core.settings import Settings
 from worker import runtime
 from worker.reconciler import PeriodicPass, reconcile
@@ -53,6 +59,7 @@ def _start_passes(**_kwargs: Any) -> None:
             lambda: reconcile(
                 sessions,
                 lambda ids: enqueue_items(app, ids),
+                lambda: messages_waiting(app),
                 republish_after_seconds=settings.republish_after_seconds,
                 max_attempts=settings.max_attempts,
             ),

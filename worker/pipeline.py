@@ -1,8 +1,8 @@
 """The work of one item, as plain functions: claim, segment, store, complete.
 
 Delivery is at least once, so every step is safe to repeat: a claim names
-its attempt and takes a lease, objects go to fixed keys, and a completion
-lands only while its attempt still holds the lease.
+its attempt and takes a lease, objects go to keys of their attempt, and a
+completion lands only while its attempt still holds the lease.
 """
 
 from __future__ import annotations
@@ -372,9 +372,46 @@ def pixel_prompt(prompt: dict[str, Any], width: int, height: int) -> Prompt:
     )
 
 
-def mask_key(claim: Claim, index: int) -> str:
-    """Fixed per item and candidate, so a repeated attempt overwrites its own objects."""
-    return f"projects/{claim.project_id}/jobs/{claim.job_id}/items/{claim.item_id}/mask-{index}.png"
+#: Candidates an engine returns at most (multimask output).
+MAX_CANDIDATES = 3
+
+
+def mask_key(claim: Claim, index: int, attempt: int | None = None) -> str:
+    """Per item, attempt and candidate. An attempt that lost its lease may
+    still be running (its worker cut off from the database, not from
+    storage): under a key of its own it can never replace the objects of
+    the attempt that completed, whose keys the item's row records."""
+    attempt = claim.attempt if attempt is None else attempt
+    return (
+        f"projects/{claim.project_id}/jobs/{claim.job_id}/items/{claim.item_id}"
+        f"/attempt-{attempt}/mask-{index}.png"
+    )
+
+
+def _discard(storage: ObjectStorage, keys: list[str]) -> None:
+    """Delete objects no row refers to; storage that fails leaves them as
+    garbage, never as a result."""
+    for key in keys:
+        try:
+            storage.delete(key)
+        except StorageError:
+            log.warning("could not delete %s; it is referred to by no item", key, exc_info=True)
+
+
+def _objects_of(result: dict[str, Any] | None) -> list[str]:
+    if result is None:
+        return []
+    return [segment["maskKey"] for segment in result["segments"] if "maskKey" in segment]
+
+
+def _objects_of_earlier_attempts(claim: Claim) -> list[str]:
+    """Where attempts before ``claim``'s may have left objects (a worker
+    killed, or cut off, between its writes and its completion)."""
+    return [
+        mask_key(claim, index, attempt)
+        for attempt in range(1, claim.attempt)
+        for index in range(MAX_CANDIDATES)
+    ]
 
 
 def encode_result(
@@ -688,5 +725,15 @@ def process_item(
         lambda: finish_item(sessions, claim, result=result, error_message=error_message)
     )
     if not landed:
+        log.warning(
+            "item %s: attempt %s lost its lease before completing; its result is dropped",
+            claim.item_id,
+            claim.attempt,
+        )
+        _discard(storage, _objects_of(result))
         return Outcome.LEASE_LOST
+    if claim.attempt > 1:
+        # Only retried items pay for this: one delete per key that an
+        # earlier attempt may have written.
+        _discard(storage, _objects_of_earlier_attempts(claim))
     return Outcome.COMPLETED if result is not None else Outcome.FAILED

@@ -6,7 +6,12 @@ killed holding a message). Each pass:
 - items Running whose lease ran out (their worker died) go back to Queued,
   or fail once they have used up their attempts;
 - items Queued whose last wake-up call is older than ``republish_after``
-  get a new one.
+  get a new one;
+- items never claimed whose wake-up call was sent more than a few seconds
+  ago, while the queue holds no message at all, get a new one at once:
+  their message is gone (an API that died between its commit and its
+  publish, a broker that lost it). Behind a backlog they wait for it to
+  drain, as their messages would have.
 
 Extra wake-up calls are harmless: a claim skips what is not its to run.
 """
@@ -18,7 +23,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import or_, select, text
+from sqlalchemy import and_, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.clock import now_ms
@@ -32,6 +37,12 @@ BATCH = 1000
 #: Any constant: the key of the Postgres advisory lock one pass holds, so
 #: that many workers running reconcilers make one pass at a time.
 ADVISORY_LOCK_KEY = 0x5E6_0001
+#: A worker claims an item within milliseconds of taking its message; an
+#: item never claimed this long after its message was sent, while the queue
+#: is empty, has lost it. (An item whose storage failed waits for a retry
+#: message that its worker holds back, outside the queue; those have been
+#: claimed, and are left to ``republish_after``.)
+UNCLAIMED_GRACE_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -44,10 +55,17 @@ class Pass:
 def reconcile(
     sessions: sessionmaker[Session],
     publish: Callable[[Sequence[int]], None],
+    messages_waiting: Callable[[], int],
     *,
     republish_after_seconds: int,
     max_attempts: int,
+    unclaimed_grace_seconds: int = UNCLAIMED_GRACE_SECONDS,
 ) -> Pass:
+    """One pass; ``messages_waiting`` counts the messages in the queue that
+    no worker has taken yet."""
+    # Counted before the items are read: every message sent before this
+    # moment has been taken by a worker if the count is zero.
+    queue_empty = messages_waiting() == 0
     now = now_ms()
     requeued = failed = 0
     with sessions.begin() as session:
@@ -79,12 +97,17 @@ def reconcile(
                 item.published_time = None  # published below
                 requeued += 1
         stale = now - republish_after_seconds * 1000
+        message_lost = [JobItem.published_time.is_(None), JobItem.published_time < stale]
+        if queue_empty:
+            message_lost.append(
+                and_(
+                    JobItem.attempt == 0,
+                    JobItem.published_time < now - unclaimed_grace_seconds * 1000,
+                )
+            )
         due = session.scalars(
             select(JobItem)
-            .where(
-                JobItem.status == ItemStatus.QUEUED,
-                or_(JobItem.published_time.is_(None), JobItem.published_time < stale),
-            )
+            .where(JobItem.status == ItemStatus.QUEUED, or_(*message_lost))
             .order_by(JobItem.id)
             .limit(BATCH)
             .with_for_update(skip_locked=True)
