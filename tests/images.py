@@ -58,3 +58,48 @@ def scene_prompt_body(file_id: int) -> dict[str, object]:
         "points": [{"x": 0.5, "y": 0.5, "label": 1}],
         "boundingBox": {"xMin": 0.2, "yMin": 0.15, "xMax": 0.8, "yMax": 0.85},
     }
+
+
+def flat_png(width: int, height: int, colour: tuple[int, int, int] = (120, 80, 60)) -> bytes:
+    """A valid PNG of one colour: tens of megapixels compress to kilobytes."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A 16x16 JPEG whose frame header is rewritten to claim width x height
+    pixels: a few hundred bytes that hold almost none of the pixels claimed."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 80, 60)).save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    frame = data.index(b"\xff\xc0")  # baseline SOF0: length(2), precision(1), height, width
+    data[frame + 5 : frame + 7] = height.to_bytes(2, "big")
+    data[frame + 7 : frame + 9] = width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def cut_short(data: bytes, fraction: float = 0.5) -> bytes:
+    """The first ``fraction`` of a JPEG with its end marker appended, as a
+    transfer cut short and "repaired" by a careless tool leaves it."""
+    return data[: int(len(data) * fraction)] + b"\xff\xd9"
+
+
+def png_chunks(data: bytes) -> list[tuple[int, bytes, int]]:
+    """(offset, type, payload length) of each chunk of a PNG."""
+    chunks, offset = [], 8
+    while offset < len(data):
+        length = int.from_bytes(data[offset : offset + 4], "big")
+        chunks.append((offset, data[offset + 4 : offset + 8], length))
+        offset += 12 + length
+    return chunks
+
+
+def with_exif_orientation(pixels: npt.NDArray[np.uint8], orientation: int) -> bytes:
+    """A JPEG of ``pixels`` (as stored) tagged with an EXIF orientation."""
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()

@@ -4,9 +4,11 @@ of another size, the kept embedding), and what importing engines costs."""
 
 from __future__ import annotations
 
+import multiprocessing
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -368,3 +370,46 @@ def test_choosing_and_running_grabcut_never_imports_torch() -> None:
     )
 
     assert result.stdout.split() == ["grabcut", "False"]
+
+
+def _segment_flat_image(height: int, width: int, speckles: int) -> None:
+    """GrabCut, boxed, on one flat colour with a few black pixels: the
+    content that stalls OpenCV's max-flow (a decoder's grey fill looks so)."""
+    image = np.full((height, width, 3), (120, 80, 60), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    image[rng.integers(0, height, speckles), rng.integers(0, width, speckles)] = 0
+    box = (0.1 * width, 0.1 * height, 0.9 * width, 0.9 * height)
+    GrabCutEngine().segment(image, prompt(box=box), multimask=True)
+
+
+def _seconds_in_child(target: Callable[[], None], limit: float) -> float | None:
+    """Seconds ``target`` took in a child process, or None when it ran past
+    ``limit`` (then the child is killed: OpenCV's C loop cannot be interrupted)."""
+    context = multiprocessing.get_context("fork")
+    started = time.perf_counter()
+    child = context.Process(target=target)
+    child.start()
+    child.join(limit)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        return None
+    assert child.exitcode == 0
+    return time.perf_counter() - started
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "speckles"),
+    [(1100, 1000, 0), (1000, 1200, 20), (2000, 2000, 20)],
+    ids=["flat", "speckled", "speckled-at-the-test-pixel-limit"],
+)
+def test_grabcut_serves_flat_images_at_the_pixel_limit_in_bounded_time(
+    height: int, width: int, speckles: int
+) -> None:
+    # The bound is relative to a small image measured here and now, so a
+    # busy machine slows both: 40 small runs' time, and never under 10 s.
+    small = _seconds_in_child(lambda: _segment_flat_image(240, 320, 20), 60)
+    assert small is not None
+    bound = max(10.0, 40 * small)
+    took = _seconds_in_child(lambda: _segment_flat_image(height, width, speckles), bound)
+    assert took is not None, f"still running after {bound:.1f} s (small image: {small:.2f} s)"

@@ -13,7 +13,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.models import StoredFile
 from core.storage import S3Storage
 from tests.conftest import Tenant
-from tests.images import jpeg_bytes, png_bytes
+from tests.images import (
+    cut_short,
+    flat_png,
+    jpeg_bytes,
+    jpeg_claiming,
+    png_bytes,
+    scene,
+    with_exif_orientation,
+)
 
 
 def count_files(sessions: sessionmaker[Session]) -> int:
@@ -58,6 +66,45 @@ def test_truncated_jpeg_is_refused(tenant: Tenant, sessions: sessionmaker[Sessio
     response = tenant.upload(data[: len(data) // 2], "cut.jpg")
     assert response.status_code == 415
     assert count_files(sessions) == 0
+
+
+def test_jpeg_cut_short_with_an_end_marker_is_refused(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    # Pillow alone decodes this as an image whose lower half is grey.
+    response = tenant.upload(cut_short(jpeg_bytes(300, 200)), "cut.jpg")
+    assert response.status_code == 415, response.json
+    assert "not a readable JPEG" in response.json["error"]["message"]
+    assert count_files(sessions) == 0
+
+
+def test_a_tiny_jpeg_claiming_millions_of_pixels_is_refused(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    # ~630 bytes claiming 1900x2000 pixels, within the test limit of 4 Mpx.
+    response = tenant.upload(jpeg_claiming(1900, 2000), "claim.jpg")
+    assert response.status_code == 415, response.json
+    assert count_files(sessions) == 0
+
+
+def test_the_pixel_limit_is_segqs_own(tenant: Tenant, sessions: sessionmaker[Session]) -> None:
+    # Valid PNGs, far below Pillow's own bomb guard: only segq's limit
+    # (4 Mpx in the test settings) tells them apart.
+    at_limit = tenant.upload(flat_png(2000, 2000), "at-limit.png")
+    assert at_limit.status_code == 201, at_limit.json
+    over = tenant.upload(flat_png(2001, 2000), "over.png")
+    assert over.status_code == 413, over.json
+    assert over.json["error"]["message"] == (
+        "image has 2001x2000 pixels, more than the 4000000 allowed"
+    )
+    assert count_files(sessions) == 1
+
+
+def test_the_size_reported_is_the_size_displayed(tenant: Tenant) -> None:
+    # Stored 200 wide and 100 tall, shown rotated a quarter turn.
+    response = tenant.upload(with_exif_orientation(scene(200, 100)[0], 6), "rotated.jpg")
+    assert response.status_code == 201, response.json
+    assert (response.json["width"], response.json["height"]) == (100, 200)
 
 
 def test_pixel_bomb_is_refused_without_decoding(

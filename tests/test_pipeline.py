@@ -20,12 +20,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.models import ItemStatus, Job, JobItem, JobStatus, WebhookDelivery
 from core.storage import S3Storage
 from tests.conftest import TEST_LIMITS, Tenant, grabcut_worker
-from tests.images import png_bytes, scene, scene_prompt_body
+from tests.images import png_bytes, scene, scene_prompt_body, with_exif_orientation
 from tests.tcp_proxy import TcpProxy
 from worker.engines.grabcut import GrabCutEngine
 from worker.masks import Ring, rasterize_rings
 from worker.pipeline import (
     Claim,
+    ImageLimits,
     LeaseKeeper,
     Outcome,
     claim_item,
@@ -218,6 +219,46 @@ def test_a_deleted_file_fails_its_item_and_the_job_keeps_the_rest(
             "items": [{"fileId": doomed, "fileExternalId": "doomed"}],
         }
     ]
+
+
+def test_the_worker_applies_its_own_pixel_limit(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
+) -> None:
+    # Accepted by the API under its limit; this worker allows one pixel fewer.
+    job_id, [item_id] = submit(tenant)
+    outcome = process_item(
+        sessions,
+        storage,
+        engine,
+        item_id,
+        lease_seconds=LEASE,
+        max_attempts=3,
+        limits=ImageLimits(max_pixels=160 * 120 - 1, fetch_policy=None),
+    )
+    assert outcome == Outcome.FAILED
+    assert tenant.get_job(job_id).json["failedItems"][0]["errorMessage"] == (
+        "the image was refused: image has 160x120 pixels, more than the 19199 allowed"
+    )
+
+
+def test_masks_have_the_size_the_file_reports(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
+) -> None:
+    # Stored 160 wide and 120 tall, shown rotated a quarter turn: the file,
+    # the result and the mask all say 120 x 160, and the mask lies on the
+    # displayed object (the ellipse stands upright).
+    uploaded = tenant.upload(with_exif_orientation(scene(160, 120)[0], 6)).json
+    assert (uploaded["width"], uploaded["height"]) == (120, 160)
+    _, [item_id] = submit(tenant, scene_prompt_body(uploaded["id"]))
+    assert run(sessions, storage, engine, item_id) == Outcome.COMPLETED
+
+    item = load(sessions, JobItem, item_id)
+    assert (item.result["width"], item.result["height"]) == (120, 160)
+    [segment] = item.result["segments"]
+    mask = np.asarray(Image.open(io.BytesIO(storage.get(segment["maskKey"])))) == 255
+    assert mask.shape == (160, 120)
+    upright = np.rot90(scene(160, 120)[1], k=-1)
+    assert (mask & upright).sum() / (mask | upright).sum() > 0.8
 
 
 def test_a_job_whose_items_all_fail_is_failed(

@@ -38,7 +38,7 @@ from core.url_guard import (
 )
 from tests.conftest import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.fake_dns import fake_dns
-from tests.images import png_bytes
+from tests.images import cut_short, flat_png, jpeg_bytes, png_bytes
 from tests.refused_urls import INTERNAL_SPELLINGS
 from worker.engines.grabcut import GrabCutEngine
 from worker.pipeline import ImageLimits, Outcome, process_item
@@ -53,12 +53,16 @@ class ImageServer:
     def __init__(self) -> None:
         self.hosts: list[str] = []
         self.redirect_to = ""
+        #: Extra paths and the bytes served at them.
+        self.bodies: dict[str, bytes] = {}
         served = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 served.hosts.append(self.headers.get("Host", ""))
-                if self.path == "/image.png":
+                if self.path in served.bodies:
+                    self._send(served.bodies[self.path])
+                elif self.path == "/image.png":
                     self._send(png_bytes(160, 120))
                 elif self.path == "/redirect":
                     self.send_response(302)
@@ -287,6 +291,29 @@ def test_a_url_item_is_fetched_by_the_worker(
     assert job["failedItems"][0]["errorMessage"] == "fileUrl: the server answered 404"
 
 
+def test_the_worker_refuses_broken_and_oversized_url_images(
+    url_app: Flask, sessions: sessionmaker[Session], storage: S3Storage, image_server: ImageServer
+) -> None:
+    # What the API would refuse at upload, the worker refuses for a URL:
+    # a JPEG cut short with an end marker, and a valid PNG over the 4 Mpx limit.
+    image_server.bodies["/cut.jpg"] = cut_short(jpeg_bytes(300, 200))
+    image_server.bodies["/over.png"] = flat_png(2001, 2000)
+    tenant = make_tenant(url_app.test_client(), sessions, "acme")
+    urls = [f"{image_server.url}/cut.jpg", f"{image_server.url}/over.png"]
+    created = tenant.post_job({"items": [{"fileUrl": url} for url in urls], **PROMPT})
+    assert created.status_code == 200, created.json
+    limits = replace(TEST_LIMITS, fetch_policy=policy())
+    assert run_all(sessions, storage, limits) == [Outcome.FAILED, Outcome.FAILED]
+    failed = {
+        group["items"][0]["fileUrl"]: group["errorMessage"]
+        for group in tenant.get_job(created.json["jobId"]).json["failedItems"]
+    }
+    assert failed[urls[0]].startswith("the image was refused: file is not a readable JPEG image")
+    assert failed[urls[1]] == (
+        "the image was refused: image has 2001x2000 pixels, more than the 4000000 allowed"
+    )
+
+
 def test_forbidden_urls_get_400_and_store_nothing(
     tenant: Tenant, sessions: sessionmaker[Session]
 ) -> None:
@@ -358,8 +385,19 @@ def test_data_urls_are_read_as_rfc_2397_says(
         ("data:image/png;base64," + base64.b64encode(b"GIF89a not really").decode(), 415),
         ("data:image/jpeg;base64," + base64.b64encode(png_bytes()[:60]).decode(), 415),
         ("data:image/png;base64," + "A" * 3_000_000, 413),
+        ("data:image/jpeg;base64," + base64.b64encode(cut_short(jpeg_bytes())).decode(), 415),
+        ("data:image/png;base64," + base64.b64encode(flat_png(2001, 2000)).decode(), 413),
     ],
-    ids=["not-base64", "gif", "not-a-data-url", "not-an-image", "truncated", "too-large"],
+    ids=[
+        "not-base64",
+        "gif",
+        "not-a-data-url",
+        "not-an-image",
+        "truncated",
+        "too-large",
+        "cut-short-with-end-marker",
+        "too-many-pixels",
+    ],
 )
 def test_bad_inline_images_store_nothing(
     tenant: Tenant, sessions: sessionmaker[Session], image_data: str, status: int

@@ -7,12 +7,10 @@ completion lands only while its attempt still holds the lease.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +19,6 @@ from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
 from sqlalchemy import (
     CursorResult,
     Exists,
@@ -39,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.clock import now_ms
 from core.db import once_more_if_disconnected
+from core.images import ImageRefused, decode_image
 from core.job_document import render_item_event
 from core.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
 from core.storage import ObjectNotFound, ObjectStorage, StorageError
@@ -314,7 +312,7 @@ class ImageLimits:
 
 
 def load_image(storage: ObjectStorage, claim: Claim, limits: ImageLimits) -> npt.NDArray[np.uint8]:
-    """The item's image as (H, W, 3) uint8 RGB."""
+    """The item's image as displayed, (H, W, 3) uint8 RGB (``core.images``)."""
     if claim.source_url is not None:
         if limits.fetch_policy is None:
             raise ItemFailure("this worker does not fetch URLs")
@@ -330,21 +328,11 @@ def load_image(storage: ObjectStorage, claim: Claim, limits: ImageLimits) -> npt
         except ObjectNotFound:
             raise ItemFailure("the file's content is missing from storage") from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=["JPEG", "PNG"]) as image:
-                # Checked from the header, before decoding: URLs are not
-                # inspected by the API the way uploads are.
-                if image.width * image.height > limits.max_pixels:
-                    raise ItemFailure(
-                        f"the image has {image.width}x{image.height} pixels, "
-                        f"more than the {limits.max_pixels} allowed"
-                    )
-                return np.asarray(image.convert("RGB"))
-    except ItemFailure:
-        raise
-    except Exception as exc:  # Pillow raises many types for broken files
-        raise ItemFailure(f"the image is not a readable JPEG or PNG: {exc}") from exc
+        # Items given as URLs were never inspected by the API; stored files
+        # were, but are bounded again under this worker's own limit.
+        return decode_image(data, max_pixels=limits.max_pixels).pixels
+    except ImageRefused as exc:
+        raise ItemFailure(f"the image was refused: {exc}") from None
 
 
 def pixel_prompt(prompt: dict[str, Any], width: int, height: int) -> Prompt:

@@ -32,6 +32,10 @@ _COLLAPSED_FRACTION = 0.05
 _POINT_BOX_PADDINGS = (0.15, 0.3, 0.6)
 # Rounds stop once fewer than 0.1% of the crop's pixels change label.
 _CONVERGED_FRACTION = 0.001
+# The longest side of the image the engine works on: larger images are
+# shrunk to it and their masks scaled back, so a call's cost is bounded
+# whatever the image's size (see ``GrabCutEngine``).
+DEFAULT_MAX_SIDE = 1024
 
 
 @dataclass(frozen=True)
@@ -72,20 +76,34 @@ class GrabCutEngine:
     many pixels. Its smoothness weight is fixed per pixel pair while the colour
     evidence grows with area, so at their own size small objects (under ~100
     px) mostly vanish into the background; and large ones cost time (the graph
-    cut is superlinear in pixels) without gaining accuracy. ``seed`` seeds
-    OpenCV's RNG (GrabCut's k-means) before every call, so equal inputs give
-    equal masks.
+    cut is superlinear in pixels) without gaining accuracy. ``max_side``: an
+    image whose longer side is longer is shrunk (area-averaged) to that side
+    before anything else, the prompt with it, and each mask is scaled back
+    to the image's size (bilinear coverage, kept where at least half
+    covered): every step but that last resize then works on at most
+    ``max_side`` squared pixels, so a huge image costs little more than a
+    large one. ``seed`` seeds OpenCV's RNG (GrabCut's k-means) before every
+    call, so equal inputs give equal masks.
     """
 
-    def __init__(self, iterations: int = 5, working_side: int = 320, seed: int = 0) -> None:
+    def __init__(
+        self,
+        iterations: int = 5,
+        working_side: int = 320,
+        seed: int = 0,
+        max_side: int = DEFAULT_MAX_SIDE,
+    ) -> None:
         if iterations < 1:
             raise ValueError(f"iterations must be at least 1, got {iterations}")
         if working_side < 16:
             raise ValueError(f"working_side must be at least 16, got {working_side}")
+        if max_side < working_side:
+            raise ValueError(f"max_side must be at least working_side, got {max_side}")
         self.name = "grabcut"
         self.iterations = iterations
         self.working_side = working_side
         self.seed = seed
+        self.max_side = max_side
 
     def segment(
         self, image: npt.NDArray[np.uint8], prompt: Prompt, multimask: bool
@@ -126,8 +144,40 @@ class GrabCutEngine:
             prompt.box is not None and not np.isfinite(prompt.box).all()
         ):
             raise ValueError("prompt coordinates must be finite")
+        longest = max(height, width)
+        if longest <= self.max_side:
+            return self._segment(image, points, labels, prompt.box, multimask)
+        scale = self.max_side / longest
+        working_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        x_scale, y_scale = working_size[0] / width, working_size[1] / height
+        working_image = np.asarray(
+            cv2.resize(image, working_size, interpolation=cv2.INTER_AREA), dtype=np.uint8
+        )
+        working_box = (
+            None
+            if prompt.box is None
+            else np.asarray(prompt.box, dtype=np.float64) * [x_scale, y_scale, x_scale, y_scale]
+        )
+        candidates = self._segment(
+            working_image, points * [x_scale, y_scale], labels, working_box, multimask
+        )
+        return [
+            Candidate(mask=_scaled_mask(candidate.mask, width, height), score=candidate.score)
+            for candidate in candidates
+        ]
+
+    def _segment(
+        self,
+        image: npt.NDArray[np.uint8],
+        points: npt.NDArray[np.float64],
+        labels: npt.NDArray[np.int64],
+        prompt_box: npt.NDArray[np.float64] | None,
+        multimask: bool,
+    ) -> list[Candidate]:
+        """``segment`` on a checked (H, W, 3) image no larger than ``max_side``."""
+        height, width = image.shape[:2]
         foreground = labels == 1
-        user_box = None if prompt.box is None else _box_from_pixels(prompt.box, height, width)
+        user_box = None if prompt_box is None else _box_from_pixels(prompt_box, height, width)
         if user_box is not None:
             box = user_box
             grabcut_mask = self._grabcut(image, box, points, foreground, self.working_side)
@@ -262,6 +312,11 @@ class GrabCutEngine:
         """Runs GrabCut on a (h, w, 3) uint8 image with (h, w) uint8 GC_* seeds
         (updated in place); returns the (h, w) object pixels, or None when the
         colour models cannot be fit or the object vanishes at the first round."""
+        # On flat colour (a blank canvas, a decoder's grey fill) every
+        # pixel's evidence ties, and OpenCV's max-flow then ran for minutes
+        # on a few hundred thousand pixels; noise of one level breaks the
+        # ties and is far below a photograph's own noise.
+        image = _dithered(image, self.seed)
         background_model = np.zeros((1, 65), dtype=np.float64)
         foreground_model = np.zeros((1, 65), dtype=np.float64)
         cv2.setRNGSeed(self.seed)
@@ -295,6 +350,20 @@ class GrabCutEngine:
                     return current
             previous = current
         return previous
+
+
+def _dithered(image: npt.NDArray[np.uint8], seed: int) -> npt.NDArray[np.uint8]:
+    """The (h, w, 3) image with seeded noise of -1, 0 or +1 added to each value."""
+    noise = np.random.default_rng(seed).integers(-1, 2, size=image.shape, dtype=np.int16)
+    return np.asarray(np.clip(image.astype(np.int16) + noise, 0, 255), dtype=np.uint8)
+
+
+def _scaled_mask(mask: BoolMask, width: int, height: int) -> BoolMask:
+    """An (h, w) mask scaled to (height, width): bilinear coverage, kept where >= 1/2."""
+    coverage = cv2.resize(
+        mask.astype(np.uint8) * np.uint8(255), (width, height), interpolation=cv2.INTER_LINEAR
+    )
+    return np.asarray(coverage, dtype=np.uint8) >= 128
 
 
 def _box_from_pixels(box: npt.NDArray[np.float64], height: int, width: int) -> PixelBox:
