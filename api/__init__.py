@@ -18,10 +18,10 @@ from api.rate_limit import make_rate_limiter
 from api.request_integers import IdConverter
 from api.service import service
 from api.webhooks import webhooks
-from core.db import make_engine, make_session_factory
-from core.queue import make_celery
-from core.settings import Settings
-from core.storage import ObjectStorage, open_storage
+from segq.db import make_engine, make_session_factory
+from segq.queue import make_celery
+from segq.settings import Settings
+from segq.storage import ObjectStorage, open_storage
 
 log = logging.getLogger(__name__)
 

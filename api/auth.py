@@ -8,7 +8,7 @@ from flask import Blueprint, g, request
 
 from api.context import db, services
 from api.errors import ApiError
-from core.projects import hash_api_key
+from segq.projects import hash_api_key
 
 
 def protect_project_routes(blueprint: Blueprint) -> None:

@@ -11,9 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.process_caches import ProjectsByKey, UnfinishedJobCounts
 from api.rate_limit import RateLimiter
-from core.models import Project
-from core.settings import Settings
-from core.storage import ObjectStorage
+from segq.models import Project
+from segq.settings import Settings
+from segq.storage import ObjectStorage
 
 
 @dataclass(frozen=True)

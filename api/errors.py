@@ -9,7 +9,7 @@ from flask import Flask, Response, jsonify
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from core.storage import StorageError
+from segq.storage import StorageError
 
 log = logging.getLogger(__name__)
 

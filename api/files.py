@@ -17,9 +17,9 @@ from api.context import current_project, db, services
 from api.errors import ApiError
 from api.images import ImageInfo, inspect_image
 from api.schemas import CONTROL_CHARACTERS, MAX_EXTERNAL_ID_LENGTH, checked_text, list_limit
-from core.clock import now_ms
-from core.models import StoredFile
-from core.storage import StorageError
+from segq.clock import now_ms
+from segq.models import StoredFile
+from segq.storage import StorageError
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 from waitress.utilities import Error, ServerNotImplemented
 
 from api import create_app, max_request_bytes
-from core.settings import Settings
+from segq.settings import Settings
 
 #: The request line and headers together. A request that needs more is not
 #: one of segq's (keys and ids are short).

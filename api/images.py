@@ -1,4 +1,4 @@
-"""An upload's image, as the API reports it: decoded by ``core.images``,
+"""An upload's image, as the API reports it: decoded by ``segq.images``,
 refusals turned into the API's errors."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass
 
 from api.errors import ApiError
-from core.images import TooManyPixels, UnreadableImage, decode_image
+from segq.images import TooManyPixels, UnreadableImage, decode_image
 
 
 @dataclass(frozen=True)

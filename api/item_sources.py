@@ -17,8 +17,8 @@ from api.errors import ApiError
 from api.files import discard_objects, store_image
 from api.images import ImageInfo, inspect_image
 from api.schemas import FileReference
-from core.models import StoredFile
-from core.url_guard import UrlRefused, check_url
+from segq.models import StoredFile
+from segq.url_guard import UrlRefused, check_url
 
 #: Declared types of inline images; empty is RFC 2397's default (the bytes
 #: are sniffed whatever is declared).

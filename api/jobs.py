@@ -29,13 +29,13 @@ from api.schemas import (
     list_limit,
     parse,
 )
-from core.clock import now_ms
-from core.fault_points import API_AFTER_COMMIT, die_if_armed
-from core.job_document import render_created_job, render_job, render_job_summary
-from core.models import ItemStatus, Job, JobItem, JobStatus
-from core.queue import enqueue_items
-from core.url_guard import UrlRefused, check_url
-from core.webhook_events import JOB_CANCELED, record_event, subscribed_events, whole_job_data
+from segq.clock import now_ms
+from segq.fault_points import API_AFTER_COMMIT, die_if_armed
+from segq.job_document import render_created_job, render_job, render_job_summary
+from segq.models import ItemStatus, Job, JobItem, JobStatus
+from segq.queue import enqueue_items
+from segq.url_guard import UrlRefused, check_url
+from segq.webhook_events import JOB_CANCELED, record_event, subscribed_events, whole_job_data
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import time
 
 from sqlalchemy.orm import Session
 
-from core.models import Project
-from core.projects import hash_api_key, project_for_key
+from segq.models import Project
+from segq.projects import hash_api_key, project_for_key
 
 #: How long a key's project is remembered. A revoked key keeps working for
 #: at most this long on an API process that saw it just before.

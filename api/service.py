@@ -14,9 +14,9 @@ from api.context import db, services
 from api.errors import ApiError
 from api.openapi import DOCS_PAGE, openapi_document
 from api.request_integers import ascii_integer
-from core.clock import now_ms
-from core.models import DeliveryStatus, Job, JobItem, JobStatus, WebhookDelivery
-from core.storage import LocalStorage, ObjectNotFound
+from segq.clock import now_ms
+from segq.models import DeliveryStatus, Job, JobItem, JobStatus, WebhookDelivery
+from segq.storage import LocalStorage, ObjectNotFound
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Webhooks: the project's signing secret, and each job's deliveries.
 
-Events are recorded by whoever changes a job (core/webhook_events.py) and
+Events are recorded by whoever changes a job (segq/webhook_events.py) and
 delivered by workers (worker/webhook_delivery.py); here clients read the
 secret, rotate it, see every attempt and ask for a delivery again."""
 
@@ -16,10 +16,10 @@ from api.context import current_project, db, services
 from api.errors import ApiError
 from api.jobs import owned_job
 from api.schemas import cursor_after, encode_cursor, list_limit
-from core.clock import now_ms
-from core.models import DeliveryStatus, Project, WebhookAttempt, WebhookDelivery
-from core.projects import SECRET_ROTATION_GRACE_MS, ensure_webhook_secret, rotate_webhook_secret
-from core.queue import enqueue_deliveries
+from segq.clock import now_ms
+from segq.models import DeliveryStatus, Project, WebhookAttempt, WebhookDelivery
+from segq.projects import SECRET_ROTATION_GRACE_MS, ensure_webhook_secret, rotate_webhook_secret
+from segq.queue import enqueue_deliveries
 
 webhooks = Blueprint("webhooks", __name__, url_prefix="/api/v1/projects/<project>")
 protect_project_routes(webhooks)

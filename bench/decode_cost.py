@@ -1,4 +1,4 @@
-"""What deciding an image's validity costs: ``core.images.decode_image`` (a
+"""What deciding an image's validity costs: ``segq.images.decode_image`` (a
 strict full decode, done once at upload and once by the worker) on photograph-like
 JPEGs and PNGs, and decode + GrabCut on worst-case content at a pixel count.
 
@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from core.images import decode_image  # noqa: E402
+from segq.images import decode_image  # noqa: E402
 from worker.engines.base import Prompt  # noqa: E402
 from worker.engines.grabcut import GrabCutEngine  # noqa: E402
 

@@ -48,11 +48,11 @@ from celery.contrib.testing.worker import start_worker
 from PIL import Image
 from sqlalchemy import create_engine, func, select, text
 
-from cli.demo import wait_ready
-from core.db import make_engine, make_session_factory
-from core.migrations import upgrade_to_head
-from core.models import ItemStatus, Job, JobItem
-from core.projects import create_project
+from segq.cli.demo import wait_ready
+from segq.db import make_engine, make_session_factory
+from segq.migrations import upgrade_to_head
+from segq.models import ItemStatus, Job, JobItem
+from segq.projects import create_project
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = {"boundingBox": {"xMin": 0.2, "yMin": 0.2, "xMax": 0.8, "yMax": 0.8}}
@@ -112,7 +112,7 @@ class Bench:
     def process(self, *arguments: str) -> Iterator[subprocess.Popen[bytes]]:
         log = (self.workdir / f"{arguments[0]}.log").open("ab")
         child = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", *arguments],
+            [sys.executable, "-m", "segq.cli.main", *arguments],
             env=self.env,
             cwd=REPO,
             stdout=log,

@@ -1,5 +1,5 @@
 """Alembic environment: migrates SEGQ_DATABASE_URL (or a connection handed in
-by core.migrations) to the models in core.models."""
+by segq.migrations) to the models in segq.models."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection
 
-from core.db import make_engine
-from core.models import Base
-from core.settings import Settings
+from segq.db import make_engine
+from segq.models import Base
+from segq.settings import Settings
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):

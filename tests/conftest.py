@@ -24,13 +24,13 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from core.db import make_engine, make_session_factory
-from core.migrations import upgrade_to_head
-from core.models import Base
-from core.projects import create_project
-from core.queue import make_celery
-from core.settings import Settings
-from core.storage import S3Storage
+from segq.db import make_engine, make_session_factory
+from segq.migrations import upgrade_to_head
+from segq.models import Base
+from segq.projects import create_project
+from segq.queue import make_celery
+from segq.settings import Settings
+from segq.storage import S3Storage
 from worker.pipeline import ImageLimits
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -70,7 +70,7 @@ def database_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def db_engine(database_url: str) -> Iterator[Engine]:
-    # The tests' own engine pings before use, unlike production's (core/db.py):
+    # The tests' own engine pings before use, unlike production's (segq/db.py):
     # some tests restart Postgres or drop its connections, and every later
     # test must start from a working pool.
     engine = create_engine(database_url, pool_pre_ping=True)

@@ -73,6 +73,6 @@ def _install() -> None:
 
 if __name__ == "__main__":
     _install()
-    from cli.main import main
+    from segq.cli.main import main
 
     main()

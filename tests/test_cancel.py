@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.models import ItemStatus, JobItem
-from core.storage import S3Storage
+from segq.models import ItemStatus, JobItem
+from segq.storage import S3Storage
 from tests.conftest import TEST_LIMITS, Tenant
 from tests.images import png_bytes, scene_prompt_body
 from worker.engines.grabcut import GrabCutEngine

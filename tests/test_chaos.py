@@ -30,12 +30,12 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from core.db import make_engine, make_session_factory
-from core.fault_points import API_AFTER_COMMIT
-from core.migrations import upgrade_to_head
-from core.models import ItemStatus, Job, JobItem, JobStatus
-from core.queue import enqueue_items
-from core.settings import Settings
+from segq.db import make_engine, make_session_factory
+from segq.fault_points import API_AFTER_COMMIT
+from segq.migrations import upgrade_to_head
+from segq.models import ItemStatus, Job, JobItem, JobStatus
+from segq.queue import enqueue_items
+from segq.settings import Settings
 from tests.conftest import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant
 from tests.images import png_bytes, scene_prompt_body
 from tests.probed_worker import engine_runs
@@ -434,7 +434,7 @@ def test_an_api_process_killed_between_commit_and_publish(
     port = free_port()
     api_log = (tmp_path / "api.log").open("ab")
     api = subprocess.Popen(
-        [sys.executable, "-m", "cli.main", "serve", f"--port={port}", "--workers=1"],
+        [sys.executable, "-m", "segq.cli.main", "serve", f"--port={port}", "--workers=1"],
         env={
             **os.environ,
             "PYTHONPATH": str(REPO),

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from api import create_app
-from cli.main import main
-from core.settings import Settings
+from segq.cli.main import main
+from segq.settings import Settings
 from tests.conftest import Tenant
 
 

@@ -11,7 +11,7 @@ import zlib
 import pytest
 
 from api.json_body import max_job_body_bytes
-from core.settings import Settings
+from segq.settings import Settings
 from tests.conftest import Tenant
 from tests.images import png_bytes
 

@@ -1,4 +1,4 @@
-"""Connections are not pinged before use (core/db.py): a connection that
+"""Connections are not pinged before use (segq/db.py): a connection that
 Postgres dropped fails its next statement. That must cost one answer or one
 retry, never a lost item or a stuck process."""
 
@@ -12,9 +12,9 @@ import pytest
 from celery import Celery
 from sqlalchemy import Engine, select, text
 
-from core.db import make_engine, make_session_factory
-from core.models import ItemStatus, JobItem
-from core.storage import S3Storage
+from segq.db import make_engine, make_session_factory
+from segq.models import ItemStatus, JobItem
+from segq.storage import S3Storage
 from tests.conftest import TEST_LIMITS, Tenant, grabcut_worker
 from tests.images import jpeg_bytes, scene_prompt_body
 from worker.engines.grabcut import GrabCutEngine

@@ -16,10 +16,10 @@ from celery.contrib.testing.worker import start_worker
 from PIL import Image
 
 from api import create_app
-from core.db import make_engine, make_session_factory
-from core.migrations import upgrade_to_head
-from core.projects import create_project
-from core.settings import Settings
+from segq.db import make_engine, make_session_factory
+from segq.migrations import upgrade_to_head
+from segq.projects import create_project
+from segq.settings import Settings
 from tests.conftest import Tenant
 from tests.images import cognite_sample_body, png_bytes
 from worker import runtime
@@ -73,7 +73,7 @@ def test_segq_demo_runs_from_the_command_line(tmp_path: Path) -> None:
         del env[name]
     out = tmp_path / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "cli.main", "demo", "--out", str(out), "--timeout", "120"],
+        [sys.executable, "-m", "segq.cli.main", "demo", "--out", str(out), "--timeout", "120"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

@@ -10,8 +10,8 @@ from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.models import StoredFile
-from core.storage import S3Storage
+from segq.models import StoredFile
+from segq.storage import S3Storage
 from tests.conftest import Tenant
 from tests.images import (
     cut_short,

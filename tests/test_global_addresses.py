@@ -9,13 +9,13 @@ import ipaddress
 
 import pytest
 
-from core.global_addresses import (
+from segq.global_addresses import (
     SPECIAL_PURPOSE_BLOCKS,
     IpAddress,
     embedded_ipv4,
     most_specific_block,
 )
-from core.url_guard import FetchPolicy, UrlRefused, address_allowed, check_url, parse_networks
+from segq.url_guard import FetchPolicy, UrlRefused, address_allowed, check_url, parse_networks
 
 PRODUCTION = FetchPolicy(max_bytes=1)  # nothing allowed beyond the public internet
 

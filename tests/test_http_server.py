@@ -27,7 +27,7 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.json_body import max_job_body_bytes
-from core.projects import create_project
+from segq.projects import create_project
 from tests.conftest import REDIS_URL, TEST_BUCKET, free_port
 from tests.images import png_bytes, scene_prompt_body
 from tests.test_files import count_files
@@ -74,7 +74,7 @@ def server(
     log = folder / "serve.log"
     with log.open("ab") as output:
         process = subprocess.Popen(
-            [sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--workers", "2"],
+            [sys.executable, "-m", "segq.cli.main", "serve", "--port", str(port), "--workers", "2"],
             env=env,
             cwd=REPO,
             stdout=output,

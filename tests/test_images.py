@@ -1,4 +1,4 @@
-"""core.images: what counts as an image, its pixel bound, and the 8-bit RGB
+"""segq.images: what counts as an image, its pixel bound, and the 8-bit RGB
 pixels (as displayed) that every engine is given."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.images import JPEG, PNG, TooManyPixels, UnreadableImage, decode_image
+from segq.images import JPEG, PNG, TooManyPixels, UnreadableImage, decode_image
 from tests.images import (
     cut_short,
     encode,

@@ -12,8 +12,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.json_body import max_job_body_bytes
-from core.models import Job, JobItem
-from core.settings import Settings
+from segq.models import Job, JobItem
+from segq.settings import Settings
 from tests.conftest import REDIS_URL, Tenant
 from tests.images import cognite_sample_body, png_bytes
 

@@ -9,8 +9,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from api import create_app
-from core.settings import Settings
-from core.storage import LocalStorage, ObjectNotFound, open_storage
+from segq.settings import Settings
+from segq.storage import LocalStorage, ObjectNotFound, open_storage
 
 
 def test_put_get_delete_and_key_checks(tmp_path: Path) -> None:

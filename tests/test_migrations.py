@@ -8,9 +8,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 
-from core.db import make_engine
-from core.migrations import upgrade_to_head
-from core.models import Base
+from segq.db import make_engine
+from segq.migrations import upgrade_to_head
+from segq.models import Base
 
 
 def assert_no_drift(engine: Engine) -> None:

@@ -17,8 +17,8 @@ from PIL import Image
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.models import ItemStatus, Job, JobItem, JobStatus, WebhookDelivery
-from core.storage import S3Storage
+from segq.models import ItemStatus, Job, JobItem, JobStatus, WebhookDelivery
+from segq.storage import S3Storage
 from tests.conftest import TEST_LIMITS, Tenant, grabcut_worker
 from tests.images import png_bytes, scene, scene_prompt_body, with_exif_orientation
 from tests.tcp_proxy import TcpProxy

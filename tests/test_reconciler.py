@@ -16,10 +16,10 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from core.models import ItemStatus, Job, JobItem, JobStatus
-from core.queue import enqueue_items, make_celery, messages_waiting
-from core.settings import Settings
-from core.storage import S3Storage
+from segq.models import ItemStatus, Job, JobItem, JobStatus
+from segq.queue import enqueue_items, make_celery, messages_waiting
+from segq.settings import Settings
+from segq.storage import S3Storage
 from tests.conftest import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.images import png_bytes, scene_prompt_body
 from worker.engines.grabcut import GrabCutEngine

@@ -25,10 +25,10 @@ from werkzeug.routing import Rule
 
 from api import create_app
 from api.files import MAX_FORM_PARTS
-from core.db import make_engine, make_session_factory
-from core.migrations import upgrade_to_head
-from core.projects import create_project
-from core.settings import Settings
+from segq.db import make_engine, make_session_factory
+from segq.migrations import upgrade_to_head
+from segq.projects import create_project
+from segq.settings import Settings
 from tests.conftest import Tenant, make_tenant
 from tests.images import png_bytes
 

@@ -18,8 +18,8 @@ from segment_anything.modeling import Sam
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.models import JobItem
-from core.storage import S3Storage
+from segq.models import JobItem
+from segq.storage import S3Storage
 from tests.conftest import TEST_LIMITS, Tenant
 from tests.images import png_bytes, scene
 from tests.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint

@@ -22,11 +22,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from core.models import Job, JobItem, StoredFile
-from core.queue import SEGMENT_QUEUE
-from core.settings import Settings
-from core.storage import S3Storage
-from core.url_guard import (
+from segq.models import Job, JobItem, StoredFile
+from segq.queue import SEGMENT_QUEUE
+from segq.settings import Settings
+from segq.storage import S3Storage
+from segq.url_guard import (
     FetchFailed,
     FetchPolicy,
     HostNotFound,

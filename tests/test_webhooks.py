@@ -29,13 +29,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks import Webhook
 
 from api import create_app
-from cli.main import main
-from core import webhook_events
-from core.models import DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
-from core.queue import SEGMENT_QUEUE, WEBHOOK_QUEUE, enqueue_deliveries
-from core.settings import Settings, SettingsError
-from core.storage import S3Storage
-from core.url_guard import FetchPolicy, parse_networks
+from segq import webhook_events
+from segq.cli.main import main
+from segq.models import DeliveryStatus, Job, WebhookAttempt, WebhookDelivery
+from segq.queue import SEGMENT_QUEUE, WEBHOOK_QUEUE, enqueue_deliveries
+from segq.settings import Settings, SettingsError
+from segq.storage import S3Storage
+from segq.url_guard import FetchPolicy, parse_networks
 from tests.conftest import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.fake_dns import fake_dns
 from tests.images import png_bytes, scene_prompt_body
@@ -175,7 +175,7 @@ def submit(tenant: Tenant, webhook: dict[str, Any], items: int = 1) -> int:
 
 
 def run_items(sessions: sessionmaker[Session], storage: S3Storage) -> None:
-    from core.models import JobItem
+    from segq.models import JobItem
 
     with sessions() as session:
         ids = list(session.scalars(select(JobItem.id).order_by(JobItem.id)))

@@ -8,15 +8,15 @@ from typing import Any
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 import worker.tasks  # noqa: F401  (registers the tasks on this app)
-from core.db import make_engine, make_session_factory
-from core.queue import (
+from segq.db import make_engine, make_session_factory
+from segq.queue import (
     SEGMENT_QUEUE,
     enqueue_deliveries,
     enqueue_items,
     make_celery,
     messages_waiting,
 )
-from core.settings import Settings
+from segq.settings import Settings
 from worker import runtime
 from worker.reconciler import PeriodicPass, reconcile
 from worker.webhook_delivery import dispatch_due

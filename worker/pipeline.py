@@ -34,14 +34,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.clock import now_ms
-from core.db import once_more_if_disconnected
-from core.images import ImageRefused, decode_image
-from core.job_document import render_item_event
-from core.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
-from core.storage import ObjectNotFound, ObjectStorage, StorageError
-from core.url_guard import FetchFailed, FetchPolicy, UrlRefused, fetch
-from core.webhook_events import (
+from segq.clock import now_ms
+from segq.db import once_more_if_disconnected
+from segq.images import ImageRefused, decode_image
+from segq.job_document import render_item_event
+from segq.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
+from segq.storage import ObjectNotFound, ObjectStorage, StorageError
+from segq.url_guard import FetchFailed, FetchPolicy, UrlRefused, fetch
+from segq.webhook_events import (
     ITEM_COMPLETED,
     ITEM_FAILED,
     JOB_COMPLETED,
@@ -312,7 +312,7 @@ class ImageLimits:
 
 
 def load_image(storage: ObjectStorage, claim: Claim, limits: ImageLimits) -> npt.NDArray[np.uint8]:
-    """The item's image as displayed, (H, W, 3) uint8 RGB (``core.images``)."""
+    """The item's image as displayed, (H, W, 3) uint8 RGB (``segq.images``)."""
     if claim.source_url is not None:
         if limits.fetch_policy is None:
             raise ItemFailure("this worker does not fetch URLs")
@@ -672,7 +672,7 @@ def process_item(
     Database errors propagate: the lease runs out and the item is run again.
     """
     # Each transaction runs once more if its pooled connection had died
-    # (core/db.py): all three are guarded by the attempt, so a repeat after a
+    # (segq/db.py): all three are guarded by the attempt, so a repeat after a
     # commit that did land finds the work done.
     claim = once_more_if_disconnected(
         lambda: claim_item(

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from sqlalchemy import and_, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.clock import now_ms
-from core.models import ItemStatus, Job, JobItem, JobStatus
+from segq.clock import now_ms
+from segq.models import ItemStatus, Job, JobItem, JobStatus
 from worker.pipeline import fail_abandoned_item
 
 log = logging.getLogger(__name__)

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import make_engine, make_session_factory
-from core.settings import Settings
-from core.storage import ObjectStorage, open_storage
+from segq.db import make_engine, make_session_factory
+from segq.settings import Settings
+from segq.storage import ObjectStorage, open_storage
 from worker.engines import load_engine, resolve_engine
 from worker.engines.base import SegmentationEngine
 from worker.pipeline import ImageLimits

@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import shared_task
 
-from core.queue import DELIVER_WEBHOOK_TASK, SEGMENT_ITEM_TASK
+from segq.queue import DELIVER_WEBHOOK_TASK, SEGMENT_ITEM_TASK
 from worker import runtime
 from worker.pipeline import StorageUnavailable, process_item
 from worker.webhook_delivery import deliver

@@ -1,7 +1,7 @@
 """Delivering webhook events, as plain functions.
 
 Events are rows of ``webhook_deliveries`` written in the same transaction as
-the state change they report (core/webhook_events.py): an outbox. From there:
+the state change they report (segq/webhook_events.py): an outbox. From there:
 
 1. ``dispatch_due`` (every ``SEGQ_WEBHOOK_POLL_SECONDS`` in each worker's main
    process) publishes a wake-up message to the webhook queue for each
@@ -27,12 +27,12 @@ from enum import StrEnum
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.clock import now_ms
-from core.db import once_more_if_disconnected
-from core.models import DeliveryStatus, WebhookAttempt, WebhookDelivery
-from core.projects import ensure_webhook_secret, signing_secrets
-from core.url_guard import FetchFailed, FetchPolicy, HostNotFound, UrlRefused, post
-from core.webhook_signing import signature_header
+from segq.clock import now_ms
+from segq.db import once_more_if_disconnected
+from segq.models import DeliveryStatus, WebhookAttempt, WebhookDelivery
+from segq.projects import ensure_webhook_secret, signing_secrets
+from segq.url_guard import FetchFailed, FetchPolicy, HostNotFound, UrlRefused, post
+from segq.webhook_signing import signature_header
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class DeliveryRules:
     @property
     def claim_ms(self) -> int:
         """How long one attempt may hold a delivery: the POST is cut off
-        after twice the timeout (core.url_guard.post); one more is margin.
+        after twice the timeout (segq.url_guard.post); one more is margin.
         A deliverer that dies frees the delivery after this."""
         return int(3 * self.policy.timeout_seconds * 1000) + CLOCK_TOLERANCE_MS
 
@@ -266,7 +266,7 @@ class Outcome(StrEnum):
 
 def deliver(sessions: sessionmaker[Session], delivery_id: int, rules: DeliveryRules) -> Outcome:
     """Make one attempt at a delivery, if it is due."""
-    # A connection that had died fails the transaction once (core/db.py).
+    # A connection that had died fails the transaction once (segq/db.py).
     # A repeated claim after a claim that did land finds the delivery in
     # flight and skips it (the claim runs out and the dispatcher sends it
     # again); a repeated record after one that did land may add the

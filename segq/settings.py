@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from core.fault_points import FAULT_POINTS
-from core.url_guard import FetchPolicy, parse_networks
+from segq.fault_points import FAULT_POINTS
+from segq.url_guard import FetchPolicy, parse_networks
 
 #: The Standard Webhooks reference schedule: after the first attempt, retries
 #: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h later: about 27 hours in all.
@@ -65,7 +65,7 @@ class Settings:
     public_url: str | None = None
     #: When set, /metrics answers only to ``Authorization: Bearer <token>``.
     metrics_token: str | None = None
-    #: Test-only (core/fault_points.py): where this process dies on purpose.
+    #: Test-only (segq/fault_points.py): where this process dies on purpose.
     fault_point: str | None = None
 
     def fetch_policy(self) -> FetchPolicy:

@@ -9,9 +9,9 @@ import secrets
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core.clock import now_ms
-from core.models import ApiKey, Project
-from core.webhook_signing import new_secret
+from segq.clock import now_ms
+from segq.models import ApiKey, Project
+from segq.webhook_signing import new_secret
 
 API_KEY_PREFIX = "segq_"
 PROJECT_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")

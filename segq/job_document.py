@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from core.models import ItemStatus, Job, JobItem
+from segq.models import ItemStatus, Job, JobItem
 
 #: key of a stored mask -> (pre-signed URL, its expiry in epoch milliseconds).
 MaskLinker = Callable[[str], tuple[str, int]]

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from core.settings import Settings
+from segq.settings import Settings
 
 
 @click.group()
@@ -60,7 +60,7 @@ def worker(concurrency: int, pool: str, loglevel: str, queues: str) -> None:
     In production, run GPU workers with --queues segment and a few small
     workers with --queues webhooks --concurrency 8 --pool threads, so a slow
     webhook receiver never holds a GPU."""
-    from core.queue import QUEUES
+    from segq.queue import QUEUES
 
     names = [name.strip() for name in queues.split(",") if name.strip()]
     unknown = set(names) - set(QUEUES)
@@ -86,8 +86,8 @@ def worker(concurrency: int, pool: str, loglevel: str, queues: str) -> None:
 @main.command()
 def migrate() -> None:
     """Create or upgrade the database schema."""
-    from core.db import make_engine
-    from core.migrations import upgrade_to_head
+    from segq.db import make_engine
+    from segq.migrations import upgrade_to_head
 
     settings = Settings.from_env()
     upgrade_to_head(make_engine(settings.database_url))
@@ -98,9 +98,9 @@ def migrate() -> None:
 @click.argument("name")
 def create_project_command(name: str) -> None:
     """Create project NAME and print its API key (shown only this once)."""
-    from core.db import make_engine, make_session_factory
-    from core.migrations import upgrade_to_head
-    from core.projects import ProjectError, create_project
+    from segq.db import make_engine, make_session_factory
+    from segq.migrations import upgrade_to_head
+    from segq.projects import ProjectError, create_project
 
     settings = Settings.from_env()
     engine = make_engine(settings.database_url)
@@ -172,7 +172,7 @@ def submit(
     """Upload IMAGE, submit a job, and (with --wait) save its masks."""
     import requests
 
-    from cli.client import ClientError, SegqClient
+    from segq.cli.client import ClientError, SegqClient
 
     body: dict[str, Any] = {"multimaskOutput": multimask}
     if points:
@@ -216,7 +216,7 @@ def submit(
 @click.option("--timeout", default=300.0, show_default=True, help="seconds to wait for the job")
 def demo(out: Path, image: Path | None, timeout: float) -> None:
     """Boot segq, segment a sample image through the queue, write mask and overlay."""
-    from cli.demo import run_demo
+    from segq.cli.demo import run_demo
 
     try:
         run_demo(out, image, timeout)

@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.job_document import render_job
-from core.models import DeliveryStatus, Job, JobItem, WebhookDelivery
+from segq.job_document import render_job
+from segq.models import DeliveryStatus, Job, JobItem, WebhookDelivery
 
 JOB_STARTED = "job.started"
 JOB_COMPLETED = "job.completed"

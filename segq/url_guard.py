@@ -1,7 +1,7 @@
 """Fetching URLs that clients give (images, webhook receivers) without
 letting them reach inside the network. Only globally reachable unicast
 addresses are allowed (an allow-list from IANA's registries, in
-core/global_addresses.py), whatever the spelling (decimal, octal, hex,
+segq/global_addresses.py), whatever the spelling (decimal, octal, hex,
 trailing dot, any IPv6 form that carries an IPv4 address); names of this
 machine and malformed hosts are refused before any DNS; every redirect hop
 is checked again, and the connection goes to the very address that was
@@ -28,7 +28,7 @@ import idna
 import urllib3
 import urllib3.connection
 
-from core.global_addresses import IpAddress, IpNetwork, is_globally_reachable_unicast
+from segq.global_addresses import IpAddress, IpNetwork, is_globally_reachable_unicast
 
 #: host, port -> the addresses it resolves to (socket.getaddrinfo's shape, reduced).
 Resolver = Callable[[str, int], Sequence[str]]
@@ -68,7 +68,7 @@ def parse_networks(text: str) -> tuple[IpNetwork, ...]:
 
 def address_allowed(address: IpAddress, policy: FetchPolicy) -> bool:
     """Whether a connection may go to ``address``: a globally reachable
-    unicast address (core/global_addresses.py), or one in the policy's
+    unicast address (segq/global_addresses.py), or one in the policy's
     allowed networks, written plainly or IPv4-mapped (the same socket)."""
     same_socket: tuple[IpAddress, ...] = (address,)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

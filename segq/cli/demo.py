@@ -20,12 +20,12 @@ import numpy as np
 import requests
 from PIL import Image, ImageDraw, ImageFilter
 
-from cli.client import SegqClient
-from core.db import make_engine, make_session_factory
-from core.migrations import upgrade_to_head
-from core.models import Project
-from core.projects import add_api_key, create_project
-from core.settings import Settings
+from segq.cli.client import SegqClient
+from segq.db import make_engine, make_session_factory
+from segq.migrations import upgrade_to_head
+from segq.models import Project
+from segq.projects import add_api_key, create_project
+from segq.settings import Settings
 
 DEMO_PROJECT = "demo"
 #: The sample's object, in normalized coordinates: a ball centred here.
@@ -140,7 +140,7 @@ def run_demo(out_dir: Path, image_path: Path | None, timeout: float) -> dict[str
         sample_image().save(image_path)
     port = _free_port()
     base_url = f"http://127.0.0.1:{port}"
-    segq = [sys.executable, "-m", "cli.main"]
+    segq = [sys.executable, "-m", "segq.cli.main"]
     print(f"segq demo: data in {settings.data_dir}, API on {base_url}", flush=True)
     with _running(
         [*segq, "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
