@@ -3,27 +3,68 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 PYTHON ?= python3.11
-# The environment lives outside the clone (torch and its CUDA libraries are
-# ~6 GB), shared by every clone on this machine and rebuilt when the lock changes.
-VENV ?= $(HOME)/.cache/segq/venv
-BIN := $(VENV)/bin
+# Two layers, so that each clone runs its own code and a second clone installs
+# in seconds:
+# - the locked dependencies (torch and its CUDA libraries: ~6 GB) are built
+#   once per requirements.lock and Python version by pip, into
+#   $(DEPS_ROOT)/py<version>-<hash of the lock>,
+#   shared by every clone on the machine and never changed after;
+# - the clone's own venv ($(VENV), inside the clone) holds only the editable
+#   install of this clone, sees the shared dependencies through one .pth file
+#   and gets copies of their command-line scripts pointed at its own python.
+# pip's download cache (~/.cache/pip) is shared as usual.
+DEPS_ROOT ?= $(HOME)/.cache/segq/deps
+VENV ?= .venv
 LOCK_SHA := $(shell sha256sum requirements.lock | cut -c1-16)
-STAMP := $(VENV)/.installed-$(LOCK_SHA)
+DEPS_KEY := $(shell $(PYTHON) -c 'import sys; print("py%d%d" % sys.version_info[:2])')-$(LOCK_SHA)
+DEPS := $(DEPS_ROOT)/$(DEPS_KEY)
+BIN := $(VENV)/bin
+DEPS_BUILT := $(DEPS)/.complete
+VENV_LINKED := $(VENV)/.deps-$(DEPS_KEY)
 
 .PHONY: help
 help: ## Show this help
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  Environment: $(VENV) (this clone's), locked dependencies shared in $(DEPS)"
 
-$(STAMP): requirements.lock
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q -r requirements.lock
-	@rm -f $(VENV)/.installed-* && touch $@
+# Named by the lock's hash, so no prerequisite: a fresh clone's newer
+# requirements.lock must not rebuild what another clone built from the same lock.
+# flock: two clones installing at once build it once; the marker is written
+# last, so an interrupted build is started over rather than used.
+$(DEPS_BUILT):
+	@mkdir -p $(DEPS_ROOT)
+	flock $(DEPS).building bash -c '\
+	  test -e $@ && exit 0; \
+	  rm -rf $(DEPS) && $(PYTHON) -m venv $(DEPS) \
+	  && $(DEPS)/bin/python -m pip install -q --upgrade "pip>=24" \
+	  && $(DEPS)/bin/python -m pip install -q -r requirements.lock \
+	  && touch $@'
+
+# A venv made by an older Makefile (or a symlink to the old shared one) is
+# replaced; rm on a symlink removes the link, never what it points at.
+$(VENV_LINKED): $(DEPS_BUILT)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv --without-pip $(VENV)
+	@echo "import site; site.addsitedir('$$($(DEPS)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')')" \
+	  > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/segq-locked-deps.pth"
+	@for script in $(DEPS)/bin/*; do \
+	  name=$${script##*/}; \
+	  case $$name in python*|activate*|Activate*) continue;; esac; \
+	  [ -f "$$script" ] || continue; \
+	  if head -n1 "$$script" | grep -q '^#!.*python'; then \
+	    { echo "#!$(abspath $(BIN))/python"; tail -n +2 "$$script"; } > $(BIN)/$$name && chmod +x $(BIN)/$$name; \
+	  else ln -sfn "$$script" $(BIN)/$$name; fi; \
+	done
+	@touch $@
+
+# Editable: the clone's source is what runs; redone when the package list
+# (pyproject.toml) or the venv changes.
+$(VENV)/.segq-editable: pyproject.toml $(VENV_LINKED)
+	@$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
 
 .PHONY: install
-install: $(STAMP) ## Install pinned dependencies and segq (editable) into $(VENV)
-	@$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
-	@ln -sfn $(VENV) .venv
+install: $(VENV)/.segq-editable ## This clone's own .venv with segq (editable); builds the shared locked dependencies if missing
 
 .PHONY: services
 services: ## Start PostgreSQL and Redis on loopback if they are down (tests need them)

@@ -1,4 +1,9 @@
-"""Applying the Alembic migrations in migrations/ from code (segq migrate, tests)."""
+"""Applying the Alembic migrations from code (segq migrate, tests).
+
+Alembic's scripts live in the repository's top-level migrations/; a built
+wheel carries them inside this package as segq/migration_scripts/
+(pyproject.toml maps the folder there), so both a checkout and an installed
+wheel can migrate."""
 
 from __future__ import annotations
 
@@ -8,7 +13,11 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_INSTALLED_SCRIPTS = _PACKAGE_DIR / "migration_scripts"
+MIGRATIONS_DIR = (
+    _INSTALLED_SCRIPTS if _INSTALLED_SCRIPTS.is_dir() else _PACKAGE_DIR.parent / "migrations"
+)
 
 
 def alembic_config(engine: Engine) -> Config:

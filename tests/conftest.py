@@ -1,17 +1,14 @@
 """Test fixtures against real services on loopback: PostgreSQL (a database of
 its own, migrated once), Redis (as the Celery broker) and an S3 HTTP server
-(moto in server mode)."""
+(moto in server mode). What tests import by name lives in tests/harness.py."""
 
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import boto3
 import pytest
@@ -27,27 +24,14 @@ from api import create_app
 from segq.db import make_engine, make_session_factory
 from segq.migrations import upgrade_to_head
 from segq.models import Base
-from segq.projects import create_project
 from segq.queue import make_celery
 from segq.settings import Settings
 from segq.storage import S3Storage
-from worker.pipeline import ImageLimits
+from tests.harness import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "SEGQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-REDIS_URL = os.environ.get("SEGQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-TEST_BUCKET = "segq-test"
-#: Workers in tests: the test settings' pixel bound, and no URL fetching
-#: unless a test gives its own policy.
-TEST_LIMITS = ImageLimits(max_pixels=4_000_000, fetch_policy=None)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="session")
@@ -160,45 +144,6 @@ def client(app: Flask) -> FlaskClient:
     return app.test_client()
 
 
-class Tenant:
-    """A project with its key, and helpers to call the API as it."""
-
-    def __init__(self, client: FlaskClient, name: str, key: str) -> None:
-        self.client = client
-        self.name = name
-        self.key = key
-        self.headers = {"Authorization": f"Bearer {key}"}
-
-    def url(self, path: str) -> str:
-        return f"/api/v1/projects/{self.name}{path}"
-
-    def upload(self, data: bytes, filename: str = "image.png", **fields: str) -> Any:
-        from io import BytesIO
-
-        return self.client.post(
-            self.url("/files"),
-            data={"file": (BytesIO(data), filename), **fields},
-            headers=self.headers,
-            content_type="multipart/form-data",
-        )
-
-    def post_job(self, body: Any, headers: dict[str, str] | None = None) -> Any:
-        return self.client.post(
-            self.url("/context/vision/segment"),
-            json=body,
-            headers={**self.headers, **(headers or {})},
-        )
-
-    def get_job(self, job_id: int) -> Any:
-        return self.client.get(self.url(f"/context/vision/segment/{job_id}"), headers=self.headers)
-
-
-def make_tenant(client: FlaskClient, sessions: sessionmaker[Session], name: str) -> Tenant:
-    with sessions.begin() as session:
-        _, key = create_project(session, name)
-    return Tenant(client, name, key)
-
-
 @pytest.fixture
 def tenant(client: FlaskClient, sessions: sessionmaker[Session]) -> Tenant:
     return make_tenant(client, sessions, "acme")
@@ -207,35 +152,3 @@ def tenant(client: FlaskClient, sessions: sessionmaker[Session]) -> Tenant:
 @pytest.fixture
 def other_tenant(client: FlaskClient, sessions: sessionmaker[Session]) -> Tenant:
     return make_tenant(client, sessions, "globex")
-
-
-@contextmanager
-def grabcut_worker(
-    celery_app: Celery,
-    sessions: sessionmaker[Session],
-    storage: S3Storage,
-    max_attempts: int = 5,
-) -> Iterator[None]:
-    """A real Celery worker (solo pool, in a thread of this process) running
-    the GrabCut engine on ``sessions`` and ``storage``."""
-    from celery.contrib.testing.worker import start_worker
-
-    import worker.tasks  # noqa: F401  (registers the shared tasks on celery_app)
-    from worker import runtime
-    from worker.engines.grabcut import GrabCutEngine
-
-    runtime.install(
-        runtime.WorkerRuntime(
-            sessions,
-            storage,
-            GrabCutEngine(),
-            lease_seconds=60,
-            limits=TEST_LIMITS,
-            max_attempts=max_attempts,
-        )
-    )
-    try:
-        with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
-            yield
-    finally:
-        runtime.install(None)

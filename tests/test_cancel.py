@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.models import ItemStatus, JobItem
 from segq.storage import S3Storage
-from tests.conftest import TEST_LIMITS, Tenant
+from tests.harness import TEST_LIMITS, Tenant
 from tests.images import png_bytes, scene_prompt_body
 from worker.engines.grabcut import GrabCutEngine
 from worker.pipeline import Claim, Outcome, claim_item, process_item

@@ -36,7 +36,7 @@ from segq.migrations import upgrade_to_head
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 from segq.queue import enqueue_items
 from segq.settings import Settings
-from tests.conftest import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant
+from tests.harness import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant
 from tests.images import png_bytes, scene_prompt_body
 from tests.probed_worker import engine_runs
 from tests.tcp_proxy import TcpProxy

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from api import create_app
 from segq.cli.main import main
 from segq.settings import Settings
-from tests.conftest import Tenant
+from tests.harness import Tenant
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from api.json_body import max_job_body_bytes
 from segq.settings import Settings
-from tests.conftest import Tenant
+from tests.harness import Tenant
 from tests.images import png_bytes
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, select, text
 from segq.db import make_engine, make_session_factory
 from segq.models import ItemStatus, JobItem
 from segq.storage import S3Storage
-from tests.conftest import TEST_LIMITS, Tenant, grabcut_worker
+from tests.harness import TEST_LIMITS, Tenant, grabcut_worker
 from tests.images import jpeg_bytes, scene_prompt_body
 from worker.engines.grabcut import GrabCutEngine
 from worker.pipeline import Outcome, process_item

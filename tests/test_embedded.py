@@ -20,7 +20,7 @@ from segq.db import make_engine, make_session_factory
 from segq.migrations import upgrade_to_head
 from segq.projects import create_project
 from segq.settings import Settings
-from tests.conftest import Tenant
+from tests.harness import Tenant
 from tests.images import cognite_sample_body, png_bytes
 from worker import runtime
 

@@ -17,7 +17,7 @@ from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.storage import S3Storage
-from tests.conftest import Tenant, grabcut_worker
+from tests.harness import Tenant, grabcut_worker
 from tests.images import cognite_sample_body, jpeg_bytes, scene, scene_prompt_body
 from worker.masks import Ring, rasterize_rings
 

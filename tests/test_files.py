@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.models import StoredFile
 from segq.storage import S3Storage
-from tests.conftest import Tenant
+from tests.harness import Tenant
 from tests.images import (
     cut_short,
     flat_png,

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.json_body import max_job_body_bytes
 from segq.projects import create_project
-from tests.conftest import REDIS_URL, TEST_BUCKET, free_port
+from tests.harness import REDIS_URL, TEST_BUCKET, free_port
 from tests.images import png_bytes, scene_prompt_body
 from tests.test_files import count_files
 from tests.test_jobs_api import MALFORMED_JSON_BODIES, count_jobs

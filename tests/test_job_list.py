@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.conftest import Tenant
+from tests.harness import Tenant
 from tests.images import png_bytes, scene_prompt_body
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.json_body import max_job_body_bytes
 from segq.models import Job, JobItem
 from segq.settings import Settings
-from tests.conftest import REDIS_URL, Tenant
+from tests.harness import REDIS_URL, Tenant
 from tests.images import cognite_sample_body, png_bytes
 
 #: Job bodies that are not JSON objects segq can read, each answered 400

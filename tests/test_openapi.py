@@ -7,7 +7,7 @@ from typing import Any
 import jsonschema
 from flask.testing import FlaskClient
 
-from tests.conftest import Tenant
+from tests.harness import Tenant
 from tests.images import cognite_sample_body, png_bytes
 
 

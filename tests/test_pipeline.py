@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.models import ItemStatus, Job, JobItem, JobStatus, WebhookDelivery
 from segq.storage import S3Storage
-from tests.conftest import TEST_LIMITS, Tenant, grabcut_worker
+from tests.harness import TEST_LIMITS, Tenant, grabcut_worker
 from tests.images import png_bytes, scene, scene_prompt_body, with_exif_orientation
 from tests.tcp_proxy import TcpProxy
 from worker.engines.grabcut import GrabCutEngine

@@ -20,7 +20,7 @@ from segq.models import ItemStatus, Job, JobItem, JobStatus
 from segq.queue import enqueue_items, make_celery, messages_waiting
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.conftest import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
+from tests.harness import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.images import png_bytes, scene_prompt_body
 from worker.engines.grabcut import GrabCutEngine
 from worker.pipeline import (

@@ -29,7 +29,7 @@ from segq.db import make_engine, make_session_factory
 from segq.migrations import upgrade_to_head
 from segq.projects import create_project
 from segq.settings import Settings
-from tests.conftest import Tenant, make_tenant
+from tests.harness import Tenant, make_tenant
 from tests.images import png_bytes
 
 INT64_MAX = 2**63 - 1

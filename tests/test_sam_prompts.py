@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.models import JobItem
 from segq.storage import S3Storage
-from tests.conftest import TEST_LIMITS, Tenant
+from tests.harness import TEST_LIMITS, Tenant
 from tests.images import png_bytes, scene
 from tests.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
 from worker.engines.base import Prompt

@@ -12,7 +12,7 @@ from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from schemathesis import checks as schemathesis_checks
 
-from tests.conftest import Tenant
+from tests.harness import Tenant
 from tests.images import png_bytes
 
 EXAMPLES_PER_OPERATION = 100

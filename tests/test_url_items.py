@@ -36,8 +36,8 @@ from segq.url_guard import (
     parse_networks,
     system_resolver,
 )
-from tests.conftest import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.fake_dns import fake_dns
+from tests.harness import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.images import cut_short, flat_png, jpeg_bytes, png_bytes
 from tests.refused_urls import INTERNAL_SPELLINGS
 from worker.engines.grabcut import GrabCutEngine

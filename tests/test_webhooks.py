@@ -36,8 +36,8 @@ from segq.queue import SEGMENT_QUEUE, WEBHOOK_QUEUE, enqueue_deliveries
 from segq.settings import Settings, SettingsError
 from segq.storage import S3Storage
 from segq.url_guard import FetchPolicy, parse_networks
-from tests.conftest import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.fake_dns import fake_dns
+from tests.harness import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.images import png_bytes, scene_prompt_body
 from tests.refused_urls import INTERNAL_SPELLINGS
 from tests.tcp_proxy import TcpProxy

@@ -1,0 +1,103 @@
+"""What tests import by name: where the loopback services are, a tenant that
+calls the API, and a real worker. The fixtures built on these are in
+tests/conftest.py."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from celery import Celery
+from flask.testing import FlaskClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from segq.projects import create_project
+from segq.storage import S3Storage
+from worker.pipeline import ImageLimits
+
+REDIS_URL = os.environ.get("SEGQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_BUCKET = "segq-test"
+#: Workers in tests: the test settings' pixel bound, and no URL fetching
+#: unless a test gives its own policy.
+TEST_LIMITS = ImageLimits(max_pixels=4_000_000, fetch_policy=None)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Tenant:
+    """A project with its key, and helpers to call the API as it."""
+
+    def __init__(self, client: FlaskClient, name: str, key: str) -> None:
+        self.client = client
+        self.name = name
+        self.key = key
+        self.headers = {"Authorization": f"Bearer {key}"}
+
+    def url(self, path: str) -> str:
+        return f"/api/v1/projects/{self.name}{path}"
+
+    def upload(self, data: bytes, filename: str = "image.png", **fields: str) -> Any:
+        from io import BytesIO
+
+        return self.client.post(
+            self.url("/files"),
+            data={"file": (BytesIO(data), filename), **fields},
+            headers=self.headers,
+            content_type="multipart/form-data",
+        )
+
+    def post_job(self, body: Any, headers: dict[str, str] | None = None) -> Any:
+        return self.client.post(
+            self.url("/context/vision/segment"),
+            json=body,
+            headers={**self.headers, **(headers or {})},
+        )
+
+    def get_job(self, job_id: int) -> Any:
+        return self.client.get(self.url(f"/context/vision/segment/{job_id}"), headers=self.headers)
+
+
+def make_tenant(client: FlaskClient, sessions: sessionmaker[Session], name: str) -> Tenant:
+    with sessions.begin() as session:
+        _, key = create_project(session, name)
+    return Tenant(client, name, key)
+
+
+@contextmanager
+def grabcut_worker(
+    celery_app: Celery,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+    max_attempts: int = 5,
+) -> Iterator[None]:
+    """A real Celery worker (solo pool, in a thread of this process) running
+    the GrabCut engine on ``sessions`` and ``storage``."""
+    from celery.contrib.testing.worker import start_worker
+
+    import worker.tasks  # noqa: F401  (registers the shared tasks on celery_app)
+    from worker import runtime
+    from worker.engines.grabcut import GrabCutEngine
+
+    runtime.install(
+        runtime.WorkerRuntime(
+            sessions,
+            storage,
+            GrabCutEngine(),
+            lease_seconds=60,
+            limits=TEST_LIMITS,
+            max_attempts=max_attempts,
+        )
+    )
+    try:
+        with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+            yield
+    finally:
+        runtime.install(None)
