@@ -18,8 +18,8 @@ class RateLimiter(Protocol):
 
 
 #: Count one request in a window's key, which outlives its second by one.
-#: A script, so counting is one atomic command (and no pipeline object per
-#: request: building one costs more than the round trip).
+#: A script, so the count and the key's expiry are set in one atomic
+#: command and one round trip.
 _COUNT_IN_WINDOW = """
 local count = redis.call('INCR', KEYS[1])
 if count == 1 then

@@ -2,7 +2,7 @@
 
 Keys are plain relative paths such as
 ``projects/3/jobs/12/items/40/attempt-1/mask-0.png``. Each attempt at an item
-writes under keys of its own (worker/pipeline.py), so a retried write
+writes under keys of its own (worker/results.py), so a retried write
 replaces only what the same attempt wrote.
 """
 

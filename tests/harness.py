@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.projects import create_project
 from segq.storage import S3Storage
-from worker.pipeline import ImageLimits
+from worker.item_inputs import ImageLimits
 
 REDIS_URL = os.environ.get("SEGQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TEST_BUCKET = "segq-test"
@@ -83,21 +83,20 @@ def grabcut_worker(
     from celery.contrib.testing.worker import start_worker
 
     import worker.tasks  # noqa: F401  (registers the shared tasks on celery_app)
-    from worker import runtime
     from worker.engines.grabcut import GrabCutEngine
+    from worker.runtime import SegmentRuntime, WorkerRuntime, attach_runtime
 
-    runtime.install(
-        runtime.WorkerRuntime(
-            sessions,
-            storage,
-            GrabCutEngine(),
-            lease_seconds=60,
-            limits=TEST_LIMITS,
-            max_attempts=max_attempts,
-        )
+    segment = SegmentRuntime(
+        sessions,
+        storage,
+        GrabCutEngine(),
+        lease_seconds=60,
+        limits=TEST_LIMITS,
+        max_attempts=max_attempts,
     )
+    attach_runtime(celery_app, WorkerRuntime(segment=segment))
     try:
         with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
             yield
     finally:
-        runtime.install(None)
+        attach_runtime(celery_app, None)

@@ -13,8 +13,9 @@ from segq.models import ItemStatus, JobItem
 from segq.storage import S3Storage
 from tests.harness import TEST_LIMITS, Tenant
 from tests.images import png_bytes, scene_prompt_body
+from worker.claims import Claim, claim_item
 from worker.engines.grabcut import GrabCutEngine
-from worker.pipeline import Claim, Outcome, claim_item, process_item
+from worker.pipeline import ItemOutcome, process_item
 
 
 def job_with_items(tenant: Tenant, count: int) -> tuple[int, list[int]]:
@@ -35,7 +36,7 @@ def cancel(tenant: Tenant, job_id: int) -> Any:
     )
 
 
-def run(sessions: sessionmaker[Session], storage: S3Storage, item_id: int) -> Outcome:
+def run(sessions: sessionmaker[Session], storage: S3Storage, item_id: int) -> ItemOutcome:
     return process_item(
         sessions,
         storage,
@@ -55,7 +56,10 @@ def test_a_queued_job_never_runs(
     assert response.status_code == 200
     assert response.json["status"] == "Canceled"
     assert "Retry-After" not in response.headers
-    assert [run(sessions, storage, i) for i in item_ids] == [Outcome.SKIPPED, Outcome.SKIPPED]
+    assert [run(sessions, storage, i) for i in item_ids] == [
+        ItemOutcome.SKIPPED,
+        ItemOutcome.SKIPPED,
+    ]
     job = tenant.get_job(job_id).json
     assert job["status"] == "Canceled"
     assert all("segments" not in item for item in job["items"])
@@ -66,11 +70,11 @@ def test_a_running_job_stops_before_its_next_item(
     tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
 ) -> None:
     job_id, (first, second, third) = job_with_items(tenant, 3)
-    assert run(sessions, storage, first) == Outcome.COMPLETED
+    assert run(sessions, storage, first) == ItemOutcome.COMPLETED
     assert tenant.get_job(job_id).json["status"] == "Running"
     assert cancel(tenant, job_id).json["status"] == "Canceled"
-    assert run(sessions, storage, second) == Outcome.SKIPPED
-    assert run(sessions, storage, third) == Outcome.SKIPPED
+    assert run(sessions, storage, second) == ItemOutcome.SKIPPED
+    assert run(sessions, storage, third) == ItemOutcome.SKIPPED
     job = tenant.get_job(job_id).json
     assert job["status"] == "Canceled"
     # What finished before the cancel is kept.
@@ -89,7 +93,7 @@ def test_cancel_is_idempotent_and_refused_once_finished(
     assert cancel(tenant, 987654).status_code == 404
 
     done_id, [item] = job_with_items(tenant, 1)
-    assert run(sessions, storage, item) == Outcome.COMPLETED
+    assert run(sessions, storage, item) == ItemOutcome.COMPLETED
     refused = cancel(tenant, done_id)
     assert refused.status_code == 409 and refused.json["error"]["code"] == 409
     assert tenant.get_job(done_id).json["status"] == "Completed"

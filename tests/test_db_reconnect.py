@@ -18,7 +18,7 @@ from segq.storage import S3Storage
 from tests.harness import TEST_LIMITS, Tenant, grabcut_worker
 from tests.images import jpeg_bytes, scene_prompt_body
 from worker.engines.grabcut import GrabCutEngine
-from worker.pipeline import Outcome, process_item
+from worker.pipeline import ItemOutcome, process_item
 
 
 @pytest.fixture
@@ -112,7 +112,7 @@ def test_connections_dropped_mid_item_do_not_cost_its_result(
         limits=TEST_LIMITS,
     )
     assert dropped and dropped[0] >= 1  # the claim's connection, back in the pool
-    assert outcome == Outcome.COMPLETED
+    assert outcome == ItemOutcome.COMPLETED
     with sessions() as session:
         item = session.get_one(JobItem, item_id)
         assert (item.status, item.attempt) == (ItemStatus.COMPLETED, 1)

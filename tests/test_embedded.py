@@ -22,7 +22,8 @@ from segq.projects import create_project
 from segq.settings import Settings
 from tests.harness import Tenant
 from tests.images import cognite_sample_body, png_bytes
-from worker import runtime
+from worker.celery_app import create_worker_app
+from worker.runtime import segment_runtime_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,22 +39,17 @@ def test_embedded_default_segments_through_the_queue(tmp_path: Path) -> None:
         _, key = create_project(session, "local")
     app = create_app(settings)
     tenant = Tenant(app.test_client(), "local", key)
-    import worker.tasks  # noqa: F401  (registers the shared tasks)
-
-    worker_runtime = runtime.build_runtime(settings)
-    assert worker_runtime.engine.name == "grabcut"
-    runtime.install(worker_runtime)
-    celery = app.extensions["segq"].celery
-    try:
-        file_id = tenant.upload(png_bytes(160, 120)).json["id"]
-        job_id = tenant.post_job(cognite_sample_body(file_id)).json["jobId"]
-        with start_worker(celery, pool="solo", perform_ping_check=False, shutdown_timeout=10):
-            deadline = time.monotonic() + 60
-            while (job := tenant.get_job(job_id).json)["status"] not in ("Completed", "Failed"):
-                assert time.monotonic() < deadline, job
-                time.sleep(0.1)
-    finally:
-        runtime.install(None)
+    # The worker as `segq worker` makes it, from the same settings: its
+    # runtime is built when it starts, from nothing a test attaches.
+    worker_app = create_worker_app(settings)
+    file_id = tenant.upload(png_bytes(160, 120)).json["id"]
+    job_id = tenant.post_job(cognite_sample_body(file_id)).json["jobId"]
+    with start_worker(worker_app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
+        deadline = time.monotonic() + 60
+        while (job := tenant.get_job(job_id).json)["status"] not in ("Completed", "Failed"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.1)
+    assert segment_runtime_of(worker_app).engine.name == "grabcut"
     assert job["status"] == "Completed", job
     url = job["items"][0]["segments"][0]["mask"]["url"]
     # No SEGQ_PUBLIC_URL and no `segq serve` to name its address: the link

@@ -22,19 +22,12 @@ from segq.storage import S3Storage
 from tests.harness import TEST_LIMITS, Tenant, grabcut_worker
 from tests.images import png_bytes, scene, scene_prompt_body, with_exif_orientation
 from tests.tcp_proxy import TcpProxy
+from worker.claims import Claim, claim_item, finish_item, release_item, renew_lease
 from worker.engines.grabcut import GrabCutEngine
+from worker.item_inputs import ImageLimits
+from worker.lease_keeper import LeaseKeeper
 from worker.masks import Ring, rasterize_rings
-from worker.pipeline import (
-    Claim,
-    ImageLimits,
-    LeaseKeeper,
-    Outcome,
-    claim_item,
-    finish_item,
-    process_item,
-    release_item,
-    renew_lease,
-)
+from worker.pipeline import ItemOutcome, process_item
 
 LEASE = 60
 
@@ -78,7 +71,7 @@ def run(
     engine: GrabCutEngine,
     item_id: int,
     max_attempts: int = 3,
-) -> Outcome:
+) -> ItemOutcome:
     return process_item(
         sessions,
         storage,
@@ -94,7 +87,7 @@ def test_item_is_segmented_stored_and_rolled_up(
     tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
 ) -> None:
     job_id, [item_id] = submit(tenant)
-    assert run(sessions, storage, engine, item_id) == Outcome.COMPLETED
+    assert run(sessions, storage, engine, item_id) == ItemOutcome.COMPLETED
 
     item = load(sessions, JobItem, item_id)
     assert item.status == ItemStatus.COMPLETED and item.attempt == 1
@@ -127,9 +120,9 @@ def test_a_repeated_delivery_does_nothing(
     tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
 ) -> None:
     _, [item_id] = submit(tenant)
-    assert run(sessions, storage, engine, item_id) == Outcome.COMPLETED
+    assert run(sessions, storage, engine, item_id) == ItemOutcome.COMPLETED
     first = load(sessions, JobItem, item_id)
-    assert run(sessions, storage, engine, item_id) == Outcome.SKIPPED
+    assert run(sessions, storage, engine, item_id) == ItemOutcome.SKIPPED
     again = load(sessions, JobItem, item_id)
     assert (again.attempt, again.finished_time, again.result) == (
         first.attempt,
@@ -154,7 +147,7 @@ def test_a_held_lease_keeps_others_out_and_a_lost_one_drops_the_result(
     # The first attempt stalls past its lease; another takes the item over.
     with sessions.begin() as session:
         session.execute(update(JobItem).where(JobItem.id == item_id).values(lease_expires_time=0))
-    assert run(sessions, storage, engine, item_id) == Outcome.COMPLETED
+    assert run(sessions, storage, engine, item_id) == ItemOutcome.COMPLETED
     winner = load(sessions, JobItem, item_id)
     assert winner.attempt == 2
 
@@ -205,9 +198,9 @@ def test_a_deleted_file_fails_its_item_and_the_job_keeps_the_rest(
         == 204
     )
 
-    assert run(sessions, storage, engine, doomed_item) == Outcome.FAILED
+    assert run(sessions, storage, engine, doomed_item) == ItemOutcome.FAILED
     assert load(sessions, Job, job_id).status == JobStatus.RUNNING
-    assert run(sessions, storage, engine, kept_item) == Outcome.COMPLETED
+    assert run(sessions, storage, engine, kept_item) == ItemOutcome.COMPLETED
 
     job = tenant.get_job(job_id).json
     assert job["status"] == "Completed"
@@ -235,7 +228,7 @@ def test_the_worker_applies_its_own_pixel_limit(
         max_attempts=3,
         limits=ImageLimits(max_pixels=160 * 120 - 1, fetch_policy=None),
     )
-    assert outcome == Outcome.FAILED
+    assert outcome == ItemOutcome.FAILED
     assert tenant.get_job(job_id).json["failedItems"][0]["errorMessage"] == (
         "the image was refused: image has 160x120 pixels, more than the 19199 allowed"
     )
@@ -250,7 +243,7 @@ def test_masks_have_the_size_the_file_reports(
     uploaded = tenant.upload(with_exif_orientation(scene(160, 120)[0], 6)).json
     assert (uploaded["width"], uploaded["height"]) == (120, 160)
     _, [item_id] = submit(tenant, scene_prompt_body(uploaded["id"]))
-    assert run(sessions, storage, engine, item_id) == Outcome.COMPLETED
+    assert run(sessions, storage, engine, item_id) == ItemOutcome.COMPLETED
 
     item = load(sessions, JobItem, item_id)
     assert (item.result["width"], item.result["height"]) == (120, 160)
@@ -267,7 +260,7 @@ def test_a_job_whose_items_all_fail_is_failed(
     job_id, [item_id] = submit(tenant)
     file_id = tenant.get_job(job_id).json["items"][0]["fileId"]
     tenant.client.delete(tenant.url(f"/files/{file_id}"), headers=tenant.headers)
-    assert run(sessions, storage, engine, item_id) == Outcome.FAILED
+    assert run(sessions, storage, engine, item_id) == ItemOutcome.FAILED
     job = tenant.get_job(job_id)
     assert job.json["status"] == "Failed"
     assert job.json["errorMessage"] == "the file was deleted before the item ran"
@@ -280,7 +273,7 @@ def test_multimask_and_extra_outputs(
     job_id, [item_id] = submit(
         tenant, multimaskOutput=True, outputs=["polygons", "mask", "rle", "svgPath"]
     )
-    assert run(sessions, storage, engine, item_id) == Outcome.COMPLETED
+    assert run(sessions, storage, engine, item_id) == ItemOutcome.COMPLETED
     segments = tenant.get_job(job_id).json["items"][0]["segments"]
     assert 2 <= len(segments) <= 3
     scores = [s["score"] for s in segments]
@@ -296,7 +289,7 @@ def test_only_the_requested_outputs_are_made(
     tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
 ) -> None:
     job_id, [item_id] = submit(tenant, outputs=["rle"])
-    assert run(sessions, storage, engine, item_id) == Outcome.COMPLETED
+    assert run(sessions, storage, engine, item_id) == ItemOutcome.COMPLETED
     [segment] = tenant.get_job(job_id).json["items"][0]["segments"]
     assert "rle" in segment and "mask" not in segment and "polygons" not in segment
 
@@ -387,7 +380,7 @@ def test_an_engine_error_fails_the_item_with_its_message(
             raise RuntimeError("CUDA out of memory")
 
     job_id, [item_id] = submit(tenant)
-    assert run(sessions, storage, BrokenEngine(), item_id) == Outcome.FAILED
+    assert run(sessions, storage, BrokenEngine(), item_id) == ItemOutcome.FAILED
     job = tenant.get_job(job_id).json
     assert job["status"] == "Failed"
     assert job["errorMessage"] == "segmentation failed: RuntimeError: CUDA out of memory"

@@ -22,14 +22,9 @@ from segq.settings import Settings
 from segq.storage import S3Storage
 from tests.harness import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.images import png_bytes, scene_prompt_body
+from worker.claims import abandoned_message, claim_item, release_item
 from worker.engines.grabcut import GrabCutEngine
-from worker.pipeline import (
-    Outcome,
-    abandoned_message,
-    claim_item,
-    process_item,
-    release_item,
-)
+from worker.pipeline import ItemOutcome, process_item
 from worker.reconciler import ADVISORY_LOCK_KEY, reconcile
 
 
@@ -99,7 +94,7 @@ def test_a_job_committed_while_the_broker_was_down_is_published_later(
             max_attempts=3,
             limits=TEST_LIMITS,
         )
-        == Outcome.COMPLETED
+        == ItemOutcome.COMPLETED
     )
 
 
@@ -225,7 +220,7 @@ def test_a_running_item_keeps_its_lease(
         max_attempts=3,
         limits=TEST_LIMITS,
     )
-    assert outcome == Outcome.COMPLETED
+    assert outcome == ItemOutcome.COMPLETED
     assert passes[0].requeued == 0
     [done] = items_of(sessions, job_id)
     assert done.attempt == 1

@@ -20,7 +20,7 @@ from tests.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
 from worker.engines import EngineChoice, load_engine
 from worker.engines.base import Prompt
 from worker.engines.sam import SAM_ARCHITECTURES, CheckpointError, SamEngine, load_sam
-from worker.pipeline import Outcome, process_item
+from worker.pipeline import ItemOutcome, process_item
 
 
 @pytest.fixture
@@ -131,7 +131,7 @@ def test_sam_runs_a_job_through_the_pipeline(
         max_attempts=3,
         limits=TEST_LIMITS,
     )
-    assert outcome == Outcome.COMPLETED
+    assert outcome == ItemOutcome.COMPLETED
     job = tenant.get_job(job_id).json
     assert job["status"] == "Completed" and job["engine"] == "sam_tiny_test"
     segments = job["items"][0]["segments"]

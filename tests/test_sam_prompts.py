@@ -25,7 +25,8 @@ from tests.images import png_bytes, scene
 from tests.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
 from worker.engines.base import Prompt
 from worker.engines.sam import SamEngine, load_sam
-from worker.pipeline import Outcome, pixel_prompt, process_item
+from worker.item_inputs import pixel_prompt
+from worker.pipeline import ItemOutcome, process_item
 
 WIDTH, HEIGHT = 130, 90  # not square, so a swapped x and y cannot land where they belong
 
@@ -138,7 +139,7 @@ def test_a_job_s_prompt_reaches_sam_at_the_pixels_it_names(
     outcome = process_item(
         sessions, storage, engine, item_id, lease_seconds=60, max_attempts=3, limits=TEST_LIMITS
     )
-    assert outcome == Outcome.COMPLETED
+    assert outcome == ItemOutcome.COMPLETED
 
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     masks, scores = direct(

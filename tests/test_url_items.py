@@ -41,7 +41,8 @@ from tests.harness import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.images import cut_short, flat_png, jpeg_bytes, png_bytes
 from tests.refused_urls import INTERNAL_SPELLINGS
 from worker.engines.grabcut import GrabCutEngine
-from worker.pipeline import ImageLimits, Outcome, process_item
+from worker.item_inputs import ImageLimits
+from worker.pipeline import ItemOutcome, process_item
 
 LOOPBACK_ONLY = parse_networks("127.0.0.1/32")
 PROMPT = {"points": [{"x": 0.5, "y": 0.5, "label": 1}]}
@@ -263,7 +264,7 @@ def count(sessions: sessionmaker[Session], model: Any) -> int:
 
 def run_all(
     sessions: sessionmaker[Session], storage: S3Storage, limits: ImageLimits
-) -> list[Outcome]:
+) -> list[ItemOutcome]:
     with sessions() as session:
         ids = list(session.scalars(select(JobItem.id).order_by(JobItem.id)))
     engine = GrabCutEngine()
@@ -284,7 +285,7 @@ def test_a_url_item_is_fetched_by_the_worker(
     assert created.status_code == 200, created.json
     assert created.json["items"] == [{"fileUrl": url}, {"fileUrl": f"{image_server.url}/missing"}]
     limits = replace(TEST_LIMITS, fetch_policy=policy())
-    assert run_all(sessions, storage, limits) == [Outcome.COMPLETED, Outcome.FAILED]
+    assert run_all(sessions, storage, limits) == [ItemOutcome.COMPLETED, ItemOutcome.FAILED]
     job = tenant.get_job(created.json["jobId"]).json
     assert job["status"] == "Completed"
     assert job["items"][0]["segments"][0]["mask"]["width"] == 160
@@ -303,7 +304,7 @@ def test_the_worker_refuses_broken_and_oversized_url_images(
     created = tenant.post_job({"items": [{"fileUrl": url} for url in urls], **PROMPT})
     assert created.status_code == 200, created.json
     limits = replace(TEST_LIMITS, fetch_policy=policy())
-    assert run_all(sessions, storage, limits) == [Outcome.FAILED, Outcome.FAILED]
+    assert run_all(sessions, storage, limits) == [ItemOutcome.FAILED, ItemOutcome.FAILED]
     failed = {
         group["items"][0]["fileUrl"]: group["errorMessage"]
         for group in tenant.get_job(created.json["jobId"]).json["failedItems"]
@@ -341,7 +342,7 @@ def test_inline_images_become_files_of_the_project(
         ]
         == 160
     )
-    assert run_all(sessions, storage, TEST_LIMITS) == [Outcome.COMPLETED]
+    assert run_all(sessions, storage, TEST_LIMITS) == [ItemOutcome.COMPLETED]
 
 
 @pytest.mark.parametrize(

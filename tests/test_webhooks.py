@@ -42,13 +42,13 @@ from tests.images import png_bytes, scene_prompt_body
 from tests.refused_urls import INTERNAL_SPELLINGS
 from tests.tcp_proxy import TcpProxy
 from tests.test_chaos import REPO, Worker
-from worker import runtime
 from worker.engines.grabcut import GrabCutEngine
+from worker.periodic import PeriodicPass
 from worker.pipeline import process_item
-from worker.reconciler import PeriodicPass
+from worker.runtime import DeliveryRuntime, SegmentRuntime, WorkerRuntime, attach_runtime
 from worker.webhook_delivery import (
+    DeliveryOutcome,
     DeliveryRules,
-    Outcome,
     claim_delivery,
     deliver,
     dispatch_due,
@@ -191,9 +191,9 @@ def drain(
     delivery_rules: DeliveryRules,
     done: Callable[[], bool],
     timeout: float = 20,
-) -> list[Outcome]:
+) -> list[DeliveryOutcome]:
     """The dispatcher and the delivery task, called in turn until ``done``."""
-    outcomes: list[Outcome] = []
+    outcomes: list[DeliveryOutcome] = []
     deadline = time.monotonic() + timeout
     while not done():
         assert time.monotonic() < deadline, f"not done; outcomes so far {outcomes}"
@@ -296,7 +296,11 @@ def test_failures_are_retried_with_the_same_id_and_every_attempt_is_recorded(
     run_items(sessions, storage)
     job_before = without_urls(hooked.get_job(job_id).json)
     outcomes = drain(sessions, rules(retry_delays=(1, 1, 1)), all_settled(sessions))
-    assert outcomes == [Outcome.RETRYING, Outcome.RETRYING, Outcome.DELIVERED]
+    assert outcomes == [
+        DeliveryOutcome.RETRYING,
+        DeliveryOutcome.RETRYING,
+        DeliveryOutcome.DELIVERED,
+    ]
 
     assert len({r.headers["webhook-id"] for r in receiver.received}) == 1
     assert len({r.body for r in receiver.received}) == 1
@@ -329,7 +333,11 @@ def test_deliveries_give_up_when_the_schedule_runs_out(
     submit(hooked, {"url": receiver.url})
     run_items(sessions, storage)
     outcomes = drain(sessions, rules(retry_delays=(1, 1)), all_settled(sessions))
-    assert outcomes == [Outcome.RETRYING, Outcome.RETRYING, Outcome.GIVEN_UP]
+    assert outcomes == [
+        DeliveryOutcome.RETRYING,
+        DeliveryOutcome.RETRYING,
+        DeliveryOutcome.GIVEN_UP,
+    ]
     (delivery,) = deliveries(sessions)
     assert delivery.status == DeliveryStatus.FAILED
     assert len(receiver.received) == 3
@@ -341,14 +349,14 @@ def test_410_gone_stops_retries_and_redirects_are_failures(
     receiver.answers = [410]
     submit(hooked, {"url": f"{receiver.url}/gone"})
     run_items(sessions, storage)
-    assert drain(sessions, rules(), all_settled(sessions)) == [Outcome.GIVEN_UP]
+    assert drain(sessions, rules(), all_settled(sessions)) == [DeliveryOutcome.GIVEN_UP]
 
     receiver.answers = [302, 200]
     submit(hooked, {"url": f"{receiver.url}/moved"})
     run_items(sessions, storage)
     assert drain(sessions, rules(), all_settled(sessions)) == [
-        Outcome.RETRYING,
-        Outcome.DELIVERED,
+        DeliveryOutcome.RETRYING,
+        DeliveryOutcome.DELIVERED,
     ]
     # The redirect's target was never asked: the retry went to the same URL.
     assert [r.path for r in receiver.received] == ["/gone", "/moved", "/moved"]
@@ -362,7 +370,7 @@ def test_a_slow_receiver_times_out_and_never_holds_the_job(
     run_items(sessions, storage)
     assert hooked.get_job(job_id).json["status"] == "Completed"  # before any delivery
     outcomes = drain(sessions, rules(timeout=0.5), all_settled(sessions))
-    assert outcomes == [Outcome.RETRYING, Outcome.DELIVERED]
+    assert outcomes == [DeliveryOutcome.RETRYING, DeliveryOutcome.DELIVERED]
     listing = hooked.client.get(
         hooked.url(f"/context/vision/segment/{job_id}/webhook-deliveries"), headers=hooked.headers
     ).json
@@ -382,8 +390,8 @@ def test_a_receiver_that_drips_its_answer_is_cut_off(
     run_items(sessions, storage)
     started = time.monotonic()
     assert drain(sessions, rules(timeout=0.5), all_settled(sessions)) == [
-        Outcome.RETRYING,
-        Outcome.DELIVERED,
+        DeliveryOutcome.RETRYING,
+        DeliveryOutcome.DELIVERED,
     ]
     assert time.monotonic() - started < 5
     listing = hooked.client.get(
@@ -433,7 +441,7 @@ def test_webhook_urls_pass_the_ssrf_guard(
     submit(hooked, {"url": receiver.url.replace("127.0.0.1", "loopback.segq.test")})
     run_items(sessions, storage)
     strict = replace(rules(), policy=replace(rules().policy, allowed_networks=()))
-    assert drain(sessions, strict, all_settled(sessions)) == [Outcome.GIVEN_UP]
+    assert drain(sessions, strict, all_settled(sessions)) == [DeliveryOutcome.GIVEN_UP]
     assert receiver.received == []
     assert [a.error for a in attempts(sessions)] == [
         "URL refused: loopback.segq.test resolves to a private, loopback or reserved address"
@@ -452,7 +460,7 @@ def test_a_receiver_name_with_any_refused_address_is_never_dialled(
     fake_dns(monkeypatch).set("mixed.segq.test", ["127.0.0.1", "10.0.0.1"])
     submit(hooked, {"url": receiver.url.replace("127.0.0.1", "mixed.segq.test")})
     run_items(sessions, storage)
-    assert drain(sessions, rules(), all_settled(sessions)) == [Outcome.GIVEN_UP]
+    assert drain(sessions, rules(), all_settled(sessions)) == [DeliveryOutcome.GIVEN_UP]
     assert receiver.received == []
 
 
@@ -467,7 +475,9 @@ def test_a_receiver_name_that_does_not_exist_fails_for_good_at_once(
     dns.set("gone.segq.test", socket.EAI_NONAME)
     submit(hooked, {"url": receiver.url.replace("127.0.0.1", "gone.segq.test")})
     run_items(sessions, storage)
-    assert drain(sessions, rules(retry_delays=(1, 1)), all_settled(sessions)) == [Outcome.GIVEN_UP]
+    assert drain(sessions, rules(retry_delays=(1, 1)), all_settled(sessions)) == [
+        DeliveryOutcome.GIVEN_UP
+    ]
     (delivery,) = deliveries(sessions)
     assert (delivery.status, delivery.failures) == (DeliveryStatus.FAILED, 1)
     assert [a.error for a in attempts(sessions)] == [
@@ -488,9 +498,9 @@ def test_a_resolver_that_does_not_answer_is_retried(
     submit(hooked, {"url": receiver.url.replace("127.0.0.1", "flaky.segq.test")})
     run_items(sessions, storage)
     assert drain(sessions, rules(retry_delays=(1, 1)), all_settled(sessions)) == [
-        Outcome.RETRYING,
-        Outcome.RETRYING,
-        Outcome.DELIVERED,
+        DeliveryOutcome.RETRYING,
+        DeliveryOutcome.RETRYING,
+        DeliveryOutcome.DELIVERED,
     ]
     assert len(receiver.received) == 1
     assert receiver.received[0].headers["Host"] == receiver.url.replace(
@@ -546,7 +556,7 @@ def test_redeliver_sends_the_same_event_again(
     queued = redis.Redis.from_url(REDIS_URL)
     assert queued.llen(WEBHOOK_QUEUE) == 1
     queued.close()
-    assert deliver(sessions, delivery.id, rules()) == Outcome.DELIVERED
+    assert deliver(sessions, delivery.id, rules()) == DeliveryOutcome.DELIVERED
     assert len(receiver.received) == 2
     assert receiver.received[0].headers["webhook-id"] == receiver.received[1].headers["webhook-id"]
     assert receiver.received[0].body == receiver.received[1].body
@@ -608,9 +618,9 @@ def test_a_lost_wake_up_message_is_sent_again(
     again: list[int] = []
     assert dispatch_due(sessions, again.extend, republish_after_seconds=1) == 1
     assert again == lost
-    assert deliver(sessions, again[0], rules()) == Outcome.DELIVERED
+    assert deliver(sessions, again[0], rules()) == DeliveryOutcome.DELIVERED
     # Duplicate wake-ups are harmless: the delivery is no longer due.
-    assert deliver(sessions, lost[0], rules()) == Outcome.SKIPPED
+    assert deliver(sessions, lost[0], rules()) == DeliveryOutcome.SKIPPED
     assert len(receiver.received) == 1
 
 
@@ -623,9 +633,9 @@ def test_a_delivery_whose_deliverer_died_is_attempted_again(
     (delivery,) = deliveries(sessions)
     # A deliverer claims the delivery and dies before it records anything.
     assert claim_delivery(sessions, delivery.id, quick) is not None
-    assert deliver(sessions, delivery.id, quick) == Outcome.SKIPPED  # still held
+    assert deliver(sessions, delivery.id, quick) == DeliveryOutcome.SKIPPED  # still held
     started = time.monotonic()
-    assert drain(sessions, quick, all_settled(sessions)) == [Outcome.DELIVERED]
+    assert drain(sessions, quick, all_settled(sessions)) == [DeliveryOutcome.DELIVERED]
     assert time.monotonic() - started >= 1.0  # once the claim (3 x 0.5 s) ran out
     (request,) = receiver.received
     Webhook(secret_of(hooked)).verify(request.body, request.headers)
@@ -648,12 +658,15 @@ def test_a_celery_worker_delivers_from_the_webhook_queue(
     delivers them."""
     import worker.tasks  # noqa: F401  (registers the shared tasks on celery_app)
 
-    runtime.install(
-        runtime.WorkerRuntime(
-            sessions, storage, GrabCutEngine(), lease_seconds=60, limits=TEST_LIMITS
-        )
+    attach_runtime(
+        celery_app,
+        WorkerRuntime(
+            segment=SegmentRuntime(
+                sessions, storage, GrabCutEngine(), lease_seconds=60, limits=TEST_LIMITS
+            ),
+            delivery=DeliveryRuntime(sessions, rules()),
+        ),
     )
-    runtime.install_delivery(runtime.DeliveryRuntime(sessions, rules()))
     dispatcher = PeriodicPass(
         "test-dispatcher",
         lambda: dispatch_due(
@@ -676,8 +689,7 @@ def test_a_celery_worker_delivers_from_the_webhook_queue(
             receiver.wait_for(2)
     finally:
         dispatcher.stop()
-        runtime.install(None)
-        runtime.install_delivery(None)
+        attach_runtime(celery_app, None)
     verifier = Webhook(secret_of(hooked))
     payloads = [verifier.verify(r.body, r.headers) for r in receiver.received]
     assert sorted(p["type"] for p in payloads) == ["job.completed", "job.started"]
@@ -735,11 +747,11 @@ def test_a_receiver_that_refuses_connections_is_retried(
         first = drain(
             sessions, rules(retry_delays=(1,)), lambda: bool(deliveries(sessions)[0].failures)
         )
-        assert first == [Outcome.RETRYING]
+        assert first == [DeliveryOutcome.RETRYING]
         assert receiver.received == []
         link.heal()
         assert drain(sessions, rules(retry_delays=(1,)), all_settled(sessions)) == [
-            Outcome.DELIVERED
+            DeliveryOutcome.DELIVERED
         ]
     (request,) = receiver.received
     Webhook(secret_of(hooked)).verify(request.body, request.headers)
@@ -786,7 +798,7 @@ def test_a_webhook_worker_process_killed_mid_attempt(
     assert deliverer.process.returncode == -signal.SIGKILL
     # The same rules as the killed worker's: its claim lasts 3 x 1 s (+ margin).
     assert drain(sessions, rules(timeout=1), all_settled(sessions), timeout=30) == [
-        Outcome.DELIVERED
+        DeliveryOutcome.DELIVERED
     ]
     assert time.monotonic() - killed >= 2.5
     first, second = receiver.received

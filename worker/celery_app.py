@@ -1,13 +1,25 @@
-"""The worker's Celery app, configured from the environment:
-``celery -A worker.celery_app worker`` or ``segq worker``."""
+"""The worker's Celery app: ``create_worker_app(settings)``, run by
+``segq worker``; ``celery -A worker.celery_app worker`` finds ``app``, made
+from the environment when Celery first asks for it, not at import.
+
+A worker's settings are read once, in its main process. The runtime that
+tasks use (``worker.runtime``) is built from them in each process that runs
+tasks, after the fork: CUDA and database connections do not survive a
+fork, so the main process of a prefork pool makes none of either for its
+children. The main process runs the reconciler and the webhook dispatcher.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery import Celery, bootsteps, current_app
+from celery.concurrency.prefork import TaskPool as PreforkPool
+from celery.signals import worker_process_init
+from sqlalchemy.orm import Session, sessionmaker
 
-import worker.tasks  # noqa: F401  (registers the tasks on this app)
+import worker.tasks  # noqa: F401  (registers the tasks on every app)
 from segq.db import make_engine, make_session_factory
 from segq.queue import (
     SEGMENT_QUEUE,
@@ -17,71 +29,127 @@ from segq.queue import (
     messages_waiting,
 )
 from segq.settings import Settings
-from worker import runtime
-from worker.reconciler import PeriodicPass, reconcile
+from worker.periodic import PeriodicPass
+from worker.reconciler import reconcile
+from worker.runtime import attach_runtime, build_runtime, runtime_of
 from worker.webhook_delivery import dispatch_due
 
-settings = Settings.from_env()
-app = make_celery(
-    settings.broker_url,
-    broker_folder=settings.broker_folder,
-    time_limit_seconds=settings.item_time_limit_seconds,
-)
+#: The attribute of a worker's Celery app that holds its settings.
+_SETTINGS_ATTRIBUTE = "segq_settings"
 
 
-def _consumes_segment_queue() -> bool:
+def create_worker_app(settings: Settings) -> Celery:
+    """A Celery app that, run as a worker, builds its runtime from ``settings``."""
+    app = make_celery(
+        settings.broker_url,
+        broker_folder=settings.broker_folder,
+        time_limit_seconds=settings.item_time_limit_seconds,
+    )
+    setattr(app, _SETTINGS_ATTRIBUTE, settings)
+    app.steps["worker"].add(WorkerProcessStep)
+    return app
+
+
+def settings_of(app: Celery) -> Settings | None:
+    """The settings ``app`` was made with; None for an app made elsewhere
+    (a test's, the API's), whose runtime its maker attaches."""
+    found: Settings | None = getattr(app, _SETTINGS_ATTRIBUTE, None)
+    return found
+
+
+def _sessions(settings: Settings) -> sessionmaker[Session]:
+    db_engine = make_engine(settings.database_url)
+    return make_session_factory(db_engine)
+
+
+def _consumes_segment_queue(app: Celery) -> bool:
     # None: no -Q given, every queue is consumed.
     consumed = app.amqp.queues.consume_from
     return consumed is None or SEGMENT_QUEUE in consumed
 
 
+def _build_runtime_here(app: Celery, settings: Settings, sessions: sessionmaker[Session]) -> None:
+    if runtime_of(app) is None:
+        attach_runtime(
+            app, build_runtime(settings, sessions, segments=_consumes_segment_queue(app))
+        )
+
+
 @worker_process_init.connect
-def _load_model(**_kwargs: Any) -> None:
-    # In each pool process after the fork: CUDA and database connections do
-    # not survive a fork, so nothing of the sort is made in the parent. A
-    # worker that only delivers webhooks loads no model.
-    if _consumes_segment_queue():
-        runtime.current()
+def _build_runtime_in_pool_process(**_kwargs: Any) -> None:
+    # Sent in each prefork pool process, after the fork, with the worker's
+    # app made current there.
+    app = current_app._get_current_object()
+    settings = settings_of(app)
+    if settings is not None:
+        _build_runtime_here(app, settings, _sessions(settings))
 
 
-_passes: list[PeriodicPass] = []
+# Celery ships no type information, so its base classes are Any.
+class WorkerProcessStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """The worker's main process: once its pool has started, its runtime
+    where tasks run in this process (solo, threads), and the passes that
+    every worker runs. An advisory lock makes reconcilers take turns, and
+    dispatchers skip the rows another one has locked."""
 
+    requires = ("celery.worker.components:Pool",)
 
-@worker_ready.connect
-def _start_passes(**_kwargs: Any) -> None:
-    # In the worker's main process, which loads no model. Every worker runs
-    # these: an advisory lock makes reconcilers take turns, and dispatchers
-    # skip the rows another one has locked.
-    sessions = make_session_factory(make_engine(settings.database_url))
-    _passes.append(
-        PeriodicPass(
-            "segq-reconciler",
-            lambda: reconcile(
-                sessions,
-                lambda ids: enqueue_items(app, ids),
-                lambda: messages_waiting(app),
-                republish_after_seconds=settings.republish_after_seconds,
-                max_attempts=settings.max_attempts,
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._passes: list[PeriodicPass] = []
+
+    def start(self, parent: Any) -> None:
+        app: Celery = parent.app
+        settings = settings_of(app)
+        assert settings is not None
+        sessions = _sessions(settings)
+        if not _forks(parent.pool_cls):
+            _build_runtime_here(app, settings, sessions)
+        self._passes = [
+            PeriodicPass(
+                "segq-reconciler",
+                lambda: reconcile(
+                    sessions,
+                    lambda ids: enqueue_items(app, ids),
+                    lambda: messages_waiting(app),
+                    republish_after_seconds=settings.republish_after_seconds,
+                    max_attempts=settings.max_attempts,
+                ),
+                interval=settings.reconcile_interval_seconds,
             ),
-            interval=settings.reconcile_interval_seconds,
-        )
-    )
-    _passes.append(
-        PeriodicPass(
-            "segq-webhook-dispatcher",
-            lambda: dispatch_due(
-                sessions,
-                lambda ids: enqueue_deliveries(app, ids),
-                republish_after_seconds=settings.republish_after_seconds,
+            PeriodicPass(
+                "segq-webhook-dispatcher",
+                lambda: dispatch_due(
+                    sessions,
+                    lambda ids: enqueue_deliveries(app, ids),
+                    republish_after_seconds=settings.republish_after_seconds,
+                ),
+                interval=settings.webhook_poll_seconds,
             ),
-            interval=settings.webhook_poll_seconds,
-        )
-    )
-    for periodic in _passes:
-        periodic.start()
+        ]
+        for periodic in self._passes:
+            periodic.start()
+
+    def stop(self, parent: Any) -> None:
+        for periodic in self._passes:
+            periodic.stop()
+
+    def terminate(self, parent: Any) -> None:
+        self.stop(parent)
 
 
-@worker_shutdown.connect
-def _stop_passes(**_kwargs: Any) -> None:
-    for periodic in _passes:
-        periodic.stop()
+def _forks(pool_cls: Any) -> bool:
+    """Whether tasks run in processes forked from this one."""
+    return isinstance(pool_cls, type) and issubclass(pool_cls, PreforkPool)
+
+
+@functools.cache
+def _app_from_env() -> Celery:
+    return create_worker_app(Settings.from_env())
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A worker.celery_app`` looks ``app`` up here.
+    if name == "app":
+        return _app_from_env()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

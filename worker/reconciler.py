@@ -19,7 +19,6 @@ Extra wake-up calls are harmless: a claim skips what is not its to run.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,12 +27,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.clock import now_ms
 from segq.models import ItemStatus, Job, JobItem, JobStatus
-from worker.pipeline import fail_abandoned_item
+from worker.claims import fail_abandoned_item
 
 log = logging.getLogger(__name__)
 
 #: Items handled per pass; a larger backlog is worked through pass by pass.
-BATCH = 1000
+ITEMS_PER_PASS = 1000
 #: Any constant: the key of the Postgres advisory lock one pass holds, so
 #: that many workers running reconcilers make one pass at a time.
 ADVISORY_LOCK_KEY = 0x5E6_0001
@@ -75,7 +74,7 @@ def reconcile(
             select(JobItem.id, JobItem.job_id)
             .where(JobItem.status == ItemStatus.RUNNING, JobItem.lease_expires_time < now)
             .order_by(JobItem.id)
-            .limit(BATCH)
+            .limit(ITEMS_PER_PASS)
         ).all()
         for item_id, job_id in expired:
             # The job's row, then the item's: the order every writer uses.
@@ -109,7 +108,7 @@ def reconcile(
             select(JobItem)
             .where(JobItem.status == ItemStatus.QUEUED, or_(*message_lost))
             .order_by(JobItem.id)
-            .limit(BATCH)
+            .limit(ITEMS_PER_PASS)
             .with_for_update(skip_locked=True)
         ).all()
         for item in due:
@@ -133,27 +132,3 @@ def _take_pass_lock(session: Session) -> bool:
         text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK_KEY}
     )
     return bool(locked)
-
-
-class PeriodicPass(threading.Thread):
-    """Runs ``run_pass`` every ``interval`` seconds in the worker's main
-    process until stopped. A failed pass (database down) is logged and
-    retried at the next beat."""
-
-    def __init__(self, name: str, run_pass: Callable[[], object], interval: float) -> None:
-        super().__init__(name=name, daemon=True)
-        self._run_pass = run_pass
-        self._interval = interval
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(self._interval):
-            try:
-                self._run_pass()
-            except Exception:
-                log.warning(
-                    "%s pass failed; retrying in %s s", self.name, self._interval, exc_info=True
-                )
-
-    def stop(self) -> None:
-        self._stop_event.set()

@@ -1,30 +1,37 @@
-"""What a worker process holds for its whole life: one engine (the model is
-loaded once per process, never per task), one storage client, one
-database session factory; and, apart, what webhook delivery needs, so a
-worker that only delivers webhooks loads no model."""
+"""What a worker process holds for its whole life, kept on its Celery app
+as the API keeps its services on the Flask app: for segmenting, one engine
+(the model is loaded once per process, never per task), one storage client
+and the database's session factory; and, apart, what webhook delivery
+needs, so a worker that only delivers webhooks loads no model.
+
+``worker.celery_app`` builds it from the worker's settings in each process
+that runs tasks, after the fork; a test attaches one of its own."""
 
 from __future__ import annotations
 
-import functools
 import logging
-import threading
 from dataclasses import dataclass
 
+from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from segq.db import make_engine, make_session_factory
 from segq.settings import Settings
 from segq.storage import ObjectStorage, open_storage
 from worker.engines import load_engine, resolve_engine
 from worker.engines.base import SegmentationEngine
-from worker.pipeline import ImageLimits
+from worker.item_inputs import ImageLimits
 from worker.webhook_delivery import DeliveryRules
 
 log = logging.getLogger(__name__)
 
+#: The attribute of the Celery app that holds its runtime in this process.
+_APP_ATTRIBUTE = "segq_runtime"
+
 
 @dataclass(frozen=True)
-class WorkerRuntime:
+class SegmentRuntime:
+    """What ``segment_item`` runs an item with."""
+
     sessions: sessionmaker[Session]
     storage: ObjectStorage
     engine: SegmentationEngine
@@ -35,72 +42,70 @@ class WorkerRuntime:
 
 @dataclass(frozen=True)
 class DeliveryRuntime:
+    """What ``deliver_webhook`` makes an attempt with."""
+
     sessions: sessionmaker[Session]
     rules: DeliveryRules
 
 
-_runtime: WorkerRuntime | None = None
-_delivery_runtime: DeliveryRuntime | None = None
-_lock = threading.Lock()
+@dataclass(frozen=True)
+class WorkerRuntime:
+    #: None in a process that serves no segment queue: no model is loaded.
+    segment: SegmentRuntime | None = None
+    #: None only where a test runs no deliveries.
+    delivery: DeliveryRuntime | None = None
 
 
-@functools.cache
-def _sessions_for(database_url: str) -> sessionmaker[Session]:
-    """One engine, and so one connection pool, per database and process:
-    a process that segments and delivers webhooks shares it between both.
-    First used in a pool process, after the fork, never in the parent."""
-    return make_session_factory(make_engine(database_url))
-
-
-def build_runtime(settings: Settings) -> WorkerRuntime:
-    choice = resolve_engine(
-        settings.model, settings.model_checkpoint, settings.data_dir / "weights"
+def build_runtime(
+    settings: Settings, sessions: sessionmaker[Session], *, segments: bool
+) -> WorkerRuntime:
+    """The runtime of one process; ``segments``: load the engine. Both parts
+    share ``sessions``, so a process has one connection pool per database."""
+    segment = None
+    if segments:
+        choice = resolve_engine(
+            settings.model, settings.model_checkpoint, settings.data_dir / "weights"
+        )
+        engine = load_engine(choice, settings.device)
+        log.info("engine %s ready", engine.name)
+        segment = SegmentRuntime(
+            sessions=sessions,
+            storage=open_storage(
+                settings.storage_url,
+                s3_endpoint_url=settings.s3_endpoint_url,
+                secret_key=settings.secret_key,
+            ),
+            engine=engine,
+            lease_seconds=settings.lease_seconds,
+            max_attempts=settings.max_attempts,
+            limits=ImageLimits(settings.max_image_pixels, settings.fetch_policy()),
+        )
+    delivery = DeliveryRuntime(
+        sessions=sessions,
+        rules=DeliveryRules(settings.webhook_policy(), settings.webhook_retry_delays),
     )
-    engine = load_engine(choice, settings.device)
-    log.info("engine %s ready", engine.name)
-    return WorkerRuntime(
-        sessions=_sessions_for(settings.database_url),
-        storage=open_storage(
-            settings.storage_url,
-            s3_endpoint_url=settings.s3_endpoint_url,
-            secret_key=settings.secret_key,
-        ),
-        engine=engine,
-        lease_seconds=settings.lease_seconds,
-        max_attempts=settings.max_attempts,
-        limits=ImageLimits(settings.max_image_pixels, settings.fetch_policy()),
-    )
+    return WorkerRuntime(segment=segment, delivery=delivery)
 
 
-def install(runtime: WorkerRuntime | None) -> None:
-    """Use ``runtime`` in this process (tests pass theirs; None forgets it)."""
-    global _runtime
-    _runtime = runtime
+def attach_runtime(app: Celery, runtime: WorkerRuntime | None) -> None:
+    """Run ``app``'s tasks in this process with ``runtime`` (None detaches it)."""
+    setattr(app, _APP_ATTRIBUTE, runtime)
 
 
-def current() -> WorkerRuntime:
-    """This process's runtime, built from the environment on first use."""
-    global _runtime
-    with _lock:
-        if _runtime is None:
-            _runtime = build_runtime(Settings.from_env())
-        return _runtime
+def runtime_of(app: Celery) -> WorkerRuntime | None:
+    found: WorkerRuntime | None = getattr(app, _APP_ATTRIBUTE, None)
+    return found
 
 
-def install_delivery(delivery_runtime: DeliveryRuntime | None) -> None:
-    """Use ``delivery_runtime`` for webhook deliveries in this process."""
-    global _delivery_runtime
-    _delivery_runtime = delivery_runtime
+def segment_runtime_of(app: Celery) -> SegmentRuntime:
+    runtime = runtime_of(app)
+    if runtime is None or runtime.segment is None:
+        raise RuntimeError("this worker process has no runtime for segmenting items")
+    return runtime.segment
 
 
-def delivery() -> DeliveryRuntime:
-    """This process's webhook delivery runtime, built on first use."""
-    global _delivery_runtime
-    with _lock:
-        if _delivery_runtime is None:
-            settings = Settings.from_env()
-            _delivery_runtime = DeliveryRuntime(
-                sessions=_sessions_for(settings.database_url),
-                rules=DeliveryRules(settings.webhook_policy(), settings.webhook_retry_delays),
-            )
-        return _delivery_runtime
+def delivery_runtime_of(app: Celery) -> DeliveryRuntime:
+    runtime = runtime_of(app)
+    if runtime is None or runtime.delivery is None:
+        raise RuntimeError("this worker process has no runtime for delivering webhooks")
+    return runtime.delivery

@@ -1,5 +1,6 @@
-"""Thin Celery tasks around the pipeline. Shared tasks, so whichever Celery
-app a process builds (the worker's, a test's) carries them."""
+"""Thin Celery tasks around the pipeline and webhook delivery. Shared tasks,
+so whichever Celery app a process builds (the worker's, a test's) carries
+them; each runs with the runtime attached to its app (``worker.runtime``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Any
 from celery import shared_task
 
 from segq.queue import DELIVER_WEBHOOK_TASK, SEGMENT_ITEM_TASK
-from worker import runtime
 from worker.pipeline import StorageUnavailable, process_item
+from worker.runtime import delivery_runtime_of, segment_runtime_of
 from worker.webhook_delivery import deliver
 
 MAX_RETRY_DELAY_SECONDS = 60
@@ -23,7 +24,7 @@ def storage_retry_delay(retries_so_far: int) -> int:
 
 @shared_task(name=SEGMENT_ITEM_TASK, bind=True, max_retries=None)
 def segment_item(self: Any, item_id: int) -> str:
-    current = runtime.current()
+    current = segment_runtime_of(self.app)
     try:
         outcome = process_item(
             current.sessions,
@@ -41,9 +42,9 @@ def segment_item(self: Any, item_id: int) -> str:
     return outcome.value
 
 
-@shared_task(name=DELIVER_WEBHOOK_TASK, ignore_result=True)
-def deliver_webhook(delivery_id: int) -> str:
+@shared_task(name=DELIVER_WEBHOOK_TASK, bind=True, ignore_result=True)
+def deliver_webhook(self: Any, delivery_id: int) -> str:
     """One attempt; a failed one is retried by the dispatcher when the
     schedule says, not by Celery, so the schedule survives a lost message."""
-    current = runtime.delivery()
+    current = delivery_runtime_of(self.app)
     return deliver(current.sessions, delivery_id, current.rules).value

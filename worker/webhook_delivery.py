@@ -37,7 +37,7 @@ from segq.webhook_signing import signature_header
 log = logging.getLogger(__name__)
 
 #: Deliveries published per dispatcher pass; a larger backlog takes several.
-BATCH = 1000
+DELIVERIES_PER_PASS = 1000
 #: Kept of what a receiver's error says, in an attempt's record.
 MAX_ERROR_LENGTH = 300
 #: A delivery this close to due may be claimed: the dispatcher and the
@@ -86,7 +86,7 @@ def dispatch_due(
                     ),
                 )
                 .order_by(WebhookDelivery.next_attempt_time)
-                .limit(BATCH)
+                .limit(DELIVERIES_PER_PASS)
                 # Dispatchers of several workers share the work, never a row.
                 .with_for_update(skip_locked=True)
             )
@@ -256,7 +256,7 @@ def record_attempt(
         return DeliveryStatus.PENDING
 
 
-class Outcome(StrEnum):
+class DeliveryOutcome(StrEnum):
     DELIVERED = "delivered"
     RETRYING = "retrying"
     GIVEN_UP = "given_up"
@@ -264,7 +264,9 @@ class Outcome(StrEnum):
     SKIPPED = "skipped"
 
 
-def deliver(sessions: sessionmaker[Session], delivery_id: int, rules: DeliveryRules) -> Outcome:
+def deliver(
+    sessions: sessionmaker[Session], delivery_id: int, rules: DeliveryRules
+) -> DeliveryOutcome:
     """Make one attempt at a delivery, if it is due."""
     # A connection that had died fails the transaction once (segq/db.py).
     # A repeated claim after a claim that did land finds the delivery in
@@ -273,7 +275,7 @@ def deliver(sessions: sessionmaker[Session], delivery_id: int, rules: DeliveryRu
     # attempt's row twice, and changes the delivery once.
     claim = once_more_if_disconnected(lambda: claim_delivery(sessions, delivery_id, rules))
     if claim is None:
-        return Outcome.SKIPPED
+        return DeliveryOutcome.SKIPPED
     attempted_time = now_ms()
     result = send(claim, rules.policy)
     status = once_more_if_disconnected(
@@ -282,9 +284,9 @@ def deliver(sessions: sessionmaker[Session], delivery_id: int, rules: DeliveryRu
     if result.error is not None:
         log.info("webhook delivery %s attempt %s: %s", delivery_id, claim.attempt, result.error)
     if status is None:
-        return Outcome.SKIPPED
+        return DeliveryOutcome.SKIPPED
     return {
-        DeliveryStatus.DELIVERED: Outcome.DELIVERED,
-        DeliveryStatus.PENDING: Outcome.RETRYING,
-        DeliveryStatus.FAILED: Outcome.GIVEN_UP,
+        DeliveryStatus.DELIVERED: DeliveryOutcome.DELIVERED,
+        DeliveryStatus.PENDING: DeliveryOutcome.RETRYING,
+        DeliveryStatus.FAILED: DeliveryOutcome.GIVEN_UP,
     }[status]

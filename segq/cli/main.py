@@ -66,10 +66,10 @@ def worker(concurrency: int, pool: str, loglevel: str, queues: str) -> None:
     unknown = set(names) - set(QUEUES)
     if not names or unknown:
         raise click.BadParameter(f"choose from {', '.join(QUEUES)}", param_hint="--queues")
-    # Imported only now: it reads the settings and builds the Celery app.
-    from worker.celery_app import app
+    # Imported only now: the other commands need nothing of the worker.
+    from worker.celery_app import create_worker_app
 
-    app.worker_main(
+    create_worker_app(Settings.from_env()).worker_main(
         [
             "worker",
             f"--concurrency={concurrency}",

@@ -313,7 +313,7 @@ class GrabCutEngine:
         (updated in place); returns the (h, w) object pixels, or None when the
         colour models cannot be fit or the object vanishes at the first round."""
         # On flat colour (a blank canvas, a decoder's grey fill) every
-        # pixel's evidence ties, and OpenCV's max-flow then ran for minutes
+        # pixel's evidence ties, and OpenCV's max-flow then runs for minutes
         # on a few hundred thousand pixels; noise of one level breaks the
         # ties and is far below a photograph's own noise.
         image = _dithered(image, self.seed)

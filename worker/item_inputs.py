@@ -1,0 +1,80 @@
+"""What an attempt reads of its item: the image, fetched from storage or
+from its URL and decoded under this worker's limits, and the prompt in
+that image's pixel frame."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from segq.images import ImageRefused, decode_image
+from segq.storage import ObjectNotFound, ObjectStorage
+from segq.url_guard import FetchFailed, FetchPolicy, UrlRefused, fetch
+from worker.claims import Claim
+from worker.engines.base import Prompt
+
+
+class ItemFailure(Exception):
+    """The item cannot succeed, however often it is tried; the message is
+    shown to the client as the item's errorMessage."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What a worker accepts as an item's image."""
+
+    max_pixels: int
+    #: How URLs are fetched; None: items given as URLs fail.
+    fetch_policy: FetchPolicy | None
+
+
+def load_image(storage: ObjectStorage, claim: Claim, limits: ImageLimits) -> npt.NDArray[np.uint8]:
+    """The item's image as displayed, (H, W, 3) uint8 RGB (``segq.images``)."""
+    if claim.source_url is not None:
+        if limits.fetch_policy is None:
+            raise ItemFailure("this worker does not fetch URLs")
+        try:
+            data = fetch(claim.source_url, limits.fetch_policy)
+        except (UrlRefused, FetchFailed) as exc:
+            raise ItemFailure(f"fileUrl: {exc}") from None
+    elif claim.file_key is None:
+        raise ItemFailure("the file was deleted before the item ran")
+    else:
+        try:
+            data = storage.get(claim.file_key)
+        except ObjectNotFound:
+            raise ItemFailure("the file's content is missing from storage") from None
+    try:
+        # Items given as URLs were never inspected by the API; stored files
+        # were, but are bounded again under this worker's own limit.
+        return decode_image(data, max_pixels=limits.max_pixels).pixels
+    except ImageRefused as exc:
+        raise ItemFailure(f"the image was refused: {exc}") from None
+
+
+def pixel_prompt(prompt: dict[str, Any], width: int, height: int) -> Prompt:
+    """The contract's normalized prompt in the image's pixel frame."""
+    points = prompt.get("points") or []
+    box = prompt.get("boundingBox")
+    return Prompt(
+        points=np.array(
+            [[p["x"] * width, p["y"] * height] for p in points], dtype=np.float64
+        ).reshape(-1, 2),
+        labels=np.array([p["label"] for p in points], dtype=np.int64),
+        box=(
+            np.array(
+                [
+                    box["xMin"] * width,
+                    box["yMin"] * height,
+                    box["xMax"] * width,
+                    box["yMax"] * height,
+                ],
+                dtype=np.float64,
+            )
+            if box
+            else None
+        ),
+    )
