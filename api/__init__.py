@@ -14,6 +14,7 @@ from api.errors import register_error_handlers
 from api.files import files
 from api.jobs import jobs
 from api.json_body import max_job_body_bytes
+from api.openapi import register_api_explorer
 from api.rate_limit import make_rate_limiter
 from api.request_integers import IdConverter
 from api.service import service
@@ -74,6 +75,7 @@ def create_app(
     app.register_blueprint(files)
     app.register_blueprint(jobs)
     app.register_blueprint(webhooks)
+    register_api_explorer(app)
     app.teardown_appcontext(close_db)
 
     @app.before_request

@@ -7,20 +7,29 @@ import json
 import logging
 from urllib.parse import urljoin
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, request, url_for
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from api.answers import json_answer, json_document
 from api.auth import protect_project_routes
 from api.context import current_project, db, services
 from api.errors import ApiError
 from api.files import discard_objects
 from api.item_sources import item_reference, resolve_sources
 from api.json_body import max_job_body_bytes, read_json_object
+from api.openapi import documented
 from api.request_integers import request_integer
 from api.schemas import (
     DEFAULT_OUTPUTS,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
     SUPPORTED_OUTPUTS,
+    JobCreatedResponse,
+    JobCreationHeaders,
+    JobList,
+    JobListQuery,
+    JobResponse,
+    JobSummary,
     SegmentRequest,
     Webhook,
     checked_text,
@@ -42,10 +51,15 @@ log = logging.getLogger(__name__)
 jobs = Blueprint("jobs", __name__, url_prefix="/api/v1/projects/<project>/context/vision/segment")
 protect_project_routes(jobs)
 
-MAX_IDEMPOTENCY_KEY_LENGTH = 255
-
 
 @jobs.post("")
+@documented(
+    "Create a segmentation job",
+    {200: ("the job, queued", JobCreatedResponse)},
+    errors=(400, 409, 413, 415, 422, 429, 503),
+    json_body=SegmentRequest,
+    headers=JobCreationHeaders,
+)
 def create_job() -> tuple[Response, int, dict[str, str]]:
     body = read_json_object(max_bytes=max_job_body_bytes(services().settings.max_upload_bytes))
     segment_request = parse(SegmentRequest, body)
@@ -175,7 +189,11 @@ def _created_answer(
     if items is None:
         items = _items_of(job)
     location = url_for("jobs.get_job", project=current_project().name, job_id=job.id)
-    return jsonify(render_created_job(job, items)), 200, {"Location": location}
+    return (
+        json_document(JobCreatedResponse, render_created_job(job, items)),
+        200,
+        {"Location": location},
+    )
 
 
 def _check_semantics(segment_request: SegmentRequest) -> None:
@@ -272,6 +290,9 @@ def _time_argument(name: str) -> int | None:
 
 
 @jobs.get("")
+@documented(
+    "List jobs, newest first", {200: ("a page of jobs", JobList)}, errors=(400,), query=JobListQuery
+)
 def list_jobs() -> Response:
     """Newest first, by keyset on the id: a page never shifts when jobs are
     created meanwhile (new ids are larger than every cursor)."""
@@ -303,9 +324,11 @@ def list_jobs() -> Response:
         )
         for job_id, item_status, number in rows:
             counts.setdefault(job_id, {})[item_status] = number
-    items = [render_job_summary(job, counts.get(job.id, {})) for job in page]
+    items = [
+        JobSummary.model_validate(render_job_summary(job, counts.get(job.id, {}))) for job in page
+    ]
     next_cursor = encode_cursor(page[-1].id) if more else None
-    return jsonify({"items": items, "nextCursor": next_cursor})
+    return json_answer(JobList(items=items, nextCursor=next_cursor))
 
 
 def owned_job(job_id: int, *, for_update: bool = False) -> Job:
@@ -343,15 +366,25 @@ def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
     headers: dict[str, str] = {}
     if not JobStatus(job.status).finished:
         headers["Retry-After"] = str(settings.poll_retry_after_seconds)
-    return jsonify(document), 200, headers
+    return json_document(JobResponse, document), 200, headers
 
 
 @jobs.get("/<id:job_id>")
+@documented(
+    "Read a job's status and results",
+    {200: ("the job; Retry-After while unfinished", JobResponse)},
+    errors=(404,),
+)
 def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     return _job_answer(owned_job(job_id))
 
 
 @jobs.post("/<id:job_id>/cancel")
+@documented(
+    "Cancel a job: queued items never run, no further item starts",
+    {200: ("the job, canceled", JobResponse)},
+    errors=(404, 409),
+)
 def cancel_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     """Queued items never run; an item already running finishes, and no
     further item starts. Canceling a canceled job changes nothing."""
