@@ -9,8 +9,8 @@ from celery import Celery
 from flask import Flask, Response, g, request
 
 from api.content_encoding import inflate_request_body
-from api.context import Services, close_db
-from api.errors import register_error_handlers
+from api.context import close_db
+from api.error_envelope import register_error_handlers
 from api.files import files
 from api.jobs import jobs
 from api.json_body import max_job_body_bytes
@@ -18,6 +18,7 @@ from api.openapi import register_api_explorer
 from api.rate_limit import make_rate_limiter
 from api.request_integers import IdConverter
 from api.service import service
+from api.services import Services
 from api.webhooks import webhooks
 from segq.db import make_engine, make_session_factory
 from segq.queue import make_celery

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 
 from flask import Blueprint, Response, request, url_for
 from sqlalchemy import select
@@ -15,7 +14,7 @@ from api.answers import json_answer
 from api.auth import protect_project_routes
 from api.context import current_project, db, services
 from api.errors import ApiError
-from api.images import ImageInfo, inspect_image
+from api.images import inspect_image
 from api.openapi import documented
 from api.schemas import (
     CONTROL_CHARACTERS,
@@ -27,9 +26,8 @@ from api.schemas import (
     checked_text,
     list_limit,
 )
-from segq.clock import now_ms
+from api.stored_files import discard_objects, store_image
 from segq.models import StoredFile
-from segq.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +88,14 @@ def upload_file() -> tuple[Response, int, dict[str, str]]:
     if external_id is not None and _external_id_taken(project.id, external_id):
         raise ApiError(409, f"externalId {external_id!r} is already used in this project")
 
-    stored = store_image(project.id, data, info, external_id=external_id, name=name)
+    stored = store_image(
+        session, services().storage, project.id, data, info, external_id=external_id, name=name
+    )
     try:
         session.commit()
     except Exception as exc:
         session.rollback()
-        discard_objects([stored.storage_key])
+        discard_objects(services().storage, [stored.storage_key])
         if isinstance(exc, IntegrityError):
             raise ApiError(
                 409, f"externalId {external_id!r} is already used in this project"
@@ -136,44 +136,6 @@ def _external_id_taken(project_id: int, external_id: str) -> bool:
     )
 
 
-def store_image(
-    project_id: int,
-    data: bytes,
-    info: ImageInfo,
-    *,
-    external_id: str | None = None,
-    name: str | None = None,
-) -> StoredFile:
-    """Write an inspected image to storage under a fresh key and add its row
-    to this request's session; the caller commits, or discards the object."""
-    key = f"projects/{project_id}/files/{uuid.uuid4().hex}"
-    services().storage.put(key, data, info.mime_type)
-    stored = StoredFile(
-        project_id=project_id,
-        external_id=external_id,
-        name=name,
-        mime_type=info.mime_type,
-        size=len(data),
-        width=info.width,
-        height=info.height,
-        sha256=info.sha256,
-        storage_key=key,
-        created_time=now_ms(),
-    )
-    db().add(stored)
-    return stored
-
-
-def discard_objects(keys: list[str]) -> None:
-    """Best-effort removal of objects whose rows were never committed (or
-    were just deleted): an orphan object is harmless, a failed request is not."""
-    for key in keys:
-        try:
-            services().storage.delete(key)
-        except StorageError:
-            log.warning("could not remove orphaned object %s", key)
-
-
 def _owned_file(file_id: int) -> StoredFile:
     stored = db().get(StoredFile, file_id)
     # Another project's file is "not found", never "forbidden": no existence oracle.
@@ -198,7 +160,7 @@ def delete_file(file_id: int) -> tuple[str, int]:
     session.commit()
     # After the commit: a crash here leaves an unreferenced object, never a
     # row pointing at nothing.
-    discard_objects([key])
+    discard_objects(services().storage, [key])
     return "", 204
 
 

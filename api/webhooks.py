@@ -13,7 +13,7 @@ from api.answers import json_answer
 from api.auth import protect_project_routes
 from api.context import current_project, db, services
 from api.errors import ApiError
-from api.jobs import owned_job
+from api.job_service import owned_job
 from api.openapi import documented
 from api.schemas import (
     PageQuery,
@@ -139,7 +139,7 @@ def _latest_attempts(delivery_ids: list[int]) -> dict[int, list[WebhookAttempt]]
 )
 def list_deliveries(job_id: int) -> Response:
     """The job's deliveries, oldest first, with their latest attempts."""
-    job = owned_job(job_id)
+    job = owned_job(db(), current_project().id, job_id)
     query = select(WebhookDelivery).where(WebhookDelivery.job_id == job.id)
     cursor = cursor_after(request.args.get("cursor"))
     if cursor is not None:
@@ -181,7 +181,7 @@ def redeliver(job_id: int, delivery_id: int) -> tuple[Response, int]:
     """Send the event again now, with a fresh retry schedule and the same
     webhook-id (receivers that saw it already drop it)."""
     session = db()
-    job = owned_job(job_id)
+    job = owned_job(db(), current_project().id, job_id)
     delivery = session.scalar(
         select(WebhookDelivery)
         .where(WebhookDelivery.id == delivery_id, WebhookDelivery.job_id == job.id)
