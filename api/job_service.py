@@ -16,7 +16,14 @@ from sqlalchemy.orm import Session
 
 from api.errors import ApiError
 from api.item_sources import item_reference, resolve_sources
-from api.schemas import DEFAULT_OUTPUTS, SUPPORTED_OUTPUTS, SegmentRequest, Webhook
+from api.schemas import (
+    DEFAULT_OUTPUTS,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    SUPPORTED_OUTPUTS,
+    SegmentRequest,
+    Webhook,
+    checked_text,
+)
 from api.services import Services
 from api.stored_files import discard_objects
 from segq.clock import now_ms
@@ -41,14 +48,16 @@ def create_segmentation_job(
     services: Services,
     project_id: int,
     segment_request: SegmentRequest,
-    idempotency_key: str | None,
+    idempotency_key_header: str | None,
 ) -> CreatedJob:
     """Check ``segment_request``, commit the job and its items, and publish
     the items to the broker. A request repeated with the same idempotency
-    key gets the job the first one created."""
+    key (the Idempotency-Key header as sent, None if absent) gets the job
+    the first one created."""
     settings = services.settings
     _check_semantics(segment_request, settings.max_items_per_job)
     webhook = _checked_webhook(segment_request.webhook, settings.webhook_policy())
+    idempotency_key = _checked_idempotency_key(idempotency_key_header)
     request_sha256 = _request_fingerprint(segment_request, webhook)
     if idempotency_key is not None:
         earlier = _job_for_idempotency_key(session, project_id, idempotency_key, request_sha256)
@@ -240,6 +249,14 @@ def _request_fingerprint(segment_request: SegmentRequest, webhook: dict[str, obj
     return hashlib.sha256(
         json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()
+
+
+def _checked_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not key:
+        raise ApiError(400, "Idempotency-Key is empty")
+    return checked_text("Idempotency-Key", key, MAX_IDEMPOTENCY_KEY_LENGTH)
 
 
 def _job_for_idempotency_key(

@@ -17,7 +17,6 @@ from api.json_body import max_job_body_bytes, read_json_object
 from api.openapi import documented
 from api.request_integers import request_integer
 from api.schemas import (
-    MAX_IDEMPOTENCY_KEY_LENGTH,
     JobCreatedResponse,
     JobCreationHeaders,
     JobList,
@@ -25,7 +24,6 @@ from api.schemas import (
     JobResponse,
     JobSummary,
     SegmentRequest,
-    checked_text,
     cursor_after,
     encode_cursor,
     list_limit,
@@ -53,7 +51,11 @@ protect_project_routes(jobs)
 def create_job() -> tuple[Response, int, dict[str, str]]:
     body = read_json_object(max_bytes=max_job_body_bytes(services().settings.max_upload_bytes))
     created = create_segmentation_job(
-        db(), services(), current_project().id, parse(SegmentRequest, body), _idempotency_key()
+        db(),
+        services(),
+        current_project().id,
+        parse(SegmentRequest, body),
+        request.headers.get("Idempotency-Key"),
     )
     return _created_answer(created.job, created.items)
 
@@ -65,15 +67,6 @@ def _created_answer(job: Job, items: list[JobItem]) -> tuple[Response, int, dict
         200,
         {"Location": location},
     )
-
-
-def _idempotency_key() -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
-    if not key:
-        raise ApiError(400, "Idempotency-Key is empty")
-    return checked_text("Idempotency-Key", key, MAX_IDEMPOTENCY_KEY_LENGTH)
 
 
 def _time_argument(name: str) -> int | None:
