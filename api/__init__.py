@@ -9,14 +9,16 @@ from celery import Celery
 from flask import Flask, Response, g, request
 
 from api.content_encoding import inflate_request_body
-from api.context import Services, close_db
-from api.errors import register_error_handlers
+from api.context import close_db
+from api.error_envelope import register_error_handlers
 from api.files import files
 from api.jobs import jobs
 from api.json_body import max_job_body_bytes
+from api.openapi import register_api_explorer
 from api.rate_limit import make_rate_limiter
 from api.request_integers import IdConverter
 from api.service import service
+from api.services import Services
 from api.webhooks import webhooks
 from segq.db import make_engine, make_session_factory
 from segq.queue import make_celery
@@ -74,6 +76,7 @@ def create_app(
     app.register_blueprint(files)
     app.register_blueprint(jobs)
     app.register_blueprint(webhooks)
+    register_api_explorer(app)
     app.teardown_appcontext(close_db)
 
     @app.before_request

@@ -3,28 +3,11 @@ the database session opened for this one request."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from celery import Celery
 from flask import current_app, g
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from api.process_caches import ProjectsByKey, UnfinishedJobCounts
-from api.rate_limit import RateLimiter
+from api.services import Services
 from segq.models import Project
-from segq.settings import Settings
-from segq.storage import ObjectStorage
-
-
-@dataclass(frozen=True)
-class Services:
-    settings: Settings
-    sessions: sessionmaker[Session]
-    storage: ObjectStorage
-    celery: Celery
-    rate_limiter: RateLimiter
-    projects_by_key: ProjectsByKey = field(default_factory=ProjectsByKey)
-    unfinished_jobs: UnfinishedJobCounts = field(default_factory=UnfinishedJobCounts)
 
 
 def services() -> Services:

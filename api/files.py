@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import logging
-import uuid
-from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, request, url_for
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from api.answers import json_answer
 from api.auth import protect_project_routes
 from api.context import current_project, db, services
 from api.errors import ApiError
-from api.images import ImageInfo, inspect_image
-from api.schemas import CONTROL_CHARACTERS, MAX_EXTERNAL_ID_LENGTH, checked_text, list_limit
-from segq.clock import now_ms
+from api.images import inspect_image
+from api.openapi import documented
+from api.schemas import (
+    CONTROL_CHARACTERS,
+    MAX_EXTERNAL_ID_LENGTH,
+    FileList,
+    FileListQuery,
+    FileResponse,
+    FileUpload,
+    checked_text,
+    list_limit,
+)
+from api.stored_files import discard_objects, store_image
 from segq.models import StoredFile
-from segq.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +38,18 @@ files = Blueprint("files", __name__, url_prefix="/api/v1/projects/<project>/file
 protect_project_routes(files)
 
 
-def file_body(stored: StoredFile) -> dict[str, Any]:
-    return {
-        "id": stored.id,
-        "externalId": stored.external_id,
-        "name": stored.name,
-        "mimeType": stored.mime_type,
-        "size": stored.size,
-        "width": stored.width,
-        "height": stored.height,
-        "sha256": stored.sha256,
-        "createdTime": stored.created_time,
-    }
+def file_response(stored: StoredFile) -> FileResponse:
+    return FileResponse(
+        id=stored.id,
+        externalId=stored.external_id,
+        name=stored.name,
+        mimeType=stored.mime_type,
+        size=stored.size,
+        width=stored.width,
+        height=stored.height,
+        sha256=stored.sha256,
+        createdTime=stored.created_time,
+    )
 
 
 def _optional_text_field(name: str) -> str | None:
@@ -52,6 +60,12 @@ def _optional_text_field(name: str) -> str | None:
 
 
 @files.post("")
+@documented(
+    "Upload an image (JPEG or PNG)",
+    {201: ("stored", FileResponse)},
+    errors=(400, 409, 413, 415, 503),
+    form_body=FileUpload,
+)
 def upload_file() -> tuple[Response, int, dict[str, str]]:
     if request.mimetype != "multipart/form-data":
         raise ApiError(415, "upload as multipart/form-data with the image in field 'file'")
@@ -74,19 +88,21 @@ def upload_file() -> tuple[Response, int, dict[str, str]]:
     if external_id is not None and _external_id_taken(project.id, external_id):
         raise ApiError(409, f"externalId {external_id!r} is already used in this project")
 
-    stored = store_image(project.id, data, info, external_id=external_id, name=name)
+    stored = store_image(
+        session, services().storage, project.id, data, info, external_id=external_id, name=name
+    )
     try:
         session.commit()
     except Exception as exc:
         session.rollback()
-        discard_objects([stored.storage_key])
+        discard_objects(services().storage, [stored.storage_key])
         if isinstance(exc, IntegrityError):
             raise ApiError(
                 409, f"externalId {external_id!r} is already used in this project"
             ) from None
         raise
     location = url_for("files.get_file", project=project.name, file_id=stored.id)
-    return jsonify(file_body(stored)), 201, {"Location": location}
+    return json_answer(file_response(stored)), 201, {"Location": location}
 
 
 def _uploaded_form_file() -> FileStorage | None:
@@ -120,44 +136,6 @@ def _external_id_taken(project_id: int, external_id: str) -> bool:
     )
 
 
-def store_image(
-    project_id: int,
-    data: bytes,
-    info: ImageInfo,
-    *,
-    external_id: str | None = None,
-    name: str | None = None,
-) -> StoredFile:
-    """Write an inspected image to storage under a fresh key and add its row
-    to this request's session; the caller commits, or discards the object."""
-    key = f"projects/{project_id}/files/{uuid.uuid4().hex}"
-    services().storage.put(key, data, info.mime_type)
-    stored = StoredFile(
-        project_id=project_id,
-        external_id=external_id,
-        name=name,
-        mime_type=info.mime_type,
-        size=len(data),
-        width=info.width,
-        height=info.height,
-        sha256=info.sha256,
-        storage_key=key,
-        created_time=now_ms(),
-    )
-    db().add(stored)
-    return stored
-
-
-def discard_objects(keys: list[str]) -> None:
-    """Best-effort removal of objects whose rows were never committed (or
-    were just deleted): an orphan object is harmless, a failed request is not."""
-    for key in keys:
-        try:
-            services().storage.delete(key)
-        except StorageError:
-            log.warning("could not remove orphaned object %s", key)
-
-
 def _owned_file(file_id: int) -> StoredFile:
     stored = db().get(StoredFile, file_id)
     # Another project's file is "not found", never "forbidden": no existence oracle.
@@ -167,11 +145,13 @@ def _owned_file(file_id: int) -> StoredFile:
 
 
 @files.get("/<id:file_id>")
+@documented("Read a file's metadata", {200: ("the file", FileResponse)}, errors=(404,))
 def get_file(file_id: int) -> Response:
-    return jsonify(file_body(_owned_file(file_id)))
+    return json_answer(file_response(_owned_file(file_id)))
 
 
 @files.delete("/<id:file_id>")
+@documented("Delete a file", {204: ("deleted", None)}, errors=(404,))
 def delete_file(file_id: int) -> tuple[str, int]:
     stored = _owned_file(file_id)
     key = stored.storage_key
@@ -180,11 +160,14 @@ def delete_file(file_id: int) -> tuple[str, int]:
     session.commit()
     # After the commit: a crash here leaves an unreferenced object, never a
     # row pointing at nothing.
-    discard_objects([key])
+    discard_objects(services().storage, [key])
     return "", 204
 
 
 @files.get("")
+@documented(
+    "List files, newest first", {200: ("files", FileList)}, errors=(400,), query=FileListQuery
+)
 def list_files() -> Response:
     query = select(StoredFile).where(StoredFile.project_id == current_project().id)
     external_id = request.args.get("externalId")
@@ -192,4 +175,4 @@ def list_files() -> Response:
         query = query.where(StoredFile.external_id == checked_text("externalId", external_id))
     limit = list_limit(request.args.get("limit"))
     rows = db().scalars(query.order_by(StoredFile.id.desc()).limit(limit))
-    return jsonify({"items": [file_body(stored) for stored in rows]})
+    return json_answer(FileList(items=[file_response(stored) for stored in rows]))

@@ -1,13 +1,13 @@
-"""An upload's image, as the API reports it: decoded by ``segq.images``,
-refusals turned into the API's errors."""
+"""An upload's image, as the API reports it: decoded by ``segq.images``.
+Its refusals (``segq.images.ImageRefused``) reach the client through
+api/error_envelope.py."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 
-from api.errors import ApiError
-from segq.images import TooManyPixels, UnreadableImage, decode_image
+from segq.images import decode_image
 
 
 @dataclass(frozen=True)
@@ -20,15 +20,9 @@ class ImageInfo:
 
 
 def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
-    """Decode every pixel of ``data`` once, now: a truncated or corrupt file
-    is the client's to fix (415), not a worker's to discover; more than
-    ``max_pixels`` pixels is 413."""
-    try:
-        image = decode_image(data, max_pixels=max_pixels)
-    except UnreadableImage as exc:
-        raise ApiError(415, str(exc)) from None
-    except TooManyPixels as exc:
-        raise ApiError(413, str(exc)) from None
+    """Decode every pixel of ``data`` once, now. Raises UnreadableImage or
+    TooManyPixels (segq.images) for a file segq does not serve."""
+    image = decode_image(data, max_pixels=max_pixels)
     return ImageInfo(
         image.format.mime_type, image.width, image.height, hashlib.sha256(data).hexdigest()
     )

@@ -11,12 +11,13 @@ from typing import Any
 from urllib.parse import unquote, unquote_to_bytes
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from api.context import db, services
 from api.errors import ApiError
-from api.files import discard_objects, store_image
 from api.images import ImageInfo, inspect_image
 from api.schemas import FileReference
+from api.services import Services
+from api.stored_files import discard_objects, store_image
 from segq.models import StoredFile
 from segq.url_guard import UrlRefused, check_url
 
@@ -44,12 +45,15 @@ def item_reference(source: StoredFile | str) -> dict[str, Any]:
     return reference
 
 
-def resolve_sources(project_id: int, references: list[FileReference]) -> ItemSources:
+def resolve_sources(
+    session: Session, services: Services, project_id: int, references: list[FileReference]
+) -> ItemSources:
     """Check every reference before writing anything: unknown or repeated
     files are a 400 naming them all, bad URLs and bad inline images a 400 for
     the first. Inline images are stored last, as files of the project."""
-    stored = _resolve_files(project_id, references)
-    policy = services().settings.fetch_policy()
+    stored = _resolve_files(session, project_id, references)
+    settings = services.settings
+    policy = settings.fetch_policy()
     inline: dict[int, tuple[bytes, ImageInfo]] = {}
     for index, ref in enumerate(references):
         if ref.fileUrl is not None:
@@ -58,10 +62,10 @@ def resolve_sources(project_id: int, references: list[FileReference]) -> ItemSou
             except UrlRefused as exc:
                 raise ApiError(400, f"items[{index}].fileUrl: {exc}") from None
         elif ref.imageData is not None:
-            data = _decode_data_url(index, ref.imageData)
+            data = _decode_data_url(index, ref.imageData, settings.max_upload_bytes)
             inline[index] = (
                 data,
-                inspect_image(data, max_pixels=services().settings.max_image_pixels),
+                inspect_image(data, max_pixels=settings.max_image_pixels),
             )
     result = ItemSources(sources=[])
     try:
@@ -70,19 +74,19 @@ def resolve_sources(project_id: int, references: list[FileReference]) -> ItemSou
                 result.sources.append(ref.fileUrl)
             elif index in inline:
                 data, info = inline[index]
-                file = store_image(project_id, data, info)
+                file = store_image(session, services.storage, project_id, data, info)
                 result.written_keys.append(file.storage_key)
                 result.sources.append(file)
             else:
                 result.sources.append(stored[index])
-        db().flush()  # ids for the inline files
+        session.flush()  # ids for the inline files
     except Exception:
-        discard_objects(result.written_keys)
+        discard_objects(services.storage, result.written_keys)
         raise
     return result
 
 
-def _decode_data_url(index: int, value: str) -> bytes:
+def _decode_data_url(index: int, value: str, max_bytes: int) -> bytes:
     """The bytes of an RFC 2397 URL, ``data:[<type>][;param=value]*[;base64],<data>``.
 
     The scheme, the type and the ``base64`` token are case-insensitive;
@@ -98,7 +102,6 @@ def _decode_data_url(index: int, value: str) -> bytes:
     is_base64 = len(tokens) > 1 and tokens[-1].lower() == "base64"
     if media_type not in INLINE_MEDIA_TYPES:
         raise ApiError(415, f"{field} must be image/png or image/jpeg, not {tokens[0][:40]!r}")
-    max_bytes = services().settings.max_upload_bytes
     if len(data) > 3 * max_bytes + 1024:  # longer than any encoding of an allowed image
         raise ApiError(413, f"{field} is larger than {max_bytes} bytes")
     decoded: bytes
@@ -115,17 +118,19 @@ def _decode_data_url(index: int, value: str) -> bytes:
     return decoded
 
 
-def _resolve_files(project_id: int, references: list[FileReference]) -> dict[int, StoredFile]:
+def _resolve_files(
+    session: Session, project_id: int, references: list[FileReference]
+) -> dict[int, StoredFile]:
     """The stored files named by id or external id, by item index; 400
     naming every unknown or repeated one."""
     ids = {ref.fileId for ref in references if ref.fileId is not None}
     external_ids = {ref.fileExternalId for ref in references if ref.fileExternalId is not None}
     scope = select(StoredFile).where(StoredFile.project_id == project_id)
-    by_id = {f.id: f for f in db().scalars(scope.where(StoredFile.id.in_(ids)))} if ids else {}
+    by_id = {f.id: f for f in session.scalars(scope.where(StoredFile.id.in_(ids)))} if ids else {}
     by_external_id = (
         {
             f.external_id: f
-            for f in db().scalars(scope.where(StoredFile.external_id.in_(external_ids)))
+            for f in session.scalars(scope.where(StoredFile.external_id.in_(external_ids)))
         }
         if external_ids
         else {}

@@ -9,6 +9,8 @@ number is 1 to 19 ASCII digits within the bounds its field allows, or a 400.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from werkzeug.exceptions import BadRequest
 from werkzeug.routing import BaseConverter
 
@@ -43,6 +45,12 @@ class IdConverter(BaseConverter):
     would be), not a 500 from ``int()`` nor a number the database cannot hold."""
 
     regex = r"[^/]+"
+    #: How /openapi.json describes an id in a path.
+    openapi_schema: ClassVar[dict[str, Any]] = {
+        "type": "integer",
+        "minimum": 1,
+        "maximum": MAX_INT64,
+    }
     # Ids are tried after every fixed segment of the same place (``/files/list``
     # before ``/files/<id>``), as they would be with werkzeug's own int converter.
     weight = 50

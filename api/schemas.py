@@ -6,12 +6,14 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.errors import ApiError
 from api.request_integers import ascii_integer, request_integer
+from segq.models import DeliveryStatus, JobStatus
+from segq.webhook_events import EVENT_TYPES, SHORT_NAMES
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -62,19 +64,13 @@ class FileReference(StrictModel):
     imageData: str | None = None
 
 
-#: Full event names, and the contract's short ones for job events.
-WebhookEventName = Literal[
-    "job.started",
-    "job.completed",
-    "job.failed",
-    "job.canceled",
-    "item.completed",
-    "item.failed",
-    "started",
-    "completed",
-    "failed",
-    "canceled",
-]
+if TYPE_CHECKING:
+    WebhookEventName = str
+else:
+    #: Full event names, and the contract's short ones for job events, as
+    #: segq.webhook_events defines them. A literal rather than an enum: the
+    #: strict models take an enum field only as an enum instance.
+    WebhookEventName = Literal[(*EVENT_TYPES, *SHORT_NAMES)]
 
 
 class Webhook(StrictModel):
@@ -110,22 +106,26 @@ class SegmentRequest(StrictModel):
     model: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
 
-# Responses. Only documented here (the handlers build dicts), and the tests
-# check real answers against these schemas.
+# Responses. Every JSON answer is serialized through one of these (see
+# api/answers.py), so an answer cannot carry a field its schema lacks.
 
 
-class ErrorBody(BaseModel):
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorBody(ResponseModel):
     code: int
     message: str
     missing: list[dict[str, Any]] | None = None
     duplicated: list[dict[str, Any]] | None = None
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(ResponseModel):
     error: ErrorBody
 
 
-class FileResponse(BaseModel):
+class FileResponse(ResponseModel):
     id: int
     externalId: str | None
     name: str | None
@@ -137,29 +137,29 @@ class FileResponse(BaseModel):
     createdTime: int
 
 
-class FileList(BaseModel):
+class FileList(ResponseModel):
     items: list[FileResponse]
 
 
-class ItemReference(BaseModel):
+class ItemReference(ResponseModel):
     fileId: int | None = None
     fileExternalId: str | None = None
     fileUrl: str | None = None
 
 
-class Vertex(BaseModel):
+class Vertex(ResponseModel):
     x: float
     y: float
     confidence: float | None
 
 
-class Polygon(BaseModel):
+class Polygon(ResponseModel):
     vertices: list[Vertex]
     confidence: float | None
     isHole: bool = Field(description="extension: this ring is a hole of the object")
 
 
-class MaskLink(BaseModel):
+class MaskLink(ResponseModel):
     url: str
     expiresTime: int
     width: int
@@ -167,12 +167,12 @@ class MaskLink(BaseModel):
     format: Literal["image/png"]
 
 
-class Rle(BaseModel):
+class Rle(ResponseModel):
     size: list[int]
     counts: list[int]
 
 
-class Segment(BaseModel):
+class Segment(ResponseModel):
     score: float
     boundingBox: BoundingBox | None
     area: float
@@ -186,24 +186,21 @@ class JobItemResult(ItemReference):
     segments: list[Segment] | None = None
 
 
-class FailedItems(BaseModel):
+class FailedItems(ResponseModel):
     errorMessage: str
     items: list[ItemReference]
 
 
-class Progress(BaseModel):
+class Progress(ResponseModel):
     total: int
     completed: int
     failed: int
 
 
-JobStatusName = Literal["Queued", "Running", "Completed", "Failed", "Canceled"]
-
-
-class JobState(BaseModel):
+class JobState(ResponseModel):
     """The fields every shape of a job starts with."""
 
-    status: JobStatusName
+    status: JobStatus
     jobId: int
     createdTime: int
     startTime: int | None
@@ -217,7 +214,7 @@ class JobCreatedResponse(JobState):
     boundingBox: BoundingBox | None = None
 
 
-class JobPrompt(BaseModel):
+class JobPrompt(ResponseModel):
     points: list[Point] | None = None
     boundingBox: BoundingBox | None = None
 
@@ -235,14 +232,14 @@ class JobSummary(JobState):
     engine: str | None
 
 
-class JobList(BaseModel):
+class JobList(ResponseModel):
     items: list[JobSummary]
     nextCursor: str | None = Field(
         description="pass as ?cursor= for the next page; null at the end"
     )
 
 
-class WebhookSecret(BaseModel):
+class WebhookSecret(ResponseModel):
     secret: str = Field(description="whsec_ + base64: the Standard Webhooks signing secret")
     rotatedTime: int | None
     previousSecretExpiresTime: int | None = Field(
@@ -250,7 +247,7 @@ class WebhookSecret(BaseModel):
     )
 
 
-class WebhookAttemptRecord(BaseModel):
+class WebhookAttemptRecord(ResponseModel):
     attempt: int
     attemptedTime: int
     statusCode: int | None = Field(description="null when no answer came")
@@ -258,26 +255,73 @@ class WebhookAttemptRecord(BaseModel):
     error: str | None
 
 
-DeliveryStatusName = Literal["Pending", "Delivered", "Failed"]
-
-
-class WebhookDeliveryResponse(BaseModel):
+class WebhookDeliveryResponse(ResponseModel):
     deliveryId: int
     type: str
     url: str
     webhookId: str = Field(description="the webhook-id header: the same on every retry")
-    status: DeliveryStatusName
+    status: DeliveryStatus
     createdTime: int
     nextAttemptTime: int | None
     attempts: list[WebhookAttemptRecord] = Field(description="the latest attempts, oldest first")
 
 
-class WebhookDeliveryList(BaseModel):
+class WebhookDeliveryList(ResponseModel):
     items: list[WebhookDeliveryResponse]
     nextCursor: str | None
 
 
+class HealthResponse(ResponseModel):
+    status: Literal["ok"]
+
+
+class ReadinessResponse(ResponseModel):
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, str] = Field(description="database, broker, storage: ok or why not")
+
+
+# Query strings, headers and forms, as documented. The handlers read them
+# themselves, so that each refusal keeps its own message.
+
+#: Epoch milliseconds a client may filter on (15 digits reach the year 33658).
+EpochMs = Annotated[int, Field(ge=0, le=10**15 - 1)]
 MAX_LIST_LIMIT = 1000
+ListLimit = Annotated[int, Field(ge=1, le=MAX_LIST_LIMIT)]
+
+
+class FileListQuery(BaseModel):
+    externalId: str | None = None
+    limit: ListLimit | None = None
+
+
+class JobListQuery(BaseModel):
+    status: JobStatus | None = None
+    limit: ListLimit | None = None
+    cursor: str | None = None
+    createdAfter: EpochMs | None = None
+    createdBefore: EpochMs | None = None
+
+
+class PageQuery(BaseModel):
+    limit: ListLimit | None = None
+    cursor: str | None = None
+
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+class JobCreationHeaders(BaseModel):
+    idempotencyKey: Annotated[str, Field(max_length=MAX_IDEMPOTENCY_KEY_LENGTH)] | None = Field(
+        None, alias="Idempotency-Key"
+    )
+
+
+class FileUpload(BaseModel):
+    """multipart/form-data: the image, and optional text fields."""
+
+    file: bytes
+    externalId: Annotated[str, Field(max_length=MAX_EXTERNAL_ID_LENGTH)] | None = None
+    name: Annotated[str, Field(max_length=MAX_EXTERNAL_ID_LENGTH)] | None = None
 
 
 def list_limit(raw: str | None, default: int = 100) -> int:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy import func, select, text
 
+from api.answers import json_answer
 from api.context import db, services
 from api.errors import ApiError
-from api.openapi import DOCS_PAGE, openapi_document
+from api.openapi import OPENAPI_PATH, documented, openapi_document
 from api.request_integers import ascii_integer
+from api.schemas import HealthResponse, ReadinessResponse
 from segq.clock import now_ms
 from segq.models import DeliveryStatus, Job, JobItem, JobStatus, WebhookDelivery
 from segq.storage import LocalStorage, ObjectNotFound
@@ -24,11 +25,16 @@ service = Blueprint("service", __name__)
 
 
 @service.get("/healthz")
+@documented("The process is up", {200: ("up", HealthResponse)})
 def healthz() -> Response:
-    return jsonify({"status": "ok"})
+    return json_answer(HealthResponse(status="ok"))
 
 
 @service.get("/readyz")
+@documented(
+    "Database, broker and storage answer",
+    {200: ("ready", ReadinessResponse), 503: ("not ready", ReadinessResponse)},
+)
 def readyz() -> tuple[Response, int, dict[str, str]]:
     checks: dict[str, str] = {}
     try:
@@ -48,10 +54,10 @@ def readyz() -> tuple[Response, int, dict[str, str]]:
     except Exception as exc:
         checks["storage"] = f"unavailable: {type(exc).__name__}"
     ready = all(value == "ok" for value in checks.values())
-    body: dict[str, Any] = {"status": "ready" if ready else "unavailable", "checks": checks}
+    body = json_answer(ReadinessResponse(status="ready" if ready else "unavailable", checks=checks))
     if ready:
-        return jsonify(body), 200, {}
-    return jsonify(body), 503, {"Retry-After": "5"}
+        return body, 200, {}
+    return body, 503, {"Retry-After": "5"}
 
 
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -72,6 +78,11 @@ def _check_metrics_token(token: str | None) -> None:
 
 
 @service.get("/metrics")
+@documented(
+    "Prometheus metrics: the unfinished backlog",
+    {200: ("text/plain exposition format", None)},
+    errors=(401,),
+)
 def metrics() -> Response:
     """Prometheus text format, read from Postgres at scrape time (so every API
     process answers the same): the backlog an autoscaler needs. Only
@@ -122,14 +133,9 @@ def metrics() -> Response:
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
 
 
-@service.get("/openapi.json")
+@service.get(OPENAPI_PATH)
 def openapi_json() -> Response:
-    return jsonify(openapi_document())
-
-
-@service.get("/docs")
-def docs() -> Response:
-    return Response(DOCS_PAGE, mimetype="text/html")
+    return jsonify(openapi_document(current_app))
 
 
 @service.get("/objects/<path:key>")

@@ -6,16 +6,25 @@ secret, rotate it, see every attempt and ask for a delivery again."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, request
 from sqlalchemy import func, select
 
+from api.answers import json_answer
 from api.auth import protect_project_routes
 from api.context import current_project, db, services
 from api.errors import ApiError
-from api.jobs import owned_job
-from api.schemas import cursor_after, encode_cursor, list_limit
+from api.job_service import owned_job
+from api.openapi import documented
+from api.schemas import (
+    PageQuery,
+    WebhookAttemptRecord,
+    WebhookDeliveryList,
+    WebhookDeliveryResponse,
+    WebhookSecret,
+    cursor_after,
+    encode_cursor,
+    list_limit,
+)
 from segq.clock import now_ms
 from segq.models import DeliveryStatus, Project, WebhookAttempt, WebhookDelivery
 from segq.projects import SECRET_ROTATION_GRACE_MS, ensure_webhook_secret, rotate_webhook_secret
@@ -28,60 +37,71 @@ protect_project_routes(webhooks)
 ATTEMPTS_SHOWN = 25
 
 
-def _secret_body(project: Project) -> dict[str, Any]:
+def _secret_response(project: Project) -> WebhookSecret:
     rotated = project.webhook_secret_rotated_time
-    return {
-        "secret": project.webhook_secret,
-        "rotatedTime": rotated,
-        "previousSecretExpiresTime": (
+    assert project.webhook_secret is not None  # made before it is shown
+    return WebhookSecret(
+        secret=project.webhook_secret,
+        rotatedTime=rotated,
+        previousSecretExpiresTime=(
             rotated + SECRET_ROTATION_GRACE_MS
             if rotated is not None and project.webhook_previous_secret is not None
             else None
         ),
-    }
+    )
 
 
 @webhooks.get("/webhooks/secret")
+@documented(
+    "The project's webhook signing secret (made on first read)",
+    {200: ("the secret", WebhookSecret)},
+)
 def read_secret() -> Response:
     """The secret receivers verify signatures with; made on first read."""
     session = db()
     project = ensure_webhook_secret(session, current_project().id)
     session.commit()
-    return jsonify(_secret_body(project))
+    return json_answer(_secret_response(project))
 
 
 @webhooks.post("/webhooks/secret")
+@documented(
+    "Rotate the secret; the previous one also signs for a day",
+    {200: ("the new secret", WebhookSecret)},
+)
 def rotate_secret() -> Response:
     """A new secret. Deliveries are signed with both for a day, so
     receivers can switch over without rejecting any."""
     session = db()
     project = rotate_webhook_secret(session, current_project().id, now_ms())
     session.commit()
-    return jsonify(_secret_body(project))
+    return json_answer(_secret_response(project))
 
 
-def _delivery_body(delivery: WebhookDelivery, attempts: list[WebhookAttempt]) -> dict[str, Any]:
-    return {
-        "deliveryId": delivery.id,
-        "type": delivery.event_type,
-        "url": delivery.url,
-        "webhookId": delivery.message_id,
-        "status": delivery.status,
-        "createdTime": delivery.created_time,
-        "nextAttemptTime": (
+def _delivery_response(
+    delivery: WebhookDelivery, attempts: list[WebhookAttempt]
+) -> WebhookDeliveryResponse:
+    return WebhookDeliveryResponse(
+        deliveryId=delivery.id,
+        type=delivery.event_type,
+        url=delivery.url,
+        webhookId=delivery.message_id,
+        status=DeliveryStatus(delivery.status),
+        createdTime=delivery.created_time,
+        nextAttemptTime=(
             delivery.next_attempt_time if delivery.status == DeliveryStatus.PENDING else None
         ),
-        "attempts": [
-            {
-                "attempt": attempt.attempt,
-                "attemptedTime": attempt.attempted_time,
-                "statusCode": attempt.status_code,
-                "latencyMs": attempt.latency_ms,
-                "error": attempt.error,
-            }
+        attempts=[
+            WebhookAttemptRecord(
+                attempt=attempt.attempt,
+                attemptedTime=attempt.attempted_time,
+                statusCode=attempt.status_code,
+                latencyMs=attempt.latency_ms,
+                error=attempt.error,
+            )
             for attempt in attempts
         ],
-    }
+    )
 
 
 def _latest_attempts(delivery_ids: list[int]) -> dict[int, list[WebhookAttempt]]:
@@ -111,9 +131,15 @@ def _latest_attempts(delivery_ids: list[int]) -> dict[int, list[WebhookAttempt]]
 
 
 @webhooks.get("/context/vision/segment/<id:job_id>/webhook-deliveries")
+@documented(
+    "The job's webhook deliveries, oldest first, with their attempts",
+    {200: ("a page of deliveries", WebhookDeliveryList)},
+    errors=(400, 404),
+    query=PageQuery,
+)
 def list_deliveries(job_id: int) -> Response:
     """The job's deliveries, oldest first, with their latest attempts."""
-    job = owned_job(job_id)
+    job = owned_job(db(), current_project().id, job_id)
     query = select(WebhookDelivery).where(WebhookDelivery.job_id == job.id)
     cursor = cursor_after(request.args.get("cursor"))
     if cursor is not None:
@@ -123,11 +149,11 @@ def list_deliveries(job_id: int) -> Response:
     more = len(page) > limit
     page = page[:limit]
     attempts = _latest_attempts([delivery.id for delivery in page])
-    return jsonify(
-        {
-            "items": [_delivery_body(d, attempts.get(d.id, [])) for d in page],
-            "nextCursor": encode_cursor(page[-1].id) if more else None,
-        }
+    return json_answer(
+        WebhookDeliveryList(
+            items=[_delivery_response(d, attempts.get(d.id, [])) for d in page],
+            nextCursor=encode_cursor(page[-1].id) if more else None,
+        )
     )
 
 
@@ -146,11 +172,16 @@ def _attempt_in_flight(delivery: WebhookDelivery, now: int) -> bool:
 
 
 @webhooks.post("/context/vision/segment/<id:job_id>/webhook-deliveries/<id:delivery_id>/redeliver")
+@documented(
+    "Send a delivery again now, with the same webhook-id",
+    {202: ("the delivery, pending", WebhookDeliveryResponse)},
+    errors=(404, 409),
+)
 def redeliver(job_id: int, delivery_id: int) -> tuple[Response, int]:
     """Send the event again now, with a fresh retry schedule and the same
     webhook-id (receivers that saw it already drop it)."""
     session = db()
-    job = owned_job(job_id)
+    job = owned_job(db(), current_project().id, job_id)
     delivery = session.scalar(
         select(WebhookDelivery)
         .where(WebhookDelivery.id == delivery_id, WebhookDelivery.job_id == job.id)
@@ -180,4 +211,4 @@ def redeliver(job_id: int, delivery_id: int) -> tuple[Response, int]:
         delivery.published_time = None
         session.commit()
     attempts = _latest_attempts([delivery.id])
-    return jsonify(_delivery_body(delivery, attempts.get(delivery.id, []))), 202
+    return json_answer(_delivery_response(delivery, attempts.get(delivery.id, []))), 202

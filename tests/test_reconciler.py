@@ -109,8 +109,8 @@ def test_items_whose_api_died_before_publishing_are_sent_once_the_queue_is_empty
     after republish_after (300 s by default)."""
     published = tenant.upload(png_bytes(seed=1)).json["id"]
     retried_job = tenant.post_job(scene_prompt_body(published)).json["jobId"]
-    # (api.jobs the name is the blueprint; the module is in sys.modules.)
-    monkeypatch.setattr(sys.modules["api.jobs"], "enqueue_items", lambda _app, _ids: None)
+    # The job service publishes (api/job_service.py).
+    monkeypatch.setattr(sys.modules["api.job_service"], "enqueue_items", lambda _app, _ids: None)
     file_id = tenant.upload(png_bytes()).json["id"]
     [lost] = items_of(sessions, tenant.post_job(scene_prompt_body(file_id)).json["jobId"])
     assert lost.published_time is not None

@@ -9,7 +9,7 @@ from typing import Any
 
 import requests
 
-FINISHED = ("Completed", "Failed", "Canceled")
+from segq.models import JobStatus
 
 
 class ClientError(RuntimeError):
@@ -71,7 +71,7 @@ class SegqClient:
                 self._url(f"/context/vision/segment/{job_id}"), timeout=self.timeout
             )
             job = self._json(response)
-            if job["status"] in FINISHED:
+            if JobStatus(job["status"]).finished:
                 return job
             if time.monotonic() > deadline:
                 raise ClientError(f"job {job_id} is still {job['status']} after {timeout:.0f} s")

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from segq.cli.client import SegqClient
 from segq.db import make_engine, make_session_factory
 from segq.migrations import upgrade_to_head
-from segq.models import Project
+from segq.models import JobStatus, Project
 from segq.projects import add_api_key, create_project
 from segq.settings import Settings
 
@@ -165,7 +165,7 @@ def run_demo(out_dir: Path, image_path: Path | None, timeout: float) -> dict[str
         print(f"job {created['jobId']} {created['status']}; waiting for the worker…", flush=True)
         job = client.wait(created["jobId"], timeout=timeout)
         print(json.dumps(job, indent=2))
-        if job["status"] != "Completed":
+        if job["status"] != JobStatus.COMPLETED:
             raise RuntimeError(f"job ended {job['status']}: {job.get('errorMessage')}")
         segment = job["items"][0]["segments"][0]
         mask = Image.open(io.BytesIO(client.download(segment["mask"]["url"])))

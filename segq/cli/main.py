@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from segq.models import JobStatus
 from segq.settings import Settings
 
 
@@ -201,7 +202,7 @@ def submit(
     except requests.RequestException as exc:
         raise click.ClickException(f"cannot reach segq at {url}: {exc}") from None
     click.echo(json.dumps(job, indent=2))
-    if wait and job["status"] != "Completed":
+    if wait and job["status"] != JobStatus.COMPLETED:
         sys.exit(1)
 
 

@@ -1,0 +1,270 @@
+"""Creating a segmentation job, and finding a project's jobs: the work
+behind the job routes, with no Flask in it, so every route family that
+speaks the contract (Cognite's, and compatibility routes) shares it.
+Refusals are ApiErrors; the caller's error envelope renders them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from api.item_sources import item_reference, resolve_sources
+from api.schemas import (
+    DEFAULT_OUTPUTS,
+    MAX_IDEMPOTENCY_KEY_LENGTH,
+    SUPPORTED_OUTPUTS,
+    SegmentRequest,
+    Webhook,
+    checked_text,
+)
+from api.services import Services
+from api.stored_files import discard_objects
+from segq.clock import now_ms
+from segq.fault_points import API_AFTER_COMMIT, die_if_armed
+from segq.models import ItemStatus, Job, JobItem, JobStatus
+from segq.queue import enqueue_items
+from segq.url_guard import FetchPolicy, UrlRefused, check_url
+from segq.webhook_events import subscribed_events
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CreatedJob:
+    job: Job
+    #: In position order.
+    items: list[JobItem]
+
+
+def create_segmentation_job(
+    session: Session,
+    services: Services,
+    project_id: int,
+    segment_request: SegmentRequest,
+    idempotency_key_header: str | None,
+) -> CreatedJob:
+    """Check ``segment_request``, commit the job and its items, and publish
+    the items to the broker. A request repeated with the same idempotency
+    key (the Idempotency-Key header as sent, None if absent) gets the job
+    the first one created."""
+    settings = services.settings
+    _check_semantics(segment_request, settings.max_items_per_job)
+    webhook = _checked_webhook(segment_request.webhook, settings.webhook_policy())
+    idempotency_key = _checked_idempotency_key(idempotency_key_header)
+    request_sha256 = _request_fingerprint(segment_request, webhook)
+    if idempotency_key is not None:
+        earlier = _job_for_idempotency_key(session, project_id, idempotency_key, request_sha256)
+        if earlier is not None:
+            return CreatedJob(earlier, items_of(session, earlier))
+
+    _check_unfinished_jobs(session, services, project_id)
+    sources = resolve_sources(session, services, project_id, segment_request.items)
+    now = now_ms()
+    job = Job(
+        project_id=project_id,
+        status=JobStatus.QUEUED,
+        created_time=now,
+        status_time=now,
+        prompt={
+            "points": (
+                [p.model_dump() for p in segment_request.points] if segment_request.points else None
+            ),
+            "boundingBox": (
+                segment_request.boundingBox.model_dump() if segment_request.boundingBox else None
+            ),
+        },
+        options={
+            "multimaskOutput": segment_request.multimaskOutput,
+            "outputs": list(segment_request.outputs or DEFAULT_OUTPUTS),
+        },
+        idempotency_key=idempotency_key,
+        request_sha256=request_sha256,
+        webhook=webhook,
+    )
+    try:
+        session.add(job)
+        session.flush()  # the job's id, for its items; a duplicate key fails here
+        items = [
+            JobItem(
+                job_id=job.id,
+                position=position,
+                file_id=None if isinstance(source, str) else source.id,
+                file_ref=item_reference(source),
+                status=ItemStatus.QUEUED,
+                attempt=0,
+                published_time=now,
+            )
+            for position, source in enumerate(sources.sources)
+        ]
+        session.add_all(items)
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        discard_objects(services.storage, sources.written_keys)
+        earlier = (
+            _job_for_idempotency_key(session, project_id, idempotency_key, request_sha256)
+            if idempotency_key is not None
+            else None
+        )
+        if earlier is None:
+            # The only other constraint a valid request can break: a file it
+            # names was deleted between the check and the commit.
+            raise ApiError(409, "a file of this job was deleted meanwhile; retry") from None
+        # Another request with the same idempotency key committed first.
+        return CreatedJob(earlier, items_of(session, earlier))
+
+    die_if_armed(API_AFTER_COMMIT, settings.fault_point)
+    try:
+        # The committed objects keep their ids (expire_on_commit=False): no re-read.
+        enqueue_items(services.celery, [item.id for item in items])
+    except Exception:
+        # The job is committed and stays Queued; the client's answer is still
+        # true. Marking its items unpublished has the reconciler send them at
+        # its next pass. (A process that dies here marks nothing; the
+        # reconciler finds its items once the queue runs empty without them.)
+        log.exception("could not publish job %s to the broker", job.id)
+        session.execute(update(JobItem).where(JobItem.job_id == job.id).values(published_time=None))
+        session.commit()
+    return CreatedJob(job, items)
+
+
+def owned_job(session: Session, project_id: int, job_id: int, *, for_update: bool = False) -> Job:
+    query = select(Job).where(Job.id == job_id, Job.project_id == project_id)
+    job = session.scalar(query.with_for_update() if for_update else query)
+    # Another project's job is "not found", never "forbidden": no existence oracle.
+    if job is None:
+        raise ApiError(404, f"job {job_id} not found", missing=[{"jobId": job_id}])
+    return job
+
+
+def items_of(session: Session, job: Job) -> list[JobItem]:
+    """The job's items, in position order."""
+    return list(
+        session.scalars(select(JobItem).where(JobItem.job_id == job.id).order_by(JobItem.position))
+    )
+
+
+def _check_unfinished_jobs(session: Session, services: Services, project_id: int) -> None:
+    """Bound the backlog a project can pile up; checked, not locked, so a
+    burst may overshoot by its own size.
+
+    Counting on every request costs a query; far from the bound it need not
+    be exact. While this process's count of the last second, plus the jobs
+    it was asked for since, is under half the bound, that count stands in.
+    Nearer, every request counts anew, so the bound holds as before unless
+    other API processes take more than half of it within one second."""
+    limit = services.settings.max_unfinished_jobs
+    counts = services.unfinished_jobs
+    # This request's job counts in advance: one that fails later only makes
+    # the estimate err high, which brings the next exact count sooner.
+    recent = counts.recent(project_id)
+    counts.add_one(project_id)
+    if recent is not None and recent < limit // 2:
+        return
+    unfinished = (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                Job.project_id == project_id,
+                Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]),
+            )
+        )
+        or 0
+    )
+    counts.counted(project_id, unfinished + 1)
+    if unfinished >= limit:
+        raise ApiError(
+            429,
+            f"this project has {limit} unfinished jobs, the most allowed; retry when some finish",
+            headers={"Retry-After": str(max(services.settings.poll_retry_after_seconds, 5))},
+        )
+
+
+def _check_semantics(segment_request: SegmentRequest, max_items: int) -> None:
+    """What the schema cannot say: well-formed requests that cannot be run."""
+    if segment_request.prompts is not None:
+        raise ApiError(422, "prompts is not supported by this server yet")
+    if segment_request.model is not None:
+        raise ApiError(422, "model selection is not supported: this server runs one engine")
+    if not segment_request.points and segment_request.boundingBox is None:
+        raise ApiError(422, "give at least one point or a boundingBox")
+    box = segment_request.boundingBox
+    if box is not None and (box.xMin >= box.xMax or box.yMin >= box.yMax):
+        raise ApiError(422, "boundingBox must have xMin < xMax and yMin < yMax")
+    seen: set[tuple[float, float]] = set()
+    for index, point in enumerate(segment_request.points or []):
+        if (point.x, point.y) in seen:
+            raise ApiError(422, f"points[{index}] repeats an earlier point")
+        seen.add((point.x, point.y))
+    unsupported = set(segment_request.outputs or ()) - SUPPORTED_OUTPUTS
+    if unsupported:
+        raise ApiError(422, f"outputs {sorted(unsupported)} are not supported by this server yet")
+    if len(segment_request.items) > max_items:
+        raise ApiError(422, f"a job takes at most {max_items} items")
+    for index, item in enumerate(segment_request.items):
+        named = [
+            field
+            for field in ("fileId", "fileExternalId", "fileUrl", "imageData")
+            if getattr(item, field) is not None
+        ]
+        if len(named) != 1:
+            raise ApiError(
+                400,
+                f"items[{index}] must have exactly one of fileId, fileExternalId, fileUrl, "
+                "imageData",
+            )
+
+
+def _checked_webhook(webhook: Webhook | None, policy: FetchPolicy) -> dict[str, object] | None:
+    """The job's webhook as stored, with full event names. The URL passes
+    the checks that need no DNS now; the worker checks its addresses at
+    every delivery, as it does for image URLs."""
+    if webhook is None:
+        return None
+    try:
+        check_url(webhook.url, policy)
+    except UrlRefused as exc:
+        # 400, as for a refused fileUrl.
+        raise ApiError(400, f"webhook.url: {exc}") from None
+    return {"url": webhook.url, "events": subscribed_events(webhook.events)}
+
+
+def _request_fingerprint(segment_request: SegmentRequest, webhook: dict[str, object] | None) -> str:
+    """What an Idempotency-Key is compared on: the request as validated, with
+    defaults filled in and numbers as numbers, so the same request spelt
+    another way (``1`` or ``1.0``, a default written out, ``started`` or
+    ``job.started``) is the same request."""
+    normalized = segment_request.model_dump(mode="json")
+    normalized["points"] = normalized["points"] or None
+    normalized["outputs"] = sorted(set(segment_request.outputs or DEFAULT_OUTPUTS))
+    normalized["webhook"] = webhook
+    return hashlib.sha256(
+        json.dumps(normalized, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def _checked_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not key:
+        raise ApiError(400, "Idempotency-Key is empty")
+    return checked_text("Idempotency-Key", key, MAX_IDEMPOTENCY_KEY_LENGTH)
+
+
+def _job_for_idempotency_key(
+    session: Session, project_id: int, key: str, request_sha256: str
+) -> Job | None:
+    job = session.scalar(
+        select(Job).where(Job.project_id == project_id, Job.idempotency_key == key)
+    )
+    if job is not None and job.request_sha256 != request_sha256:
+        raise ApiError(409, "this Idempotency-Key was used with a different body")
+    return job

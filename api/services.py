@@ -1,0 +1,24 @@
+"""The services an API process builds once and every request uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.process_caches import ProjectsByKey, UnfinishedJobCounts
+from api.rate_limit import RateLimiter
+from segq.settings import Settings
+from segq.storage import ObjectStorage
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    storage: ObjectStorage
+    celery: Celery
+    rate_limiter: RateLimiter
+    projects_by_key: ProjectsByKey = field(default_factory=ProjectsByKey)
+    unfinished_jobs: UnfinishedJobCounts = field(default_factory=UnfinishedJobCounts)
