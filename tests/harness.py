@@ -4,16 +4,23 @@ tests/conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from flask.testing import FlaskClient
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from segq.models import Job, JobItem, StoredFile
 from segq.projects import create_project
 from segq.storage import S3Storage
 from worker.item_inputs import ImageLimits
@@ -100,3 +107,85 @@ def grabcut_worker(
             yield
     finally:
         attach_runtime(celery_app, None)
+
+
+#: The repository, where subprocesses of the tests run.
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Worker:
+    """A `segq worker` process: Celery's main process and its pool, with its
+    engine probed (tests/probed_worker.py)."""
+
+    def __init__(
+        self, env: dict[str, str], concurrency: int, log: Path, queues: str = "segment,webhooks"
+    ) -> None:
+        self.log_path = log
+        self.log = log.open("ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.probed_worker",
+                "worker",
+                f"--concurrency={concurrency}",
+                f"--queues={queues}",
+                "--loglevel=WARNING",
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def pool_pids(self) -> list[int]:
+        found = subprocess.run(
+            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        return [int(pid) for pid in found]
+
+    def kill_pool(self) -> None:
+        """SIGKILL the pool processes (Celery's main process forks new ones)."""
+        for pid in self.pool_pids():
+            # A pool process may exit between pgrep and kill.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def kill(self) -> None:
+        for pid in [*self.pool_pids(), self.process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+def count_files(sessions: sessionmaker[Session]) -> int:
+    with sessions() as session:
+        return session.scalar(select(func.count()).select_from(StoredFile)) or 0
+
+
+def count_jobs(sessions: sessionmaker[Session]) -> tuple[int, int]:
+    with sessions() as session:
+        jobs = session.scalar(select(func.count()).select_from(Job)) or 0
+        items = session.scalar(select(func.count()).select_from(JobItem)) or 0
+        return jobs, items
+
+
+#: Bodies that are not JSON segq reads, each a 400.
+MALFORMED_JSON_BODIES = {
+    "nan": b'{"items": [{"fileId": 1}], "points": [{"x": NaN, "y": 0.5}]}',
+    "infinity": b'{"items": [{"fileId": 1}], "points": [{"x": Infinity, "y": 0.5}]}',
+    "overflow": b'{"items": [{"fileId": 1}], "points": [{"x": 1e999, "y": 0.5}]}',
+    "truncated": b'{"items": [',
+    "deep": b"[" * 100_000 + b"]" * 100_000,
+    "not-object": b'"just a string"',
+    "not-utf8": b"\xff\xfe not utf-8",
+}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,69 +35,22 @@ from segq.migrations import upgrade_to_head
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 from segq.queue import enqueue_items
 from segq.settings import Settings
-from tests.harness import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant
+from tests.harness import (
+    REDIS_URL,
+    REPO,
+    TEST_BUCKET,
+    Tenant,
+    Worker,
+    free_port,
+    make_tenant,
+)
 from tests.images import png_bytes, scene_prompt_body
 from tests.probed_worker import engine_runs
 from tests.tcp_proxy import TcpProxy
 
-REPO = Path(__file__).resolve().parent.parent
 LEASE_SECONDS = 3
 MAX_ATTEMPTS = 3
 pytestmark = pytest.mark.slow
-
-
-class Worker:
-    """A `segq worker` process: Celery's main process and its pool, with its
-    engine probed (tests/probed_worker.py)."""
-
-    def __init__(
-        self, env: dict[str, str], concurrency: int, log: Path, queues: str = "segment,webhooks"
-    ) -> None:
-        self.log_path = log
-        self.log = log.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.probed_worker",
-                "worker",
-                f"--concurrency={concurrency}",
-                f"--queues={queues}",
-                "--loglevel=WARNING",
-            ],
-            env=env,
-            cwd=REPO,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def pool_pids(self) -> list[int]:
-        found = subprocess.run(
-            ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False
-        ).stdout.split()
-        return [int(pid) for pid in found]
-
-    def kill_pool(self) -> None:
-        """SIGKILL the pool processes (Celery's main process forks new ones)."""
-        for pid in self.pool_pids():
-            # A pool process may exit between pgrep and kill.
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-    def kill(self) -> None:
-        for pid in [*self.pool_pids(), self.process.pid]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
 
 
 class StartWorker(Protocol):

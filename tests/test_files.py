@@ -7,12 +7,11 @@ import io
 import zlib
 
 from PIL import Image
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.models import StoredFile
 from segq.storage import S3Storage
-from tests.harness import Tenant
+from tests.harness import Tenant, count_files
 from tests.images import (
     cut_short,
     flat_png,
@@ -22,11 +21,6 @@ from tests.images import (
     scene,
     with_exif_orientation,
 )
-
-
-def count_files(sessions: sessionmaker[Session]) -> int:
-    with sessions() as session:
-        return session.scalar(select(func.count()).select_from(StoredFile)) or 0
 
 
 def test_upload_records_what_the_image_is(tenant: Tenant, storage: S3Storage) -> None:

@@ -28,10 +28,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.json_body import max_job_body_bytes
 from segq.projects import create_project
-from tests.harness import REDIS_URL, TEST_BUCKET, free_port
+from tests.harness import (
+    MALFORMED_JSON_BODIES,
+    REDIS_URL,
+    TEST_BUCKET,
+    count_files,
+    count_jobs,
+    free_port,
+)
 from tests.images import png_bytes, scene_prompt_body
-from tests.test_files import count_files
-from tests.test_jobs_api import MALFORMED_JSON_BODIES, count_jobs
 
 REPO = Path(__file__).resolve().parent.parent
 #: Short, so the test sees slow clients cut off; production's is 120 s.

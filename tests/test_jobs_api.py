@@ -8,33 +8,15 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.json_body import max_job_body_bytes
-from segq.models import Job, JobItem
 from segq.settings import Settings
-from tests.harness import REDIS_URL, Tenant
+from tests.harness import MALFORMED_JSON_BODIES, REDIS_URL, Tenant, count_jobs
 from tests.images import cognite_sample_body, png_bytes
 
 #: Job bodies that are not JSON objects segq can read, each answered 400
 #: (also through the real HTTP server: tests/test_http_server.py).
-MALFORMED_JSON_BODIES = {
-    "nan": b'{"items": [{"fileId": 1}], "points": [{"x": NaN, "y": 0.5}]}',
-    "infinity": b'{"items": [{"fileId": 1}], "points": [{"x": Infinity, "y": 0.5}]}',
-    "overflow": b'{"items": [{"fileId": 1}], "points": [{"x": 1e999, "y": 0.5}]}',
-    "truncated": b'{"items": [',
-    "deep": b"[" * 100_000 + b"]" * 100_000,
-    "not-object": b'"just a string"',
-    "not-utf8": b"\xff\xfe not utf-8",
-}
-
-
-def count_jobs(sessions: sessionmaker[Session]) -> tuple[int, int]:
-    with sessions() as session:
-        jobs = session.scalar(select(func.count()).select_from(Job)) or 0
-        items = session.scalar(select(func.count()).select_from(JobItem)) or 0
-        return jobs, items
 
 
 def queued_messages() -> int:

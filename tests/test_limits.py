@@ -13,9 +13,8 @@ from api import create_app
 from api.rate_limit import LocalRateLimiter, RedisRateLimiter
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.harness import REDIS_URL, make_tenant
+from tests.harness import REDIS_URL, count_jobs, make_tenant
 from tests.images import png_bytes, scene_prompt_body
-from tests.test_jobs_api import count_jobs
 
 
 def test_requests_over_the_key_rate_get_429(

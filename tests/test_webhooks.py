@@ -37,11 +37,10 @@ from segq.settings import Settings, SettingsError
 from segq.storage import S3Storage
 from segq.url_guard import FetchPolicy, parse_networks
 from tests.fake_dns import fake_dns
-from tests.harness import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
+from tests.harness import REDIS_URL, REPO, TEST_LIMITS, Tenant, Worker, make_tenant
 from tests.images import png_bytes, scene_prompt_body
 from tests.refused_urls import INTERNAL_SPELLINGS
 from tests.tcp_proxy import TcpProxy
-from tests.test_chaos import REPO, Worker
 from worker.engines.grabcut import GrabCutEngine
 from worker.periodic import PeriodicPass
 from worker.pipeline import process_item
