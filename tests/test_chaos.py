@@ -276,15 +276,18 @@ def test_poison_item_fails_after_bounded_attempts_while_others_finish(
 
 def s3_objects(storage: Any, under: str) -> dict[str, bytes]:
     """The objects stored under ``under`` (a key prefix within the test's
-    storage), with their bytes."""
+    storage), with their bytes. An object deleted between the listing and
+    its read (a worker cleaning up meanwhile) is left out."""
     s3 = boto3.client("s3", endpoint_url=storage._client.meta.endpoint_url)
     listed = s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix=storage.prefix + under)
-    return {
-        o["Key"].removeprefix(storage.prefix): s3.get_object(Bucket=TEST_BUCKET, Key=o["Key"])[
-            "Body"
-        ].read()
-        for o in listed.get("Contents", [])
-    }
+    found: dict[str, bytes] = {}
+    for entry in listed.get("Contents", []):
+        try:
+            body = s3.get_object(Bucket=TEST_BUCKET, Key=entry["Key"])["Body"].read()
+        except s3.exceptions.NoSuchKey:
+            continue
+        found[entry["Key"].removeprefix(storage.prefix)] = body
+    return found
 
 
 def test_a_worker_cut_off_from_postgres_and_redis_cannot_replace_the_winners_result(
