@@ -21,7 +21,7 @@ from tests.harness import TEST_LIMITS, Tenant
 from tests.images import cognite_sample_body, png_bytes, scene
 from tests.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
 from worker.engines import EngineChoice, load_engine
-from worker.engines.base import Candidate, Prompt
+from worker.engines.base import Candidate, Prompt, SegmentationEngine
 from worker.engines.embedding_cache import (
     EMBEDDINGS_PREFIX,
     Embedding,
@@ -34,6 +34,7 @@ from worker.engines.embedding_cache import (
     model_id,
     sweep_expired_embeddings,
 )
+from worker.engines.grabcut import GrabCutEngine
 from worker.engines.item_metrics import ItemMetrics, recording_item_metrics
 from worker.engines.sam import SamEngine, load_sam
 from worker.pipeline import ItemOutcome, process_item
@@ -276,7 +277,7 @@ def run_job(
     tenant: Tenant,
     sessions: sessionmaker[Session],
     storage: S3Storage,
-    engine: SamEngine,
+    engine: SegmentationEngine,
     file_id: int,
 ) -> dict[str, object]:
     job_id = tenant.post_job(cognite_sample_body(file_id)).json["jobId"]
@@ -307,6 +308,10 @@ def test_a_second_job_in_another_worker_reports_shared_and_encodes_nothing(
     assert isinstance(first["decodeMs"], float) and first["decodeMs"] > 0
     second = run_job(tenant, sessions, storage, counting.engine(fresh_cache(storage)), file_id)
     assert second["embedding"] == "shared" and counting.encodes == 1
+    metrics = tenant.client.get("/metrics").get_data(as_text=True)
+    assert 'segq_recent_item_embeddings{source="computed"} 1\n' in metrics
+    assert 'segq_recent_item_embeddings{source="shared"} 1\n' in metrics
+    assert 'segq_recent_item_embeddings{source="local"} 0\n' in metrics
 
 
 def test_load_engine_keys_the_cache_by_the_checkpoints_digest(
@@ -318,3 +323,12 @@ def test_load_engine_keys_the_cache_by_the_checkpoints_digest(
     segment(engine, scene(40, 30)[0])
     [stored] = list(storage.list_objects(EMBEDDINGS_PREFIX))
     assert stored.key.split("/")[1] == model_id("sam_tiny_test", checkpoint_digest(checkpoint))
+
+
+def test_grabcut_items_report_no_embedding(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
+) -> None:
+    file_id = tenant.upload(png_bytes(130, 90)).json["id"]
+    metrics = run_job(tenant, sessions, storage, GrabCutEngine(), file_id)
+    assert metrics["embedding"] is None and metrics["encodeMs"] == 0
+    assert isinstance(metrics["decodeMs"], float) and metrics["decodeMs"] > 0
