@@ -97,6 +97,10 @@ bench-quality: install ## Mean IoU of the classical engine vs the filled box on 
 bench-ingest: install services ## Items accepted/finished per second and per-item overhead vs a bare Celery round trip
 	$(BIN)/python bench/ingest.py
 
+.PHONY: bench-engine
+bench-engine: install ## SAM encoder/decoder ms, the embedding cache's second item (same and another process), mask encoding
+	$(BIN)/python bench/engine.py $(BENCH_ENGINE_ARGS)
+
 .PHONY: lock
 lock: ## Re-resolve requirements.lock from pyproject.toml (needs network)
 	rm -rf /tmp/segq-lock && $(PYTHON) -m venv /tmp/segq-lock

@@ -182,8 +182,23 @@ class Segment(ResponseModel):
     svgPath: str | None = None
 
 
+class ItemMetrics(ResponseModel):
+    embedding: Literal["computed", "local", "shared"] | None = Field(
+        description=(
+            "extension: where the image's embedding came from: encoded for this item, "
+            "this worker's memory, or the embeddings shared by all workers; "
+            "null for an engine without one (GrabCut)"
+        )
+    )
+    encodeMs: float = Field(description="extension: milliseconds spent getting the embedding")
+    decodeMs: float = Field(description="extension: the engine's other milliseconds")
+
+
 class JobItemResult(ItemReference):
     segments: list[Segment] | None = None
+    metrics: ItemMetrics | None = Field(
+        default=None, description="extension: what a finished item cost the engine"
+    )
 
 
 class FailedItems(ResponseModel):

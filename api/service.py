@@ -16,7 +16,7 @@ from api.openapi import OPENAPI_PATH, documented, openapi_document
 from api.request_integers import ascii_integer
 from api.schemas import HealthResponse, ReadinessResponse
 from segq.clock import now_ms
-from segq.models import DeliveryStatus, Job, JobItem, JobStatus, WebhookDelivery
+from segq.models import DeliveryStatus, ItemStatus, Job, JobItem, JobStatus, WebhookDelivery
 from segq.storage import LocalStorage, ObjectNotFound
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,10 @@ def readyz() -> tuple[Response, int, dict[str, str]]:
 
 
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
+#: The embedding gauges count over the items with the highest ids, found by
+#: a range scan of the primary key: the recent traffic, at a bounded cost.
+RECENT_ITEMS = 10_000
+EMBEDDING_SOURCES = ("computed", "local", "shared")
 
 
 def _check_metrics_token(token: str | None) -> None:
@@ -130,7 +134,37 @@ def metrics() -> Response:
         "# TYPE segq_webhook_oldest_due_seconds gauge",
         f"segq_webhook_oldest_due_seconds {overdue:.3f}",
     ]
+    lines += _embedding_lines()
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
+
+
+def _embedding_lines() -> list[str]:
+    """Where the recent items' embeddings came from, from their stored
+    metrics: computed is a miss of both tiers, local a hit of a worker's
+    memory, shared a hit of the embeddings in object storage."""
+    session = db()
+    newest = session.scalar(select(func.max(JobItem.id)))
+    source = JobItem.result["metrics"]["embedding"].as_string()
+    counts: dict[str | None, int] = {}
+    if newest is not None:
+        counts = dict(
+            session.execute(
+                select(source, func.count())
+                .where(
+                    JobItem.id > newest - RECENT_ITEMS,
+                    JobItem.status == ItemStatus.COMPLETED,
+                )
+                .group_by(source)
+            ).all()
+        )
+    name = "segq_recent_item_embeddings"
+    lines = [
+        f"# HELP {name} Where the embeddings of the last {RECENT_ITEMS} items came from "
+        "(computed: a miss; local, shared: a hit of that tier).",
+        f"# TYPE {name} gauge",
+    ]
+    lines += [f'{name}{{source="{tier}"}} {counts.get(tier, 0)}' for tier in EMBEDDING_SOURCES]
+    return lines
 
 
 @service.get(OPENAPI_PATH)

@@ -79,6 +79,8 @@ def render_job(job: Job, items: Sequence[JobItem], link_mask: MaskLinker | None)
                 render_segment(segment, width, height, link_mask)
                 for segment in item.result["segments"]
             ]
+            if "metrics" in item.result:
+                entry["metrics"] = item.result["metrics"]
         shown.append(entry)
     document: dict[str, Any] = {
         **_job_state(job),

@@ -60,6 +60,11 @@ class Settings:
     #: How long the HTTP server waits for a request to arrive whole, headers
     #: and body, from its first byte; also how long an idle connection stays.
     request_deadline_seconds: int
+    #: Each worker process's in-memory embedding cache (tier 1), in MiB.
+    embedding_cache_mb: int = 512
+    #: How long a shared embedding (tier 2, in object storage) is used and
+    #: kept: a week.
+    embedding_ttl_seconds: int = 7 * 24 * 3600
     #: The API's root as clients reach it (``https://segq.example``), for the
     #: links it hands out to local-disk objects. Never taken from a request.
     public_url: str | None = None
@@ -127,6 +132,8 @@ class Settings:
                 env, "SEGQ_WEBHOOK_RETRY_DELAYS", DEFAULT_WEBHOOK_RETRY_DELAYS
             ),
             webhook_poll_seconds=_float(env, "SEGQ_WEBHOOK_POLL_SECONDS", 1.0),
+            embedding_cache_mb=_int(env, "SEGQ_EMBEDDING_CACHE_MB", 512),
+            embedding_ttl_seconds=_int(env, "SEGQ_EMBEDDING_TTL_SECONDS", 7 * 24 * 3600),
             public_url=_public_url(env, "SEGQ_PUBLIC_URL"),
             metrics_token=env.get("SEGQ_METRICS_TOKEN") or None,
             # Long enough for the largest upload (25 MiB) at about 2 Mbit/s.

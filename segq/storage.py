@@ -13,6 +13,8 @@ import hmac
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, urlencode, urlparse
@@ -29,6 +31,13 @@ class ObjectNotFound(KeyError):
     """No object under that key."""
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    #: When the object was last written, in epoch seconds.
+    modified_time: float
+
+
 class ObjectStorage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
 
@@ -36,6 +45,10 @@ class ObjectStorage(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the object; a missing object is not an error."""
+        ...
+
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        """The objects whose keys start with ``prefix``, in no set order."""
         ...
 
     def presigned_get_url(self, key: str, expires_in: int) -> str:
@@ -130,6 +143,22 @@ class S3Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not delete {key}: {exc}") from exc
 
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + prefix
+        )
+        try:
+            for page in pages:
+                for entry in page.get("Contents", ()):
+                    yield StoredObject(
+                        key=entry["Key"][len(self.prefix) :],
+                        modified_time=entry["LastModified"].timestamp(),
+                    )
+        except (BotoCoreError, ClientError) as exc:
+            raise StorageError(f"could not list {prefix}: {exc}") from exc
+
     def presigned_get_url(self, key: str, expires_in: int) -> str:
         url: str = self._client.generate_presigned_url(
             "get_object",
@@ -186,6 +215,20 @@ class LocalStorage:
             self._path(key).unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"could not delete {key}: {exc}") from exc
+
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        # Keys are paths: walk the deepest directory the prefix names whole.
+        directory = self.root / PurePosixPath(prefix).parent if "/" in prefix else self.root
+        try:
+            for path in directory.rglob("*"):
+                key = path.relative_to(self.root).as_posix()
+                # Staged writes (".put-*") are not objects yet.
+                if key.startswith(prefix) and path.is_file() and not path.name.startswith("."):
+                    yield StoredObject(key=key, modified_time=path.stat().st_mtime)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"could not list {prefix}: {exc}") from exc
 
     def presigned_get_url(self, key: str, expires_in: int) -> str:
         expires = int(time.time()) + expires_in

@@ -25,6 +25,7 @@ from celery import current_task
 from worker import runtime
 from worker.engines import EngineChoice, load_engine
 from worker.engines.base import Candidate, Prompt, SegmentationEngine
+from worker.engines.embedding_cache import EmbeddingCache
 
 
 class ProbedEngine:
@@ -65,8 +66,10 @@ def _install() -> None:
     """Wrap the engine that worker.runtime loads (it imported load_engine
     by name, so the name is replaced in its namespace)."""
 
-    def load_probed(choice: EngineChoice, device: str) -> SegmentationEngine:
-        return ProbedEngine(load_engine(choice, device))
+    def load_probed(
+        choice: EngineChoice, device: str, embeddings: EmbeddingCache | None = None
+    ) -> SegmentationEngine:
+        return ProbedEngine(load_engine(choice, device, embeddings))
 
     vars(runtime)["load_engine"] = load_probed
 

@@ -29,6 +29,8 @@ from segq.queue import (
     messages_waiting,
 )
 from segq.settings import Settings
+from segq.storage import open_storage
+from worker.engines.embedding_cache import sweep_expired_embeddings
 from worker.periodic import PeriodicPass
 from worker.reconciler import reconcile
 from worker.runtime import attach_runtime, build_runtime, runtime_of
@@ -127,6 +129,8 @@ class WorkerProcessStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 interval=settings.webhook_poll_seconds,
             ),
         ]
+        if _consumes_segment_queue(app):
+            self._passes.append(_embedding_sweeper(settings))
         for periodic in self._passes:
             periodic.start()
 
@@ -136,6 +140,27 @@ class WorkerProcessStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def terminate(self, parent: Any) -> None:
         self.stop(parent)
+
+
+#: The sweeper's longest pause: expired embeddings are never used, so this
+#: bounds only how long their bytes stay.
+EMBEDDING_SWEEP_SECONDS = 3600
+
+
+def _embedding_sweeper(settings: Settings) -> PeriodicPass:
+    """Deletes shared embeddings older than their TTL. Every segmenting
+    worker sweeps; deleting twice is harmless, and a listing per hour is
+    cheap. An S3 lifecycle rule on ``embeddings/`` can do this instead."""
+    storage = open_storage(
+        settings.storage_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        secret_key=settings.secret_key,
+    )
+    return PeriodicPass(
+        "segq-embedding-sweeper",
+        lambda: sweep_expired_embeddings(storage, settings.embedding_ttl_seconds),
+        interval=min(EMBEDDING_SWEEP_SECONDS, settings.embedding_ttl_seconds),
+    )
 
 
 def _forks(pool_cls: Any) -> bool:

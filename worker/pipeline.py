@@ -18,6 +18,7 @@ from segq.db import once_more_if_disconnected
 from segq.storage import ObjectStorage, StorageError
 from worker.claims import Claim, claim_item, finish_item, release_item
 from worker.engines.base import SegmentationEngine
+from worker.engines.item_metrics import recording_item_metrics
 from worker.item_inputs import ImageLimits, ItemFailure, load_image, pixel_prompt
 from worker.lease_keeper import lease_kept
 from worker.results import (
@@ -113,12 +114,16 @@ def segment_claimed_item(
     storage: ObjectStorage, engine: SegmentationEngine, claim: Claim, limits: ImageLimits
 ) -> dict[str, Any]:
     """Read the item's image, segment it with the item's prompt, and store
-    the masks: the item's result (raises ItemFailure, StorageError)."""
+    the masks: the item's result, with what the engine's work cost (raises
+    ItemFailure, StorageError)."""
     image = load_image(storage, claim, limits)
     height, width = image.shape[:2]
-    candidates = engine.segment(
-        image,
-        pixel_prompt(claim.prompt, width, height),
-        multimask=bool(claim.options.get("multimaskOutput")),
-    )
-    return encode_result(claim, candidates, storage, width, height)
+    with recording_item_metrics() as metrics:
+        candidates = engine.segment(
+            image,
+            pixel_prompt(claim.prompt, width, height),
+            multimask=bool(claim.options.get("multimaskOutput")),
+        )
+    result = encode_result(claim, candidates, storage, width, height)
+    result["metrics"] = metrics.as_result()
+    return result

@@ -19,6 +19,7 @@ from segq.settings import Settings
 from segq.storage import ObjectStorage, open_storage
 from worker.engines import load_engine, resolve_engine
 from worker.engines.base import SegmentationEngine
+from worker.engines.embedding_cache import EmbeddingCache
 from worker.item_inputs import ImageLimits
 from worker.webhook_delivery import DeliveryRules
 
@@ -66,15 +67,21 @@ def build_runtime(
         choice = resolve_engine(
             settings.model, settings.model_checkpoint, settings.data_dir / "weights"
         )
-        engine = load_engine(choice, settings.device)
+        storage = open_storage(
+            settings.storage_url,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            secret_key=settings.secret_key,
+        )
+        embeddings = EmbeddingCache(
+            storage,
+            max_bytes=settings.embedding_cache_mb * 1024 * 1024,
+            ttl_seconds=settings.embedding_ttl_seconds,
+        )
+        engine = load_engine(choice, settings.device, embeddings)
         log.info("engine %s ready", engine.name)
         segment = SegmentRuntime(
             sessions=sessions,
-            storage=open_storage(
-                settings.storage_url,
-                s3_endpoint_url=settings.s3_endpoint_url,
-                secret_key=settings.secret_key,
-            ),
+            storage=storage,
             engine=engine,
             lease_seconds=settings.lease_seconds,
             max_attempts=settings.max_attempts,

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from worker.engines.base import SegmentationEngine
+
+if TYPE_CHECKING:
+    from worker.engines.embedding_cache import EmbeddingCache
 
 ENGINE_NAMES = ("sam_vit_b", "sam_vit_l", "sam_vit_h", "grabcut")
 #: Engines that take no model; the benchmark one is chosen only by name.
@@ -55,8 +59,11 @@ def resolve_engine(model: str | None, checkpoint: str | None, weights_dir: Path)
     return EngineChoice(model, found)
 
 
-def load_engine(choice: EngineChoice, device: str) -> SegmentationEngine:
-    """Build the engine; for SAM this loads the model (once per process)."""
+def load_engine(
+    choice: EngineChoice, device: str, embeddings: EmbeddingCache | None = None
+) -> SegmentationEngine:
+    """Build the engine; for SAM this loads the model (once per process) and
+    keeps its image embeddings in ``embeddings`` under the checkpoint's digest."""
     if choice.name == "grabcut":
         from worker.engines.grabcut import GrabCutEngine
 
@@ -65,8 +72,17 @@ def load_engine(choice: EngineChoice, device: str) -> SegmentationEngine:
         from worker.engines.fixed_mask import BenchmarkFixedMaskEngine
 
         return BenchmarkFixedMaskEngine()
+    from worker.engines.embedding_cache import checkpoint_digest, model_id
     from worker.engines.sam import SamEngine, load_sam
 
     assert choice.checkpoint is not None
     architecture = choice.name.removeprefix("sam_")
-    return SamEngine(load_sam(architecture, choice.checkpoint, device), choice.name)
+    sam = load_sam(architecture, choice.checkpoint, device)
+    if embeddings is None:
+        return SamEngine(sam, choice.name)
+    return SamEngine(
+        sam,
+        choice.name,
+        embeddings=embeddings,
+        model_id=model_id(choice.name, checkpoint_digest(choice.checkpoint)),
+    )

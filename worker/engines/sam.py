@@ -6,8 +6,8 @@ loaded here, with ``weights_only=True`` (a checkpoint is data, never code).
 
 from __future__ import annotations
 
-import hashlib
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +18,14 @@ from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling import Sam
 
 from worker.engines.base import Candidate, Prompt
+from worker.engines.embedding_cache import (
+    Embedding,
+    EmbeddingCache,
+    EmbeddingKey,
+    EmbeddingSource,
+    image_digest,
+)
+from worker.engines.item_metrics import record_embedding
 
 
 class CheckpointError(RuntimeError):
@@ -111,12 +119,27 @@ class SamEngine:
     embedding (the expensive part: seconds on a CPU), so it is kept while the
     same image comes back with another prompt, and a lock makes callers on
     other threads take turns (Celery's prefork pool runs one task per process;
-    a threaded pool would not)."""
+    a threaded pool would not).
 
-    def __init__(self, sam: Sam, name: str) -> None:
+    With ``embeddings`` (and ``model_id``, naming the model and its checkpoint
+    there), an image another item or worker encoded is restored from that
+    cache instead of encoded again."""
+
+    def __init__(
+        self,
+        sam: Sam,
+        name: str,
+        *,
+        embeddings: EmbeddingCache | None = None,
+        model_id: str | None = None,
+    ) -> None:
+        if (embeddings is None) != (model_id is None):
+            raise ValueError("an embedding cache needs the model's id, and only it")
         self.name = name
         self._predictor = SamPredictor(sam)
-        self._embedded_image: bytes | None = None
+        self._embeddings = embeddings
+        self._model_id = model_id
+        self._embedded_image: str | None = None
         self._lock = threading.Lock()
 
     def segment(
@@ -151,12 +174,45 @@ class SamEngine:
         return candidates if multimask else candidates[:1]
 
     def _embed(self, image: npt.NDArray[np.uint8]) -> None:
-        """Set ``image`` on the predictor unless it already holds its embedding."""
-        # Hashing even a 12-megapixel image takes milliseconds.
-        digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16)
-        key = repr(image.shape).encode() + digest.digest()
-        if key == self._embedded_image:
-            return
-        self._embedded_image = None  # stays None if set_image fails halfway
-        self._predictor.set_image(image, image_format="RGB")
-        self._embedded_image = key
+        """Make the predictor hold ``image``'s embedding: kept from the last
+        image, restored from the cache, or encoded (and then cached)."""
+        started = time.perf_counter()
+        predictor = self._predictor
+        input_size = predictor.transform.get_preprocess_shape(
+            image.shape[0], image.shape[1], predictor.transform.target_length
+        )
+        digest = image_digest(image, input_size)
+        if digest == self._embedded_image:
+            source = EmbeddingSource.LOCAL
+        else:
+            self._embedded_image = None  # stays None if encoding fails halfway
+            source = self._set_embedding(image, digest)
+            self._embedded_image = digest
+        record_embedding(source, (time.perf_counter() - started) * 1000)
+
+    def _set_embedding(self, image: npt.NDArray[np.uint8], digest: str) -> EmbeddingSource:
+        predictor = self._predictor
+        if self._embeddings is None or self._model_id is None:
+            predictor.set_image(image, image_format="RGB")
+            return EmbeddingSource.COMPUTED
+
+        def encode() -> Embedding:
+            predictor.set_image(image, image_format="RGB")
+            assert predictor.features is not None
+            return Embedding(
+                features=predictor.features.detach().float().cpu().numpy(),
+                original_size=(int(predictor.original_size[0]), int(predictor.original_size[1])),
+                input_size=(int(predictor.input_size[0]), int(predictor.input_size[1])),
+            )
+
+        embedding, source = self._embeddings.get_or_compute(
+            EmbeddingKey(self._model_id, digest), encode
+        )
+        if source != EmbeddingSource.COMPUTED:
+            # What set_image leaves behind, without running the encoder.
+            predictor.reset_image()
+            predictor.original_size = embedding.original_size
+            predictor.input_size = embedding.input_size
+            predictor.features = torch.from_numpy(embedding.features).to(predictor.device)
+            predictor.is_image_set = True
+        return source
