@@ -18,6 +18,7 @@ from segq.webhook_events import EVENT_TYPES, SHORT_NAMES
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 MAX_POINTS = 32
+MAX_PROMPTS = 64
 MAX_EXTERNAL_ID_LENGTH = 255
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
@@ -25,7 +26,7 @@ Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
 OutputKind = Literal["polygons", "mask", "rle", "svgPath", "logits"]
-SUPPORTED_OUTPUTS: frozenset[str] = frozenset({"polygons", "mask", "rle", "svgPath"})
+SUPPORTED_OUTPUTS: frozenset[str] = frozenset({"polygons", "mask", "rle", "svgPath", "logits"})
 DEFAULT_OUTPUTS: tuple[OutputKind, ...] = ("polygons", "mask")
 
 
@@ -88,9 +89,24 @@ class Webhook(StrictModel):
     ) = None
 
 
+Index = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class MaskInput(StrictModel):
+    """A segment of an earlier job of the same project that was asked for
+    ``logits``: its logits are fed to SAM as ``mask_input``."""
+
+    jobId: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    itemIndex: Index = Field(description="the item's position in that job's request")
+    segmentIndex: Index = Field(description="the segment's position in that item's segments")
+
+
 class PromptSet(StrictModel):
-    points: list[Point] | None = None
+    """One object to segment: at least one point or a box."""
+
+    points: Annotated[list[Point], Field(max_length=MAX_POINTS)] | None = None
     boundingBox: BoundingBox | None = None
+    maskInput: MaskInput | None = None
 
 
 class SegmentRequest(StrictModel):
@@ -101,7 +117,17 @@ class SegmentRequest(StrictModel):
     boundingBox: BoundingBox | None = None
     multimaskOutput: bool = False
     outputs: Annotated[list[OutputKind], Field(min_length=1)] | None = None
-    prompts: list[PromptSet] | None = None
+    prompts: (
+        Annotated[
+            list[PromptSet],
+            Field(
+                min_length=1,
+                max_length=MAX_PROMPTS,
+                description="extension: several objects per image, instead of points/boundingBox",
+            ),
+        ]
+        | None
+    ) = None
     webhook: Webhook | None = None
     model: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
@@ -172,7 +198,17 @@ class Rle(ResponseModel):
     counts: list[int]
 
 
+class LogitsLink(ResponseModel):
+    url: str
+    expiresTime: int
+    format: Literal["application/x-npy"]
+    shape: list[int] = Field(description="[256, 256]: SAM's low-resolution mask logits, float16")
+
+
 class Segment(ResponseModel):
+    promptIndex: int | None = Field(
+        None, description="extension: the prompt this segment answers (0 for a top-level prompt)"
+    )
     score: float
     boundingBox: BoundingBox | None
     area: float
@@ -180,6 +216,7 @@ class Segment(ResponseModel):
     mask: MaskLink | None = None
     rle: Rle | None = None
     svgPath: str | None = None
+    logits: LogitsLink | None = None
 
 
 class JobItemResult(ItemReference):
@@ -212,11 +249,13 @@ class JobCreatedResponse(JobState):
     items: list[ItemReference]
     points: list[Point] | None = None
     boundingBox: BoundingBox | None = None
+    prompts: list[PromptSet] | None = None
 
 
 class JobPrompt(ResponseModel):
     points: list[Point] | None = None
     boundingBox: BoundingBox | None = None
+    prompts: list[PromptSet] | None = None
 
 
 class JobResponse(JobState):

@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from segq.db import once_more_if_disconnected
 from segq.storage import ObjectStorage, StorageError
 from worker.claims import Claim, claim_item, finish_item, release_item
-from worker.engines.base import SegmentationEngine
-from worker.item_inputs import ImageLimits, ItemFailure, load_image, pixel_prompt
+from worker.engines.base import MaskInputUnsupported, SegmentationEngine, segment_prompts
+from worker.item_inputs import ImageLimits, ItemFailure, item_prompts, load_image
 from worker.lease_keeper import lease_kept
 from worker.results import (
     discard_objects,
@@ -112,13 +112,17 @@ def process_item(
 def segment_claimed_item(
     storage: ObjectStorage, engine: SegmentationEngine, claim: Claim, limits: ImageLimits
 ) -> dict[str, Any]:
-    """Read the item's image, segment it with the item's prompt, and store
-    the masks: the item's result (raises ItemFailure, StorageError)."""
+    """Read the item's image, segment it with each of the job's prompts,
+    and store the masks: the item's result (raises ItemFailure, StorageError)."""
     image = load_image(storage, claim, limits)
     height, width = image.shape[:2]
-    candidates = engine.segment(
-        image,
-        pixel_prompt(claim.prompt, width, height),
-        multimask=bool(claim.options.get("multimaskOutput")),
-    )
-    return encode_result(claim, candidates, storage, width, height)
+    try:
+        answers = segment_prompts(
+            engine,
+            image,
+            item_prompts(storage, claim.prompt, width, height),
+            multimask=bool(claim.options.get("multimaskOutput")),
+        )
+    except MaskInputUnsupported as exc:
+        raise ItemFailure(str(exc)) from None
+    return encode_result(claim, answers, storage, width, height)
