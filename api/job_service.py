@@ -22,6 +22,7 @@ from api.schemas import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
     SUPPORTED_OUTPUTS,
     BoundingBox,
+    EverythingOptions,
     MaskInput,
     Point,
     SegmentRequest,
@@ -59,7 +60,7 @@ def create_segmentation_job(
     key (the Idempotency-Key header as sent, None if absent) gets the job
     the first one created."""
     settings = services.settings
-    _check_semantics(segment_request, settings.max_items_per_job)
+    _check_semantics(segment_request, settings.max_items_per_job, settings.model)
     webhook = _checked_webhook(segment_request.webhook, settings.webhook_policy())
     idempotency_key = _checked_idempotency_key(idempotency_key_header)
     request_sha256 = _request_fingerprint(segment_request, webhook)
@@ -78,10 +79,7 @@ def create_segmentation_job(
         created_time=now,
         status_time=now,
         prompt=stored_prompt,
-        options={
-            "multimaskOutput": segment_request.multimaskOutput,
-            "outputs": list(segment_request.outputs or DEFAULT_OUTPUTS),
-        },
+        options=_stored_options(segment_request),
         idempotency_key=idempotency_key,
         request_sha256=request_sha256,
         webhook=webhook,
@@ -186,11 +184,19 @@ def _check_unfinished_jobs(session: Session, services: Services, project_id: int
         )
 
 
-def _check_semantics(segment_request: SegmentRequest, max_items: int) -> None:
-    """What the schema cannot say: well-formed requests that cannot be run."""
+def _check_semantics(
+    segment_request: SegmentRequest, max_items: int, configured_model: str | None
+) -> None:
+    """What the schema cannot say: well-formed requests that cannot be run.
+    ``configured_model``: SEGQ_MODEL where it is set; when it names GrabCut,
+    what only SAM can do is refused here rather than failed by the worker."""
     if segment_request.model is not None:
         raise ApiError(422, "model selection is not supported: this server runs one engine")
-    if segment_request.prompts is None:
+    if segment_request.mode == "everything":
+        _check_everything(segment_request, configured_model)
+    elif segment_request.everything is not None:
+        raise ApiError(422, 'everything options are for "mode": "everything"')
+    elif segment_request.prompts is None:
         _check_prompt("", segment_request.points, segment_request.boundingBox)
     elif segment_request.points is not None or segment_request.boundingBox is not None:
         raise ApiError(
@@ -200,6 +206,13 @@ def _check_semantics(segment_request: SegmentRequest, max_items: int) -> None:
     else:
         for index, prompt_set in enumerate(segment_request.prompts):
             _check_prompt(f"prompts[{index}].", prompt_set.points, prompt_set.boundingBox)
+    if configured_model == "grabcut" and (
+        "logits" in (segment_request.outputs or ())
+        or any(p.maskInput is not None for p in segment_request.prompts or ())
+    ):
+        raise ApiError(
+            422, f"logits and maskInput need a SAM engine; this server runs {configured_model}"
+        )
     unsupported = set(segment_request.outputs or ()) - SUPPORTED_OUTPUTS
     if unsupported:
         raise ApiError(422, f"outputs {sorted(unsupported)} are not supported by this server yet")
@@ -219,6 +232,23 @@ def _check_semantics(segment_request: SegmentRequest, max_items: int) -> None:
             )
 
 
+def _check_everything(segment_request: SegmentRequest, configured_model: str | None) -> None:
+    if (
+        segment_request.prompts is not None
+        or segment_request.points is not None
+        or segment_request.boundingBox is not None
+    ):
+        raise ApiError(
+            422, "segment everything takes no prompt: drop points, boundingBox and prompts"
+        )
+    if "logits" in (segment_request.outputs or ()):
+        raise ApiError(422, "logits are given for prompted segments only, not segment everything")
+    if configured_model == "grabcut":
+        raise ApiError(
+            422, f"segment everything needs a SAM engine; this server runs {configured_model}"
+        )
+
+
 def _check_prompt(where: str, points: list[Point] | None, box: BoundingBox | None) -> None:
     """One object's prompt; ``where`` prefixes its fields in messages."""
     if not points and box is None:
@@ -230,6 +260,17 @@ def _check_prompt(where: str, points: list[Point] | None, box: BoundingBox | Non
         if (point.x, point.y) in seen:
             raise ApiError(422, f"{where}points[{index}] repeats an earlier point")
         seen.add((point.x, point.y))
+
+
+def _stored_options(segment_request: SegmentRequest) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "multimaskOutput": segment_request.multimaskOutput,
+        "outputs": list(segment_request.outputs or DEFAULT_OUTPUTS),
+    }
+    if segment_request.mode == "everything":
+        options["mode"] = "everything"
+        options["everything"] = (segment_request.everything or EverythingOptions()).model_dump()
+    return options
 
 
 def _stored_prompt(

@@ -109,6 +109,30 @@ class PromptSet(StrictModel):
     maskInput: MaskInput | None = None
 
 
+MAX_EVERYTHING_SEGMENTS = 256
+
+
+class EverythingOptions(StrictModel):
+    """Segment everything, as segment-anything's SamAutomaticMaskGenerator
+    takes it; the defaults are its own."""
+
+    pointsPerSide: Annotated[int, Field(ge=1, le=128)] = Field(
+        32, description="a grid of pointsPerSide x pointsPerSide single-point prompts"
+    )
+    predIouThresh: Unit = Field(0.88, description="masks with a lower predicted IoU are dropped")
+    stabilityScoreThresh: Unit = Field(
+        0.95, description="masks with a lower stability score are dropped"
+    )
+    minArea: Annotated[int, Field(ge=0, le=2**31 - 1)] = Field(
+        0,
+        description="disconnected regions and holes under this many pixels are removed "
+        "(SAM's min_mask_region_area)",
+    )
+    maxSegments: Annotated[int, Field(ge=1, le=MAX_EVERYTHING_SEGMENTS)] = Field(
+        MAX_EVERYTHING_SEGMENTS, description="at most this many segments, best first"
+    )
+
+
 class SegmentRequest(StrictModel):
     """Cognite's body, unchanged, plus optional extensions."""
 
@@ -128,6 +152,10 @@ class SegmentRequest(StrictModel):
         ]
         | None
     ) = None
+    mode: Literal["prompted", "everything"] = Field(
+        "prompted", description="extension: everything finds every object, with no prompt"
+    )
+    everything: EverythingOptions | None = None
     webhook: Webhook | None = None
     model: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 

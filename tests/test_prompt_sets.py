@@ -26,10 +26,10 @@ from segq.models import JobItem
 from segq.storage import S3Storage
 from tests.harness import TEST_LIMITS, Tenant, count_jobs, queued_messages
 from tests.images import png_bytes, scene
-from tests.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
+from tests.tiny_sam import load_tiny_sam
 from worker.engines.base import Prompt
 from worker.engines.grabcut import GrabCutEngine
-from worker.engines.sam import SamEngine, load_sam
+from worker.engines.sam import SamEngine
 from worker.mask_logits import decode_logits
 from worker.pipeline import ItemOutcome, process_item
 
@@ -55,8 +55,7 @@ MIXED: list[tuple[PointList, Box]] = [
 
 @pytest.fixture
 def tiny_sam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sam:
-    architecture = register_tiny_architecture(monkeypatch)
-    return load_sam(architecture, save_tiny_sam_checkpoint(tmp_path / "tiny.pth", seed=5), "cpu")
+    return load_tiny_sam(tmp_path, monkeypatch)
 
 
 def direct(

@@ -14,7 +14,7 @@ from segq.images import ImageRefused, decode_image
 from segq.storage import ObjectNotFound, ObjectStorage
 from segq.url_guard import FetchFailed, FetchPolicy, UrlRefused, fetch
 from worker.claims import Claim
-from worker.engines.base import Prompt
+from worker.engines.base import EverythingOptions, Prompt
 from worker.mask_logits import LogitsUnreadable, decode_logits
 
 
@@ -54,6 +54,21 @@ def load_image(storage: ObjectStorage, claim: Claim, limits: ImageLimits) -> npt
         return decode_image(data, max_pixels=limits.max_pixels).pixels
     except ImageRefused as exc:
         raise ItemFailure(f"the image was refused: {exc}") from None
+
+
+def everything_options(options: dict[str, Any]) -> EverythingOptions | None:
+    """The job's segment-everything options (the API filled in every
+    field), or None for a prompted job."""
+    if options.get("mode") != "everything":
+        return None
+    chosen = options["everything"]
+    return EverythingOptions(
+        points_per_side=chosen["pointsPerSide"],
+        pred_iou_thresh=chosen["predIouThresh"],
+        stability_score_thresh=chosen["stabilityScoreThresh"],
+        min_area=chosen["minArea"],
+        max_segments=chosen["maxSegments"],
+    )
 
 
 def prompt_sets(prompt: dict[str, Any]) -> list[dict[str, Any]]:

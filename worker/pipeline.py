@@ -17,8 +17,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from segq.db import once_more_if_disconnected
 from segq.storage import ObjectStorage, StorageError
 from worker.claims import Claim, claim_item, finish_item, release_item
-from worker.engines.base import MaskInputUnsupported, SegmentationEngine, segment_prompts
-from worker.item_inputs import ImageLimits, ItemFailure, item_prompts, load_image
+from worker.engines.base import (
+    Candidate,
+    EverythingUnsupported,
+    MaskInputUnsupported,
+    SegmentationEngine,
+    segment_everything,
+    segment_prompts,
+)
+from worker.item_inputs import (
+    ImageLimits,
+    ItemFailure,
+    everything_options,
+    item_prompts,
+    load_image,
+)
 from worker.lease_keeper import lease_kept
 from worker.results import (
     discard_objects,
@@ -112,17 +125,24 @@ def process_item(
 def segment_claimed_item(
     storage: ObjectStorage, engine: SegmentationEngine, claim: Claim, limits: ImageLimits
 ) -> dict[str, Any]:
-    """Read the item's image, segment it with each of the job's prompts,
-    and store the masks: the item's result (raises ItemFailure, StorageError)."""
+    """Read the item's image, segment it with each of the job's prompts (or
+    find every object in it), and store the masks: the item's result
+    (raises ItemFailure, StorageError)."""
     image = load_image(storage, claim, limits)
     height, width = image.shape[:2]
+    everything = everything_options(claim.options)
+    answers: list[tuple[int | None, list[Candidate]]]
     try:
-        answers = segment_prompts(
-            engine,
-            image,
-            item_prompts(storage, claim.prompt, width, height),
-            multimask=bool(claim.options.get("multimaskOutput")),
-        )
-    except MaskInputUnsupported as exc:
+        if everything is not None:
+            answers = [(None, segment_everything(engine, image, everything))]
+        else:
+            per_prompt = segment_prompts(
+                engine,
+                image,
+                item_prompts(storage, claim.prompt, width, height),
+                multimask=bool(claim.options.get("multimaskOutput")),
+            )
+            answers = list(enumerate(per_prompt))
+    except (MaskInputUnsupported, EverythingUnsupported) as exc:
         raise ItemFailure(str(exc)) from None
     return encode_result(claim, answers, storage, width, height)

@@ -5,12 +5,13 @@ that no row refers to."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from segq.storage import ObjectStorage, StorageError
 from worker.claims import Claim
 from worker.engines.base import Candidate
-from worker.item_inputs import ItemFailure, prompt_sets
+from worker.item_inputs import ItemFailure, everything_options, prompt_sets
 from worker.mask_logits import NPY_MEDIA_TYPE, encode_logits
 from worker.masks import (
     encode_png,
@@ -28,23 +29,28 @@ log = logging.getLogger(__name__)
 MAX_CANDIDATES = 3
 
 
-def mask_key(claim: Claim, prompt_index: int, index: int, attempt: int | None = None) -> str:
-    """Per item, attempt, prompt and candidate. An attempt that lost its
-    lease may still be running (its worker cut off from the database, not
-    from storage): under a key of its own it can never replace the objects
-    of the attempt that completed, whose keys the item's row records."""
-    return _attempt_prefix(claim, attempt) + f"/prompt-{prompt_index}/mask-{index}.png"
+def mask_key(claim: Claim, prompt_index: int | None, index: int, attempt: int | None = None) -> str:
+    """Per item, attempt, prompt (None: segment everything) and candidate.
+    An attempt that lost its lease may still be running (its worker cut off
+    from the database, not from storage): under a key of its own it can
+    never replace the objects of the attempt that completed, whose keys the
+    item's row records."""
+    return _answer_prefix(claim, prompt_index, attempt) + f"/mask-{index}.png"
 
 
-def logits_key(claim: Claim, prompt_index: int, index: int, attempt: int | None = None) -> str:
+def logits_key(
+    claim: Claim, prompt_index: int | None, index: int, attempt: int | None = None
+) -> str:
     """Where a candidate's low-resolution logits go; fixed as ``mask_key``."""
-    return _attempt_prefix(claim, attempt) + f"/prompt-{prompt_index}/logits-{index}.npy"
+    return _answer_prefix(claim, prompt_index, attempt) + f"/logits-{index}.npy"
 
 
-def _attempt_prefix(claim: Claim, attempt: int | None) -> str:
+def _answer_prefix(claim: Claim, prompt_index: int | None, attempt: int | None) -> str:
     attempt = claim.attempt if attempt is None else attempt
+    answer = "everything" if prompt_index is None else f"prompt-{prompt_index}"
     return (
-        f"projects/{claim.project_id}/jobs/{claim.job_id}/items/{claim.item_id}/attempt-{attempt}"
+        f"projects/{claim.project_id}/jobs/{claim.job_id}/items/{claim.item_id}"
+        f"/attempt-{attempt}/{answer}"
     )
 
 
@@ -73,33 +79,41 @@ def objects_of_result(result: dict[str, Any] | None) -> list[str]:
 def objects_of_earlier_attempts(claim: Claim) -> list[str]:
     """Where attempts before ``claim``'s may have left objects (a worker
     killed, or cut off, between its writes and its completion)."""
+    everything = everything_options(claim.options)
+    answers: list[tuple[int | None, int]] = (
+        [(None, everything.max_segments)]
+        if everything is not None
+        else [(index, MAX_CANDIDATES) for index in range(len(prompt_sets(claim.prompt)))]
+    )
     return [
         key(claim, prompt_index, index, attempt)
         for attempt in range(1, claim.attempt)
-        for prompt_index in range(len(prompt_sets(claim.prompt)))
-        for index in range(MAX_CANDIDATES)
+        for prompt_index, candidates in answers
+        for index in range(candidates)
         for key in (mask_key, logits_key)
     ]
 
 
 def encode_result(
     claim: Claim,
-    answers: list[list[Candidate]],
+    answers: Sequence[tuple[int | None, list[Candidate]]],
     storage: ObjectStorage,
     width: int,
     height: int,
 ) -> dict[str, Any]:
     """Store the masks and describe them as the item's result (keys, not
-    URLs). ``answers``: each prompt's candidates, best first, in prompt
-    order; the segments keep that order and name their prompt."""
+    URLs). ``answers``: (prompt index, its candidates best first) in prompt
+    order, the index None for segment everything; the segments keep that
+    order and name their prompt."""
     outputs = set(claim.options.get("outputs") or ("polygons", "mask"))
-    if "logits" in outputs and any(c.logits is None for cs in answers for c in cs):
+    if "logits" in outputs and any(c.logits is None for _, cs in answers for c in cs):
         raise ItemFailure("logits need a SAM engine; this server's engine gives none")
     segments: list[dict[str, Any]] = []
-    for prompt_index, candidates in enumerate(answers):
+    for prompt_index, candidates in answers:
         for index, candidate in enumerate(candidates):
             segment = _encode_segment(candidate, outputs, width, height)
-            segment["promptIndex"] = prompt_index
+            if prompt_index is not None:
+                segment["promptIndex"] = prompt_index
             if "mask" in outputs:
                 key = mask_key(claim, prompt_index, index)
                 storage.put(key, encode_png(candidate.mask), "image/png")

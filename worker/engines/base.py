@@ -60,6 +60,52 @@ class SegmentationEngine(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class EverythingOptions:
+    """Automatic mask generation ("segment everything") as segment-anything's
+    ``SamAutomaticMaskGenerator`` takes it; the defaults are its own.
+
+    points_per_side: a grid of points_per_side**2 single-point prompts.
+    pred_iou_thresh, stability_score_thresh: masks below either are dropped.
+    min_area: disconnected regions and holes under this many pixels are
+        removed (its ``min_mask_region_area``; 0 leaves masks as decoded).
+    max_segments: at most this many masks are kept, best predicted IoU first.
+    """
+
+    points_per_side: int = 32
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    min_area: int = 0
+    max_segments: int = 256
+
+
+class EverythingUnsupported(ValueError):
+    """The engine has no automatic mask generation."""
+
+
+@runtime_checkable
+class AutomaticMaskEngine(SegmentationEngine, Protocol):
+    """An engine that finds every object of an image without a prompt."""
+
+    def segment_everything(
+        self, image: npt.NDArray[np.uint8], options: EverythingOptions
+    ) -> list[Candidate]:
+        """image: (H, W, 3) uint8 RGB. Candidates, best first, at most
+        ``options.max_segments``."""
+        ...
+
+
+def segment_everything(
+    engine: SegmentationEngine, image: npt.NDArray[np.uint8], options: EverythingOptions
+) -> list[Candidate]:
+    """Every object the engine finds; EverythingUnsupported if it cannot."""
+    if not isinstance(engine, AutomaticMaskEngine):
+        raise EverythingUnsupported(
+            f"segment everything needs a SAM engine; this server runs {engine.name}"
+        )
+    return engine.segment_everything(image, options)
+
+
 class MaskInputUnsupported(ValueError):
     """A prompt carries a mask_input the engine cannot take."""
 

@@ -15,10 +15,10 @@ from typing import TypeVar
 import numpy as np
 import numpy.typing as npt
 import torch
-from segment_anything import SamPredictor, sam_model_registry
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 from segment_anything.modeling import Sam
 
-from worker.engines.base import Candidate, Prompt
+from worker.engines.base import Candidate, EverythingOptions, Prompt
 
 #: What one mask-decoder call may hold in upscaled mask logits.
 _DECODE_BATCH_BYTES = 256 * 2**20
@@ -176,6 +176,35 @@ class SamEngine:
                         )
         return answers
 
+    def segment_everything(
+        self, image: npt.NDArray[np.uint8], options: EverythingOptions
+    ) -> list[Candidate]:
+        """segment-anything's SamAutomaticMaskGenerator on ``image`` (one
+        crop: the whole image), on the embedding this engine holds or makes
+        for it. Candidates sorted by predicted IoU, best first, at most
+        ``options.max_segments``; no logits (the generator keeps none)."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
+        generator = SamAutomaticMaskGenerator(
+            self._predictor.model,
+            points_per_side=options.points_per_side,
+            pred_iou_thresh=options.pred_iou_thresh,
+            stability_score_thresh=options.stability_score_thresh,
+            min_mask_region_area=options.min_area,
+            output_mode="binary_mask",
+        )
+        generator.predictor = _HeldEmbedding(self)
+        with self._lock, torch.inference_mode():
+            found = generator.generate(image)
+        found.sort(key=lambda mask: -float(mask["predicted_iou"]))
+        return [
+            Candidate(
+                mask=np.ascontiguousarray(mask["segmentation"], dtype=np.bool_),
+                score=float(mask["predicted_iou"]),
+            )
+            for mask in found[: options.max_segments]
+        ]
+
     def _decode(
         self, prompts: Sequence[Prompt], ask_three: bool
     ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
@@ -232,6 +261,27 @@ class SamEngine:
         self._embedded_image = None  # stays None if set_image fails halfway
         self._predictor.set_image(image, image_format="RGB")
         self._embedded_image = key
+
+
+class _HeldEmbedding:
+    """The engine's predictor as SamAutomaticMaskGenerator uses it, except
+    that setting an image goes through the engine (which keeps the
+    embedding it already holds) and resetting keeps the embedding for the
+    next job on the same image."""
+
+    def __init__(self, engine: SamEngine) -> None:
+        self._engine = engine
+
+    def set_image(self, image: npt.NDArray[np.uint8], image_format: str = "RGB") -> None:
+        if image_format != "RGB":
+            raise ValueError("segq's images are RGB")
+        self._engine._embed(np.ascontiguousarray(image))
+
+    def reset_image(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine._predictor, name)
 
 
 def _asks_three(prompt: Prompt, multimask: bool) -> bool:
