@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -20,6 +21,10 @@ from api.schemas import (
     DEFAULT_OUTPUTS,
     MAX_IDEMPOTENCY_KEY_LENGTH,
     SUPPORTED_OUTPUTS,
+    BoundingBox,
+    EverythingOptions,
+    MaskInput,
+    Point,
     SegmentRequest,
     Webhook,
     checked_text,
@@ -55,7 +60,7 @@ def create_segmentation_job(
     key (the Idempotency-Key header as sent, None if absent) gets the job
     the first one created."""
     settings = services.settings
-    _check_semantics(segment_request, settings.max_items_per_job)
+    _check_semantics(segment_request, settings.max_items_per_job, settings.model)
     webhook = _checked_webhook(segment_request.webhook, settings.webhook_policy())
     idempotency_key = _checked_idempotency_key(idempotency_key_header)
     request_sha256 = _request_fingerprint(segment_request, webhook)
@@ -65,6 +70,7 @@ def create_segmentation_job(
             return CreatedJob(earlier, items_of(session, earlier))
 
     _check_unfinished_jobs(session, services, project_id)
+    stored_prompt = _stored_prompt(session, project_id, segment_request)
     sources = resolve_sources(session, services, project_id, segment_request.items)
     now = now_ms()
     job = Job(
@@ -72,18 +78,8 @@ def create_segmentation_job(
         status=JobStatus.QUEUED,
         created_time=now,
         status_time=now,
-        prompt={
-            "points": (
-                [p.model_dump() for p in segment_request.points] if segment_request.points else None
-            ),
-            "boundingBox": (
-                segment_request.boundingBox.model_dump() if segment_request.boundingBox else None
-            ),
-        },
-        options={
-            "multimaskOutput": segment_request.multimaskOutput,
-            "outputs": list(segment_request.outputs or DEFAULT_OUTPUTS),
-        },
+        prompt=stored_prompt,
+        options=_stored_options(segment_request),
         idempotency_key=idempotency_key,
         request_sha256=request_sha256,
         webhook=webhook,
@@ -188,22 +184,35 @@ def _check_unfinished_jobs(session: Session, services: Services, project_id: int
         )
 
 
-def _check_semantics(segment_request: SegmentRequest, max_items: int) -> None:
-    """What the schema cannot say: well-formed requests that cannot be run."""
-    if segment_request.prompts is not None:
-        raise ApiError(422, "prompts is not supported by this server yet")
+def _check_semantics(
+    segment_request: SegmentRequest, max_items: int, configured_model: str | None
+) -> None:
+    """What the schema cannot say: well-formed requests that cannot be run.
+    ``configured_model``: SEGQ_MODEL where it is set; when it names GrabCut,
+    what only SAM can do is refused here rather than failed by the worker."""
     if segment_request.model is not None:
         raise ApiError(422, "model selection is not supported: this server runs one engine")
-    if not segment_request.points and segment_request.boundingBox is None:
-        raise ApiError(422, "give at least one point or a boundingBox")
-    box = segment_request.boundingBox
-    if box is not None and (box.xMin >= box.xMax or box.yMin >= box.yMax):
-        raise ApiError(422, "boundingBox must have xMin < xMax and yMin < yMax")
-    seen: set[tuple[float, float]] = set()
-    for index, point in enumerate(segment_request.points or []):
-        if (point.x, point.y) in seen:
-            raise ApiError(422, f"points[{index}] repeats an earlier point")
-        seen.add((point.x, point.y))
+    if segment_request.mode == "everything":
+        _check_everything(segment_request, configured_model)
+    elif segment_request.everything is not None:
+        raise ApiError(422, 'everything options are for "mode": "everything"')
+    elif segment_request.prompts is None:
+        _check_prompt("", segment_request.points, segment_request.boundingBox)
+    elif segment_request.points is not None or segment_request.boundingBox is not None:
+        raise ApiError(
+            400,
+            "give either prompts or the top-level points/boundingBox, not both: this job has both",
+        )
+    else:
+        for index, prompt_set in enumerate(segment_request.prompts):
+            _check_prompt(f"prompts[{index}].", prompt_set.points, prompt_set.boundingBox)
+    if configured_model == "grabcut" and (
+        "logits" in (segment_request.outputs or ())
+        or any(p.maskInput is not None for p in segment_request.prompts or ())
+    ):
+        raise ApiError(
+            422, f"logits and maskInput need a SAM engine; this server runs {configured_model}"
+        )
     unsupported = set(segment_request.outputs or ()) - SUPPORTED_OUTPUTS
     if unsupported:
         raise ApiError(422, f"outputs {sorted(unsupported)} are not supported by this server yet")
@@ -221,6 +230,132 @@ def _check_semantics(segment_request: SegmentRequest, max_items: int) -> None:
                 f"items[{index}] must have exactly one of fileId, fileExternalId, fileUrl, "
                 "imageData",
             )
+
+
+def _check_everything(segment_request: SegmentRequest, configured_model: str | None) -> None:
+    if (
+        segment_request.prompts is not None
+        or segment_request.points is not None
+        or segment_request.boundingBox is not None
+    ):
+        raise ApiError(
+            422, "segment everything takes no prompt: drop points, boundingBox and prompts"
+        )
+    if "logits" in (segment_request.outputs or ()):
+        raise ApiError(422, "logits are given for prompted segments only, not segment everything")
+    if configured_model == "grabcut":
+        raise ApiError(
+            422, f"segment everything needs a SAM engine; this server runs {configured_model}"
+        )
+
+
+def _check_prompt(where: str, points: list[Point] | None, box: BoundingBox | None) -> None:
+    """One object's prompt; ``where`` prefixes its fields in messages."""
+    if not points and box is None:
+        raise ApiError(422, f"give at least one point or a boundingBox ({where or 'top level'})")
+    if box is not None and (box.xMin >= box.xMax or box.yMin >= box.yMax):
+        raise ApiError(422, f"{where}boundingBox must have xMin < xMax and yMin < yMax")
+    seen: set[tuple[float, float]] = set()
+    for index, point in enumerate(points or []):
+        if (point.x, point.y) in seen:
+            raise ApiError(422, f"{where}points[{index}] repeats an earlier point")
+        seen.add((point.x, point.y))
+
+
+def _stored_options(segment_request: SegmentRequest) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "multimaskOutput": segment_request.multimaskOutput,
+        "outputs": list(segment_request.outputs or DEFAULT_OUTPUTS),
+    }
+    if segment_request.mode == "everything":
+        options["mode"] = "everything"
+        options["everything"] = (segment_request.everything or EverythingOptions()).model_dump()
+    return options
+
+
+def _stored_prompt(
+    session: Session, project_id: int, segment_request: SegmentRequest
+) -> dict[str, Any]:
+    """The job's prompt as its row keeps it: the top-level one, or
+    ``prompts`` with each ``maskInput`` resolved to the logits it names."""
+    points = segment_request.points
+    box = segment_request.boundingBox
+    stored: dict[str, Any] = {
+        "points": [p.model_dump() for p in points] if points else None,
+        "boundingBox": box.model_dump() if box else None,
+    }
+    if segment_request.prompts is not None:
+        stored["prompts"] = [
+            {
+                "points": [p.model_dump() for p in prompt_set.points]
+                if prompt_set.points
+                else None,
+                "boundingBox": (
+                    prompt_set.boundingBox.model_dump() if prompt_set.boundingBox else None
+                ),
+                "maskInput": (
+                    _resolved_mask_input(session, project_id, f"prompts[{index}]", mask_input)
+                    if (mask_input := prompt_set.maskInput) is not None
+                    else None
+                ),
+            }
+            for index, prompt_set in enumerate(segment_request.prompts)
+        ]
+    return stored
+
+
+def _resolved_mask_input(
+    session: Session, project_id: int, where: str, mask_input: MaskInput
+) -> dict[str, Any]:
+    """``mask_input`` with the storage key of the logits it names. Another
+    project's job is answered as an unknown one: no existence oracle."""
+    job_id, item_index, segment_index = (
+        mask_input.jobId,
+        mask_input.itemIndex,
+        mask_input.segmentIndex,
+    )
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project_id))
+    if job is None:
+        raise ApiError(
+            400, f"{where}.maskInput: job {job_id} not found", missing=[{"jobId": job_id}]
+        )
+    if "logits" not in (job.options.get("outputs") or ()):
+        raise ApiError(
+            422,
+            f"{where}.maskInput: job {job_id} was not asked for logits; "
+            'ask for them with "outputs": [..., "logits"]',
+        )
+    item = session.scalar(
+        select(JobItem).where(JobItem.job_id == job.id, JobItem.position == item_index)
+    )
+    if item is None:
+        raise ApiError(422, f"{where}.maskInput: job {job_id} has no item {item_index}")
+    if item.status != ItemStatus.COMPLETED or item.result is None:
+        raise ApiError(
+            422,
+            f"{where}.maskInput: item {item_index} of job {job_id} is {item.status}, "
+            "not Completed: no logits stored",
+        )
+    segments = item.result["segments"]
+    if segment_index >= len(segments):
+        raise ApiError(
+            422,
+            f"{where}.maskInput: item {item_index} of job {job_id} has "
+            f"{len(segments)} segments, no segment {segment_index}",
+        )
+    logits_key = segments[segment_index].get("logitsKey")
+    if logits_key is None:
+        raise ApiError(
+            422,
+            f"{where}.maskInput: segment {segment_index} of item {item_index} of job {job_id} "
+            "has no logits stored",
+        )
+    return {
+        "jobId": job_id,
+        "itemIndex": item_index,
+        "segmentIndex": segment_index,
+        "logitsKey": logits_key,
+    }
 
 
 def _checked_webhook(webhook: Webhook | None, policy: FetchPolicy) -> dict[str, object] | None:

@@ -18,6 +18,7 @@ from segq.webhook_events import EVENT_TYPES, SHORT_NAMES
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 MAX_POINTS = 32
+MAX_PROMPTS = 64
 MAX_EXTERNAL_ID_LENGTH = 255
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
@@ -25,7 +26,7 @@ Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
 OutputKind = Literal["polygons", "mask", "rle", "svgPath", "logits"]
-SUPPORTED_OUTPUTS: frozenset[str] = frozenset({"polygons", "mask", "rle", "svgPath"})
+SUPPORTED_OUTPUTS: frozenset[str] = frozenset({"polygons", "mask", "rle", "svgPath", "logits"})
 DEFAULT_OUTPUTS: tuple[OutputKind, ...] = ("polygons", "mask")
 
 
@@ -88,9 +89,48 @@ class Webhook(StrictModel):
     ) = None
 
 
+Index = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class MaskInput(StrictModel):
+    """A segment of an earlier job of the same project that was asked for
+    ``logits``: its logits are fed to SAM as ``mask_input``."""
+
+    jobId: Annotated[int, Field(ge=1, le=2**63 - 1)]
+    itemIndex: Index = Field(description="the item's position in that job's request")
+    segmentIndex: Index = Field(description="the segment's position in that item's segments")
+
+
 class PromptSet(StrictModel):
-    points: list[Point] | None = None
+    """One object to segment: at least one point or a box."""
+
+    points: Annotated[list[Point], Field(max_length=MAX_POINTS)] | None = None
     boundingBox: BoundingBox | None = None
+    maskInput: MaskInput | None = None
+
+
+MAX_EVERYTHING_SEGMENTS = 256
+
+
+class EverythingOptions(StrictModel):
+    """Segment everything, as segment-anything's SamAutomaticMaskGenerator
+    takes it; the defaults are its own."""
+
+    pointsPerSide: Annotated[int, Field(ge=1, le=128)] = Field(
+        32, description="a grid of pointsPerSide x pointsPerSide single-point prompts"
+    )
+    predIouThresh: Unit = Field(0.88, description="masks with a lower predicted IoU are dropped")
+    stabilityScoreThresh: Unit = Field(
+        0.95, description="masks with a lower stability score are dropped"
+    )
+    minArea: Annotated[int, Field(ge=0, le=2**31 - 1)] = Field(
+        0,
+        description="disconnected regions and holes under this many pixels are removed "
+        "(SAM's min_mask_region_area)",
+    )
+    maxSegments: Annotated[int, Field(ge=1, le=MAX_EVERYTHING_SEGMENTS)] = Field(
+        MAX_EVERYTHING_SEGMENTS, description="at most this many segments, best first"
+    )
 
 
 class SegmentRequest(StrictModel):
@@ -101,7 +141,21 @@ class SegmentRequest(StrictModel):
     boundingBox: BoundingBox | None = None
     multimaskOutput: bool = False
     outputs: Annotated[list[OutputKind], Field(min_length=1)] | None = None
-    prompts: list[PromptSet] | None = None
+    prompts: (
+        Annotated[
+            list[PromptSet],
+            Field(
+                min_length=1,
+                max_length=MAX_PROMPTS,
+                description="extension: several objects per image, instead of points/boundingBox",
+            ),
+        ]
+        | None
+    ) = None
+    mode: Literal["prompted", "everything"] = Field(
+        "prompted", description="extension: everything finds every object, with no prompt"
+    )
+    everything: EverythingOptions | None = None
     webhook: Webhook | None = None
     model: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
@@ -172,7 +226,17 @@ class Rle(ResponseModel):
     counts: list[int]
 
 
+class LogitsLink(ResponseModel):
+    url: str
+    expiresTime: int
+    format: Literal["application/x-npy"]
+    shape: list[int] = Field(description="[256, 256]: SAM's low-resolution mask logits, float16")
+
+
 class Segment(ResponseModel):
+    promptIndex: int | None = Field(
+        None, description="extension: the prompt this segment answers (0 for a top-level prompt)"
+    )
     score: float
     boundingBox: BoundingBox | None
     area: float
@@ -180,6 +244,7 @@ class Segment(ResponseModel):
     mask: MaskLink | None = None
     rle: Rle | None = None
     svgPath: str | None = None
+    logits: LogitsLink | None = None
 
 
 class ItemMetrics(ResponseModel):
@@ -227,11 +292,13 @@ class JobCreatedResponse(JobState):
     items: list[ItemReference]
     points: list[Point] | None = None
     boundingBox: BoundingBox | None = None
+    prompts: list[PromptSet] | None = None
 
 
 class JobPrompt(ResponseModel):
     points: list[Point] | None = None
     boundingBox: BoundingBox | None = None
+    prompts: list[PromptSet] | None = None
 
 
 class JobResponse(JobState):

@@ -21,7 +21,10 @@ def item_reference(item: JobItem) -> dict[str, Any]:
 def render_segment(
     segment: dict[str, Any], width: int, height: int, link_mask: MaskLinker | None
 ) -> dict[str, Any]:
-    rendered: dict[str, Any] = {
+    rendered: dict[str, Any] = {}
+    if "promptIndex" in segment:
+        rendered["promptIndex"] = segment["promptIndex"]
+    rendered |= {
         "score": segment["score"],
         "boundingBox": segment["boundingBox"],
         "area": segment["area"],
@@ -43,7 +46,35 @@ def render_segment(
     for optional in ("rle", "svgPath"):
         if optional in segment:
             rendered[optional] = segment[optional]
+    if "logitsKey" in segment:
+        logits: dict[str, Any] = {"format": "application/x-npy", "shape": segment["logitsShape"]}
+        if link_mask is not None:
+            logits["url"], logits["expiresTime"] = link_mask(segment["logitsKey"])
+        rendered["logits"] = logits
     return rendered
+
+
+def shown_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
+    """The job's prompt as the client gave it: ``prompts`` only when it
+    gave them, and a ``maskInput`` without the storage key it resolved to."""
+    shown: dict[str, Any] = {
+        "points": prompt.get("points"),
+        "boundingBox": prompt.get("boundingBox"),
+    }
+    if prompt.get("prompts"):
+        shown["prompts"] = [
+            {
+                key: (
+                    {k: v for k, v in value.items() if k != "logitsKey"}
+                    if key == "maskInput"
+                    else value
+                )
+                for key, value in entry.items()
+                if value is not None
+            }
+            for entry in prompt["prompts"]
+        ]
+    return shown
 
 
 def _job_state(job: Job) -> dict[str, Any]:
@@ -85,10 +116,7 @@ def render_job(job: Job, items: Sequence[JobItem], link_mask: MaskLinker | None)
     document: dict[str, Any] = {
         **_job_state(job),
         "items": shown,
-        "prompt": {
-            "points": job.prompt.get("points"),
-            "boundingBox": job.prompt.get("boundingBox"),
-        },
+        "prompt": shown_prompt(job.prompt),
         "progress": {"total": len(items), "completed": completed, "failed": failed},
         "engine": job.engine,
     }
@@ -104,8 +132,7 @@ def render_created_job(job: Job, items: Sequence[JobItem]) -> dict[str, Any]:
     return {
         **_job_state(job),
         "items": [item_reference(item) for item in items],
-        "points": job.prompt.get("points"),
-        "boundingBox": job.prompt.get("boundingBox"),
+        **shown_prompt(job.prompt),
     }
 
 

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
@@ -177,6 +178,15 @@ def count_jobs(sessions: sessionmaker[Session]) -> tuple[int, int]:
         jobs = session.scalar(select(func.count()).select_from(Job)) or 0
         items = session.scalar(select(func.count()).select_from(JobItem)) or 0
         return jobs, items
+
+
+def queued_messages() -> int:
+    """Item messages waiting in the broker's segment queue."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        return int(client.llen("segq.segment"))
+    finally:
+        client.close()
 
 
 #: Bodies that are not JSON segq reads, each a 400.

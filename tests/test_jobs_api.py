@@ -7,24 +7,15 @@ import json
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.json_body import max_job_body_bytes
 from segq.settings import Settings
-from tests.harness import MALFORMED_JSON_BODIES, REDIS_URL, Tenant, count_jobs
+from tests.harness import MALFORMED_JSON_BODIES, Tenant, count_jobs, queued_messages
 from tests.images import cognite_sample_body, png_bytes
 
 #: Job bodies that are not JSON objects segq can read, each answered 400
 #: (also through the real HTTP server: tests/test_http_server.py).
-
-
-def queued_messages() -> int:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        return int(client.llen("segq.segment"))
-    finally:
-        client.close()
 
 
 @pytest.fixture

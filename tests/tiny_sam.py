@@ -68,3 +68,10 @@ def register_tiny_architecture(monkeypatch: pytest.MonkeyPatch) -> str:
     """Make ``tiny_test`` loadable through load_sam, like vit_b/l/h."""
     monkeypatch.setitem(sam_engine.SAM_ARCHITECTURES, TINY_ARCHITECTURE, build_tiny_sam)
     return TINY_ARCHITECTURE
+
+
+def load_tiny_sam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int = 5) -> Sam:
+    """A tiny SAM saved with ``seed`` and loaded through segq's own loader."""
+    architecture = register_tiny_architecture(monkeypatch)
+    checkpoint = save_tiny_sam_checkpoint(tmp_path / f"tiny-{seed}.pth", seed=seed)
+    return sam_engine.load_sam(architecture, checkpoint, "cpu")

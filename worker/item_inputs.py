@@ -4,7 +4,7 @@ that image's pixel frame."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,8 @@ from segq.images import ImageRefused, decode_image
 from segq.storage import ObjectNotFound, ObjectStorage
 from segq.url_guard import FetchFailed, FetchPolicy, UrlRefused, fetch
 from worker.claims import Claim
-from worker.engines.base import Prompt
+from worker.engines.base import EverythingOptions, Prompt
+from worker.mask_logits import LogitsUnreadable, decode_logits
 
 
 class ItemFailure(Exception):
@@ -53,6 +54,57 @@ def load_image(storage: ObjectStorage, claim: Claim, limits: ImageLimits) -> npt
         return decode_image(data, max_pixels=limits.max_pixels).pixels
     except ImageRefused as exc:
         raise ItemFailure(f"the image was refused: {exc}") from None
+
+
+def everything_options(options: dict[str, Any]) -> EverythingOptions | None:
+    """The job's segment-everything options (the API filled in every
+    field), or None for a prompted job."""
+    if options.get("mode") != "everything":
+        return None
+    chosen = options["everything"]
+    return EverythingOptions(
+        points_per_side=chosen["pointsPerSide"],
+        pred_iou_thresh=chosen["predIouThresh"],
+        stability_score_thresh=chosen["stabilityScoreThresh"],
+        min_area=chosen["minArea"],
+        max_segments=chosen["maxSegments"],
+    )
+
+
+def prompt_sets(prompt: dict[str, Any]) -> list[dict[str, Any]]:
+    """The job's prompts as stored: its ``prompts``, or its top-level prompt
+    as the only one (prompt index 0)."""
+    sets = prompt.get("prompts")
+    return list(sets) if sets else [prompt]
+
+
+def item_prompts(
+    storage: ObjectStorage, prompt: dict[str, Any], width: int, height: int
+) -> list[Prompt]:
+    """Every prompt of the job, in order, in the image's pixel frame, with
+    the logits a prompt's ``maskInput`` names read from storage."""
+    prompts = []
+    for entry in prompt_sets(prompt):
+        pixels = pixel_prompt(entry, width, height)
+        mask_input = entry.get("maskInput")
+        if mask_input is not None:
+            pixels = replace(pixels, mask_input=_stored_logits(storage, mask_input))
+        prompts.append(pixels)
+    return prompts
+
+
+def _stored_logits(storage: ObjectStorage, mask_input: dict[str, Any]) -> npt.NDArray[np.float32]:
+    """(1, h, w) float32: the logits the API found for ``mask_input``."""
+    named = (
+        f"maskInput (job {mask_input['jobId']}, item {mask_input['itemIndex']}, "
+        f"segment {mask_input['segmentIndex']})"
+    )
+    try:
+        return decode_logits(storage.get(mask_input["logitsKey"]))[None]
+    except ObjectNotFound:
+        raise ItemFailure(f"{named}: its logits are no longer stored") from None
+    except LogitsUnreadable as exc:
+        raise ItemFailure(f"{named}: its logits are unreadable: {exc}") from None
 
 
 def pixel_prompt(prompt: dict[str, Any], width: int, height: int) -> Prompt:

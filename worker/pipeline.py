@@ -17,9 +17,22 @@ from sqlalchemy.orm import Session, sessionmaker
 from segq.db import once_more_if_disconnected
 from segq.storage import ObjectStorage, StorageError
 from worker.claims import Claim, claim_item, finish_item, release_item
-from worker.engines.base import SegmentationEngine
+from worker.engines.base import (
+    Candidate,
+    EverythingUnsupported,
+    MaskInputUnsupported,
+    SegmentationEngine,
+    segment_everything,
+    segment_prompts,
+)
 from worker.engines.item_metrics import recording_item_metrics
-from worker.item_inputs import ImageLimits, ItemFailure, load_image, pixel_prompt
+from worker.item_inputs import (
+    ImageLimits,
+    ItemFailure,
+    everything_options,
+    item_prompts,
+    load_image,
+)
 from worker.lease_keeper import lease_kept
 from worker.results import (
     discard_objects,
@@ -113,17 +126,27 @@ def process_item(
 def segment_claimed_item(
     storage: ObjectStorage, engine: SegmentationEngine, claim: Claim, limits: ImageLimits
 ) -> dict[str, Any]:
-    """Read the item's image, segment it with the item's prompt, and store
-    the masks: the item's result, with what the engine's work cost (raises
-    ItemFailure, StorageError)."""
+    """Read the item's image, segment it with each of the job's prompts (or
+    find every object in it), and store the masks: the item's result, with
+    what the engine's work cost (raises ItemFailure, StorageError)."""
     image = load_image(storage, claim, limits)
     height, width = image.shape[:2]
+    everything = everything_options(claim.options)
+    answers: list[tuple[int | None, list[Candidate]]]
     with recording_item_metrics() as metrics:
-        candidates = engine.segment(
-            image,
-            pixel_prompt(claim.prompt, width, height),
-            multimask=bool(claim.options.get("multimaskOutput")),
-        )
-    result = encode_result(claim, candidates, storage, width, height)
+        try:
+            if everything is not None:
+                answers = [(None, segment_everything(engine, image, everything))]
+            else:
+                per_prompt = segment_prompts(
+                    engine,
+                    image,
+                    item_prompts(storage, claim.prompt, width, height),
+                    multimask=bool(claim.options.get("multimaskOutput")),
+                )
+                answers = list(enumerate(per_prompt))
+        except (MaskInputUnsupported, EverythingUnsupported) as exc:
+            raise ItemFailure(str(exc)) from None
+    result = encode_result(claim, answers, storage, width, height)
     result["metrics"] = metrics.as_result()
     return result

@@ -5,11 +5,14 @@ that no row refers to."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from segq.storage import ObjectStorage, StorageError
 from worker.claims import Claim
 from worker.engines.base import Candidate
+from worker.item_inputs import ItemFailure, everything_options, prompt_sets
+from worker.mask_logits import NPY_MEDIA_TYPE, encode_logits
 from worker.masks import (
     encode_png,
     mask_area,
@@ -26,15 +29,28 @@ log = logging.getLogger(__name__)
 MAX_CANDIDATES = 3
 
 
-def mask_key(claim: Claim, index: int, attempt: int | None = None) -> str:
-    """Per item, attempt and candidate. An attempt that lost its lease may
-    still be running (its worker cut off from the database, not from
-    storage): under a key of its own it can never replace the objects of
-    the attempt that completed, whose keys the item's row records."""
+def mask_key(claim: Claim, prompt_index: int | None, index: int, attempt: int | None = None) -> str:
+    """Per item, attempt, prompt (None: segment everything) and candidate.
+    An attempt that lost its lease may still be running (its worker cut off
+    from the database, not from storage): under a key of its own it can
+    never replace the objects of the attempt that completed, whose keys the
+    item's row records."""
+    return _answer_prefix(claim, prompt_index, attempt) + f"/mask-{index}.png"
+
+
+def logits_key(
+    claim: Claim, prompt_index: int | None, index: int, attempt: int | None = None
+) -> str:
+    """Where a candidate's low-resolution logits go; fixed as ``mask_key``."""
+    return _answer_prefix(claim, prompt_index, attempt) + f"/logits-{index}.npy"
+
+
+def _answer_prefix(claim: Claim, prompt_index: int | None, attempt: int | None) -> str:
     attempt = claim.attempt if attempt is None else attempt
+    answer = "everything" if prompt_index is None else f"prompt-{prompt_index}"
     return (
         f"projects/{claim.project_id}/jobs/{claim.job_id}/items/{claim.item_id}"
-        f"/attempt-{attempt}/mask-{index}.png"
+        f"/attempt-{attempt}/{answer}"
     )
 
 
@@ -52,54 +68,87 @@ def objects_of_result(result: dict[str, Any] | None) -> list[str]:
     """The objects ``result`` refers to (none for a failure)."""
     if result is None:
         return []
-    return [segment["maskKey"] for segment in result["segments"] if "maskKey" in segment]
+    return [
+        segment[field]
+        for segment in result["segments"]
+        for field in ("maskKey", "logitsKey")
+        if field in segment
+    ]
 
 
 def objects_of_earlier_attempts(claim: Claim) -> list[str]:
     """Where attempts before ``claim``'s may have left objects (a worker
     killed, or cut off, between its writes and its completion)."""
+    everything = everything_options(claim.options)
+    answers: list[tuple[int | None, int]] = (
+        [(None, everything.max_segments)]
+        if everything is not None
+        else [(index, MAX_CANDIDATES) for index in range(len(prompt_sets(claim.prompt)))]
+    )
     return [
-        mask_key(claim, index, attempt)
+        key(claim, prompt_index, index, attempt)
         for attempt in range(1, claim.attempt)
-        for index in range(MAX_CANDIDATES)
+        for prompt_index, candidates in answers
+        for index in range(candidates)
+        for key in (mask_key, logits_key)
     ]
 
 
 def encode_result(
     claim: Claim,
-    candidates: list[Candidate],
+    answers: Sequence[tuple[int | None, list[Candidate]]],
     storage: ObjectStorage,
     width: int,
     height: int,
 ) -> dict[str, Any]:
-    """Store the masks and describe them as the item's result (keys, not URLs)."""
+    """Store the masks and describe them as the item's result (keys, not
+    URLs). ``answers``: (prompt index, its candidates best first) in prompt
+    order, the index None for segment everything; the segments keep that
+    order and name their prompt."""
     outputs = set(claim.options.get("outputs") or ("polygons", "mask"))
+    if "logits" in outputs and any(c.logits is None for _, cs in answers for c in cs):
+        raise ItemFailure("logits need a SAM engine; this server's engine gives none")
     segments: list[dict[str, Any]] = []
-    for index, candidate in enumerate(candidates):
-        mask = candidate.mask
-        box = mask_bounding_box(mask)
-        segment: dict[str, Any] = {
-            "score": round(float(candidate.score), 6),
-            "boundingBox": (
-                None
-                if box is None
-                else {"xMin": box[0], "yMin": box[1], "xMax": box[2], "yMax": box[3]}
-            ),
-            "area": mask_area(mask),
-        }
-        rings = mask_polygons(mask) if outputs & {"polygons", "svgPath"} else []
-        if "polygons" in outputs:
-            segment["polygons"] = [
-                {"vertices": [list(v) for v in ring.vertices], "isHole": ring.is_hole}
-                for ring in rings
-            ]
-        if "svgPath" in outputs:
-            segment["svgPath"] = polygons_svg_path(rings, width, height)
-        if "rle" in outputs:
-            segment["rle"] = mask_rle(mask)
-        if "mask" in outputs:
-            key = mask_key(claim, index)
-            storage.put(key, encode_png(mask), "image/png")
-            segment["maskKey"] = key
-        segments.append(segment)
+    for prompt_index, candidates in answers:
+        for index, candidate in enumerate(candidates):
+            segment = _encode_segment(candidate, outputs, width, height)
+            if prompt_index is not None:
+                segment["promptIndex"] = prompt_index
+            if "mask" in outputs:
+                key = mask_key(claim, prompt_index, index)
+                storage.put(key, encode_png(candidate.mask), "image/png")
+                segment["maskKey"] = key
+            if "logits" in outputs and candidate.logits is not None:
+                key = logits_key(claim, prompt_index, index)
+                storage.put(key, encode_logits(candidate.logits), NPY_MEDIA_TYPE)
+                segment["logitsKey"] = key
+                segment["logitsShape"] = list(candidate.logits.shape)
+            segments.append(segment)
     return {"width": width, "height": height, "segments": segments}
+
+
+def _encode_segment(
+    candidate: Candidate, outputs: set[str], width: int, height: int
+) -> dict[str, Any]:
+    """The parts of a segment kept in the item's row."""
+    mask = candidate.mask
+    box = mask_bounding_box(mask)
+    segment: dict[str, Any] = {
+        "score": round(float(candidate.score), 6),
+        "boundingBox": (
+            None
+            if box is None
+            else {"xMin": box[0], "yMin": box[1], "xMax": box[2], "yMax": box[3]}
+        ),
+        "area": mask_area(mask),
+    }
+    rings = mask_polygons(mask) if outputs & {"polygons", "svgPath"} else []
+    if "polygons" in outputs:
+        segment["polygons"] = [
+            {"vertices": [list(v) for v in ring.vertices], "isHole": ring.is_hole} for ring in rings
+        ]
+    if "svgPath" in outputs:
+        segment["svgPath"] = polygons_svg_path(rings, width, height)
+    if "rle" in outputs:
+        segment["rle"] = mask_rle(mask)
+    return segment

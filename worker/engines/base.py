@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -17,11 +18,14 @@ class Prompt:
     labels: (N,) int64, 1 foreground, 0 background.
     box:    (4,) float64 x_min, y_min, x_max, y_max in pixels, or None.
     At least one point or a box is present.
+    mask_input: (1, 256, 256) float32 low-resolution mask logits of an
+        earlier answer (SAM's ``mask_input``), or None.
     """
 
     points: npt.NDArray[np.float64]
     labels: npt.NDArray[np.int64]
     box: npt.NDArray[np.float64] | None
+    mask_input: npt.NDArray[np.float32] | None = None
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,14 @@ class Candidate:
 
     mask:  (H, W) bool at the input image's size, True on the object.
     score: the engine's confidence, higher is better (SAM: predicted IoU).
+    logits: (256, 256) float32 low-resolution mask logits in SAM's padded
+        square frame (what ``mask_input`` takes back), or None for an
+        engine that has none.
     """
 
     mask: npt.NDArray[np.bool_]
     score: float
+    logits: npt.NDArray[np.float32] | None = None
 
 
 class SegmentationEngine(Protocol):
@@ -50,3 +58,81 @@ class SegmentationEngine(Protocol):
         """image: (H, W, 3) uint8 RGB. Returns candidates best first: exactly one
         when ``multimask`` is false, up to three when it is true."""
         ...
+
+
+@dataclass(frozen=True)
+class EverythingOptions:
+    """Automatic mask generation ("segment everything") as segment-anything's
+    ``SamAutomaticMaskGenerator`` takes it; the defaults are its own.
+
+    points_per_side: a grid of points_per_side**2 single-point prompts.
+    pred_iou_thresh, stability_score_thresh: masks below either are dropped.
+    min_area: disconnected regions and holes under this many pixels are
+        removed (its ``min_mask_region_area``; 0 leaves masks as decoded).
+    max_segments: at most this many masks are kept, best predicted IoU first.
+    """
+
+    points_per_side: int = 32
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    min_area: int = 0
+    max_segments: int = 256
+
+
+class EverythingUnsupported(ValueError):
+    """The engine has no automatic mask generation."""
+
+
+@runtime_checkable
+class AutomaticMaskEngine(SegmentationEngine, Protocol):
+    """An engine that finds every object of an image without a prompt."""
+
+    def segment_everything(
+        self, image: npt.NDArray[np.uint8], options: EverythingOptions
+    ) -> list[Candidate]:
+        """image: (H, W, 3) uint8 RGB. Candidates, best first, at most
+        ``options.max_segments``."""
+        ...
+
+
+def segment_everything(
+    engine: SegmentationEngine, image: npt.NDArray[np.uint8], options: EverythingOptions
+) -> list[Candidate]:
+    """Every object the engine finds; EverythingUnsupported if it cannot."""
+    if not isinstance(engine, AutomaticMaskEngine):
+        raise EverythingUnsupported(
+            f"segment everything needs a SAM engine; this server runs {engine.name}"
+        )
+    return engine.segment_everything(image, options)
+
+
+class MaskInputUnsupported(ValueError):
+    """A prompt carries a mask_input the engine cannot take."""
+
+
+@runtime_checkable
+class BatchSegmentationEngine(SegmentationEngine, Protocol):
+    """An engine that answers many prompts on one image together, cheaper
+    than one by one (SAM: one image embedding, batched mask decoding), and
+    takes a prompt's ``mask_input``."""
+
+    def segment_batch(
+        self, image: npt.NDArray[np.uint8], prompts: Sequence[Prompt], multimask: bool
+    ) -> list[list[Candidate]]:
+        """The answer of ``segment`` for each prompt, in prompt order."""
+        ...
+
+
+def segment_prompts(
+    engine: SegmentationEngine,
+    image: npt.NDArray[np.uint8],
+    prompts: Sequence[Prompt],
+    multimask: bool,
+) -> list[list[Candidate]]:
+    """Each prompt's candidates, best first, in prompt order: in batches
+    where the engine can, else one prompt at a time."""
+    if isinstance(engine, BatchSegmentationEngine):
+        return engine.segment_batch(image, prompts, multimask)
+    if any(prompt.mask_input is not None for prompt in prompts):
+        raise MaskInputUnsupported(f"maskInput needs a SAM engine; this server runs {engine.name}")
+    return [engine.segment(image, prompt, multimask) for prompt in prompts]

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from segment_anything import SamPredictor, sam_model_registry
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 from segment_anything.modeling import Sam
 
-from worker.engines.base import Candidate, Prompt
+from worker.engines.base import Candidate, EverythingOptions, Prompt
 from worker.engines.embedding_cache import (
     Embedding,
     EmbeddingCache,
@@ -26,6 +27,11 @@ from worker.engines.embedding_cache import (
     image_digest,
 )
 from worker.engines.item_metrics import record_embedding
+
+#: What one mask-decoder call may hold in upscaled mask logits.
+_DECODE_BATCH_BYTES = 256 * 2**20
+
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -149,29 +155,124 @@ class SamEngine:
         rescales points and box with the image). Candidates are (H, W) bool
         masks sorted by SAM's predicted IoU, best first: one, or three when
         ``multimask`` is true."""
+        return self.segment_batch(image, [prompt], multimask)[0]
+
+    def segment_batch(
+        self, image: npt.NDArray[np.uint8], prompts: Sequence[Prompt], multimask: bool
+    ) -> list[list[Candidate]]:
+        """``segment``'s answer for each prompt, in prompt order, from one
+        embedding of ``image`` and batched calls of the mask decoder.
+
+        Prompts are batched with prompts of the same shape (point count, box
+        or not, mask_input or not, one mask or three): padding a shorter point
+        set with "not a point" tokens, as segment-anything does between a
+        prompt's points and no box, would add tokens the decoder attends to
+        and so change its answer."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
-        if prompt.points.shape[0] == 0 and prompt.box is None:
-            raise ValueError("a prompt needs at least one point or a box")
-        has_points = prompt.points.shape[0] > 0
-        # The SAM authors' advice: a single point is ambiguous, so ask for
-        # three masks and keep the best even when one is wanted.
-        ask_three = multimask or (prompt.points.shape[0] == 1 and prompt.box is None)
+        groups: dict[tuple[int, bool, bool, bool], list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            if prompt.points.shape[0] == 0 and prompt.box is None:
+                raise ValueError("a prompt needs at least one point or a box")
+            shape = (
+                prompt.points.shape[0],
+                prompt.box is not None,
+                prompt.mask_input is not None,
+                _asks_three(prompt, multimask),
+            )
+            groups.setdefault(shape, []).append(index)
+        answers: list[list[Candidate]] = [[] for _ in prompts]
+        height, width = image.shape[:2]
         with self._lock, torch.inference_mode():
             self._embed(image)
-            masks, scores, _logits = self._predictor.predict(
-                point_coords=prompt.points.astype(np.float32) if has_points else None,
-                point_labels=prompt.labels.astype(np.int32) if has_points else None,
-                box=prompt.box.astype(np.float32) if prompt.box is not None else None,
-                multimask_output=ask_three,
+            for (_, _, _, ask_three), indexes in groups.items():
+                # The decoder's upscaled logits are (B, C, H, W) float32: bound them.
+                per_prompt_bytes = (3 if ask_three else 1) * height * width * 4
+                step = max(1, _DECODE_BATCH_BYTES // per_prompt_bytes)
+                for first in range(0, len(indexes), step):
+                    chunk = indexes[first : first + step]
+                    decoded = self._decode([prompts[i] for i in chunk], ask_three)
+                    for row, index in enumerate(chunk):
+                        masks, scores, logits = decoded
+                        answers[index] = _best_first(
+                            masks[row], scores[row], logits[row], multimask
+                        )
+        return answers
+
+    def segment_everything(
+        self, image: npt.NDArray[np.uint8], options: EverythingOptions
+    ) -> list[Candidate]:
+        """segment-anything's SamAutomaticMaskGenerator on ``image`` (one
+        crop: the whole image), on the embedding this engine holds or makes
+        for it. Candidates sorted by predicted IoU, best first, at most
+        ``options.max_segments``; no logits (the generator keeps none)."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
+        generator = SamAutomaticMaskGenerator(
+            self._predictor.model,
+            points_per_side=options.points_per_side,
+            pred_iou_thresh=options.pred_iou_thresh,
+            stability_score_thresh=options.stability_score_thresh,
+            min_mask_region_area=options.min_area,
+            output_mode="binary_mask",
+        )
+        generator.predictor = _HeldEmbedding(self)
+        with self._lock, torch.inference_mode():
+            found = generator.generate(image)
+        found.sort(key=lambda mask: -float(mask["predicted_iou"]))
+        return [
+            Candidate(
+                mask=np.ascontiguousarray(mask["segmentation"], dtype=np.bool_),
+                score=float(mask["predicted_iou"]),
             )
-        # masks: (C, H, W) bool; scores: (C,) predicted IoU.
-        order = np.argsort(-scores, kind="stable")
-        candidates = [
-            Candidate(mask=np.ascontiguousarray(masks[i], dtype=np.bool_), score=float(scores[i]))
-            for i in order
+            for mask in found[: options.max_segments]
         ]
-        return candidates if multimask else candidates[:1]
+
+    def _decode(
+        self, prompts: Sequence[Prompt], ask_three: bool
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """One mask-decoder call for prompts of one shape, on the embedding
+        held. Returns masks (B, C, H, W) bool, scores (B, C) and low-res
+        logits (B, C, 256, 256) float32, C being 3 or 1. The prompts are
+        transformed exactly as ``SamPredictor.predict`` does, stacked."""
+        predictor = self._predictor
+        device = predictor.device
+        original_size = predictor.original_size
+        first = prompts[0]
+        coords = labels = boxes = mask_input = None
+        if first.points.shape[0] > 0:
+            points = np.stack([p.points.astype(np.float32) for p in prompts])  # (B, N, 2)
+            coords = torch.as_tensor(
+                predictor.transform.apply_coords(points, original_size),
+                dtype=torch.float,
+                device=device,
+            )
+            labels = torch.as_tensor(
+                np.stack([p.labels.astype(np.int32) for p in prompts]),
+                dtype=torch.int,
+                device=device,
+            )
+        if first.box is not None:
+            box_array = np.stack([_present(p.box).astype(np.float32) for p in prompts])  # (B, 4)
+            boxes = torch.as_tensor(
+                predictor.transform.apply_boxes(box_array, original_size),
+                dtype=torch.float,
+                device=device,
+            )
+        if first.mask_input is not None:
+            mask_input = torch.as_tensor(
+                np.stack([_present(p.mask_input) for p in prompts]),  # (B, 1, 256, 256)
+                dtype=torch.float,
+                device=device,
+            )
+        masks, scores, low_res = predictor.predict_torch(
+            coords, labels, boxes, mask_input, multimask_output=ask_three
+        )
+        return (
+            masks.detach().cpu().numpy(),
+            scores.detach().cpu().numpy(),
+            low_res.detach().cpu().numpy(),
+        )
 
     def _embed(self, image: npt.NDArray[np.uint8]) -> None:
         """Make the predictor hold ``image``'s embedding: kept from the last
@@ -216,3 +317,59 @@ class SamEngine:
             predictor.features = torch.from_numpy(embedding.features).to(predictor.device)
             predictor.is_image_set = True
         return source
+
+
+class _HeldEmbedding:
+    """The engine's predictor as SamAutomaticMaskGenerator uses it, except
+    that setting an image goes through the engine (which keeps the
+    embedding it already holds) and resetting keeps the embedding for the
+    next job on the same image."""
+
+    def __init__(self, engine: SamEngine) -> None:
+        self._engine = engine
+
+    def set_image(self, image: npt.NDArray[np.uint8], image_format: str = "RGB") -> None:
+        if image_format != "RGB":
+            raise ValueError("segq's images are RGB")
+        self._engine._embed(np.ascontiguousarray(image))
+
+    def reset_image(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine._predictor, name)
+
+
+def _asks_three(prompt: Prompt, multimask: bool) -> bool:
+    """The SAM authors' advice: a single point is ambiguous, so ask for
+    three masks and keep the best even when one is wanted (unless an earlier
+    mask says which object is meant)."""
+    return multimask or (
+        prompt.points.shape[0] == 1 and prompt.box is None and prompt.mask_input is None
+    )
+
+
+def _best_first(
+    masks: npt.NDArray[np.bool_],
+    scores: npt.NDArray[np.float32],
+    logits: npt.NDArray[np.float32],
+    multimask: bool,
+) -> list[Candidate]:
+    """One prompt's decoded masks (C, H, W), scores (C,) and logits
+    (C, 256, 256) as candidates sorted by predicted IoU: all, or the best."""
+    order = np.argsort(-scores, kind="stable")
+    candidates = [
+        Candidate(
+            mask=np.ascontiguousarray(masks[i], dtype=np.bool_),
+            score=float(scores[i]),
+            logits=np.ascontiguousarray(logits[i], dtype=np.float32),
+        )
+        for i in order
+    ]
+    return candidates if multimask else candidates[:1]
+
+
+def _present(value: T | None) -> T:
+    """A field every prompt of a batch has, since batches share a shape."""
+    assert value is not None
+    return value
