@@ -1,0 +1,203 @@
+"""Cognite's own Python SDK, unmodified, against segq served on a loopback
+port: its Files API calls, its segment calls with gzip left on, and its
+error classes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import requests
+from celery import Celery
+from cognite.client import ClientConfig, CogniteClient
+from cognite.client.credentials import Token
+from cognite.client.data_classes import FileMetadataUpdate
+from cognite.client.exceptions import (
+    CogniteAPIError,
+    CogniteDuplicatedError,
+    CogniteNotFoundError,
+    CogniteProjectAccessError,
+)
+from flask import Flask
+from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.serving import make_server
+
+from api.cognite_files import UploadLinks
+from segq.models import StoredFile
+from segq.settings import Settings
+from segq.storage import S3Storage
+from tests.harness import Tenant, grabcut_worker
+from tests.images import png_bytes
+
+
+@pytest.fixture
+def base_url(app: Flask) -> Iterator[str]:
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def sdk(base_url: str, project: str, key: str) -> CogniteClient:
+    return CogniteClient(
+        ClientConfig(
+            client_name="segq-tests",
+            base_url=base_url,
+            project=project,
+            credentials=Token(key),
+        )
+    )
+
+
+def test_files_round_trip_through_the_sdk(base_url: str, tenant: Tenant) -> None:
+    client = sdk(base_url, tenant.name, tenant.key)
+    image = png_bytes(seed=1)
+    created = client.files.upload_bytes(
+        image, name="one.png", external_id="one", metadata={"site": "north"}
+    )
+    assert created.id is not None
+    by_id = client.files.retrieve(id=created.id)
+    assert by_id is not None
+    assert by_id.uploaded is True
+    assert by_id.external_id == "one"
+    assert by_id.metadata == {"site": "north"}
+    assert by_id.mime_type == "image/png"
+    assert by_id.last_updated_time is not None
+    by_external_id = client.files.retrieve(external_id="one")
+    assert by_external_id is not None and by_external_id.id == created.id
+    assert client.files.retrieve(id=created.id + 10_000) is None
+
+    assert client.files.download_bytes(id=created.id) == image
+    urls = client.files.retrieve_download_urls(external_id="one")
+    assert requests.get(urls["one"], timeout=10).content == image
+
+    for seed in range(2, 7):
+        client.files.upload_bytes(
+            png_bytes(seed=seed), name=f"{seed}.png", external_id=f"batch-{seed}"
+        )
+    chunks = [list(chunk) for chunk in client.files(chunk_size=2, external_id_prefix="batch-")]
+    assert [len(chunk) for chunk in chunks] == [2, 2, 1]
+    assert {file.external_id for chunk in chunks for file in chunk} == {
+        f"batch-{seed}" for seed in range(2, 7)
+    }
+    assert len(client.files.list(external_id_prefix="batch-", limit=-1)) == 5
+    assert len(client.files.list(uploaded=True, limit=-1)) == 6
+    assert client.files.list(created_time={"min": 0, "max": 1}, limit=-1) == []
+    assert client.files.aggregate_count() == 6
+    assert client.files.aggregate_count(filter={"external_id_prefix": "batch-"}) == 5
+
+    updated = client.files.update(
+        FileMetadataUpdate(id=created.id).metadata.add({"shift": "night"}).external_id.set("uno")
+    )
+    assert updated.external_id == "uno"
+    assert updated.metadata == {"site": "north", "shift": "night"}
+    assert updated.last_updated_time >= by_id.last_updated_time
+
+    client.files.delete(external_id=["uno", "batch-2"])
+    assert client.files.aggregate_count() == 4
+    client.files.delete(external_id="gone", ignore_unknown_ids=True)
+    with pytest.raises(CogniteNotFoundError) as missing:
+        client.files.delete(external_id="gone")
+    assert missing.value.not_found == [{"externalId": "gone"}]
+
+
+def test_duplicate_external_id_is_the_sdks_duplicated_error(base_url: str, tenant: Tenant) -> None:
+    client = sdk(base_url, tenant.name, tenant.key)
+    client.files.upload_bytes(png_bytes(), name="a.png", external_id="same")
+    with pytest.raises(CogniteDuplicatedError) as duplicated:
+        client.files.upload_bytes(png_bytes(), name="b.png", external_id="same")
+    assert duplicated.value.duplicated == [{"externalId": "same"}]
+    replaced = client.files.upload_bytes(
+        png_bytes(seed=9), name="b.png", external_id="same", overwrite=True
+    )
+    assert client.files.download_bytes(id=replaced.id) == png_bytes(seed=9)
+
+
+def test_keys_of_nobody_and_of_another_project(
+    base_url: str, tenant: Tenant, other_tenant: Tenant
+) -> None:
+    with pytest.raises(CogniteProjectAccessError):
+        sdk(base_url, tenant.name, "not-a-key").files.list()
+    with pytest.raises(CogniteAPIError) as forbidden:
+        sdk(base_url, tenant.name, other_tenant.key).files.list()
+    assert forbidden.value.code == 403
+    inspection = sdk(base_url, tenant.name, tenant.key).iam.token.inspect()
+    assert [project.url_name for project in inspection.projects] == [tenant.name]
+
+
+def test_upload_urls_are_bound_to_their_file_and_expire(
+    base_url: str, tenant: Tenant, settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    headers = tenant.headers
+    created = requests.post(
+        f"{base_url}/api/v1/projects/{tenant.name}/files",
+        json={"name": "x.png", "externalId": "pending"},
+        headers=headers,
+        timeout=10,
+    ).json()
+    upload_url = created["uploadUrl"]
+    assert created["uploaded"] is False
+    # A file without its bytes cannot be segmented.
+    refused = requests.post(
+        f"{base_url}/api/v1/projects/{tenant.name}/context/vision/segment",
+        json={
+            "items": [{"fileExternalId": "pending"}],
+            "boundingBox": {"xMin": 0.2, "yMin": 0.2, "xMax": 0.8, "yMax": 0.8},
+        },
+        headers=headers,
+        timeout=10,
+    )
+    assert refused.status_code == 400
+    assert f"file {created['id']}" in refused.json()["error"]["message"]
+
+    tampered = upload_url[:-3] + ("aaa" if not upload_url.endswith("aaa") else "bbb")
+    assert requests.put(base_url + tampered, data=png_bytes(), timeout=10).status_code == 403
+    with sessions() as session:
+        stored = session.get(StoredFile, created["id"])
+        assert stored is not None
+        links = UploadLinks(settings.secret_key, None, settings.url_expires_seconds)
+        expired = links.url_for(stored, expires_time=1)
+    assert requests.put(base_url + expired, data=png_bytes(), timeout=10).status_code == 403
+    bad_bytes = requests.put(base_url + upload_url, data=b"not an image", timeout=10)
+    assert bad_bytes.status_code == 415
+
+    assert requests.put(base_url + upload_url, data=png_bytes(), timeout=10).status_code == 200
+    # The same bytes again are no change; other bytes are a conflict.
+    assert requests.put(base_url + upload_url, data=png_bytes(), timeout=10).status_code == 200
+    assert (
+        requests.put(base_url + upload_url, data=png_bytes(seed=3), timeout=10).status_code == 409
+    )
+
+
+def test_segment_job_through_the_sdk_with_gzip_on(
+    base_url: str,
+    tenant: Tenant,
+    celery_app: Celery,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+) -> None:
+    client = sdk(base_url, tenant.name, tenant.key)
+    created = client.files.upload_bytes(png_bytes(), name="seg.png", external_id="seg")
+    route = f"/api/v1/projects/{tenant.name}/context/vision/segment"
+    with grabcut_worker(celery_app, sessions, storage):
+        job = client.post(
+            route,
+            json={
+                "items": [{"fileId": created.id}],
+                "boundingBox": {"xMin": 0.2, "yMin": 0.2, "xMax": 0.8, "yMax": 0.8},
+            },
+        ).json()
+        deadline = time.monotonic() + 60
+        while job["status"] not in ("Completed", "Failed") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            job = client.get(f"{route}/{job['jobId']}").json()
+    assert job["status"] == "Completed", job
+    assert job["items"][0]["fileExternalId"] == "seg"
+    mask = job["items"][0]["segments"][0]["mask"]["url"]
+    assert requests.get(mask, timeout=10).status_code == 200
