@@ -32,7 +32,7 @@ from api.schemas import (
 )
 from segq.clock import now_ms
 from segq.models import StoredFile
-from segq.storage import ObjectStorage
+from segq.storage import ObjectNotFound, ObjectStorage
 
 #: Where upload URLs point; outside /projects/<project>: the signature is the key.
 UPLOAD_ROUTE = "/api/v1/files/upload/"
@@ -155,32 +155,65 @@ def commit_or_conflict(session: Session, identifiers: list[dict[str, Any]]) -> N
 
 
 @dataclass(frozen=True)
+class UploadTarget:
+    """What an upload URL names: a file, locked for the upload, and which
+    part of a multipart upload (None: the whole file)."""
+
+    stored: StoredFile
+    part: int | None
+
+
+@dataclass(frozen=True)
 class UploadLinks:
     """Signs and reads the upload URLs of files: a URL names one file of one
-    project and an expiry, under the server's secret key."""
+    project (and its storage key, which an overwrite changes), the part of a
+    multipart upload if any, and an expiry, under the server's secret key."""
 
     secret_key: str
-    public_url: str | None
+    #: The API's root as clients reach it; upload URLs are absolute.
+    root_url: str
     expires_seconds: int
 
     def _serializer(self) -> URLSafeSerializer:
         return URLSafeSerializer(self.secret_key, salt=_UPLOAD_SALT)
 
-    def url_for(self, stored: StoredFile, *, expires_time: int | None = None) -> str:
+    def url_for(
+        self, stored: StoredFile, *, part: int | None = None, expires_time: int | None = None
+    ) -> str:
         expires = (
             expires_time if expires_time is not None else now_ms() + self.expires_seconds * 1000
         )
         token = self._serializer().dumps(
-            [stored.project_id, stored.id, stored.storage_key, expires]
+            [stored.project_id, stored.id, stored.storage_key, expires, part]
         )
-        return public_link(self.public_url, UPLOAD_ROUTE + str(token))
+        return public_link(self.root_url, UPLOAD_ROUTE + str(token))
 
-    def file_for(self, session: Session, token: str) -> StoredFile:
-        """The file ``token`` was signed for, locked for the upload; 403 for
-        a token that is not ours or has expired, 404 for a file gone or
-        reset since (overwrite gives it a new storage key)."""
+    def upload_id(self, stored: StoredFile, parts: int) -> str:
+        """The multipart upload's id: which file, under which key, in how many parts."""
+        return str(
+            self._serializer().dumps([stored.project_id, stored.id, stored.storage_key, parts])
+        )
+
+    def multipart_upload(self, stored: StoredFile, upload_id: str) -> int:
+        """The number of parts of ``upload_id``, if it is ``stored``'s current one; else 400."""
         try:
-            project_id, file_id, storage_key, expires = self._serializer().loads(token)
+            project_id, file_id, storage_key, parts = self._serializer().loads(upload_id)
+        except (BadSignature, ValueError, TypeError):
+            raise ApiError(400, "uploadId is not valid") from None
+        if (project_id, file_id, storage_key) != (
+            stored.project_id,
+            stored.id,
+            stored.storage_key,
+        ) or not isinstance(parts, int):
+            raise ApiError(400, "uploadId is not this file's multipart upload")
+        return parts
+
+    def target_of(self, session: Session, token: str) -> UploadTarget:
+        """What ``token`` was signed for, the file locked for the upload; 403
+        for a token that is not ours or has expired, 404 for a file gone or
+        reset since (an overwrite gives it a new storage key)."""
+        try:
+            project_id, file_id, storage_key, expires, part = self._serializer().loads(token)
         except (BadSignature, ValueError, TypeError):
             raise ApiError(403, "this upload URL is not valid") from None
         if not isinstance(expires, int) or expires < now_ms():
@@ -192,7 +225,52 @@ class UploadLinks:
         )
         if stored is None or stored.storage_key != storage_key:
             raise ApiError(404, "the file of this upload URL no longer exists")
-        return stored
+        return UploadTarget(stored, part if isinstance(part, int) else None)
+
+
+def part_key(stored: StoredFile, part: int) -> str:
+    return f"{stored.storage_key}.part{part}"
+
+
+def receive_part(
+    session: Session, storage: ObjectStorage, target: UploadTarget, data: bytes
+) -> None:
+    """Keep one part of a multipart upload until the upload is completed."""
+    assert target.part is not None
+    if target.stored.uploaded:
+        raise ApiError(409, f"file {target.stored.id} is already uploaded")
+    storage.put(part_key(target.stored, target.part), data, "application/octet-stream")
+    session.rollback()
+
+
+def complete_multipart_upload(
+    session: Session,
+    storage: ObjectStorage,
+    stored: StoredFile,
+    parts: int,
+    *,
+    max_upload_bytes: int,
+    max_image_pixels: int,
+) -> StoredFile:
+    """Join the parts, in order, and receive them as the file's bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    for part in range(parts):
+        try:
+            chunk = storage.get(part_key(stored, part))
+        except ObjectNotFound:
+            raise ApiError(400, f"part {part} of file {stored.id} was not uploaded") from None
+        size += len(chunk)
+        if size > max_upload_bytes:
+            raise ApiError(413, f"file is larger than {max_upload_bytes} bytes")
+        chunks.append(chunk)
+    return receive_upload(
+        session, storage, stored, b"".join(chunks), max_image_pixels=max_image_pixels
+    )
+
+
+def part_keys(stored: StoredFile, parts: int) -> list[str]:
+    return [part_key(stored, part) for part in range(parts)]
 
 
 def receive_upload(

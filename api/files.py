@@ -18,11 +18,14 @@ from api.cognite_files import (
     UploadLinks,
     apply_changes,
     commit_or_conflict,
+    complete_multipart_upload,
     count_files,
     create_file,
     file_response,
     find_files,
     identifier_body,
+    part_keys,
+    receive_part,
     receive_upload,
 )
 from api.cognite_files import (
@@ -34,6 +37,7 @@ from api.images import inspect_image
 from api.json_body import read_json_object
 from api.openapi import documented
 from api.public_links import public_link
+from api.request_integers import request_integer
 from api.schemas import (
     CONTROL_CHARACTERS,
     MAX_EXTERNAL_ID_LENGTH,
@@ -45,6 +49,7 @@ from api.schemas import (
     EmptyAnswer,
     FileAggregateRequest,
     FileCreation,
+    FileIdentifier,
     FileIdentifierList,
     FileIdentifiers,
     FileList,
@@ -54,6 +59,9 @@ from api.schemas import (
     FileResponse,
     FileUpdates,
     FileUpload,
+    MultipartCompletion,
+    MultipartQuery,
+    MultipartUploadFile,
     OverwriteQuery,
     checked_text,
     cursor_after,
@@ -69,6 +77,8 @@ from segq.models import StoredFile
 
 log = logging.getLogger(__name__)
 
+#: Parts of one multipart upload; any allowed image fits in far fewer.
+MAX_PARTS = 250
 #: An upload needs three parts (file, externalId, name); many more is not an upload.
 MAX_FORM_PARTS = 100
 
@@ -212,7 +222,11 @@ def list_files() -> Response:
 
 def _upload_links() -> UploadLinks:
     settings = services().settings
-    return UploadLinks(settings.secret_key, settings.public_url, settings.url_expires_seconds)
+    # Upload URLs must be absolute (Cognite's SDK PUTs parts to them as
+    # given). Without a configured public URL they are built from the
+    # request's own host: the URL goes back only to the caller who named it.
+    root_url = settings.public_url or request.host_url.rstrip("/")
+    return UploadLinks(settings.secret_key, root_url, settings.url_expires_seconds)
 
 
 def _overwrite() -> bool:
@@ -395,11 +409,69 @@ def put_file_bytes(token: str) -> Response:
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"file is larger than {limit} bytes")
     session = db()
-    stored = _upload_links().file_for(session, token)
+    target = _upload_links().target_of(session, token)
     data = request.stream.read(limit + 1)
     if len(data) > limit:
         raise ApiError(413, f"file is larger than {limit} bytes")
+    if target.part is not None:
+        receive_part(session, services().storage, target, data)
+        return json_answer(file_response(target.stored))
     stored = receive_upload(
-        session, services().storage, stored, data, max_image_pixels=settings.max_image_pixels
+        session,
+        services().storage,
+        target.stored,
+        data,
+        max_image_pixels=settings.max_image_pixels,
     )
     return json_answer(file_response(stored))
+
+
+@files.post("/initmultipartupload")
+@documented(
+    "Create a file from metadata, to upload in parts",
+    {201: ("the file, with one upload URL per part", MultipartUploadFile)},
+    errors=(400, 409, 415),
+    json_body=FileCreation,
+    query=MultipartQuery,
+)
+def init_multipart_upload() -> tuple[Response, int]:
+    parts = request_integer("parts", request.args.get("parts", ""), minimum=1, maximum=MAX_PARTS)
+    creation = parse(FileCreation, read_json_object())
+    stored, replaced_key = create_file(db(), current_project().id, creation, overwrite=_overwrite())
+    if replaced_key is not None:
+        discard_objects(services().storage, [replaced_key])
+    links = _upload_links()
+    body = file_response(stored).model_dump(exclude_unset=True)
+    answer = MultipartUploadFile(
+        **body,
+        uploadUrls=[links.url_for(stored, part=part) for part in range(parts)],
+        uploadId=links.upload_id(stored, parts),
+    )
+    return json_answer(answer), 201
+
+
+@files.post("/completemultipartupload")
+@documented(
+    "Join the uploaded parts into the file's bytes",
+    {200: ("uploaded", EmptyAnswer)},
+    errors=(400, 409, 413, 415),
+    json_body=MultipartCompletion,
+)
+def complete_multipart() -> Response:
+    completion = parse(MultipartCompletion, read_json_object())
+    session = db()
+    identifier = FileIdentifier(id=completion.id)
+    [(_, stored)] = find_files(session, current_project().id, [identifier], for_update=True)
+    parts = _upload_links().multipart_upload(stored, completion.uploadId)
+    settings = services().settings
+    storage = services().storage
+    complete_multipart_upload(
+        session,
+        storage,
+        stored,
+        parts,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
+    discard_objects(storage, part_keys(stored, parts))
+    return json_answer(EmptyAnswer())

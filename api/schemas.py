@@ -164,7 +164,11 @@ class FileResponse(ResponseModel):
 
 
 class CreatedFile(FileResponse):
-    uploadUrl: str = Field(description="PUT the bytes here; signed, expiring, for this file only")
+    uploadUrl: str | None = Field(
+        None,
+        description="from JSON metadata: PUT the bytes here (signed, expiring, for this "
+        "file only); absent after a multipart upload, which carries the bytes",
+    )
 
 
 class MultipartUploadFile(FileResponse):
@@ -408,7 +412,8 @@ class FileUpload(BaseModel):
 MetadataMap = Annotated[
     dict[
         Annotated[str, Field(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)],
-        Annotated[str, Field(max_length=10240)],
+        # JSONB cannot hold NUL either.
+        Annotated[str, Field(max_length=10240, pattern=r"^[^\x00]*$")],
     ],
     Field(max_length=256),
 ]
@@ -460,8 +465,11 @@ class TimeRange(StrictModel):
 
 
 class FileFilter(StrictModel):
-    externalIdPrefix: Annotated[str, Field(max_length=MAX_EXTERNAL_ID_LENGTH)] | None = None
-    mimeType: Annotated[str, Field(max_length=255)] | None = None
+    externalIdPrefix: (
+        Annotated[str, Field(max_length=MAX_EXTERNAL_ID_LENGTH, pattern=NO_CONTROL_CHARACTERS)]
+        | None
+    ) = None
+    mimeType: Annotated[str, Field(max_length=255, pattern=NO_CONTROL_CHARACTERS)] | None = None
     uploaded: bool | None = None
     createdTime: TimeRange | None = None
     lastUpdatedTime: TimeRange | None = None

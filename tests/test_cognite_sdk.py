@@ -7,13 +7,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
 from celery import Celery
 from cognite.client import ClientConfig, CogniteClient
 from cognite.client.credentials import Token
-from cognite.client.data_classes import FileMetadataUpdate
+from cognite.client.data_classes import FileMetadata, FileMetadataUpdate
+from cognite.client.data_classes.data_modeling import NodeId
 from cognite.client.exceptions import (
     CogniteAPIError,
     CogniteDuplicatedError,
@@ -156,23 +158,33 @@ def test_upload_urls_are_bound_to_their_file_and_expire(
     assert refused.status_code == 400
     assert f"file {created['id']}" in refused.json()["error"]["message"]
 
+    assert upload_url.startswith(base_url + "/")
     tampered = upload_url[:-3] + ("aaa" if not upload_url.endswith("aaa") else "bbb")
-    assert requests.put(base_url + tampered, data=png_bytes(), timeout=10).status_code == 403
+    assert requests.put(tampered, data=png_bytes(), timeout=10).status_code == 403
     with sessions() as session:
         stored = session.get(StoredFile, created["id"])
         assert stored is not None
-        links = UploadLinks(settings.secret_key, None, settings.url_expires_seconds)
+        links = UploadLinks(settings.secret_key, base_url, settings.url_expires_seconds)
         expired = links.url_for(stored, expires_time=1)
-    assert requests.put(base_url + expired, data=png_bytes(), timeout=10).status_code == 403
-    bad_bytes = requests.put(base_url + upload_url, data=b"not an image", timeout=10)
+        # Signed for another file: the file this one was before an overwrite.
+        foreign = links.url_for(stored)
+    assert requests.put(expired, data=png_bytes(), timeout=10).status_code == 403
+    replaced = requests.post(
+        f"{base_url}/api/v1/projects/{tenant.name}/files?overwrite=true",
+        json={"name": "x.png", "externalId": "pending"},
+        headers=headers,
+        timeout=10,
+    ).json()
+    assert replaced["id"] == created["id"]
+    assert requests.put(foreign, data=png_bytes(), timeout=10).status_code == 404
+    upload_url = replaced["uploadUrl"]
+    bad_bytes = requests.put(upload_url, data=b"not an image", timeout=10)
     assert bad_bytes.status_code == 415
 
-    assert requests.put(base_url + upload_url, data=png_bytes(), timeout=10).status_code == 200
+    assert requests.put(upload_url, data=png_bytes(), timeout=10).status_code == 200
     # The same bytes again are no change; other bytes are a conflict.
-    assert requests.put(base_url + upload_url, data=png_bytes(), timeout=10).status_code == 200
-    assert (
-        requests.put(base_url + upload_url, data=png_bytes(seed=3), timeout=10).status_code == 409
-    )
+    assert requests.put(upload_url, data=png_bytes(), timeout=10).status_code == 200
+    assert requests.put(upload_url, data=png_bytes(seed=3), timeout=10).status_code == 409
 
 
 def test_segment_job_through_the_sdk_with_gzip_on(
@@ -201,3 +213,59 @@ def test_segment_job_through_the_sdk_with_gzip_on(
     assert job["items"][0]["fileExternalId"] == "seg"
     mask = job["items"][0]["segments"][0]["mask"]["url"]
     assert requests.get(mask, timeout=10).status_code == 200
+
+
+def test_upload_from_disk_and_by_instance_id(base_url: str, tenant: Tenant, tmp_path: Path) -> None:
+    client = sdk(base_url, tenant.name, tenant.key)
+    on_disk = tmp_path / "disk.png"
+    on_disk.write_bytes(png_bytes(seed=4))
+    # The SDK uploads a file on disk in parts (initmultipartupload).
+    uploaded = client.files.upload(str(on_disk), external_id="disk")
+    assert isinstance(uploaded, FileMetadata)
+    assert client.files.download_bytes(external_id="disk") == png_bytes(seed=4)
+    retrieved = client.files.retrieve(id=uploaded.id)
+    assert retrieved is not None and retrieved.uploaded is True
+
+    node = NodeId("plant", "camera-7")
+    client.post(
+        f"/api/v1/projects/{tenant.name}/files",
+        json={"name": "cam.png", "instanceId": {"space": "plant", "externalId": "camera-7"}},
+    )
+    client.files.upload_content_bytes(png_bytes(seed=5), instance_id=node)
+    by_instance = client.files.retrieve(instance_id=node)
+    assert by_instance is not None
+    assert by_instance.instance_id == node
+    assert by_instance.uploaded is True
+    assert client.files.download_bytes(instance_id=node) == png_bytes(seed=5)
+
+
+def test_segment_items_by_instance_id(
+    base_url: str,
+    tenant: Tenant,
+    celery_app: Celery,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+) -> None:
+    client = sdk(base_url, tenant.name, tenant.key)
+    instance = {"space": "plant", "externalId": "camera-8"}
+    client.post(
+        f"/api/v1/projects/{tenant.name}/files", json={"name": "c.png", "instanceId": instance}
+    )
+    client.files.upload_content_bytes(png_bytes(seed=6), instance_id=NodeId("plant", "camera-8"))
+    route = f"/api/v1/projects/{tenant.name}/context/vision/segment"
+    body = {
+        "items": [{"fileInstanceId": instance}],
+        "boundingBox": {"xMin": 0.2, "yMin": 0.2, "xMax": 0.8, "yMax": 0.8},
+    }
+    with grabcut_worker(celery_app, sessions, storage):
+        job = client.post(route, json=body).json()
+        assert job["items"][0]["fileInstanceId"] == instance
+        deadline = time.monotonic() + 60
+        while job["status"] not in ("Completed", "Failed") and time.monotonic() < deadline:
+            time.sleep(0.2)
+            job = client.get(f"{route}/{job['jobId']}").json()
+    assert job["status"] == "Completed", job
+    assert job["items"][0]["fileInstanceId"] == instance
+    unknown = {"items": [{"fileInstanceId": {"space": "plant", "externalId": "nope"}}]}
+    with pytest.raises(CogniteNotFoundError):
+        client.post(route, json={**body, **unknown})
