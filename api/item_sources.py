@@ -176,9 +176,9 @@ def _resolve_files(
         message = "unknown files" if missing else "files are referenced more than once"
         raise ApiError(400, message, missing=missing, duplicated=duplicated)
     pending = [
-        f"items[{index}] (file {found.id})"
-        for index, found in resolved.items()
-        if not found.uploaded
+        f"items[{index}] (file {stored.id})"
+        for index, stored in resolved.items()
+        if not stored.uploaded
     ]
     if pending:
         # Cognite's two-step upload: the file exists before its bytes do.
