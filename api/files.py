@@ -128,7 +128,11 @@ def upload_file() -> tuple[Response, int, dict[str, str]]:
     project = current_project()
     session = db()
     if external_id is not None and _external_id_taken(project.id, external_id):
-        raise ApiError(409, f"externalId {external_id!r} is already used in this project")
+        raise ApiError(
+            409,
+            f"externalId {external_id!r} is already used in this project",
+            duplicated=[{"externalId": external_id}],
+        )
 
     stored = store_image(
         session, services().storage, project.id, data, info, external_id=external_id, name=name
@@ -140,7 +144,9 @@ def upload_file() -> tuple[Response, int, dict[str, str]]:
         discard_objects(services().storage, [stored.storage_key])
         if isinstance(exc, IntegrityError):
             raise ApiError(
-                409, f"externalId {external_id!r} is already used in this project"
+                409,
+                f"externalId {external_id!r} is already used in this project",
+                duplicated=[{"externalId": external_id}],
             ) from None
         raise
     location = url_for("files.get_file", project=project.name, file_id=stored.id)

@@ -274,3 +274,35 @@ def test_segment_items_by_instance_id(
     unknown = {"items": [{"fileInstanceId": {"space": "plant", "externalId": "nope"}}]}
     with pytest.raises(CogniteNotFoundError):
         client.post(route, json={**body, **unknown})
+
+
+def test_both_uploads_make_the_same_file(base_url: str, tenant: Tenant) -> None:
+    client = sdk(base_url, tenant.name, tenant.key)
+    form = tenant.upload(png_bytes(seed=7), externalId="form")
+    assert form.status_code == 201
+    client.files.upload_bytes(png_bytes(seed=7), name="image.png", external_id="json")
+    both = client.files.retrieve_multiple(external_ids=["form", "json"])
+    assert [file.uploaded for file in both] == [True, True]
+    bodies = [
+        client.post(
+            f"/api/v1/projects/{tenant.name}/files/byids", json={"items": [{"id": file.id}]}
+        ).json()["items"][0]
+        for file in both
+    ]
+    assert set(bodies[0]) == set(bodies[1])
+    for field in ("name", "mimeType", "size", "width", "height", "sha256"):
+        assert bodies[0][field] == bodies[1][field]
+    with pytest.raises(CogniteDuplicatedError):
+        client.files.upload_bytes(png_bytes(), name="again.png", external_id="form")
+    assert tenant.upload(png_bytes(), externalId="json").get_json()["error"]["duplicated"] == [
+        {"externalId": "json"}
+    ]
+
+
+def test_compressed_bodies_are_bounded_after_inflating(base_url: str, tenant: Tenant) -> None:
+    client = sdk(base_url, tenant.name, tenant.key)
+    # Compresses to a few kilobytes: the bound is on what it inflates to.
+    bomb = {"filter": {"mimeType": "a" * (4 * 1024 * 1024)}}
+    with pytest.raises(CogniteAPIError) as too_large:
+        client.post(f"/api/v1/projects/{tenant.name}/files/list", json=bomb)
+    assert too_large.value.code == 413
