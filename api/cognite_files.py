@@ -170,8 +170,8 @@ class UploadLinks:
     multipart upload if any, and an expiry, under the server's secret key."""
 
     secret_key: str
-    #: The API's root as clients reach it; upload URLs are absolute.
-    root_url: str
+    #: The API's root as clients reach it (SEGQ_PUBLIC_URL).
+    public_url: str | None
     expires_seconds: int
 
     def _serializer(self) -> URLSafeSerializer:
@@ -186,7 +186,7 @@ class UploadLinks:
         token = self._serializer().dumps(
             [stored.project_id, stored.id, stored.storage_key, expires, part]
         )
-        return public_link(self.root_url, UPLOAD_ROUTE + str(token))
+        return public_link(self.public_url, UPLOAD_ROUTE + str(token))
 
     def upload_id(self, stored: StoredFile, parts: int) -> str:
         """The multipart upload's id: which file, under which key, in how many parts."""

@@ -228,11 +228,10 @@ def list_files() -> Response:
 
 def _upload_links() -> UploadLinks:
     settings = services().settings
-    # Upload URLs must be absolute (Cognite's SDK PUTs parts to them as
-    # given). Without a configured public URL they are built from the
-    # request's own host: the URL goes back only to the caller who named it.
-    root_url = settings.public_url or request.host_url.rstrip("/")
-    return UploadLinks(settings.secret_key, root_url, settings.url_expires_seconds)
+    # Absolute under the public URL (`segq serve` sets it to the address it
+    # binds), never built from request headers; without one, relative to the
+    # API's root, which Cognite's SDK resolves for whole-file uploads.
+    return UploadLinks(settings.secret_key, settings.public_url, settings.url_expires_seconds)
 
 
 def _overwrite() -> bool:

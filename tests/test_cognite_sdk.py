@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,25 +23,32 @@ from cognite.client.exceptions import (
     CogniteNotFoundError,
     CogniteProjectAccessError,
 )
-from flask import Flask
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.serving import make_server
 
+from api import create_app
 from api.cognite_files import UploadLinks
 from segq.models import StoredFile
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.harness import Tenant, grabcut_worker
+from tests.harness import Tenant, free_port, grabcut_worker
 from tests.images import png_bytes
 
 
 @pytest.fixture
-def base_url(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+def base_url(
+    settings: Settings, storage: S3Storage, celery_app: Celery, sessions: sessionmaker[Session]
+) -> Iterator[str]:
+    """segq on a loopback port, its public URL that address (as `segq serve`
+    sets it), so that upload URLs are absolute."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    app = create_app(replace(settings, public_url=url), storage=storage, celery=celery_app)
+    server = make_server("127.0.0.1", port, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        yield url
     finally:
         server.shutdown()
         thread.join()
@@ -306,3 +314,12 @@ def test_compressed_bodies_are_bounded_after_inflating(base_url: str, tenant: Te
     with pytest.raises(CogniteAPIError) as too_large:
         client.post(f"/api/v1/projects/{tenant.name}/files/list", json=bomb)
     assert too_large.value.code == 413
+
+
+def test_upload_urls_never_come_from_the_host_header(tenant: Tenant) -> None:
+    created = tenant.client.post(
+        tenant.url("/files"),
+        json={"name": "h.png"},
+        headers={**tenant.headers, "Host": "attacker.example"},
+    ).get_json()
+    assert created["uploadUrl"].startswith("/api/v1/files/upload/")
