@@ -390,8 +390,9 @@ def update_files() -> Response:
     session = db()
     found = find_files(session, current_project().id, request_body.items, for_update=True)
     changed_ids: list[dict[str, str]] = []
-    for identifier, stored in found:
-        apply_changes(stored, request_body.items[found.index((identifier, stored))].update)
+    # Every item was found (no ignoreUnknownIds here), so they pair up in order.
+    for item, (_, stored) in zip(request_body.items, found, strict=True):
+        apply_changes(stored, item.update)
         if stored.external_id is not None:
             changed_ids.append({"externalId": stored.external_id})
     commit_or_conflict(session, changed_ids)
