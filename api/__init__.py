@@ -11,7 +11,7 @@ from flask import Flask, Response, g, request
 from api.content_encoding import inflate_request_body
 from api.context import close_db
 from api.error_envelope import register_error_handlers
-from api.files import files
+from api.files import file_uploads, files
 from api.jobs import jobs
 from api.json_body import max_job_body_bytes
 from api.openapi import register_api_explorer
@@ -19,6 +19,7 @@ from api.rate_limit import make_rate_limiter
 from api.request_integers import IdConverter
 from api.service import service
 from api.services import Services
+from api.token import token
 from api.webhooks import webhooks
 from segq.db import make_engine, make_session_factory
 from segq.queue import make_celery
@@ -74,8 +75,10 @@ def create_app(
     register_error_handlers(app)
     app.register_blueprint(service)
     app.register_blueprint(files)
+    app.register_blueprint(file_uploads)
     app.register_blueprint(jobs)
     app.register_blueprint(webhooks)
+    app.register_blueprint(token)
     register_api_explorer(app)
     app.teardown_appcontext(close_db)
 

@@ -1,4 +1,6 @@
-"""/files: upload, read, list and delete images."""
+"""/files: Cognite's Files API (JSON metadata first, bytes PUT to a signed
+upload URL) and segq's one-step multipart upload, which makes the same
+file. The work is in api/cognite_files.py; these handlers speak HTTP."""
 
 from __future__ import annotations
 
@@ -12,44 +14,76 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from api.answers import json_answer
 from api.auth import protect_project_routes
+from api.cognite_files import (
+    UploadLinks,
+    apply_changes,
+    commit_or_conflict,
+    complete_multipart_upload,
+    count_files,
+    create_file,
+    file_response,
+    find_files,
+    identifier_body,
+    part_keys,
+    receive_part,
+    receive_upload,
+)
+from api.cognite_files import (
+    list_files as list_file_page,
+)
 from api.context import current_project, db, services
 from api.errors import ApiError
 from api.images import inspect_image
+from api.json_body import read_json_object
 from api.openapi import documented
+from api.public_links import public_link
+from api.request_integers import request_integer
 from api.schemas import (
     CONTROL_CHARACTERS,
     MAX_EXTERNAL_ID_LENGTH,
+    Count,
+    CountAggregate,
+    CreatedFile,
+    DownloadLink,
+    DownloadLinks,
+    EmptyAnswer,
+    FileAggregateRequest,
+    FileCreation,
+    FileIdentifier,
+    FileIdentifierList,
+    FileIdentifiers,
     FileList,
     FileListQuery,
+    FileListRequest,
+    FilePage,
     FileResponse,
+    FileUpdates,
     FileUpload,
+    MultipartCompletion,
+    MultipartQuery,
+    MultipartUploadFile,
+    OverwriteQuery,
     checked_text,
+    cursor_after,
+    encode_cursor,
     list_limit,
+    parse,
+)
+from api.schemas import (
+    UploadLinks as UploadLinksAnswer,
 )
 from api.stored_files import discard_objects, store_image
 from segq.models import StoredFile
 
 log = logging.getLogger(__name__)
 
+#: Parts of one multipart upload; any allowed image fits in far fewer.
+MAX_PARTS = 250
 #: An upload needs three parts (file, externalId, name); many more is not an upload.
 MAX_FORM_PARTS = 100
 
 files = Blueprint("files", __name__, url_prefix="/api/v1/projects/<project>/files")
 protect_project_routes(files)
-
-
-def file_response(stored: StoredFile) -> FileResponse:
-    return FileResponse(
-        id=stored.id,
-        externalId=stored.external_id,
-        name=stored.name,
-        mimeType=stored.mime_type,
-        size=stored.size,
-        width=stored.width,
-        height=stored.height,
-        sha256=stored.sha256,
-        createdTime=stored.created_time,
-    )
 
 
 def _optional_text_field(name: str) -> str | None:
@@ -62,13 +96,21 @@ def _optional_text_field(name: str) -> str | None:
 @files.post("")
 @documented(
     "Upload an image (JPEG or PNG)",
-    {201: ("stored", FileResponse)},
+    {201: ("stored; from JSON metadata, with its uploadUrl", CreatedFile)},
     errors=(400, 409, 413, 415, 503),
     form_body=FileUpload,
+    json_body=FileCreation,
+    query=OverwriteQuery,
 )
 def upload_file() -> tuple[Response, int, dict[str, str]]:
+    if request.mimetype == "application/json":
+        return _create_file_metadata()
     if request.mimetype != "multipart/form-data":
-        raise ApiError(415, "upload as multipart/form-data with the image in field 'file'")
+        raise ApiError(
+            415,
+            "send the image as multipart/form-data in field 'file', "
+            "or the file's metadata as application/json",
+        )
     upload = _uploaded_form_file()
     if upload is None:
         raise ApiError(400, "multipart field 'file' is missing")
@@ -86,7 +128,11 @@ def upload_file() -> tuple[Response, int, dict[str, str]]:
     project = current_project()
     session = db()
     if external_id is not None and _external_id_taken(project.id, external_id):
-        raise ApiError(409, f"externalId {external_id!r} is already used in this project")
+        raise ApiError(
+            409,
+            f"externalId {external_id!r} is already used in this project",
+            duplicated=[{"externalId": external_id}],
+        )
 
     stored = store_image(
         session, services().storage, project.id, data, info, external_id=external_id, name=name
@@ -98,7 +144,9 @@ def upload_file() -> tuple[Response, int, dict[str, str]]:
         discard_objects(services().storage, [stored.storage_key])
         if isinstance(exc, IntegrityError):
             raise ApiError(
-                409, f"externalId {external_id!r} is already used in this project"
+                409,
+                f"externalId {external_id!r} is already used in this project",
+                duplicated=[{"externalId": external_id}],
             ) from None
         raise
     location = url_for("files.get_file", project=project.name, file_id=stored.id)
@@ -176,3 +224,260 @@ def list_files() -> Response:
     limit = list_limit(request.args.get("limit"))
     rows = db().scalars(query.order_by(StoredFile.id.desc()).limit(limit))
     return json_answer(FileList(items=[file_response(stored) for stored in rows]))
+
+
+def _upload_links() -> UploadLinks:
+    settings = services().settings
+    # Absolute under the public URL (`segq serve` sets it to the address it
+    # binds), never built from request headers; without one, relative to the
+    # API's root, which Cognite's SDK resolves for whole-file uploads.
+    return UploadLinks(settings.secret_key, settings.public_url, settings.url_expires_seconds)
+
+
+def _overwrite() -> bool:
+    raw = request.args.get("overwrite", "false").lower()
+    if raw not in ("true", "false"):
+        raise ApiError(400, "overwrite must be true or false")
+    return raw == "true"
+
+
+def _created_file(stored: StoredFile) -> CreatedFile:
+    body = file_response(stored).model_dump(exclude_unset=True)
+    return CreatedFile(**body, uploadUrl=_upload_links().url_for(stored))
+
+
+def _create_file_metadata() -> tuple[Response, int, dict[str, str]]:
+    creation = parse(FileCreation, read_json_object())
+    project = current_project()
+    stored, replaced_key = create_file(db(), project.id, creation, overwrite=_overwrite())
+    if replaced_key is not None:
+        discard_objects(services().storage, [replaced_key])
+    location = url_for("files.get_file", project=project.name, file_id=stored.id)
+    return json_answer(_created_file(stored)), 201, {"Location": location}
+
+
+@files.post("/uploadlink")
+@documented(
+    "Upload URLs for files created from metadata",
+    {200: ("the files, each with its uploadUrl", UploadLinksAnswer)},
+    errors=(400, 415),
+    json_body=FileIdentifierList,
+)
+def upload_links() -> Response:
+    request_body = parse(FileIdentifierList, read_json_object())
+    found = find_files(db(), current_project().id, request_body.items)
+    return json_answer(UploadLinksAnswer(items=[_created_file(stored) for _, stored in found]))
+
+
+@files.post("/byids")
+@documented(
+    "Files by id, externalId or instanceId",
+    {200: ("the files, in the order asked", FilePage)},
+    errors=(400, 415),
+    json_body=FileIdentifiers,
+)
+def files_by_ids() -> Response:
+    request_body = parse(FileIdentifiers, read_json_object())
+    found = find_files(
+        db(), current_project().id, request_body.items, ignore_unknown=request_body.ignoreUnknownIds
+    )
+    return json_answer(FilePage(items=[file_response(stored) for _, stored in found]))
+
+
+@files.post("/list")
+@documented(
+    "Files matching a filter, a page at a time",
+    {200: ("a page of files", FilePage)},
+    errors=(400, 415),
+    json_body=FileListRequest,
+)
+def list_filtered_files() -> Response:
+    request_body = parse(FileListRequest, read_json_object())
+    page, last_id = list_file_page(
+        db(),
+        current_project().id,
+        request_body.filter,
+        limit=request_body.limit or 100,
+        after_id=cursor_after(request_body.cursor),
+    )
+    return json_answer(
+        FilePage(
+            items=[file_response(stored) for stored in page],
+            nextCursor=encode_cursor(last_id) if last_id is not None else None,
+        )
+    )
+
+
+@files.post("/aggregate")
+@documented(
+    "Count the files matching a filter",
+    {200: ("the count", CountAggregate)},
+    errors=(400, 415),
+    json_body=FileAggregateRequest,
+)
+def aggregate_files() -> Response:
+    request_body = parse(FileAggregateRequest, read_json_object())
+    total = count_files(db(), current_project().id, request_body.filter)
+    return json_answer(CountAggregate(items=[Count(count=total)]))
+
+
+@files.post("/downloadlink")
+@documented(
+    "Expiring download URLs of uploaded files",
+    {200: ("one URL per file", DownloadLinks)},
+    errors=(400, 415),
+    json_body=FileIdentifierList,
+)
+def download_links() -> Response:
+    request_body = parse(FileIdentifierList, read_json_object())
+    found = find_files(db(), current_project().id, request_body.items)
+    not_uploaded = [
+        identifier_body(identifier) for identifier, stored in found if not stored.uploaded
+    ]
+    if not_uploaded:
+        raise ApiError(400, "files are not uploaded yet", missing=not_uploaded)
+    settings = services().settings
+    storage = services().storage
+    links = [
+        DownloadLink(
+            **identifier.model_dump(exclude_none=True),
+            downloadUrl=public_link(
+                settings.public_url,
+                storage.presigned_get_url(stored.storage_key, settings.url_expires_seconds),
+            ),
+        )
+        for identifier, stored in found
+    ]
+    return json_answer(DownloadLinks(items=links))
+
+
+@files.post("/delete")
+@documented(
+    "Delete files",
+    {200: ("deleted", EmptyAnswer)},
+    errors=(400, 415),
+    json_body=FileIdentifiers,
+)
+def delete_files() -> Response:
+    request_body = parse(FileIdentifiers, read_json_object())
+    session = db()
+    found = find_files(
+        session,
+        current_project().id,
+        request_body.items,
+        ignore_unknown=request_body.ignoreUnknownIds,
+        for_update=True,
+    )
+    keys = {stored.id: stored.storage_key for _, stored in found}
+    for stored in {stored.id: stored for _, stored in found}.values():
+        session.delete(stored)
+    session.commit()
+    # After the commit: a crash here leaves unreferenced objects, never rows
+    # pointing at nothing.
+    discard_objects(services().storage, list(keys.values()))
+    return json_answer(EmptyAnswer())
+
+
+@files.post("/update")
+@documented(
+    "Change files' externalId, name or metadata",
+    {200: ("the files as changed", FilePage)},
+    errors=(400, 409, 415),
+    json_body=FileUpdates,
+)
+def update_files() -> Response:
+    request_body = parse(FileUpdates, read_json_object())
+    session = db()
+    found = find_files(session, current_project().id, request_body.items, for_update=True)
+    changed_ids: list[dict[str, str]] = []
+    # Every item was found (no ignoreUnknownIds here), so they pair up in order.
+    for item, (_, stored) in zip(request_body.items, found, strict=True):
+        apply_changes(stored, item.update)
+        if stored.external_id is not None:
+            changed_ids.append({"externalId": stored.external_id})
+    commit_or_conflict(session, changed_ids)
+    return json_answer(FilePage(items=[file_response(stored) for _, stored in found]))
+
+
+#: The upload URLs: no project key, the URL's signature is the credential.
+file_uploads = Blueprint("file_uploads", __name__, url_prefix="/api/v1/files/upload")
+
+
+@file_uploads.put("/<token>")
+@documented(
+    "Upload a file's bytes to the URL its creation answered",
+    {200: ("uploaded", FileResponse)},
+    errors=(403, 404, 409, 413, 415),
+)
+def put_file_bytes(token: str) -> Response:
+    settings = services().settings
+    limit = settings.max_upload_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"file is larger than {limit} bytes")
+    session = db()
+    target = _upload_links().target_of(session, token)
+    data = request.stream.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, f"file is larger than {limit} bytes")
+    if target.part is not None:
+        receive_part(session, services().storage, target, data)
+        return json_answer(file_response(target.stored))
+    stored = receive_upload(
+        session,
+        services().storage,
+        target.stored,
+        data,
+        max_image_pixels=settings.max_image_pixels,
+    )
+    return json_answer(file_response(stored))
+
+
+@files.post("/initmultipartupload")
+@documented(
+    "Create a file from metadata, to upload in parts",
+    {201: ("the file, with one upload URL per part", MultipartUploadFile)},
+    errors=(400, 409, 415),
+    json_body=FileCreation,
+    query=MultipartQuery,
+)
+def init_multipart_upload() -> tuple[Response, int]:
+    parts = request_integer("parts", request.args.get("parts", ""), minimum=1, maximum=MAX_PARTS)
+    creation = parse(FileCreation, read_json_object())
+    stored, replaced_key = create_file(db(), current_project().id, creation, overwrite=_overwrite())
+    if replaced_key is not None:
+        discard_objects(services().storage, [replaced_key])
+    links = _upload_links()
+    body = file_response(stored).model_dump(exclude_unset=True)
+    answer = MultipartUploadFile(
+        **body,
+        uploadUrls=[links.url_for(stored, part=part) for part in range(parts)],
+        uploadId=links.upload_id(stored, parts),
+    )
+    return json_answer(answer), 201
+
+
+@files.post("/completemultipartupload")
+@documented(
+    "Join the uploaded parts into the file's bytes",
+    {200: ("uploaded", EmptyAnswer)},
+    errors=(400, 409, 413, 415),
+    json_body=MultipartCompletion,
+)
+def complete_multipart() -> Response:
+    completion = parse(MultipartCompletion, read_json_object())
+    session = db()
+    identifier = FileIdentifier(id=completion.id)
+    [(_, stored)] = find_files(session, current_project().id, [identifier], for_update=True)
+    parts = _upload_links().multipart_upload(stored, completion.uploadId)
+    settings = services().settings
+    storage = services().storage
+    complete_multipart_upload(
+        session,
+        storage,
+        stored,
+        parts,
+        max_upload_bytes=settings.max_upload_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
+    discard_objects(storage, part_keys(stored, parts))
+    return json_answer(EmptyAnswer())

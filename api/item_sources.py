@@ -42,6 +42,11 @@ def item_reference(source: StoredFile | str) -> dict[str, Any]:
     reference: dict[str, Any] = {"fileId": source.id}
     if source.external_id is not None:
         reference["fileExternalId"] = source.external_id
+    if source.instance_space is not None and source.instance_external_id is not None:
+        reference["fileInstanceId"] = {
+            "space": source.instance_space,
+            "externalId": source.instance_external_id,
+        }
     return reference
 
 
@@ -148,6 +153,14 @@ def _resolve_files(
                 by_external_id.get(ref.fileExternalId),
                 {"externalId": ref.fileExternalId},
             )
+        elif ref.fileInstanceId is not None:
+            shown = {"instanceId": ref.fileInstanceId.model_dump()}
+            found = session.scalar(
+                scope.where(
+                    StoredFile.instance_space == ref.fileInstanceId.space,
+                    StoredFile.instance_external_id == ref.fileInstanceId.externalId,
+                )
+            )
         else:
             continue
         if found is None:
@@ -162,4 +175,12 @@ def _resolve_files(
     if missing or duplicated:
         message = "unknown files" if missing else "files are referenced more than once"
         raise ApiError(400, message, missing=missing, duplicated=duplicated)
+    pending = [
+        f"items[{index}] (file {stored.id})"
+        for index, stored in resolved.items()
+        if not stored.uploaded
+    ]
+    if pending:
+        # Cognite's two-step upload: the file exists before its bytes do.
+        raise ApiError(400, f"{', '.join(pending)}: file is not uploaded yet")
     return resolved

@@ -221,14 +221,14 @@ def _check_semantics(
     for index, item in enumerate(segment_request.items):
         named = [
             field
-            for field in ("fileId", "fileExternalId", "fileUrl", "imageData")
+            for field in ("fileId", "fileExternalId", "fileInstanceId", "fileUrl", "imageData")
             if getattr(item, field) is not None
         ]
         if len(named) != 1:
             raise ApiError(
                 400,
-                f"items[{index}] must have exactly one of fileId, fileExternalId, fileUrl, "
-                "imageData",
+                f"items[{index}] must have exactly one of fileId, fileExternalId, "
+                "fileInstanceId, fileUrl, imageData",
             )
 
 

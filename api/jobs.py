@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from urllib.parse import urljoin
 
 from flask import Blueprint, Response, request, url_for
 from sqlalchemy import func, select, update
@@ -15,6 +14,7 @@ from api.errors import ApiError
 from api.job_service import create_segmentation_job, items_of, owned_job
 from api.json_body import max_job_body_bytes, read_json_object
 from api.openapi import documented
+from api.public_links import public_link
 from api.request_integers import request_integer
 from api.schemas import (
     JobCreatedResponse,
@@ -116,16 +116,6 @@ def list_jobs() -> Response:
     ]
     next_cursor = encode_cursor(page[-1].id) if more else None
     return json_answer(JobList(items=items, nextCursor=next_cursor))
-
-
-def public_link(public_url: str | None, url: str) -> str:
-    """An absolute link for ``url``, which local-disk storage makes relative
-    to the API's root: joined to the configured public URL, never to the
-    request's Host header (a client could name any host there). Without a
-    configured URL the link stays relative to the API's root."""
-    if public_url is None:
-        return url
-    return urljoin(public_url + "/", url.lstrip("/")) if url.startswith("/") else url
 
 
 def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:

@@ -173,17 +173,20 @@ def _operation(operation: Operation, path_parameters: list[dict[str, Any]]) -> d
         ],
         "responses": dict(sorted(responses.items())),
     }
-    if operation.json_body is not None:
-        body["requestBody"] = _request_body("application/json", operation.json_body)
-    if operation.form_body is not None:
-        body["requestBody"] = _request_body("multipart/form-data", operation.form_body)
+    # A route may read either (POST /files: JSON metadata or a multipart upload).
+    media = {
+        media_type: {"schema": model.__name__}
+        for media_type, model in (
+            ("application/json", operation.json_body),
+            ("multipart/form-data", operation.form_body),
+        )
+        if model is not None
+    }
+    if media:
+        body["requestBody"] = {"required": True, "content": media}
     if project_route:
         body["security"] = [{"apiKey": []}]
     return body
-
-
-def _request_body(media_type: str, model: type[BaseModel]) -> dict[str, Any]:
-    return {"required": True, "content": {media_type: {"schema": model.__name__}}}
 
 
 def _parameters(model: type[BaseModel] | None, location: str) -> list[dict[str, Any]]:

@@ -50,6 +50,18 @@ class BoundingBox(StrictModel):
     yMax: Unit
 
 
+Identifier = Annotated[
+    str, Field(min_length=1, max_length=MAX_EXTERNAL_ID_LENGTH, pattern=NO_CONTROL_CHARACTERS)
+]
+
+
+class InstanceId(StrictModel):
+    """Cognite's data-modeling node id of a file."""
+
+    space: Identifier
+    externalId: Identifier
+
+
 class FileReference(StrictModel):
     """Exactly one of the fields names the image."""
 
@@ -63,6 +75,7 @@ class FileReference(StrictModel):
     ) = None
     fileUrl: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     imageData: str | None = None
+    fileInstanceId: InstanceId | None = None
 
 
 if TYPE_CHECKING:
@@ -179,25 +192,97 @@ class ErrorResponse(ResponseModel):
     error: ErrorBody
 
 
+class InstanceIdBody(ResponseModel):
+    space: str
+    externalId: str
+
+
 class FileResponse(ResponseModel):
+    """Cognite's file, plus what segq learnt from the bytes (size,
+    dimensions, digest), present once they are uploaded."""
+
     id: int
     externalId: str | None
+    instanceId: InstanceIdBody | None = None
     name: str | None
-    mimeType: Literal["image/jpeg", "image/png"]
-    size: int
-    width: int
-    height: int
-    sha256: str
+    mimeType: str | None
+    metadata: dict[str, str] | None = None
+    uploaded: bool
+    uploadedTime: int | None = None
     createdTime: int
+    lastUpdatedTime: int
+    size: int | None = None
+    width: int | None = None
+    height: int | None = None
+    sha256: str | None = None
+
+
+class CreatedFile(FileResponse):
+    uploadUrl: str | None = Field(
+        None,
+        description="from JSON metadata: PUT the bytes here (signed, expiring, for this "
+        "file only); absent after a multipart upload, which carries the bytes",
+    )
+
+
+class MultipartUploadFile(FileResponse):
+    uploadUrls: list[str] = Field(description="PUT part i (from 0) to uploadUrls[i]")
+    uploadId: str
 
 
 class FileList(ResponseModel):
     items: list[FileResponse]
 
 
+class FilePage(ResponseModel):
+    items: list[FileResponse]
+    nextCursor: str | None = None
+
+
+class DownloadLink(ResponseModel):
+    id: int | None = None
+    externalId: str | None = None
+    instanceId: InstanceIdBody | None = None
+    downloadUrl: str
+
+
+class DownloadLinks(ResponseModel):
+    items: list[DownloadLink]
+
+
+class UploadLinks(ResponseModel):
+    items: list[CreatedFile]
+
+
+class Count(ResponseModel):
+    count: int
+
+
+class CountAggregate(ResponseModel):
+    items: list[Count]
+
+
+class EmptyAnswer(ResponseModel):
+    pass
+
+
+class ProjectScope(ResponseModel):
+    projectUrlName: str
+    groups: list[int]
+
+
+class TokenInspection(ResponseModel):
+    """Cognite's answer: who the key is, its project and what it may do."""
+
+    subject: str
+    projects: list[ProjectScope]
+    capabilities: list[dict[str, Any]]
+
+
 class ItemReference(ResponseModel):
     fileId: int | None = None
     fileExternalId: str | None = None
+    fileInstanceId: InstanceIdBody | None = None
     fileUrl: str | None = None
 
 
@@ -404,6 +489,117 @@ class FileUpload(BaseModel):
     file: bytes
     externalId: Annotated[str, Field(max_length=MAX_EXTERNAL_ID_LENGTH)] | None = None
     name: Annotated[str, Field(max_length=MAX_EXTERNAL_ID_LENGTH)] | None = None
+
+
+MetadataMap = Annotated[
+    dict[
+        Annotated[str, Field(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)],
+        # JSONB cannot hold NUL either.
+        Annotated[str, Field(max_length=10240, pattern=r"^[^\x00]*$")],
+    ],
+    Field(max_length=256),
+]
+FileName = Annotated[
+    str, Field(min_length=1, max_length=MAX_EXTERNAL_ID_LENGTH, pattern=NO_CONTROL_CHARACTERS)
+]
+FileId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
+class FileCreation(StrictModel):
+    """Cognite's file metadata, the first step of its two-step upload."""
+
+    name: FileName
+    externalId: Identifier | None = None
+    mimeType: Annotated[str, Field(max_length=255, pattern=NO_CONTROL_CHARACTERS)] | None = None
+    metadata: MetadataMap | None = None
+    instanceId: InstanceId | None = None
+
+
+class OverwriteQuery(BaseModel):
+    overwrite: bool | None = None
+
+
+class MultipartQuery(BaseModel):
+    overwrite: bool | None = None
+    parts: Annotated[int, Field(ge=1, le=250)]
+
+
+class FileIdentifier(StrictModel):
+    """Exactly one of the fields names the file."""
+
+    id: FileId | None = None
+    externalId: Identifier | None = None
+    instanceId: InstanceId | None = None
+
+
+class FileIdentifiers(StrictModel):
+    items: Annotated[list[FileIdentifier], Field(min_length=1, max_length=1000)]
+    ignoreUnknownIds: bool = False
+
+
+class FileIdentifierList(StrictModel):
+    items: Annotated[list[FileIdentifier], Field(min_length=1, max_length=1000)]
+
+
+class TimeRange(StrictModel):
+    min: EpochMs | None = None
+    max: EpochMs | None = None
+
+
+class FileFilter(StrictModel):
+    externalIdPrefix: (
+        Annotated[str, Field(max_length=MAX_EXTERNAL_ID_LENGTH, pattern=NO_CONTROL_CHARACTERS)]
+        | None
+    ) = None
+    mimeType: Annotated[str, Field(max_length=255, pattern=NO_CONTROL_CHARACTERS)] | None = None
+    uploaded: bool | None = None
+    createdTime: TimeRange | None = None
+    lastUpdatedTime: TimeRange | None = None
+    uploadedTime: TimeRange | None = None
+
+
+class FileListRequest(StrictModel):
+    filter: FileFilter | None = None
+    limit: ListLimit | None = None
+    cursor: Annotated[str, Field(max_length=64)] | None = None
+
+
+class FileAggregateRequest(StrictModel):
+    filter: FileFilter | None = None
+
+
+class NullableIdentifierChange(StrictModel):
+    set: Identifier | None = None
+    setNull: Literal[True] | None = None
+
+
+class NameChange(StrictModel):
+    set: FileName
+
+
+class MetadataChange(StrictModel):
+    set: MetadataMap | None = None
+    add: MetadataMap | None = None
+    remove: Annotated[list[str], Field(max_length=256)] | None = None
+
+
+class FileChanges(StrictModel):
+    externalId: NullableIdentifierChange | None = None
+    name: NameChange | None = None
+    metadata: MetadataChange | None = None
+
+
+class FileUpdate(FileIdentifier):
+    update: FileChanges
+
+
+class FileUpdates(StrictModel):
+    items: Annotated[list[FileUpdate], Field(min_length=1, max_length=1000)]
+
+
+class MultipartCompletion(StrictModel):
+    id: FileId
+    uploadId: Annotated[str, Field(min_length=1, max_length=512)]
 
 
 def list_limit(raw: str | None, default: int = 100) -> int:

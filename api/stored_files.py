@@ -30,6 +30,7 @@ def store_image(
     to ``session``; the caller commits, or discards the object."""
     key = f"projects/{project_id}/files/{uuid.uuid4().hex}"
     storage.put(key, data, info.mime_type)
+    now = now_ms()
     stored = StoredFile(
         project_id=project_id,
         external_id=external_id,
@@ -40,7 +41,10 @@ def store_image(
         height=info.height,
         sha256=info.sha256,
         storage_key=key,
-        created_time=now_ms(),
+        created_time=now,
+        uploaded=True,
+        uploaded_time=now,
+        last_updated_time=now,
     )
     session.add(stored)
     return stored

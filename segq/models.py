@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     ForeignKey,
     Index,
     Integer,
@@ -18,6 +19,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.expression import true
 
 JsonDict = dict[str, Any]
 # 64-bit ids where rows pile up; SQLite only auto-increments "INTEGER" keys.
@@ -83,10 +85,17 @@ class ApiKey(Base):
 
 
 class StoredFile(Base):
-    """An uploaded image; its bytes live in object storage under ``storage_key``."""
+    """An image of a project; its bytes live in object storage under
+    ``storage_key``. A file created from JSON metadata (Cognite's two-step
+    upload) exists before its bytes do: until they arrive through its upload
+    URL it is not ``uploaded``, and what is learnt from the bytes (size,
+    dimensions, digest) is NULL."""
 
     __tablename__ = "files"
-    __table_args__ = (UniqueConstraint("project_id", "external_id"),)
+    __table_args__ = (
+        UniqueConstraint("project_id", "external_id"),
+        UniqueConstraint("project_id", "instance_space", "instance_external_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     project_id: Mapped[int] = mapped_column(
@@ -94,13 +103,23 @@ class StoredFile(Base):
     )
     external_id: Mapped[str | None] = mapped_column(String(255))
     name: Mapped[str | None] = mapped_column(String(255))
-    mime_type: Mapped[str] = mapped_column(String(32))
-    size: Mapped[int] = mapped_column(BigInteger)
-    width: Mapped[int] = mapped_column(Integer)
-    height: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str] = mapped_column(String(64))
+    # Declared by the client until the bytes arrive; then the type they are.
+    mime_type: Mapped[str | None] = mapped_column(String(255))
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    sha256: Mapped[str | None] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(512))
     created_time: Mapped[int] = mapped_column(BigInteger)
+    uploaded: Mapped[bool] = mapped_column(Boolean, server_default=true())
+    uploaded_time: Mapped[int | None] = mapped_column(BigInteger)
+    last_updated_time: Mapped[int | None] = mapped_column(BigInteger)
+    # Cognite's free-form string map.
+    file_metadata: Mapped[JsonDict | None]
+    # Cognite's data-modeling node id {space, externalId}, kept as two columns
+    # so that it can be unique per project.
+    instance_space: Mapped[str | None] = mapped_column(String(255))
+    instance_external_id: Mapped[str | None] = mapped_column(String(255))
 
 
 class Job(Base):

@@ -229,7 +229,7 @@ def test_links_come_from_the_public_url_never_from_the_host_header(
     storage = app.extensions["segq"].storage
     storage.put("projects/1/masks/a.png", png_bytes(), "image/png")
 
-    from api.jobs import public_link
+    from api.public_links import public_link
 
     with app.test_request_context("/", headers={"Host": "evil.example"}):
         link = public_link(

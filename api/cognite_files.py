@@ -1,0 +1,435 @@
+"""Cognite's Files API over a project's stored files, with no Flask in it:
+file metadata created first and its bytes PUT later to a signed upload URL,
+lookups by id, externalId or instanceId, filtered listing, counting,
+updates, deletion and download links. Refusals are ApiErrors in Cognite's
+shape (``missing``, ``duplicated``), which its SDK turns into its own
+exception classes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from itsdangerous import BadSignature, URLSafeSerializer
+from sqlalchemy import ColumnElement, and_, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from api.images import inspect_image
+from api.public_links import public_link
+from api.schemas import (
+    FileChanges,
+    FileCreation,
+    FileFilter,
+    FileIdentifier,
+    FileResponse,
+    InstanceId,
+    InstanceIdBody,
+    TimeRange,
+)
+from segq.clock import now_ms
+from segq.models import StoredFile
+from segq.storage import ObjectNotFound, ObjectStorage
+
+#: Where upload URLs point; outside /projects/<project>: the signature is the key.
+UPLOAD_ROUTE = "/api/v1/files/upload/"
+_UPLOAD_SALT = "segq.file-upload"
+
+
+def file_response(stored: StoredFile) -> FileResponse:
+    """The file's body; what is learnt from the bytes only once they are there."""
+    fields: dict[str, Any] = {
+        "id": stored.id,
+        "externalId": stored.external_id,
+        "name": stored.name,
+        "mimeType": stored.mime_type,
+        "uploaded": stored.uploaded,
+        "createdTime": stored.created_time,
+        "lastUpdatedTime": stored.last_updated_time or stored.created_time,
+    }
+    if stored.instance_space is not None and stored.instance_external_id is not None:
+        fields["instanceId"] = InstanceIdBody(
+            space=stored.instance_space, externalId=stored.instance_external_id
+        )
+    if stored.file_metadata is not None:
+        fields["metadata"] = stored.file_metadata
+    if stored.uploaded:
+        fields |= {
+            "uploadedTime": stored.uploaded_time or stored.created_time,
+            "size": stored.size,
+            "width": stored.width,
+            "height": stored.height,
+            "sha256": stored.sha256,
+        }
+    return FileResponse(**fields)
+
+
+def identifier_body(identifier: FileIdentifier) -> dict[str, Any]:
+    """The identifier as the client sent it, for ``missing`` and ``duplicated``."""
+    return identifier.model_dump(exclude_none=True)
+
+
+def _instance_id_taken(project_id: int, instance_id: InstanceId) -> ColumnElement[bool]:
+    return and_(
+        StoredFile.project_id == project_id,
+        StoredFile.instance_space == instance_id.space,
+        StoredFile.instance_external_id == instance_id.externalId,
+    )
+
+
+def create_file(
+    session: Session, project_id: int, creation: FileCreation, *, overwrite: bool
+) -> tuple[StoredFile, str | None]:
+    """Add (or, with ``overwrite``, reset) the file ``creation`` describes,
+    not yet uploaded, and commit. A reused externalId or instanceId is a 409
+    naming it, unless ``overwrite``; then the file keeps its id and waits for
+    new bytes. Returns the file and the storage key of bytes it no longer
+    holds, for the caller to discard."""
+    existing: StoredFile | None = None
+    duplicated: list[dict[str, Any]] = []
+    if creation.externalId is not None:
+        existing = session.scalar(
+            select(StoredFile).where(
+                StoredFile.project_id == project_id,
+                StoredFile.external_id == creation.externalId,
+            )
+        )
+        if existing is not None:
+            duplicated.append({"externalId": creation.externalId})
+    if creation.instanceId is not None:
+        by_instance = session.scalar(
+            select(StoredFile).where(_instance_id_taken(project_id, creation.instanceId))
+        )
+        if by_instance is not None:
+            duplicated.append({"instanceId": creation.instanceId.model_dump()})
+            if existing is not None and existing.id != by_instance.id:
+                raise ApiError(
+                    409, "externalId and instanceId name different files", duplicated=duplicated
+                )
+            existing = by_instance
+    if existing is not None and not overwrite:
+        raise ApiError(409, "a file with that identifier exists", duplicated=duplicated)
+    now = now_ms()
+    old_key: str | None = None
+    stored = existing
+    if stored is None:
+        stored = StoredFile(project_id=project_id, created_time=now)
+        session.add(stored)
+    elif stored.uploaded:
+        old_key = stored.storage_key
+    stored.external_id = creation.externalId
+    stored.name = creation.name
+    stored.mime_type = creation.mimeType
+    stored.file_metadata = creation.metadata
+    stored.instance_space = creation.instanceId.space if creation.instanceId else None
+    stored.instance_external_id = creation.instanceId.externalId if creation.instanceId else None
+    stored.storage_key = f"projects/{project_id}/files/{uuid.uuid4().hex}"
+    stored.uploaded = False
+    stored.uploaded_time = None
+    stored.size = stored.width = stored.height = None
+    stored.sha256 = None
+    stored.last_updated_time = now
+    commit_or_conflict(session, duplicated or _creation_identifiers(creation))
+    return stored, old_key
+
+
+def _creation_identifiers(creation: FileCreation) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    if creation.externalId is not None:
+        found.append({"externalId": creation.externalId})
+    if creation.instanceId is not None:
+        found.append({"instanceId": creation.instanceId.model_dump()})
+    return found
+
+
+def commit_or_conflict(session: Session, identifiers: list[dict[str, Any]]) -> None:
+    """Commit; a unique identifier taken meanwhile by another request is a 409."""
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise ApiError(409, "a file with that identifier exists", duplicated=identifiers) from None
+
+
+@dataclass(frozen=True)
+class UploadTarget:
+    """What an upload URL names: a file, locked for the upload, and which
+    part of a multipart upload (None: the whole file)."""
+
+    stored: StoredFile
+    part: int | None
+
+
+@dataclass(frozen=True)
+class UploadLinks:
+    """Signs and reads the upload URLs of files: a URL names one file of one
+    project (and its storage key, which an overwrite changes), the part of a
+    multipart upload if any, and an expiry, under the server's secret key."""
+
+    secret_key: str
+    #: The API's root as clients reach it (SEGQ_PUBLIC_URL).
+    public_url: str | None
+    expires_seconds: int
+
+    def _serializer(self) -> URLSafeSerializer:
+        return URLSafeSerializer(self.secret_key, salt=_UPLOAD_SALT)
+
+    def url_for(
+        self, stored: StoredFile, *, part: int | None = None, expires_time: int | None = None
+    ) -> str:
+        expires = (
+            expires_time if expires_time is not None else now_ms() + self.expires_seconds * 1000
+        )
+        token = self._serializer().dumps(
+            [stored.project_id, stored.id, stored.storage_key, expires, part]
+        )
+        return public_link(self.public_url, UPLOAD_ROUTE + str(token))
+
+    def upload_id(self, stored: StoredFile, parts: int) -> str:
+        """The multipart upload's id: which file, under which key, in how many parts."""
+        return str(
+            self._serializer().dumps([stored.project_id, stored.id, stored.storage_key, parts])
+        )
+
+    def multipart_upload(self, stored: StoredFile, upload_id: str) -> int:
+        """The number of parts of ``upload_id``, if it is ``stored``'s current one; else 400."""
+        try:
+            project_id, file_id, storage_key, parts = self._serializer().loads(upload_id)
+        except (BadSignature, ValueError, TypeError):
+            raise ApiError(400, "uploadId is not valid") from None
+        if (project_id, file_id, storage_key) != (
+            stored.project_id,
+            stored.id,
+            stored.storage_key,
+        ) or not isinstance(parts, int):
+            raise ApiError(400, "uploadId is not this file's multipart upload")
+        return parts
+
+    def target_of(self, session: Session, token: str) -> UploadTarget:
+        """What ``token`` was signed for, the file locked for the upload; 403
+        for a token that is not ours or has expired, 404 for a file gone or
+        reset since (an overwrite gives it a new storage key)."""
+        try:
+            project_id, file_id, storage_key, expires, part = self._serializer().loads(token)
+        except (BadSignature, ValueError, TypeError):
+            raise ApiError(403, "this upload URL is not valid") from None
+        if not isinstance(expires, int) or expires < now_ms():
+            raise ApiError(403, "this upload URL has expired")
+        stored = session.scalar(
+            select(StoredFile)
+            .where(StoredFile.id == file_id, StoredFile.project_id == project_id)
+            .with_for_update()
+        )
+        if stored is None or stored.storage_key != storage_key:
+            raise ApiError(404, "the file of this upload URL no longer exists")
+        return UploadTarget(stored, part if isinstance(part, int) else None)
+
+
+def part_key(stored: StoredFile, part: int) -> str:
+    return f"{stored.storage_key}.part{part}"
+
+
+def receive_part(
+    session: Session, storage: ObjectStorage, target: UploadTarget, data: bytes
+) -> None:
+    """Keep one part of a multipart upload until the upload is completed."""
+    assert target.part is not None
+    if target.stored.uploaded:
+        raise ApiError(409, f"file {target.stored.id} is already uploaded")
+    storage.put(part_key(target.stored, target.part), data, "application/octet-stream")
+    session.rollback()
+
+
+def complete_multipart_upload(
+    session: Session,
+    storage: ObjectStorage,
+    stored: StoredFile,
+    parts: int,
+    *,
+    max_upload_bytes: int,
+    max_image_pixels: int,
+) -> StoredFile:
+    """Join the parts, in order, and receive them as the file's bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    for part in range(parts):
+        try:
+            chunk = storage.get(part_key(stored, part))
+        except ObjectNotFound:
+            raise ApiError(400, f"part {part} of file {stored.id} was not uploaded") from None
+        size += len(chunk)
+        if size > max_upload_bytes:
+            raise ApiError(413, f"file is larger than {max_upload_bytes} bytes")
+        chunks.append(chunk)
+    return receive_upload(
+        session, storage, stored, b"".join(chunks), max_image_pixels=max_image_pixels
+    )
+
+
+def part_keys(stored: StoredFile, parts: int) -> list[str]:
+    return [part_key(stored, part) for part in range(parts)]
+
+
+def receive_upload(
+    session: Session,
+    storage: ObjectStorage,
+    stored: StoredFile,
+    data: bytes,
+    *,
+    max_image_pixels: int,
+) -> StoredFile:
+    """Store ``data`` as the file's bytes after the same checks as any
+    upload (decoded, sized, pixels counted), and mark it uploaded. The same
+    bytes again change nothing; other bytes for an uploaded file are a 409."""
+    info = inspect_image(data, max_pixels=max_image_pixels)
+    if stored.uploaded:
+        if stored.sha256 == info.sha256:
+            session.rollback()
+            return stored
+        raise ApiError(409, f"file {stored.id} is already uploaded")
+    storage.put(stored.storage_key, data, info.mime_type)
+    now = now_ms()
+    stored.mime_type = info.mime_type
+    stored.size = len(data)
+    stored.width = info.width
+    stored.height = info.height
+    stored.sha256 = info.sha256
+    stored.uploaded = True
+    stored.uploaded_time = now
+    stored.last_updated_time = now
+    session.commit()
+    return stored
+
+
+def find_files(
+    session: Session,
+    project_id: int,
+    identifiers: Sequence[FileIdentifier],
+    *,
+    ignore_unknown: bool = False,
+    for_update: bool = False,
+) -> list[tuple[FileIdentifier, StoredFile]]:
+    """The files named, in the order named; unknown ones are a 400 listing
+    them all in ``missing``, or left out with ``ignore_unknown``."""
+    found: list[tuple[FileIdentifier, StoredFile]] = []
+    missing: list[dict[str, Any]] = []
+    for index, identifier in enumerate(identifiers):
+        condition = _identifier_condition(project_id, identifier, index)
+        query = select(StoredFile).where(condition)
+        stored = session.scalar(query.with_for_update() if for_update else query)
+        if stored is None:
+            missing.append(identifier_body(identifier))
+        else:
+            found.append((identifier, stored))
+    if missing and not ignore_unknown:
+        raise ApiError(400, "files not found", missing=missing)
+    return found
+
+
+def _identifier_condition(
+    project_id: int, identifier: FileIdentifier, index: int
+) -> ColumnElement[bool]:
+    given = [
+        field
+        for field in ("id", "externalId", "instanceId")
+        if getattr(identifier, field) is not None
+    ]
+    if len(given) != 1:
+        raise ApiError(400, f"items[{index}] must have exactly one of id, externalId, instanceId")
+    if identifier.id is not None:
+        return and_(StoredFile.project_id == project_id, StoredFile.id == identifier.id)
+    if identifier.externalId is not None:
+        return and_(
+            StoredFile.project_id == project_id, StoredFile.external_id == identifier.externalId
+        )
+    assert identifier.instanceId is not None
+    return _instance_id_taken(project_id, identifier.instanceId)
+
+
+def _filter_conditions(
+    project_id: int, file_filter: FileFilter | None
+) -> list[ColumnElement[bool]]:
+    conditions: list[ColumnElement[bool]] = [StoredFile.project_id == project_id]
+    if file_filter is None:
+        return conditions
+    if file_filter.externalIdPrefix is not None:
+        # startswith with autoescape: % and _ in the prefix are literal.
+        conditions.append(
+            StoredFile.external_id.startswith(file_filter.externalIdPrefix, autoescape=True)
+        )
+    if file_filter.mimeType is not None:
+        conditions.append(StoredFile.mime_type == file_filter.mimeType)
+    if file_filter.uploaded is not None:
+        conditions.append(StoredFile.uploaded == file_filter.uploaded)
+    for column, time_range in (
+        (StoredFile.created_time, file_filter.createdTime),
+        (
+            func.coalesce(StoredFile.last_updated_time, StoredFile.created_time),
+            file_filter.lastUpdatedTime,
+        ),
+        (StoredFile.uploaded_time, file_filter.uploadedTime),
+    ):
+        conditions.extend(_in_range(column, time_range))
+    return conditions
+
+
+def _in_range(column: Any, time_range: TimeRange | None) -> list[ColumnElement[bool]]:
+    if time_range is None:
+        return []
+    conditions: list[ColumnElement[bool]] = []
+    if time_range.min is not None:
+        conditions.append(column >= time_range.min)
+    if time_range.max is not None:
+        conditions.append(column <= time_range.max)
+    return conditions
+
+
+def list_files(
+    session: Session,
+    project_id: int,
+    file_filter: FileFilter | None,
+    *,
+    limit: int,
+    after_id: int | None,
+) -> tuple[list[StoredFile], int | None]:
+    """One page of the files ``file_filter`` matches, oldest first (ids
+    never move under a cursor), and the last id shown if there is more."""
+    conditions = _filter_conditions(project_id, file_filter)
+    if after_id is not None:
+        conditions.append(StoredFile.id > after_id)
+    rows = list(
+        session.scalars(
+            select(StoredFile).where(*conditions).order_by(StoredFile.id).limit(limit + 1)
+        )
+    )
+    page = rows[:limit]
+    return page, (page[-1].id if len(rows) > limit else None)
+
+
+def count_files(session: Session, project_id: int, file_filter: FileFilter | None) -> int:
+    total = session.scalar(
+        select(func.count())
+        .select_from(StoredFile)
+        .where(*_filter_conditions(project_id, file_filter))
+    )
+    return int(total or 0)
+
+
+def apply_changes(stored: StoredFile, changes: FileChanges) -> None:
+    """Cognite's update operations on the fields segq lets clients change."""
+    if changes.externalId is not None:
+        stored.external_id = None if changes.externalId.setNull else changes.externalId.set
+    if changes.name is not None:
+        stored.name = changes.name.set
+    if changes.metadata is not None:
+        metadata = dict(stored.file_metadata or {})
+        if changes.metadata.set is not None:
+            metadata = dict(changes.metadata.set)
+        for key in changes.metadata.remove or []:
+            metadata.pop(key, None)
+        metadata.update(changes.metadata.add or {})
+        stored.file_metadata = metadata
+    stored.last_updated_time = now_ms()
