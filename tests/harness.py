@@ -199,3 +199,19 @@ MALFORMED_JSON_BODIES = {
     "not-object": b'"just a string"',
     "not-utf8": b"\xff\xfe not utf-8",
 }
+
+
+def assert_job_refused(
+    tenant: Tenant,
+    sessions: sessionmaker[Session],
+    body: dict[str, Any],
+    status: int,
+    mentions: str,
+) -> None:
+    """POSTing ``body`` as a job is refused with ``status``, a message that
+    says ``mentions``, and nothing stored or queued."""
+    response = tenant.post_job(body)
+    assert response.status_code == status, response.json
+    assert mentions in response.json["error"]["message"]
+    assert count_jobs(sessions) == (0, 0)
+    assert queued_messages() == 0

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.models import JobItem
 from segq.storage import S3Storage
-from tests.harness import TEST_LIMITS, Tenant, count_jobs, queued_messages
+from tests.harness import TEST_LIMITS, Tenant, assert_job_refused, count_jobs, queued_messages
 from tests.images import png_bytes, scene
 from tests.tiny_sam import load_tiny_sam
 from worker.engines.base import Prompt
@@ -416,11 +416,9 @@ def test_bad_prompts_are_refused_and_nothing_is_stored_or_queued(
     mentions: str,
 ) -> None:
     file_id = tenant.upload(png_bytes(WIDTH, HEIGHT)).json["id"]
-    response = tenant.post_job({"items": [{"fileId": file_id}], **fields})
-    assert response.status_code == status, response.json
-    assert mentions in response.json["error"]["message"]
-    assert count_jobs(sessions) == (0, 0)
-    assert queued_messages() == 0
+    assert_job_refused(
+        tenant, sessions, {"items": [{"fileId": file_id}], **fields}, status, mentions
+    )
 
 
 def mask_input_body(file_id: int, job_id: int, item: int = 0, segment: int = 0) -> dict[str, Any]:

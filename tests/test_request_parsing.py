@@ -61,6 +61,16 @@ cursor_like = st.one_of(
 )
 
 
+#: The property tests' budget: the app is reused across examples on purpose
+#: (the property is about requests, not state), hence the health checks.
+EVERY_ROUTE_300_TIMES = settings(
+    max_examples=300,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
 def _rules(app: Flask) -> list[Rule]:
     return sorted(
         (rule for rule in app.url_map.iter_rules() if rule.endpoint != "static"),
@@ -87,12 +97,7 @@ def _check_no_server_error(client: FlaskClient, tenant: Tenant, data: st.DataObj
         assert response.headers["X-Request-Id"]
 
 
-@settings(
-    max_examples=300,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@EVERY_ROUTE_300_TIMES
 @given(data=st.data())
 def test_no_path_id_or_query_parameter_makes_a_5xx_on_postgres(
     client: FlaskClient, tenant: Tenant, data: st.DataObject
@@ -112,12 +117,7 @@ def sqlite_client(tmp_path: Path) -> Iterator[tuple[FlaskClient, Tenant]]:
     engine.dispose()
 
 
-@settings(
-    max_examples=300,
-    deadline=None,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@EVERY_ROUTE_300_TIMES
 @given(data=st.data())
 def test_no_path_id_or_query_parameter_makes_a_5xx_on_sqlite(
     sqlite_client: tuple[FlaskClient, Tenant], data: st.DataObject

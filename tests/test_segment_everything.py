@@ -24,7 +24,14 @@ from api import create_app
 from segq.models import JobItem
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.harness import TEST_LIMITS, Tenant, count_jobs, make_tenant, queued_messages
+from tests.harness import (
+    TEST_LIMITS,
+    Tenant,
+    assert_job_refused,
+    count_jobs,
+    make_tenant,
+    queued_messages,
+)
 from tests.images import png_bytes, scene
 from tests.tiny_sam import load_tiny_sam
 from worker.engines.base import EverythingOptions, Prompt
@@ -200,11 +207,9 @@ def test_bad_everything_requests_are_refused_and_nothing_is_stored_or_queued(
     mentions: str,
 ) -> None:
     file_id = tenant.upload(png_bytes(WIDTH, HEIGHT)).json["id"]
-    response = tenant.post_job({"items": [{"fileId": file_id}], **fields})
-    assert response.status_code == status, response.json
-    assert mentions in response.json["error"]["message"]
-    assert count_jobs(sessions) == (0, 0)
-    assert queued_messages() == 0
+    assert_job_refused(
+        tenant, sessions, {"items": [{"fileId": file_id}], **fields}, status, mentions
+    )
 
 
 @pytest.mark.parametrize(
