@@ -17,7 +17,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from PIL import Image
-from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,7 +25,7 @@ from segq.models import JobItem
 from segq.storage import S3Storage
 from tests.harness import TEST_LIMITS, Tenant, assert_job_refused, count_jobs, queued_messages
 from tests.images import png_bytes, scene
-from tests.tiny_sam import load_tiny_sam
+from tests.tiny_sam import Box, PointList, as_prompt, load_tiny_sam, segment_anything_directly
 from worker.engines.base import Prompt
 from worker.engines.grabcut import GrabCutEngine
 from worker.engines.sam import SamEngine
@@ -36,8 +35,6 @@ from worker.pipeline import ItemOutcome, process_item
 WIDTH, HEIGHT = 130, 90
 SCORE_TOLERANCE = 1e-5
 
-PointList = list[tuple[float, float, int]]
-Box = tuple[float, float, float, float] | None
 
 #: Mixed shapes, so one job needs several decoder batches: points only (one
 #: and two points), a box only, a box with points (one and three points),
@@ -56,42 +53,6 @@ MIXED: list[tuple[PointList, Box]] = [
 @pytest.fixture
 def tiny_sam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sam:
     return load_tiny_sam(tmp_path, monkeypatch)
-
-
-def direct(
-    sam: Sam,
-    image: npt.NDArray[np.uint8],
-    points: PointList,
-    box: Box,
-    multimask: bool,
-    mask_input: npt.NDArray[np.float32] | None = None,
-) -> list[tuple[npt.NDArray[np.bool_], float, npt.NDArray[np.float32]]]:
-    """segment_anything itself, one prompt: (mask, score, low-res logits),
-    best first. A lone point asks for three masks and keeps the best, as
-    segq documents (SAM's authors' advice for an ambiguous prompt)."""
-    predictor = SamPredictor(sam)
-    predictor.set_image(image, image_format="RGB")
-    ask_three = multimask or (len(points) == 1 and box is None and mask_input is None)
-    masks, scores, logits = predictor.predict(
-        point_coords=np.array([[x, y] for x, y, _ in points], dtype=np.float32) if points else None,
-        point_labels=np.array([label for _, _, label in points], dtype=np.int32)
-        if points
-        else None,
-        box=None if box is None else np.array(box, dtype=np.float32),
-        mask_input=mask_input,
-        multimask_output=ask_three,
-    )
-    order = np.argsort(-scores, kind="stable")
-    answers = [(masks[i], float(scores[i]), logits[i]) for i in order]
-    return answers if multimask else answers[:1]
-
-
-def as_prompt(points: PointList, box: Box) -> Prompt:
-    return Prompt(
-        points=np.array([[x, y] for x, y, _ in points], dtype=np.float64).reshape(-1, 2),
-        labels=np.array([label for _, _, label in points], dtype=np.int64),
-        box=None if box is None else np.array(box, dtype=np.float64),
-    )
 
 
 def normalized(points: PointList, box: Box) -> dict[str, Any]:
@@ -119,7 +80,7 @@ def test_a_batch_of_prompts_answers_as_segment_anything_does_per_prompt(
     answers = engine.segment_batch(image, [as_prompt(p, b) for p, b in MIXED], multimask)
     assert len(answers) == len(MIXED)
     for (points, box), candidates in zip(MIXED, answers, strict=True):
-        expected = direct(tiny_sam, image, points, box, multimask)
+        expected = segment_anything_directly(tiny_sam, image, points, box, multimask)
         assert len(candidates) == (3 if multimask else 1)
         for candidate, (mask, score, logits) in zip(candidates, expected, strict=True):
             assert candidate.score == pytest.approx(score, abs=SCORE_TOLERANCE)
@@ -157,9 +118,13 @@ def test_prompts_of_one_shape_share_one_decoder_call(
 def test_mask_input_answers_as_segment_anything_does(tiny_sam: Sam) -> None:
     image, _ = scene(WIDTH, HEIGHT)
     engine = SamEngine(tiny_sam, "tiny")
-    [(_, _, earlier_logits)] = direct(tiny_sam, image, [(97.0, 20.0, 1)], None, False)
+    [(_, _, earlier_logits)] = segment_anything_directly(
+        tiny_sam, image, [(97.0, 20.0, 1)], None, False
+    )
     refinement = [(97.0, 20.0, 1), (40.0, 60.0, 0)]
-    expected = direct(tiny_sam, image, refinement, None, False, earlier_logits[None])
+    expected = segment_anything_directly(
+        tiny_sam, image, refinement, None, False, earlier_logits[None]
+    )
     prompt = as_prompt(refinement, None)
     refined = Prompt(prompt.points, prompt.labels, prompt.box, mask_input=earlier_logits[None])
     [[candidate]] = engine.segment_batch(image, [refined], False)
@@ -167,7 +132,7 @@ def test_mask_input_answers_as_segment_anything_does(tiny_sam: Sam) -> None:
     assert candidate.score == pytest.approx(score, abs=SCORE_TOLERANCE)
     assert np.array_equal(candidate.mask, mask)
     # What makes the comparison worth anything: the mask input changes SAM's answer.
-    [(_, unrefined_score, _)] = direct(tiny_sam, image, refinement, None, False)
+    [(_, unrefined_score, _)] = segment_anything_directly(tiny_sam, image, refinement, None, False)
     assert abs(unrefined_score - score) > 1e-3
 
 
@@ -225,7 +190,7 @@ def test_a_job_with_prompts_stores_each_prompt_s_masks_and_logits(
     assert [s["promptIndex"] for s in segments] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     for prompt_index, prompt in enumerate(prompts):
-        expected = direct(tiny_sam, image, *in_pixels(prompt), True)
+        expected = segment_anything_directly(tiny_sam, image, *in_pixels(prompt), True)
         mine = segments[3 * prompt_index : 3 * prompt_index + 3]
         assert [s["score"] for s in mine] == sorted((s["score"] for s in mine), reverse=True)
         for segment, (mask, score, logits) in zip(mine, expected, strict=True):
@@ -325,7 +290,7 @@ def test_a_mask_input_refines_with_an_earlier_segment_s_logits(
     [segment] = item.result["segments"]
 
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    [(mask, score, _)] = direct(
+    [(mask, score, _)] = segment_anything_directly(
         tiny_sam, image, *in_pixels(normalized(refinement, None)), False, stored_logits[None]
     )
     assert segment["score"] == pytest.approx(score, abs=1e-5)

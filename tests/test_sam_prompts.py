@@ -13,7 +13,6 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from PIL import Image
-from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,8 +21,12 @@ from segq.models import JobItem
 from segq.storage import S3Storage
 from tests.harness import TEST_LIMITS, Tenant
 from tests.images import png_bytes, scene
-from tests.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
-from worker.engines.base import Prompt
+from tests.tiny_sam import (
+    as_prompt,
+    register_tiny_architecture,
+    save_tiny_sam_checkpoint,
+    segment_anything_directly,
+)
 from worker.engines.sam import SamEngine, load_sam
 from worker.item_inputs import pixel_prompt
 from worker.pipeline import ItemOutcome, process_item
@@ -37,35 +40,15 @@ def tiny_sam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Sam:
     return load_sam(architecture, save_tiny_sam_checkpoint(tmp_path / "tiny.pth", seed=5), "cpu")
 
 
-def direct(
+def three_best_first(
     sam: Sam,
     image: npt.NDArray[np.uint8],
     points: list[tuple[float, float, int]],
     box: tuple[float, float, float, float] | None,
-) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
+) -> tuple[list[npt.NDArray[np.bool_]], list[float]]:
     """segment_anything itself: three masks and their scores, best first."""
-    predictor = SamPredictor(sam)
-    predictor.set_image(image, image_format="RGB")
-    masks, scores, _ = predictor.predict(
-        point_coords=np.array([[x, y] for x, y, _ in points], dtype=np.float32) if points else None,
-        point_labels=np.array([label for _, _, label in points], dtype=np.int32)
-        if points
-        else None,
-        box=None if box is None else np.array(box, dtype=np.float32),
-        multimask_output=True,
-    )
-    order = np.argsort(-scores, kind="stable")
-    return masks[order], scores[order]
-
-
-def as_prompt(
-    points: list[tuple[float, float, int]], box: tuple[float, float, float, float] | None
-) -> Prompt:
-    return Prompt(
-        points=np.array([[x, y] for x, y, _ in points], dtype=np.float64).reshape(-1, 2),
-        labels=np.array([label for _, _, label in points], dtype=np.int64),
-        box=None if box is None else np.array(box, dtype=np.float64),
-    )
+    answers = segment_anything_directly(sam, image, points, box, multimask=True)
+    return [mask for mask, _, _ in answers], [score for _, score, _ in answers]
 
 
 def test_normalized_prompts_land_on_the_pixels_they_name() -> None:
@@ -98,9 +81,9 @@ def test_the_engine_answers_as_segment_anything_does(
     box: tuple[float, float, float, float] | None,
 ) -> None:
     image, _ = scene(WIDTH, HEIGHT)
-    masks, scores = direct(tiny_sam, image, points, box)
+    masks, scores = three_best_first(tiny_sam, image, points, box)
     candidates = SamEngine(tiny_sam, "tiny").segment(image, as_prompt(points, box), True)
-    assert [c.score for c in candidates] == pytest.approx(scores.tolist(), abs=1e-6)
+    assert [c.score for c in candidates] == pytest.approx(scores, abs=1e-6)
     for candidate, mask in zip(candidates, masks, strict=True):
         assert np.array_equal(candidate.mask, mask)
 
@@ -110,14 +93,14 @@ def test_the_model_tells_prompts_apart(tiny_sam: Sam) -> None:
     weights, moving a prompt (x and y swapped, scaled, a box widened to the
     whole image) changes SAM's answer."""
     image, _ = scene(WIDTH, HEIGHT)
-    _, reference = direct(tiny_sam, image, [(97.0, 20.0, 1)], (12.0, 30.0, 70.0, 88.0))
+    _, reference = three_best_first(tiny_sam, image, [(97.0, 20.0, 1)], (12.0, 30.0, 70.0, 88.0))
     for points, box in (
         ([(20.0, 97.0, 1)], (30.0, 12.0, 88.0, 70.0)),
         ([(9.7, 2.0, 1)], (1.2, 3.0, 7.0, 8.8)),
         ([(97.0, 20.0, 1)], (0.0, 0.0, 1.0, 1.0)),
         ([(97.0, 20.0, 1)], (0.0, 0.0, float(WIDTH), float(HEIGHT))),
     ):
-        _, moved = direct(tiny_sam, image, points, box)
+        _, moved = three_best_first(tiny_sam, image, points, box)
         assert not np.allclose(moved, reference, atol=1e-4), (points, box)
 
 
@@ -142,7 +125,7 @@ def test_a_job_s_prompt_reaches_sam_at_the_pixels_it_names(
     assert outcome == ItemOutcome.COMPLETED
 
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    masks, scores = direct(
+    masks, scores = three_best_first(
         tiny_sam,
         image,
         [(0.7 * WIDTH, 0.2 * HEIGHT, 1), (0.1 * WIDTH, 0.9 * HEIGHT, 0)],
@@ -152,7 +135,7 @@ def test_a_job_s_prompt_reaches_sam_at_the_pixels_it_names(
         item = session.get(JobItem, item_id)
         assert item is not None and item.result is not None
         stored = item.result["segments"]
-    assert [s["score"] for s in stored] == pytest.approx(scores.tolist(), abs=1e-4)
+    assert [s["score"] for s in stored] == pytest.approx(scores, abs=1e-4)
     for segment, mask in zip(stored, masks, strict=True):
         png_mask = np.asarray(Image.open(io.BytesIO(storage.get(segment["maskKey"]))))
         assert np.array_equal(png_mask == 255, mask)

@@ -6,8 +6,11 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import pytest
 import torch
+from segment_anything import SamPredictor
 from segment_anything.modeling import (
     ImageEncoderViT,
     MaskDecoder,
@@ -17,6 +20,7 @@ from segment_anything.modeling import (
 )
 
 from worker.engines import sam as sam_engine
+from worker.engines.base import Prompt
 
 TINY_ARCHITECTURE = "tiny_test"
 IMAGE_SIZE = 64  # SAM's is 1024
@@ -75,3 +79,45 @@ def load_tiny_sam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int = 5
     architecture = register_tiny_architecture(monkeypatch)
     checkpoint = save_tiny_sam_checkpoint(tmp_path / f"tiny-{seed}.pth", seed=seed)
     return sam_engine.load_sam(architecture, checkpoint, "cpu")
+
+
+#: Prompts as the SAM tests write them: (x, y, label) points and an
+#: (x_min, y_min, x_max, y_max) box, in pixels.
+PointList = list[tuple[float, float, int]]
+Box = tuple[float, float, float, float] | None
+
+
+def segment_anything_directly(
+    sam: Sam,
+    image: npt.NDArray[np.uint8],
+    points: PointList,
+    box: Box,
+    multimask: bool,
+    mask_input: npt.NDArray[np.float32] | None = None,
+) -> list[tuple[npt.NDArray[np.bool_], float, npt.NDArray[np.float32]]]:
+    """segment_anything itself, one prompt: (mask, score, low-res logits),
+    best first. A lone point asks for three masks and keeps the best, as
+    segq documents (SAM's authors' advice for an ambiguous prompt)."""
+    predictor = SamPredictor(sam)
+    predictor.set_image(image, image_format="RGB")
+    ask_three = multimask or (len(points) == 1 and box is None and mask_input is None)
+    masks, scores, logits = predictor.predict(
+        point_coords=np.array([[x, y] for x, y, _ in points], dtype=np.float32) if points else None,
+        point_labels=np.array([label for _, _, label in points], dtype=np.int32)
+        if points
+        else None,
+        box=None if box is None else np.array(box, dtype=np.float32),
+        mask_input=mask_input,
+        multimask_output=ask_three,
+    )
+    order = np.argsort(-scores, kind="stable")
+    answers = [(masks[i], float(scores[i]), logits[i]) for i in order]
+    return answers if multimask else answers[:1]
+
+
+def as_prompt(points: PointList, box: Box) -> Prompt:
+    return Prompt(
+        points=np.array([[x, y] for x, y, _ in points], dtype=np.float64).reshape(-1, 2),
+        labels=np.array([label for _, _, label in points], dtype=np.int64),
+        box=None if box is None else np.array(box, dtype=np.float64),
+    )
