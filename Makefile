@@ -15,7 +15,7 @@ PYTHON ?= python3.11
 # pip's download cache (~/.cache/pip) is shared as usual.
 DEPS_ROOT ?= $(HOME)/.cache/segq/deps
 VENV ?= .venv
-LOCK_SHA := $(shell sha256sum requirements.lock | cut -c1-16)
+LOCK_SHA := $(shell cat requirements.lock requirements-nodeps.txt | sha256sum | cut -c1-16)
 DEPS_KEY := $(shell $(PYTHON) -c 'import sys; print("py%d%d" % sys.version_info[:2])')-$(LOCK_SHA)
 DEPS := $(DEPS_ROOT)/$(DEPS_KEY)
 BIN := $(VENV)/bin
@@ -38,6 +38,7 @@ $(DEPS_BUILT):
 	  rm -rf $(DEPS) && $(PYTHON) -m venv $(DEPS) \
 	  && $(DEPS)/bin/python -m pip install -q --upgrade "pip>=24" \
 	  && $(DEPS)/bin/python -m pip install -q -r requirements.lock \
+	  && SAM2_BUILD_CUDA=0 $(DEPS)/bin/python -m pip install -q --no-deps --no-build-isolation -r requirements-nodeps.txt \
 	  && touch $@'
 
 # A venv made by an older Makefile (or a symlink to the old shared one) is
@@ -107,3 +108,4 @@ lock: ## Re-resolve requirements.lock from pyproject.toml (needs network)
 	/tmp/segq-lock/bin/pip install -q --upgrade pip setuptools
 	/tmp/segq-lock/bin/pip install -q -e ".[sam,dev]"
 	/tmp/segq-lock/bin/pip freeze --exclude-editable | grep -v '^segq' > requirements.lock
+	@echo "requirements-nodeps.txt is kept by hand: its packages' needs belong in pyproject's extras"
