@@ -389,6 +389,16 @@ class JobPrompt(ResponseModel):
 class JobResponse(JobState):
     items: list[JobItemResult]
     prompt: JobPrompt
+    mode: Literal["prompted", "everything"] = Field(
+        description="extension: as asked; prompted for a job that did not say"
+    )
+    everything: EverythingOptions | None = Field(
+        None, description="extension: segment everything's options, defaults filled in"
+    )
+    multimaskOutput: bool = Field(description="as asked")
+    outputs: list[OutputKind] | None = Field(
+        None, description="extension: as asked, or the default"
+    )
     failedItems: list[FailedItems] | None = None
     progress: Progress
     engine: str | None = Field(description="extension: the engine that ran the job")

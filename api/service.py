@@ -7,7 +7,7 @@ import hmac
 import logging
 
 from flask import Blueprint, Response, current_app, jsonify, request
-from sqlalchemy import func, select, text
+from sqlalchemy import case, func, select, text
 
 from api.answers import json_answer
 from api.context import db, services
@@ -65,6 +65,9 @@ UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING)
 #: a range scan of the primary key: the recent traffic, at a bounded cost.
 RECENT_ITEMS = 10_000
 EMBEDDING_SOURCES = ("computed", "local", "shared")
+#: Upper bounds (seconds) of the engine-time buckets: from a decode on a
+#: cached embedding on a GPU (milliseconds) to ViT-H encoding on a CPU.
+ENGINE_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 def _check_metrics_token(token: str | None) -> None:
@@ -135,6 +138,7 @@ def metrics() -> Response:
         f"segq_webhook_oldest_due_seconds {overdue:.3f}",
     ]
     lines += _embedding_lines()
+    lines += _engine_time_lines()
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
 
 
@@ -164,6 +168,50 @@ def _embedding_lines() -> list[str]:
         f"# TYPE {name} gauge",
     ]
     lines += [f'{name}{{source="{tier}"}} {counts.get(tier, 0)}' for tier in EMBEDDING_SOURCES]
+    return lines
+
+
+def _engine_time_lines() -> list[str]:
+    """The engine time (encode plus decode) of the same recent items, as
+    Prometheus histogram buckets. They describe a window, not a running
+    total, so they are gauges: ``histogram_quantile`` reads them as they are,
+    without ``rate``. The worker's own metrics carry the running histogram."""
+    session = db()
+    newest = session.scalar(select(func.max(JobItem.id)))
+    metrics = JobItem.result["metrics"]
+    engine_ms = metrics["encodeMs"].as_float() + metrics["decodeMs"].as_float()
+    counts = [0] * len(ENGINE_SECONDS_BUCKETS)
+    total, total_ms = 0, 0.0
+    if newest is not None:
+        row = session.execute(
+            select(
+                func.count(engine_ms),
+                func.coalesce(func.sum(engine_ms), 0.0),
+                *(
+                    func.coalesce(func.sum(case((engine_ms <= bound * 1000, 1), else_=0)), 0)
+                    for bound in ENGINE_SECONDS_BUCKETS
+                ),
+            ).where(
+                JobItem.id > newest - RECENT_ITEMS,
+                JobItem.status == ItemStatus.COMPLETED,
+            )
+        ).one()
+        total, total_ms, *counts = row
+    name = "segq_recent_item_engine_seconds"
+    lines = [
+        f"# HELP {name} Engine time (encode and decode) of the last {RECENT_ITEMS} "
+        "completed items, as histogram buckets.",
+        f"# TYPE {name} gauge",
+    ]
+    lines += [
+        f'{name}_bucket{{le="{bound:g}"}} {count}'
+        for bound, count in zip(ENGINE_SECONDS_BUCKETS, counts, strict=True)
+    ]
+    lines += [
+        f'{name}_bucket{{le="+Inf"}} {total}',
+        f"{name}_sum {float(total_ms) / 1000:.3f}",
+        f"{name}_count {total}",
+    ]
     return lines
 
 

@@ -6,11 +6,15 @@ loaded through segq's own loader, then
 - the engine's time for the same image's second item: in the same process
   (tier 1) and in another process with an empty tier 1 that shares tier 2
   (a child process, started fresh), against the first item;
+- one job with 16 prompts on an image against 16 one-prompt jobs on it:
+  with the cache off (each job pays the encoder, as before the cache; 16 x
+  the mean of ``--baseline-jobs`` measured jobs, to keep a CPU run short) and
+  with it on (one encoding, then 16 single-prompt decodes);
 - encoding one 1024x1024 mask as PNG, polygons, RLE and SVG.
 
-The items run in-process through the engine with the worker's cache (not
-through Postgres, the broker and a `segq worker`): the figures are the
-engine's, which is where the cache acts.
+The items run in-process through the engine with the worker's cache: the
+figures are the engine's, which is where the cache acts. The same through the
+whole pipeline (Postgres, Redis, S3, `segq worker`): bench/engine_pipeline.py.
 
     python bench/engine.py [--device cpu] [--model vit_b] [--prompts 5]
     python bench/engine.py --device cuda --model vit_h
@@ -38,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:
 from segment_anything.modeling import Sam  # noqa: E402
 
 from segq.storage import LocalStorage  # noqa: E402
-from worker.engines.base import Prompt, SegmentationEngine  # noqa: E402
+from worker.engines.base import Prompt, SegmentationEngine, segment_prompts  # noqa: E402
 from worker.engines.embedding_cache import (  # noqa: E402
     EmbeddingCache,
     checkpoint_digest,
@@ -110,6 +114,42 @@ def second_process(args: argparse.Namespace) -> int:
     return 0
 
 
+def many_prompts_rows(
+    sam: Sam, args: argparse.Namespace, image: npt.NDArray[np.uint8]
+) -> list[tuple[str, str]]:
+    """One job with ``args.many`` prompts against that many one-prompt jobs,
+    in engine time. A fresh engine per job without a cache is a worker that
+    has not seen the image: what every one-prompt job paid before the cache."""
+    height, width = image.shape[:2]
+    prompts = [prompt_at(i, width, height) for i in range(args.many)]
+
+    def engine_ms(engine: SegmentationEngine, batch: list[Prompt]) -> float:
+        with recording_item_metrics() as metrics:
+            segment_prompts(engine, image, batch, multimask=False)
+        return metrics.engine_ms
+
+    together = engine_ms(SamEngine(sam, f"sam_{args.model}"), prompts)
+    uncached = [
+        engine_ms(SamEngine(sam, f"sam_{args.model}"), [prompts[i]])
+        for i in range(args.baseline_jobs)
+    ]
+    apart_uncached = args.many * statistics.mean(uncached)
+    cached_engine = SamEngine(sam, f"sam_{args.model}")
+    apart_cached = sum(engine_ms(cached_engine, [prompt]) for prompt in prompts)
+    return [
+        (f"{args.many} prompts in one job", f"{together:.0f} ms"),
+        (
+            f"{args.many} one-prompt jobs, cache off",
+            f"{apart_uncached:.0f} ms  ({args.many} x mean of {len(uncached)} measured; "
+            f"{apart_uncached / together:.1f}x the one job)",
+        ),
+        (
+            f"{args.many} one-prompt jobs, cache on",
+            f"{apart_cached:.0f} ms  ({apart_cached / together:.2f}x the one job)",
+        ),
+    ]
+
+
 def mask_encoding_ms(repeat: int) -> dict[str, float]:
     """Best of ``repeat`` for each output of one 1024x1024 mask (a disc with a hole)."""
     ys, xs = np.mgrid[0:1024, 0:1024]
@@ -138,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
     parser.add_argument("--prompts", type=int, default=5, help="prompts timed on one embedding")
+    parser.add_argument("--many", type=int, default=16, help="prompts in the many-prompt job")
+    parser.add_argument(
+        "--baseline-jobs",
+        type=int,
+        default=2,
+        help="cache-off one-prompt jobs measured (their mean stands for each of --many)",
+    )
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=768)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -193,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         shared = json.loads(child.stdout.strip().splitlines()[-1])
         assert shared["embedding"] == "shared", shared
+        many_rows = many_prompts_rows(sam, args, image)
 
     first_ms = first.engine_ms
     rows = [
@@ -211,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{shared['engineMs']:.1f} ms  ({first_ms / shared['engineMs']:.0f}x faster)",
         ),
     ]
+    rows += many_rows
     masks = mask_encoding_ms(repeat=5)
     rows += [(f"1024x1024 mask: {name}", f"{ms:.2f} ms") for name, ms in masks.items()]
     rows.append(("1024x1024 mask: all four", f"{sum(masks.values()):.2f} ms"))

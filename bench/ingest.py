@@ -27,42 +27,27 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis
-import requests
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from PIL import Image
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
-from segq.cli.demo import wait_ready
-from segq.db import make_engine, make_session_factory
-from segq.migrations import upgrade_to_head
 from segq.models import ItemStatus, Job, JobItem
-from segq.projects import create_project
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stack import DEFAULT_POSTGRES, Stack
+
 PROMPT = {"boundingBox": {"xMin": 0.2, "yMin": 0.2, "xMax": 0.8, "yMax": 0.8}}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -70,79 +55,8 @@ def percentile(values: Sequence[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-class Bench:
-    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
-        self.args = args
-        self.workdir = workdir
-        self.database = f"segq_bench_{uuid.uuid4().hex[:8]}"
-        admin_url = args.postgres
-        self.admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with self.admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{self.database}"'))
-        self.database_url = admin_url.rsplit("/", 1)[0] + f"/{self.database}"
-        engine = make_engine(self.database_url)
-        upgrade_to_head(engine)
-        self.sessions = make_session_factory(engine)
-        with self.sessions.begin() as session:
-            _, self.key = create_project(session, "bench")
-        redis.Redis.from_url(args.redis).flushdb()
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}/api/v1/projects/bench"
-        self.env = {
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "SEGQ_DATA_DIR": str(workdir / "data"),
-            "SEGQ_DATABASE_URL": self.database_url,
-            "SEGQ_BROKER_URL": args.redis,
-            "SEGQ_STORAGE_URL": (workdir / "objects").as_uri(),
-            "SEGQ_MODEL": "benchmark_fixed_mask",
-            "SEGQ_RATE_LIMIT_PER_SECOND": "1000000",
-            "SEGQ_MAX_UNFINISHED_JOBS": "1000000",
-        }
-        self.http = requests.Session()
-        self.http.headers["Authorization"] = f"Bearer {self.key}"
-
-    def close(self) -> None:
-        self.sessions.kw["bind"].dispose()
-        with self.admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE "{self.database}" WITH (FORCE)'))
-        self.admin.dispose()
-
-    @contextmanager
-    def process(self, *arguments: str) -> Iterator[subprocess.Popen[bytes]]:
-        log = (self.workdir / f"{arguments[0]}.log").open("ab")
-        child = subprocess.Popen(
-            [sys.executable, "-m", "segq.cli.main", *arguments],
-            env=self.env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield child
-        finally:
-            child.terminate()
-            child.wait(timeout=60)
-            log.close()
-
-    def api(self) -> Any:
-        return self.process(
-            "serve",
-            "--port",
-            str(self.port),
-            "--workers",
-            str(self.args.api_processes),
-            "--threads",
-            str(self.args.api_threads),
-        )
-
-    def workers(self) -> Any:
-        return self.process(
-            "worker", f"--concurrency={self.args.worker_processes}", "--loglevel=WARNING"
-        )
-
-    def wait_ready(self) -> None:
-        wait_ready(f"http://127.0.0.1:{self.port}", timeout=60)
+class Bench(Stack):
+    """The stack with the benchmark-only engine, and what this benchmark asks of it."""
 
     def upload_images(self, count: int) -> list[int]:
         def upload(seed: int) -> int:
@@ -381,9 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--client-threads", type=int, default=16)
     parser.add_argument(
         "--postgres",
-        default=os.environ.get(
-            "SEGQ_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-        ),
+        default=os.environ.get("SEGQ_BENCH_POSTGRES_URL", DEFAULT_POSTGRES),
     )
     parser.add_argument(
         "--redis", default=os.environ.get("SEGQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")

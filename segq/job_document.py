@@ -77,6 +77,19 @@ def shown_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
     return shown
 
 
+def shown_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """How the job asked to be segmented: the mode, with segment
+    everything's options (defaults filled in) when that is the mode, the
+    multimask flag and the outputs."""
+    shown: dict[str, Any] = {"mode": options.get("mode", "prompted")}
+    if "everything" in options:
+        shown["everything"] = options["everything"]
+    shown["multimaskOutput"] = options.get("multimaskOutput", False)
+    if "outputs" in options:
+        shown["outputs"] = options["outputs"]
+    return shown
+
+
 def _job_state(job: Job) -> dict[str, Any]:
     """The fields every shape of a job starts with."""
     return {
@@ -117,6 +130,7 @@ def render_job(job: Job, items: Sequence[JobItem], link_mask: MaskLinker | None)
         **_job_state(job),
         "items": shown,
         "prompt": shown_prompt(job.prompt),
+        **shown_options(job.options),
         "progress": {"total": len(items), "completed": completed, "failed": failed},
         "engine": job.engine,
     }

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.service import ENGINE_SECONDS_BUCKETS
 from segq.models import JobItem
 from segq.settings import Settings
 from segq.storage import LocalStorage, ObjectStorage, S3Storage
@@ -312,6 +313,25 @@ def test_a_second_job_in_another_worker_reports_shared_and_encodes_nothing(
     assert 'segq_recent_item_embeddings{source="computed"} 1\n' in metrics
     assert 'segq_recent_item_embeddings{source="shared"} 1\n' in metrics
     assert 'segq_recent_item_embeddings{source="local"} 0\n' in metrics
+    # The engine-time histogram holds both items, each in the buckets its
+    # own encode + decode time falls in.
+    figures = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("segq_recent_item_engine_seconds")
+    }
+    engine_seconds = [
+        (float(str(job["encodeMs"])) + float(str(job["decodeMs"]))) / 1000
+        for job in (first, second)
+    ]
+    assert figures["segq_recent_item_engine_seconds_count"] == 2
+    assert figures["segq_recent_item_engine_seconds_sum"] == pytest.approx(
+        sum(engine_seconds), abs=0.002
+    )
+    assert figures['segq_recent_item_engine_seconds_bucket{le="+Inf"}'] == 2
+    for bound in ENGINE_SECONDS_BUCKETS:
+        expected = sum(1 for seconds in engine_seconds if seconds <= bound)
+        assert figures[f'segq_recent_item_engine_seconds_bucket{{le="{bound:g}"}}'] == expected
 
 
 def test_load_engine_keys_the_cache_by_the_checkpoints_digest(

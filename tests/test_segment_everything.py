@@ -147,9 +147,30 @@ def test_an_everything_job_stores_every_segment_without_a_prompt_index(
         assert segment["score"] == pytest.approx(score, abs=1e-5)
         stored = np.asarray(Image.open(io.BytesIO(storage.get(segment["maskKey"]))))
         assert np.array_equal(np.equal(stored, 255), mask)
-    shown = tenant.get_job(created.json["jobId"]).json["items"][0]["segments"]
+    job = tenant.get_job(created.json["jobId"]).json
+    shown = job["items"][0]["segments"]
     assert len(shown) == len(segments)
     assert all("promptIndex" not in segment for segment in shown)
+    # The job says how it was asked, with the options it left out filled in.
+    assert job["mode"] == "everything"
+    assert job["everything"] == {**LOOSE_BODY, "minArea": 0}
+    assert job["multimaskOutput"] is False
+
+
+def test_a_prompted_job_says_so_with_no_everything_options(tenant: Tenant) -> None:
+    file_id = tenant.upload(png_bytes(WIDTH, HEIGHT, seed=3)).json["id"]
+    created = tenant.post_job(
+        {
+            "items": [{"fileId": file_id}],
+            "points": [{"x": 0.5, "y": 0.5}],
+            "multimaskOutput": True,
+            "outputs": ["rle", "mask"],
+        }
+    )
+    job = tenant.get_job(created.json["jobId"]).json
+    assert job["mode"] == "prompted" and "everything" not in job
+    assert job["multimaskOutput"] is True
+    assert job["outputs"] == ["rle", "mask"]
 
 
 def test_grabcut_fails_an_everything_item_saying_why(

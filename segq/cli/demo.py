@@ -125,7 +125,9 @@ def wait_ready(base_url: str, timeout: float) -> None:
         try:
             if requests.get(f"{base_url}/readyz", timeout=2).ok:
                 return
-        except requests.ConnectionError:
+        # Not listening yet, or too busy starting to answer in time (a loaded
+        # machine): both mean "not ready", neither is a failure.
+        except (requests.ConnectionError, requests.Timeout):
             pass
         time.sleep(0.3)
     raise RuntimeError(f"segq did not become ready at {base_url} within {timeout:.0f} s")
