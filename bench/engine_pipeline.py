@@ -35,9 +35,9 @@ import numpy as np
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine import photograph_like
-from stack import DEFAULT_POSTGRES, Stack, free_port
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.engine import photograph_like
+from bench.stack import DEFAULT_POSTGRES, Stack, free_port
 
 BUCKET = "segq-bench"
 PROMPT = {"points": [{"x": 0.5, "y": 0.5, "label": 1}]}

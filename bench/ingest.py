@@ -44,8 +44,8 @@ from sqlalchemy import func, select
 
 from segq.models import ItemStatus, Job, JobItem
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stack import DEFAULT_POSTGRES, Stack
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.stack import DEFAULT_POSTGRES, Stack
 
 PROMPT = {"boundingBox": {"xMin": 0.2, "yMin": 0.2, "xMax": 0.8, "yMax": 0.8}}
 
