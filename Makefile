@@ -102,6 +102,10 @@ bench-ingest: install services ## Items accepted/finished per second and per-ite
 bench-engine: install ## SAM encoder/decoder ms, the embedding cache's second item (same and another process), mask encoding
 	$(BIN)/python bench/engine.py $(BENCH_ENGINE_ARGS)
 
+.PHONY: bench-engine-pipeline
+bench-engine-pipeline: install services ## The embedding cache through segq serve + segq worker on Postgres, Redis and S3 (moto)
+	$(BIN)/python bench/engine_pipeline.py
+
 .PHONY: lock
 lock: ## Re-resolve requirements.lock from pyproject.toml (needs network)
 	rm -rf /tmp/segq-lock && $(PYTHON) -m venv /tmp/segq-lock

@@ -37,7 +37,11 @@ def run(command: list[str], cwd: Path, timeout: float = 300) -> str:
 
 
 def locked_deps_built() -> bool:
-    lock_hash = hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()[:16]
+    # The Makefile's key: the lock and the --no-deps list, hashed together.
+    locked = (REPO / "requirements.lock").read_bytes() + (
+        REPO / "requirements-nodeps.txt"
+    ).read_bytes()
+    lock_hash = hashlib.sha256(locked).hexdigest()[:16]
     python = "py{}{}".format(*sys.version_info[:2])
     return (DEPS_ROOT / f"{python}-{lock_hash}" / ".complete").exists()
 
