@@ -137,17 +137,17 @@ def metrics() -> Response:
         "# TYPE segq_webhook_oldest_due_seconds gauge",
         f"segq_webhook_oldest_due_seconds {overdue:.3f}",
     ]
-    lines += _embedding_lines()
-    lines += _engine_time_lines()
+    newest = session.scalar(select(func.max(JobItem.id)))  # the window's end, read once
+    lines += _embedding_lines(newest)
+    lines += _engine_time_lines(newest)
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
 
 
-def _embedding_lines() -> list[str]:
+def _embedding_lines(newest: int | None) -> list[str]:
     """Where the recent items' embeddings came from, from their stored
     metrics: computed is a miss of both tiers, local a hit of a worker's
     memory, shared a hit of the embeddings in object storage."""
     session = db()
-    newest = session.scalar(select(func.max(JobItem.id)))
     source = JobItem.result["metrics"]["embedding"].as_string()
     counts: dict[str | None, int] = {}
     if newest is not None:
@@ -171,13 +171,12 @@ def _embedding_lines() -> list[str]:
     return lines
 
 
-def _engine_time_lines() -> list[str]:
+def _engine_time_lines(newest: int | None) -> list[str]:
     """The engine time (encode plus decode) of the same recent items, as
     Prometheus histogram buckets. They describe a window, not a running
     total, so they are gauges: ``histogram_quantile`` reads them as they are,
     without ``rate``. The worker's own metrics carry the running histogram."""
     session = db()
-    newest = session.scalar(select(func.max(JobItem.id)))
     metrics = JobItem.result["metrics"]
     engine_ms = metrics["encodeMs"].as_float() + metrics["decodeMs"].as_float()
     counts = [0] * len(ENGINE_SECONDS_BUCKETS)
