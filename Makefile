@@ -98,6 +98,10 @@ bench-quality: install ## Mean IoU of the classical engine vs the filled box on 
 bench-ingest: install services ## Items accepted/finished per second and per-item overhead vs a bare Celery round trip
 	$(BIN)/python bench/ingest.py
 
+.PHONY: bench-waiting
+bench-waiting: install services ## 500 requests waiting on a job (Prefer: wait): a plain GET beside them, threads, connections, CPU
+	$(BIN)/python bench/waiting.py
+
 .PHONY: bench-engine
 bench-engine: install ## SAM encoder/decoder ms, the embedding cache's second item (same and another process), mask encoding
 	$(BIN)/python bench/engine.py $(BENCH_ENGINE_ARGS)
@@ -105,6 +109,12 @@ bench-engine: install ## SAM encoder/decoder ms, the embedding cache's second it
 .PHONY: bench-engine-pipeline
 bench-engine-pipeline: install services ## The embedding cache through segq serve + segq worker on Postgres, Redis and S3 (moto)
 	$(BIN)/python bench/engine_pipeline.py
+
+# Sized for a CPU; bench/gpu_run.sh passes a GPU's.
+BENCH_THROUGHPUT_ARGS ?= --batches 1,2 --precisions fp32,bf16 --rounds 1 --items 2
+.PHONY: bench-throughput
+bench-throughput: install services ## SAM encoder images/s by batch, precision and compilation, and a `segq worker` end to end (CPU-sized; bench/gpu_run.sh on a GPU)
+	$(BIN)/python bench/engine_throughput.py $(BENCH_THROUGHPUT_ARGS)
 
 .PHONY: lock
 lock: ## Re-resolve requirements.lock from pyproject.toml (needs network)

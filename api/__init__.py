@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 from celery import Celery
@@ -12,9 +13,14 @@ from api.content_encoding import inflate_request_body
 from api.context import close_db
 from api.error_envelope import register_error_handlers
 from api.files import file_uploads, files
+from api.job_views import job_views
+from api.job_waiting import JobChangeFeed
 from api.jobs import jobs
 from api.json_body import max_job_body_bytes
 from api.openapi import register_api_explorer
+from api.peers.livepeer import livepeer
+from api.peers.moondream import moondream
+from api.peers.replicate import replicate
 from api.rate_limit import make_rate_limiter
 from api.request_integers import IdConverter
 from api.service import service
@@ -22,11 +28,15 @@ from api.services import Services
 from api.token import token
 from api.webhooks import webhooks
 from segq.db import make_engine, make_session_factory
+from segq.job_changes import make_announcer, pubsub_url
+from segq.logs import bind_context, reset_context
 from segq.queue import make_celery
 from segq.settings import Settings
 from segq.storage import ObjectStorage, open_storage
 
 log = logging.getLogger(__name__)
+#: One line per request, in JSON mode (SEGQ_LOG_FORMAT=json).
+access_log = logging.getLogger("segq.access")
 
 # Room for the multipart framing around the largest allowed file.
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -54,9 +64,10 @@ def create_app(
     # Routes that read more (a job body with an inline image) raise it.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
+    sessions = make_session_factory(make_engine(settings.database_url))
     app.extensions["segq"] = Services(
         settings=settings,
-        sessions=make_session_factory(make_engine(settings.database_url)),
+        sessions=sessions,
         storage=storage
         or open_storage(
             settings.storage_url,
@@ -70,6 +81,10 @@ def create_app(
             time_limit_seconds=settings.item_time_limit_seconds,
         ),
         rate_limiter=make_rate_limiter(settings.broker_url, settings.rate_limit_per_second),
+        job_changes=JobChangeFeed(
+            sessions, pubsub_url(settings.broker_url), settings.wait_recheck_seconds
+        ),
+        job_announcer=make_announcer(settings.broker_url),
     )
     app.url_map.converters["id"] = IdConverter
     register_error_handlers(app)
@@ -77,8 +92,12 @@ def create_app(
     app.register_blueprint(files)
     app.register_blueprint(file_uploads)
     app.register_blueprint(jobs)
+    app.register_blueprint(job_views)
     app.register_blueprint(webhooks)
     app.register_blueprint(token)
+    app.register_blueprint(livepeer)
+    app.register_blueprint(moondream)
+    app.register_blueprint(replicate)
     register_api_explorer(app)
     app.teardown_appcontext(close_db)
 
@@ -89,6 +108,21 @@ def create_app(
         g.request_id = (
             incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else (uuid.uuid4().hex)
         )
+        g.request_started = time.monotonic()
+        # The project the URL names (api/auth.py took it from the route's
+        # values), and the job, for routes of one job.
+        job_id = (request.view_args or {}).get("job_id")
+        g.log_context = bind_context(
+            request_id=g.request_id,
+            project=g.get("project_name"),
+            job_id=job_id if isinstance(job_id, int) else None,
+        )
+
+    @app.teardown_request
+    def _log_request(_exc: BaseException | None = None) -> None:
+        token = g.pop("log_context", None)
+        if token is not None:
+            reset_context(token)
 
     @app.before_request
     def _inflate_body() -> None:
@@ -98,6 +132,23 @@ def create_app(
     @app.after_request
     def _tag_response(response: Response) -> Response:
         response.headers["X-Request-Id"] = g.get("request_id") or uuid.uuid4().hex
+        if settings.log_format == "json":
+            # waitress writes no access log; in JSON mode the app does, one line a request.
+            started = g.get("request_started")
+            access_log.info(
+                "%s %s %s",
+                request.method,
+                request.path,
+                response.status_code,
+                extra={
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status_code,
+                    "duration_ms": (
+                        None if started is None else round((time.monotonic() - started) * 1000, 1)
+                    ),
+                },
+            )
         return response
 
     return app

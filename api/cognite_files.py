@@ -7,13 +7,12 @@ exception classes."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from itsdangerous import BadSignature, URLSafeSerializer
-from sqlalchemy import ColumnElement, and_, func, select
+from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -21,6 +20,7 @@ from api.errors import ApiError
 from api.images import inspect_image
 from api.public_links import public_link
 from api.schemas import (
+    DESCRIPTIVE_FILE_FIELDS,
     FileChanges,
     FileCreation,
     FileFilter,
@@ -31,6 +31,7 @@ from api.schemas import (
     TimeRange,
 )
 from segq.clock import now_ms
+from segq.file_objects import new_file_key, part_key
 from segq.models import StoredFile
 from segq.storage import ObjectNotFound, ObjectStorage
 
@@ -56,6 +57,7 @@ def file_response(stored: StoredFile) -> FileResponse:
         )
     if stored.file_metadata is not None:
         fields["metadata"] = stored.file_metadata
+    fields |= stored.descriptive_fields or {}
     if stored.uploaded:
         fields |= {
             "uploadedTime": stored.uploaded_time or stored.created_time,
@@ -83,11 +85,13 @@ def _instance_id_taken(project_id: int, instance_id: InstanceId) -> ColumnElemen
 def create_file(
     session: Session, project_id: int, creation: FileCreation, *, overwrite: bool
 ) -> tuple[StoredFile, str | None]:
-    """Add (or, with ``overwrite``, reset) the file ``creation`` describes,
-    not yet uploaded, and commit. A reused externalId or instanceId is a 409
-    naming it, unless ``overwrite``; then the file keeps its id and waits for
-    new bytes. Returns the file and the storage key of bytes it no longer
-    holds, for the caller to discard."""
+    """Add the file ``creation`` describes, not yet uploaded, and commit. A
+    reused externalId or instanceId is a 409 naming it, unless ``overwrite``;
+    then the file keeps its id, takes the new metadata and waits for new
+    bytes under a new key: as in Cognite, uploaded content stays the file's
+    content until the new bytes have arrived whole. Returns the file and the
+    key it no longer uploads to (the parts of an earlier upload there), for
+    the caller to discard."""
     existing: StoredFile | None = None
     duplicated: list[dict[str, Any]] = []
     if creation.externalId is not None:
@@ -118,22 +122,36 @@ def create_file(
     if stored is None:
         stored = StoredFile(project_id=project_id, created_time=now)
         session.add(stored)
-    elif stored.uploaded:
-        old_key = stored.storage_key
+    else:
+        # The content stays; what was uploading to the file does not.
+        old_key = stored.pending_storage_key if stored.uploaded else stored.storage_key
     stored.external_id = creation.externalId
     stored.name = creation.name
-    stored.mime_type = creation.mimeType
     stored.file_metadata = creation.metadata
+    stored.descriptive_fields = (
+        creation.model_dump(include=set(DESCRIPTIVE_FILE_FIELDS), exclude_none=True) or None
+    )
     stored.instance_space = creation.instanceId.space if creation.instanceId else None
     stored.instance_external_id = creation.instanceId.externalId if creation.instanceId else None
-    stored.storage_key = f"projects/{project_id}/files/{uuid.uuid4().hex}"
-    stored.uploaded = False
-    stored.uploaded_time = None
-    stored.size = stored.width = stored.height = None
-    stored.sha256 = None
     stored.last_updated_time = now
+    if stored.uploaded:
+        # The content's own type stays until other content replaces it.
+        stored.pending_storage_key = new_file_key(project_id)
+    else:
+        stored.mime_type = creation.mimeType
+        stored.storage_key = new_file_key(project_id)
+        stored.uploaded = False
+        stored.uploaded_time = None
+        stored.size = stored.width = stored.height = None
+        stored.sha256 = None
     commit_or_conflict(session, duplicated or _creation_identifiers(creation))
     return stored, old_key
+
+
+def upload_key(stored: StoredFile) -> str:
+    """Where bytes sent to the file go now: the new content an overwrite
+    waits for, else the file's content."""
+    return stored.pending_storage_key or stored.storage_key
 
 
 def _creation_identifiers(creation: FileCreation) -> list[dict[str, Any]]:
@@ -184,14 +202,14 @@ class UploadLinks:
             expires_time if expires_time is not None else now_ms() + self.expires_seconds * 1000
         )
         token = self._serializer().dumps(
-            [stored.project_id, stored.id, stored.storage_key, expires, part]
+            [stored.project_id, stored.id, upload_key(stored), expires, part]
         )
         return public_link(self.public_url, UPLOAD_ROUTE + str(token))
 
     def upload_id(self, stored: StoredFile, parts: int) -> str:
         """The multipart upload's id: which file, under which key, in how many parts."""
         return str(
-            self._serializer().dumps([stored.project_id, stored.id, stored.storage_key, parts])
+            self._serializer().dumps([stored.project_id, stored.id, upload_key(stored), parts])
         )
 
     def multipart_upload(self, stored: StoredFile, upload_id: str) -> int:
@@ -203,7 +221,7 @@ class UploadLinks:
         if (project_id, file_id, storage_key) != (
             stored.project_id,
             stored.id,
-            stored.storage_key,
+            upload_key(stored),
         ) or not isinstance(parts, int):
             raise ApiError(400, "uploadId is not this file's multipart upload")
         return parts
@@ -223,13 +241,9 @@ class UploadLinks:
             .where(StoredFile.id == file_id, StoredFile.project_id == project_id)
             .with_for_update()
         )
-        if stored is None or stored.storage_key != storage_key:
+        if stored is None or upload_key(stored) != storage_key:
             raise ApiError(404, "the file of this upload URL no longer exists")
         return UploadTarget(stored, part if isinstance(part, int) else None)
-
-
-def part_key(stored: StoredFile, part: int) -> str:
-    return f"{stored.storage_key}.part{part}"
 
 
 def receive_part(
@@ -237,10 +251,14 @@ def receive_part(
 ) -> None:
     """Keep one part of a multipart upload until the upload is completed."""
     assert target.part is not None
-    if target.stored.uploaded:
+    if _holds_its_last_upload(target.stored):
         raise ApiError(409, f"file {target.stored.id} is already uploaded")
-    storage.put(part_key(target.stored, target.part), data, "application/octet-stream")
+    storage.put(part_key(upload_key(target.stored), target.part), data, "application/octet-stream")
     session.rollback()
+
+
+def _holds_its_last_upload(stored: StoredFile) -> bool:
+    return stored.uploaded and stored.pending_storage_key is None
 
 
 def complete_multipart_upload(
@@ -251,13 +269,14 @@ def complete_multipart_upload(
     *,
     max_upload_bytes: int,
     max_image_pixels: int,
-) -> StoredFile:
-    """Join the parts, in order, and receive them as the file's bytes."""
+) -> tuple[StoredFile, str | None]:
+    """Join the parts, in order, and receive them as the file's bytes (see
+    receive_upload)."""
     chunks: list[bytes] = []
     size = 0
     for part in range(parts):
         try:
-            chunk = storage.get(part_key(stored, part))
+            chunk = storage.get(part_key(upload_key(stored), part))
         except ObjectNotFound:
             raise ApiError(400, f"part {part} of file {stored.id} was not uploaded") from None
         size += len(chunk)
@@ -270,7 +289,7 @@ def complete_multipart_upload(
 
 
 def part_keys(stored: StoredFile, parts: int) -> list[str]:
-    return [part_key(stored, part) for part in range(parts)]
+    return [part_key(upload_key(stored), part) for part in range(parts)]
 
 
 def receive_upload(
@@ -280,17 +299,24 @@ def receive_upload(
     data: bytes,
     *,
     max_image_pixels: int,
-) -> StoredFile:
+) -> tuple[StoredFile, str | None]:
     """Store ``data`` as the file's bytes after the same checks as any
-    upload (decoded, sized, pixels counted), and mark it uploaded. The same
-    bytes again change nothing; other bytes for an uploaded file are a 409."""
+    upload (decoded, sized, pixels counted), and mark it uploaded; after an
+    overwrite, they replace its content in the same commit. The same bytes
+    again change nothing; other bytes for a file that holds its last upload
+    are a 409. Returns the file and the key of the content it replaced, for
+    the caller to discard."""
     info = inspect_image(data, max_pixels=max_image_pixels)
-    if stored.uploaded:
+    if _holds_its_last_upload(stored):
         if stored.sha256 == info.sha256:
             session.rollback()
-            return stored
+            return stored, None
         raise ApiError(409, f"file {stored.id} is already uploaded")
-    storage.put(stored.storage_key, data, info.mime_type)
+    key = upload_key(stored)
+    storage.put(key, data, info.mime_type)
+    replaced = stored.storage_key if stored.pending_storage_key is not None else None
+    stored.storage_key = key
+    stored.pending_storage_key = None
     now = now_ms()
     stored.mime_type = info.mime_type
     stored.size = len(data)
@@ -301,7 +327,7 @@ def receive_upload(
     stored.uploaded_time = now
     stored.last_updated_time = now
     session.commit()
-    return stored
+    return stored, replaced
 
 
 def find_files(
@@ -364,6 +390,15 @@ def _filter_conditions(
         conditions.append(StoredFile.mime_type == file_filter.mimeType)
     if file_filter.uploaded is not None:
         conditions.append(StoredFile.uploaded == file_filter.uploaded)
+    descriptive = StoredFile.descriptive_fields
+    if file_filter.source is not None:
+        conditions.append(descriptive["source"].as_string() == file_filter.source)
+    if file_filter.directoryPrefix is not None:
+        conditions.append(
+            descriptive["directory"]
+            .as_string()
+            .startswith(file_filter.directoryPrefix, autoescape=True)
+        )
     for column, time_range in (
         (StoredFile.created_time, file_filter.createdTime),
         (
@@ -371,6 +406,9 @@ def _filter_conditions(
             file_filter.lastUpdatedTime,
         ),
         (StoredFile.uploaded_time, file_filter.uploadedTime),
+        # Milliseconds overflow Postgres's 32-bit integer: NUMERIC holds any EpochMs.
+        (descriptive["sourceCreatedTime"].as_numeric(15, 0), file_filter.sourceCreatedTime),
+        (descriptive["sourceModifiedTime"].as_numeric(15, 0), file_filter.sourceModifiedTime),
     ):
         conditions.extend(_in_range(column, time_range))
     return conditions
@@ -409,6 +447,24 @@ def list_files(
     return page, (page[-1].id if len(rows) > limit else None)
 
 
+def search_files(
+    session: Session, project_id: int, file_filter: FileFilter | None, name: str | None, limit: int
+) -> list[StoredFile]:
+    """Cognite's search on name, as its docs put it "prefix and fuzzy": the
+    files ``file_filter`` matches whose name holds every word of ``name``,
+    whatever the case; names that start with ``name`` first, then oldest
+    first."""
+    conditions = _filter_conditions(project_id, file_filter)
+    query = select(StoredFile)
+    if name is not None and name.strip():
+        lowered = func.lower(StoredFile.name)
+        conditions += [lowered.contains(word, autoescape=True) for word in name.lower().split()]
+        query = query.order_by(
+            case((lowered.startswith(name.lower(), autoescape=True), 0), else_=1)
+        )
+    return list(session.scalars(query.where(*conditions).order_by(StoredFile.id).limit(limit)))
+
+
 def count_files(session: Session, project_id: int, file_filter: FileFilter | None) -> int:
     total = session.scalar(
         select(func.count())
@@ -432,4 +488,14 @@ def apply_changes(stored: StoredFile, changes: FileChanges) -> None:
             metadata.pop(key, None)
         metadata.update(changes.metadata.add or {})
         stored.file_metadata = metadata
+    descriptive = dict(stored.descriptive_fields or {})
+    for field in DESCRIPTIVE_FILE_FIELDS:
+        change = getattr(changes, field)
+        if change is None:
+            continue
+        if change.setNull or change.set is None:
+            descriptive.pop(field, None)
+        else:
+            descriptive[field] = change.set
+    stored.descriptive_fields = descriptive or None
     stored.last_updated_time = now_ms()

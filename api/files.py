@@ -27,6 +27,7 @@ from api.cognite_files import (
     part_keys,
     receive_part,
     receive_upload,
+    search_files,
 )
 from api.cognite_files import (
     list_files as list_file_page,
@@ -57,12 +58,15 @@ from api.schemas import (
     FileListRequest,
     FilePage,
     FileResponse,
+    FileSearchRequest,
     FileUpdates,
     FileUpload,
     MultipartCompletion,
     MultipartQuery,
     MultipartUploadFile,
+    MultipartUploadLinks,
     OverwriteQuery,
+    PartsQuery,
     checked_text,
     cursor_after,
     encode_cursor,
@@ -73,6 +77,8 @@ from api.schemas import (
     UploadLinks as UploadLinksAnswer,
 )
 from api.stored_files import discard_objects, store_image
+from segq.deletion import delete_files as delete_stored_files
+from segq.file_objects import discard_file_objects, discard_upload_parts, kept_keys
 from segq.models import StoredFile
 
 log = logging.getLogger(__name__)
@@ -202,13 +208,12 @@ def get_file(file_id: int) -> Response:
 @documented("Delete a file", {204: ("deleted", None)}, errors=(404,))
 def delete_file(file_id: int) -> tuple[str, int]:
     stored = _owned_file(file_id)
-    key = stored.storage_key
     session = db()
-    session.delete(stored)
+    # Objects first (segq/deletion.py): a failure leaves the row, and the
+    # client's retry finishes the deletion. Queued items created on the file
+    # fail: a deleted file's content is gone, whoever still wanted it.
+    delete_stored_files(session, services().storage, [stored])
     session.commit()
-    # After the commit: a crash here leaves an unreferenced object, never a
-    # row pointing at nothing.
-    discard_objects(services().storage, [key])
     return "", 204
 
 
@@ -251,9 +256,21 @@ def _create_file_metadata() -> tuple[Response, int, dict[str, str]]:
     project = current_project()
     stored, replaced_key = create_file(db(), project.id, creation, overwrite=_overwrite())
     if replaced_key is not None:
-        discard_objects(services().storage, [replaced_key])
+        _discard_replaced_version(replaced_key)
     location = url_for("files.get_file", project=project.name, file_id=stored.id)
     return json_answer(_created_file(stored)), 201, {"Location": location}
+
+
+def _discard_replaced_version(key: str) -> None:
+    """What an overwritten file held: the parts of an upload to it go now,
+    and its content too unless a queued or running item was created on it;
+    that item segments the version it was created on, and the orphan sweep
+    removes the content once no such item is left."""
+    storage = services().storage
+    if key in kept_keys(db(), [key]):
+        discard_upload_parts(storage, key)
+    else:
+        discard_file_objects(storage, [key])
 
 
 @files.post("/uploadlink")
@@ -306,6 +323,25 @@ def list_filtered_files() -> Response:
             nextCursor=encode_cursor(last_id) if last_id is not None else None,
         )
     )
+
+
+@files.post("/search")
+@documented(
+    "Files whose name holds every word searched, names that start with it first",
+    {200: ("the files found", FilePage)},
+    errors=(400, 415),
+    json_body=FileSearchRequest,
+)
+def search_files_by_name() -> Response:
+    request_body = parse(FileSearchRequest, read_json_object())
+    found = search_files(
+        db(),
+        current_project().id,
+        request_body.filter,
+        request_body.search.name if request_body.search is not None else None,
+        limit=request_body.limit or 100,
+    )
+    return json_answer(FilePage(items=[file_response(stored) for stored in found]))
 
 
 @files.post("/aggregate")
@@ -368,13 +404,11 @@ def delete_files() -> Response:
         ignore_unknown=request_body.ignoreUnknownIds,
         for_update=True,
     )
-    keys = {stored.id: stored.storage_key for _, stored in found}
-    for stored in {stored.id: stored for _, stored in found}.values():
-        session.delete(stored)
+    unique = {stored.id: stored for _, stored in found}
+    # Objects first (segq/deletion.py): a failure leaves the rows, and the
+    # client's retry finishes the deletion.
+    delete_stored_files(session, services().storage, list(unique.values()))
     session.commit()
-    # After the commit: a crash here leaves unreferenced objects, never rows
-    # pointing at nothing.
-    discard_objects(services().storage, list(keys.values()))
     return json_answer(EmptyAnswer())
 
 
@@ -422,13 +456,15 @@ def put_file_bytes(token: str) -> Response:
     if target.part is not None:
         receive_part(session, services().storage, target, data)
         return json_answer(file_response(target.stored))
-    stored = receive_upload(
+    stored, replaced_key = receive_upload(
         session,
         services().storage,
         target.stored,
         data,
         max_image_pixels=settings.max_image_pixels,
     )
+    if replaced_key is not None:
+        _discard_replaced_version(replaced_key)
     return json_answer(file_response(stored))
 
 
@@ -441,19 +477,43 @@ def put_file_bytes(token: str) -> Response:
     query=MultipartQuery,
 )
 def init_multipart_upload() -> tuple[Response, int]:
-    parts = request_integer("parts", request.args.get("parts", ""), minimum=1, maximum=MAX_PARTS)
+    parts = _parts()
     creation = parse(FileCreation, read_json_object())
     stored, replaced_key = create_file(db(), current_project().id, creation, overwrite=_overwrite())
     if replaced_key is not None:
-        discard_objects(services().storage, [replaced_key])
+        _discard_replaced_version(replaced_key)
+    return json_answer(_multipart_upload_file(stored, parts)), 201
+
+
+def _parts() -> int:
+    return request_integer("parts", request.args.get("parts", ""), minimum=1, maximum=MAX_PARTS)
+
+
+def _multipart_upload_file(stored: StoredFile, parts: int) -> MultipartUploadFile:
     links = _upload_links()
     body = file_response(stored).model_dump(exclude_unset=True)
-    answer = MultipartUploadFile(
+    return MultipartUploadFile(
         **body,
         uploadUrls=[links.url_for(stored, part=part) for part in range(parts)],
         uploadId=links.upload_id(stored, parts),
     )
-    return json_answer(answer), 201
+
+
+@files.post("/multiuploadlink")
+@documented(
+    "Upload URLs, in parts, for files created from metadata",
+    {200: ("the files, each with one upload URL per part", MultipartUploadLinks)},
+    errors=(400, 415),
+    json_body=FileIdentifierList,
+    query=PartsQuery,
+)
+def multipart_upload_links() -> Response:
+    parts = _parts()
+    request_body = parse(FileIdentifierList, read_json_object())
+    found = find_files(db(), current_project().id, request_body.items)
+    return json_answer(
+        MultipartUploadLinks(items=[_multipart_upload_file(stored, parts) for _, stored in found])
+    )
 
 
 @files.post("/completemultipartupload")
@@ -471,7 +531,8 @@ def complete_multipart() -> Response:
     parts = _upload_links().multipart_upload(stored, completion.uploadId)
     settings = services().settings
     storage = services().storage
-    complete_multipart_upload(
+    joined = part_keys(stored, parts)
+    _, replaced_key = complete_multipart_upload(
         session,
         storage,
         stored,
@@ -479,5 +540,7 @@ def complete_multipart() -> Response:
         max_upload_bytes=settings.max_upload_bytes,
         max_image_pixels=settings.max_image_pixels,
     )
-    discard_objects(storage, part_keys(stored, parts))
+    discard_objects(storage, joined)
+    if replaced_key is not None:
+        _discard_replaced_version(replaced_key)
     return json_answer(EmptyAnswer())

@@ -15,6 +15,10 @@ Two things are added here through waitress's own extension points:
   request open for ever. ``DeadlineServer`` gives each request a deadline
   for arriving whole, counted from its first byte, and answers 408 when it
   passes.
+- a request that waits (``Prefer: wait``, an event stream) is parked in
+  the event loop between runs of the app, holding no thread
+  (api/parking.py); the maintenance below wakes those whose deadline came
+  and drops those whose client left.
 - the answers waitress gives itself (a malformed request line or header,
   headers over ``MAX_HEADER_BYTES``, a body over the app's bound, the
   deadline) carry segq's error envelope and an ``X-Request-Id``, as the
@@ -24,6 +28,7 @@ Two things are added here through waitress's own extension points:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import time
@@ -35,12 +40,13 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.workers.base import Worker
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
-from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 from waitress.utilities import Error, ServerNotImplemented
 
 from api import create_app, max_request_bytes
+from api.parking import ParkingChannel
+from segq.logs import configure_logging
 from segq.settings import Settings
 
 #: The request line and headers together. A request that needs more is not
@@ -85,8 +91,9 @@ class EnvelopeErrorTask(ErrorTask):  # type: ignore[misc]
         self.write(body)
 
 
-class DeadlineChannel(HTTPChannel):  # type: ignore[misc]
-    """A connection that remembers when the request it is reading began."""
+class DeadlineChannel(ParkingChannel):
+    """A connection that remembers when the request it is reading began,
+    and whose request may be parked while it waits."""
 
     error_task_class = EnvelopeErrorTask
     request_started = 0.0
@@ -110,10 +117,12 @@ class DeadlineServer(TcpWSGIServer):  # type: ignore[misc]
     deadline_seconds = 120
 
     def maintenance(self, now: int) -> None:
-        cutoff = time.monotonic() - self.deadline_seconds
+        monotonic_now = time.monotonic()
+        cutoff = monotonic_now - self.deadline_seconds
         for channel in list(self.active_channels.values()):
             if isinstance(channel, DeadlineChannel):
                 self._enforce_deadline(channel, cutoff)
+                channel.wake_if_due(monotonic_now)
         # After the deadlines: waitress's own check closes idle connections
         # at once, and a stalled request is idle too, but it gets its 408.
         super().maintenance(now)
@@ -231,6 +240,9 @@ def serve(*, host: str, port: int, workers: int, threads: int, connections: int)
 
         def load(self) -> Any:
             # Built in each process, after the fork.
-            return create_app(settings_for_bind_address(Settings.from_env(), host, port))
+            settings = settings_for_bind_address(Settings.from_env(), host, port)
+            if settings.log_format is not None:
+                configure_logging(settings.log_format, level=logging.INFO)
+            return create_app(settings)
 
     Application().run()

@@ -67,7 +67,9 @@ def resolve_sources(
             except UrlRefused as exc:
                 raise ApiError(400, f"items[{index}].fileUrl: {exc}") from None
         elif ref.imageData is not None:
-            data = _decode_data_url(index, ref.imageData, settings.max_upload_bytes)
+            data = decode_data_url(
+                f"items[{index}].imageData", ref.imageData, settings.max_upload_bytes
+            )
             inline[index] = (
                 data,
                 inspect_image(data, max_pixels=settings.max_image_pixels),
@@ -91,14 +93,14 @@ def resolve_sources(
     return result
 
 
-def _decode_data_url(index: int, value: str, max_bytes: int) -> bytes:
-    """The bytes of an RFC 2397 URL, ``data:[<type>][;param=value]*[;base64],<data>``.
+def decode_data_url(field: str, value: str, max_bytes: int) -> bytes:
+    """The bytes of an RFC 2397 URL, ``data:[<type>][;param=value]*[;base64],<data>``;
+    ``field`` names it in refusals.
 
     The scheme, the type and the ``base64`` token are case-insensitive;
     base64 may be wrapped in whitespace or lack its padding; without
     ``;base64`` the data is percent-encoded. The declared type must be one
     segq reads, or left out: the bytes decide what the image really is."""
-    field = f"items[{index}].imageData"
     header, comma, data = value.partition(",")
     if not comma or header[:5].lower() != "data:":
         raise ApiError(400, f"{field} must be a data: URL (data:image/png;base64,...)")
@@ -130,7 +132,11 @@ def _resolve_files(
     naming every unknown or repeated one."""
     ids = {ref.fileId for ref in references if ref.fileId is not None}
     external_ids = {ref.fileExternalId for ref in references if ref.fileExternalId is not None}
-    scope = select(StoredFile).where(StoredFile.project_id == project_id)
+    # In share mode until the job commits: an upload that replaces a file's
+    # content (holding its row for update) either waits for the job, and then
+    # sees its item keeping the old version, or comes first, and the job
+    # reads the new one. No item pins a version being discarded.
+    scope = select(StoredFile).where(StoredFile.project_id == project_id).with_for_update(read=True)
     by_id = {f.id: f for f in session.scalars(scope.where(StoredFile.id.in_(ids)))} if ids else {}
     by_external_id = (
         {

@@ -36,7 +36,7 @@ from segq.fault_points import API_AFTER_COMMIT, die_if_armed
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 from segq.queue import enqueue_items
 from segq.url_guard import FetchPolicy, UrlRefused, check_url
-from segq.webhook_events import subscribed_events
+from segq.webhook_events import JOB_CANCELED, record_event, subscribed_events, whole_job_data
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,15 @@ def create_segmentation_job(
     project_id: int,
     segment_request: SegmentRequest,
     idempotency_key_header: str | None,
+    *,
+    peer_request: dict[str, Any] | None = None,
 ) -> CreatedJob:
     """Check ``segment_request``, commit the job and its items, and publish
     the items to the broker. A request repeated with the same idempotency
     key (the Idempotency-Key header as sent, None if absent) gets the job
-    the first one created."""
+    the first one created. ``peer_request``: what a compatibility route
+    (api/peers/) must show of the job later in its own shape, kept in the
+    job's options under its "peer" key, committed with the job itself."""
     settings = services.settings
     _check_semantics(segment_request, settings.max_items_per_job, settings.model)
     webhook = _checked_webhook(segment_request.webhook, settings.webhook_policy())
@@ -79,7 +83,8 @@ def create_segmentation_job(
         created_time=now,
         status_time=now,
         prompt=stored_prompt,
-        options=_stored_options(segment_request),
+        options=_stored_options(segment_request)
+        | ({"peer": peer_request} if peer_request is not None else {}),
         idempotency_key=idempotency_key,
         request_sha256=request_sha256,
         webhook=webhook,
@@ -93,6 +98,7 @@ def create_segmentation_job(
                 position=position,
                 file_id=None if isinstance(source, str) else source.id,
                 file_ref=item_reference(source),
+                file_storage_key=None if isinstance(source, str) else source.storage_key,
                 status=ItemStatus.QUEUED,
                 attempt=0,
                 published_time=now,
@@ -137,6 +143,29 @@ def owned_job(session: Session, project_id: int, job_id: int, *, for_update: boo
     # Another project's job is "not found", never "forbidden": no existence oracle.
     if job is None:
         raise ApiError(404, f"job {job_id} not found", missing=[{"jobId": job_id}])
+    return job
+
+
+def cancel_job(session: Session, services: Services, project_id: int, job_id: int) -> Job:
+    """Cancel and commit: queued items never run; an item already running
+    finishes, and no further item starts. Canceling a canceled job changes
+    nothing; a finished one is 409. Requests waiting on the job hear of it."""
+    job = owned_job(session, project_id, job_id, for_update=True)
+    if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+        session.rollback()
+        raise ApiError(409, f"job {job_id} has already finished ({job.status})")
+    if job.status != JobStatus.CANCELED:
+        now = now_ms()
+        job.status = JobStatus.CANCELED
+        job.status_time = now
+        session.execute(
+            update(JobItem)
+            .where(JobItem.job_id == job.id, JobItem.status == ItemStatus.QUEUED)
+            .values(status=ItemStatus.CANCELED, finished_time=now)
+        )
+        record_event(session, job, JOB_CANCELED, now, lambda: whole_job_data(session, job))
+    session.commit()
+    services.job_announcer.announce(job.id)
     return job
 
 

@@ -3,17 +3,36 @@
 from __future__ import annotations
 
 import logging
+import time
+from functools import partial
 
 from flask import Blueprint, Response, request, url_for
-from sqlalchemy import func, select, update
+from sqlalchemy import exists, func, select
 
 from api.answers import json_answer, json_document
 from api.auth import protect_project_routes
-from api.context import current_project, db, services
+from api.context import close_db, current_project, db, services
 from api.errors import ApiError
+from api.job_event_stream import (
+    KEEPALIVE_FRAME,
+    KEEPALIVE_SECONDS,
+    RETRY_FRAME,
+    frames_after,
+    job_events,
+    last_event_id,
+)
+from api.job_service import cancel_job as cancel_job_of_project
 from api.job_service import create_segmentation_job, items_of, owned_job
+from api.job_views import view_links
+from api.job_waiting import (
+    Wait,
+    progress_of,
+    requested_wait_seconds,
+    wait_in_thread_until_finished,
+)
 from api.json_body import max_job_body_bytes, read_json_object
 from api.openapi import documented
+from api.parking import RESUMED_ENVIRON_KEY, Parking, park
 from api.public_links import public_link
 from api.request_integers import request_integer
 from api.schemas import (
@@ -30,11 +49,15 @@ from api.schemas import (
     parse,
 )
 from segq.clock import now_ms
+from segq.deletion import delete_jobs
 from segq.job_document import render_created_job, render_job, render_job_summary
 from segq.models import ItemStatus, Job, JobItem, JobStatus
-from segq.webhook_events import JOB_CANCELED, record_event, whole_job_data
 
 log = logging.getLogger(__name__)
+
+#: The environ keys that carry a parked wait to the runs that resume it.
+WAIT_ENVIRON_KEY = "segq.wait"
+LOCATION_ENVIRON_KEY = "segq.wait.location"
 
 jobs = Blueprint("jobs", __name__, url_prefix="/api/v1/projects/<project>/context/vision/segment")
 protect_project_routes(jobs)
@@ -57,16 +80,62 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
         parse(SegmentRequest, body),
         request.headers.get("Idempotency-Key"),
     )
-    return _created_answer(created.job, created.items)
-
-
-def _created_answer(job: Job, items: list[JobItem]) -> tuple[Response, int, dict[str, str]]:
-    location = url_for("jobs.get_job", project=current_project().name, job_id=job.id)
+    location = url_for("jobs.get_job", project=current_project().name, job_id=created.job.id)
+    wait = _requested_wait()
+    if wait is not None:
+        return _waited_job_answer(created.job.id, wait, location)
     return (
-        json_document(JobCreatedResponse, render_created_job(job, items)),
+        json_document(JobCreatedResponse, render_created_job(created.job, created.items)),
         200,
         {"Location": location},
     )
+
+
+def _requested_wait() -> Wait | None:
+    """The request's ``Prefer: wait``; in a resumed run, the wait it began."""
+    resumed: Wait | None = request.environ.get(WAIT_ENVIRON_KEY)
+    if resumed is not None:
+        return resumed
+    seconds = requested_wait_seconds(request.headers.getlist("Prefer"))
+    return None if seconds is None else Wait.starting_now(seconds)
+
+
+def _waited_job_answer(
+    job_id: int, wait: Wait, location: str | None
+) -> tuple[Response, int, dict[str, str]]:
+    """The job once it is finished, or as it is when ``wait`` runs out.
+
+    On segq's HTTP server the request is parked and answered by a later run
+    of GET on the job (api/parking.py); elsewhere this thread waits."""
+    project_id = current_project().id
+    job = owned_job(db(), project_id, job_id)
+    progress = progress_of(db(), [job_id])[job_id]
+    if not progress.finished and wait.remaining > 0:
+        close_db()
+        feed = services().job_changes
+        path = url_for("jobs.get_job", project=current_project().name, job_id=job_id)
+        parking = Parking(
+            watch=partial(feed.watch, job_id, progress),
+            deadline=wait.deadline,
+            environ={
+                "REQUEST_METHOD": "GET",
+                "PATH_INFO": path.removeprefix(request.script_root),
+                "QUERY_STRING": "",
+                WAIT_ENVIRON_KEY: wait,
+                LOCATION_ENVIRON_KEY: location,
+            },
+            stream=False,
+        )
+        if park(parking):
+            # Dropped by the server: the resumed run answers.
+            return Response(status=204), 204, {}
+        wait_in_thread_until_finished(feed, services().sessions, job_id, wait.remaining)
+        job = owned_job(db(), project_id, job_id)
+    answer, status, headers = _job_answer(job)
+    headers["Preference-Applied"] = f"wait={wait.seconds}"
+    if location is not None:
+        headers["Location"] = location
+    return answer, status, headers
 
 
 def _time_argument(name: str) -> int | None:
@@ -131,6 +200,7 @@ def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
         )
 
     document = render_job(job, items_of(db(), job), link_mask)
+    document["viewUrl"] = view_links().page_url(current_project().name, job.project_id, job.id)
     headers: dict[str, str] = {}
     if not JobStatus(job.status).finished:
         headers["Retry-After"] = str(settings.poll_retry_after_seconds)
@@ -144,7 +214,59 @@ def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
     errors=(404,),
 )
 def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
+    wait = _requested_wait()
+    if wait is not None:
+        return _waited_job_answer(job_id, wait, request.environ.get(LOCATION_ENVIRON_KEY))
     return _job_answer(owned_job(db(), current_project().id, job_id))
+
+
+@jobs.get("/<id:job_id>/events")
+@documented(
+    "Stream the job's events (server-sent events) until it ends",
+    {200: ("text/event-stream of the job's events, resumable with Last-Event-ID", None)},
+    errors=(400, 404),
+)
+def stream_job_events(job_id: int) -> Response:
+    """Each run sends the events after ``Last-Event-ID`` and, while the job
+    is unfinished, parks until it changes (or a keepalive is due); a parked
+    stream's later runs come with the count sent so far as Last-Event-ID.
+
+    Where the server cannot park a request (not `segq serve`), the stream
+    sends the events there are and ends, holding no thread either; the
+    ``retry`` it starts with has EventSource reconnect with Last-Event-ID."""
+    project_id = current_project().id
+    session = db()
+    job = owned_job(session, project_id, job_id)
+    sent = last_event_id(request.headers.get("Last-Event-ID"))
+    # Progress before events: a change between the two reads wakes the
+    # stream once more for nothing, never too late.
+    progress = progress_of(session, [job_id])[job_id]
+    events = job_events(session, job)
+    frames = list(frames_after(events, sent))
+    sent = max(sent, len(events))
+    close_db()
+    resumed = request.environ.get(RESUMED_ENVIRON_KEY) is not None
+    if not resumed:
+        frames.insert(0, RETRY_FRAME)
+    elif not frames:
+        frames.append(KEEPALIVE_FRAME)
+    if not progress.finished:
+        feed = services().job_changes
+        park(
+            Parking(
+                watch=partial(feed.watch, job_id, progress),
+                deadline=time.monotonic() + KEEPALIVE_SECONDS,
+                environ={"HTTP_LAST_EVENT_ID": str(sent)},
+                stream=True,
+            )
+        )
+    # An iterator, not a string: a body of unknown length, so the server
+    # streams it (chunked) instead of closing it at a Content-Length.
+    return Response(
+        iter(frames),
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @jobs.post("/<id:job_id>/cancel")
@@ -156,20 +278,36 @@ def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
 def cancel_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     """Queued items never run; an item already running finishes, and no
     further item starts. Canceling a canceled job changes nothing."""
+    job = cancel_job_of_project(db(), services(), current_project().id, job_id)
+    return _job_answer(job)
+
+
+@jobs.delete("/<id:job_id>")
+@documented(
+    "Delete a finished or canceled job, its items, webhook deliveries and stored masks",
+    {204: ("deleted", None)},
+    errors=(404, 409, 503),
+)
+def delete_job(job_id: int) -> tuple[str, int]:
+    """Gone for good: a second DELETE answers 404, as a GET would; the
+    server's state after one or two DELETEs is the same, which is what makes
+    the method idempotent in HTTP's sense. A job whose items may still write
+    (queued or running, or canceled with an item still running) is 409: its
+    worker would store masks after they were deleted."""
     session = db()
     job = owned_job(session, current_project().id, job_id, for_update=True)
-    if job.status in (JobStatus.COMPLETED, JobStatus.FAILED):
+    if not JobStatus(job.status).finished:
         session.rollback()
-        raise ApiError(409, f"job {job_id} has already finished ({job.status})")
-    if job.status != JobStatus.CANCELED:
-        now = now_ms()
-        job.status = JobStatus.CANCELED
-        job.status_time = now
-        session.execute(
-            update(JobItem)
-            .where(JobItem.job_id == job.id, JobItem.status == ItemStatus.QUEUED)
-            .values(status=ItemStatus.CANCELED, finished_time=now)
-        )
-        record_event(session, job, JOB_CANCELED, now, lambda: whole_job_data(session, job))
+        raise ApiError(409, f"job {job_id} is {job.status}; cancel it or wait for it to finish")
+    still_running = session.scalar(
+        select(exists().where(JobItem.job_id == job.id, JobItem.status == ItemStatus.RUNNING))
+    )
+    if still_running:
+        session.rollback()
+        raise ApiError(409, f"job {job_id} is canceled but an item is still running; retry later")
+    deleted_objects = delete_jobs(
+        session, services().storage, [(job.project_id, job.id)], list_every_job=True
+    )
     session.commit()
-    return _job_answer(job)
+    log.info("deleted job %d and %d stored objects", job_id, deleted_objects)
+    return "", 204

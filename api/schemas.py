@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.errors import ApiError
 from api.request_integers import ascii_integer, request_integer
-from segq.models import DeliveryStatus, JobStatus
+from segq.models import DeliveryStatus, ItemStatus, JobStatus
 from segq.webhook_events import EVENT_TYPES, SHORT_NAMES
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -207,6 +207,10 @@ class FileResponse(ResponseModel):
     name: str | None
     mimeType: str | None
     metadata: dict[str, str] | None = None
+    source: str | None = None
+    directory: str | None = None
+    sourceCreatedTime: int | None = None
+    sourceModifiedTime: int | None = None
     uploaded: bool
     uploadedTime: int | None = None
     createdTime: int
@@ -252,6 +256,10 @@ class DownloadLinks(ResponseModel):
 
 class UploadLinks(ResponseModel):
     items: list[CreatedFile]
+
+
+class MultipartUploadLinks(ResponseModel):
+    items: list[MultipartUploadFile]
 
 
 class Count(ResponseModel):
@@ -402,6 +410,39 @@ class JobResponse(JobState):
     failedItems: list[FailedItems] | None = None
     progress: Progress
     engine: str | None = Field(description="extension: the engine that ran the job")
+    viewUrl: str | None = Field(
+        None,
+        description=(
+            "extension: the job's viewer page (masks over the images), signed: it opens "
+            "in a browser without the API key until it expires, as mask URLs do"
+        ),
+    )
+
+
+class JobViewItem(ItemReference):
+    """One item as the viewer shows it: in position order, failed or not."""
+
+    position: int
+    status: ItemStatus
+    imageUrl: str | None = Field(
+        description="the stored image, pre-signed; null for a fileUrl item or a deleted file"
+    )
+    width: int | None
+    height: int | None
+    errorMessage: str | None
+    segments: list[Segment] | None = None
+
+
+class JobView(JobState):
+    """What the viewer page polls: the job with every item in place."""
+
+    items: list[JobViewItem]
+    prompt: JobPrompt
+    progress: Progress
+    engine: str | None
+    refreshAfter: int | None = Field(
+        description="seconds before the page should ask again; null once the job has finished"
+    )
 
 
 class JobSummary(JobState):
@@ -471,6 +512,10 @@ class FileListQuery(BaseModel):
     limit: ListLimit | None = None
 
 
+class ViewQuery(BaseModel):
+    token: str = Field(description="the signed token of the job's viewUrl")
+
+
 class JobListQuery(BaseModel):
     status: JobStatus | None = None
     limit: ListLimit | None = None
@@ -515,6 +560,14 @@ FileName = Annotated[
 FileId = Annotated[int, Field(ge=1, le=2**63 - 1)]
 
 
+FileSource = Annotated[str, Field(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
+#: Cognite's directory: an absolute, unix-style path.
+FileDirectory = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^/[^\x00-\x1f\x7f]*$")]
+#: Cognite's file fields that only describe the file: segq keeps and shows
+#: them as set, and gives them no meaning.
+DESCRIPTIVE_FILE_FIELDS = ("source", "directory", "sourceCreatedTime", "sourceModifiedTime")
+
+
 class FileCreation(StrictModel):
     """Cognite's file metadata, the first step of its two-step upload."""
 
@@ -523,6 +576,10 @@ class FileCreation(StrictModel):
     mimeType: Annotated[str, Field(max_length=255, pattern=NO_CONTROL_CHARACTERS)] | None = None
     metadata: MetadataMap | None = None
     instanceId: InstanceId | None = None
+    source: FileSource | None = None
+    directory: FileDirectory | None = None
+    sourceCreatedTime: EpochMs | None = None
+    sourceModifiedTime: EpochMs | None = None
 
 
 class OverwriteQuery(BaseModel):
@@ -531,6 +588,10 @@ class OverwriteQuery(BaseModel):
 
 class MultipartQuery(BaseModel):
     overwrite: bool | None = None
+    parts: Annotated[int, Field(ge=1, le=250)]
+
+
+class PartsQuery(BaseModel):
     parts: Annotated[int, Field(ge=1, le=250)]
 
 
@@ -566,6 +627,12 @@ class FileFilter(StrictModel):
     createdTime: TimeRange | None = None
     lastUpdatedTime: TimeRange | None = None
     uploadedTime: TimeRange | None = None
+    source: FileSource | None = None
+    directoryPrefix: Annotated[str, Field(max_length=512, pattern=NO_CONTROL_CHARACTERS)] | None = (
+        None
+    )
+    sourceCreatedTime: TimeRange | None = None
+    sourceModifiedTime: TimeRange | None = None
 
 
 class FileListRequest(StrictModel):
@@ -576,6 +643,19 @@ class FileListRequest(StrictModel):
 
 class FileAggregateRequest(StrictModel):
     filter: FileFilter | None = None
+
+
+class FileNameSearch(StrictModel):
+    name: (
+        Annotated[str, Field(max_length=MAX_EXTERNAL_ID_LENGTH, pattern=NO_CONTROL_CHARACTERS)]
+        | None
+    ) = None
+
+
+class FileSearchRequest(StrictModel):
+    search: FileNameSearch | None = None
+    filter: FileFilter | None = None
+    limit: ListLimit | None = None
 
 
 class NullableIdentifierChange(StrictModel):
@@ -593,10 +673,29 @@ class MetadataChange(StrictModel):
     remove: Annotated[list[str], Field(max_length=256)] | None = None
 
 
+class SourceChange(StrictModel):
+    set: FileSource | None = None
+    setNull: Literal[True] | None = None
+
+
+class DirectoryChange(StrictModel):
+    set: FileDirectory | None = None
+    setNull: Literal[True] | None = None
+
+
+class TimeChange(StrictModel):
+    set: EpochMs | None = None
+    setNull: Literal[True] | None = None
+
+
 class FileChanges(StrictModel):
     externalId: NullableIdentifierChange | None = None
     name: NameChange | None = None
     metadata: MetadataChange | None = None
+    source: SourceChange | None = None
+    directory: DirectoryChange | None = None
+    sourceCreatedTime: TimeChange | None = None
+    sourceModifiedTime: TimeChange | None = None
 
 
 class FileUpdate(FileIdentifier):

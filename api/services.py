@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.process_caches import ProjectsByKey, UnfinishedJobCounts
 from api.rate_limit import RateLimiter
+from segq.job_changes import JobChangeAnnouncer
 from segq.settings import Settings
 from segq.storage import ObjectStorage
+
+if TYPE_CHECKING:
+    # api/job_waiting.py reaches the services through api/context.py.
+    from api.job_waiting import JobChangeFeed
 
 
 @dataclass(frozen=True)
@@ -20,5 +26,7 @@ class Services:
     storage: ObjectStorage
     celery: Celery
     rate_limiter: RateLimiter
+    job_changes: JobChangeFeed
+    job_announcer: JobChangeAnnouncer
     projects_by_key: ProjectsByKey = field(default_factory=ProjectsByKey)
     unfinished_jobs: UnfinishedJobCounts = field(default_factory=UnfinishedJobCounts)

@@ -4,12 +4,12 @@ together and removed together. Shared by uploads and inline job images."""
 from __future__ import annotations
 
 import logging
-import uuid
 
 from sqlalchemy.orm import Session
 
 from api.images import ImageInfo
 from segq.clock import now_ms
+from segq.file_objects import new_file_key
 from segq.models import StoredFile
 from segq.storage import ObjectStorage, StorageError
 
@@ -28,7 +28,7 @@ def store_image(
 ) -> StoredFile:
     """Write an inspected image to storage under a fresh key and add its row
     to ``session``; the caller commits, or discards the object."""
-    key = f"projects/{project_id}/files/{uuid.uuid4().hex}"
+    key = new_file_key(project_id)
     storage.put(key, data, info.mime_type)
     now = now_ms()
     stored = StoredFile(

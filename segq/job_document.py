@@ -90,7 +90,7 @@ def shown_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return shown
 
 
-def _job_state(job: Job) -> dict[str, Any]:
+def job_state(job: Job) -> dict[str, Any]:
     """The fields every shape of a job starts with."""
     return {
         "status": job.status,
@@ -127,7 +127,7 @@ def render_job(job: Job, items: Sequence[JobItem], link_mask: MaskLinker | None)
                 entry["metrics"] = item.result["metrics"]
         shown.append(entry)
     document: dict[str, Any] = {
-        **_job_state(job),
+        **job_state(job),
         "items": shown,
         "prompt": shown_prompt(job.prompt),
         **shown_options(job.options),
@@ -144,7 +144,7 @@ def render_job(job: Job, items: Sequence[JobItem], link_mask: MaskLinker | None)
 def render_created_job(job: Job, items: Sequence[JobItem]) -> dict[str, Any]:
     """The answer to POST: Cognite echoes the prompt at the top level here."""
     return {
-        **_job_state(job),
+        **job_state(job),
         "items": [item_reference(item) for item in items],
         **shown_prompt(job.prompt),
     }
@@ -161,7 +161,7 @@ def _progress(item_counts: Mapping[str, int]) -> dict[str, int]:
 def render_job_summary(job: Job, item_counts: Mapping[str, int]) -> dict[str, Any]:
     """A job in a listing: its state and progress, without items or results
     (GET the job for those). ``item_counts``: item status -> number of items."""
-    return {**_job_state(job), "progress": _progress(item_counts), "engine": job.engine}
+    return {**job_state(job), "progress": _progress(item_counts), "engine": job.engine}
 
 
 def render_item_event(job: Job, item: JobItem, item_counts: Mapping[str, int]) -> dict[str, Any]:

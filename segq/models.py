@@ -95,6 +95,11 @@ class StoredFile(Base):
     __table_args__ = (
         UniqueConstraint("project_id", "external_id"),
         UniqueConstraint("project_id", "instance_space", "instance_external_id"),
+        # The orphan sweep asks, of each object it lists, whether a file holds it.
+        Index("ix_files_storage_key", "storage_key"),
+        Index("ix_files_pending_storage_key", "pending_storage_key"),
+        # Retention's question: which files were created before the cutoff?
+        Index("ix_files_created_time", "created_time"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -110,12 +115,20 @@ class StoredFile(Base):
     height: Mapped[int | None] = mapped_column(Integer)
     sha256: Mapped[str | None] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(512))
+    # Where an overwrite's new content is uploaded (as Cognite does, the
+    # file keeps its current content until the new one has arrived whole);
+    # NULL when no overwrite of uploaded content is waiting for its bytes.
+    pending_storage_key: Mapped[str | None] = mapped_column(String(512))
     created_time: Mapped[int] = mapped_column(BigInteger)
     uploaded: Mapped[bool] = mapped_column(Boolean, server_default=true())
     uploaded_time: Mapped[int | None] = mapped_column(BigInteger)
     last_updated_time: Mapped[int | None] = mapped_column(BigInteger)
     # Cognite's free-form string map.
     file_metadata: Mapped[JsonDict | None]
+    # Cognite's fields that only describe the file (source, directory,
+    # sourceCreatedTime, sourceModifiedTime), as the client set them: segq
+    # shows them and gives them no meaning.
+    descriptive_fields: Mapped[JsonDict | None]
     # Cognite's data-modeling node id {space, externalId}, kept as two columns
     # so that it can be unique per project.
     instance_space: Mapped[str | None] = mapped_column(String(255))
@@ -130,6 +143,8 @@ class Job(Base):
         UniqueConstraint("project_id", "idempotency_key"),
         Index("ix_jobs_project_id_id", "project_id", "id"),
         Index("ix_jobs_project_id_status", "project_id", "status"),
+        # Retention's question: which jobs finished before the cutoff?
+        Index("ix_jobs_status_time", "status_time"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -171,6 +186,11 @@ class JobItem(Base):
         BigId, ForeignKey("files.id", ondelete="SET NULL"), index=True
     )
     file_ref: Mapped[JsonDict]
+    # The file's content when the job was created: the item segments that
+    # version even if the file is overwritten meanwhile (keys are never
+    # reused, so one key is one version); the orphan sweep keeps it while
+    # the item may still run. NULL for URL items.
+    file_storage_key: Mapped[str | None] = mapped_column(String(512), index=True)
     status: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     lease_expires_time: Mapped[int | None] = mapped_column(BigInteger)

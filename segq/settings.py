@@ -21,6 +21,9 @@ from segq.url_guard import FetchPolicy, parse_networks
 #: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h later: about 27 hours in all.
 DEFAULT_WEBHOOK_RETRY_DELAYS = (5, 300, 1800, 7200, 18000, 36000, 36000)
 
+#: What SEGQ_PRECISION may say.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 class SettingsError(ValueError):
     """An environment variable holds a value segq cannot use."""
@@ -70,8 +73,34 @@ class Settings:
     public_url: str | None = None
     #: When set, /metrics answers only to ``Authorization: Bearer <token>``.
     metrics_token: str | None = None
+    #: How often the API looks at the jobs that requests wait on, in case
+    #: the announcement of a change was lost (api/job_waiting.py).
+    wait_recheck_seconds: float = 2.0
+    #: How long a synchronous peer route (Livepeer's, Moondream's) waits for
+    #: its job before answering 504; the job itself runs on.
+    peer_wait_seconds: int = 60
     #: Test-only (segq/fault_points.py): where this process dies on purpose.
     fault_point: str | None = None
+    #: Finished jobs older than this many days are deleted with their masks;
+    #: None keeps them forever.
+    job_retention_days: int | None = None
+    #: Files older than this many days are deleted with their bytes (jobs
+    #: that used them keep their results); None keeps them forever.
+    file_retention_days: int | None = None
+    #: "json" (one object a line, for a log collector) or "text"; None:
+    #: text (the deploy files set json).
+    log_format: str | None = None
+    #: Where a worker's main process serves its Prometheus metrics; None: not served.
+    metrics_port: int | None = None
+    #: Items whose images a worker process encodes as one batch; None: the
+    #: device's default (1 on a CPU, 8 on a CUDA GPU).
+    engine_batch: int | None = None
+    #: How long an item waits for others to share its batch.
+    engine_batch_wait_ms: int = 10
+    #: One of PRECISIONS (worker/engines/precision.py says what each means).
+    precision: str = "auto"
+    #: torch.compile the image encoder at worker start.
+    compile_encoder: bool = False
 
     def fetch_policy(self) -> FetchPolicy:
         """How workers may fetch images from URLs that clients give."""
@@ -136,9 +165,19 @@ class Settings:
             embedding_ttl_seconds=_int(env, "SEGQ_EMBEDDING_TTL_SECONDS", 7 * 24 * 3600),
             public_url=_public_url(env, "SEGQ_PUBLIC_URL"),
             metrics_token=env.get("SEGQ_METRICS_TOKEN") or None,
+            peer_wait_seconds=_int(env, "SEGQ_PEER_WAIT_SECONDS", 60),
             # Long enough for the largest upload (25 MiB) at about 2 Mbit/s.
             request_deadline_seconds=_int(env, "SEGQ_REQUEST_DEADLINE_SECONDS", 120),
+            wait_recheck_seconds=_float(env, "SEGQ_WAIT_RECHECK_SECONDS", 2.0),
             fault_point=_fault_point(env),
+            job_retention_days=_optional_int(env, "SEGQ_JOB_RETENTION_DAYS"),
+            file_retention_days=_optional_int(env, "SEGQ_FILE_RETENTION_DAYS"),
+            log_format=_choice(env, "SEGQ_LOG_FORMAT", ("json", "text")),
+            metrics_port=_port(env, "SEGQ_METRICS_PORT"),
+            engine_batch=_optional_int(env, "SEGQ_ENGINE_BATCH"),
+            engine_batch_wait_ms=_milliseconds(env, "SEGQ_ENGINE_BATCH_WAIT_MS", 10),
+            precision=_choice(env, "SEGQ_PRECISION", PRECISIONS) or "auto",
+            compile_encoder=_flag(env, "SEGQ_COMPILE"),
         )
 
 
@@ -153,6 +192,25 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise SettingsError(f"{name} must be positive, got {value}")
     return value
+
+
+def _optional_int(env: Mapping[str, str], name: str) -> int | None:
+    """A positive integer, or None when unset (the feature is off)."""
+    return _int(env, name, 0) or None
+
+
+def _port(env: Mapping[str, str], name: str) -> int | None:
+    port = _optional_int(env, name)
+    if port is not None and port > 65535:
+        raise SettingsError(f"{name} must be a TCP port (1-65535), got {port}")
+    return port
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+    raw = env.get(name) or None
+    if raw is not None and raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
 
 
 def _ints(env: Mapping[str, str], name: str, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -177,6 +235,29 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
     if not value > 0 or value == float("inf"):
         raise SettingsError(f"{name} must be positive, got {raw!r}")
     return value
+
+
+def _milliseconds(env: Mapping[str, str], name: str, default: int) -> int:
+    """A whole number of milliseconds, 0 allowed, at most a minute."""
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if not 0 <= value <= 60_000:
+        raise SettingsError(f"{name} must be between 0 and 60000, got {value}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise SettingsError(f"{name} must be 1 or 0, got {raw!r}")
 
 
 def _public_url(env: Mapping[str, str], name: str) -> str | None:

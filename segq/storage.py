@@ -13,7 +13,7 @@ import hmac
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -21,6 +21,10 @@ from urllib.parse import quote, unquote, urlencode, urlparse
 
 #: Where the API serves local-disk objects; the signature covers key and expiry.
 LOCAL_OBJECTS_ROUTE = "/objects/"
+
+
+#: The most keys S3's DeleteObjects takes in one request.
+S3_DELETE_BATCH = 1000
 
 
 class StorageError(RuntimeError):
@@ -45,6 +49,12 @@ class ObjectStorage(Protocol):
 
     def delete(self, key: str) -> None:
         """Remove the object; a missing object is not an error."""
+        ...
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove every object of ``keys``; missing ones are not an error.
+        S3 takes up to 1000 keys per request, so deleting a job's or a
+        retention batch's objects costs requests per thousand, not per key."""
         ...
 
     def list_objects(self, prefix: str) -> Iterator[StoredObject]:
@@ -143,6 +153,27 @@ class S3Storage:
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not delete {key}: {exc}") from exc
 
+    def delete_many(self, keys: Sequence[str]) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        for start in range(0, len(keys), S3_DELETE_BATCH):
+            batch = keys[start : start + S3_DELETE_BATCH]
+            try:
+                answer = self._client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True},
+                )
+            except (BotoCoreError, ClientError) as exc:
+                raise StorageError(f"could not delete {len(batch)} objects: {exc}") from exc
+            # A batch answers 200 even when some keys failed; they are listed.
+            errors = answer.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"could not delete {len(errors)} objects, e.g. {first.get('Key')}: "
+                    f"{first.get('Code')} {first.get('Message')}"
+                )
+
     def list_objects(self, prefix: str) -> Iterator[StoredObject]:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -216,9 +247,19 @@ class LocalStorage:
         except OSError as exc:
             raise StorageError(f"could not delete {key}: {exc}") from exc
 
+    def delete_many(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.delete(key)
+
     def list_objects(self, prefix: str) -> Iterator[StoredObject]:
-        # Keys are paths: walk the deepest directory the prefix names whole.
-        directory = self.root / PurePosixPath(prefix).parent if "/" in prefix else self.root
+        # Keys are paths: walk the deepest directory the prefix names whole
+        # (all of it when the prefix ends in "/": a job's folder, not its siblings').
+        if prefix.endswith("/") and prefix.strip("/"):
+            directory = self.root / _checked_key(prefix.rstrip("/"))
+        elif "/" in prefix:
+            directory = self.root / PurePosixPath(prefix).parent
+        else:
+            directory = self.root
         try:
             for path in directory.rglob("*"):
                 key = path.relative_to(self.root).as_posix()

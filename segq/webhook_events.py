@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from segq.job_document import render_job
 from segq.models import DeliveryStatus, Job, JobItem, WebhookDelivery
+from segq.replicate_prediction import prediction_event_body, replicate_request
 
 JOB_STARTED = "job.started"
 JOB_COMPLETED = "job.completed"
@@ -80,12 +81,23 @@ def whole_job_data(session: Session, job: Job) -> dict[str, Any]:
     return render_job(job, list(items), None)
 
 
-def _event_body(event_type: str, now: int, data: dict[str, Any]) -> str:
+def event_body(event_type: str, now: int, data: dict[str, Any]) -> str:
+    """An event as webhooks send it (and the API's event stream shows it)."""
     return json.dumps(
         {"type": event_type, "timestamp": now, "data": data},
         separators=(",", ":"),
         ensure_ascii=False,
     )
+
+
+def _native_event_body(event_type: str, now: int, data: dict[str, Any]) -> str:
+    body = event_body(event_type, now, data)
+    if len(body.encode()) > MAX_BODY_BYTES:
+        # Receivers often refuse large bodies, and a refused one would be
+        # retried for a day: send the job without its items instead.
+        lean = {k: v for k, v in data.items() if k not in ("items", "failedItems")}
+        body = event_body(event_type, now, {**lean, "itemsOmitted": True})
+    return body
 
 
 def record_event(
@@ -101,13 +113,11 @@ def record_event(
     if not wants(job.webhook, event_type):
         return None
     assert job.webhook is not None
-    data = render_data()
-    body = _event_body(event_type, now, data)
-    if len(body.encode()) > MAX_BODY_BYTES:
-        # Receivers often refuse large bodies, and a refused one would be
-        # retried for a day: send the job without its items instead.
-        lean = {k: v for k, v in data.items() if k not in ("items", "failedItems")}
-        body = _event_body(event_type, now, {**lean, "itemsOmitted": True})
+    if replicate_request(job) is not None:
+        # A prediction made through Replicate's API is told in Replicate's shape.
+        body = prediction_event_body(session, job)
+    else:
+        body = _native_event_body(event_type, now, render_data())
     delivery = WebhookDelivery(
         job_id=job.id,
         project_id=job.project_id,

@@ -27,7 +27,7 @@ from segq.models import Base
 from segq.queue import make_celery
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.harness import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant
+from tests.harness import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant, serving
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "SEGQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -152,3 +152,10 @@ def tenant(client: FlaskClient, sessions: sessionmaker[Session]) -> Tenant:
 @pytest.fixture
 def other_tenant(client: FlaskClient, sessions: sessionmaker[Session]) -> Tenant:
     return make_tenant(client, sessions, "globex")
+
+
+@pytest.fixture
+def live_server(app: Flask) -> Iterator[str]:
+    """``app`` on a loopback port: its root URL."""
+    with serving(app) as url:
+        yield url

@@ -5,25 +5,33 @@ tests/conftest.py."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import redis
+import requests
 from celery import Celery
+from flask import Flask
 from flask.testing import FlaskClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
+from werkzeug.serving import make_server
 
+from segq.db import make_engine, make_session_factory
 from segq.models import Job, JobItem, StoredFile
 from segq.projects import create_project
 from segq.storage import S3Storage
+from worker.engines.base import SegmentationEngine
 from worker.item_inputs import ImageLimits
 
 REDIS_URL = os.environ.get("SEGQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -38,6 +46,21 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+@contextmanager
+def serving(app: Flask, port: int = 0) -> Iterator[str]:
+    """``app`` served by werkzeug in a thread of this process on ``port`` of
+    127.0.0.1 (0: any free one), for clients that need a real server:
+    browsers, requests, the CLI, peers' SDKs. Yields its root URL."""
+    server = make_server("127.0.0.1", port, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
 
 
 class Tenant:
@@ -85,29 +108,50 @@ def grabcut_worker(
     sessions: sessionmaker[Session],
     storage: S3Storage,
     max_attempts: int = 5,
+    limits: ImageLimits = TEST_LIMITS,
 ) -> Iterator[None]:
     """A real Celery worker (solo pool, in a thread of this process) running
-    the GrabCut engine on ``sessions`` and ``storage``."""
+    the GrabCut engine on ``sessions`` and ``storage``, taking images
+    within ``limits``."""
+    from worker.engines.grabcut import GrabCutEngine
+
+    with engine_worker(celery_app, sessions, storage, GrabCutEngine(), max_attempts, limits):
+        yield
+
+
+@contextmanager
+def engine_worker(
+    celery_app: Celery,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+    engine: SegmentationEngine,
+    max_attempts: int = 5,
+    limits: ImageLimits = TEST_LIMITS,
+) -> Iterator[None]:
+    """grabcut_worker with any engine (a tiny SAM, for one)."""
     from celery.contrib.testing.worker import start_worker
 
     import worker.tasks  # noqa: F401  (registers the shared tasks on celery_app)
-    from worker.engines.grabcut import GrabCutEngine
     from worker.runtime import SegmentRuntime, WorkerRuntime, attach_runtime
 
     segment = SegmentRuntime(
         sessions,
         storage,
-        GrabCutEngine(),
+        engine,
         lease_seconds=60,
-        limits=TEST_LIMITS,
+        limits=limits,
         max_attempts=max_attempts,
     )
     attach_runtime(celery_app, WorkerRuntime(segment=segment))
+    # start_worker sets the root logger's level (to ERROR) for good; later
+    # tests that read warnings with caplog must find it as it was.
+    root_level = logging.root.level
     try:
         with start_worker(celery_app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
             yield
     finally:
         attach_runtime(celery_app, None)
+        logging.root.setLevel(root_level)
 
 
 #: The repository, where subprocesses of the tests run.
@@ -166,6 +210,89 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log.close()
+
+
+def wait_until_healthy(
+    url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 90
+) -> None:
+    """Until ``process`` (a `segq serve`) answers /healthz at ``url``; fails
+    with the end of its ``log`` if it exits or takes over ``timeout`` s."""
+    give_up = time.monotonic() + timeout
+    while True:
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < give_up, log.read_text()[-3000:]
+        # Connections wait in the backlog while the processes build the app.
+        with contextlib.suppress(requests.ConnectionError, requests.Timeout):
+            if requests.get(f"{url}/healthz", timeout=2).ok:
+                return
+        time.sleep(0.2)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within 30 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+class LiveSegq:
+    """`segq serve` and `segq worker` as separate processes, as users run
+    them, configured only through ``env`` (the SEGQ_* variables): its root
+    URL is ``url``, projects are made in its database with ``new_project``."""
+
+    def __init__(self, env: dict[str, str], folder: Path) -> None:
+        self.env = {
+            **{name: value for name, value in os.environ.items() if not name.startswith("SEGQ_")},
+            "PYTHONPATH": str(REPO),
+            "SEGQ_DATA_DIR": str(folder / "data"),
+            **env,
+        }
+        self.folder = folder
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        subprocess.run(
+            [sys.executable, "-m", "segq.cli.main", "migrate"],
+            env=self.env,
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        self.api_log = folder / "serve.log"
+        with self.api_log.open("ab") as output:
+            self.api = subprocess.Popen(
+                [sys.executable, "-m", "segq.cli.main", "serve", f"--port={port}", "--workers=1"],
+                env=self.env,
+                cwd=REPO,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )
+        self.worker = Worker(self.env, concurrency=1, log=folder / "worker.log")
+        wait_until_healthy(self.url, self.api, self.api_log)
+
+    @contextmanager
+    def database(self) -> Iterator[sessionmaker[Session]]:
+        """Sessions on the deployment's database."""
+        from segq.settings import Settings
+
+        engine = make_engine(Settings.from_env(self.env).database_url)
+        try:
+            yield make_session_factory(engine)
+        finally:
+            engine.dispose()
+
+    def new_project(self, name: str) -> str:
+        """Create project ``name`` in the deployment's database; its API key."""
+        with self.database() as sessions, sessions.begin() as session:
+            _, key = create_project(session, name)
+        return key
+
+    def stop(self) -> None:
+        self.worker.stop()
+        stop_process(self.api)
 
 
 def count_files(sessions: sessionmaker[Session]) -> int:

@@ -7,7 +7,11 @@ can see and steer each run from outside the process:
 - ``SEGQ_PROBE_GATE``: a file whose appearance the engine waits for before
   it segments, so a test decides when a run ends;
 - ``SEGQ_PROBE_INVERT``: when set, masks come out inverted, so the objects
-  this worker writes differ from another worker's for the same item.
+  this worker writes differ from another worker's for the same item;
+- ``SEGQ_PROBE_TINY_SAM``: when set, ``sam_vit_b`` is built as the tiny SAM
+  of tests/tiny_sam.py, so a checkpoint of it runs SAM's real code (and its
+  encoder batches) at test speed. With a batching engine the gate is also
+  waited for before each batch is encoded: the batch is claimed by then.
 
 Run as ``python -m tests.probed_worker worker ...`` with the CLI's options.
 """
@@ -16,40 +20,82 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from celery import current_task
 
-from worker import runtime
+from segq.storage import ObjectStorage
+from worker import pipeline, runtime
+from worker.claims import Claim
 from worker.engines import EngineChoice, load_engine
-from worker.engines.base import Candidate, Prompt, SegmentationEngine
+from worker.engines.base import Candidate, ImageBatchEngine, Prompt, SegmentationEngine
 from worker.engines.embedding_cache import EmbeddingCache
+from worker.engines.encoder_options import EncoderOptions
 
 
 class ProbedEngine:
     def __init__(self, inner: SegmentationEngine) -> None:
         self._inner = inner
         self.name = inner.name
-        self._runs = os.environ.get("SEGQ_PROBE_RUNS")
         self._gate = os.environ.get("SEGQ_PROBE_GATE")
         self._invert = bool(os.environ.get("SEGQ_PROBE_INVERT"))
+
+    def wait_for_gate(self) -> None:
+        if self._gate:
+            while not Path(self._gate).exists():
+                time.sleep(0.05)
 
     def segment(
         self, image: npt.NDArray[np.uint8], prompt: Prompt, multimask: bool
     ) -> list[Candidate]:
-        if self._runs:
-            item_id = current_task.request.args[0]
-            with open(self._runs, "a") as runs:  # one short append: whole lines
-                runs.write(f"{item_id} {os.getpid()}\n")
-        if self._gate:
-            while not Path(self._gate).exists():
-                time.sleep(0.05)
+        self.wait_for_gate()
         candidates = self._inner.segment(image, prompt, multimask)
         if self._invert:
             candidates = [Candidate(~c.mask, c.score) for c in candidates]
         return candidates
+
+
+class ProbedBatchEngine(ProbedEngine):
+    """A probed engine that encodes images in batches, as its inner one does."""
+
+    def __init__(self, inner: ImageBatchEngine) -> None:
+        super().__init__(inner)
+        self._batching = inner
+
+    @property
+    def batch_size(self) -> int:
+        return self._batching.batch_size
+
+    def encode_images(self, images: Sequence[npt.NDArray[np.uint8]]) -> None:
+        self.wait_for_gate()
+        self._batching.encode_images(images)
+
+
+def probed(inner: SegmentationEngine) -> SegmentationEngine:
+    if isinstance(inner, ImageBatchEngine):
+        return ProbedBatchEngine(inner)
+    return ProbedEngine(inner)
+
+
+def _record_runs(runs_file: str) -> None:
+    """One line per item segmented, from the pipeline's segment_image, which
+    knows the item (a batch segments many items in one task)."""
+    segment_image = pipeline.segment_image
+
+    def recorded(
+        storage: ObjectStorage,
+        engine: SegmentationEngine,
+        claim: Claim,
+        image: npt.NDArray[np.uint8],
+    ) -> dict[str, Any]:
+        with open(runs_file, "a") as runs:  # one short append: whole lines
+            runs.write(f"{claim.item_id} {os.getpid()}\n")
+        return segment_image(storage, engine, claim, image)
+
+    vars(pipeline)["segment_image"] = recorded
 
 
 def engine_runs(path: Path) -> dict[int, int]:
@@ -67,11 +113,22 @@ def _install() -> None:
     by name, so the name is replaced in its namespace)."""
 
     def load_probed(
-        choice: EngineChoice, device: str, embeddings: EmbeddingCache | None = None
+        choice: EngineChoice,
+        device: str,
+        embeddings: EmbeddingCache | None = None,
+        encoder_options: EncoderOptions | None = None,
     ) -> SegmentationEngine:
-        return ProbedEngine(load_engine(choice, device, embeddings))
+        return probed(load_engine(choice, device, embeddings, encoder_options))
 
     vars(runtime)["load_engine"] = load_probed
+    runs_file = os.environ.get("SEGQ_PROBE_RUNS")
+    if runs_file:
+        _record_runs(runs_file)
+    if os.environ.get("SEGQ_PROBE_TINY_SAM"):
+        from tests.tiny_sam import build_tiny_sam
+        from worker.engines import sam
+
+        sam.SAM_ARCHITECTURES["vit_b"] = build_tiny_sam
 
 
 if __name__ == "__main__":

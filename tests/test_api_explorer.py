@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import threading
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
-from werkzeug.serving import make_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -46,23 +43,11 @@ class OperationBlocks(HTMLParser):
             self.method = None
 
 
-@pytest.fixture
-def served_app(app: Flask) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        thread.join()
-
-
 @pytest.mark.skipif(
     CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)"
 )
 def test_docs_list_every_operation_in_a_browser(
-    served_app: str, app: Flask, tmp_path: Path
+    live_server: str, app: Flask, tmp_path: Path
 ) -> None:
     spec: dict[str, Any] = app.test_client().get("/openapi.json").get_json()
     expected = sorted(
@@ -85,7 +70,7 @@ def test_docs_list_every_operation_in_a_browser(
             # and rendering it) before the DOM is written out.
             "--virtual-time-budget=20000",
             "--dump-dom",
-            f"{served_app}/docs",
+            f"{live_server}/docs",
         ],
         capture_output=True,
         text=True,

@@ -47,6 +47,7 @@ from tests.harness import (
 from tests.images import png_bytes, scene_prompt_body
 from tests.probed_worker import engine_runs
 from tests.tcp_proxy import TcpProxy
+from tests.tiny_sam import save_tiny_sam_checkpoint
 
 LEASE_SECONDS = 3
 MAX_ATTEMPTS = 3
@@ -179,6 +180,47 @@ def test_pool_process_killed_mid_item(
     with sessions() as session:
         item = session.get(JobItem, victim)
         assert item is not None and item.attempt >= 2  # the killed attempt, then another
+
+
+def test_pool_process_killed_mid_batch(
+    tenant: Tenant,
+    sessions: sessionmaker[Session],
+    storage: Any,
+    start_worker: StartWorker,
+    engine_runs_file: Path,
+    tmp_path: Path,
+) -> None:
+    """A SAM worker that encodes four items' images as one batch, killed
+    once it holds the batch's four claims and before it encodes them (a
+    gate holds it there): each of the four is taken again, and every item
+    finishes once."""
+    checkpoint = save_tiny_sam_checkpoint(tmp_path / "tiny.pth")
+    gate = tmp_path / "batch-may-encode"
+    submit(tenant, images=6, size=(200, 150))
+    worker = start_worker(
+        1,
+        SEGQ_MODEL="sam_vit_b",
+        SEGQ_MODEL_CHECKPOINT=str(checkpoint),
+        SEGQ_PROBE_TINY_SAM="1",
+        SEGQ_ENGINE_BATCH="4",
+        SEGQ_ENGINE_BATCH_WAIT_MS="0",
+        SEGQ_PROBE_GATE=str(gate),
+    )
+    # One pool process holding four items at once: one batch.
+    wait_until(lambda: len(running_items(sessions)) == 4, 90, "a batch of four to be claimed")
+    batch = {item.id for item in running_items(sessions)}
+    worker.kill_pool()
+    gate.touch()
+    wait_until(lambda: all_finished(sessions), 90, "every item to finish")
+    runs = assert_each_item_done_once(sessions, storage, engine_runs_file)
+    with sessions() as session:
+        for item_id in batch:
+            item = session.get_one(JobItem, item_id)
+            assert item.attempt >= 2, item_id  # the killed attempt, then another
+            assert runs[item_id] == 1  # the killed attempt never segmented it
+    log = worker.log_path.read_bytes()
+    # The kill is the only error: no batch or item failed on its own.
+    assert b"failed in the pipeline" not in log and b"encoding a batch" not in log
 
 
 def test_whole_worker_killed_then_replaced(

@@ -59,7 +59,7 @@ def test_submit_checks_its_arguments_before_calling(tmp_path: Path) -> None:
     box = runner.invoke(main, [*common, "--box", "a,b,c,d"])
     assert box.exit_code == 2 and "comma-separated numbers" in box.output
     unreachable = runner.invoke(main, [*common, "--point", "0.5,0.5"])
-    assert unreachable.exit_code == 1 and "cannot reach segq" in unreachable.output
+    assert unreachable.exit_code == 5 and "cannot reach segq" in unreachable.output
 
 
 def test_keys_are_stored_only_as_hashes(data_dir: Path) -> None:

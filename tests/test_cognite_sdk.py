@@ -1,19 +1,25 @@
-"""Cognite's own Python SDK, unmodified, against segq served on a loopback
-port: its Files API calls, its segment calls with gzip left on, and its
-error classes."""
+"""Cognite's own Python SDK, unmodified, against segq as users run it: a
+`segq serve` and a `segq worker` process, on Postgres, Redis and S3 (moto)
+and on the embedded default (SQLite, the filesystem broker, local disk).
+Its Files API calls, its segment calls with gzip left on, the masks fetched
+through the SDK's own HTTP client, and its error classes."""
 
 from __future__ import annotations
 
-import threading
+import base64
+import io
+import os
 import time
-from collections.abc import Iterator
-from dataclasses import replace
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import requests
-from celery import Celery
-from cognite.client import ClientConfig, CogniteClient
+from cognite.client import ClientConfig, CogniteClient, global_config
 from cognite.client.credentials import Token
 from cognite.client.data_classes import FileMetadata, FileMetadataUpdate
 from cognite.client.data_classes.data_modeling import NodeId
@@ -23,53 +29,109 @@ from cognite.client.exceptions import (
     CogniteNotFoundError,
     CogniteProjectAccessError,
 )
-from sqlalchemy.orm import Session, sessionmaker
-from werkzeug.serving import make_server
+from cognite.client.utils._async_helpers import run_sync
+from PIL import Image
 
-from api import create_app
 from api.cognite_files import UploadLinks
 from segq.models import StoredFile
-from segq.settings import Settings
-from segq.storage import S3Storage
-from tests.harness import Tenant, free_port, grabcut_worker
+from tests.harness import REDIS_URL, TEST_BUCKET, LiveSegq
 from tests.images import png_bytes
+
+#: Both deployments sign with it, so that a test can sign an expired URL.
+SECRET_KEY = "segq-cognite-sdk-tests"
+MAX_UPLOAD_BYTES = 2 * 1024 * 1024
+URL_EXPIRES_SECONDS = 3600
+BOX = {"xMin": 0.2, "yMin": 0.2, "xMax": 0.8, "yMax": 0.8}
+
+
+@pytest.fixture(scope="module", params=["postgres-redis-s3", "embedded"])
+def deployment(
+    request: pytest.FixtureRequest,
+    database_url: str,
+    s3_endpoint: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[LiveSegq]:
+    env = {
+        "SEGQ_SECRET_KEY": SECRET_KEY,
+        "SEGQ_MODEL": "grabcut",
+        "SEGQ_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
+        "SEGQ_URL_EXPIRES_SECONDS": str(URL_EXPIRES_SECONDS),
+    }
+    if request.param == "postgres-redis-s3":
+        env |= {
+            "SEGQ_DATABASE_URL": database_url,
+            "SEGQ_BROKER_URL": REDIS_URL,
+            "SEGQ_STORAGE_URL": f"s3://{TEST_BUCKET}/sdk-{uuid.uuid4().hex[:8]}",
+            "SEGQ_S3_ENDPOINT_URL": s3_endpoint,
+        }
+    live = LiveSegq(env, tmp_path_factory.mktemp(request.param))
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+@dataclass(frozen=True)
+class Project:
+    name: str
+    key: str
+    url: str
+
+    def client(self, key: str | None = None) -> CogniteClient:
+        return CogniteClient(
+            ClientConfig(
+                client_name="segq-tests",
+                base_url=self.url,
+                project=self.name,
+                credentials=Token(key or self.key),
+            )
+        )
+
+    @property
+    def segment_route(self) -> str:
+        return f"/api/v1/projects/{self.name}/context/vision/segment"
+
+
+def new_project(deployment: LiveSegq) -> Project:
+    name = f"p-{uuid.uuid4().hex[:10]}"
+    return Project(name, deployment.new_project(name), deployment.url)
 
 
 @pytest.fixture
-def base_url(
-    settings: Settings, storage: S3Storage, celery_app: Celery, sessions: sessionmaker[Session]
-) -> Iterator[str]:
-    """segq on a loopback port, its public URL that address (as `segq serve`
-    sets it), so that upload URLs are absolute."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    app = create_app(replace(settings, public_url=url), storage=storage, celery=celery_app)
-    server = make_server("127.0.0.1", port, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield url
-    finally:
-        server.shutdown()
-        thread.join()
+def project(deployment: LiveSegq) -> Project:
+    return new_project(deployment)
 
 
-def sdk(base_url: str, project: str, key: str) -> CogniteClient:
-    return CogniteClient(
-        ClientConfig(
-            client_name="segq-tests",
-            base_url=base_url,
-            project=project,
-            credentials=Token(key),
-        )
-    )
+def wait_finished(client: CogniteClient, project: Project, job: dict[str, Any]) -> dict[str, Any]:
+    deadline = time.monotonic() + 90
+    while job["status"] not in ("Completed", "Failed") and time.monotonic() < deadline:
+        time.sleep(0.3)
+        job = client.get(f"{project.segment_route}/{job['jobId']}").json()
+    return job
 
 
-def test_files_round_trip_through_the_sdk(base_url: str, tenant: Tenant) -> None:
-    client = sdk(base_url, tenant.name, tenant.key)
+def sdk_download(client: CogniteClient, url: str) -> bytes:
+    """``url`` fetched as the SDK fetches a file's download link: its own
+    HTTP client, retries and all."""
+    content: bytes = run_sync(client.get_async_client().files._download_file(url))
+    return content
+
+
+def test_the_sdk_gzips_its_bodies() -> None:
+    # What the segment test below relies on to exercise inflation.
+    assert global_config.disable_gzip is False
+
+
+def test_files_round_trip_through_the_sdk(project: Project) -> None:
+    client = project.client()
     image = png_bytes(seed=1)
     created = client.files.upload_bytes(
-        image, name="one.png", external_id="one", metadata={"site": "north"}
+        image,
+        name="one.png",
+        external_id="one",
+        metadata={"site": "north"},
+        directory="/north/gate",
+        source_created_time=1_600_000_000_000,
     )
     assert created.id is not None
     by_id = client.files.retrieve(id=created.id)
@@ -79,13 +141,15 @@ def test_files_round_trip_through_the_sdk(base_url: str, tenant: Tenant) -> None
     assert by_id.metadata == {"site": "north"}
     assert by_id.mime_type == "image/png"
     assert by_id.last_updated_time is not None
+    assert (by_id.directory, by_id.source_created_time) == ("/north/gate", 1_600_000_000_000)
+    assert by_id.source is None
     by_external_id = client.files.retrieve(external_id="one")
     assert by_external_id is not None and by_external_id.id == created.id
     assert client.files.retrieve(id=created.id + 10_000) is None
 
     assert client.files.download_bytes(id=created.id) == image
     urls = client.files.retrieve_download_urls(external_id="one")
-    assert requests.get(urls["one"], timeout=10).content == image
+    assert sdk_download(client, urls["one"]) == image
 
     for seed in range(2, 7):
         client.files.upload_bytes(
@@ -103,16 +167,32 @@ def test_files_round_trip_through_the_sdk(base_url: str, tenant: Tenant) -> None
     ]
     client.get_async_client().files._LIST_LIMIT = 1000
     assert len(client.files.list(uploaded=True, limit=-1)) == 6
+    assert len(client.files.list(mime_type="image/png", limit=-1)) == 6
     assert client.files.list(created_time={"min": 0, "max": 1}, limit=-1) == []
+    assert [f.id for f in client.files.list(directory_prefix="/north/", limit=-1)] == [created.id]
+    assert client.files.list(directory_prefix="/north_", limit=-1) == []
+    in_2020 = {"min": 1_577_836_800_000, "max": 1_609_459_199_999}
+    assert [f.id for f in client.files.list(source_created_time=in_2020, limit=-1)] == [created.id]
+    assert client.files.list(source_modified_time=in_2020, limit=-1) == []
     assert client.files.aggregate_count() == 6
     assert client.files.aggregate_count(filter={"external_id_prefix": "batch-"}) == 5
 
     updated = client.files.update(
-        FileMetadataUpdate(id=created.id).metadata.add({"shift": "night"}).external_id.set("uno")
+        FileMetadataUpdate(id=created.id)
+        .metadata.add({"shift": "night"})
+        .external_id.set("uno")
+        .source.set("gate camera")
+        .source_modified_time.set(1_700_000_000_000)
     )
     assert updated.external_id == "uno"
     assert updated.metadata == {"site": "north", "shift": "night"}
     assert updated.last_updated_time >= by_id.last_updated_time
+    assert (updated.source, updated.source_modified_time) == ("gate camera", 1_700_000_000_000)
+    assert updated.directory == "/north/gate"
+    cleared = client.files.update(FileMetadataUpdate(id=created.id).directory.set(None))
+    assert (cleared.directory, cleared.source) == (None, "gate camera")
+    assert [f.id for f in client.files.list(source="gate camera", limit=-1)] == [created.id]
+    assert client.files.list(source="gate", limit=-1) == []
 
     client.files.delete(external_id=["uno", "batch-2"])
     assert client.files.aggregate_count() == 4
@@ -122,114 +202,8 @@ def test_files_round_trip_through_the_sdk(base_url: str, tenant: Tenant) -> None
     assert missing.value.not_found == [{"externalId": "gone"}]
 
 
-def test_duplicate_external_id_is_the_sdks_duplicated_error(base_url: str, tenant: Tenant) -> None:
-    client = sdk(base_url, tenant.name, tenant.key)
-    client.files.upload_bytes(png_bytes(), name="a.png", external_id="same")
-    with pytest.raises(CogniteDuplicatedError) as duplicated:
-        client.files.upload_bytes(png_bytes(), name="b.png", external_id="same")
-    assert duplicated.value.duplicated == [{"externalId": "same"}]
-    replaced = client.files.upload_bytes(
-        png_bytes(seed=9), name="b.png", external_id="same", overwrite=True
-    )
-    assert client.files.download_bytes(id=replaced.id) == png_bytes(seed=9)
-
-
-def test_keys_of_nobody_and_of_another_project(
-    base_url: str, tenant: Tenant, other_tenant: Tenant
-) -> None:
-    with pytest.raises(CogniteProjectAccessError):
-        sdk(base_url, tenant.name, "not-a-key").files.list()
-    with pytest.raises(CogniteAPIError) as forbidden:
-        sdk(base_url, tenant.name, other_tenant.key).files.list()
-    assert forbidden.value.code == 403
-    inspection = sdk(base_url, tenant.name, tenant.key).iam.token.inspect()
-    assert [project.url_name for project in inspection.projects] == [tenant.name]
-
-
-def test_upload_urls_are_bound_to_their_file_and_expire(
-    base_url: str, tenant: Tenant, settings: Settings, sessions: sessionmaker[Session]
-) -> None:
-    headers = tenant.headers
-    created = requests.post(
-        f"{base_url}/api/v1/projects/{tenant.name}/files",
-        json={"name": "x.png", "externalId": "pending"},
-        headers=headers,
-        timeout=10,
-    ).json()
-    upload_url = created["uploadUrl"]
-    assert created["uploaded"] is False
-    # A file without its bytes cannot be segmented.
-    refused = requests.post(
-        f"{base_url}/api/v1/projects/{tenant.name}/context/vision/segment",
-        json={
-            "items": [{"fileExternalId": "pending"}],
-            "boundingBox": {"xMin": 0.2, "yMin": 0.2, "xMax": 0.8, "yMax": 0.8},
-        },
-        headers=headers,
-        timeout=10,
-    )
-    assert refused.status_code == 400
-    assert f"file {created['id']}" in refused.json()["error"]["message"]
-
-    assert upload_url.startswith(base_url + "/")
-    tampered = upload_url[:-3] + ("aaa" if not upload_url.endswith("aaa") else "bbb")
-    assert requests.put(tampered, data=png_bytes(), timeout=10).status_code == 403
-    with sessions() as session:
-        stored = session.get(StoredFile, created["id"])
-        assert stored is not None
-        links = UploadLinks(settings.secret_key, base_url, settings.url_expires_seconds)
-        expired = links.url_for(stored, expires_time=1)
-        # Signed for another file: the file this one was before an overwrite.
-        foreign = links.url_for(stored)
-    assert requests.put(expired, data=png_bytes(), timeout=10).status_code == 403
-    replaced = requests.post(
-        f"{base_url}/api/v1/projects/{tenant.name}/files?overwrite=true",
-        json={"name": "x.png", "externalId": "pending"},
-        headers=headers,
-        timeout=10,
-    ).json()
-    assert replaced["id"] == created["id"]
-    assert requests.put(foreign, data=png_bytes(), timeout=10).status_code == 404
-    upload_url = replaced["uploadUrl"]
-    bad_bytes = requests.put(upload_url, data=b"not an image", timeout=10)
-    assert bad_bytes.status_code == 415
-
-    assert requests.put(upload_url, data=png_bytes(), timeout=10).status_code == 200
-    # The same bytes again are no change; other bytes are a conflict.
-    assert requests.put(upload_url, data=png_bytes(), timeout=10).status_code == 200
-    assert requests.put(upload_url, data=png_bytes(seed=3), timeout=10).status_code == 409
-
-
-def test_segment_job_through_the_sdk_with_gzip_on(
-    base_url: str,
-    tenant: Tenant,
-    celery_app: Celery,
-    sessions: sessionmaker[Session],
-    storage: S3Storage,
-) -> None:
-    client = sdk(base_url, tenant.name, tenant.key)
-    created = client.files.upload_bytes(png_bytes(), name="seg.png", external_id="seg")
-    route = f"/api/v1/projects/{tenant.name}/context/vision/segment"
-    with grabcut_worker(celery_app, sessions, storage):
-        job = client.post(
-            route,
-            json={
-                "items": [{"fileId": created.id}],
-                "boundingBox": {"xMin": 0.2, "yMin": 0.2, "xMax": 0.8, "yMax": 0.8},
-            },
-        ).json()
-        deadline = time.monotonic() + 60
-        while job["status"] not in ("Completed", "Failed") and time.monotonic() < deadline:
-            time.sleep(0.2)
-            job = client.get(f"{route}/{job['jobId']}").json()
-    assert job["status"] == "Completed", job
-    assert job["items"][0]["fileExternalId"] == "seg"
-    mask = job["items"][0]["segments"][0]["mask"]["url"]
-    assert requests.get(mask, timeout=10).status_code == 200
-
-
-def test_upload_from_disk_and_by_instance_id(base_url: str, tenant: Tenant, tmp_path: Path) -> None:
-    client = sdk(base_url, tenant.name, tenant.key)
+def test_uploads_from_disk_in_parts_and_by_instance_id(project: Project, tmp_path: Path) -> None:
+    client = project.client()
     on_disk = tmp_path / "disk.png"
     on_disk.write_bytes(png_bytes(seed=4))
     # The SDK uploads a file on disk in parts (initmultipartupload).
@@ -241,7 +215,7 @@ def test_upload_from_disk_and_by_instance_id(base_url: str, tenant: Tenant, tmp_
 
     node = NodeId("plant", "camera-7")
     client.post(
-        f"/api/v1/projects/{tenant.name}/files",
+        f"/api/v1/projects/{project.name}/files",
         json={"name": "cam.png", "instanceId": {"space": "plant", "externalId": "camera-7"}},
     )
     client.files.upload_content_bytes(png_bytes(seed=5), instance_id=node)
@@ -251,75 +225,225 @@ def test_upload_from_disk_and_by_instance_id(base_url: str, tenant: Tenant, tmp_
     assert by_instance.uploaded is True
     assert client.files.download_bytes(instance_id=node) == png_bytes(seed=5)
 
-
-def test_segment_items_by_instance_id(
-    base_url: str,
-    tenant: Tenant,
-    celery_app: Celery,
-    sessions: sessionmaker[Session],
-    storage: S3Storage,
-) -> None:
-    client = sdk(base_url, tenant.name, tenant.key)
-    instance = {"space": "plant", "externalId": "camera-8"}
+    # Content for files whose metadata exists, in parts (multiuploadlink):
+    # from a file on disk, and part by part.
     client.post(
-        f"/api/v1/projects/{tenant.name}/files", json={"name": "c.png", "instanceId": instance}
+        f"/api/v1/projects/{project.name}/files", json={"name": "later.png", "externalId": "later"}
     )
-    client.files.upload_content_bytes(png_bytes(seed=6), instance_id=NodeId("plant", "camera-8"))
-    route = f"/api/v1/projects/{tenant.name}/context/vision/segment"
-    body = {
-        "items": [{"fileInstanceId": instance}],
-        "boundingBox": {"xMin": 0.2, "yMin": 0.2, "xMax": 0.8, "yMax": 0.8},
-    }
-    with grabcut_worker(celery_app, sessions, storage):
-        job = client.post(route, json=body).json()
-        assert job["items"][0]["fileInstanceId"] == instance
-        deadline = time.monotonic() + 60
-        while job["status"] not in ("Completed", "Failed") and time.monotonic() < deadline:
-            time.sleep(0.2)
-            job = client.get(f"{route}/{job['jobId']}").json()
-    assert job["status"] == "Completed", job
-    assert job["items"][0]["fileInstanceId"] == instance
-    unknown = {"items": [{"fileInstanceId": {"space": "plant", "externalId": "nope"}}]}
-    with pytest.raises(CogniteNotFoundError):
-        client.post(route, json={**body, **unknown})
+    client.files.upload_content(str(on_disk), external_id="later")
+    assert client.files.download_bytes(external_id="later") == png_bytes(seed=4)
+    parted = NodeId("plant", "camera-9")
+    client.post(
+        f"/api/v1/projects/{project.name}/files",
+        json={"name": "p.png", "instanceId": {"space": "plant", "externalId": "camera-9"}},
+    )
+    image = png_bytes(seed=8)
+    with client.files.multipart_upload_content_session(parts=2, instance_id=parted) as session:
+        session.upload_part(1, image[1000:])
+        session.upload_part(0, image[:1000])
+    assert client.files.download_bytes(instance_id=parted) == image
 
 
-def test_both_uploads_make_the_same_file(base_url: str, tenant: Tenant) -> None:
-    client = sdk(base_url, tenant.name, tenant.key)
-    form = tenant.upload(png_bytes(seed=7), externalId="form")
+def test_search_on_name(project: Project) -> None:
+    client = project.client()
+    for name, external_id in (
+        ("North Gate.png", "a-1"),
+        ("gate 2 north.png", "a-2"),
+        ("yard.png", "b-1"),
+    ):
+        client.files.upload_bytes(png_bytes(), name=name, external_id=external_id)
+    # Every word, whatever the case; names that start with the search first.
+    assert [f.name for f in client.files.search(name="NORTH gate")] == [
+        "North Gate.png",
+        "gate 2 north.png",
+    ]
+    assert [f.name for f in client.files.search(name="gate")] == [
+        "gate 2 north.png",
+        "North Gate.png",
+    ]
+    assert [f.name for f in client.files.search(name="png", limit=2)] == [
+        "North Gate.png",
+        "gate 2 north.png",
+    ]
+    assert [
+        f.name for f in client.files.search(name="png", filter={"external_id_prefix": "b-"})
+    ] == ["yard.png"]
+    assert client.files.search(name="100%") == []
+
+
+def test_both_uploads_make_the_same_file(project: Project) -> None:
+    client = project.client()
+    form = requests.post(
+        f"{project.url}/api/v1/projects/{project.name}/files",
+        files={"file": ("image.png", png_bytes(seed=7))},
+        data={"externalId": "form"},
+        headers={"Authorization": f"Bearer {project.key}"},
+        timeout=10,
+    )
     assert form.status_code == 201
     client.files.upload_bytes(png_bytes(seed=7), name="image.png", external_id="json")
     both = client.files.retrieve_multiple(external_ids=["form", "json"])
     assert [file.uploaded for file in both] == [True, True]
     bodies = [
         client.post(
-            f"/api/v1/projects/{tenant.name}/files/byids", json={"items": [{"id": file.id}]}
+            f"/api/v1/projects/{project.name}/files/byids", json={"items": [{"id": file.id}]}
         ).json()["items"][0]
         for file in both
     ]
     assert set(bodies[0]) == set(bodies[1])
     for field in ("name", "mimeType", "size", "width", "height", "sha256"):
         assert bodies[0][field] == bodies[1][field]
-    with pytest.raises(CogniteDuplicatedError):
-        client.files.upload_bytes(png_bytes(), name="again.png", external_id="form")
-    assert tenant.upload(png_bytes(), externalId="json").get_json()["error"]["duplicated"] == [
-        {"externalId": "json"}
-    ]
 
 
-def test_compressed_bodies_are_bounded_after_inflating(base_url: str, tenant: Tenant) -> None:
-    client = sdk(base_url, tenant.name, tenant.key)
+def test_segment_jobs_through_the_sdk_with_gzip_on(project: Project) -> None:
+    client = project.client()
+    created = client.files.upload_bytes(png_bytes(200, 150), name="seg.png", external_id="seg")
+    instance = {"space": "plant", "externalId": "camera-8"}
+    client.post(
+        f"/api/v1/projects/{project.name}/files", json={"name": "c.png", "instanceId": instance}
+    )
+    client.files.upload_content_bytes(
+        png_bytes(120, 90, seed=6), instance_id=NodeId("plant", "camera-8")
+    )
+
+    job = client.post(
+        project.segment_route,
+        json={"items": [{"fileId": created.id}, {"fileInstanceId": instance}], "boundingBox": BOX},
+    ).json()
+    assert job["status"] == "Queued"
+    assert job["items"][1]["fileInstanceId"] == instance
+    job = wait_finished(client, project, job)
+    assert job["status"] == "Completed", job
+    assert job["progress"] == {"total": 2, "completed": 2, "failed": 0}
+    first, second = job["items"]
+    assert first["fileExternalId"] == "seg"
+    assert second["fileInstanceId"] == instance
+    for item, size in ((first, (200, 150)), (second, (120, 90))):
+        mask = item["segments"][0]["mask"]
+        png = Image.open(io.BytesIO(sdk_download(client, mask["url"])))
+        assert png.size == size == (mask["width"], mask["height"])
+        pixels = np.asarray(png)
+        assert set(np.unique(pixels)) <= {0, 255} and (pixels == 255).any()
+
+    unknown = {"items": [{"fileInstanceId": {"space": "plant", "externalId": "nope"}}]}
+    with pytest.raises(CogniteNotFoundError) as missing:
+        client.post(project.segment_route, json={"boundingBox": BOX, **unknown})
+    assert missing.value.not_found == [{"instanceId": {"space": "plant", "externalId": "nope"}}]
+
+
+def test_keys_of_nobody_and_of_another_project(deployment: LiveSegq, project: Project) -> None:
+    with pytest.raises(CogniteProjectAccessError):
+        project.client("not-a-key").files.list()
+    other = new_project(deployment)
+    with pytest.raises(CogniteAPIError) as forbidden:
+        project.client(other.key).files.list()
+    assert forbidden.value.code == 403
+    inspection = project.client().iam.token.inspect()
+    assert [found.url_name for found in inspection.projects] == [project.name]
+
+
+def test_unknown_and_duplicated_ids_are_the_sdks_errors(project: Project) -> None:
+    client = project.client()
+    known = client.files.upload_bytes(png_bytes(), name="a.png", external_id="same")
+    with pytest.raises(CogniteNotFoundError) as missing:
+        client.files.retrieve_multiple(ids=[known.id, known.id + 10_000])
+    assert missing.value.not_found == [{"id": known.id + 10_000}]
+    found = client.files.retrieve_multiple(
+        ids=[known.id, known.id + 10_000], ignore_unknown_ids=True
+    )
+    assert [file.id for file in found] == [known.id]
+
+    with pytest.raises(CogniteDuplicatedError) as duplicated:
+        client.files.upload_bytes(png_bytes(), name="b.png", external_id="same")
+    assert duplicated.value.duplicated == [{"externalId": "same"}]
+    replaced = client.files.upload_bytes(
+        png_bytes(seed=9), name="b.png", external_id="same", overwrite=True
+    )
+    assert replaced.id == known.id
+    assert client.files.download_bytes(id=replaced.id) == png_bytes(seed=9)
+
+
+def test_file_fields_segq_does_not_keep_are_refused_by_name(project: Project) -> None:
+    client = project.client()
+    image = png_bytes()
+    refusals: dict[str, Callable[[], object]] = {
+        "assetIds": lambda: client.files.upload_bytes(image, name="f.png", asset_ids=[1]),
+        "dataSetId": lambda: client.files.upload_bytes(image, name="f.png", data_set_id=7),
+        "securityCategories": lambda: client.files.upload_bytes(
+            image, name="f.png", security_categories=[1]
+        ),
+    }
+    for field, upload in refusals.items():
+        with pytest.raises(CogniteAPIError) as refused:
+            upload()
+        assert refused.value.code == 400
+        assert refused.value.message.startswith(f"{field}:")
+    assert client.files.aggregate_count() == 0
+
+
+def test_compressed_bodies_too_large_before_or_after_inflating(project: Project) -> None:
+    client = project.client()
+    route = f"/api/v1/projects/{project.name}/files/list"
     # Compresses to a few kilobytes: the bound is on what it inflates to.
     bomb = {"filter": {"mimeType": "a" * (4 * 1024 * 1024)}}
-    with pytest.raises(CogniteAPIError) as too_large:
-        client.post(f"/api/v1/projects/{tenant.name}/files/list", json=bomb)
-    assert too_large.value.code == 413
+    # Random bytes hardly compress: about 3 MiB on the wire, over the 2 MiB
+    # a JSON body may have, under what the server reads of any body.
+    noise = {"filter": {"mimeType": base64.b64encode(os.urandom(3 * 1024 * 1024)).decode()}}
+    for body in (bomb, noise):
+        with pytest.raises(CogniteAPIError) as too_large:
+            client.post(route, json=body)
+        assert too_large.value.code == 413
+    assert client.files.aggregate_count() == 0
 
 
-def test_upload_urls_never_come_from_the_host_header(tenant: Tenant) -> None:
-    created = tenant.client.post(
-        tenant.url("/files"),
-        json={"name": "h.png"},
-        headers={**tenant.headers, "Host": "attacker.example"},
-    ).get_json()
-    assert created["uploadUrl"].startswith("/api/v1/files/upload/")
+def test_upload_urls_are_bound_to_their_file_and_expire(
+    deployment: LiveSegq, project: Project
+) -> None:
+    headers = {"Authorization": f"Bearer {project.key}"}
+    files_route = f"{project.url}/api/v1/projects/{project.name}/files"
+    created = requests.post(
+        files_route, json={"name": "x.png", "externalId": "pending"}, headers=headers, timeout=10
+    ).json()
+    upload_url = created["uploadUrl"]
+    assert created["uploaded"] is False
+    # A file without its bytes cannot be segmented.
+    refused = requests.post(
+        f"{project.url}{project.segment_route}",
+        json={"items": [{"fileExternalId": "pending"}], "boundingBox": BOX},
+        headers=headers,
+        timeout=10,
+    )
+    assert refused.status_code == 400
+    assert f"file {created['id']}" in refused.json()["error"]["message"]
+
+    assert upload_url.startswith(project.url + "/")
+    tampered = upload_url[:-3] + ("aaa" if not upload_url.endswith("aaa") else "bbb")
+    assert requests.put(tampered, data=png_bytes(), timeout=10).status_code == 403
+    with deployment.database() as sessions, sessions() as session:
+        stored = session.get_one(StoredFile, created["id"])
+        links = UploadLinks(SECRET_KEY, project.url, URL_EXPIRES_SECONDS)
+        expired = links.url_for(stored, expires_time=1)
+        # Signed for the file as it was before an overwrite.
+        foreign = links.url_for(stored)
+    assert requests.put(expired, data=png_bytes(), timeout=10).status_code == 403
+    replaced = requests.post(
+        f"{files_route}?overwrite=true",
+        json={"name": "x.png", "externalId": "pending"},
+        headers=headers,
+        timeout=10,
+    ).json()
+    assert replaced["id"] == created["id"]
+    assert requests.put(foreign, data=png_bytes(), timeout=10).status_code == 404
+    # Signed by another server (another secret key), for this very file.
+    stranger = UploadLinks("another-secret", project.url, URL_EXPIRES_SECONDS)
+    with deployment.database() as sessions, sessions() as session:
+        foreign_server = stranger.url_for(session.get_one(StoredFile, created["id"]))
+    assert requests.put(foreign_server, data=png_bytes(), timeout=10).status_code == 403
+
+    upload_url = replaced["uploadUrl"]
+    bad_bytes = requests.put(upload_url, data=b"not an image", timeout=10)
+    assert bad_bytes.status_code == 415
+    assert requests.put(upload_url, data=png_bytes(), timeout=10).status_code == 200
+    # The same bytes again are no change; other bytes are a conflict.
+    assert requests.put(upload_url, data=png_bytes(), timeout=10).status_code == 200
+    assert requests.put(upload_url, data=png_bytes(seed=3), timeout=10).status_code == 409

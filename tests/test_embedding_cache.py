@@ -3,7 +3,9 @@ with random weights, tier 2 in S3 (moto) or on local disk."""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import time
 from functools import partial
 from pathlib import Path
@@ -25,6 +27,8 @@ from worker.engines import EngineChoice, load_engine
 from worker.engines.base import Candidate, Prompt, SegmentationEngine
 from worker.engines.embedding_cache import (
     EMBEDDINGS_PREFIX,
+    MAGIC,
+    CorruptEntry,
     Embedding,
     EmbeddingCache,
     EmbeddingKey,
@@ -352,3 +356,46 @@ def test_grabcut_items_report_no_embedding(
     metrics = run_job(tenant, sessions, storage, GrabCutEngine(), file_id)
     assert metrics["embedding"] is None and metrics["encodeMs"] == 0
     assert isinstance(metrics["decodeMs"], float) and metrics["decodeMs"] > 0
+
+
+def sam2_like(seed: int) -> Embedding:
+    """SAM 2's layout at a small size: the image embedding and two finer maps."""
+    rng = np.random.default_rng(seed)
+    return Embedding(
+        features=rng.standard_normal((1, 8, 4, 4)).astype(np.float32),
+        original_size=(60, 80),
+        input_size=(64, 64),
+        high_res_features=(
+            rng.standard_normal((1, 2, 16, 16)).astype(np.float32),
+            rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+        ),
+    )
+
+
+def test_a_shared_entry_keeps_every_feature_map_in_order() -> None:
+    original = sam2_like(3)
+    assert original.nbytes == (8 * 16 + 2 * 256 + 4 * 64) * 4
+    decoded, _ = decode_entry(encode_entry(original, created_time=5.0))
+    assert [a.shape for a in decoded.high_res_features] == [(1, 2, 16, 16), (1, 4, 8, 8)]
+    for mine, theirs in zip(
+        (decoded.features, *decoded.high_res_features),
+        (original.features, *original.high_res_features),
+        strict=True,
+    ):
+        assert mine.dtype == np.float32
+        np.testing.assert_allclose(mine, theirs, rtol=1e-3, atol=1e-3)
+    # SAM's entries hold one array, as before.
+    assert decode_entry(encode_entry(embedding(0), created_time=5.0))[0].high_res_features == ()
+
+
+def test_array_lengths_that_do_not_fill_the_payload_are_corrupt() -> None:
+    data = encode_entry(sam2_like(4), created_time=5.0)
+    start = len(MAGIC) + 4
+    (length,) = struct.unpack(">I", data[len(MAGIC) : start])
+    header = json.loads(data[start : start + length])
+    first, second, third = header["arrayBytes"]
+    for lengths in ([first, second], [first + second + third], [first + 1, second - 1, third]):
+        forged = json.dumps({**header, "arrayBytes": lengths}).encode()
+        damaged = MAGIC + struct.pack(">I", len(forged)) + forged + data[start + length :]
+        with pytest.raises(CorruptEntry):
+            decode_entry(damaged)

@@ -285,13 +285,10 @@ def test_sam_embeds_an_image_once_for_several_prompts(
     sam = load_sam(architecture, save_tiny_sam_checkpoint(tmp_path / "tiny.pth"), "cpu")
     engine = SamEngine(sam, "sam_tiny_test")
     embedded: list[tuple[int, ...]] = []
-    original = engine._predictor.set_image
-
-    def counting_set_image(image: RgbImage, image_format: str = "RGB") -> None:
-        embedded.append(image.shape)
-        original(image, image_format=image_format)
-
-    monkeypatch.setattr(engine._predictor, "set_image", counting_set_image)
+    # The encoder's input: one (1, 3, S, S) batch per image encoded.
+    sam.image_encoder.register_forward_hook(
+        lambda _module, args, _out: embedded.append(tuple(args[0].shape))
+    )
     first, _ = ellipse_scene(90, 130, centre=(60, 45), radii=(30, 20), seed=9)
     second = first.copy()
     second[0, 0] = 255 - second[0, 0]
@@ -302,7 +299,7 @@ def test_sam_embeds_an_image_once_for_several_prompts(
     engine.segment(second, box_prompt, multimask=False)
     again = engine.segment(first, box_prompt, multimask=True)
 
-    assert embedded == [(90, 130, 3)] * 3  # first, second, first again
+    assert embedded == [(1, 3, 64, 64)] * 3  # first, second, first again
     assert [c.score for c in again] == [c.score for c in on_first]
     fresh = SamEngine(sam, "sam_tiny_test").segment(first, box_prompt, multimask=True)
     assert all(np.array_equal(a.mask, b.mask) for a, b in zip(fresh, on_first, strict=True))

@@ -226,3 +226,12 @@ def test_oversized_chunked_upload_is_413(tenant: Tenant, sessions: sessionmaker[
     )
     assert response.status_code == 413, response.json
     assert count_files(sessions) == 0
+
+
+def test_upload_urls_never_come_from_the_host_header(tenant: Tenant) -> None:
+    created = tenant.client.post(
+        tenant.url("/files"),
+        json={"name": "h.png"},
+        headers={**tenant.headers, "Host": "attacker.example"},
+    ).get_json()
+    assert created["uploadUrl"].startswith("/api/v1/files/upload/")

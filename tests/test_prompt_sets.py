@@ -98,18 +98,14 @@ def test_prompts_of_one_shape_share_one_decoder_call(
     calls: list[int] = []
     embeds: list[int] = []
     predictor = engine._predictor
-    real_predict, real_set_image = predictor.predict_torch, predictor.set_image
+    real_predict = predictor.predict_torch
 
     def counted_predict(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return real_predict(*args, **kwargs)
 
-    def counted_set_image(*args: Any, **kwargs: Any) -> Any:
-        embeds.append(1)
-        return real_set_image(*args, **kwargs)
-
     monkeypatch.setattr(predictor, "predict_torch", counted_predict)
-    monkeypatch.setattr(predictor, "set_image", counted_set_image)
+    tiny_sam.image_encoder.register_forward_hook(lambda *_: embeds.append(1))
     engine.segment_batch(image, [as_prompt(p, b) for p, b in MIXED], False)
     assert len(embeds) == 1
     assert len(calls) == 5

@@ -98,13 +98,7 @@ def test_everything_after_a_prompt_on_the_same_image_embeds_it_once(
     image, _ = scene(WIDTH, HEIGHT)
     engine = SamEngine(tiny_sam, "tiny")
     embeds: list[int] = []
-    real_set_image = engine._predictor.set_image
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        embeds.append(1)
-        return real_set_image(*args, **kwargs)
-
-    monkeypatch.setattr(engine._predictor, "set_image", counted)
+    tiny_sam.image_encoder.register_forward_hook(lambda *_: embeds.append(1))
     box = Prompt(np.zeros((0, 2)), np.zeros(0, dtype=np.int64), np.array([10.0, 10, 90, 80]))
     engine.segment(image, box, False)
     engine.segment_everything(image, LOOSE)

@@ -213,12 +213,13 @@ def all_settled(sessions: sessionmaker[Session]) -> Callable[[], bool]:
 
 
 def without_urls(document: Any) -> Any:
-    """A GET job body as webhooks carry it: mask links without url and expiry."""
+    """A GET job body as webhooks carry it: mask links without url and
+    expiry, and no signed viewer link."""
     if isinstance(document, dict):
         return {
             key: without_urls(value)
             for key, value in document.items()
-            if key not in ("url", "expiresTime")
+            if key not in ("url", "expiresTime", "viewUrl")
         }
     if isinstance(document, list):
         return [without_urls(value) for value in document]
@@ -807,3 +808,28 @@ def test_a_webhook_worker_process_killed_mid_attempt(
         hooked.url(f"/context/vision/segment/{job_id}/webhook-deliveries"), headers=hooked.headers
     ).json
     assert [a["attempt"] for a in listing["items"][0]["attempts"]] == [2]
+
+
+def test_items_named_by_instance_id_carry_it_in_webhook_bodies(
+    hooked: Tenant, sessions: sessionmaker[Session], storage: S3Storage, receiver: Receiver
+) -> None:
+    instance = {"space": "plant", "externalId": "camera-1"}
+    created = hooked.client.post(
+        hooked.url("/files"), json={"name": "c.png", "instanceId": instance}, headers=hooked.headers
+    ).json
+    assert hooked.client.put(created["uploadUrl"], data=png_bytes()).status_code == 200
+    body = {
+        **scene_prompt_body(created["id"]),
+        "items": [{"fileInstanceId": instance}],
+        "webhook": {"url": receiver.url, "events": ["item.completed", "job.completed"]},
+    }
+    job_id = hooked.post_job(body).json["jobId"]
+    run_items(sessions, storage)
+    drain(sessions, rules(), all_settled(sessions))
+    by_type = {b["type"]: b["data"] for b in receiver.bodies()}
+    assert set(by_type) == {"item.completed", "job.completed"}
+    for data in by_type.values():
+        [item] = data["items"]
+        assert item["fileInstanceId"] == instance
+        assert item["fileId"] == created["id"]
+    assert by_type["job.completed"] == without_urls(hooked.get_job(job_id).json)

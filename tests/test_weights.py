@@ -10,8 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from segq.cli.main import CHECKPOINT_NAMES
 from worker.engines import EngineChoice, EngineConfigError, resolve_engine
-from worker.weights import WeightsError, download_checkpoint, official_checkpoint_path
+from worker.weights import (
+    CHECKPOINTS,
+    WeightsError,
+    download_checkpoint,
+    engine_name,
+    file_sha256,
+    official_checkpoint_path,
+)
 
 PAYLOAD = b"pretend checkpoint " * 50_000
 PAYLOAD_MD5 = hashlib.md5(PAYLOAD, usedforsecurity=False).hexdigest()
@@ -121,3 +129,67 @@ def test_the_benchmark_engine_is_chosen_only_by_name(tmp_path: Path) -> None:
     prompt = Prompt(np.zeros((0, 2)), np.zeros(0, dtype=np.int64), np.array([0.0, 0.0, 5.0, 5.0]))
     [candidate] = engine.segment(np.zeros((40, 60, 3), dtype=np.uint8), prompt, multimask=True)
     assert candidate.mask.shape == (40, 60) and candidate.mask.sum() == 20 * 30
+
+
+SAM2_NAMES = ["sam2_hiera_tiny", "sam2_hiera_small", "sam2_hiera_base_plus", "sam2_hiera_large"]
+PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def test_sam2_checkpoints_are_meta_s_files_under_their_own_names(tmp_path: Path) -> None:
+    for name in SAM2_NAMES:
+        official = CHECKPOINTS[name]
+        assert official.url == f"https://dl.fbaipublicfiles.com/segment_anything_2/072824/{name}.pt"
+        assert official_checkpoint_path(name, tmp_path) == tmp_path / f"{name}.pt"
+        assert engine_name(name) == name
+    assert engine_name("vit_h") == "sam_vit_h"
+    # The CLI lists every checkpoint without importing the worker.
+    assert set(CHECKPOINT_NAMES) == set(CHECKPOINTS)
+
+
+def test_a_sam2_download_needs_a_sha256_or_consent(server: Server, tmp_path: Path) -> None:
+    url = f"{server.url}/sam.pth"
+    # Meta publishes no checksum for SAM 2: nothing is fetched without one.
+    with pytest.raises(WeightsError, match="--sha256"):
+        download_checkpoint("sam2_hiera_tiny", tmp_path, url=url)
+    assert server.requests == 0 and list(tmp_path.iterdir()) == []
+    with pytest.raises(WeightsError, match=r"SHA256 \w+, expected"):
+        download_checkpoint("sam2_hiera_tiny", tmp_path, url=url, expected_sha256="0" * 64)
+    assert list(tmp_path.iterdir()) == []
+    path = download_checkpoint("sam2_hiera_tiny", tmp_path, url=url, expected_sha256=PAYLOAD_SHA256)
+    assert path == tmp_path / "sam2_hiera_tiny.pt" and path.read_bytes() == PAYLOAD
+    assert file_sha256(path) == PAYLOAD_SHA256
+    unverified = download_checkpoint("sam2_hiera_small", tmp_path, url=url, unverified=True)
+    assert unverified.read_bytes() == PAYLOAD
+
+
+def test_sam2_models_are_chosen_by_name(tmp_path: Path) -> None:
+    assert resolve_engine("sam2_hiera_large", "/w/l.pt", tmp_path) == EngineChoice(
+        "sam2_hiera_large", Path("/w/l.pt")
+    )
+    with pytest.raises(EngineConfigError, match="segq weights download sam2_hiera_tiny"):
+        resolve_engine("sam2_hiera_tiny", None, tmp_path)
+    official_checkpoint_path("sam2_hiera_tiny", tmp_path).write_bytes(b"x")
+    assert resolve_engine("sam2_hiera_tiny", None, tmp_path) == EngineChoice(
+        "sam2_hiera_tiny", tmp_path / "sam2_hiera_tiny.pt"
+    )
+    # An unknown name is a startup error that lists SAM 2's names too.
+    with pytest.raises(EngineConfigError, match="unknown SEGQ_MODEL 'sam2_hiera_huge'") as refused:
+        resolve_engine("sam2_hiera_huge", None, tmp_path)
+    assert all(name in str(refused.value) for name in SAM2_NAMES)
+
+
+def test_the_cli_asks_for_a_sha256_before_fetching_sam2(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from segq.cli.main import main
+
+    runner = CliRunner()
+    refused = runner.invoke(
+        main, ["weights", "download", "sam2_hiera_tiny", "--dest", str(tmp_path)]
+    )
+    assert refused.exit_code == 1 and "--sha256" in refused.output
+    malformed = runner.invoke(
+        main, ["weights", "download", "sam2_hiera_tiny", "--sha256", "abc", "--dest", str(tmp_path)]
+    )
+    assert malformed.exit_code == 2 and "64 hexadecimal digits" in malformed.output
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -76,6 +77,13 @@ def test_a_threads_worker_builds_its_runtime_from_its_settings(
     assert runtime.segment.lease_seconds == settings.lease_seconds
 
 
+def test_segmenting_workers_sweep_orphaned_file_objects(settings: Settings) -> None:
+    worker_app = create_worker_app(settings)
+    with start_worker(worker_app, pool="threads", perform_ping_check=False, shutdown_timeout=10):
+        passes = {thread.name for thread in threading.enumerate()}
+    assert {"segq-orphan-sweeper", "segq-embedding-sweeper"} <= passes
+
+
 def test_a_worker_that_only_delivers_webhooks_loads_no_engine(settings: Settings) -> None:
     worker_app = create_worker_app(settings)
     with start_worker(
@@ -86,6 +94,8 @@ def test_a_worker_that_only_delivers_webhooks_loads_no_engine(settings: Settings
         queues=[WEBHOOK_QUEUE],
     ):
         runtime = runtime_of(worker_app)
+        passes = {thread.name for thread in threading.enumerate()}
+    assert "segq-orphan-sweeper" not in passes
     assert runtime is not None
     assert runtime.segment is None
     assert runtime.delivery is not None

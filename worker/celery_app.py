@@ -21,6 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import worker.tasks  # noqa: F401  (registers the tasks on every app)
 from segq.db import make_engine, make_session_factory
+from segq.file_objects import sweep_orphaned_file_objects
+from segq.logs import configure_logging
 from segq.queue import (
     SEGMENT_QUEUE,
     enqueue_deliveries,
@@ -29,10 +31,12 @@ from segq.queue import (
     messages_waiting,
 )
 from segq.settings import Settings
-from segq.storage import open_storage
+from segq.storage import ObjectStorage, open_storage
 from worker.engines.embedding_cache import sweep_expired_embeddings
+from worker.metrics import RECONCILER_ACTIONS, RETENTION_DELETED, serve_metrics
 from worker.periodic import PeriodicPass
-from worker.reconciler import reconcile
+from worker.reconciler import Pass, reconcile
+from worker.retention import Sweep, sweep_expired
 from worker.runtime import attach_runtime, build_runtime, runtime_of
 from worker.webhook_delivery import dispatch_due
 
@@ -84,6 +88,9 @@ def _build_runtime_in_pool_process(**_kwargs: Any) -> None:
     app = current_app._get_current_object()
     settings = settings_of(app)
     if settings is not None:
+        if settings.log_format is not None:
+            # Celery set up a pool process's logging in its own format.
+            configure_logging(settings.log_format)
         _build_runtime_here(app, settings, _sessions(settings))
 
 
@@ -107,15 +114,21 @@ class WorkerProcessStep(bootsteps.StartStopStep):  # type: ignore[misc]
         sessions = _sessions(settings)
         if not _forks(parent.pool_cls):
             _build_runtime_here(app, settings, sessions)
+        if settings.log_format is not None:
+            configure_logging(settings.log_format)
+        if settings.metrics_port is not None:
+            serve_metrics(settings.metrics_port)
         self._passes = [
             PeriodicPass(
                 "segq-reconciler",
-                lambda: reconcile(
-                    sessions,
-                    lambda ids: enqueue_items(app, ids),
-                    lambda: messages_waiting(app),
-                    republish_after_seconds=settings.republish_after_seconds,
-                    max_attempts=settings.max_attempts,
+                lambda: _counted_reconcile(
+                    reconcile(
+                        sessions,
+                        lambda ids: enqueue_items(app, ids),
+                        lambda: messages_waiting(app),
+                        republish_after_seconds=settings.republish_after_seconds,
+                        max_attempts=settings.max_attempts,
+                    )
                 ),
                 interval=settings.reconcile_interval_seconds,
             ),
@@ -131,6 +144,9 @@ class WorkerProcessStep(bootsteps.StartStopStep):  # type: ignore[misc]
         ]
         if _consumes_segment_queue(app):
             self._passes.append(_embedding_sweeper(settings))
+            self._passes.append(_orphan_sweeper(settings, sessions))
+        if settings.job_retention_days is not None or settings.file_retention_days is not None:
+            self._passes.append(_retention_sweeper(settings, sessions))
         for periodic in self._passes:
             periodic.start()
 
@@ -147,20 +163,77 @@ class WorkerProcessStep(bootsteps.StartStopStep):  # type: ignore[misc]
 EMBEDDING_SWEEP_SECONDS = 3600
 
 
-def _embedding_sweeper(settings: Settings) -> PeriodicPass:
-    """Deletes shared embeddings older than their TTL. Every segmenting
-    worker sweeps; deleting twice is harmless, and a listing per hour is
-    cheap. An S3 lifecycle rule on ``embeddings/`` can do this instead."""
-    storage = open_storage(
+def _sweepers_storage(settings: Settings) -> ObjectStorage:
+    return open_storage(
         settings.storage_url,
         s3_endpoint_url=settings.s3_endpoint_url,
         secret_key=settings.secret_key,
     )
+
+
+def _embedding_sweeper(settings: Settings) -> PeriodicPass:
+    """Deletes shared embeddings older than their TTL. Every segmenting
+    worker sweeps; deleting twice is harmless, and a listing per hour is
+    cheap. An S3 lifecycle rule on ``embeddings/`` can do this instead."""
+    storage = _sweepers_storage(settings)
     return PeriodicPass(
         "segq-embedding-sweeper",
         lambda: sweep_expired_embeddings(storage, settings.embedding_ttl_seconds),
         interval=min(EMBEDDING_SWEEP_SECONDS, settings.embedding_ttl_seconds),
     )
+
+
+#: How often segmenting workers sweep files' orphaned objects.
+ORPHAN_SWEEP_SECONDS = 3600
+#: The youngest an orphan may be to be swept: older than any request that
+#: may still commit a row naming it, and the time a multipart upload has to
+#: be completed (its upload URLs may live longer: see _orphan_sweeper).
+ORPHAN_MIN_AGE_SECONDS = 24 * 3600
+
+
+def _orphan_sweeper(settings: Settings, sessions: sessionmaker[Session]) -> PeriodicPass:
+    """Deletes the objects under files that nothing holds any more
+    (segq/file_objects.py). Every segmenting worker sweeps; deleting twice
+    is harmless."""
+    storage = _sweepers_storage(settings)
+    # A part may be PUT as long as its upload URL lives: never sweep it sooner.
+    min_age = max(ORPHAN_MIN_AGE_SECONDS, 2 * settings.url_expires_seconds)
+    return PeriodicPass(
+        "segq-orphan-sweeper",
+        lambda: sweep_orphaned_file_objects(sessions, storage, min_age),
+        interval=ORPHAN_SWEEP_SECONDS,
+    )
+
+
+def _retention_sweeper(settings: Settings, sessions: sessionmaker[Session]) -> PeriodicPass:
+    """Deletes finished jobs and files past their retention (worker/retention.py).
+    A thread of its own, not a step of the reconciler's pass: a slow bucket
+    must never delay the re-publishing of lost items."""
+    storage = _sweepers_storage(settings)
+    return PeriodicPass(
+        "segq-retention-sweeper",
+        lambda: _counted_sweep(
+            sweep_expired(
+                sessions,
+                storage,
+                job_retention_days=settings.job_retention_days,
+                file_retention_days=settings.file_retention_days,
+            )
+        ),
+        interval=settings.reconcile_interval_seconds,
+    )
+
+
+def _counted_reconcile(done: Pass) -> None:
+    RECONCILER_ACTIONS.labels("republished").inc(done.republished)
+    RECONCILER_ACTIONS.labels("requeued").inc(done.requeued)
+    RECONCILER_ACTIONS.labels("failed").inc(done.failed)
+
+
+def _counted_sweep(done: Sweep) -> None:
+    RETENTION_DELETED.labels("jobs").inc(done.jobs)
+    RETENTION_DELETED.labels("files").inc(done.files)
+    RETENTION_DELETED.labels("objects").inc(done.objects)
 
 
 def _forks(pool_cls: Any) -> bool:

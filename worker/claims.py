@@ -218,10 +218,17 @@ _TAKE_RUNNABLE_ITEM = (
     .returning(
         JobItem.attempt,
         JobItem.file_ref,
-        select(StoredFile.storage_key)
-        .where(StoredFile.id == JobItem.file_id)
-        .scalar_subquery()
-        .label("storage_key"),
+        # The version the item was created on, while its file exists (items
+        # from before versions were pinned: the file's content now).
+        case(
+            (JobItem.file_id.is_(None), null()),
+            else_=func.coalesce(
+                JobItem.file_storage_key,
+                select(StoredFile.storage_key)
+                .where(StoredFile.id == JobItem.file_id)
+                .scalar_subquery(),
+            ),
+        ).label("storage_key"),
         JobItem.job_id,
         _of_items_job(Job.project_id),
         _of_items_job(Job.prompt),
@@ -392,3 +399,61 @@ def release_item(sessions: sessionmaker[Session], claim: Claim) -> bool:
             lease_expires_time=None,
             published_time=now_ms(),
         )
+
+
+#: Queued items of one job that a batch may take along, by position (the
+#: (job_id, status) index finds them).
+_QUEUED_OF_JOB = (
+    select(JobItem.id)
+    .where(
+        JobItem.job_id == bindparam("job_id"),
+        JobItem.status == ItemStatus.QUEUED,
+        JobItem.id != bindparam("item_id"),
+        JobItem.attempt < bindparam("max_attempts"),
+    )
+    .order_by(JobItem.position)
+    .limit(bindparam("count"))
+)
+
+#: Queued items of other jobs that this engine may run (jobs not started,
+#: or started by this engine), longest waiting first (the (status,
+#: published_time) index finds them).
+_QUEUED_ELSEWHERE = (
+    select(JobItem.id)
+    .join(Job, Job.id == JobItem.job_id)
+    .where(
+        JobItem.status == ItemStatus.QUEUED,
+        JobItem.job_id != bindparam("job_id"),
+        JobItem.attempt < bindparam("max_attempts"),
+        Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
+        or_(Job.engine.is_(None), Job.engine == bindparam("engine")),
+    )
+    .order_by(JobItem.published_time, JobItem.id)
+    .limit(bindparam("count"))
+)
+
+
+def queued_company(
+    sessions: sessionmaker[Session],
+    claim: Claim,
+    count: int,
+    *,
+    engine_name: str,
+    max_attempts: int,
+) -> list[int]:
+    """Up to ``count`` queued items to run in one batch with ``claim``'s:
+    its own job's first, then other jobs' that wait longest. Only
+    candidates: each is then claimed as any item is, and one another
+    worker took first is simply not ours."""
+    with sessions() as session:
+        values = {
+            "job_id": claim.job_id,
+            "item_id": claim.item_id,
+            "max_attempts": max_attempts,
+            "count": count,
+        }
+        found = list(session.scalars(_QUEUED_OF_JOB, values))
+        if len(found) < count:
+            values["count"] = count - len(found)
+            found += session.scalars(_QUEUED_ELSEWHERE, {**values, "engine": engine_name})
+        return found

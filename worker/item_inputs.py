@@ -47,7 +47,12 @@ def load_image(storage: ObjectStorage, claim: Claim, limits: ImageLimits) -> npt
         try:
             data = storage.get(claim.file_key)
         except ObjectNotFound:
-            raise ItemFailure("the file's content is missing from storage") from None
+            # Only when the file was overwritten or deleted just as the job
+            # was created: the version an item was created on stays while
+            # the item may run.
+            raise ItemFailure(
+                "the file's content from when the job was created is no longer stored"
+            ) from None
     try:
         # Items given as URLs were never inspected by the API; stored files
         # were, but are bounded again under this worker's own limit.

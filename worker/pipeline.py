@@ -8,18 +8,26 @@ attempt still holds the lease.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.db import once_more_if_disconnected
 from segq.storage import ObjectStorage, StorageError
-from worker.claims import Claim, claim_item, finish_item, release_item
+from worker.claims import Claim, claim_item, finish_item, queued_company, release_item
 from worker.engines.base import (
     Candidate,
     EverythingUnsupported,
+    ImageBatchEngine,
     MaskInputUnsupported,
     SegmentationEngine,
     segment_everything,
@@ -55,6 +63,12 @@ class ItemOutcome(StrEnum):
     SKIPPED = "skipped"
     #: This attempt lost its lease before completing; its result was dropped.
     LEASE_LOST = "lease_lost"
+    #: Storage failed; the item is back in the queue for a later attempt.
+    RELEASED = "released"
+
+
+#: How often a lone item looks again for company while it may wait.
+_COMPANY_POLL_SECONDS = 0.002
 
 
 def process_item(
@@ -66,13 +80,24 @@ def process_item(
     lease_seconds: int,
     max_attempts: int,
     limits: ImageLimits,
+    batch_wait_ms: int = 0,
+    taken_along: Callable[[Claim, ItemOutcome], None] | None = None,
+    announce_job_change: Callable[[int], None] | None = None,
 ) -> ItemOutcome:
-    """Run one item end to end.
+    """Run one item end to end; with an engine that encodes images in
+    batches, run up to its batch size of queued items with it (its job's,
+    then others', waiting up to ``batch_wait_ms`` for them), each claimed
+    and finished exactly as a lone item is. ``announce_job_change`` is told
+    the job's id after each committed change a client may be waiting for
+    (the job started, an item finished).
 
-    Problems of the item itself fail it. A storage error puts it back in
-    the queue and raises StorageUnavailable (the caller schedules a retry),
-    until ``max_attempts`` attempts have been made; then the item fails.
-    Database errors propagate: the lease runs out and the item is run again.
+    Problems of an item itself fail it. A storage error puts the item back
+    in the queue until ``max_attempts`` attempts have been made; then it
+    fails. For the item asked for, StorageUnavailable is raised (the caller
+    schedules a retry). Each item taken along goes to ``taken_along`` with
+    its outcome: the caller counts it and sends a RELEASED one again (the
+    reconciler does when nobody does). Database errors propagate: the
+    leases run out and the items are run again.
     """
     # Each transaction runs once more if its pooled connection had died
     # (segq/db.py): all three are guarded by the attempt, so a repeat after a
@@ -88,26 +113,191 @@ def process_item(
     )
     if claim is None:
         return ItemOutcome.SKIPPED
+    claims = [claim]
+    if isinstance(engine, ImageBatchEngine) and engine.batch_size > 1:
+        claims += _claim_company(
+            sessions,
+            claim,
+            engine.batch_size - 1,
+            engine_name=engine.name,
+            lease_seconds=lease_seconds,
+            max_attempts=max_attempts,
+            wait_seconds=batch_wait_ms / 1000,
+        )
+    announce = announce_job_change or _nobody_listens
+    for started in {taken.job_id for taken in claims if taken.attempt == 1}:
+        # The first attempt of an item may have started its job.
+        announce(started)
+    outcomes = _run_claimed(
+        sessions,
+        storage,
+        engine,
+        claims,
+        lease_seconds=lease_seconds,
+        max_attempts=max_attempts,
+        limits=limits,
+        announce_job_change=announce,
+    )
+    if taken_along is not None:
+        for company, (outcome, _) in zip(claims[1:], outcomes[1:], strict=True):
+            taken_along(company, outcome)
+    outcome, storage_error = outcomes[0]
+    if outcome == ItemOutcome.RELEASED:
+        raise StorageUnavailable(storage_error)
+    return outcome
+
+
+def _nobody_listens(job_id: int) -> None:
+    pass
+
+
+def _claim_company(
+    sessions: sessionmaker[Session],
+    claim: Claim,
+    count: int,
+    *,
+    engine_name: str,
+    lease_seconds: int,
+    max_attempts: int,
+    wait_seconds: float,
+) -> list[Claim]:
+    """Up to ``count`` more items claimed for ``claim``'s batch, looking
+    again until ``wait_seconds`` have passed while the batch is not full."""
+    deadline = time.monotonic() + wait_seconds
+    taken: list[Claim] = []
+    while True:
+        candidates = once_more_if_disconnected(
+            lambda: queued_company(
+                sessions,
+                claim,
+                count - len(taken),
+                engine_name=engine_name,
+                max_attempts=max_attempts,
+            )
+        )
+        for candidate in candidates:
+            # Claimed by id as its own message would claim it: one another
+            # worker took meanwhile is not ours, and nothing changes.
+            extra = once_more_if_disconnected(
+                functools.partial(
+                    claim_item,
+                    sessions,
+                    candidate,
+                    lease_seconds=lease_seconds,
+                    engine_name=engine_name,
+                    max_attempts=max_attempts,
+                )
+            )
+            if extra is not None:
+                taken.append(extra)
+        if len(taken) >= count or time.monotonic() >= deadline:
+            return taken
+        time.sleep(min(_COMPANY_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
+
+
+@dataclass
+class _Attempt:
+    """One claimed item on its way through a batch."""
+
+    claim: Claim
+    image: npt.NDArray[np.uint8] | None = None
     result: dict[str, Any] | None = None
     error_message: str | None = None
+    storage_error: str | None = None
+
+
+def _run_claimed(
+    sessions: sessionmaker[Session],
+    storage: ObjectStorage,
+    engine: SegmentationEngine,
+    claims: list[Claim],
+    *,
+    lease_seconds: int,
+    max_attempts: int,
+    limits: ImageLimits,
+    announce_job_change: Callable[[int], None],
+) -> list[tuple[ItemOutcome, str]]:
+    """Load, encode together, segment and finish each claimed item; each
+    item's outcome, with the storage error of one that was released."""
+    attempts = [_Attempt(claim) for claim in claims]
+    with contextlib.ExitStack() as leases:
+        for attempt in attempts:
+            leases.enter_context(lease_kept(sessions, attempt.claim, lease_seconds))
+        for attempt in attempts:
+            _guarded(attempt, functools.partial(_load, attempt, storage, limits))
+        loaded = [attempt.image for attempt in attempts if attempt.image is not None]
+        if len(loaded) > 1 and isinstance(engine, ImageBatchEngine):
+            try:
+                engine.encode_images(loaded)
+            except Exception:
+                # Each item then encodes its own image, and fails alone if
+                # that fails too: one bad image must not fail its company.
+                log.exception("encoding a batch of %s images failed", len(loaded))
+        for attempt in attempts:
+            if attempt.image is not None:
+                _guarded(attempt, functools.partial(_segment, attempt, storage, engine))
+        return [
+            _finish(
+                sessions,
+                storage,
+                attempt,
+                max_attempts=max_attempts,
+                announce_job_change=announce_job_change,
+            )
+            for attempt in attempts
+        ]
+
+
+def _load(attempt: _Attempt, storage: ObjectStorage, limits: ImageLimits) -> None:
+    attempt.image = load_image(storage, attempt.claim, limits)
+
+
+def _segment(attempt: _Attempt, storage: ObjectStorage, engine: SegmentationEngine) -> None:
+    assert attempt.image is not None
+    attempt.result = segment_image(storage, engine, attempt.claim, attempt.image)
+    attempt.image = None  # the masks are stored: the pixels are not needed any more
+
+
+def _guarded(attempt: _Attempt, step: Callable[[], None]) -> None:
+    """Run one step of an item; what goes wrong is the item's alone."""
     try:
-        with lease_kept(sessions, claim, lease_seconds):
-            result = segment_claimed_item(storage, engine, claim, limits)
+        step()
     except ItemFailure as failure:
-        error_message = str(failure)
+        attempt.error_message = str(failure)
     except StorageError as exc:
-        if claim.attempt < max_attempts:
-            once_more_if_disconnected(lambda: release_item(sessions, claim))
-            raise StorageUnavailable(str(exc)) from exc
-        error_message = f"storage was unavailable for {claim.attempt} attempts: {exc}"
+        attempt.storage_error = str(exc)
     except Exception as exc:
         # An engine or encoder bug would fail again on every attempt: fail
         # the item now, with what went wrong, and keep the worker serving.
-        log.exception("item %s failed in the pipeline", claim.item_id)
-        error_message = f"segmentation failed: {type(exc).__name__}: {str(exc)[:300]}"
+        log.exception("item %s failed in the pipeline", attempt.claim.item_id)
+        attempt.error_message = f"segmentation failed: {type(exc).__name__}: {str(exc)[:300]}"
+    if attempt.error_message is not None or attempt.storage_error is not None:
+        attempt.image = None
+
+
+def _finish(
+    sessions: sessionmaker[Session],
+    storage: ObjectStorage,
+    attempt: _Attempt,
+    *,
+    max_attempts: int,
+    announce_job_change: Callable[[int], None],
+) -> tuple[ItemOutcome, str]:
+    claim = attempt.claim
+    error_message = attempt.error_message
+    if attempt.storage_error is not None:
+        if claim.attempt < max_attempts:
+            once_more_if_disconnected(lambda: release_item(sessions, claim))
+            return ItemOutcome.RELEASED, attempt.storage_error
+        error_message = (
+            f"storage was unavailable for {claim.attempt} attempts: {attempt.storage_error}"
+        )
+    result = attempt.result
     landed = once_more_if_disconnected(
         lambda: finish_item(sessions, claim, result=result, error_message=error_message)
     )
+    if landed:
+        announce_job_change(claim.job_id)
     if not landed:
         log.warning(
             "item %s: attempt %s lost its lease before completing; its result is dropped",
@@ -115,21 +305,32 @@ def process_item(
             claim.attempt,
         )
         discard_objects(storage, objects_of_result(result))
-        return ItemOutcome.LEASE_LOST
+        return ItemOutcome.LEASE_LOST, ""
     if claim.attempt > 1:
         # Only retried items pay for this: one delete per key that an
         # earlier attempt may have written.
         discard_objects(storage, objects_of_earlier_attempts(claim))
-    return ItemOutcome.COMPLETED if result is not None else ItemOutcome.FAILED
+    return (ItemOutcome.COMPLETED if result is not None else ItemOutcome.FAILED), ""
 
 
 def segment_claimed_item(
     storage: ObjectStorage, engine: SegmentationEngine, claim: Claim, limits: ImageLimits
 ) -> dict[str, Any]:
-    """Read the item's image, segment it with each of the job's prompts (or
-    find every object in it), and store the masks: the item's result, with
-    what the engine's work cost (raises ItemFailure, StorageError)."""
-    image = load_image(storage, claim, limits)
+    """Read the item's image, then ``segment_image`` (raises ItemFailure,
+    StorageError)."""
+    return segment_image(storage, engine, claim, load_image(storage, claim, limits))
+
+
+def segment_image(
+    storage: ObjectStorage,
+    engine: SegmentationEngine,
+    claim: Claim,
+    image: npt.NDArray[np.uint8],
+) -> dict[str, Any]:
+    """Segment the item's ``image`` ((H, W, 3) uint8 RGB) with each of the
+    job's prompts (or find every object in it), and store the masks: the
+    item's result, with what the engine's work cost (raises ItemFailure,
+    StorageError)."""
     height, width = image.shape[:2]
     everything = everything_options(claim.options)
     answers: list[tuple[int | None, list[Candidate]]]

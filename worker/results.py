@@ -21,6 +21,7 @@ from worker.masks import (
     mask_rle,
     polygons_svg_path,
 )
+from worker.metrics import ENCODE_STORE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,17 @@ def encode_result(
     URLs). ``answers``: (prompt index, its candidates best first) in prompt
     order, the index None for segment everything; the segments keep that
     order and name their prompt."""
+    with ENCODE_STORE_SECONDS.time():
+        return _encode_and_store(claim, answers, storage, width, height)
+
+
+def _encode_and_store(
+    claim: Claim,
+    answers: Sequence[tuple[int | None, list[Candidate]]],
+    storage: ObjectStorage,
+    width: int,
+    height: int,
+) -> dict[str, Any]:
     outputs = set(claim.options.get("outputs") or ("polygons", "mask"))
     if "logits" in outputs and any(c.logits is None for _, cs in answers for c in cs):
         raise ItemFailure("logits need a SAM engine; this server's engine gives none")

@@ -10,16 +10,18 @@ that runs tasks, after the fork; a test attaches one of its own."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
+from segq.job_changes import JobChangeAnnouncer, SilentJobChangeAnnouncer, make_announcer
 from segq.settings import Settings
 from segq.storage import ObjectStorage, open_storage
 from worker.engines import load_engine, resolve_engine
 from worker.engines.base import SegmentationEngine
 from worker.engines.embedding_cache import EmbeddingCache
+from worker.engines.encoder_options import EncoderOptions, Precision
 from worker.item_inputs import ImageLimits
 from worker.webhook_delivery import DeliveryRules
 
@@ -39,6 +41,11 @@ class SegmentRuntime:
     lease_seconds: int
     limits: ImageLimits
     max_attempts: int = 5
+    #: Wakes the API's requests that wait on a job (segq/job_changes.py).
+    job_changes: JobChangeAnnouncer = field(default_factory=SilentJobChangeAnnouncer)
+    #: How long an item waits for others to share its encoder batch (an
+    #: engine that batches images only: worker.pipeline).
+    batch_wait_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,16 @@ def build_runtime(
             max_bytes=settings.embedding_cache_mb * 1024 * 1024,
             ttl_seconds=settings.embedding_ttl_seconds,
         )
-        engine = load_engine(choice, settings.device, embeddings)
+        engine = load_engine(
+            choice,
+            settings.device,
+            embeddings,
+            EncoderOptions(
+                precision=Precision(settings.precision),
+                batch_size=settings.engine_batch,
+                compile=settings.compile_encoder,
+            ),
+        )
         log.info("engine %s ready", engine.name)
         segment = SegmentRuntime(
             sessions=sessions,
@@ -86,6 +102,8 @@ def build_runtime(
             lease_seconds=settings.lease_seconds,
             max_attempts=settings.max_attempts,
             limits=ImageLimits(settings.max_image_pixels, settings.fetch_policy()),
+            job_changes=make_announcer(settings.broker_url),
+            batch_wait_ms=settings.engine_batch_wait_ms,
         )
     delivery = DeliveryRuntime(
         sessions=sessions,

@@ -4,12 +4,16 @@ them; each runs with the runtime attached to its app (``worker.runtime``)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from celery import shared_task
 
+from segq.logs import log_context
 from segq.queue import DELIVER_WEBHOOK_TASK, SEGMENT_ITEM_TASK
-from worker.pipeline import StorageUnavailable, process_item
+from worker.claims import Claim
+from worker.metrics import ITEMS, STORAGE_ERRORS, WEBHOOK_ATTEMPTS, observe_item
+from worker.pipeline import ItemOutcome, StorageUnavailable, process_item
 from worker.runtime import delivery_runtime_of, segment_runtime_of
 from worker.webhook_delivery import deliver
 
@@ -25,20 +29,41 @@ def storage_retry_delay(retries_so_far: int) -> int:
 @shared_task(name=SEGMENT_ITEM_TASK, bind=True, max_retries=None)
 def segment_item(self: Any, item_id: int) -> str:
     current = segment_runtime_of(self.app)
-    try:
-        outcome = process_item(
-            current.sessions,
-            current.storage,
-            current.engine,
-            item_id,
-            lease_seconds=current.lease_seconds,
-            max_attempts=current.max_attempts,
-            limits=current.limits,
-        )
-    except StorageUnavailable as exc:
-        # The item is back in the queue; process_item counts the attempts and
-        # fails the item once they run out, so this retry loop is bounded.
-        raise self.retry(countdown=storage_retry_delay(self.request.retries), exc=exc) from exc
+    started = time.monotonic()
+
+    def taken_along(claim: Claim, outcome: ItemOutcome) -> None:
+        released = outcome == ItemOutcome.RELEASED
+        shown = "storage_retry" if released else outcome.value
+        observe_item(current.sessions, claim.item_id, shown, time.monotonic() - started)
+        if released:
+            # Storage failed this item of the batch, and its own message is
+            # spent: send one, as late as a retry of its attempt would be.
+            STORAGE_ERRORS.inc()
+            segment_item.apply_async(
+                (claim.item_id,), countdown=storage_retry_delay(claim.attempt - 1)
+            )
+
+    with log_context(item_id=item_id):
+        try:
+            outcome = process_item(
+                current.sessions,
+                current.storage,
+                current.engine,
+                item_id,
+                lease_seconds=current.lease_seconds,
+                max_attempts=current.max_attempts,
+                limits=current.limits,
+                batch_wait_ms=current.batch_wait_ms,
+                taken_along=taken_along,
+                announce_job_change=current.job_changes.announce,
+            )
+        except StorageUnavailable as exc:
+            STORAGE_ERRORS.inc()
+            ITEMS.labels("storage_retry").inc()
+            # The item is back in the queue; process_item counts the attempts and
+            # fails the item once they run out, so this retry loop is bounded.
+            raise self.retry(countdown=storage_retry_delay(self.request.retries), exc=exc) from exc
+        observe_item(current.sessions, item_id, outcome.value, time.monotonic() - started)
     return outcome.value
 
 
@@ -47,4 +72,6 @@ def deliver_webhook(self: Any, delivery_id: int) -> str:
     """One attempt; a failed one is retried by the dispatcher when the
     schedule says, not by Celery, so the schedule survives a lost message."""
     current = delivery_runtime_of(self.app)
-    return deliver(current.sessions, delivery_id, current.rules).value
+    outcome = deliver(current.sessions, delivery_id, current.rules).value
+    WEBHOOK_ATTEMPTS.labels(outcome).inc()
+    return outcome

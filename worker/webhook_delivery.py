@@ -224,6 +224,11 @@ def record_attempt(
     retried after the next delay of the schedule. The delivery changes only
     if this attempt is still its latest; returns its new status, or None."""
     with sessions.begin() as session:
+        delivery = session.scalar(
+            select(WebhookDelivery).where(WebhookDelivery.id == claim.delivery_id).with_for_update()
+        )
+        if delivery is None:
+            return None  # its job was deleted while this attempt ran
         session.add(
             WebhookAttempt(
                 delivery_id=claim.delivery_id,
@@ -234,14 +239,7 @@ def record_attempt(
                 error=result.error,
             )
         )
-        delivery = session.scalar(
-            select(WebhookDelivery).where(WebhookDelivery.id == claim.delivery_id).with_for_update()
-        )
-        if (
-            delivery is None
-            or delivery.attempt != claim.attempt
-            or delivery.status != DeliveryStatus.PENDING
-        ):
+        if delivery.attempt != claim.attempt or delivery.status != DeliveryStatus.PENDING:
             return None
         if result.delivered:
             delivery.status = DeliveryStatus.DELIVERED

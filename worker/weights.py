@@ -1,4 +1,5 @@
-"""Official Segment Anything checkpoints: where they are and how to fetch them safely."""
+"""Official Segment Anything (SAM and SAM 2) checkpoints: where they are and
+how to fetch them safely."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ class WeightsError(RuntimeError):
 @dataclass(frozen=True)
 class OfficialCheckpoint:
     url: str
-    md5: str
+    #: The MD5 Meta publishes, or None where it publishes no checksum (SAM 2):
+    #: such a download needs a SHA-256 from the operator, or their consent to
+    #: keep it unverified.
+    md5: str | None
 
     @property
     def filename(self) -> str:
@@ -38,6 +42,20 @@ CHECKPOINTS = {
         f"{_BASE}/sam_vit_h_4b8939.pth", "4b8939a88964f0f4ff5f5b2642c598a6"
     ),
 }
+# SAM 2 (July 2024 release), the files facebookresearch/sam2's
+# checkpoints/download_ckpts.sh fetches; Meta publishes no checksum for them.
+_SAM2_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/072824"
+CHECKPOINTS.update(
+    {
+        name: OfficialCheckpoint(f"{_SAM2_BASE}/{name}.pt", None)
+        for name in (
+            "sam2_hiera_tiny",
+            "sam2_hiera_small",
+            "sam2_hiera_base_plus",
+            "sam2_hiera_large",
+        )
+    }
+)
 CHUNK_BYTES = 1 << 20
 
 
@@ -49,8 +67,23 @@ def official_checkpoint_path(architecture: str, weights_dir: Path) -> Path:
     return weights_dir / CHECKPOINTS[architecture].filename
 
 
+def engine_name(checkpoint: str) -> str:
+    """The SEGQ_MODEL that runs the official checkpoint named ``checkpoint``
+    (a key of CHECKPOINTS): SAM's are ``sam_`` and the architecture, SAM 2's
+    are named as the checkpoint is."""
+    return checkpoint if checkpoint.startswith("sam2_") else f"sam_{checkpoint}"
+
+
 def file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
+    return _file_digest(path, "md5")
+
+
+def file_sha256(path: Path) -> str:
+    return _file_digest(path, "sha256")
+
+
+def _file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     with path.open("rb") as handle:
         while chunk := handle.read(CHUNK_BYTES):
             digest.update(chunk)
@@ -63,27 +96,43 @@ def download_checkpoint(
     *,
     url: str | None = None,
     expected_md5: str | None = None,
+    expected_sha256: str | None = None,
+    unverified: bool = False,
     timeout: float = 60.0,
     progress: Callable[[int, int | None], None] | None = None,
 ) -> Path:
     """Fetch the checkpoint into ``dest_dir`` and verify it; returns its path.
 
+    The file is checked against ``expected_sha256`` when given, else against
+    ``expected_md5`` or Meta's published MD5. A checkpoint Meta publishes no
+    checksum for (SAM 2) is refused without ``expected_sha256`` unless
+    ``unverified`` says to keep it unchecked (a file that is not a fitting
+    checkpoint still fails when the model loads).
+
     Streams to ``<name>.part`` while hashing and renames only a verified file,
     so a broken download never looks like a checkpoint. A file already there
-    with the right hash is kept and nothing is downloaded."""
+    with the right hash (or any, when unverified) is kept and nothing is
+    downloaded."""
     official = CHECKPOINTS.get(architecture)
     if official is None:
         raise WeightsError(
             f"no official checkpoint for {architecture!r}; known: {sorted(CHECKPOINTS)}"
         )
     url = url or official.url
-    expected_md5 = expected_md5 or official.md5
+    algorithm, expected = "sha256", expected_sha256
+    if expected is None:
+        algorithm, expected = "md5", expected_md5 or official.md5
+    if expected is None and not unverified:
+        raise WeightsError(
+            f"Meta publishes no checksum for {official.filename}: give the SHA-256 you "
+            "trust (--sha256), or accept the file unverified (--unverified)"
+        )
     target = dest_dir / official.filename
-    if target.is_file() and file_md5(target) == expected_md5:
+    if target.is_file() and (expected is None or _file_digest(target, algorithm) == expected):
         return target
     dest_dir.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".part")
-    digest = hashlib.md5(usedforsecurity=False)
+    digest = hashlib.new(algorithm, usedforsecurity=False)
     try:
         with requests.get(url, stream=True, timeout=timeout) as response:
             if response.status_code != 200:
@@ -101,9 +150,10 @@ def download_checkpoint(
                     received += len(chunk)
                     if progress is not None:
                         progress(received, total)
-        if digest.hexdigest() != expected_md5:
+        if expected is not None and digest.hexdigest() != expected:
             raise WeightsError(
-                f"{url} has MD5 {digest.hexdigest()}, expected {expected_md5}; file discarded"
+                f"{url} has {algorithm.upper()} {digest.hexdigest()}, expected {expected}; "
+                "file discarded"
             )
         os.replace(partial, target)
     except requests.RequestException as exc:

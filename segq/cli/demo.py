@@ -20,7 +20,7 @@ import numpy as np
 import requests
 from PIL import Image, ImageDraw, ImageFilter
 
-from segq.cli.client import SegqClient
+from segq.client import SegqClient
 from segq.db import make_engine, make_session_factory
 from segq.migrations import upgrade_to_head
 from segq.models import JobStatus, Project

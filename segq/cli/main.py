@@ -3,15 +3,12 @@ happen inside the command that needs them."""
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
-from segq.models import JobStatus
+from segq.cli.job_commands import jobs, submit
 from segq.settings import Settings
 
 
@@ -67,10 +64,13 @@ def worker(concurrency: int, pool: str, loglevel: str, queues: str) -> None:
     unknown = set(names) - set(QUEUES)
     if not names or unknown:
         raise click.BadParameter(f"choose from {', '.join(QUEUES)}", param_hint="--queues")
+    settings = Settings.from_env()
+    if settings.metrics_port is not None and pool == "prefork":
+        _prepare_multiprocess_metrics()
     # Imported only now: the other commands need nothing of the worker.
     from worker.celery_app import create_worker_app
 
-    create_worker_app(Settings.from_env()).worker_main(
+    create_worker_app(settings).worker_main(
         [
             "worker",
             f"--concurrency={concurrency}",
@@ -82,6 +82,21 @@ def worker(concurrency: int, pool: str, loglevel: str, queues: str) -> None:
             "--without-mingle",
         ]
     )
+
+
+def _prepare_multiprocess_metrics() -> None:
+    """Give the pool's processes a folder to count in (prometheus-client's
+    multiprocess mode), emptied of an earlier run's counts, before anything
+    imports the library: it reads PROMETHEUS_MULTIPROC_DIR at import."""
+    import tempfile
+
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        folder = tempfile.mkdtemp(prefix="segq-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for stale in Path(folder).glob("*.db"):
+        stale.unlink()
 
 
 @main.command()
@@ -114,96 +129,115 @@ def create_project_command(name: str) -> None:
     click.echo(key)
 
 
+@main.command()
+@click.option("--repair", is_flag=True, help="delete orphan objects and files whose bytes are gone")
+@click.option(
+    "--grace-seconds",
+    default=3600,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="objects younger than this are never orphans (their row may be on its way)",
+)
+def doctor(repair: bool, grace_seconds: int) -> None:
+    """Compare storage with the database: objects no row names, rows whose
+    objects are gone. Exits 1 if anything is left unrepaired."""
+    from segq.db import make_engine, make_session_factory
+    from segq.doctor import examine
+    from segq.doctor import repair as repair_findings
+    from segq.storage import open_storage
+
+    settings = Settings.from_env()
+    sessions = make_session_factory(make_engine(settings.database_url))
+    storage = open_storage(
+        settings.storage_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        secret_key=settings.secret_key,
+    )
+    findings = examine(sessions, storage, grace_seconds=grace_seconds)
+    for key in findings.orphan_objects:
+        click.echo(f"orphan object: {key}")
+    for file_id, key in findings.files_without_bytes:
+        click.echo(f"file {file_id} has no bytes: {key}")
+    for item_id, key in findings.items_without_objects:
+        click.echo(f"item {item_id} is missing {key}")
+    click.echo(
+        f"{len(findings.orphan_objects)} orphan objects, "
+        f"{len(findings.files_without_bytes)} files without bytes, "
+        f"{len(findings.items_without_objects)} missing item objects"
+    )
+    if repair:
+        repair_findings(sessions, storage, findings)
+        click.echo(
+            f"repaired: deleted {len(findings.orphan_objects)} objects and "
+            f"{len(findings.files_without_bytes)} file rows; missing item objects cannot be remade"
+        )
+    if findings.items_without_objects or (not repair and not findings.clean):
+        raise SystemExit(1)
+
+
 @main.group()
 def weights() -> None:
-    """Segment Anything checkpoints."""
+    """Segment Anything (SAM and SAM 2) checkpoints."""
+
+
+#: ``worker.weights.CHECKPOINTS``' names, written out so that ``--help`` needs no
+#: worker import; a test checks that the two agree.
+CHECKPOINT_NAMES = (
+    "vit_b",
+    "vit_l",
+    "vit_h",
+    "sam2_hiera_tiny",
+    "sam2_hiera_small",
+    "sam2_hiera_base_plus",
+    "sam2_hiera_large",
+)
+
+
+def _sha256_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower()):
+        raise click.BadParameter("a SHA-256 is 64 hexadecimal digits")
+    return value.lower()
 
 
 @weights.command("download")
-@click.argument("architecture", type=click.Choice(["vit_b", "vit_l", "vit_h"]))
+@click.argument("architecture", type=click.Choice(CHECKPOINT_NAMES))
 @click.option(
     "--dest",
     type=click.Path(path_type=Path),
     default=None,
     help="folder (default: SEGQ_DATA_DIR/weights)",
 )
-def weights_download(architecture: str, dest: Path | None) -> None:
+@click.option(
+    "--sha256",
+    default=None,
+    callback=_sha256_option,
+    help="check the file against this SHA-256 (Meta publishes none for SAM 2)",
+)
+@click.option(
+    "--unverified",
+    is_flag=True,
+    help="keep a file Meta publishes no checksum for without checking it; prints its SHA-256",
+)
+def weights_download(
+    architecture: str, dest: Path | None, sha256: str | None, unverified: bool
+) -> None:
     """Download the official checkpoint and check its hash."""
-    from worker.weights import WeightsError, download_checkpoint
+    from worker.weights import WeightsError, download_checkpoint, engine_name, file_sha256
 
     folder = dest or Settings.from_env().data_dir / "weights"
     try:
-        path = download_checkpoint(architecture, folder)
+        path = download_checkpoint(
+            architecture, folder, expected_sha256=sha256, unverified=unverified
+        )
     except WeightsError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{path}\nuse it with: SEGQ_MODEL=sam_{architecture} SEGQ_MODEL_CHECKPOINT={path}")
-
-
-def _floats(text: str, count: tuple[int, ...], what: str) -> list[float]:
-    try:
-        values = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{what} must be comma-separated numbers: {text!r}") from None
-    if len(values) not in count:
-        raise click.BadParameter(f"{what} takes {' or '.join(map(str, count))} numbers: {text!r}")
-    return values
-
-
-@main.command()
-@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--point", "points", multiple=True, help="x,y[,label] normalized; label 1 or 0")
-@click.option("--box", default=None, help="xMin,yMin,xMax,yMax normalized")
-@click.option("--multimask", is_flag=True, help="up to 3 candidate masks")
-@click.option("--wait", is_flag=True, help="poll until the job finishes and save the masks")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("."), show_default=True)
-@click.option("--url", envvar="SEGQ_URL", default="http://127.0.0.1:8080", show_default=True)
-@click.option("--project", envvar="SEGQ_PROJECT", required=True)
-@click.option("--api-key", envvar="SEGQ_API_KEY", required=True)
-def submit(
-    image: Path,
-    points: tuple[str, ...],
-    box: str | None,
-    multimask: bool,
-    wait: bool,
-    out: Path,
-    url: str,
-    project: str,
-    api_key: str,
-) -> None:
-    """Upload IMAGE, submit a job, and (with --wait) save its masks."""
-    import requests
-
-    from segq.cli.client import ClientError, SegqClient
-
-    body: dict[str, Any] = {"multimaskOutput": multimask}
-    if points:
-        parsed = [_floats(p, (2, 3), "--point") for p in points]
-        body["points"] = [
-            {"x": p[0], "y": p[1], "label": int(p[2]) if len(p) == 3 else 1} for p in parsed
-        ]
-    if box:
-        x_min, y_min, x_max, y_max = _floats(box, (4,), "--box")
-        body["boundingBox"] = {"xMin": x_min, "yMin": y_min, "xMax": x_max, "yMax": y_max}
-    client = SegqClient(url, project, api_key)
-    try:
-        uploaded = client.upload(image)
-        job = client.create_job({"items": [{"fileId": uploaded["id"]}], **body})
-        if wait:
-            job = client.wait(job["jobId"])
-            out.mkdir(parents=True, exist_ok=True)
-            for item in job["items"]:
-                for index, segment in enumerate(item.get("segments", [])):
-                    if "mask" in segment:
-                        target = out / f"job{job['jobId']}-file{item['fileId']}-mask{index}.png"
-                        target.write_bytes(client.download(segment["mask"]["url"]))
-                        click.echo(f"saved {target}", err=True)
-    except ClientError as exc:
-        raise click.ClickException(str(exc)) from None
-    except requests.RequestException as exc:
-        raise click.ClickException(f"cannot reach segq at {url}: {exc}") from None
-    click.echo(json.dumps(job, indent=2))
-    if wait and job["status"] != JobStatus.COMPLETED:
-        sys.exit(1)
+    if unverified and sha256 is None:
+        click.echo(f"unverified; its SHA-256 is {file_sha256(path)}")
+    click.echo(
+        f"{path}\nuse it with: SEGQ_MODEL={engine_name(architecture)} SEGQ_MODEL_CHECKPOINT={path}"
+    )
 
 
 @main.command()
@@ -223,6 +257,10 @@ def demo(out: Path, image: Path | None, timeout: float) -> None:
         run_demo(out, image, timeout)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+main.add_command(submit)
+main.add_command(jobs)
 
 
 if __name__ == "__main__":

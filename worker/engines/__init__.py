@@ -1,6 +1,6 @@
 """Engines behind one interface (``base.SegmentationEngine``), chosen by settings.
 
-Importing this package does not import torch: only a SAM engine does.
+Importing this package does not import torch: only a SAM or SAM 2 engine does.
 """
 
 from __future__ import annotations
@@ -10,11 +10,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from worker.engines.base import SegmentationEngine
+from worker.engines.encoder_options import EncoderOptions
 
 if TYPE_CHECKING:
     from worker.engines.embedding_cache import EmbeddingCache
 
-ENGINE_NAMES = ("sam_vit_b", "sam_vit_l", "sam_vit_h", "grabcut")
+#: SAM 2 sizes, each run through sam2's SAM2ImagePredictor (``engines/sam2.py``).
+SAM2_ENGINE_NAMES = (
+    "sam2_hiera_tiny",
+    "sam2_hiera_small",
+    "sam2_hiera_base_plus",
+    "sam2_hiera_large",
+)
+ENGINE_NAMES = ("sam_vit_b", "sam_vit_l", "sam_vit_h", *SAM2_ENGINE_NAMES, "grabcut")
 #: Engines that take no model; the benchmark one is chosen only by name.
 MODEL_FREE_ENGINES = ("grabcut", "benchmark_fixed_mask")
 
@@ -49,7 +57,8 @@ def resolve_engine(model: str | None, checkpoint: str | None, weights_dir: Path)
         return EngineChoice(model, None)
     if checkpoint is not None:
         return EngineChoice(model, Path(checkpoint))
-    architecture = model.removeprefix("sam_")
+    # SAM's official checkpoints are named by architecture, SAM 2's as its engines.
+    architecture = model if model in SAM2_ENGINE_NAMES else model.removeprefix("sam_")
     found = official_checkpoint_path(architecture, weights_dir)
     if not found.is_file():
         raise EngineConfigError(
@@ -60,10 +69,16 @@ def resolve_engine(model: str | None, checkpoint: str | None, weights_dir: Path)
 
 
 def load_engine(
-    choice: EngineChoice, device: str, embeddings: EmbeddingCache | None = None
+    choice: EngineChoice,
+    device: str,
+    embeddings: EmbeddingCache | None = None,
+    encoder_options: EncoderOptions | None = None,
 ) -> SegmentationEngine:
-    """Build the engine; for SAM this loads the model (once per process) and
-    keeps its image embeddings in ``embeddings`` under the checkpoint's digest."""
+    """Build the engine; for SAM and SAM 2 this loads the model (once per
+    process), readies its image encoder as ``encoder_options`` say
+    (precision, batch, compilation) and keeps its image embeddings in
+    ``embeddings`` under the
+    checkpoint's digest."""
     if choice.name == "grabcut":
         from worker.engines.grabcut import GrabCutEngine
 
@@ -73,16 +88,30 @@ def load_engine(
 
         return BenchmarkFixedMaskEngine()
     from worker.engines.embedding_cache import checkpoint_digest, model_id
-    from worker.engines.sam import SamEngine, load_sam
 
     assert choice.checkpoint is not None
+    if choice.name in SAM2_ENGINE_NAMES:
+        from worker.engines.sam2 import Sam2Engine, load_sam2
+
+        sam2_model = load_sam2(choice.name, choice.checkpoint, device)
+        if embeddings is None:
+            return Sam2Engine(sam2_model, choice.name)
+        return Sam2Engine(
+            sam2_model,
+            choice.name,
+            embeddings=embeddings,
+            model_id=model_id(choice.name, checkpoint_digest(choice.checkpoint)),
+        )
+    from worker.engines.sam import SamEngine, load_sam
+
     architecture = choice.name.removeprefix("sam_")
     sam = load_sam(architecture, choice.checkpoint, device)
     if embeddings is None:
-        return SamEngine(sam, choice.name)
+        return SamEngine(sam, choice.name, encoder_options=encoder_options)
     return SamEngine(
         sam,
         choice.name,
         embeddings=embeddings,
         model_id=model_id(choice.name, checkpoint_digest(choice.checkpoint)),
+        encoder_options=encoder_options,
     )

@@ -136,3 +136,20 @@ def segment_prompts(
     if any(prompt.mask_input is not None for prompt in prompts):
         raise MaskInputUnsupported(f"maskInput needs a SAM engine; this server runs {engine.name}")
     return [engine.segment(image, prompt, multimask) for prompt in prompts]
+
+
+@runtime_checkable
+class ImageBatchEngine(SegmentationEngine, Protocol):
+    """An engine whose image encoding is cheaper per image in batches (SAM
+    on a GPU): the pipeline hands it the images of several items at once
+    before segmenting each."""
+
+    @property
+    def batch_size(self) -> int:
+        """The most images encoded at once; 1 means no batching."""
+        ...
+
+    def encode_images(self, images: Sequence[npt.NDArray[np.uint8]]) -> None:
+        """Get the embeddings of ``images`` ((H, W, 3) uint8 RGB each) ready
+        for the segment calls that follow."""
+        ...

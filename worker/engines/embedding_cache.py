@@ -1,8 +1,8 @@
 """Image embeddings kept so that an image is encoded once for every worker.
 
 An embedding is what a promptable model's image encoder makes of one image
-(SAM: a 256x64x64 tensor, seconds on a CPU); every prompt on that image is
-then a cheap decode. Two tiers:
+(SAM: a 256x64x64 tensor, seconds on a CPU; SAM 2: that and two finer
+feature maps); every prompt on that image is then a cheap decode. Two tiers:
 
 - tier 1, in each process: an LRU bounded in bytes, holding the embedding
   exactly as the encoder made it (float32);
@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import logging
 import struct
@@ -62,15 +63,18 @@ class EmbeddingSource(StrEnum):
 @dataclass(frozen=True)
 class Embedding:
     """features: (1, C, h, w) float32, the encoder's output; original_size and
-    input_size: (H, W) of the image and of it resized for the encoder."""
+    input_size: (H, W) of the image and of it resized for the encoder;
+    high_res_features: further (1, C_i, h_i, w_i) float32 maps the decoder
+    also reads (SAM 2's ``high_res_feats``, finest first; SAM has none)."""
 
     features: npt.NDArray[np.float32]
     original_size: tuple[int, int]
     input_size: tuple[int, int]
+    high_res_features: tuple[npt.NDArray[np.float32], ...] = ()
 
     @property
     def nbytes(self) -> int:
-        return int(self.features.nbytes)
+        return int(self.features.nbytes) + sum(int(a.nbytes) for a in self.high_res_features)
 
 
 @dataclass(frozen=True)
@@ -110,16 +114,22 @@ def image_digest(image: npt.NDArray[np.uint8], input_size: tuple[int, int]) -> s
 
 def encode_entry(embedding: Embedding, created_time: float) -> bytes:
     """The shared form: MAGIC, a 4-byte header length, a JSON header, then the
-    features as a float16 .npy whose SHA-256 the header carries."""
-    payload = io.BytesIO()
-    np.save(payload, embedding.features.astype(np.float16), allow_pickle=False)
-    body = payload.getvalue()
+    features and any high-resolution maps as float16 .npy arrays one after
+    the other; the header carries each array's length and the SHA-256 of them
+    all."""
+    arrays = []
+    for array in (embedding.features, *embedding.high_res_features):
+        payload = io.BytesIO()
+        np.save(payload, array.astype(np.float16), allow_pickle=False)
+        arrays.append(payload.getvalue())
+    body = b"".join(arrays)
     header = json.dumps(
         {
             "originalSize": list(embedding.original_size),
             "inputSize": list(embedding.input_size),
             "createdTime": created_time,
             "payloadBytes": len(body),
+            "arrayBytes": [len(array) for array in arrays],
             "payloadSha256": hashlib.sha256(body).hexdigest(),
         }
     ).encode()
@@ -145,7 +155,12 @@ def decode_entry(data: bytes) -> tuple[Embedding, float]:
             )
         if hashlib.sha256(body).hexdigest() != header["payloadSha256"]:
             raise CorruptEntry("payload does not match its checksum")
-        features = np.load(io.BytesIO(body), allow_pickle=False)
+        # Entries written before SAM 2 hold one array and do not list lengths.
+        lengths = [int(n) for n in header.get("arrayBytes", [len(body)])]
+        if sum(lengths) != len(body) or not lengths or min(lengths) <= 0:
+            raise CorruptEntry(f"array lengths {lengths} do not fill the payload")
+        bounds = itertools.pairwise(itertools.accumulate(lengths, initial=0))
+        arrays = [_whole_npy(body[a:b]) for a, b in bounds]
         original = tuple(int(v) for v in header["originalSize"])
         input_size = tuple(int(v) for v in header["inputSize"])
         created = float(header["createdTime"])
@@ -153,14 +168,28 @@ def decode_entry(data: bytes) -> tuple[Embedding, float]:
         raise
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptEntry(f"unreadable entry: {exc}") from exc
-    if features.dtype != np.float16 or features.ndim != 4 or len(original) != 2:
-        raise CorruptEntry(f"unexpected features {features.dtype} {features.shape}")
+    for array in arrays:
+        if array.dtype != np.float16 or array.ndim != 4:
+            raise CorruptEntry(f"unexpected features {array.dtype} {array.shape}")
+    if len(original) != 2 or len(input_size) != 2:
+        raise CorruptEntry(f"unexpected sizes {original} {input_size}")
     embedding = Embedding(
-        features=features.astype(np.float32),
+        features=arrays[0].astype(np.float32),
         original_size=(original[0], original[1]),
         input_size=(input_size[0], input_size[1]),
+        high_res_features=tuple(array.astype(np.float32) for array in arrays[1:]),
     )
     return embedding, created
+
+
+def _whole_npy(data: bytes) -> npt.NDArray[np.generic]:
+    """The one .npy array ``data`` holds; np.load alone would ignore bytes
+    after it, and so a length that swallows the next array."""
+    buffer = io.BytesIO(data)
+    array: npt.NDArray[np.generic] = np.load(buffer, allow_pickle=False)
+    if buffer.tell() != len(data):
+        raise CorruptEntry(f"{len(data) - buffer.tell()} bytes after an array")
+    return array
 
 
 class EmbeddingCache:
@@ -197,6 +226,16 @@ class EmbeddingCache:
     ) -> tuple[Embedding, EmbeddingSource]:
         """The embedding for ``key`` from tier 1, else tier 2, else ``compute``
         (whose result both tiers then keep)."""
+        found = self.find(key)
+        if found is not None:
+            return found
+        embedding = compute()
+        self.keep(key, embedding)
+        return embedding, EmbeddingSource.COMPUTED
+
+    def find(self, key: EmbeddingKey) -> tuple[Embedding, EmbeddingSource] | None:
+        """The embedding for ``key`` from tier 1, else tier 2 (then kept in
+        tier 1 too), else None."""
         with self._lock:
             found = self._local.get(key)
         if found is not None:
@@ -205,10 +244,12 @@ class EmbeddingCache:
         if shared is not None:
             self._keep_local(key, shared)
             return shared, EmbeddingSource.SHARED
-        embedding = compute()
+        return None
+
+    def keep(self, key: EmbeddingKey, embedding: Embedding) -> None:
+        """Keep a computed embedding in both tiers."""
         self._keep_local(key, embedding)
         self._write_shared(key, embedding)
-        return embedding, EmbeddingSource.COMPUTED
 
     def _keep_local(self, key: EmbeddingKey, embedding: Embedding) -> None:
         # One larger than the whole bound is not kept here; tier 2 keeps it.

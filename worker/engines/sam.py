@@ -26,10 +26,10 @@ from worker.engines.embedding_cache import (
     EmbeddingSource,
     image_digest,
 )
+from worker.engines.encoder_options import EncoderOptions
 from worker.engines.item_metrics import record_embedding
-
-#: What one mask-decoder call may hold in upscaled mask logits.
-_DECODE_BATCH_BYTES = 256 * 2**20
+from worker.engines.prompt_batching import best_first, decode_chunks, group_by_shape
+from worker.engines.sam_encoder import EncodedImage, SamImageEncoder
 
 T = TypeVar("T")
 
@@ -129,7 +129,12 @@ class SamEngine:
 
     With ``embeddings`` (and ``model_id``, naming the model and its checkpoint
     there), an image another item or worker encoded is restored from that
-    cache instead of encoded again."""
+    cache instead of encoded again.
+
+    Images are encoded by a SamImageEncoder (``encoder_options``: precision,
+    batch size, attention kernel, compilation); ``encode_images`` encodes
+    the images of several items as one batch ahead of their ``segment``
+    calls, which then find their embeddings ready."""
 
     def __init__(
         self,
@@ -138,15 +143,58 @@ class SamEngine:
         *,
         embeddings: EmbeddingCache | None = None,
         model_id: str | None = None,
+        encoder_options: EncoderOptions | None = None,
     ) -> None:
         if (embeddings is None) != (model_id is None):
             raise ValueError("an embedding cache needs the model's id, and only it")
         self.name = name
         self._predictor = SamPredictor(sam)
+        self._encoder = SamImageEncoder(sam, encoder_options or EncoderOptions())
         self._embeddings = embeddings
         self._model_id = model_id
         self._embedded_image: str | None = None
+        #: Embeddings made or found by encode_images, by image digest, each
+        #: with where it came from and its share of the batch's time (ms),
+        #: until the next batch.
+        self._ready: dict[str, tuple[EncodedImage, EmbeddingSource, float]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def batch_size(self) -> int:
+        """The most images encoded at once (lowered by an out-of-memory error)."""
+        return self._encoder.limit.size
+
+    def encode_images(self, images: Sequence[npt.NDArray[np.uint8]]) -> None:
+        """Get the embeddings of ``images`` ((H, W, 3) uint8 RGB each) ready
+        for their segment calls: found in the embedding cache, or encoded
+        together in batches of at most ``batch_size``. What an earlier
+        call readied and no segment call took is dropped."""
+        with self._lock:
+            self._ready = {}
+            missing: dict[str, npt.NDArray[np.uint8]] = {}
+            for image in images:
+                started = time.perf_counter()
+                digest = image_digest(image, self._encoder.input_size(image))
+                if digest == self._embedded_image or digest in self._ready or digest in missing:
+                    continue
+                found = self._cached(digest)
+                if found is None:
+                    missing[digest] = image
+                else:
+                    embedding, source = found
+                    elapsed_ms = (time.perf_counter() - started) * 1000
+                    self._ready[digest] = (self._on_device(embedding), source, elapsed_ms)
+            if not missing:
+                return
+            started = time.perf_counter()
+            encoded = self._encoder.encode(list(missing.values()))
+            share_ms = (time.perf_counter() - started) * 1000 / len(missing)
+            for digest, image_encoded in zip(missing, encoded, strict=True):
+                if self._embeddings is not None and self._model_id is not None:
+                    self._embeddings.keep(
+                        EmbeddingKey(self._model_id, digest), _as_embedding(image_encoded)
+                    )
+                self._ready[digest] = (image_encoded, EmbeddingSource.COMPUTED, share_ms)
 
     def segment(
         self, image: npt.NDArray[np.uint8], prompt: Prompt, multimask: bool
@@ -163,40 +211,20 @@ class SamEngine:
         """``segment``'s answer for each prompt, in prompt order, from one
         embedding of ``image`` and batched calls of the mask decoder.
 
-        Prompts are batched with prompts of the same shape (point count, box
-        or not, mask_input or not, one mask or three): padding a shorter point
-        set with "not a point" tokens, as segment-anything does between a
-        prompt's points and no box, would add tokens the decoder attends to
-        and so change its answer."""
+        Prompts are batched with prompts of the same shape only (see
+        ``prompt_batching.group_by_shape``)."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
-        groups: dict[tuple[int, bool, bool, bool], list[int]] = {}
-        for index, prompt in enumerate(prompts):
-            if prompt.points.shape[0] == 0 and prompt.box is None:
-                raise ValueError("a prompt needs at least one point or a box")
-            shape = (
-                prompt.points.shape[0],
-                prompt.box is not None,
-                prompt.mask_input is not None,
-                _asks_three(prompt, multimask),
-            )
-            groups.setdefault(shape, []).append(index)
+        groups = group_by_shape(prompts, multimask)
         answers: list[list[Candidate]] = [[] for _ in prompts]
         height, width = image.shape[:2]
         with self._lock, torch.inference_mode():
             self._embed(image)
             for (_, _, _, ask_three), indexes in groups.items():
-                # The decoder's upscaled logits are (B, C, H, W) float32: bound them.
-                per_prompt_bytes = (3 if ask_three else 1) * height * width * 4
-                step = max(1, _DECODE_BATCH_BYTES // per_prompt_bytes)
-                for first in range(0, len(indexes), step):
-                    chunk = indexes[first : first + step]
-                    decoded = self._decode([prompts[i] for i in chunk], ask_three)
+                for chunk in decode_chunks(indexes, ask_three, height, width):
+                    masks, scores, logits = self._decode([prompts[i] for i in chunk], ask_three)
                     for row, index in enumerate(chunk):
-                        masks, scores, logits = decoded
-                        answers[index] = _best_first(
-                            masks[row], scores[row], logits[row], multimask
-                        )
+                        answers[index] = best_first(masks[row], scores[row], logits[row], multimask)
         return answers
 
     def segment_everything(
@@ -276,47 +304,72 @@ class SamEngine:
 
     def _embed(self, image: npt.NDArray[np.uint8]) -> None:
         """Make the predictor hold ``image``'s embedding: kept from the last
-        image, restored from the cache, or encoded (and then cached)."""
+        image, readied by encode_images, restored from the cache, or encoded
+        (and then cached)."""
         started = time.perf_counter()
-        predictor = self._predictor
-        input_size = predictor.transform.get_preprocess_shape(
-            image.shape[0], image.shape[1], predictor.transform.target_length
-        )
-        digest = image_digest(image, input_size)
+        digest = image_digest(image, self._encoder.input_size(image))
+        earlier_ms = 0.0
         if digest == self._embedded_image:
             source = EmbeddingSource.LOCAL
         else:
             self._embedded_image = None  # stays None if encoding fails halfway
-            source = self._set_embedding(image, digest)
+            ready = self._ready.get(digest)
+            if ready is None:
+                source = self._set_embedding(image, digest)
+            else:
+                encoded, source, earlier_ms = ready
+                self._hold(encoded)
+                # Kept (bounded by the batch) for another item of the same image.
+                self._ready[digest] = (encoded, EmbeddingSource.LOCAL, 0.0)
             self._embedded_image = digest
-        record_embedding(source, (time.perf_counter() - started) * 1000)
+        record_embedding(source, (time.perf_counter() - started) * 1000 + earlier_ms)
 
     def _set_embedding(self, image: npt.NDArray[np.uint8], digest: str) -> EmbeddingSource:
-        predictor = self._predictor
         if self._embeddings is None or self._model_id is None:
-            predictor.set_image(image, image_format="RGB")
+            [encoded] = self._encoder.encode([image])
+            self._hold(encoded)
             return EmbeddingSource.COMPUTED
+        computed: list[EncodedImage] = []
 
         def encode() -> Embedding:
-            predictor.set_image(image, image_format="RGB")
-            assert predictor.features is not None
-            return Embedding(
-                features=predictor.features.detach().float().cpu().numpy(),
-                original_size=(int(predictor.original_size[0]), int(predictor.original_size[1])),
-                input_size=(int(predictor.input_size[0]), int(predictor.input_size[1])),
-            )
+            computed.extend(self._encoder.encode([image]))
+            return _as_embedding(computed[0])
 
         embedding, source = self._embeddings.get_or_compute(
             EmbeddingKey(self._model_id, digest), encode
         )
-        if source != EmbeddingSource.COMPUTED:
-            # What set_image leaves behind, without running the encoder.
-            predictor.reset_image()
-            predictor.original_size = embedding.original_size
-            predictor.input_size = embedding.input_size
-            predictor.features = torch.from_numpy(embedding.features).to(predictor.device)
-            predictor.is_image_set = True
+        # A computed one is still on the device: no copy back from the host.
+        self._hold(computed[0] if computed else self._on_device(embedding))
         return source
+
+    def _cached(self, digest: str) -> tuple[Embedding, EmbeddingSource] | None:
+        if self._embeddings is None or self._model_id is None:
+            return None
+        return self._embeddings.find(EmbeddingKey(self._model_id, digest))
+
+    def _on_device(self, embedding: Embedding) -> EncodedImage:
+        return EncodedImage(
+            features=torch.from_numpy(embedding.features).to(self._predictor.device),
+            original_size=embedding.original_size,
+            input_size=embedding.input_size,
+        )
+
+    def _hold(self, encoded: EncodedImage) -> None:
+        """What ``SamPredictor.set_image`` leaves behind, without running the encoder."""
+        predictor = self._predictor
+        predictor.reset_image()
+        predictor.original_size = encoded.original_size
+        predictor.input_size = encoded.input_size
+        predictor.features = encoded.features
+        predictor.is_image_set = True
+
+
+def _as_embedding(encoded: EncodedImage) -> Embedding:
+    return Embedding(
+        features=encoded.features.detach().float().cpu().numpy(),
+        original_size=encoded.original_size,
+        input_size=encoded.input_size,
+    )
 
 
 class _HeldEmbedding:
@@ -338,35 +391,6 @@ class _HeldEmbedding:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._engine._predictor, name)
-
-
-def _asks_three(prompt: Prompt, multimask: bool) -> bool:
-    """The SAM authors' advice: a single point is ambiguous, so ask for
-    three masks and keep the best even when one is wanted (unless an earlier
-    mask says which object is meant)."""
-    return multimask or (
-        prompt.points.shape[0] == 1 and prompt.box is None and prompt.mask_input is None
-    )
-
-
-def _best_first(
-    masks: npt.NDArray[np.bool_],
-    scores: npt.NDArray[np.float32],
-    logits: npt.NDArray[np.float32],
-    multimask: bool,
-) -> list[Candidate]:
-    """One prompt's decoded masks (C, H, W), scores (C,) and logits
-    (C, 256, 256) as candidates sorted by predicted IoU: all, or the best."""
-    order = np.argsort(-scores, kind="stable")
-    candidates = [
-        Candidate(
-            mask=np.ascontiguousarray(masks[i], dtype=np.bool_),
-            score=float(scores[i]),
-            logits=np.ascontiguousarray(logits[i], dtype=np.float32),
-        )
-        for i in order
-    ]
-    return candidates if multimask else candidates[:1]
 
 
 def _present(value: T | None) -> T:

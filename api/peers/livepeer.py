@@ -1,0 +1,279 @@
+"""Livepeer's AI runner route, ``POST /segment-anything-2``, as its Python
+SDK (livepeer-ai) sends it and reads the answer: a multipart form with
+JSON arrays in text fields, answered with the masks, scores and logits as
+JSON-array strings, best score first; errors as ``{"detail": {"msg": …}}``
+with the runner's status codes (400 input, 401 key, 500 server), and 422
+in FastAPI's list shape for a form field that is missing or not a boolean.
+
+A thin adapter: the image becomes an inline image of a one-item segq job,
+the request waits for it (api/job_waiting.py), and the answer is read from
+the item's stored masks and logits."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from flask import Blueprint, Response, jsonify, request
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from api.context import services
+from api.errors import ApiError
+from api.images import inspect_image
+from api.peers.synchronous_jobs import (
+    project_for_key,
+    run_to_completion,
+    stored_logits,
+    stored_mask,
+)
+from api.schemas import SegmentRequest, parse
+from segq.images import TooManyPixels, UnreadableImage
+from segq.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+livepeer = Blueprint("livepeer", __name__)
+
+#: The Hugging Face ids a Livepeer client may name: any SAM checkpoint means
+#: the engine this server runs (the answer does not depend on the name).
+SAM_MODEL_ID_PREFIX = "facebook/sam"
+#: Statuses the SDK maps to its HTTPError with ``detail.msg``; others it
+#: raises as SDKError, and 429/503 it may retry, so those keep their codes.
+KEPT_STATUSES = frozenset({400, 401, 429, 503, 504})
+
+
+class FormFieldError(Exception):
+    """A form field FastAPI itself would refuse: 422 in its list shape."""
+
+    def __init__(self, field: str, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.kind = kind
+
+
+@livepeer.post("/segment-anything-2")
+def segment_anything_2() -> Response:
+    project = project_for_key(_bearer_key(), "'Authorization: Bearer <key>'")
+    upload = request.files.get("image")
+    if upload is None:
+        raise FormFieldError("image", "Field required", "missing")
+    model_id = request.form.get("model_id", "")
+    if model_id and not model_id.startswith(SAM_MODEL_ID_PREFIX):
+        raise ApiError(
+            400, f"pipeline configured with segq's SAM engine but called with {model_id}"
+        )
+    multimask = _form_bool("multimask_output", default=True)
+    return_logits = _form_bool("return_logits", default=True)
+    pixels = _form_bool("normalize_coords", default=True)
+    if request.form.get("mask_input"):
+        raise ApiError(
+            400,
+            "mask_input as an array is not taken here yet: send the earlier call's prompt "
+            "again, or use segq's own maskInput (README: Logits and refinement)",
+        )
+    point_coords = _json_field("point_coords")
+    point_labels = _json_field("point_labels")
+    box = _json_field("box")
+
+    data = upload.read()
+    settings = services().settings
+    info = inspect_image(data, max_pixels=settings.max_image_pixels)
+    body: dict[str, Any] = {
+        "items": [{"imageData": "data:;base64," + base64.b64encode(data).decode()}],
+        "multimaskOutput": multimask,
+        "outputs": ["mask", "logits"] if _engine_gives_logits() else ["mask"],
+    }
+    scale = (info.width, info.height) if pixels else (1, 1)
+    body |= _prompt(point_coords, point_labels, box, scale)
+    finished = run_to_completion(project, parse(SegmentRequest, body))
+
+    segments = finished.segments  # best score first, as Livepeer sorts them
+    logits = [stored_logits(s["logitsKey"]) for s in segments if "logitsKey" in s]
+    if return_logits and logits:
+        masks = [full_size_logits(low_res, finished.width, finished.height) for low_res in logits]
+    else:
+        masks = [stored_mask(s["maskKey"]).astype(np.float32) for s in segments]
+    return _json(
+        {
+            "masks": json.dumps([mask.tolist() for mask in masks]),
+            "scores": json.dumps([s["score"] for s in segments]),
+            "logits": json.dumps([low_res.tolist() for low_res in logits]),
+        },
+        200,
+    )
+
+
+def full_size_logits(
+    low_res: npt.NDArray[np.float32], width: int, height: int
+) -> npt.NDArray[np.float32]:
+    """(height, width) float32: SAM's mask logits at the image's size, made
+    from its (L, L) low-resolution logits as SAM's own postprocessing makes
+    them (``Sam.postprocess_masks``): bilinear to the model's square input
+    (4L), cropped to where the image lay in it (its longest side scaled to
+    4L), bilinear to the image. OpenCV's bilinear has torch's half-pixel
+    centres and, like it, no antialiasing."""
+    side = 4 * low_res.shape[-1]
+    scale = side / max(width, height)
+    inside_w, inside_h = int(width * scale + 0.5), int(height * scale + 0.5)
+    square = cv2.resize(low_res, (side, side), interpolation=cv2.INTER_LINEAR)
+    full = cv2.resize(
+        np.ascontiguousarray(square[:inside_h, :inside_w]),
+        (width, height),
+        interpolation=cv2.INTER_LINEAR,
+    )
+    return np.asarray(full, dtype=np.float32)
+
+
+def _engine_gives_logits() -> bool:
+    """Logits are asked for only where the server is configured with a SAM
+    engine: with SEGQ_MODEL unset the worker may pick GrabCut, which would
+    fail an item that asks for them."""
+    model = services().settings.model
+    return model is not None and model.startswith("sam")
+
+
+def _bearer_key() -> str:
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    return key if scheme.lower() == "bearer" else ""
+
+
+def _form_bool(name: str, *, default: bool) -> bool:
+    """FastAPI's booleans: true/false, 1/0, yes/no, on/off."""
+    raw = request.form.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise FormFieldError(name, "Input should be a valid boolean", "bool_parsing")
+
+
+def _json_field(name: str) -> Any:
+    """A text field holding JSON, as the runner reads it; absent or empty is None."""
+    raw = request.form.get(name)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise ApiError(400, f"Error parsing JSON for {name}: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number")
+
+
+def _numbers(name: str, value: Any, shape: str, count: int | None) -> list[float]:
+    if (
+        not isinstance(value, list)
+        or (count is not None and len(value) != count)
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    ):
+        raise ApiError(400, f"{name} must be {shape}")
+    return [float(v) for v in value]
+
+
+def _prompt(
+    point_coords: Any, point_labels: Any, box: Any, scale: tuple[int, int]
+) -> dict[str, Any]:
+    """The job's top-level prompt, normalized to the image by ``scale``
+    (the image's size for pixel coordinates, 1 for coordinates in 0..1)."""
+    width, height = scale
+    prompt: dict[str, Any] = {}
+    if point_coords is not None:
+        if not isinstance(point_coords, list) or not point_coords:
+            raise ApiError(400, "point_coords must be [[x, y], ...]")
+        coords = [
+            _numbers(f"point_coords[{i}]", p, "[x, y]", 2) for i, p in enumerate(point_coords)
+        ]
+        if point_labels is None:
+            raise ApiError(400, "point_labels must be given with point_coords")
+        labels = _numbers("point_labels", point_labels, "[1, 0, ...], one per point", len(coords))
+        if any(label not in (0.0, 1.0) for label in labels):
+            raise ApiError(400, "point_labels must be 1 (foreground) or 0 (background)")
+        prompt["points"] = [
+            {
+                "x": _unit(f"point_coords[{i}]", x / width),
+                "y": _unit(f"point_coords[{i}]", y / height),
+                "label": int(label),
+            }
+            for i, ((x, y), label) in enumerate(zip(coords, labels, strict=True))
+        ]
+    elif point_labels is not None:
+        raise ApiError(400, "point_labels given without point_coords")
+    if box is not None:
+        if isinstance(box, list) and len(box) == 1 and isinstance(box[0], list):
+            box = box[0]  # the runner's (1, 4) form
+        x1, y1, x2, y2 = _numbers("box", box, "one box [x1, y1, x2, y2]", 4)
+        prompt["boundingBox"] = {
+            "xMin": _unit("box", x1 / width),
+            "yMin": _unit("box", y1 / height),
+            "xMax": _unit("box", x2 / width),
+            "yMax": _unit("box", y2 / height),
+        }
+    return prompt
+
+
+def _unit(name: str, value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ApiError(400, f"{name} lies outside the image")
+    return value
+
+
+def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = None) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    if status not in KEPT_STATUSES:
+        status = 500 if status >= 500 else 400
+    return _json({"detail": {"msg": message}}, status, headers)
+
+
+@livepeer.errorhandler(ApiError)
+def _refused(error: ApiError) -> Response:
+    return _error(error.code, error.message, error.headers)
+
+
+@livepeer.errorhandler(FormFieldError)
+def _bad_field(error: FormFieldError) -> Response:
+    return _json(
+        {"detail": [{"loc": ["body", error.field], "msg": error.message, "type": error.kind}]}, 422
+    )
+
+
+@livepeer.errorhandler(UnreadableImage)
+@livepeer.errorhandler(TooManyPixels)
+def _bad_image(exc: Exception) -> Response:
+    return _error(400, f"image: {exc}")
+
+
+@livepeer.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> Response:
+    code = exc.code or 500
+    return _error(code, "request body is too large" if code == 413 else exc.description or "")
+
+
+@livepeer.errorhandler(OperationalError)
+@livepeer.errorhandler(StorageError)
+def _dependency_down(exc: Exception) -> Response:
+    log.warning("dependency unavailable: %s", exc)
+    return _error(503, "a dependency of segq is unavailable; retry later", {"Retry-After": "5"})
+
+
+@livepeer.errorhandler(Exception)
+def _unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error")
+    return _error(500, "internal error")

@@ -1,0 +1,155 @@
+"""Moondream's ``POST /v1/segment``, as its Python client (moondream's
+``md.vl(endpoint=...)``) sends it and reads the answer: a JSON body with
+the image as ``image_url`` (a data URI, or an http(s) URL fetched through
+the URL guard like ``fileUrl``), the key in ``X-Moondream-Auth``, and
+``{"path", "bbox"}`` back, or server-sent events with ``stream: true``.
+
+Moondream finds the object named in ``object`` by its text; segq has no
+text-grounding engine, so the ``spatial_refs`` (points and boxes in 0..1)
+are the prompt, and a request without them is refused rather than
+answered as if the text had been understood. ``object``, ``settings`` and
+``model`` are checked for shape and otherwise unused. Errors use segq's
+envelope: the client raises on any status of 400 or more without reading
+the body."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from api.context import services
+from api.errors import ApiError
+from api.json_body import max_job_body_bytes, read_json_object
+from api.peers.synchronous_jobs import FinishedItem, project_for_key, run_to_completion
+from api.schemas import SegmentRequest, parse
+from segq.url_guard import UrlRefused, check_url
+
+moondream = Blueprint("moondream", __name__, url_prefix="/v1")
+
+AUTH_HEADER = "X-Moondream-Auth"
+MAX_OBJECT_LENGTH = 1000
+#: Decimal places of the path's coordinates: a ten-thousandth of the image
+#: is under a pixel for images up to 10,000 pixels a side.
+PATH_DECIMALS = 4
+KNOWN_FIELDS = frozenset({"image_url", "object", "stream", "spatial_refs", "settings", "model"})
+
+
+@moondream.post("/segment")
+def segment() -> Response:
+    project = project_for_key(request.headers.get(AUTH_HEADER, ""), AUTH_HEADER)
+    body = read_json_object(max_bytes=max_job_body_bytes(services().settings.max_upload_bytes))
+    unknown = sorted(set(body) - KNOWN_FIELDS)
+    if unknown:
+        raise ApiError(400, f"unknown fields: {', '.join(unknown)}")
+    image_url = body.get("image_url")
+    if not isinstance(image_url, str) or not image_url:
+        raise ApiError(400, "image_url must be a data: URI or an http(s) URL")
+    target = body.get("object")
+    if not isinstance(target, str) or len(target) > MAX_OBJECT_LENGTH:
+        raise ApiError(400, f"object must be a string of at most {MAX_OBJECT_LENGTH} characters")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream must be true or false")
+    for optional, kind in (("settings", dict), ("model", str)):
+        if optional in body and not isinstance(body[optional], kind):
+            raise ApiError(400, f"{optional} must be {'an object' if kind is dict else 'a string'}")
+    if image_url[:5].lower() == "data:":
+        item = {"imageData": image_url}
+    else:
+        # Checked again with the job's items; here to name the field as the client does.
+        try:
+            check_url(image_url, services().settings.fetch_policy())
+        except UrlRefused as exc:
+            raise ApiError(400, f"image_url: {exc}") from None
+        item = {"fileUrl": image_url}
+    segment_request = parse(
+        SegmentRequest,
+        {"items": [item], "outputs": ["polygons"], **_prompt(body.get("spatial_refs"))},
+    )
+    finished = run_to_completion(project, segment_request)
+    subpaths, bbox = _subpaths_and_bbox(finished)
+    if not stream:
+        return jsonify({"path": " ".join(subpaths), "bbox": bbox})
+    return Response(_events(subpaths, bbox), mimetype="text/event-stream")
+
+
+def _prompt(spatial_refs: Any) -> dict[str, Any]:
+    """Points ``[x, y]`` and at most one box ``[x1, y1, x2, y2]``, in 0..1."""
+    if spatial_refs is None or spatial_refs == []:
+        raise ApiError(
+            422,
+            "text-only prompts need a grounding engine, which this server does not have: "
+            "give spatial_refs (points [x, y] or a box [x1, y1, x2, y2], in 0..1)",
+        )
+    if not isinstance(spatial_refs, list):
+        raise ApiError(400, "spatial_refs must be a list of points and boxes")
+    points: list[dict[str, Any]] = []
+    boxes: list[dict[str, float]] = []
+    for index, ref in enumerate(spatial_refs):
+        if (
+            not isinstance(ref, list)
+            or len(ref) not in (2, 4)
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in ref)
+        ):
+            raise ApiError(400, f"spatial_refs[{index}] must be [x, y] or [x1, y1, x2, y2]")
+        if len(ref) == 2:
+            points.append({"x": float(ref[0]), "y": float(ref[1]), "label": 1})
+        else:
+            x1, y1, x2, y2 = (float(v) for v in ref)
+            boxes.append({"xMin": x1, "yMin": y1, "xMax": x2, "yMax": y2})
+    if len(boxes) > 1:
+        raise ApiError(422, "spatial_refs may hold at most one box: one object per call")
+    prompt: dict[str, Any] = {}
+    if points:
+        prompt["points"] = points
+    if boxes:
+        prompt["boundingBox"] = boxes[0]
+    return prompt
+
+
+def _subpaths_and_bbox(finished: FinishedItem) -> tuple[list[str], dict[str, float] | None]:
+    """The best segment as Moondream shows it: an SVG path in the image's
+    normalized frame (``viewBox="0 0 1 1"``, one closed subpath per ring,
+    holes included: draw with ``fill-rule="evenodd"``) and its box."""
+    [best] = finished.segments
+    # Vertices at pixel centres, as segq's own svgPath puts them, in 0..1.
+    dx, dy = 0.5 / finished.width, 0.5 / finished.height
+    subpaths = [
+        "M" + " L".join(f"{_number(x + dx)},{_number(y + dy)}" for x, y in ring["vertices"]) + " Z"
+        for ring in best["polygons"]
+        if ring["vertices"]
+    ]
+    box = best["boundingBox"]
+    bbox = (
+        None
+        if box is None
+        else {
+            "x_min": box["xMin"],
+            "y_min": box["yMin"],
+            "x_max": box["xMax"],
+            "y_max": box["yMax"],
+        }
+    )
+    return subpaths, bbox
+
+
+def _number(value: float) -> str:
+    return f"{value:.{PATH_DECIMALS}f}".rstrip("0").rstrip(".") or "0"
+
+
+def _events(subpaths: list[str], bbox: dict[str, float] | None) -> Iterator[str]:
+    """Moondream's stream: the box, the path in chunks (one per subpath;
+    joined they are the path), then the whole answer marked completed."""
+    yield _event({"type": "bbox", "bbox": bbox})
+    for index, subpath in enumerate(subpaths):
+        chunk = subpath if index == 0 else " " + subpath
+        yield _event({"type": "path_delta", "chunk": chunk, "completed": False})
+    path = " ".join(subpaths)
+    yield _event({"type": "final", "path": path, "bbox": bbox, "completed": True})
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"

@@ -1,0 +1,619 @@
+"""Replicate's predictions API over segq's jobs, so that Replicate's own
+client (``replicate`` on PyPI) works against segq by its base URL alone.
+
+A prediction is a segq job of one item, created by the same job service as
+the native route (limits, tenancy, queue, webhooks), with what Replicate's
+shape needs later (model, version, input, links) kept in the job's options.
+Errors are RFC 7807 problems, which the client raises as ReplicateError."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from http import HTTPStatus
+from typing import Annotated, Any, Literal
+
+from flask import Blueprint, Response, g, jsonify, request
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException
+
+from api.context import close_db, db, services
+from api.errors import ApiError
+from api.files import MAX_FORM_PARTS
+from api.images import inspect_image
+from api.item_sources import decode_data_url
+from api.job_service import cancel_job, create_segmentation_job, items_of, owned_job
+from api.job_waiting import wait_until_finished
+from api.json_body import max_job_body_bytes, read_json_object
+from api.public_links import public_link
+from api.request_integers import ascii_integer
+from api.schemas import (
+    CONTROL_CHARACTERS,
+    MAX_EXTERNAL_ID_LENGTH,
+    BoundingBox,
+    FileReference,
+    MetadataMap,
+    Point,
+    SegmentRequest,
+    Webhook,
+)
+from api.stored_files import discard_objects, store_image
+from segq.images import ImageRefused, TooManyPixels
+from segq.job_document import MaskLinker
+from segq.models import Job, JobItem, JobStatus, Project, StoredFile
+from segq.projects import ensure_webhook_secret, hash_api_key
+from segq.replicate_prediction import PEER_KIND, iso_time, render_prediction, replicate_request
+from segq.storage import StorageError
+from segq.url_guard import UrlRefused, check_url
+from segq.webhook_events import ITEM_COMPLETED, JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, JOB_STARTED
+
+log = logging.getLogger(__name__)
+
+replicate = Blueprint("replicate", __name__, url_prefix="/v1")
+
+#: The one model: whatever engine this server's workers run (SEGQ_MODEL).
+MODEL = "segq/sam"
+#: The version shown when a prediction names the model but no version.
+DEFAULT_VERSION = "default"
+#: Predictions per page of GET /v1/predictions, as Replicate pages them.
+PAGE_SIZE = 100
+#: The longest ``Prefer: wait``, as Replicate bounds it (seconds).
+MAX_WAIT_SECONDS = 60
+#: What a ``Prefer: wait`` leaves of its N seconds for rendering the answer.
+ANSWER_MARGIN_SECONDS = 0.25
+MAX_POINTS = 32
+
+#: Replicate's webhook events, as segq's: ``logs`` has none (segq records no
+#: log lines as they happen), ``output`` is the item's result arriving.
+EVENTS_OF_FILTER: dict[str, list[str]] = {
+    "start": [JOB_STARTED],
+    "output": [ITEM_COMPLETED],
+    "logs": [],
+    "completed": [JOB_COMPLETED, JOB_FAILED, JOB_CANCELED],
+}
+#: Replicate's default: new output, and the end.
+DEFAULT_EVENTS_FILTER = ("output", "completed")
+
+METADATA: TypeAdapter[dict[str, str]] = TypeAdapter(MetadataMap)
+
+PREFER_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d{1,6}))?\s*$", re.IGNORECASE)
+
+
+class PredictionInput(BaseModel):
+    """The model's input, named as SamPredictor and Livepeer name them."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    image: Annotated[str, Field(min_length=1, description="an http(s) URL or a data: URI")]
+    point_coords: (
+        Annotated[
+            list[Annotated[list[float], Field(min_length=2, max_length=2)]],
+            Field(min_length=1, max_length=MAX_POINTS),
+        ]
+        | None
+    ) = Field(None, description="[[x, y], ...] in pixels (in 0..1 with normalize_coords true)")
+    point_labels: list[Annotated[int, Field(ge=0, le=1)]] | None = Field(
+        None, description="1 foreground, 0 background; default all 1"
+    )
+    box: Annotated[list[float], Field(min_length=4, max_length=4)] | None = Field(
+        None, description="[x1, y1, x2, y2] in pixels (in 0..1 with normalize_coords true)"
+    )
+    multimask_output: bool = Field(False, description="up to 3 candidate masks, best first")
+    # Replicate has no convention of its own; segq's models take pixels, as
+    # SamPredictor does, and ``normalize_coords: true`` says the coordinates
+    # are fractions of the image instead. (Livepeer's route keeps SAM 2's
+    # opposite meaning, since its runner passes the flag to SAM2ImagePredictor.)
+    normalize_coords: bool = Field(
+        False, description="coordinates are in 0..1 of the image (true) or pixels (false)"
+    )
+
+
+ReplicateEvent = Literal["start", "output", "logs", "completed"]
+
+
+class PredictionRequest(BaseModel):
+    """The body Replicate's client sends; ``input`` is checked on its own."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    input: dict[str, Any]
+    webhook: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+    webhook_completed: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+    webhook_events_filter: (
+        Annotated[list[ReplicateEvent], Field(min_length=1, max_length=4)] | None
+    ) = None
+    stream: bool | None = None
+
+
+# Errors: RFC 7807 problems for everything this blueprint answers.
+
+
+def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    response = jsonify({"type": "about:blank", "title": phrase, "detail": detail, "status": status})
+    response.status_code = status
+    response.mimetype = "application/problem+json"
+    response.headers.update(headers or {})
+    return response
+
+
+@replicate.errorhandler(ApiError)
+def _api_error(error: ApiError) -> Response:
+    return problem(error.code, error.message, error.headers)
+
+
+@replicate.errorhandler(HTTPException)
+def _http_error(error: HTTPException) -> Response:
+    code = error.code or 500
+    return problem(code, "request body is too large" if code == 413 else str(error.description))
+
+
+@replicate.errorhandler(OperationalError)
+@replicate.errorhandler(StorageError)
+def _dependency_down(_error: Exception) -> Response:
+    return problem(503, "a dependency of segq is unavailable; retry later", {"Retry-After": "5"})
+
+
+@replicate.errorhandler(ImageRefused)
+def _image_refused(error: ImageRefused) -> Response:
+    return problem(413 if isinstance(error, TooManyPixels) else 422, f"input.image: {error}")
+
+
+@replicate.errorhandler(Exception)
+def _unexpected(_error: Exception) -> Response:
+    log.exception("unhandled error")
+    return problem(500, "internal error")
+
+
+@replicate.before_request
+def _note_arrival() -> None:
+    g.arrived = time.monotonic()
+
+
+@replicate.before_request
+def _authenticate() -> None:
+    """Replicate's client sends ``Authorization: Bearer <token>`` (older
+    ones ``Token <token>``): here the token is a segq project key, and the
+    project is the key's."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    key = key.strip()
+    if scheme.lower() not in ("bearer", "token") or not key:
+        raise ApiError(
+            401,
+            "missing API token: send 'Authorization: Bearer <segq project key>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    project = services().projects_by_key.project(db(), key)
+    if project is None:
+        raise ApiError(401, "invalid API token", headers={"WWW-Authenticate": "Bearer"})
+    if not services().rate_limiter.allow(hash_api_key(key)):
+        raise ApiError(429, "too many requests for this key", headers={"Retry-After": "1"})
+    g.project = project
+
+
+def _project() -> Project:
+    project: Project = g.project
+    return project
+
+
+# Input: Replicate's field names to segq's request.
+
+
+def _input_error(exc: ValidationError) -> ApiError:
+    first = exc.errors(include_url=False)[0]
+    where = "input" + "".join(
+        f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
+    )
+    return ApiError(422, f"{where}: {first['msg']}")
+
+
+def _image_source(image: str) -> tuple[FileReference, tuple[int, int] | None]:
+    """The item for ``image`` and, when segq knows it now (inline images and
+    files uploaded to /v1/files), its (width, height)."""
+    settings = services().settings
+    base = _files_url()
+    if image.startswith(base):
+        file_id = ascii_integer(image[len(base) :], minimum=1)
+        stored = (
+            db().scalar(
+                select(StoredFile).where(
+                    StoredFile.id == file_id, StoredFile.project_id == _project().id
+                )
+            )
+            if file_id is not None
+            else None
+        )
+        if stored is None or stored.width is None or stored.height is None:
+            raise ApiError(422, f"input.image: file {image[len(base) :][:32]} not found")
+        return FileReference(fileId=stored.id), (stored.width, stored.height)
+    if image[:5].lower() == "data:":
+        try:
+            data = decode_data_url("input.image", image, settings.max_upload_bytes)
+            info = inspect_image(data, max_pixels=settings.max_image_pixels)
+        except ApiError as exc:
+            raise ApiError(422, exc.message) from None
+        except ImageRefused as exc:
+            raise ApiError(422, f"input.image: {exc}") from None
+        return FileReference(imageData=image), (info.width, info.height)
+    if image[:8].lower() == "https://" or image[:7].lower() == "http://":
+        try:
+            check_url(image, settings.fetch_policy())
+        except UrlRefused as exc:
+            raise ApiError(422, f"input.image: {exc}") from None
+        return FileReference(fileUrl=image), None
+    raise ApiError(422, "input.image must be an http(s) URL or a data: URI")
+
+
+def _scaled(
+    field: str, values: list[float], size: tuple[int, int] | None, in_pixels: bool
+) -> list[float]:
+    """``values`` (x, y, x, y, ...) in 0..1 of the image's size."""
+    if not in_pixels:
+        if any(not 0.0 <= v <= 1.0 for v in values):
+            raise ApiError(422, f"{field} must be in 0..1 with normalize_coords true")
+        return values
+    if size is None:
+        raise ApiError(
+            422,
+            f"{field} is in pixels, but segq learns an image URL's size only when a "
+            "worker fetches it: send normalize_coords=true with coordinates in 0..1, "
+            "or the image as a data: URI",
+        )
+    width, height = size
+    scaled = [v / (width if index % 2 == 0 else height) for index, v in enumerate(values)]
+    if any(not 0.0 <= v <= 1.0 for v in scaled):
+        raise ApiError(422, f"{field} lies outside the {width}x{height} image")
+    return scaled
+
+
+def segment_request_for(
+    model_input: PredictionInput, raw_input: dict[str, Any], webhook: Webhook | None
+) -> tuple[SegmentRequest, dict[str, Any]]:
+    """segq's request for the prediction, and its input as the prediction
+    shows it (an inline image shortened: it is stored as a file, not echoed)."""
+    source, size = _image_source(model_input.image)
+    in_pixels = not model_input.normalize_coords
+    points: list[Point] | None = None
+    if model_input.point_coords is not None:
+        labels = model_input.point_labels or [1] * len(model_input.point_coords)
+        if len(labels) != len(model_input.point_coords):
+            raise ApiError(422, "input.point_labels must have one label per point of point_coords")
+        points = []
+        for index, (coords, label) in enumerate(zip(model_input.point_coords, labels, strict=True)):
+            x, y = _scaled(f"input.point_coords[{index}]", coords, size, in_pixels)
+            if any((p.x, p.y) == (x, y) for p in points):
+                raise ApiError(422, f"input.point_coords[{index}] repeats an earlier point")
+            points.append(Point(x=x, y=y, label=label))
+    elif model_input.point_labels is not None:
+        raise ApiError(422, "input.point_labels needs point_coords")
+    box: BoundingBox | None = None
+    if model_input.box is not None:
+        x1, y1, x2, y2 = _scaled("input.box", model_input.box, size, in_pixels)
+        if x1 >= x2 or y1 >= y2:
+            raise ApiError(422, "input.box must be [x1, y1, x2, y2] with x1 < x2 and y1 < y2")
+        box = BoundingBox(xMin=x1, yMin=y1, xMax=x2, yMax=y2)
+    if points is None and box is None:
+        raise ApiError(422, "input: give point_coords or box (or both)")
+    segment_request = SegmentRequest(
+        items=[source],
+        points=points,
+        boundingBox=box,
+        multimaskOutput=model_input.multimask_output,
+        outputs=["mask"],
+        webhook=webhook,
+    )
+    shown = dict(raw_input)
+    if model_input.image[:5].lower() == "data:" and size is not None:
+        media_type = model_input.image.partition(",")[0]
+        shown["image"] = f"{media_type},... ({size[0]}x{size[1]}, stored as a file)"
+    return segment_request, shown
+
+
+def _webhook(body: PredictionRequest) -> Webhook | None:
+    url = body.webhook or body.webhook_completed
+    if url is None:
+        return None
+    wanted: list[str] = list(body.webhook_events_filter or ())
+    wanted = wanted or (["completed"] if body.webhook is None else list(DEFAULT_EVENTS_FILTER))
+    events = sorted({event for name in wanted for event in EVENTS_OF_FILTER[name]})
+    if not events:
+        raise ApiError(
+            422,
+            'webhook_events_filter: segq sends no "logs" events; add start, output or completed',
+        )
+    return Webhook(url=url, events=events)
+
+
+def _predictions_url() -> str:
+    return public_link(services().settings.public_url, "/v1/predictions")
+
+
+def _prefer_wait() -> float | None:
+    """Seconds asked for by ``Prefer: wait[=N]``, at most 60; None if not asked.
+    Other preferences are ignored, as RFC 7240 says."""
+    for preference in request.headers.get("Prefer", "").split(","):
+        found = PREFER_WAIT.match(preference)
+        if found:
+            seconds = int(found.group(1)) if found.group(1) else MAX_WAIT_SECONDS
+            return float(min(max(seconds, 1), MAX_WAIT_SECONDS))
+    return None
+
+
+def _prediction_request() -> PredictionRequest:
+    raw = read_json_object(max_bytes=max_job_body_bytes(services().settings.max_upload_bytes))
+    try:
+        return PredictionRequest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ApiError(422, f"{where}: {first['msg']}") from None
+
+
+def _create(body: PredictionRequest, model: str, version: str) -> tuple[Response, int]:
+    if body.stream:
+        raise ApiError(422, "stream: segq does not stream predictions; poll or use Prefer: wait")
+    try:
+        model_input = PredictionInput.model_validate(body.input)
+    except ValidationError as exc:
+        raise _input_error(exc) from None
+    webhook = _webhook(body)
+    if webhook is not None:
+        try:
+            check_url(webhook.url, services().settings.webhook_policy())
+        except UrlRefused as exc:
+            raise ApiError(422, f"webhook: {exc}") from None
+    segment_request, shown_input = segment_request_for(model_input, body.input, webhook)
+    peer: dict[str, Any] = {
+        "kind": PEER_KIND,
+        "model": model,
+        "version": version,
+        "input": shown_input,
+        # Kept for the webhooks the worker renders: it may not know the API's URL.
+        "predictionsUrl": _predictions_url(),
+    }
+    job = create_segmentation_job(
+        db(), services(), _project().id, segment_request, None, peer_request=peer
+    ).job
+    wait = _prefer_wait()
+    if wait is not None:
+        # Counted from the request's arrival, less the time to answer: the
+        # client stops reading half a second after the N seconds it asked for.
+        left = g.arrived + wait - ANSWER_MARGIN_SECONDS - time.monotonic()
+        # The request's session goes back to the pool while it waits.
+        close_db()
+        wait_until_finished(job.id, max(left, 0.0))
+        job = owned_job(db(), _project().id, job.id)
+    return _prediction_answer(job, unfinished_as_starting=wait is not None), 201
+
+
+def _mask_linker() -> MaskLinker:
+    settings = services().settings
+    storage = services().storage
+
+    def link_mask(key: str) -> tuple[str, int]:
+        url = storage.presigned_get_url(key, settings.url_expires_seconds)
+        # Replicate shows no expiry; the linker's second value goes unused.
+        return public_link(settings.public_url, url), 0
+
+    return link_mask
+
+
+def _prediction_answer(job: Job, *, unfinished_as_starting: bool = False) -> Response:
+    return jsonify(
+        render_prediction(
+            job, items_of(db(), job), _mask_linker(), unfinished_as_starting=unfinished_as_starting
+        )
+    )
+
+
+def _prediction(prediction_id: str) -> Job:
+    """The prediction's job, of this project and created as a prediction;
+    anything else is 404 (another project's job too: no existence oracle)."""
+    job_id = ascii_integer(prediction_id, minimum=1, maximum=2**63 - 1)
+    job = (
+        db().scalar(select(Job).where(Job.id == job_id, Job.project_id == _project().id))
+        if job_id is not None
+        else None
+    )
+    if job is None or replicate_request(job) is None:
+        raise ApiError(404, f"prediction {prediction_id[:64]} not found")
+    return job
+
+
+def _model_name(owner: str, name: str) -> str:
+    model = f"{owner}/{name}"
+    if model != MODEL:
+        raise ApiError(404, f"model {model[:100]} not found; this server runs {MODEL}")
+    return model
+
+
+@replicate.post("/predictions")
+def create_prediction() -> tuple[Response, int]:
+    """``version`` may be any id, or ``segq/sam:<id>``: there is one model."""
+    body = _prediction_request()
+    version = body.version
+    if version is not None and ":" in version:
+        owner_name, _, version = version.partition(":")
+        owner, _, name = owner_name.partition("/")
+        _model_name(owner, name)
+    if not version:
+        raise ApiError(422, "version: give the model's version (any id runs segq/sam)")
+    return _create(body, MODEL, version)
+
+
+@replicate.post("/models/<owner>/<name>/predictions")
+def create_model_prediction(owner: str, name: str) -> tuple[Response, int]:
+    model = _model_name(owner, name)
+    return _create(_prediction_request(), model, DEFAULT_VERSION)
+
+
+@replicate.get("/predictions/<prediction_id>")
+def get_prediction(prediction_id: str) -> Response:
+    return _prediction_answer(_prediction(prediction_id))
+
+
+@replicate.post("/predictions/<prediction_id>/cancel")
+def cancel_prediction(prediction_id: str) -> Response:
+    """A finished prediction is answered as it is (Replicate's way), not 409."""
+    job = _prediction(prediction_id)
+    if not JobStatus(job.status).finished:
+        job = cancel_job(db(), services(), _project().id, job.id)
+    return _prediction_answer(job)
+
+
+@replicate.get("/predictions")
+def list_predictions() -> Response:
+    """Newest first, ``PAGE_SIZE`` a page, by keyset on the id; ``next`` is
+    the URL of the next page, as Replicate's client follows it."""
+    query = select(Job).where(
+        Job.project_id == _project().id, Job.options[("peer", "kind")].as_string() == PEER_KIND
+    )
+    raw_cursor = request.args.get("cursor")
+    if raw_cursor is not None:
+        cursor = ascii_integer(raw_cursor, minimum=1, maximum=2**63 - 1)
+        if cursor is None:
+            raise ApiError(400, "cursor is invalid")
+        query = query.where(Job.id < cursor)
+    page = list(db().scalars(query.order_by(Job.id.desc()).limit(PAGE_SIZE + 1)))
+    more = len(page) > PAGE_SIZE
+    page = page[:PAGE_SIZE]
+    items: dict[int, list[JobItem]] = {job.id: [] for job in page}
+    if page:
+        for item in db().scalars(
+            select(JobItem).where(JobItem.job_id.in_(items)).order_by(JobItem.position)
+        ):
+            items[item.job_id].append(item)
+    link_mask = _mask_linker()
+    results = [render_prediction(job, items[job.id], link_mask) for job in page]
+    next_url = (
+        public_link(services().settings.public_url, f"/v1/predictions?cursor={page[-1].id}")
+        if more
+        else None
+    )
+    return jsonify({"previous": None, "next": next_url, "results": results})
+
+
+@replicate.get("/models/<owner>/<name>/versions/<version_id>")
+def get_version(owner: str, name: str, version_id: str) -> Response:
+    """What ``replicate.run("segq/sam:<id>")`` reads before waiting: the
+    model's input and output schemas (output not an iterator)."""
+    _model_name(owner, name)
+    return jsonify(
+        {
+            "id": version_id[:200],
+            "created_at": "2026-01-01T00:00:00Z",
+            "cog_version": "segq",
+            "openapi_schema": {
+                "components": {
+                    "schemas": {
+                        "Input": PredictionInput.model_json_schema(),
+                        "Output": {
+                            "type": "object",
+                            "properties": {
+                                "masks": {
+                                    "type": "array",
+                                    "items": {"type": "string", "format": "uri"},
+                                },
+                                "scores": {"type": "array", "items": {"type": "number"}},
+                            },
+                        },
+                    }
+                }
+            },
+        }
+    )
+
+
+@replicate.get("/webhooks/default/secret")
+def webhook_secret() -> Response:
+    """The project's signing secret, as ``replicate.webhooks.default.secret()``
+    reads it; the same one segq's own route shows."""
+    session = db()
+    project = ensure_webhook_secret(session, _project().id)
+    session.commit()
+    assert project.webhook_secret is not None
+    return jsonify({"key": project.webhook_secret})
+
+
+# Files: where Replicate's client uploads a file object given as an input
+# (``open("photo.jpg", "rb")``), then passes the answer's ``urls.get`` as the
+# input's value. Stored as a file of the project, like a native upload.
+
+
+def _files_url() -> str:
+    return public_link(services().settings.public_url, "/v1/files/")
+
+
+def _file_answer(stored: StoredFile) -> Response:
+    return jsonify(
+        {
+            "id": str(stored.id),
+            "name": stored.name or "",
+            "content_type": stored.mime_type,
+            "size": stored.size,
+            "etag": stored.sha256,
+            "checksums": {"sha256": stored.sha256},
+            "metadata": stored.file_metadata or {},
+            "created_at": iso_time(stored.created_time),
+            "expires_at": None,
+            "urls": {"get": f"{_files_url()}{stored.id}"},
+        }
+    )
+
+
+@replicate.post("/files")
+def create_file() -> tuple[Response, int]:
+    """Multipart, the image in field ``content``; optional ``metadata``, a
+    JSON object of strings (segq keeps files' metadata as strings)."""
+    request.max_form_parts = MAX_FORM_PARTS
+    upload = request.files.get("content")
+    if upload is None:
+        raise ApiError(422, "content: send the file as multipart/form-data field 'content'")
+    metadata: dict[str, str] | None = None
+    if (raw_metadata := request.form.get("metadata")) is not None:
+        try:
+            metadata = METADATA.validate_json(raw_metadata)
+        except ValidationError:
+            raise ApiError(422, "metadata must be a JSON object of strings") from None
+    name = CONTROL_CHARACTERS.sub("", upload.filename or "")[:MAX_EXTERNAL_ID_LENGTH] or None
+    settings = services().settings
+    data = upload.stream.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise ApiError(413, f"content is larger than {settings.max_upload_bytes} bytes")
+    try:
+        info = inspect_image(data, max_pixels=settings.max_image_pixels)
+    except ImageRefused as exc:
+        # The same statuses as a native upload: 415 not an image segq reads, 413 too many pixels.
+        raise ApiError(413 if isinstance(exc, TooManyPixels) else 415, f"content: {exc}") from None
+    session = db()
+    stored = store_image(session, services().storage, _project().id, data, info, name=name)
+    stored.file_metadata = metadata
+    try:
+        session.commit()
+    except Exception:
+        session.rollback()
+        discard_objects(services().storage, [stored.storage_key])
+        raise
+    return _file_answer(stored), 201
+
+
+@replicate.get("/files/<file_id>")
+def get_file(file_id: str) -> Response:
+    found = ascii_integer(file_id, minimum=1)
+    stored = (
+        db().scalar(
+            select(StoredFile).where(StoredFile.id == found, StoredFile.project_id == _project().id)
+        )
+        if found is not None
+        else None
+    )
+    if stored is None:
+        raise ApiError(404, f"file {file_id[:32]} not found")
+    return _file_answer(stored)

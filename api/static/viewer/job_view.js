@@ -1,0 +1,260 @@
+// segq's job viewer. Polls the job's JSON (same signed token as the page)
+// and draws each item: its image, every mask tinted in its own colour with
+// its polygon outline, the prompts, and a table of segments with toggles.
+// Everything the client sent is inserted as text, never as markup.
+"use strict";
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+// Tableau's ten: distinct from each other on most photographs.
+const COLOURS = [
+  "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+  "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
+];
+const FINISHED = new Set(["Completed", "Failed", "Canceled"]);
+const dataUrl = document.body.dataset.jobUrl;
+// position -> the item status drawn, so a poll redraws only what changed
+// (and keeps the toggles of finished items as the person left them).
+const drawn = new Map();
+let pendingImages = 0;
+
+function element(tag, attributes = {}, text = null) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  if (text !== null) node.textContent = text;
+  return node;
+}
+
+function svgElement(tag, attributes = {}) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));
+  return node;
+}
+
+function watchImage(image) {
+  // The page says when every image it drew has arrived (tests wait on it).
+  pendingImages += 1;
+  document.body.dataset.imagesLoaded = "false";
+  const settle = () => {
+    pendingImages -= 1;
+    if (pendingImages === 0) document.body.dataset.imagesLoaded = "true";
+  };
+  image.addEventListener("load", settle, { once: true });
+  image.addEventListener("error", settle, { once: true });
+}
+
+function itemName(item) {
+  if (item.fileExternalId) return item.fileExternalId;
+  if (item.fileInstanceId) return `${item.fileInstanceId.space}/${item.fileInstanceId.externalId}`;
+  if (item.fileUrl) return item.fileUrl;
+  return `file ${item.fileId}`;
+}
+
+function promptsOf(job) {
+  const prompt = job.prompt || {};
+  if (prompt.prompts && prompt.prompts.length) return prompt.prompts;
+  if ((prompt.points && prompt.points.length) || prompt.boundingBox) return [prompt];
+  return [];
+}
+
+function ringPath(polygon, width, height) {
+  const points = polygon.vertices.map((v) => `${(v.x * width).toFixed(2)} ${(v.y * height).toFixed(2)}`);
+  return points.length ? `M${points.join("L")}Z` : "";
+}
+
+function drawSegment(stage, defs, item, segment, index) {
+  const width = item.width;
+  const height = item.height;
+  const colour = COLOURS[index % COLOURS.length];
+  const group = svgElement("g", { class: "segment", "data-segment": index, "data-colour": colour });
+  if (segment.mask && segment.mask.url) {
+    const maskId = `mask-${item.position}-${index}`;
+    const mask = svgElement("mask", {
+      id: maskId, maskUnits: "userSpaceOnUse", x: 0, y: 0, width, height,
+    });
+    const maskImage = svgElement("image", {
+      href: segment.mask.url, x: 0, y: 0, width, height, preserveAspectRatio: "none",
+    });
+    watchImage(maskImage);
+    mask.append(maskImage);
+    defs.append(mask);
+    group.append(svgElement("rect", {
+      class: "tint", x: 0, y: 0, width, height, fill: colour, "fill-opacity": 0.5,
+      mask: `url(#${maskId})`,
+    }));
+  }
+  const outline = (segment.polygons || [])
+    .map((polygon) => ringPath(polygon, width, height)).join(" ");
+  if (outline) {
+    group.append(svgElement("path", {
+      class: "outline", d: outline, fill: "none", stroke: colour, "stroke-width": 2,
+      "vector-effect": "non-scaling-stroke",
+    }));
+  }
+  stage.append(group);
+  return { group, colour };
+}
+
+function drawPrompts(stage, job, width, height) {
+  const group = svgElement("g", { class: "prompts" });
+  const radius = Math.max(3, Math.round(Math.max(width, height) * 0.012));
+  promptsOf(job).forEach((prompt, promptIndex) => {
+    const box = prompt.boundingBox;
+    if (box) {
+      group.append(svgElement("rect", {
+        class: "prompt-box", "data-prompt": promptIndex,
+        x: box.xMin * width, y: box.yMin * height,
+        width: (box.xMax - box.xMin) * width, height: (box.yMax - box.yMin) * height,
+        fill: "none", stroke: "#ffd33d", "stroke-width": 2, "stroke-dasharray": "6 4",
+        "vector-effect": "non-scaling-stroke",
+      }));
+    }
+    for (const point of prompt.points || []) {
+      const marker = svgElement("circle", {
+        class: point.label === 1 ? "prompt-point foreground" : "prompt-point background",
+        "data-prompt": promptIndex, cx: point.x * width, cy: point.y * height, r: radius,
+        fill: point.label === 1 ? "#3fb950" : "#f85149", stroke: "#ffffff", "stroke-width": 1.5,
+        "vector-effect": "non-scaling-stroke",
+      });
+      const title = svgElement("title");
+      title.textContent = `prompt ${promptIndex}: ${point.label === 1 ? "foreground" : "background"} point`;
+      marker.append(title);
+      group.append(marker);
+    }
+  });
+  stage.append(group);
+  return group;
+}
+
+function toggle(label, group, name) {
+  const box = element("input", { type: "checkbox", name });
+  box.checked = true;
+  box.addEventListener("change", () => {
+    group.style.display = box.checked ? "" : "none";
+  });
+  const wrapper = element("label", {}, null);
+  wrapper.append(box, document.createTextNode(label));
+  return wrapper;
+}
+
+function segmentTable(item, segments, drawnSegments) {
+  const table = element("table", { class: "segments" });
+  const head = element("tr");
+  for (const title of ["segment", "prompt", "score", "area"]) head.append(element("th", {}, title));
+  table.append(head);
+  segments.forEach((segment, index) => {
+    const row = element("tr", { "data-segment": index });
+    const cell = element("td");
+    const { group, colour } = drawnSegments[index];
+    cell.append(toggle(` #${index}`, group, `segment-${item.position}-${index}`));
+    cell.append(element("span", { class: "swatch", style: `background:${colour}` }));
+    row.append(cell);
+    row.append(element("td", {}, segment.promptIndex === undefined || segment.promptIndex === null
+      ? "–" : String(segment.promptIndex)));
+    row.append(element("td", {}, segment.score.toFixed(3)));
+    row.append(element("td", {}, `${(segment.area * 100).toFixed(2)} %`));
+    table.append(row);
+  });
+  return table;
+}
+
+function drawItem(job, item) {
+  const card = element("section", { class: "item", "data-position": item.position, "data-status": item.status });
+  const title = element("h2", {}, `#${item.position} ${itemName(item)}`);
+  title.append(element("span", { class: `badge ${item.status}` }, item.status));
+  card.append(title);
+  if (item.errorMessage) card.append(element("p", { class: "error item-error" }, item.errorMessage));
+  const body = element("div", { class: "item-body" });
+  card.append(body);
+  if (!item.width || !item.height) {
+    body.append(element("p", { class: "note" }, item.fileUrl
+      ? "The image was fetched from its URL by the worker; segq keeps no copy to show."
+      : "No image to show."));
+    return card;
+  }
+  const stage = svgElement("svg", {
+    class: "stage", width: item.width, height: item.height,
+    viewBox: `0 0 ${item.width} ${item.height}`, "data-position": item.position,
+  });
+  const defs = svgElement("defs");
+  stage.append(defs);
+  if (item.imageUrl) {
+    const picture = svgElement("image", {
+      class: "picture", href: item.imageUrl, x: 0, y: 0, width: item.width, height: item.height,
+      preserveAspectRatio: "none",
+    });
+    watchImage(picture);
+    stage.append(picture);
+  }
+  const segments = item.segments || [];
+  const drawnSegments = segments.map((segment, index) => drawSegment(stage, defs, item, segment, index));
+  const prompts = drawPrompts(stage, job, item.width, item.height);
+  body.append(stage);
+  const side = element("div", { class: "side" });
+  side.append(toggle(" prompts", prompts, `prompts-${item.position}`));
+  if (segments.length) side.append(segmentTable(item, segments, drawnSegments));
+  else if (item.status === "Completed") side.append(element("p", { class: "note" }, "No segment found."));
+  else if (!FINISHED.has(item.status)) side.append(element("p", { class: "note" }, "Waiting for a worker…"));
+  body.append(side);
+  return card;
+}
+
+function showJob(job) {
+  document.body.dataset.status = job.status;
+  document.getElementById("job-status").textContent = job.status;
+  document.getElementById("job-engine").textContent = job.engine ? `(engine: ${job.engine})` : "";
+  const { total, completed, failed } = job.progress;
+  const share = (count) => (total ? `${(100 * count) / total}%` : "0");
+  document.getElementById("progress-done").style.width = share(completed);
+  document.getElementById("progress-failed").style.width = share(failed);
+  const bar = document.getElementById("progress");
+  bar.setAttribute("aria-valuemax", String(total));
+  bar.setAttribute("aria-valuenow", String(completed + failed));
+  document.getElementById("progress-text").textContent =
+    `${completed} of ${total} done` + (failed ? `, ${failed} failed` : "");
+  const jobError = document.getElementById("job-error");
+  jobError.hidden = !job.errorMessage;
+  jobError.textContent = job.errorMessage || "";
+  const container = document.getElementById("items");
+  for (const item of job.items) {
+    if (drawn.get(item.position) === item.status) continue;
+    const card = drawItem(job, item);
+    const old = container.querySelector(`section.item[data-position="${item.position}"]`);
+    if (old) old.replaceWith(card);
+    else container.append(card);
+    drawn.set(item.position, item.status);
+  }
+  if (pendingImages === 0) document.body.dataset.imagesLoaded = "true";
+}
+
+async function poll() {
+  let wait = 5;
+  try {
+    const response = await fetch(dataUrl, { cache: "no-store", credentials: "omit" });
+    if (response.status === 401 || response.status === 403) {
+      const body = await response.json().catch(() => ({}));
+      throw new Error((body.error && body.error.message) || "this link is no longer valid");
+    }
+    if (!response.ok) {
+      document.getElementById("job-error").hidden = false;
+      document.getElementById("job-error").textContent = `segq answered ${response.status}; retrying`;
+    } else {
+      const job = await response.json();
+      showJob(job);
+      if (job.refreshAfter === null || job.refreshAfter === undefined) return;
+      wait = Math.max(0.5, job.refreshAfter);
+    }
+  } catch (error) {
+    if (error instanceof TypeError) {
+      document.getElementById("job-error").hidden = false;
+      document.getElementById("job-error").textContent = "segq cannot be reached; retrying";
+    } else {
+      document.getElementById("job-error").hidden = false;
+      document.getElementById("job-error").textContent = error.message;
+      document.body.dataset.status = "unavailable";
+      return;
+    }
+  }
+  setTimeout(poll, wait * 1000);
+}
+
+poll();

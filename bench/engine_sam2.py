@@ -1,0 +1,187 @@
+"""What SAM 2 costs per item, and what the embedding cache saves: a SAM 2 of
+the chosen size with random weights (speed does not depend on the weights),
+saved as Meta's files are and loaded through segq's own loader, then
+
+- the first item's engine time (encoding included), the mask decoder's ms
+  per prompt on the held embedding, and the same image's second item from
+  tier 1 (another engine, same process) and from tier 2 alone (an empty
+  tier 1 over the same storage, in this process), against the first;
+- sam2's own ``set_image_batch`` at several batch sizes (images/s against
+  batch 1, in fp32 and, on CUDA, under bf16 autocast): what batching the
+  encoder across items could give; segq's engine encodes one image a time.
+
+SAM 2 resizes every image to 1024x1024, so the image's size changes only
+the cost of upscaling masks.
+
+    python bench/engine_sam2.py [--device cpu] [--model sam2_hiera_tiny] [--prompts 3]
+    python bench/engine_sam2.py --device cuda --model sam2_hiera_large --batches 1 4 8 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from sam2.sam2_image_predictor import SAM2ImagePredictor  # noqa: E402
+
+from segq.storage import LocalStorage  # noqa: E402
+from worker.engines.base import Prompt  # noqa: E402
+from worker.engines.embedding_cache import EmbeddingCache, checkpoint_digest, model_id  # noqa: E402
+from worker.engines.item_metrics import ItemMetrics, recording_item_metrics  # noqa: E402
+from worker.engines.sam2 import SAM2_CONFIGS, Sam2Engine, build_sam2_model, load_sam2  # noqa: E402
+
+MB = 1024 * 1024
+
+
+def photograph_like(width: int, height: int, seed: int = 0) -> npt.NDArray[np.uint8]:
+    """Smooth colour fields with fine noise (the encoder's cost is the same
+    for any pixels; this only keeps masks from being trivial)."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    base = np.stack(
+        [128 + 100 * np.sin(xs / 97 + c) * np.cos(ys / 71 - c) for c in range(3)], axis=-1
+    )
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def prompt_at(index: int, width: int, height: int) -> Prompt:
+    x = width * (0.2 + 0.06 * ((index * 37) % 10))
+    y = height * (0.3 + 0.04 * (index % 10))
+    return Prompt(
+        points=np.array([[x, y]]),
+        labels=np.array([1]),
+        box=np.array([x - width * 0.15, y - height * 0.15, x + width * 0.15, y + height * 0.15]),
+    )
+
+
+def timed_item(engine: Sam2Engine, image: npt.NDArray[np.uint8], prompt: Prompt) -> ItemMetrics:
+    with recording_item_metrics() as metrics:
+        engine.segment(image, prompt, multimask=False)
+    return metrics
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def encoder_images_per_second(
+    predictor: SAM2ImagePredictor,
+    images: list[npt.NDArray[np.uint8]],
+    device: str,
+    precision: Callable[[], AbstractContextManager[Any]],
+    repeat: int,
+) -> float:
+    """sam2's set_image_batch on ``images``: the best of ``repeat`` runs
+    after one warm-up."""
+    best = float("inf")
+    with torch.inference_mode():
+        for attempt in range(repeat + 1):
+            synchronize(device)
+            started = time.perf_counter()
+            with precision():
+                predictor.set_image_batch(images)
+            synchronize(device)
+            if attempt > 0:
+                best = min(best, time.perf_counter() - started)
+    return len(images) / best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="sam2_hiera_tiny", choices=sorted(SAM2_CONFIGS))
+    parser.add_argument("--prompts", type=int, default=3, help="prompts timed on one embedding")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 2], help="encoder batches")
+    parser.add_argument("--repeat", type=int, default=1, help="timed runs per batch size")
+    args = parser.parse_args(argv)
+
+    results: dict[str, Any] = {"model": args.model, "device": args.device}
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoint = Path(scratch) / f"{args.model}.pt"
+        torch.manual_seed(0)
+        torch.save({"model": build_sam2_model(args.model).state_dict()}, checkpoint)
+        model = load_sam2(args.model, checkpoint, args.device)
+        key = model_id(args.model, checkpoint_digest(checkpoint))
+        storage = LocalStorage(Path(scratch) / "objects", secret_key="bench")
+
+        def cache() -> EmbeddingCache:
+            return EmbeddingCache(storage, max_bytes=512 * MB, ttl_seconds=3600)
+
+        image = photograph_like(args.width, args.height)
+        prompt = prompt_at(0, args.width, args.height)
+        first_cache = cache()
+        engine = Sam2Engine(model, args.model, embeddings=first_cache, model_id=key)
+        first = timed_item(engine, image, prompt)
+        decode_ms = [
+            timed_item(engine, image, prompt_at(i, args.width, args.height)).engine_ms
+            for i in range(1, args.prompts + 1)
+        ]
+        local = timed_item(
+            Sam2Engine(model, args.model, embeddings=first_cache, model_id=key), image, prompt
+        )
+        shared = timed_item(
+            Sam2Engine(model, args.model, embeddings=cache(), model_id=key), image, prompt
+        )
+        results["items"] = {
+            "first_item_ms": round(first.engine_ms, 1),
+            "first_item_encode_ms": round(first.encode_ms, 1),
+            "decode_ms_per_prompt": round(statistics.median(decode_ms), 1),
+            "tier1_item_ms": round(local.engine_ms, 1),
+            "tier1_speedup": round(first.engine_ms / local.engine_ms, 1),
+            "tier2_item_ms": round(shared.engine_ms, 1),
+            "tier2_speedup": round(first.engine_ms / shared.engine_ms, 1),
+            "sources": [str(first.embedding), str(local.embedding), str(shared.embedding)],
+        }
+
+        predictor = SAM2ImagePredictor(model)
+        precisions: dict[str, Callable[[], AbstractContextManager[Any]]] = {"fp32": nullcontext}
+        if args.device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            precisions["bf16"] = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+        rows = []
+        for name, precision in precisions.items():
+            baseline = None
+            for batch in args.batches:
+                images = [photograph_like(args.width, args.height, seed=i) for i in range(batch)]
+                if args.device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                rate = encoder_images_per_second(
+                    predictor, images, args.device, precision, args.repeat
+                )
+                baseline = baseline or rate
+                row = {
+                    "precision": name,
+                    "batch": batch,
+                    "images_per_s": round(rate, 3),
+                    "ms_per_image": round(1000 / rate, 1),
+                    "vs_batch_1": round(rate / baseline, 2),
+                }
+                if args.device.startswith("cuda"):
+                    row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        results["encoder_batches"] = rows
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""segq.client against a live segq (HTTP on loopback, Postgres, Redis, moto
+S3 and a real GrabCut worker)."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from celery import Celery
+from flask import Flask, request
+from PIL import Image
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import create_app
+from segq.client import SegqClient, SegqError, WaitTimeout
+from segq.settings import Settings
+from segq.storage import S3Storage
+from tests.harness import Tenant, grabcut_worker, serving
+from tests.images import encode, scene
+
+PROMPT = {
+    "points": [{"x": 0.5, "y": 0.5, "label": 1}],
+    "boundingBox": {"xMin": 0.2, "yMin": 0.15, "xMax": 0.8, "yMax": 0.85},
+}
+
+
+@pytest.fixture
+def segq(live_server: str, tenant: Tenant) -> Iterator[SegqClient]:
+    with SegqClient(live_server, tenant.name, tenant.key) as client:
+        yield client
+
+
+@pytest.fixture
+def running_worker(
+    celery_app: Celery, sessions: sessionmaker[Session], storage: S3Storage
+) -> Iterator[None]:
+    with grabcut_worker(celery_app, sessions, storage):
+        yield
+
+
+def test_upload_segment_wait_and_read_masks(
+    segq: SegqClient, running_worker: None, tmp_path: Path, app: Flask
+) -> None:
+    prefers: list[str | None] = []
+
+    @app.before_request
+    def _record_prefer() -> None:
+        prefers.append(request.headers.get("Prefer"))
+
+    pixels, truth = scene(160, 120)
+    path = tmp_path / "scene.png"
+    path.write_bytes(encode(pixels))
+    from_path = segq.upload(path)
+    from_bytes = segq.upload(encode(pixels), external_id="cam/1")
+    from_pil = segq.upload(Image.fromarray(pixels), name="pil.png")
+    assert from_path["name"] == "scene.png" and from_path["sha256"] == from_bytes["sha256"]
+    assert from_bytes["externalId"] == "cam/1"
+    assert segq.file_by_external_id("cam/1") == from_bytes
+    assert segq.file_by_external_id("cam/none") is None
+    # PIL images go up as PNG: the same pixels.
+    assert (from_pil["mimeType"], from_pil["width"], from_pil["height"]) == ("image/png", 160, 120)
+
+    created = segq.create_job(
+        {"items": [{"fileId": f["id"]} for f in (from_path, from_bytes, from_pil)], **PROMPT}
+    )
+    job = segq.wait(created["jobId"], timeout=60)
+    assert job["status"] == "Completed" and job["progress"]["completed"] == 3
+    # The wait asked the server to hold its GETs (a server without it answers at once).
+    assert any(prefer and prefer.startswith("wait=") for prefer in prefers)
+
+    segment = job["items"][1]["segments"][0]
+    mask = segq.mask_array(segment)
+    assert mask.dtype == np.bool_ and mask.shape == (120, 160)
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.8
+    image = segq.mask_image(segment)
+    assert image.mode == "L" and image.size == (160, 120)
+    stored = Image.open(io.BytesIO(requests.get(segment["mask"]["url"], timeout=10).content))
+    assert np.array_equal(np.asarray(stored) == 255, mask)
+
+    page = requests.get(segq.view_url(job), timeout=10)
+    assert page.status_code == 200 and "job_view.js" in page.text
+
+
+def test_idempotency_keys_and_errors(segq: SegqClient, tenant: Tenant) -> None:
+    file_id = segq.upload(encode(scene(80, 60)[0]))["id"]
+    body = {"items": [{"fileId": file_id}], **PROMPT}
+    first = segq.create_job(body, idempotency_key="batch-1")
+    assert segq.create_job(body, idempotency_key="batch-1")["jobId"] == first["jobId"]
+    # Without a key each call is its own job (its retries share a random one).
+    assert segq.create_job(body)["jobId"] != segq.create_job(body)["jobId"]
+    with pytest.raises(SegqError) as conflict:
+        segq.create_job({**body, "multimaskOutput": True}, idempotency_key="batch-1")
+    assert conflict.value.status == 409
+
+    with pytest.raises(SegqError) as missing:
+        segq.get_job(999_999)
+    assert missing.value.status == 404 and "not found" in missing.value.message
+    with pytest.raises(SegqError) as refused:
+        segq.create_job({"items": [{"fileId": file_id}], "points": [{"x": 2, "y": 0.5}]})
+    assert refused.value.status == 400 and "points[0]" in refused.value.message
+    with pytest.raises(SegqError) as unauthorized:
+        SegqClient(segq.base_url, tenant.name, "segq_wrong").get_job(first["jobId"])
+    assert unauthorized.value.status == 401
+
+
+def test_wait_gives_up_after_its_timeout_and_cancel(segq: SegqClient) -> None:
+    file_id = segq.upload(encode(scene(80, 60)[0]))["id"]
+    job = segq.create_job({"items": [{"fileId": file_id}], **PROMPT})  # no worker runs
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout) as timeout:
+        segq.wait(job["jobId"], timeout=1.5)
+    assert 1.4 < time.monotonic() - started < 5
+    assert timeout.value.job["status"] == "Queued"
+    assert segq.cancel_job(job["jobId"])["status"] == "Canceled"
+    assert segq.wait(job["jobId"], timeout=5)["status"] == "Canceled"
+
+
+def test_listing_iterates_every_page(segq: SegqClient) -> None:
+    file_id = segq.upload(encode(scene(80, 60)[0]))["id"]
+    ids = [segq.create_job({"items": [{"fileId": file_id}], **PROMPT})["jobId"] for _ in range(5)]
+    listed = [job["jobId"] for job in segq.jobs(page_size=2)]
+    assert listed == sorted(ids, reverse=True)
+    assert [job["jobId"] for job in segq.jobs(status="Completed")] == []
+
+
+def test_429_is_retried_after_its_retry_after(
+    settings: Settings, storage: S3Storage, celery_app: Celery, tenant: Tenant
+) -> None:
+    limited = create_app(
+        replace(settings, rate_limit_per_second=2), storage=storage, celery=celery_app
+    )
+    with serving(limited) as url:
+        impatient = SegqClient(url, tenant.name, tenant.key, retries=0)
+        with pytest.raises(SegqError) as refused:  # noqa: PT012  (the 3rd call is refused)
+            for _ in range(10):
+                list(impatient.jobs())
+        assert refused.value.status == 429
+
+        patient = SegqClient(url, tenant.name, tenant.key)
+        started = time.monotonic()
+        for _ in range(8):
+            assert list(patient.jobs()) == []
+        # Over the limit of 2 a second, so some calls waited out a Retry-After of 1 s.
+        assert time.monotonic() - started >= 1.0

@@ -1,0 +1,71 @@
+"""SAM 2 for tests: the real tiny configuration (Hiera-T, 39M parameters,
+1024x1024 input) with the random weights its modules start with, saved as
+Meta's files are (``{"model": state dict}``), and sam2's own predictor as
+the reference segq's engine is compared with.
+
+SAM 2 resizes every image to 1024x1024, so a test image's size does not
+make the encoder cheaper: one encoding costs seconds on a 2-core CPU, and
+the tests share what they can (module-scoped models and embeddings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from sam2.build_sam import build_sam2
+from sam2.modeling.sam2_base import SAM2Base
+from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+from tests.tiny_sam import Box, PointList
+
+TINY_SAM2 = "sam2_hiera_tiny"
+TINY_SAM2_CONFIG = "configs/sam2/sam2_hiera_t.yaml"
+
+
+def save_random_sam2_checkpoint(path: Path, seed: int = 0) -> Path:
+    """sam2's tiny model as ``build_sam2`` makes it without a checkpoint
+    (random weights, drawn after ``torch.manual_seed(seed)``), saved the way
+    Meta's SAM 2 checkpoints are laid out."""
+    torch.manual_seed(seed)
+    model = build_sam2(TINY_SAM2_CONFIG, ckpt_path=None, device="cpu")
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def load_with_sam2(checkpoint: Path) -> SAM2Base:
+    """The checkpoint loaded by sam2's own ``build_sam2``, not by segq."""
+    model: SAM2Base = build_sam2(TINY_SAM2_CONFIG, ckpt_path=str(checkpoint), device="cpu")
+    return model
+
+
+def predictor_for(model: SAM2Base, image: npt.NDArray[np.uint8]) -> SAM2ImagePredictor:
+    predictor = SAM2ImagePredictor(model)
+    predictor.set_image(image)
+    return predictor
+
+
+def sam2_directly(
+    predictor: SAM2ImagePredictor,
+    points: PointList,
+    box: Box,
+    multimask: bool,
+    mask_input: npt.NDArray[np.float32] | None = None,
+) -> list[tuple[npt.NDArray[np.bool_], float, npt.NDArray[np.float32]]]:
+    """sam2 itself, one prompt on the image ``predictor`` holds: (mask,
+    score, low-res logits), best first. A lone point asks for three masks
+    and keeps the best, as segq documents."""
+    ask_three = multimask or (len(points) == 1 and box is None and mask_input is None)
+    masks, scores, logits = predictor.predict(
+        point_coords=np.array([[x, y] for x, y, _ in points], dtype=np.float32) if points else None,
+        point_labels=np.array([label for _, _, label in points], dtype=np.int32)
+        if points
+        else None,
+        box=None if box is None else np.array(box, dtype=np.float32),
+        mask_input=mask_input,
+        multimask_output=ask_three,
+    )
+    order = np.argsort(-scores, kind="stable")
+    answers = [(masks[i] > 0.5, float(scores[i]), logits[i]) for i in order]
+    return answers if multimask else answers[:1]

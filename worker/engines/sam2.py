@@ -1,0 +1,300 @@
+"""SAM 2 (Segment Anything 2) on still images through ``sam2``'s own
+``SAM2ImagePredictor``.
+
+The model is built by ``sam2.build_sam.build_sam2`` from the config the
+``sam2`` package ships for each size, and its weights are loaded as sam2's
+own loader does (the ``"model"`` entry of the checkpoint, strictly), here
+with errors that name the file and the size. ``sam2`` is installed without
+its CUDA extension, which only fills small holes and removes specks in
+low-resolution masks when asked to; segq never asks (``minArea`` of "segment
+everything" removes them afterwards with OpenCV, as for SAM).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+from sam2.build_sam import build_sam2
+from sam2.modeling.sam2_base import SAM2Base
+from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+from worker.engines.base import Candidate, EverythingOptions, Prompt
+from worker.engines.embedding_cache import (
+    Embedding,
+    EmbeddingCache,
+    EmbeddingKey,
+    EmbeddingSource,
+    image_digest,
+)
+from worker.engines.item_metrics import record_embedding
+from worker.engines.prompt_batching import best_first, decode_chunks, group_by_shape
+from worker.engines.sam import CheckpointError, resolve_device
+
+T = TypeVar("T")
+
+#: Engine name -> the config ``sam2`` ships for that size (SAM 2's July 2024
+#: checkpoints; the SAM 2.1 configs are for the 2.1 checkpoints).
+SAM2_CONFIGS = {
+    "sam2_hiera_tiny": "configs/sam2/sam2_hiera_t.yaml",
+    "sam2_hiera_small": "configs/sam2/sam2_hiera_s.yaml",
+    "sam2_hiera_base_plus": "configs/sam2/sam2_hiera_b+.yaml",
+    "sam2_hiera_large": "configs/sam2/sam2_hiera_l.yaml",
+}
+
+
+def build_sam2_model(name: str) -> SAM2Base:
+    """The SAM 2 model of size ``name`` (a key of SAM2_CONFIGS) on the CPU,
+    in eval mode, with the random weights its modules start with. Built as
+    ``build_sam2`` builds it, with sam2's post-processing overrides (a
+    single mask falls back to the best of three when it is unstable)."""
+    if name not in SAM2_CONFIGS:
+        raise CheckpointError(f"unknown SAM 2 model {name!r}; known: {sorted(SAM2_CONFIGS)}")
+    model: SAM2Base = build_sam2(SAM2_CONFIGS[name], ckpt_path=None, device="cpu", mode="eval")
+    return model
+
+
+def load_sam2(name: str, checkpoint: Path, device: str) -> SAM2Base:
+    """Build SAM 2 of size ``name``, load ``checkpoint`` (a file holding
+    ``{"model": state dict}``, e.g. Meta's ``sam2_hiera_tiny.pt``) into it,
+    move it to ``device`` (see ``resolve_device``) and set eval mode.
+
+    Raises CheckpointError, naming the file and the size, when the size is
+    unknown or the file is missing, unreadable, not SAM 2's layout (a SAM
+    checkpoint, say), or has tensors that do not fit the size."""
+    resolved = resolve_device(device)
+    if name not in SAM2_CONFIGS:
+        raise CheckpointError(f"unknown SAM 2 model {name!r}; known: {sorted(SAM2_CONFIGS)}")
+    try:
+        # weights_only: a checkpoint is data, never code (sam2 loads it so too).
+        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{name} checkpoint {checkpoint} does not exist") from None
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise CheckpointError(
+            f"{checkpoint} is not a readable checkpoint (for {name}): {exc}"
+        ) from exc
+    state_dict = loaded.get("model") if isinstance(loaded, dict) else None
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(
+            f"{checkpoint} is not a SAM 2 checkpoint (for {name}): it holds no "
+            '{"model": state dict}, as Meta\'s SAM 2 files do'
+        )
+    model = build_sam2_model(name)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint} does not fit {name}: {str(exc)[:300]}") from exc
+    moved: SAM2Base = model.to(resolved).eval()
+    return moved
+
+
+class Sam2Engine:
+    """One SAM2ImagePredictor around one loaded SAM 2 model, used as
+    ``SamEngine`` uses SamPredictor: the embedding of the last image is kept
+    while it comes back with another prompt, a lock makes callers on other
+    threads take turns, and with ``embeddings`` (and ``model_id``, naming
+    the model and its checkpoint there) an image another item or worker
+    encoded is restored from that cache instead of encoded again.
+
+    SAM 2 resizes every image to a 1024x1024 square (not keeping its aspect
+    ratio, unlike SAM), so its embedding does not depend on the image's
+    size beyond that; it is the image embedding and two finer feature maps
+    (16 MiB in float32)."""
+
+    def __init__(
+        self,
+        model: SAM2Base,
+        name: str,
+        *,
+        embeddings: EmbeddingCache | None = None,
+        model_id: str | None = None,
+    ) -> None:
+        if (embeddings is None) != (model_id is None):
+            raise ValueError("an embedding cache needs the model's id, and only it")
+        self.name = name
+        self._predictor = SAM2ImagePredictor(model)
+        self._input_size = (int(model.image_size), int(model.image_size))
+        self._embeddings = embeddings
+        self._model_id = model_id
+        self._embedded_image: str | None = None
+        self._lock = threading.Lock()
+
+    def segment(
+        self, image: npt.NDArray[np.uint8], prompt: Prompt, multimask: bool
+    ) -> list[Candidate]:
+        """image: (H, W, 3) uint8 RGB; prompt in its pixel frame. Candidates
+        are (H, W) bool masks sorted by SAM 2's predicted IoU, best first:
+        one, or three when ``multimask`` is true."""
+        return self.segment_batch(image, [prompt], multimask)[0]
+
+    def segment_batch(
+        self, image: npt.NDArray[np.uint8], prompts: Sequence[Prompt], multimask: bool
+    ) -> list[list[Candidate]]:
+        """``segment``'s answer for each prompt, in prompt order, from one
+        embedding of ``image`` and one ``predict`` call per group of prompts
+        of the same shape (SAM2ImagePredictor takes a batch of prompts as
+        (B, N, 2) points, (B, 4) boxes and (B, 1, 256, 256) mask inputs)."""
+        _check_image(image)
+        groups = group_by_shape(prompts, multimask)
+        answers: list[list[Candidate]] = [[] for _ in prompts]
+        height, width = image.shape[:2]
+        with self._lock, torch.inference_mode():
+            self._embed(image)
+            for (_, _, _, three), indexes in groups.items():
+                for chunk in decode_chunks(indexes, three, height, width):
+                    masks, scores, logits = self._decode([prompts[i] for i in chunk], three)
+                    for row, index in enumerate(chunk):
+                        answers[index] = best_first(masks[row], scores[row], logits[row], multimask)
+        return answers
+
+    def segment_everything(
+        self, image: npt.NDArray[np.uint8], options: EverythingOptions
+    ) -> list[Candidate]:
+        """sam2's SAM2AutomaticMaskGenerator on ``image`` (one crop: the
+        whole image), on the embedding this engine holds or makes for it.
+        Candidates sorted by predicted IoU, best first, at most
+        ``options.max_segments``; no logits (the generator keeps none)."""
+        _check_image(image)
+        generator = SAM2AutomaticMaskGenerator(
+            self._predictor.model,
+            points_per_side=options.points_per_side,
+            pred_iou_thresh=options.pred_iou_thresh,
+            stability_score_thresh=options.stability_score_thresh,
+            min_mask_region_area=options.min_area,
+            output_mode="binary_mask",
+        )
+        # The generator's own predictor would encode the image again and, with
+        # min_area, ask for the CUDA extension's hole filling; this one is the
+        # engine's (no hole filling: min_area is applied with OpenCV after).
+        generator.predictor = _HeldEmbedding(self)
+        with self._lock, torch.inference_mode():
+            found = generator.generate(image)
+        found.sort(key=lambda mask: -float(mask["predicted_iou"]))
+        return [
+            Candidate(
+                mask=np.ascontiguousarray(mask["segmentation"], dtype=np.bool_),
+                score=float(mask["predicted_iou"]),
+            )
+            for mask in found[: options.max_segments]
+        ]
+
+    def _decode(
+        self, prompts: Sequence[Prompt], three: bool
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """One ``predict`` call for prompts of one shape, on the embedding
+        held. Returns masks (B, C, H, W) bool, scores (B, C) and low-res
+        logits (B, C, 256, 256) float32, C being 3 or 1."""
+        first = prompts[0]
+        coords = labels = boxes = mask_input = None
+        if first.points.shape[0] > 0:
+            coords = np.stack([p.points.astype(np.float32) for p in prompts])  # (B, N, 2)
+            labels = np.stack([p.labels.astype(np.int32) for p in prompts])  # (B, N)
+        if first.box is not None:
+            boxes = np.stack([_present(p.box).astype(np.float32) for p in prompts])  # (B, 4)
+        if first.mask_input is not None:
+            mask_input = np.stack([_present(p.mask_input) for p in prompts])  # (B, 1, 256, 256)
+        masks, scores, logits = self._predictor.predict(
+            point_coords=coords,
+            point_labels=labels,
+            box=boxes,
+            mask_input=mask_input,
+            multimask_output=three,
+        )
+        # predict squeezes a batch of one away; put it back.
+        count, candidates = len(prompts), 3 if three else 1
+        return (
+            masks.reshape(count, candidates, *masks.shape[-2:]) > 0.5,
+            scores.reshape(count, candidates).astype(np.float32),
+            logits.reshape(count, candidates, *logits.shape[-2:]).astype(np.float32),
+        )
+
+    def _embed(self, image: npt.NDArray[np.uint8]) -> None:
+        """Make the predictor hold ``image``'s embedding: kept from the last
+        image, restored from the cache, or encoded (and then cached)."""
+        started = time.perf_counter()
+        digest = image_digest(image, self._input_size)
+        if digest == self._embedded_image:
+            source = EmbeddingSource.LOCAL
+        else:
+            self._embedded_image = None  # stays None if encoding fails halfway
+            source = self._set_embedding(image, digest)
+            self._embedded_image = digest
+        record_embedding(source, (time.perf_counter() - started) * 1000)
+
+    def _set_embedding(self, image: npt.NDArray[np.uint8], digest: str) -> EmbeddingSource:
+        predictor = self._predictor
+        if self._embeddings is None or self._model_id is None:
+            predictor.set_image(image)
+            return EmbeddingSource.COMPUTED
+
+        def encode() -> Embedding:
+            predictor.set_image(image)
+            # SAM2ImagePredictor offers only image_embed publicly
+            # (get_image_embedding); the decoder also reads high_res_feats.
+            features: dict[str, Any] = predictor._features
+            return Embedding(
+                features=_numpy(features["image_embed"]),
+                high_res_features=tuple(_numpy(f) for f in features["high_res_feats"]),
+                original_size=(int(image.shape[0]), int(image.shape[1])),
+                input_size=self._input_size,
+            )
+
+        embedding, source = self._embeddings.get_or_compute(
+            EmbeddingKey(self._model_id, digest), encode
+        )
+        if source != EmbeddingSource.COMPUTED:
+            # What set_image leaves behind, without running the encoder.
+            device = predictor.device
+            predictor.reset_predictor()
+            predictor._orig_hw = [embedding.original_size]
+            predictor._features = {
+                "image_embed": torch.from_numpy(embedding.features).to(device),
+                "high_res_feats": [
+                    torch.from_numpy(f).to(device) for f in embedding.high_res_features
+                ],
+            }
+            predictor._is_image_set = True
+        return source
+
+
+class _HeldEmbedding:
+    """The engine's predictor as SAM2AutomaticMaskGenerator uses it, except
+    that setting an image goes through the engine (which keeps the
+    embedding it already holds) and resetting keeps the embedding for the
+    next job on the same image."""
+
+    def __init__(self, engine: Sam2Engine) -> None:
+        self._engine = engine
+
+    def set_image(self, image: npt.NDArray[np.uint8]) -> None:
+        self._engine._embed(np.ascontiguousarray(image))
+
+    def reset_predictor(self) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine._predictor, name)
+
+
+def _check_image(image: npt.NDArray[np.uint8]) -> None:
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
+
+
+def _numpy(tensor: torch.Tensor) -> npt.NDArray[np.float32]:
+    array: npt.NDArray[np.float32] = tensor.detach().float().cpu().numpy()
+    return array
+
+
+def _present(value: T | None) -> T:
+    """A field every prompt of a batch has, since batches share a shape."""
+    assert value is not None
+    return value
