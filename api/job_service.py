@@ -5,6 +5,7 @@ Refusals are ApiErrors; the caller's error envelope renders them."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -56,15 +57,21 @@ def create_segmentation_job(
     idempotency_key_header: str | None,
     *,
     peer_request: dict[str, Any] | None = None,
+    inline_mask_input: bytes | None = None,
 ) -> CreatedJob:
     """Check ``segment_request``, commit the job and its items, and publish
     the items to the broker. A request repeated with the same idempotency
     key (the Idempotency-Key header as sent, None if absent) gets the job
     the first one created. ``peer_request``: what a compatibility route
     (api/peers/) must show of the job later in its own shape, kept in the
-    job's options under its "peer" key, committed with the job itself."""
+    job's options under its "peer" key, committed with the job itself.
+    ``inline_mask_input``: logits (segq.mask_logits' .npy) for the job's
+    top-level prompt, given with the request by a compatibility route
+    (Livepeer's ``mask_input``), kept in the job's row."""
     settings = services.settings
     _check_semantics(segment_request, settings.max_items_per_job, settings.model)
+    if inline_mask_input is not None and settings.model == "grabcut":
+        raise ApiError(422, f"mask_input needs a SAM engine; this server runs {settings.model}")
     webhook = _checked_webhook(segment_request.webhook, settings.webhook_policy())
     idempotency_key = _checked_idempotency_key(idempotency_key_header)
     request_sha256 = _request_fingerprint(segment_request, webhook)
@@ -75,6 +82,8 @@ def create_segmentation_job(
 
     _check_unfinished_jobs(session, services, project_id)
     stored_prompt = _stored_prompt(session, project_id, segment_request)
+    if inline_mask_input is not None:
+        stored_prompt["maskInput"] = {"inline": base64.b64encode(inline_mask_input).decode()}
     sources = resolve_sources(session, services, project_id, segment_request.items)
     now = now_ms()
     job = Job(

@@ -212,6 +212,16 @@ def test_livepeer_on_sam_gives_segment_anythings_masks_scores_and_logits(
         for url in serve(app):
             thresholded = livepeer_call(url, tenant.key, **prompt, return_logits=False)
             raw = livepeer_call(url, tenant.key, **prompt)  # return_logits defaults to true
+            # Refinement: the best candidate's logits sent back as mask_input.
+            best_logits = json.loads(thresholded.logits)[0]
+            refined = livepeer_call(
+                url,
+                tenant.key,
+                **prompt,
+                mask_input=json.dumps([best_logits]),
+                multimask_output=False,
+                return_logits=False,
+            )
     image = scene(WIDTH, HEIGHT)[0]
     x, y = POINT
     x1, y1, x2, y2 = BOX
@@ -226,6 +236,16 @@ def test_livepeer_on_sam_gives_segment_anythings_masks_scores_and_logits(
         # Stored as float16: about three significant digits.
         np.testing.assert_allclose(logits[index], low_res, rtol=2e-3, atol=2e-3)
     assert raw.logits == thresholded.logits
+    [(refined_mask, refined_score, _)] = segment_anything_directly(
+        sam,
+        image,
+        [(x, y, 1)],
+        (x1, y1, x2, y2),
+        multimask=False,
+        mask_input=np.array([best_logits], dtype=np.float32),
+    )
+    assert np.array_equal(np.array(json.loads(refined.masks))[0] == 1.0, refined_mask)
+    assert json.loads(refined.scores) == pytest.approx([refined_score], abs=1e-6)
 
     # return_logits: the masks are SAM's own full-size logits.
     predictor = SamPredictor(sam)
@@ -261,7 +281,14 @@ def test_livepeer_on_sam_gives_segment_anythings_masks_scores_and_logits(
         ({"box": "[10, 20, 30]"}, 400, "box must be one box"),
         ({"box": "[128, 18, 32, 102]"}, 400, "xMin < xMax"),
         ({"model_id": "stabilityai/sdxl"}, 400, "pipeline configured with"),
-        ({"mask_input": "[[0.0]]", "box": json.dumps(BOX)}, 400, "mask_input"),
+        ({"mask_input": "[[0.0, 1.0]]", "box": json.dumps(BOX)}, 400, "mask_input must be"),
+        ({"mask_input": '[["a"]]', "box": json.dumps(BOX)}, 400, "mask_input must be"),
+        ({"mask_input": "[[[NaN]]]", "box": json.dumps(BOX)}, 400, "for mask_input"),
+        (
+            {"mask_input": json.dumps([[[0] * 257] * 257]), "box": json.dumps(BOX)},
+            400,
+            "mask_input must",
+        ),
         ({}, 400, "give at least one point or a boundingBox"),
         (
             {"image": {"file_name": "x.png", "content": b"not an image"}, "box": json.dumps(BOX)},

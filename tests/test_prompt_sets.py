@@ -21,6 +21,7 @@ from segment_anything.modeling import Sam
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from segq.mask_logits import decode_logits
 from segq.models import JobItem
 from segq.storage import S3Storage
 from tests.harness import TEST_LIMITS, Tenant, assert_job_refused, count_jobs, queued_messages
@@ -29,7 +30,6 @@ from tests.tiny_sam import Box, PointList, as_prompt, load_tiny_sam, segment_any
 from worker.engines.base import Prompt
 from worker.engines.grabcut import GrabCutEngine
 from worker.engines.sam import SamEngine
-from worker.mask_logits import decode_logits
 from worker.pipeline import ItemOutcome, process_item
 
 WIDTH, HEIGHT = 130, 90

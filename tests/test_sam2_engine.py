@@ -29,6 +29,7 @@ from sam2.sam2_image_predictor import SAM2ImagePredictor
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from segq.mask_logits import decode_logits
 from segq.models import JobItem
 from segq.storage import S3Storage
 from tests.harness import TEST_LIMITS, Tenant
@@ -54,7 +55,6 @@ from worker.engines.embedding_cache import (
 from worker.engines.item_metrics import recording_item_metrics
 from worker.engines.sam import CheckpointError
 from worker.engines.sam2 import Sam2Engine, load_sam2
-from worker.mask_logits import decode_logits
 from worker.pipeline import ItemOutcome, process_item
 
 WIDTH, HEIGHT = 130, 90  # not square, so a swapped x and y cannot land where they belong
@@ -402,3 +402,24 @@ def test_bad_checkpoints_are_named_clearly(checkpoint: Path, tmp_path: Path) -> 
         load_sam2("sam2_hiera_small", checkpoint, "cpu")
     with pytest.raises(CheckpointError, match="unknown SAM 2 model"):
         load_sam2("sam2_hiera_huge", checkpoint, "cpu")
+
+
+def test_livepeers_full_size_logits_are_sam2s_own(reference: SAM2ImagePredictor) -> None:
+    """Livepeer's return_logits on SAM 2: the stored low-resolution logits
+    brought to the image's size as SAM2ImagePredictor's return_logits does
+    (SAM 2 stretched the image to its square, so no crop)."""
+    from api.peers.livepeer import full_size_logits
+
+    full, _, low_res = reference.predict(
+        point_coords=np.array([[60.0, 40.0]], dtype=np.float32),
+        point_labels=np.array([1]),
+        multimask_output=True,
+        return_logits=True,
+    )
+    for index in range(full.shape[0]):
+        made = full_size_logits(low_res[index], WIDTH, HEIGHT, stretched=True)
+        spread = float(np.abs(full[index]).max())
+        np.testing.assert_allclose(made, full[index], atol=0.01 * spread)
+        # SAM's padded-square reconstruction is not SAM 2's.
+        padded = full_size_logits(low_res[index], WIDTH, HEIGHT)
+        assert np.abs(padded - full[index]).max() > 0.05 * spread

@@ -4,6 +4,7 @@ that image's pixel frame."""
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -11,11 +12,11 @@ import numpy as np
 import numpy.typing as npt
 
 from segq.images import ImageRefused, decode_image
+from segq.mask_logits import LogitsUnreadable, decode_logits
 from segq.storage import ObjectNotFound, ObjectStorage
 from segq.url_guard import FetchFailed, FetchPolicy, UrlRefused, fetch
 from worker.claims import Claim
 from worker.engines.base import EverythingOptions, Prompt
-from worker.mask_logits import LogitsUnreadable, decode_logits
 
 
 class ItemFailure(Exception):
@@ -99,7 +100,13 @@ def item_prompts(
 
 
 def _stored_logits(storage: ObjectStorage, mask_input: dict[str, Any]) -> npt.NDArray[np.float32]:
-    """(1, h, w) float32: the logits the API found for ``mask_input``."""
+    """(1, h, w) float32: the logits the API found for ``mask_input``, or
+    those the request gave inline."""
+    if "inline" in mask_input:
+        try:
+            return decode_logits(base64.b64decode(mask_input["inline"]))[None]
+        except LogitsUnreadable as exc:
+            raise ItemFailure(f"mask_input is unreadable: {exc}") from None
     named = (
         f"maskInput (job {mask_input['jobId']}, item {mask_input['itemIndex']}, "
         f"segment {mask_input['segmentIndex']})"

@@ -8,11 +8,11 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from segq.mask_logits import NPY_MEDIA_TYPE, encode_logits
 from segq.storage import ObjectStorage, StorageError
 from worker.claims import Claim
 from worker.engines.base import Candidate
 from worker.item_inputs import ItemFailure, everything_options, prompt_sets
-from worker.mask_logits import NPY_MEDIA_TYPE, encode_logits
 from worker.masks import (
     encode_png,
     mask_area,

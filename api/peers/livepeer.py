@@ -34,6 +34,7 @@ from api.peers.synchronous_jobs import (
 )
 from api.schemas import SegmentRequest, parse
 from segq.images import TooManyPixels, UnreadableImage
+from segq.mask_logits import encode_logits
 from segq.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ livepeer = Blueprint("livepeer", __name__)
 #: The Hugging Face ids a Livepeer client may name: any SAM checkpoint means
 #: the engine this server runs (the answer does not depend on the name).
 SAM_MODEL_ID_PREFIX = "facebook/sam"
+#: The largest side of a mask_input: SAM's and SAM 2's low-resolution
+#: logits are 256 x 256 (smaller models' smaller; the engine checks the fit).
+MAX_MASK_INPUT_SIDE = 256
 #: Statuses the SDK maps to its HTTPError with ``detail.msg``; others it
 #: raises as SDKError, and 429/503 it may retry, so those keep their codes.
 KEPT_STATUSES = frozenset({400, 401, 429, 503, 504})
@@ -72,12 +76,7 @@ def segment_anything_2() -> Response:
     multimask = _form_bool("multimask_output", default=True)
     return_logits = _form_bool("return_logits", default=True)
     pixels = _form_bool("normalize_coords", default=True)
-    if request.form.get("mask_input"):
-        raise ApiError(
-            400,
-            "mask_input as an array is not taken here yet: send the earlier call's prompt "
-            "again, or use segq's own maskInput (README: Logits and refinement)",
-        )
+    mask_input = _mask_input(_json_field("mask_input"))
     point_coords = _json_field("point_coords")
     point_labels = _json_field("point_labels")
     box = _json_field("box")
@@ -92,12 +91,16 @@ def segment_anything_2() -> Response:
     }
     scale = (info.width, info.height) if pixels else (1, 1)
     body |= _prompt(point_coords, point_labels, box, scale)
-    finished = run_to_completion(project, parse(SegmentRequest, body))
+    finished = run_to_completion(project, parse(SegmentRequest, body), inline_mask_input=mask_input)
 
     segments = finished.segments  # best score first, as Livepeer sorts them
     logits = [stored_logits(s["logitsKey"]) for s in segments if "logitsKey" in s]
     if return_logits and logits:
-        masks = [full_size_logits(low_res, finished.width, finished.height) for low_res in logits]
+        stretched = (services().settings.model or "").startswith("sam2")
+        masks = [
+            full_size_logits(low_res, finished.width, finished.height, stretched=stretched)
+            for low_res in logits
+        ]
     else:
         masks = [stored_mask(s["maskKey"]).astype(np.float32) for s in segments]
     return _json(
@@ -110,15 +113,41 @@ def segment_anything_2() -> Response:
     )
 
 
+def _mask_input(value: Any) -> bytes | None:
+    """The runner's ``mask_input``: an earlier answer's low-resolution
+    logits, (1, 256, 256) as SAM2ImagePredictor takes them for one prompt
+    ((256, 256) too), as the .npy the worker reads. A size the model does
+    not take fails the job (422), as the runner's model would fail."""
+    if value is None:
+        return None
+    try:
+        array = np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise ApiError(400, "mask_input must be a (1, 256, 256) array of numbers") from None
+    side = array.shape[-1] if array.ndim in (2, 3) else 0
+    if array.shape not in ((side, side), (1, side, side)) or not 0 < side <= MAX_MASK_INPUT_SIDE:
+        raise ApiError(
+            400, f"mask_input must be a (1, 256, 256) array of numbers, got shape {array.shape}"
+        )
+    if not np.isfinite(array).all():
+        raise ApiError(400, "mask_input must hold finite numbers")
+    return encode_logits(array.reshape(side, side))
+
+
 def full_size_logits(
-    low_res: npt.NDArray[np.float32], width: int, height: int
+    low_res: npt.NDArray[np.float32], width: int, height: int, *, stretched: bool = False
 ) -> npt.NDArray[np.float32]:
-    """(height, width) float32: SAM's mask logits at the image's size, made
-    from its (L, L) low-resolution logits as SAM's own postprocessing makes
-    them (``Sam.postprocess_masks``): bilinear to the model's square input
-    (4L), cropped to where the image lay in it (its longest side scaled to
-    4L), bilinear to the image. OpenCV's bilinear has torch's half-pixel
-    centres and, like it, no antialiasing."""
+    """(height, width) float32: the mask logits at the image's size, made
+    from the (L, L) low-resolution logits as the model's own postprocessing
+    makes them. SAM (``Sam.postprocess_masks``) padded the image into its
+    square input: bilinear to that square (4L), cropped to where the image
+    lay in it (its longest side scaled to 4L), bilinear to the image. SAM 2
+    (``stretched``; ``SAM2Transforms.postprocess_masks``) stretched the
+    image to its square: bilinear straight to the image. OpenCV's bilinear
+    has torch's half-pixel centres and, like it, no antialiasing."""
+    if stretched:
+        resized = cv2.resize(low_res, (width, height), interpolation=cv2.INTER_LINEAR)
+        return np.asarray(resized, dtype=np.float32)
     side = 4 * low_res.shape[-1]
     scale = side / max(width, height)
     inside_w, inside_h = int(width * scale + 0.5), int(height * scale + 0.5)

@@ -46,14 +46,24 @@ class FinishedItem:
     segments: list[dict[str, Any]]
 
 
-def run_to_completion(project: Project, segment_request: SegmentRequest) -> FinishedItem:
+def run_to_completion(
+    project: Project, segment_request: SegmentRequest, *, inline_mask_input: bytes | None = None
+) -> FinishedItem:
     """Create a one-item job and wait for it, at most SEGQ_PEER_WAIT_SECONDS.
     Raises ApiError: the job's refusal as created, 504 if it is still running
     at the deadline (it runs on; the message says where to read it), 422 if
-    its item failed, 409 if it was canceled meanwhile."""
+    its item failed, 409 if it was canceled meanwhile. ``inline_mask_input``
+    as ``create_segmentation_job`` takes it."""
     settings = services().settings
     session = db()
-    created = create_segmentation_job(session, services(), project.id, segment_request, None)
+    created = create_segmentation_job(
+        session,
+        services(),
+        project.id,
+        segment_request,
+        None,
+        inline_mask_input=inline_mask_input,
+    )
     job_id = created.job.id
     # Nothing of the request's session is needed while waiting: its
     # connection goes back to the pool.

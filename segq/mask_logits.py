@@ -1,6 +1,7 @@
-"""SAM's low-resolution mask logits as stored objects: float16 ``.npy``
-files, which numpy (``np.load``) and every array library read, and which
-a later prompt feeds back to SAM as ``mask_input``."""
+"""SAM's low-resolution mask logits as bytes: float16 ``.npy``, which
+numpy (``np.load``) and every array library read. The worker stores a
+segment's logits so; a later prompt feeds them back to SAM as
+``mask_input``, from storage or (Livepeer's route) inline in the job."""
 
 from __future__ import annotations
 
