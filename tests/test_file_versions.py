@@ -241,3 +241,18 @@ def test_a_job_created_during_an_upload_is_on_the_version_the_upload_leaves(
     assert answers == [200]
     with sessions() as session:
         assert session.scalar(select(JobItem.file_storage_key)) == new_key
+
+
+def test_a_file_deleted_during_an_overwrite_takes_both_versions_with_it(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
+) -> None:
+    """Deleting goes objects first (segq/deletion.py): the content, and the
+    parts of an overwrite still uploading, none left to the orphan sweep."""
+    created = create_from_metadata(tenant, "cam")
+    put_bytes(tenant, created["uploadUrl"], png_bytes())
+    overwrite = init_multipart(tenant, "cam", overwrite=True)
+    put_bytes(tenant, overwrite["uploadUrls"][0], b"part")
+    assert len(file_objects(storage, sessions, tenant)) == 2
+    deleted = tenant.client.delete(tenant.url(f"/files/{created['id']}"), headers=tenant.headers)
+    assert deleted.status_code == 204
+    assert file_objects(storage, sessions, tenant) == set()

@@ -225,3 +225,33 @@ def test_a_waiter_whose_client_leaves_is_dropped(
     while feed.watching or server.active_channels:
         assert time.monotonic() < give_up, (feed.watching, len(server.active_channels))
         time.sleep(0.05)
+
+
+def test_a_cancel_wakes_its_waiters_at_once(
+    settings: Settings, storage: S3Storage, celery_app: Celery, sessions: sessionmaker[Session]
+) -> None:
+    """The API announces a cancel as workers announce their changes: with
+    the re-check too slow to matter, a waiter still answers at once."""
+    app = create_app(replace(settings, wait_recheck_seconds=60), storage=storage, celery=celery_app)
+    tenant = make_tenant(app.test_client(), sessions, "acme")
+    job_id = _embedded_job(tenant).json["jobId"]
+    answers: list[Any] = []
+    waiter = threading.Thread(
+        target=lambda: answers.append(
+            tenant.client.get(
+                tenant.url(f"/context/vision/segment/{job_id}"),
+                headers={**tenant.headers, "Prefer": "wait=30"},
+            )
+        )
+    )
+    waiter.start()
+    time.sleep(1)  # the waiter is watching
+    assert waiter.is_alive()
+    started = time.monotonic()
+    canceled = tenant.client.post(
+        tenant.url(f"/context/vision/segment/{job_id}/cancel"), headers=tenant.headers
+    )
+    assert canceled.status_code == 200
+    waiter.join(timeout=20)
+    assert time.monotonic() - started < 5
+    assert [answer.json["status"] for answer in answers] == ["Canceled"]
