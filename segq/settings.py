@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from segq.fault_points import FAULT_POINTS
 from segq.url_guard import FetchPolicy, parse_networks
+
+#: What _parsed reads: an int or a float setting.
+Number = TypeVar("Number", int, float)
 
 #: The Standard Webhooks reference schedule: after the first attempt, retries
 #: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h later: about 27 hours in all.
@@ -181,14 +185,24 @@ class Settings:
         )
 
 
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
+def _parsed(
+    env: Mapping[str, str], name: str, parse: Callable[[str], Number], kind: str
+) -> Number | None:
+    """``name``'s value read by ``parse``, or None when unset. The callers
+    check the range, and only of a value set (their defaults are valid)."""
     raw = env.get(name)
     if not raw:
-        return default
+        return None
     try:
-        value = int(raw)
+        return parse(raw)
     except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+        raise SettingsError(f"{name} must be {kind}, got {raw!r}") from None
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _parsed(env, name, int, "an integer")
+    if value is None:
+        return default
     if value <= 0:
         raise SettingsError(f"{name} must be positive, got {value}")
     return value
@@ -225,27 +239,19 @@ def _ints(env: Mapping[str, str], name: str, default: tuple[int, ...]) -> tuple[
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = env.get(name)
-    if not raw:
+    value = _parsed(env, name, float, "a number")
+    if value is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
     if not value > 0 or value == float("inf"):
-        raise SettingsError(f"{name} must be positive, got {raw!r}")
+        raise SettingsError(f"{name} must be positive, got {env[name]!r}")
     return value
 
 
 def _milliseconds(env: Mapping[str, str], name: str, default: int) -> int:
     """A whole number of milliseconds, 0 allowed, at most a minute."""
-    raw = env.get(name)
-    if not raw:
+    value = _parsed(env, name, int, "an integer")
+    if value is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
     if not 0 <= value <= 60_000:
         raise SettingsError(f"{name} must be between 0 and 60000, got {value}")
     return value

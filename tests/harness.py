@@ -5,6 +5,7 @@ tests/conftest.py."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import signal
@@ -16,13 +17,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
 import redis
 import requests
 from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
+from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from werkzeug.serving import make_server
@@ -30,9 +34,13 @@ from werkzeug.serving import make_server
 from segq.db import make_engine, make_session_factory
 from segq.models import Job, JobItem, StoredFile
 from segq.projects import create_project
+from segq.settings import Settings
 from segq.storage import S3Storage
 from worker.engines.base import SegmentationEngine
 from worker.item_inputs import ImageLimits
+
+if TYPE_CHECKING:
+    from worker.pipeline import ItemOutcome
 
 REDIS_URL = os.environ.get("SEGQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 TEST_BUCKET = "segq-test"
@@ -96,6 +104,17 @@ class Tenant:
         return self.client.get(self.url(f"/context/vision/segment/{job_id}"), headers=self.headers)
 
 
+def item_ids(tenant: Tenant, job_id: int) -> list[int]:
+    """The ids of job ``job_id``'s items, in item order."""
+    sessions = tenant.client.application.extensions["segq"].sessions
+    with sessions() as session:
+        return list(
+            session.scalars(
+                select(JobItem.id).where(JobItem.job_id == job_id).order_by(JobItem.position)
+            )
+        )
+
+
 def make_tenant(client: FlaskClient, sessions: sessionmaker[Session], name: str) -> Tenant:
     with sessions.begin() as session:
         _, key = create_project(session, name)
@@ -154,8 +173,48 @@ def engine_worker(
         logging.root.setLevel(root_level)
 
 
+def run_job_item(
+    sessions: sessionmaker[Session], storage: S3Storage, engine: SegmentationEngine, job_id: int
+) -> tuple[ItemOutcome, JobItem]:
+    """The one item of job ``job_id`` processed here, as a worker task would
+    (test limits, a minute's lease, three attempts): its outcome and the item
+    as it then stands."""
+    from worker.pipeline import process_item
+
+    with sessions() as session:
+        [item_id] = session.scalars(select(JobItem.id).where(JobItem.job_id == job_id))
+    outcome = process_item(
+        sessions, storage, engine, item_id, lease_seconds=60, max_attempts=3, limits=TEST_LIMITS
+    )
+    with sessions() as session:
+        item = session.get(JobItem, item_id)
+        assert item is not None
+        return outcome, item
+
+
+def stored_mask(storage: S3Storage, key: str) -> npt.NDArray[np.bool_]:
+    """The mask PNG stored under ``key``, as True where it is white."""
+    pixels: npt.NDArray[np.uint8] = np.asarray(Image.open(io.BytesIO(storage.get(key))))
+    return np.equal(pixels, 255)
+
+
 #: The repository, where subprocesses of the tests run.
 REPO = Path(__file__).resolve().parent.parent
+
+
+def segq_env(settings: Settings, storage: S3Storage, data_dir: Path) -> dict[str, str]:
+    """The environment of a `segq` subprocess (API or worker) on this test's
+    Postgres and Redis (``settings``) and its place in the test bucket
+    (``storage``), keeping its own files under ``data_dir``."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "SEGQ_DATA_DIR": str(data_dir),
+        "SEGQ_DATABASE_URL": settings.database_url,
+        "SEGQ_BROKER_URL": settings.broker_url,
+        "SEGQ_STORAGE_URL": f"s3://{TEST_BUCKET}/{storage.prefix.rstrip('/')}",
+        "SEGQ_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
+    }
 
 
 class Worker:

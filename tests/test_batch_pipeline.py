@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 from segq.storage import S3Storage, StorageError
-from tests.harness import TEST_LIMITS, Tenant
+from tests.harness import TEST_LIMITS, Tenant, item_ids
 from tests.images import png_bytes, scene_prompt_body
 from tests.tiny_sam import load_tiny_sam
 from worker.claims import Claim
@@ -44,6 +43,12 @@ def sam_engine(
     return engine, calls
 
 
+@pytest.fixture
+def batching(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[SamEngine, list[int]]:
+    """sam_engine encoding four images at once: the batch most tests run."""
+    return sam_engine(tmp_path, monkeypatch, batch_size=4)
+
+
 def submit(tenant: Tenant, sizes: list[tuple[int, int]]) -> tuple[int, list[int]]:
     """One job over an image of each size; (job id, item ids by position)."""
     ids = [tenant.upload(png_bytes(w, h, seed=i)).json["id"] for i, (w, h) in enumerate(sizes)]
@@ -51,12 +56,7 @@ def submit(tenant: Tenant, sizes: list[tuple[int, int]]) -> tuple[int, list[int]
     response = tenant.post_job(body)
     assert response.status_code == 200, response.json
     job_id = int(response.json["jobId"])
-    sessions = tenant.client.application.extensions["segq"].sessions
-    with sessions() as session:
-        items = session.scalars(
-            select(JobItem.id).where(JobItem.job_id == job_id).order_by(JobItem.position)
-        )
-        return job_id, list(items)
+    return job_id, item_ids(tenant, job_id)
 
 
 def run(
@@ -100,10 +100,9 @@ def test_items_of_one_job_are_encoded_as_one_batch_and_their_messages_skip(
     tenant: Tenant,
     sessions: sessionmaker[Session],
     storage: S3Storage,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    batching: tuple[SamEngine, list[int]],
 ) -> None:
-    engine, calls = sam_engine(tmp_path, monkeypatch, batch_size=4)
+    engine, calls = batching
     job_id, items = submit(tenant, SIZES)
     assert run(sessions, storage, engine, items[0]) == ItemOutcome.COMPLETED
     assert calls == [4]
@@ -151,10 +150,9 @@ def test_a_deep_queue_of_one_item_jobs_batches_too(
     tenant: Tenant,
     sessions: sessionmaker[Session],
     storage: S3Storage,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    batching: tuple[SamEngine, list[int]],
 ) -> None:
-    engine, calls = sam_engine(tmp_path, monkeypatch, batch_size=4)
+    engine, calls = batching
     jobs = [submit(tenant, [size]) for size in SIZES[:5]]
     items = [job_items[0] for _, job_items in jobs]
     assert run(sessions, storage, engine, items[0]) == ItemOutcome.COMPLETED
@@ -171,10 +169,9 @@ def test_a_batch_waits_for_company_no_longer_than_the_batch_wait(
     tenant: Tenant,
     sessions: sessionmaker[Session],
     storage: S3Storage,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    batching: tuple[SamEngine, list[int]],
 ) -> None:
-    engine, calls = sam_engine(tmp_path, monkeypatch, batch_size=4)
+    engine, calls = batching
     _, [first] = submit(tenant, SIZES[:1])
     _, [second] = submit(tenant, SIZES[1:2])
     # Company is there: taken at once, and no wait asked for.
@@ -199,10 +196,9 @@ def test_an_image_that_fails_fails_alone_and_the_batch_completes(
     tenant: Tenant,
     sessions: sessionmaker[Session],
     storage: S3Storage,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    batching: tuple[SamEngine, list[int]],
 ) -> None:
-    engine, calls = sam_engine(tmp_path, monkeypatch, batch_size=4)
+    engine, calls = batching
     job_id, items = submit(tenant, [(130, 90), (400, 300), (140, 95)])
     limits = ImageLimits(max_pixels=50_000, fetch_policy=None)  # the 400x300 is too large
     assert run(sessions, storage, engine, items[0], limits=limits) == ItemOutcome.COMPLETED
@@ -243,10 +239,9 @@ def test_storage_failures_put_items_back_the_one_asked_for_raises(
     tenant: Tenant,
     sessions: sessionmaker[Session],
     storage: S3Storage,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    batching: tuple[SamEngine, list[int]],
 ) -> None:
-    engine, calls = sam_engine(tmp_path, monkeypatch, batch_size=4)
+    engine, calls = batching
     _, items = submit(tenant, SIZES[:3])
     flaky = FailingReads(storage, {file_key(sessions, items[1])})
     requeued: list[Claim] = []

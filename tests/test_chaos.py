@@ -43,6 +43,7 @@ from tests.harness import (
     Worker,
     free_port,
     make_tenant,
+    segq_env,
 )
 from tests.images import png_bytes, scene_prompt_body
 from tests.probed_worker import engine_runs
@@ -68,13 +69,7 @@ def start_worker(
     settings: Settings, tmp_path: Path, storage: Any, celery_app: Celery, engine_runs_file: Path
 ) -> Iterator[StartWorker]:
     env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "SEGQ_DATA_DIR": str(tmp_path / "worker-data"),
-        "SEGQ_DATABASE_URL": settings.database_url,
-        "SEGQ_BROKER_URL": settings.broker_url,
-        "SEGQ_STORAGE_URL": f"s3://{TEST_BUCKET}/{storage.prefix.rstrip('/')}",
-        "SEGQ_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
+        **segq_env(settings, storage, tmp_path / "worker-data"),
         "SEGQ_MODEL": "grabcut",
         "SEGQ_LEASE_SECONDS": str(LEASE_SECONDS),
         "SEGQ_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
@@ -433,13 +428,7 @@ def test_an_api_process_killed_between_commit_and_publish(
     api = subprocess.Popen(
         [sys.executable, "-m", "segq.cli.main", "serve", f"--port={port}", "--workers=1"],
         env={
-            **os.environ,
-            "PYTHONPATH": str(REPO),
-            "SEGQ_DATA_DIR": str(tmp_path / "api-data"),
-            "SEGQ_DATABASE_URL": settings.database_url,
-            "SEGQ_BROKER_URL": settings.broker_url,
-            "SEGQ_STORAGE_URL": f"s3://{TEST_BUCKET}/{storage.prefix.rstrip('/')}",
-            "SEGQ_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
+            **segq_env(settings, storage, tmp_path / "api-data"),
             "SEGQ_TEST_FAULT_POINT": API_AFTER_COMMIT,
         },
         cwd=REPO,

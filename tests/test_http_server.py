@@ -9,7 +9,6 @@ import io
 import json
 import os
 import selectors
-import signal
 import socket
 import subprocess
 import sys
@@ -31,14 +30,16 @@ from segq.projects import create_project
 from tests.harness import (
     MALFORMED_JSON_BODIES,
     REDIS_URL,
+    REPO,
     TEST_BUCKET,
     count_files,
     count_jobs,
     free_port,
+    stop_process,
+    wait_until_healthy,
 )
 from tests.images import png_bytes, scene_prompt_body
 
-REPO = Path(__file__).resolve().parent.parent
 #: Short, so the test sees slow clients cut off; production's is 120 s.
 DEADLINE_SECONDS = 4
 #: The largest upload the server under test takes; bodies up to this plus
@@ -87,23 +88,10 @@ def server(
         )
     served = Server(port, log)
     try:
-        give_up = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < give_up, log.read_text()[-3000:]
-            # Connections wait in the backlog while the processes build the app.
-            with contextlib.suppress(requests.ConnectionError, requests.Timeout):
-                if requests.get(f"{served.url}/healthz", timeout=2).ok:
-                    break
-            time.sleep(0.2)
+        wait_until_healthy(served.url, process, log, timeout=60)
         yield served
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from api import create_app
 from segq.logs import configure_logging, log_context
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.harness import REPO, TEST_BUCKET, free_port, make_tenant
+from tests.harness import REPO, free_port, make_tenant, segq_env
 from tests.images import png_bytes, scene_prompt_body
 
 
@@ -111,13 +110,7 @@ def test_a_live_worker_logs_json_and_serves_metrics_of_its_whole_pool(
     port = free_port()
     log_path = tmp_path / "worker.log"
     env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "SEGQ_DATA_DIR": str(tmp_path / "worker-data"),
-        "SEGQ_DATABASE_URL": settings.database_url,
-        "SEGQ_BROKER_URL": settings.broker_url,
-        "SEGQ_STORAGE_URL": f"s3://{TEST_BUCKET}/{storage.prefix.rstrip('/')}",
-        "SEGQ_S3_ENDPOINT_URL": settings.s3_endpoint_url or "",
+        **segq_env(settings, storage, tmp_path / "worker-data"),
         "SEGQ_MODEL": "grabcut",
         "SEGQ_RECONCILE_INTERVAL_SECONDS": "1",
         "SEGQ_LOG_FORMAT": "json",

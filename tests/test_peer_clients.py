@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import re
-import threading
 import time
 import urllib.error
 from collections.abc import Iterator
@@ -24,7 +23,6 @@ import pytest
 import requests
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
-from flask import Flask
 from livepeer_ai import Livepeer
 from livepeer_ai.models import errors
 from livepeer_ai.models.errors.httpvalidationerror import HTTPValidationErrorData
@@ -32,7 +30,6 @@ from moondream.types import Base64EncodedImage
 from PIL import Image
 from segment_anything import SamPredictor
 from sqlalchemy.orm import Session, sessionmaker
-from werkzeug.serving import make_server
 
 from api import create_app
 from segq.db import make_engine, make_session_factory
@@ -47,8 +44,8 @@ from tests.harness import (
     count_files,
     count_jobs,
     engine_worker,
-    free_port,
     grabcut_worker,
+    serving,
 )
 from tests.images import png_bytes, scene
 from tests.tiny_sam import load_tiny_sam, segment_anything_directly
@@ -69,19 +66,6 @@ PNG = png_bytes(WIDTH, HEIGHT)
 PNG_DATA_URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
 
 
-def serve(app: Flask) -> Iterator[str]:
-    """``app`` on a loopback port, as `segq serve` would answer."""
-    port = free_port()
-    server = make_server("127.0.0.1", port, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.shutdown()
-        thread.join()
-
-
 @pytest.fixture
 def peer_settings(settings: Settings) -> Settings:
     # A GrabCut installation says so: the Livepeer route then asks for no logits.
@@ -96,7 +80,8 @@ def base_url(
     sessions: sessionmaker[Session],
 ) -> Iterator[str]:
     app = create_app(peer_settings, storage=storage, celery=celery_app)
-    yield from serve(app)
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture
@@ -208,20 +193,22 @@ def test_livepeer_on_sam_gives_segment_anythings_masks_scores_and_logits(
     # The API says it runs SAM, so the route asks its jobs for logits.
     app = create_app(replace(peer_settings, model="sam_vit_b"), storage=storage, celery=celery_app)
     prompt = {"point_coords": json.dumps([POINT]), "point_labels": "[1]", "box": json.dumps(BOX)}
-    with engine_worker(celery_app, sessions, storage, SamEngine(sam, "tiny")):
-        for url in serve(app):
-            thresholded = livepeer_call(url, tenant.key, **prompt, return_logits=False)
-            raw = livepeer_call(url, tenant.key, **prompt)  # return_logits defaults to true
-            # Refinement: the best candidate's logits sent back as mask_input.
-            best_logits = json.loads(thresholded.logits)[0]
-            refined = livepeer_call(
-                url,
-                tenant.key,
-                **prompt,
-                mask_input=json.dumps([best_logits]),
-                multimask_output=False,
-                return_logits=False,
-            )
+    with (
+        engine_worker(celery_app, sessions, storage, SamEngine(sam, "tiny")),
+        serving(app) as url,
+    ):
+        thresholded = livepeer_call(url, tenant.key, **prompt, return_logits=False)
+        raw = livepeer_call(url, tenant.key, **prompt)  # return_logits defaults to true
+        # Refinement: the best candidate's logits sent back as mask_input.
+        best_logits = json.loads(thresholded.logits)[0]
+        refined = livepeer_call(
+            url,
+            tenant.key,
+            **prompt,
+            mask_input=json.dumps([best_logits]),
+            multimask_output=False,
+            return_logits=False,
+        )
     image = scene(WIDTH, HEIGHT)[0]
     x, y = POINT
     x1, y1, x2, y2 = BOX
@@ -350,9 +337,9 @@ def test_livepeer_waits_at_most_the_peer_wait_and_the_job_runs_on(
         replace(peer_settings, peer_wait_seconds=1), storage=storage, celery=celery_app
     )
     started = time.monotonic()
-    for url in serve(app):  # no worker: the job stays queued
-        with pytest.raises(errors.SDKError) as late:
-            livepeer_call(url, tenant.key, box=json.dumps(BOX))
+    # No worker: the job stays queued.
+    with serving(app) as url, pytest.raises(errors.SDKError) as late:
+        livepeer_call(url, tenant.key, box=json.dumps(BOX))
     assert late.value.status_code == 504
     assert "did not finish within 1 s" in late.value.body
     assert time.monotonic() - started < 10
@@ -503,19 +490,16 @@ def test_moondream_image_urls_are_fetched_by_the_worker_through_the_guard(
         replace(peer_settings, fetch_allowed_networks=loopback), storage=storage, celery=celery_app
     )
     refs = [[0.2, 0.15, 0.8, 0.85]]
-    with grabcut_worker(celery_app, sessions, storage, limits=limits):
-        for url in serve(app):
-            client = moondream_client(url, tenant.key)
-            by_url = client.segment(Base64EncodedImage(image_url=image_url), "x", spatial_refs=refs)
-            inline = client.segment(
-                Base64EncodedImage(image_url=PNG_DATA_URI), "x", spatial_refs=refs
+    with grabcut_worker(celery_app, sessions, storage, limits=limits), serving(app) as url:
+        client = moondream_client(url, tenant.key)
+        by_url = client.segment(Base64EncodedImage(image_url=image_url), "x", spatial_refs=refs)
+        inline = client.segment(Base64EncodedImage(image_url=PNG_DATA_URI), "x", spatial_refs=refs)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            client.segment(
+                Base64EncodedImage(image_url="http://cats.segq.test/cat.png"),
+                "x",
+                spatial_refs=refs,
             )
-            with pytest.raises(urllib.error.HTTPError) as refused:
-                client.segment(
-                    Base64EncodedImage(image_url="http://cats.segq.test/cat.png"),
-                    "x",
-                    spatial_refs=refs,
-                )
     assert by_url == inline
     assert refused.value.code == 422
     message = json.loads(refused.value.read())["error"]["message"]
@@ -545,14 +529,16 @@ def test_both_clients_on_the_embedded_default(tmp_path: Path) -> None:
     with make_session_factory(engine).begin() as session:
         _, key = create_project(session, "local")
     worker_app = create_worker_app(settings)
-    with start_worker(worker_app, pool="solo", perform_ping_check=False, shutdown_timeout=10):
-        for url in serve(create_app(settings)):
-            livepeer = livepeer_call(url, key, box=json.dumps(BOX), multimask_output=False)
-            moondream = moondream_client(url, key).segment(
-                Base64EncodedImage(image_url=PNG_DATA_URI),
-                "ellipse",
-                spatial_refs=[[0.2, 0.15, 0.8, 0.85]],
-            )
+    with (
+        start_worker(worker_app, pool="solo", perform_ping_check=False, shutdown_timeout=10),
+        serving(create_app(settings)) as url,
+    ):
+        livepeer = livepeer_call(url, key, box=json.dumps(BOX), multimask_output=False)
+        moondream = moondream_client(url, key).segment(
+            Base64EncodedImage(image_url=PNG_DATA_URI),
+            "ellipse",
+            spatial_refs=[[0.2, 0.15, 0.8, 0.85]],
+        )
     engine.dispose()
     [mask] = np.array(json.loads(livepeer.masks)) == 1.0
     truth = scene(WIDTH, HEIGHT)[1]

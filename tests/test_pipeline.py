@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.models import ItemStatus, Job, JobItem, JobStatus, WebhookDelivery
 from segq.storage import S3Storage
-from tests.harness import TEST_LIMITS, Tenant, grabcut_worker
+from tests.harness import TEST_LIMITS, Tenant, grabcut_worker, item_ids
 from tests.images import png_bytes, scene, scene_prompt_body, with_exif_orientation
 from tests.tcp_proxy import TcpProxy
 from worker.claims import Claim, claim_item, finish_item, release_item, renew_lease
@@ -48,16 +48,6 @@ def submit(
     assert response.status_code == 200, response.json
     job_id = response.json["jobId"]
     return job_id, item_ids(tenant, job_id)
-
-
-def item_ids(tenant: Tenant, job_id: int) -> list[int]:
-    sessions = tenant.client.application.extensions["segq"].sessions
-    with sessions() as session:
-        return list(
-            session.scalars(
-                select(JobItem.id).where(JobItem.job_id == job_id).order_by(JobItem.position)
-            )
-        )
 
 
 def load(sessions: sessionmaker[Session], model: type[Any], row_id: int) -> Any:

@@ -14,23 +14,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 from PIL import Image
 from segment_anything.modeling import Sam
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.mask_logits import decode_logits
 from segq.models import JobItem
 from segq.storage import S3Storage
-from tests.harness import TEST_LIMITS, Tenant, assert_job_refused, count_jobs, queued_messages
+from tests.harness import (
+    Tenant,
+    assert_job_refused,
+    count_jobs,
+    queued_messages,
+    run_job_item,
+    stored_mask,
+)
 from tests.images import png_bytes, scene
 from tests.tiny_sam import Box, PointList, as_prompt, load_tiny_sam, segment_anything_directly
 from worker.engines.base import Prompt
 from worker.engines.grabcut import GrabCutEngine
 from worker.engines.sam import SamEngine
-from worker.pipeline import ItemOutcome, process_item
+from worker.pipeline import ItemOutcome
 
 WIDTH, HEIGHT = 130, 90
 SCORE_TOLERANCE = 1e-5
@@ -146,21 +151,9 @@ def in_pixels(prompt: dict[str, Any]) -> tuple[PointList, Box]:
 def run_item(
     sessions: sessionmaker[Session], storage: S3Storage, engine: Any, job_id: int
 ) -> JobItem:
-    with sessions() as session:
-        [item_id] = session.scalars(select(JobItem.id).where(JobItem.job_id == job_id))
-    outcome = process_item(
-        sessions, storage, engine, item_id, lease_seconds=60, max_attempts=3, limits=TEST_LIMITS
-    )
+    outcome, item = run_job_item(sessions, storage, engine, job_id)
     assert outcome in (ItemOutcome.COMPLETED, ItemOutcome.FAILED)
-    with sessions() as session:
-        item = session.get(JobItem, item_id)
-        assert item is not None
-        return item
-
-
-def stored_mask(storage: S3Storage, key: str) -> npt.NDArray[np.bool_]:
-    pixels: npt.NDArray[np.uint8] = np.asarray(Image.open(io.BytesIO(storage.get(key))))
-    return np.equal(pixels, 255)
+    return item
 
 
 def test_a_job_with_prompts_stores_each_prompt_s_masks_and_logits(

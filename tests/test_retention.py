@@ -96,12 +96,17 @@ def existing(storage: S3Storage, keys: list[str], project_id: int) -> set[str]:
     return stored & set(keys)
 
 
+def new_project(sessions: sessionmaker[Session]) -> int:
+    """A project's id, in the emptied database."""
+    with sessions.begin() as session:
+        project, _ = create_project(session, "acme")
+        return project.id
+
+
 def test_a_sweep_deletes_what_is_old_and_nothing_younger(
     sessions: sessionmaker[Session], storage: S3Storage
 ) -> None:
-    with sessions.begin() as session:
-        project, _ = create_project(session, "acme")
-        project_id = project.id
+    project_id = new_project(sessions)
     now = now_ms()
     old = fill(sessions, project_id, OLD_JOBS, now - 40 * DAY_MS)
     young = fill(sessions, project_id, YOUNG_JOBS, now - 29 * DAY_MS)
@@ -172,9 +177,7 @@ def test_a_sweep_deletes_what_is_old_and_nothing_younger(
 def test_files_past_retention_go_unless_an_item_is_about_to_read_them(
     sessions: sessionmaker[Session], storage: S3Storage
 ) -> None:
-    with sessions.begin() as session:
-        project, _ = create_project(session, "acme")
-        project_id = project.id
+    project_id = new_project(sessions)
     now = now_ms()
 
     def stored_file(name: str, age_days: int) -> StoredFile:
@@ -212,9 +215,7 @@ def test_files_past_retention_go_unless_an_item_is_about_to_read_them(
 
 
 def test_one_sweeper_at_a_time(sessions: sessionmaker[Session], storage: S3Storage) -> None:
-    with sessions.begin() as session:
-        project, _ = create_project(session, "acme")
-        project_id = project.id
+    project_id = new_project(sessions)
     fill(sessions, project_id, 3, now_ms() - 40 * DAY_MS)
     with sessions.begin() as other_worker:
         other_worker.execute(

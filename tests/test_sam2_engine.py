@@ -26,15 +26,20 @@ from PIL import Image
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.mask_logits import decode_logits
 from segq.models import JobItem
 from segq.storage import S3Storage
-from tests.harness import TEST_LIMITS, Tenant
+from tests.harness import Tenant, run_job_item, stored_mask
 from tests.images import png_bytes, scene
-from tests.tiny_sam import Box, PointList, as_prompt, save_tiny_sam_checkpoint
+from tests.tiny_sam import (
+    Box,
+    PointList,
+    as_prompt,
+    assert_unreadable_checkpoints_named,
+    save_tiny_sam_checkpoint,
+)
 from tests.tiny_sam2 import (
     TINY_SAM2,
     load_with_sam2,
@@ -55,7 +60,7 @@ from worker.engines.embedding_cache import (
 from worker.engines.item_metrics import recording_item_metrics
 from worker.engines.sam import CheckpointError
 from worker.engines.sam2 import Sam2Engine, load_sam2
-from worker.pipeline import ItemOutcome, process_item
+from worker.pipeline import ItemOutcome
 
 WIDTH, HEIGHT = 130, 90  # not square, so a swapped x and y cannot land where they belong
 MB = 1024 * 1024
@@ -360,21 +365,9 @@ def test_a_job_runs_on_sam2_and_refines_with_its_own_logits(
 def run_item(
     sessions: sessionmaker[Session], storage: S3Storage, engine: Sam2Engine, job_id: int
 ) -> JobItem:
-    with sessions() as session:
-        [item_id] = session.scalars(select(JobItem.id).where(JobItem.job_id == job_id))
-    outcome = process_item(
-        sessions, storage, engine, item_id, lease_seconds=60, max_attempts=3, limits=TEST_LIMITS
-    )
+    outcome, item = run_job_item(sessions, storage, engine, job_id)
     assert outcome == ItemOutcome.COMPLETED
-    with sessions() as session:
-        item = session.get(JobItem, item_id)
-        assert item is not None
-        return item
-
-
-def stored_mask(storage: S3Storage, key: str) -> npt.NDArray[np.bool_]:
-    pixels: npt.NDArray[np.uint8] = np.asarray(Image.open(io.BytesIO(storage.get(key))))
-    return np.equal(pixels, 255)
+    return item
 
 
 def test_load_engine_builds_sam2_keyed_by_its_checkpoint(
@@ -387,12 +380,9 @@ def test_load_engine_builds_sam2_keyed_by_its_checkpoint(
 
 
 def test_bad_checkpoints_are_named_clearly(checkpoint: Path, tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_sam2(TINY_SAM2, tmp_path / "missing.pt", "cpu")
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
-        load_sam2(TINY_SAM2, garbage, "cpu")
+    assert_unreadable_checkpoints_named(
+        lambda path: load_sam2(TINY_SAM2, path, "cpu"), tmp_path, ".pt"
+    )
     # A SAM (1) checkpoint is a bare state dict, not SAM 2's {"model": ...}.
     sam1 = save_tiny_sam_checkpoint(tmp_path / "sam1.pth")
     with pytest.raises(CheckpointError, match="not a SAM 2 checkpoint"):

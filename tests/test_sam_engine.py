@@ -16,7 +16,11 @@ from segq.models import JobItem
 from segq.storage import S3Storage
 from tests.harness import TEST_LIMITS, Tenant
 from tests.images import cognite_sample_body, png_bytes, scene
-from tests.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
+from tests.tiny_sam import (
+    assert_unreadable_checkpoints_named,
+    register_tiny_architecture,
+    save_tiny_sam_checkpoint,
+)
 from worker.engines import EngineChoice, load_engine
 from worker.engines.base import Prompt
 from worker.engines.sam import SAM_ARCHITECTURES, CheckpointError, SamEngine, load_sam
@@ -84,12 +88,9 @@ def test_box_only_prompt(tiny_engine: SamEngine) -> None:
 
 def test_bad_checkpoints_are_named_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     architecture = register_tiny_architecture(monkeypatch)
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_sam(architecture, tmp_path / "missing.pth", "cpu")
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
-        load_sam(architecture, garbage, "cpu")
+    assert_unreadable_checkpoints_named(
+        lambda path: load_sam(architecture, path, "cpu"), tmp_path, ".pth"
+    )
     # A tiny checkpoint is not a ViT-B one: the shapes do not fit.
     tiny = save_tiny_sam_checkpoint(tmp_path / "tiny.pth")
     monkeypatch.setitem(SAM_ARCHITECTURES, "vit_b_stand_in", SAM_ARCHITECTURES[architecture])

@@ -3,8 +3,10 @@ random weights: the real model code at a size a 2-core CI runs in seconds."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -81,6 +83,19 @@ def load_tiny_sam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int = 5
     return sam_engine.load_sam(architecture, checkpoint, "cpu")
 
 
+def assert_unreadable_checkpoints_named(
+    load: Callable[[Path], object], folder: Path, suffix: str
+) -> None:
+    """``load`` (a checkpoint's path to a loaded model) refuses a missing file
+    and a file that is no checkpoint, saying which (``read_checkpoint``)."""
+    with pytest.raises(sam_engine.CheckpointError, match="does not exist"):
+        load(folder / f"missing{suffix}")
+    garbage = folder / f"garbage{suffix}"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(sam_engine.CheckpointError, match="not a readable checkpoint"):
+        load(garbage)
+
+
 #: Prompts as the SAM tests write them: (x, y, label) points and an
 #: (x_min, y_min, x_max, y_max) box, in pixels.
 PointList = list[tuple[float, float, int]]
@@ -100,6 +115,21 @@ def segment_anything_directly(
     segq documents (SAM's authors' advice for an ambiguous prompt)."""
     predictor = SamPredictor(sam)
     predictor.set_image(image, image_format="RGB")
+    return predicted_directly(predictor, points, box, multimask, mask_input)
+
+
+def predicted_directly(
+    predictor: Any,
+    points: PointList,
+    box: Box,
+    multimask: bool,
+    mask_input: npt.NDArray[np.float32] | None,
+) -> list[tuple[npt.NDArray[Any], float, npt.NDArray[np.float32]]]:
+    """One prompt through ``predictor.predict`` (segment_anything's
+    SamPredictor or sam2's SAM2ImagePredictor, which take the same
+    arguments) on the image it holds: (mask as predicted, score, low-res
+    logits), best first. A lone point asks for three masks and keeps the
+    best, as segq documents (SAM's authors' advice for an ambiguous prompt)."""
     ask_three = multimask or (len(points) == 1 and box is None and mask_input is None)
     masks, scores, logits = predictor.predict(
         point_coords=np.array([[x, y] for x, y, _ in points], dtype=np.float32) if points else None,

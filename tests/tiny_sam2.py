@@ -18,7 +18,7 @@ from sam2.build_sam import build_sam2
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-from tests.tiny_sam import Box, PointList
+from tests.tiny_sam import Box, PointList, predicted_directly
 
 TINY_SAM2 = "sam2_hiera_tiny"
 TINY_SAM2_CONFIG = "configs/sam2/sam2_hiera_t.yaml"
@@ -56,16 +56,7 @@ def sam2_directly(
     """sam2 itself, one prompt on the image ``predictor`` holds: (mask,
     score, low-res logits), best first. A lone point asks for three masks
     and keeps the best, as segq documents."""
-    ask_three = multimask or (len(points) == 1 and box is None and mask_input is None)
-    masks, scores, logits = predictor.predict(
-        point_coords=np.array([[x, y] for x, y, _ in points], dtype=np.float32) if points else None,
-        point_labels=np.array([label for _, _, label in points], dtype=np.int32)
-        if points
-        else None,
-        box=None if box is None else np.array(box, dtype=np.float32),
-        mask_input=mask_input,
-        multimask_output=ask_three,
-    )
-    order = np.argsort(-scores, kind="stable")
-    answers = [(masks[i] > 0.5, float(scores[i]), logits[i]) for i in order]
-    return answers if multimask else answers[:1]
+    return [
+        (mask > 0.5, score, logits)
+        for mask, score, logits in predicted_directly(predictor, points, box, multimask, mask_input)
+    ]

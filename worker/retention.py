@@ -72,19 +72,18 @@ def sweep_expired(
     """One pass: up to ``batches`` batches of jobs, then of files."""
     now = now_ms()
     swept = Sweep()
-    if job_retention_days is not None:
-        cutoff = now - job_retention_days * DAY_MS
+    for sweep_batch, retention_days in (
+        (_sweep_jobs, job_retention_days),
+        (_sweep_files, file_retention_days),
+    ):
+        if retention_days is None:
+            continue
+        cutoff = now - retention_days * DAY_MS
         for _ in range(batches):
-            batch = _sweep_jobs(sessions, storage, cutoff, batch_size)
+            batch = sweep_batch(sessions, storage, cutoff, batch_size)
             swept += batch
-            if batch.jobs < batch_size:
-                break
-    if file_retention_days is not None:
-        cutoff = now - file_retention_days * DAY_MS
-        for _ in range(batches):
-            batch = _sweep_files(sessions, storage, cutoff, batch_size)
-            swept += batch
-            if batch.files < batch_size:
+            # A batch short of rows found all that was due.
+            if batch.jobs + batch.files < batch_size:
                 break
     if swept.jobs or swept.files:
         log.info(

@@ -54,25 +54,21 @@ def _exit(code: ExitCode, message: str, as_json: bool, **details: Any) -> NoRetu
 
 
 @contextmanager
-def _talking_to(url: str, as_json: bool) -> Iterator[None]:
-    """segq's refusals and an unreachable server as exit statuses."""
+def _connected(url: str, project: str, api_key: str, as_json: bool) -> Iterator[SegqClient]:
+    """A client of the server at ``url`` as ``project``; within, segq's
+    refusals and an unreachable server become exit statuses."""
     import requests
 
-    from segq.client import SegqError
+    from segq.client import SegqClient, SegqError
 
+    client = SegqClient(url, project, api_key)
     try:
-        yield
+        yield client
     except SegqError as exc:
         code = ExitCode.UNREACHABLE if exc.status == 503 else ExitCode.REFUSED
         _exit(code, str(exc), as_json, status=exc.status)
     except requests.RequestException as exc:
         _exit(ExitCode.UNREACHABLE, f"cannot reach segq at {url}: {exc}", as_json)
-
-
-def _client(url: str, project: str, api_key: str) -> SegqClient:
-    from segq.client import SegqClient
-
-    return SegqClient(url, project, api_key)
 
 
 def _without_bar(progress: bool | None) -> bool:
@@ -163,8 +159,7 @@ def submit(
     except InputError as exc:
         raise click.UsageError(str(exc)) from None
 
-    client = _client(url, project, api_key)
-    with _talking_to(url, as_json):
+    with _connected(url, project, api_key, as_json) as client:
         work = Submission(client, out, items_per_job=items_per_job)
         pending = work.plan(tasks)
         bar = tqdm(
@@ -238,8 +233,7 @@ def list_jobs(
     """The project's jobs, newest first."""
     import itertools
 
-    client = _client(url, project, api_key)
-    with _talking_to(url, as_json):
+    with _connected(url, project, api_key, as_json) as client:
         found = list(
             itertools.islice(client.jobs(status=status, page_size=min(limit, 1000)), limit)
         )
@@ -255,8 +249,7 @@ def list_jobs(
 @connection_options
 def get_job(job_id: int, url: str, project: str, api_key: str, as_json: bool) -> None:
     """A job's state and results."""
-    client = _client(url, project, api_key)
-    with _talking_to(url, as_json):
+    with _connected(url, project, api_key, as_json) as client:
         job = client.get_job(job_id)
     if as_json:
         click.echo(json.dumps(job, indent=2))
@@ -282,8 +275,7 @@ def get_job(job_id: int, url: str, project: str, api_key: str, as_json: bool) ->
 @connection_options
 def cancel_job(job_id: int, url: str, project: str, api_key: str, as_json: bool) -> None:
     """Cancel a job: queued items never run (a finished job: exit 1)."""
-    client = _client(url, project, api_key)
-    with _talking_to(url, as_json):
+    with _connected(url, project, api_key, as_json) as client:
         job = client.cancel_job(job_id)
     click.echo(json.dumps(job, indent=2) if as_json else _summary_line(job))
 
@@ -310,9 +302,8 @@ def watch_job(
 
     from segq.client import is_finished
 
-    client = _client(url, project, api_key)
     deadline = time.monotonic() + timeout
-    with _talking_to(url, as_json):
+    with _connected(url, project, api_key, as_json) as client:
         job = client.get_job(job_id)
         bar = tqdm(
             total=job["progress"]["total"],
@@ -343,8 +334,7 @@ def open_job(
 ) -> None:
     """Open the job's viewer page (masks over the images) in a browser; the
     link is signed and works without the API key until it expires."""
-    client = _client(url, project, api_key)
-    with _talking_to(url, as_json):
+    with _connected(url, project, api_key, as_json) as client:
         link = client.view_url(client.get_job(job_id))
     click.echo(json.dumps({"jobId": job_id, "viewUrl": link}) if as_json else link)
     if not no_browser:

@@ -44,6 +44,12 @@ class Candidate:
     logits: npt.NDArray[np.float32] | None = None
 
 
+def check_image(image: npt.NDArray[np.uint8]) -> None:
+    """ValueError unless ``image`` is what every engine takes: (H, W, 3) uint8."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
+
+
 class SegmentationEngine(Protocol):
     """Turns an image and a prompt into masks.
 

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from worker.engines.base import Candidate, Prompt
+from worker.engines.base import Candidate, Prompt, check_image
 
 BoolMask = npt.NDArray[np.bool_]
 
@@ -131,8 +131,7 @@ class GrabCutEngine:
         image), the only candidate is the box or the point disks, scored
         ``FILLED_BOX_SCORE``.
         """
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
+        check_image(image)
         height, width = image.shape[:2]
         points = np.asarray(prompt.points, dtype=np.float64).reshape(-1, 2)
         labels = np.asarray(prompt.labels, dtype=np.int64).reshape(-1)

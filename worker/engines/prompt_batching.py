@@ -1,18 +1,22 @@
 """How a SAM-family engine batches many prompts on one image for its mask
-decoder, and how it turns a decoded batch into candidates. SAM and SAM 2
-share these rules, so their masks answer the same prompts the same way.
+decoder, and how it turns a decoded batch, or its automatic mask
+generator's output, into candidates. SAM and SAM 2 share these rules, so
+their masks answer the same prompts the same way.
 
 No torch here: the engines hand numpy arrays in and out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from worker.engines.base import Candidate, Prompt
+from worker.engines.base import Candidate, EverythingOptions, Prompt
+
+T = TypeVar("T")
 
 #: What one mask-decoder call may hold in upscaled mask logits.
 DECODE_BATCH_BYTES = 256 * 2**20
@@ -20,6 +24,14 @@ DECODE_BATCH_BYTES = 256 * 2**20
 #: Prompts decoded together share these: point count, box or not,
 #: mask_input or not, three masks or one.
 PromptShape = tuple[int, bool, bool, bool]
+
+#: One mask-decoder call for prompts of one shape, on the embedding the
+#: engine holds, asking three masks or one: masks (B, C, H, W) bool,
+#: scores (B, C) and low-res logits (B, C, 256, 256) float32.
+DecodeBatch = Callable[
+    [Sequence[Prompt], bool],
+    tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.float32]],
+]
 
 
 def asks_three(prompt: Prompt, multimask: bool) -> bool:
@@ -78,3 +90,57 @@ def best_first(
         for i in order
     ]
     return candidates if multimask else candidates[:1]
+
+
+def decode_groups(
+    prompts: Sequence[Prompt],
+    groups: dict[PromptShape, list[int]],
+    multimask: bool,
+    height: int,
+    width: int,
+    decode: DecodeBatch,
+) -> list[list[Candidate]]:
+    """Each prompt's candidates, best first, in prompt order: ``groups``
+    (``group_by_shape``'s) decoded chunk by chunk (``decode_chunks``) for
+    an image of ``height`` x ``width``. The caller holds the embedding."""
+    answers: list[list[Candidate]] = [[] for _ in prompts]
+    for (_, _, _, three), indexes in groups.items():
+        for chunk in decode_chunks(indexes, three, height, width):
+            masks, scores, logits = decode([prompts[i] for i in chunk], three)
+            for row, index in enumerate(chunk):
+                answers[index] = best_first(masks[row], scores[row], logits[row], multimask)
+    return answers
+
+
+def generator_arguments(options: EverythingOptions) -> dict[str, Any]:
+    """The keyword arguments of segment_anything's SamAutomaticMaskGenerator
+    and sam2's SAM2AutomaticMaskGenerator (the same in both) for ``options``,
+    one crop (the whole image), masks as arrays; ``max_segments`` is applied
+    afterwards by ``generated_candidates``."""
+    return {
+        "points_per_side": options.points_per_side,
+        "pred_iou_thresh": options.pred_iou_thresh,
+        "stability_score_thresh": options.stability_score_thresh,
+        "min_mask_region_area": options.min_area,
+        "output_mode": "binary_mask",
+    }
+
+
+def generated_candidates(found: Sequence[Mapping[str, Any]], max_segments: int) -> list[Candidate]:
+    """An automatic mask generator's output (``binary_mask`` records) as
+    candidates sorted by predicted IoU, best first, at most ``max_segments``;
+    no logits (the generators keep none)."""
+    ordered = sorted(found, key=lambda mask: -float(mask["predicted_iou"]))
+    return [
+        Candidate(
+            mask=np.ascontiguousarray(mask["segmentation"], dtype=np.bool_),
+            score=float(mask["predicted_iou"]),
+        )
+        for mask in ordered[:max_segments]
+    ]
+
+
+def present(value: T | None) -> T:
+    """A field every prompt of a batch has, since batches share a shape."""
+    assert value is not None
+    return value

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -18,7 +17,7 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 from segment_anything.modeling import Sam
 
-from worker.engines.base import Candidate, EverythingOptions, Prompt
+from worker.engines.base import Candidate, EverythingOptions, Prompt, check_image
 from worker.engines.embedding_cache import (
     Embedding,
     EmbeddingCache,
@@ -28,10 +27,14 @@ from worker.engines.embedding_cache import (
 )
 from worker.engines.encoder_options import EncoderOptions
 from worker.engines.item_metrics import record_embedding
-from worker.engines.prompt_batching import best_first, decode_chunks, group_by_shape
+from worker.engines.prompt_batching import (
+    decode_groups,
+    generated_candidates,
+    generator_arguments,
+    group_by_shape,
+    present,
+)
 from worker.engines.sam_encoder import EncodedImage, SamImageEncoder
-
-T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -82,6 +85,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def read_checkpoint(checkpoint: Path, model: str) -> object:
+    """What ``checkpoint`` holds, loaded on the CPU with ``weights_only=True``
+    (a checkpoint is data, never code); CheckpointError, naming the file and
+    ``model`` (what it was to be loaded into), when it is missing or unreadable."""
+    try:
+        loaded: object = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{model} checkpoint {checkpoint} does not exist") from None
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise CheckpointError(
+            f"{checkpoint} is not a readable checkpoint (for {model}): {exc}"
+        ) from exc
+    return loaded
+
+
 def load_sam(architecture: str, checkpoint: Path, device: str) -> Sam:
     """Build ``architecture`` (a key of ``SAM_ARCHITECTURES``), load ``checkpoint``
     (a state dict saved by ``torch.save``, e.g. Meta's ``sam_vit_b_01ec64.pth``)
@@ -95,16 +113,7 @@ def load_sam(architecture: str, checkpoint: Path, device: str) -> Sam:
         raise CheckpointError(
             f"unknown SAM architecture {architecture!r}; known: {sorted(SAM_ARCHITECTURES)}"
         )
-    try:
-        state_dict = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"SAM {architecture} checkpoint {checkpoint} does not exist"
-        ) from None
-    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(
-            f"{checkpoint} is not a readable checkpoint (for SAM {architecture}): {exc}"
-        ) from exc
+    state_dict = read_checkpoint(checkpoint, f"SAM {architecture}")
     if not isinstance(state_dict, dict):
         raise CheckpointError(
             f"{checkpoint} does not hold a state dict (for SAM {architecture}) "
@@ -213,19 +222,12 @@ class SamEngine:
 
         Prompts are batched with prompts of the same shape only (see
         ``prompt_batching.group_by_shape``)."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
+        check_image(image)
         groups = group_by_shape(prompts, multimask)
-        answers: list[list[Candidate]] = [[] for _ in prompts]
         height, width = image.shape[:2]
         with self._lock, torch.inference_mode():
             self._embed(image)
-            for (_, _, _, ask_three), indexes in groups.items():
-                for chunk in decode_chunks(indexes, ask_three, height, width):
-                    masks, scores, logits = self._decode([prompts[i] for i in chunk], ask_three)
-                    for row, index in enumerate(chunk):
-                        answers[index] = best_first(masks[row], scores[row], logits[row], multimask)
-        return answers
+            return decode_groups(prompts, groups, multimask, height, width, self._decode)
 
     def segment_everything(
         self, image: npt.NDArray[np.uint8], options: EverythingOptions
@@ -234,27 +236,12 @@ class SamEngine:
         crop: the whole image), on the embedding this engine holds or makes
         for it. Candidates sorted by predicted IoU, best first, at most
         ``options.max_segments``; no logits (the generator keeps none)."""
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
-        generator = SamAutomaticMaskGenerator(
-            self._predictor.model,
-            points_per_side=options.points_per_side,
-            pred_iou_thresh=options.pred_iou_thresh,
-            stability_score_thresh=options.stability_score_thresh,
-            min_mask_region_area=options.min_area,
-            output_mode="binary_mask",
-        )
+        check_image(image)
+        generator = SamAutomaticMaskGenerator(self._predictor.model, **generator_arguments(options))
         generator.predictor = _HeldEmbedding(self)
         with self._lock, torch.inference_mode():
             found = generator.generate(image)
-        found.sort(key=lambda mask: -float(mask["predicted_iou"]))
-        return [
-            Candidate(
-                mask=np.ascontiguousarray(mask["segmentation"], dtype=np.bool_),
-                score=float(mask["predicted_iou"]),
-            )
-            for mask in found[: options.max_segments]
-        ]
+        return generated_candidates(found, options.max_segments)
 
     def _decode(
         self, prompts: Sequence[Prompt], ask_three: bool
@@ -281,7 +268,7 @@ class SamEngine:
                 device=device,
             )
         if first.box is not None:
-            box_array = np.stack([_present(p.box).astype(np.float32) for p in prompts])  # (B, 4)
+            box_array = np.stack([present(p.box).astype(np.float32) for p in prompts])  # (B, 4)
             boxes = torch.as_tensor(
                 predictor.transform.apply_boxes(box_array, original_size),
                 dtype=torch.float,
@@ -289,7 +276,7 @@ class SamEngine:
             )
         if first.mask_input is not None:
             mask_input = torch.as_tensor(
-                np.stack([_present(p.mask_input) for p in prompts]),  # (B, 1, 256, 256)
+                np.stack([present(p.mask_input) for p in prompts]),  # (B, 1, 256, 256)
                 dtype=torch.float,
                 device=device,
             )
@@ -391,9 +378,3 @@ class _HeldEmbedding:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._engine._predictor, name)
-
-
-def _present(value: T | None) -> T:
-    """A field every prompt of a batch has, since batches share a shape."""
-    assert value is not None
-    return value

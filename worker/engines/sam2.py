@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +26,7 @@ from sam2.build_sam import build_sam2
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-from worker.engines.base import Candidate, EverythingOptions, Prompt
+from worker.engines.base import Candidate, EverythingOptions, Prompt, check_image
 from worker.engines.embedding_cache import (
     Embedding,
     EmbeddingCache,
@@ -35,10 +35,14 @@ from worker.engines.embedding_cache import (
     image_digest,
 )
 from worker.engines.item_metrics import record_embedding
-from worker.engines.prompt_batching import best_first, decode_chunks, group_by_shape
-from worker.engines.sam import CheckpointError, resolve_device
-
-T = TypeVar("T")
+from worker.engines.prompt_batching import (
+    decode_groups,
+    generated_candidates,
+    generator_arguments,
+    group_by_shape,
+    present,
+)
+from worker.engines.sam import CheckpointError, read_checkpoint, resolve_device
 
 #: Engine name -> the config ``sam2`` ships for that size (SAM 2's July 2024
 #: checkpoints; the SAM 2.1 configs are for the 2.1 checkpoints).
@@ -72,15 +76,8 @@ def load_sam2(name: str, checkpoint: Path, device: str) -> SAM2Base:
     resolved = resolve_device(device)
     if name not in SAM2_CONFIGS:
         raise CheckpointError(f"unknown SAM 2 model {name!r}; known: {sorted(SAM2_CONFIGS)}")
-    try:
-        # weights_only: a checkpoint is data, never code (sam2 loads it so too).
-        loaded = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{name} checkpoint {checkpoint} does not exist") from None
-    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(
-            f"{checkpoint} is not a readable checkpoint (for {name}): {exc}"
-        ) from exc
+    # With weights_only, as sam2 loads it too.
+    loaded = read_checkpoint(checkpoint, name)
     state_dict = loaded.get("model") if isinstance(loaded, dict) else None
     if not isinstance(state_dict, dict):
         raise CheckpointError(
@@ -142,18 +139,12 @@ class Sam2Engine:
         embedding of ``image`` and one ``predict`` call per group of prompts
         of the same shape (SAM2ImagePredictor takes a batch of prompts as
         (B, N, 2) points, (B, 4) boxes and (B, 1, 256, 256) mask inputs)."""
-        _check_image(image)
+        check_image(image)
         groups = group_by_shape(prompts, multimask)
-        answers: list[list[Candidate]] = [[] for _ in prompts]
         height, width = image.shape[:2]
         with self._lock, torch.inference_mode():
             self._embed(image)
-            for (_, _, _, three), indexes in groups.items():
-                for chunk in decode_chunks(indexes, three, height, width):
-                    masks, scores, logits = self._decode([prompts[i] for i in chunk], three)
-                    for row, index in enumerate(chunk):
-                        answers[index] = best_first(masks[row], scores[row], logits[row], multimask)
-        return answers
+            return decode_groups(prompts, groups, multimask, height, width, self._decode)
 
     def segment_everything(
         self, image: npt.NDArray[np.uint8], options: EverythingOptions
@@ -162,14 +153,9 @@ class Sam2Engine:
         whole image), on the embedding this engine holds or makes for it.
         Candidates sorted by predicted IoU, best first, at most
         ``options.max_segments``; no logits (the generator keeps none)."""
-        _check_image(image)
+        check_image(image)
         generator = SAM2AutomaticMaskGenerator(
-            self._predictor.model,
-            points_per_side=options.points_per_side,
-            pred_iou_thresh=options.pred_iou_thresh,
-            stability_score_thresh=options.stability_score_thresh,
-            min_mask_region_area=options.min_area,
-            output_mode="binary_mask",
+            self._predictor.model, **generator_arguments(options)
         )
         # The generator's own predictor would encode the image again and, with
         # min_area, ask for the CUDA extension's hole filling; this one is the
@@ -177,14 +163,7 @@ class Sam2Engine:
         generator.predictor = _HeldEmbedding(self)
         with self._lock, torch.inference_mode():
             found = generator.generate(image)
-        found.sort(key=lambda mask: -float(mask["predicted_iou"]))
-        return [
-            Candidate(
-                mask=np.ascontiguousarray(mask["segmentation"], dtype=np.bool_),
-                score=float(mask["predicted_iou"]),
-            )
-            for mask in found[: options.max_segments]
-        ]
+        return generated_candidates(found, options.max_segments)
 
     def _decode(
         self, prompts: Sequence[Prompt], three: bool
@@ -198,9 +177,9 @@ class Sam2Engine:
             coords = np.stack([p.points.astype(np.float32) for p in prompts])  # (B, N, 2)
             labels = np.stack([p.labels.astype(np.int32) for p in prompts])  # (B, N)
         if first.box is not None:
-            boxes = np.stack([_present(p.box).astype(np.float32) for p in prompts])  # (B, 4)
+            boxes = np.stack([present(p.box).astype(np.float32) for p in prompts])  # (B, 4)
         if first.mask_input is not None:
-            mask_input = np.stack([_present(p.mask_input) for p in prompts])  # (B, 1, 256, 256)
+            mask_input = np.stack([present(p.mask_input) for p in prompts])  # (B, 1, 256, 256)
         masks, scores, logits = self._predictor.predict(
             point_coords=coords,
             point_labels=labels,
@@ -284,17 +263,6 @@ class _HeldEmbedding:
         return getattr(self._engine._predictor, name)
 
 
-def _check_image(image: npt.NDArray[np.uint8]) -> None:
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8, got {image.dtype} {image.shape}")
-
-
 def _numpy(tensor: torch.Tensor) -> npt.NDArray[np.float32]:
     array: npt.NDArray[np.float32] = tensor.detach().float().cpu().numpy()
     return array
-
-
-def _present(value: T | None) -> T:
-    """A field every prompt of a batch has, since batches share a shape."""
-    assert value is not None
-    return value
