@@ -6,9 +6,10 @@ saved as Meta's files are and loaded through segq's own loader, then
   per prompt on the held embedding, and the same image's second item from
   tier 1 (another engine, same process) and from tier 2 alone (an empty
   tier 1 over the same storage, in this process), against the first;
-- sam2's own ``set_image_batch`` at several batch sizes (images/s against
-  batch 1, in fp32 and, on CUDA, under bf16 autocast): what batching the
-  encoder across items could give; segq's engine encodes one image a time.
+- segq's engine encoding several items' images as one batch
+  (``encode_images``, as a worker with ``SEGQ_ENGINE_BATCH`` does) at
+  several batch sizes: images/s against batch 1, in fp32 and, on CUDA,
+  bf16 (``SEGQ_PRECISION``).
 
 SAM 2 resizes every image to 1024x1024, so the image's size changes only
 the cost of upscaling masks.
@@ -25,8 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from sam2.sam2_image_predictor import SAM2ImagePredictor  # noqa: E402
 
 from segq.storage import LocalStorage  # noqa: E402
 from worker.engines.base import Prompt  # noqa: E402
 from worker.engines.embedding_cache import EmbeddingCache, checkpoint_digest, model_id  # noqa: E402
+from worker.engines.encoder_options import EncoderOptions, Precision  # noqa: E402
 from worker.engines.item_metrics import ItemMetrics, recording_item_metrics  # noqa: E402
 from worker.engines.sam2 import SAM2_CONFIGS, Sam2Engine, build_sam2_model, load_sam2  # noqa: E402
 
@@ -82,24 +81,18 @@ def synchronize(device: str) -> None:
 
 
 def encoder_images_per_second(
-    predictor: SAM2ImagePredictor,
-    images: list[npt.NDArray[np.uint8]],
-    device: str,
-    precision: Callable[[], AbstractContextManager[Any]],
-    repeat: int,
+    engine: Sam2Engine, images: list[npt.NDArray[np.uint8]], device: str, repeat: int
 ) -> float:
-    """sam2's set_image_batch on ``images``: the best of ``repeat`` runs
+    """The engine's encode_images on ``images``: the best of ``repeat`` runs
     after one warm-up."""
     best = float("inf")
-    with torch.inference_mode():
-        for attempt in range(repeat + 1):
-            synchronize(device)
-            started = time.perf_counter()
-            with precision():
-                predictor.set_image_batch(images)
-            synchronize(device)
-            if attempt > 0:
-                best = min(best, time.perf_counter() - started)
+    for attempt in range(repeat + 1):
+        synchronize(device)
+        started = time.perf_counter()
+        engine.encode_images(images)
+        synchronize(device)
+        if attempt > 0:
+            best = min(best, time.perf_counter() - started)
     return len(images) / best
 
 
@@ -152,23 +145,23 @@ def main(argv: list[str] | None = None) -> int:
             "sources": [str(first.embedding), str(local.embedding), str(shared.embedding)],
         }
 
-        predictor = SAM2ImagePredictor(model)
-        precisions: dict[str, Callable[[], AbstractContextManager[Any]]] = {"fp32": nullcontext}
+        precisions = [Precision.FP32]
         if args.device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            precisions["bf16"] = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+            precisions.append(Precision.BF16)
         rows = []
-        for name, precision in precisions.items():
+        for precision in precisions:
             baseline = None
             for batch in args.batches:
                 images = [photograph_like(args.width, args.height, seed=i) for i in range(batch)]
                 if args.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
-                rate = encoder_images_per_second(
-                    predictor, images, args.device, precision, args.repeat
+                batching = Sam2Engine(
+                    model, args.model, encoder_options=EncoderOptions(precision, batch_size=batch)
                 )
+                rate = encoder_images_per_second(batching, images, args.device, args.repeat)
                 baseline = baseline or rate
                 row = {
-                    "precision": name,
+                    "precision": str(precision),
                     "batch": batch,
                     "images_per_s": round(rate, 3),
                     "ms_per_image": round(1000 / rate, 1),

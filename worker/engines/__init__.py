@@ -95,12 +95,13 @@ def load_engine(
 
         sam2_model = load_sam2(choice.name, choice.checkpoint, device)
         if embeddings is None:
-            return Sam2Engine(sam2_model, choice.name)
+            return Sam2Engine(sam2_model, choice.name, encoder_options=encoder_options)
         return Sam2Engine(
             sam2_model,
             choice.name,
             embeddings=embeddings,
             model_id=model_id(choice.name, checkpoint_digest(choice.checkpoint)),
+            encoder_options=encoder_options,
         )
     from worker.engines.sam import SamEngine, load_sam
 

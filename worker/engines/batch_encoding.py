@@ -12,6 +12,20 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: Images per encoder batch on a CUDA GPU unless SEGQ_ENGINE_BATCH says:
+#: segment-anything-fast's measurements (A100, ViT-H, bf16) gain little
+#: past 8-16 images, and 8 ViT-H images in bf16 fit a 24 GB card; a smaller
+#: card halves it on its first out-of-memory error. On a CPU batching gains
+#: nothing (the cores are busy with one image) and delays the first
+#: result, so it is 1.
+CUDA_DEFAULT_BATCH = 8
+CPU_DEFAULT_BATCH = 1
+
+
+def default_batch_size(device: str) -> int:
+    return CUDA_DEFAULT_BATCH if torch.device(device).type == "cuda" else CPU_DEFAULT_BATCH
+
+
 In = TypeVar("In")
 Out = TypeVar("Out")
 

@@ -8,6 +8,12 @@ with errors that name the file and the size. ``sam2`` is installed without
 its CUDA extension, which only fills small holes and removes specks in
 low-resolution masks when asked to; segq never asks (``minArea`` of "segment
 everything" removes them afterwards with OpenCV, as for SAM).
+
+The image encoder runs as ``SAM2ImagePredictor.set_image_batch`` runs it,
+several images at once (``SEGQ_ENGINE_BATCH``, halved on a GPU's
+out-of-memory error), in the configured precision (bf16 autocast on a GPU
+by default, as sam2's own examples run it); the features are kept in
+float32, so the mask decoder runs as sam2 ships it.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +33,7 @@ from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from worker.engines.base import Candidate, EverythingOptions, Prompt, check_image
+from worker.engines.batch_encoding import BatchLimit, default_batch_size, encode_in_batches
 from worker.engines.embedding_cache import (
     Embedding,
     EmbeddingCache,
@@ -34,7 +41,9 @@ from worker.engines.embedding_cache import (
     EmbeddingSource,
     image_digest,
 )
+from worker.engines.encoder_options import EncoderOptions
 from worker.engines.item_metrics import record_embedding
+from worker.engines.precision import autocast, resolve_precision
 from worker.engines.prompt_batching import (
     decode_groups,
     generated_candidates,
@@ -93,6 +102,16 @@ def load_sam2(name: str, checkpoint: Path, device: str) -> SAM2Base:
     return moved
 
 
+@dataclass(frozen=True)
+class _Encoded:
+    """One image's features on the model's device, float32, as
+    ``SAM2ImagePredictor.set_image`` leaves them in its ``_features``."""
+
+    image_embed: torch.Tensor  # (1, C, h, w)
+    high_res_feats: tuple[torch.Tensor, ...]  # finest first
+    original_size: tuple[int, int]
+
+
 class Sam2Engine:
     """One SAM2ImagePredictor around one loaded SAM 2 model, used as
     ``SamEngine`` uses SamPredictor: the embedding of the last image is kept
@@ -104,7 +123,11 @@ class Sam2Engine:
     SAM 2 resizes every image to a 1024x1024 square (not keeping its aspect
     ratio, unlike SAM), so its embedding does not depend on the image's
     size beyond that; it is the image embedding and two finer feature maps
-    (16 MiB in float32)."""
+    (16 MiB in float32).
+
+    ``encode_images`` encodes the images of several items as one batch
+    ahead of their ``segment`` calls (``encoder_options``: precision and
+    batch size; SAM 2 has no ``compile`` or attention option here)."""
 
     def __init__(
         self,
@@ -113,16 +136,62 @@ class Sam2Engine:
         *,
         embeddings: EmbeddingCache | None = None,
         model_id: str | None = None,
+        encoder_options: EncoderOptions | None = None,
     ) -> None:
         if (embeddings is None) != (model_id is None):
             raise ValueError("an embedding cache needs the model's id, and only it")
+        options = encoder_options or EncoderOptions()
         self.name = name
         self._predictor = SAM2ImagePredictor(model)
+        self._device = str(self._predictor.device)
+        self._precision = resolve_precision(options.precision, self._device)
+        self._limit = BatchLimit(options.batch_size or default_batch_size(self._device))
         self._input_size = (int(model.image_size), int(model.image_size))
         self._embeddings = embeddings
         self._model_id = model_id
         self._embedded_image: str | None = None
+        #: Features made or found by encode_images, by image digest, each with
+        #: where they came from and their share of the batch's time (ms),
+        #: until the next batch.
+        self._ready: dict[str, tuple[_Encoded, EmbeddingSource, float]] = {}
         self._lock = threading.Lock()
+
+    @property
+    def batch_size(self) -> int:
+        """The most images encoded at once (lowered by an out-of-memory error)."""
+        return self._limit.size
+
+    def encode_images(self, images: Sequence[npt.NDArray[np.uint8]]) -> None:
+        """Get the features of ``images`` ((H, W, 3) uint8 RGB each) ready
+        for their segment calls: found in the embedding cache, or encoded
+        together in batches of at most ``batch_size``. What an earlier call
+        readied and no segment call took is dropped."""
+        with self._lock:
+            self._ready = {}
+            missing: dict[str, npt.NDArray[np.uint8]] = {}
+            for image in images:
+                started = time.perf_counter()
+                digest = image_digest(image, self._input_size)
+                if digest == self._embedded_image or digest in self._ready or digest in missing:
+                    continue
+                found = self._cached(digest)
+                if found is None:
+                    missing[digest] = image
+                else:
+                    embedding, source = found
+                    elapsed_ms = (time.perf_counter() - started) * 1000
+                    self._ready[digest] = (self._on_device(embedding), source, elapsed_ms)
+            if not missing:
+                return
+            started = time.perf_counter()
+            encoded = self._encode(list(missing.values()))
+            share_ms = (time.perf_counter() - started) * 1000 / len(missing)
+            for digest, features in zip(missing, encoded, strict=True):
+                if self._embeddings is not None and self._model_id is not None:
+                    self._embeddings.keep(
+                        EmbeddingKey(self._model_id, digest), self._as_embedding(features)
+                    )
+                self._ready[digest] = (features, EmbeddingSource.COMPUTED, share_ms)
 
     def segment(
         self, image: npt.NDArray[np.uint8], prompt: Prompt, multimask: bool
@@ -196,52 +265,113 @@ class Sam2Engine:
         )
 
     def _embed(self, image: npt.NDArray[np.uint8]) -> None:
-        """Make the predictor hold ``image``'s embedding: kept from the last
-        image, restored from the cache, or encoded (and then cached)."""
+        """Make the predictor hold ``image``'s features: kept from the last
+        image, readied by encode_images, restored from the cache, or
+        encoded (and then cached)."""
         started = time.perf_counter()
         digest = image_digest(image, self._input_size)
+        earlier_ms = 0.0
         if digest == self._embedded_image:
             source = EmbeddingSource.LOCAL
         else:
             self._embedded_image = None  # stays None if encoding fails halfway
-            source = self._set_embedding(image, digest)
+            ready = self._ready.get(digest)
+            if ready is None:
+                source = self._set_embedding(image, digest)
+            else:
+                features, source, earlier_ms = ready
+                self._hold(features)
+                # Kept (bounded by the batch) for another item of the same image.
+                self._ready[digest] = (features, EmbeddingSource.LOCAL, 0.0)
             self._embedded_image = digest
-        record_embedding(source, (time.perf_counter() - started) * 1000)
+        record_embedding(source, (time.perf_counter() - started) * 1000 + earlier_ms)
 
     def _set_embedding(self, image: npt.NDArray[np.uint8], digest: str) -> EmbeddingSource:
-        predictor = self._predictor
         if self._embeddings is None or self._model_id is None:
-            predictor.set_image(image)
+            [features] = self._encode([image])
+            self._hold(features)
             return EmbeddingSource.COMPUTED
+        computed: list[_Encoded] = []
 
         def encode() -> Embedding:
-            predictor.set_image(image)
-            # SAM2ImagePredictor offers only image_embed publicly
-            # (get_image_embedding); the decoder also reads high_res_feats.
-            features: dict[str, Any] = predictor._features
-            return Embedding(
-                features=_numpy(features["image_embed"]),
-                high_res_features=tuple(_numpy(f) for f in features["high_res_feats"]),
-                original_size=(int(image.shape[0]), int(image.shape[1])),
-                input_size=self._input_size,
-            )
+            computed.extend(self._encode([image]))
+            return self._as_embedding(computed[0])
 
         embedding, source = self._embeddings.get_or_compute(
             EmbeddingKey(self._model_id, digest), encode
         )
-        if source != EmbeddingSource.COMPUTED:
-            # What set_image leaves behind, without running the encoder.
-            device = predictor.device
-            predictor.reset_predictor()
-            predictor._orig_hw = [embedding.original_size]
-            predictor._features = {
-                "image_embed": torch.from_numpy(embedding.features).to(device),
-                "high_res_feats": [
-                    torch.from_numpy(f).to(device) for f in embedding.high_res_features
-                ],
-            }
-            predictor._is_image_set = True
+        # Computed ones are still on the device: no copy back from the host.
+        self._hold(computed[0] if computed else self._on_device(embedding))
         return source
+
+    def _cached(self, digest: str) -> tuple[Embedding, EmbeddingSource] | None:
+        if self._embeddings is None or self._model_id is None:
+            return None
+        return self._embeddings.find(EmbeddingKey(self._model_id, digest))
+
+    def _encode(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[_Encoded]:
+        return encode_in_batches(self._encode_batch, images, self._limit, self._free_memory)
+
+    def _encode_batch(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[_Encoded]:
+        """``SAM2ImagePredictor.set_image_batch``'s steps (sam2 1.1.0; for
+        one image, ``set_image``'s), without touching the predictor's state:
+        each image transformed alone, the encoder run on the stack."""
+        predictor, model = self._predictor, self._predictor.model
+        with torch.inference_mode():
+            batch = predictor._transforms.forward_batch(list(images)).to(predictor.device)
+            with autocast(self._precision, self._device):
+                backbone_out = model.forward_image(batch)
+                _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
+                if model.directly_add_no_mem_embed:
+                    vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
+            count = batch.shape[0]
+            feats = [
+                feat.permute(1, 2, 0).reshape(count, -1, *size).float()
+                for feat, size in zip(
+                    vision_feats[::-1], predictor._bb_feat_sizes[::-1], strict=True
+                )
+            ][::-1]
+        return [
+            _Encoded(
+                image_embed=feats[-1][i : i + 1],
+                high_res_feats=tuple(f[i : i + 1] for f in feats[:-1]),
+                original_size=(int(image.shape[0]), int(image.shape[1])),
+            )
+            for i, image in enumerate(images)
+        ]
+
+    def _free_memory(self) -> None:
+        if torch.device(self._device).type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _hold(self, features: _Encoded) -> None:
+        """What ``set_image`` leaves behind, without running the encoder."""
+        predictor = self._predictor
+        predictor.reset_predictor()
+        predictor._orig_hw = [features.original_size]
+        predictor._features = {
+            "image_embed": features.image_embed,
+            "high_res_feats": list(features.high_res_feats),
+        }
+        predictor._is_image_set = True
+
+    def _on_device(self, embedding: Embedding) -> _Encoded:
+        device = self._predictor.device
+        return _Encoded(
+            image_embed=torch.from_numpy(embedding.features).to(device),
+            high_res_feats=tuple(
+                torch.from_numpy(f).to(device) for f in embedding.high_res_features
+            ),
+            original_size=embedding.original_size,
+        )
+
+    def _as_embedding(self, features: _Encoded) -> Embedding:
+        return Embedding(
+            features=_numpy(features.image_embed),
+            high_res_features=tuple(_numpy(f) for f in features.high_res_feats),
+            original_size=features.original_size,
+            input_size=self._input_size,
+        )
 
 
 class _HeldEmbedding:

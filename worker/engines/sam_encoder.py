@@ -21,24 +21,11 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from worker.engines.batch_encoding import BatchLimit, encode_in_batches
+from worker.engines.batch_encoding import BatchLimit, default_batch_size, encode_in_batches
 from worker.engines.encoder_options import EncoderOptions
 from worker.engines.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
-
-#: Images per encoder batch on a CUDA GPU unless SEGQ_ENGINE_BATCH says:
-#: segment-anything-fast's measurements (A100, ViT-H, bf16) gain little
-#: past 8-16 images, and 8 ViT-H images in bf16 fit a 24 GB card; a smaller
-#: card halves it on its first out-of-memory error. On a CPU batching gains
-#: nothing (the cores are busy with one image) and delays the first
-#: result, so it is 1.
-CUDA_DEFAULT_BATCH = 8
-CPU_DEFAULT_BATCH = 1
-
-
-def default_batch_size(device: str) -> int:
-    return CUDA_DEFAULT_BATCH if torch.device(device).type == "cuda" else CPU_DEFAULT_BATCH
 
 
 # segment_anything ships no type information, so its classes are Any.
