@@ -83,6 +83,25 @@ def examine(
                 )
             )
         }
+        # Held beside a file's content (segq/file_objects.kept_keys holds the
+        # same for the orphan sweep): an overwrite's bytes and parts on their
+        # way, and the version a queued or running item was created on.
+        pending = set(
+            session.scalars(
+                select(StoredFile.pending_storage_key).where(
+                    StoredFile.pending_storage_key.is_not(None)
+                )
+            )
+        )
+        pinned = set(
+            session.scalars(
+                select(JobItem.file_storage_key).where(
+                    JobItem.file_storage_key.is_not(None),
+                    JobItem.file_id.is_not(None),
+                    JobItem.status.in_((ItemStatus.QUEUED, ItemStatus.RUNNING)),
+                )
+            )
+        )
         unfinished_items: set[tuple[int, int]] = {
             (job_id, item_id)
             for job_id, item_id in session.execute(
@@ -100,7 +119,7 @@ def examine(
         if uploaded and key not in stored and (uploaded_time or 0) < listing_started:
             findings.files_without_bytes.append((file_id, key))
     for key, modified_time in sorted(stored.items()):
-        if key in named or key in files:
+        if key in named or key in files or key in pending or key in pinned:
             continue
         # Storage's clock is not ours; a grace of 0 must protect nothing.
         if grace_seconds > 0 and modified_time > young_after:
@@ -109,7 +128,10 @@ def examine(
         if item is not None and (int(item.group(1)), int(item.group(2))) in unfinished_items:
             continue  # an attempt still running writes before it completes
         part = _UPLOAD_PART.match(key)
-        if part is not None and part.group(1) in files and not files[part.group(1)][1]:
+        if part is not None and (
+            part.group(1) in pending
+            or (part.group(1) in files and not files[part.group(1)][1])
+        ):
             continue  # a multipart upload not yet completed
         findings.orphan_objects.append(key)
     return findings

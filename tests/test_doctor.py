@@ -3,6 +3,7 @@ reported, and repaired on request, through the real command."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,20 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.cli.main import main
+from segq.doctor import examine, repair
 from segq.models import ItemStatus, JobItem, StoredFile
 from segq.storage import S3Storage
 from tests.harness import TEST_BUCKET, Tenant
+from tests.images import png_bytes, scene_prompt_body
 from tests.test_deletion import finished_job, job_prefix
+from tests.test_file_versions import (
+    create_from_metadata,
+    init_multipart,
+    mask_size,
+    put_bytes,
+    run_queued_items,
+    storage_key,
+)
 
 
 @pytest.fixture
@@ -92,3 +103,31 @@ def test_doctor_reports_both_ways_and_repairs_what_it_can(
 
     after = runner.invoke(main, ["doctor", "--grace-seconds", "0"], env=doctor_env)
     assert "0 orphan objects, 0 files without bytes, 1 missing item objects" in after.output
+
+
+def test_doctor_keeps_what_files_still_hold_beside_their_content(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
+) -> None:
+    """Not orphans, however old: the version a queued item was created on
+    (the file was overwritten since) and the parts of an overwrite still
+    uploading. Repair leaves them, and the item segments its version."""
+    created = create_from_metadata(tenant, "cam")
+    put_bytes(tenant, created["uploadUrl"], png_bytes(160, 120))
+    pinned = storage_key(sessions, created["id"])
+    job_id = tenant.post_job(scene_prompt_body(created["id"])).json["jobId"]
+    replaced = create_from_metadata(tenant, "cam", overwrite=True)
+    put_bytes(tenant, replaced["uploadUrl"], png_bytes(200, 100, seed=1))
+    other = create_from_metadata(tenant, "other")
+    put_bytes(tenant, other["uploadUrl"], png_bytes(100, 100))
+    uploading = init_multipart(tenant, "other", overwrite=True)
+    put_bytes(tenant, uploading["uploadUrls"][0], b"part")
+    time.sleep(1.5)  # everything older than the grace period below
+
+    findings = examine(sessions, storage, grace_seconds=1)
+    assert findings.orphan_objects == []
+    repair(sessions, storage, findings)
+    assert pinned in {stored.key for stored in storage.list_objects("projects/")}
+    run_queued_items(sessions, storage)
+    job = tenant.get_job(job_id).json
+    assert job["status"] == "Completed", job
+    assert mask_size(job) == (160, 120)
