@@ -129,8 +129,7 @@ def examine(
             continue  # an attempt still running writes before it completes
         part = _UPLOAD_PART.match(key)
         if part is not None and (
-            part.group(1) in pending
-            or (part.group(1) in files and not files[part.group(1)][1])
+            part.group(1) in pending or (part.group(1) in files and not files[part.group(1)][1])
         ):
             continue  # a multipart upload not yet completed
         findings.orphan_objects.append(key)

@@ -254,10 +254,46 @@ def test_storage_failures_put_items_back_the_one_asked_for_raises(
     assert statuses(sessions, items) == [DONE, (ItemStatus.QUEUED, 1), DONE]
     assert calls == [2]
 
+    # Its own message, arriving before its retry is due, leaves it be.
+    assert run(sessions, flaky, engine, items[1]) == ItemOutcome.SKIPPED
+    retry_is_due(sessions, items[1])
     flaky.failing = {file_key(sessions, items[1])}
-    with pytest.raises(StorageUnavailable):
+    with pytest.raises(StorageUnavailable) as unavailable:
         run(sessions, flaky, engine, items[1], requeue=requeued.append)
+    assert unavailable.value.retry_in_seconds == 4  # its second attempt failed
     assert statuses(sessions, items)[1] == (ItemStatus.QUEUED, 2)
+    retry_is_due(sessions, items[1])
     flaky.failing = set()
     assert run(sessions, flaky, engine, items[1]) == ItemOutcome.COMPLETED
     assert statuses(sessions, items)[1] == (ItemStatus.COMPLETED, 3)
+
+
+def retry_is_due(sessions: sessionmaker[Session], item_id: int) -> None:
+    """What waiting out the item's backoff would do, without the wait."""
+    with sessions.begin() as session:
+        session.get_one(JobItem, item_id).published_time = 0
+
+
+def test_a_storage_outage_costs_each_item_one_attempt_per_backoff(
+    tenant: Tenant,
+    sessions: sessionmaker[Session],
+    storage: S3Storage,
+    batching: tuple[SamEngine, list[int]],
+) -> None:
+    """Each item's own message comes while the others wait out their
+    backoff: no batch takes them along and no early message claims them,
+    so an outage of a few seconds fails nothing."""
+    engine, _ = batching
+    _, items = submit(tenant, SIZES[:4])
+    flaky = FailingReads(storage, {file_key(sessions, i) for i in items})
+    with pytest.raises(StorageUnavailable):
+        run(sessions, flaky, engine, items[0], requeue=lambda _: None)
+    assert statuses(sessions, items) == [(ItemStatus.QUEUED, 1)] * 4
+    for item_id in items[1:]:
+        assert run(sessions, flaky, engine, item_id) == ItemOutcome.SKIPPED
+    assert statuses(sessions, items) == [(ItemStatus.QUEUED, 1)] * 4
+    flaky.failing = set()
+    for item_id in items:
+        retry_is_due(sessions, item_id)
+    assert run(sessions, flaky, engine, items[0]) == ItemOutcome.COMPLETED
+    assert statuses(sessions, items) == [(ItemStatus.COMPLETED, 2)] * 4

@@ -355,9 +355,9 @@ def test_storage_outage_fails_the_item_after_the_bound(
 
 
 def test_storage_retries_wait_longer_each_time() -> None:
-    from worker.tasks import storage_retry_delay
+    from worker.pipeline import storage_retry_delay
 
-    delays = [storage_retry_delay(n) for n in range(8)]
+    delays = [storage_retry_delay(attempt) for attempt in range(1, 9)]
     assert delays[:5] == [2, 4, 8, 16, 32]
     assert delays[5:] == [60, 60, 60]
 

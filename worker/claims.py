@@ -58,6 +58,10 @@ class Claim:
     options: dict[str, Any]
 
 
+#: How early a message sent with a retry's countdown may claim its item.
+RETRY_LEEWAY_MS = 1000
+
+
 def claim_item(
     sessions: sessionmaker[Session],
     item_id: int,
@@ -88,6 +92,7 @@ def claim_item(
             {
                 "item_id": item_id,
                 "now": now,
+                "due_by": now + RETRY_LEEWAY_MS,
                 "max_attempts": max_attempts,
                 "lease_expires_time": now + lease_seconds * 1000,
                 "engine": engine_name,
@@ -196,7 +201,12 @@ _TAKE_RUNNABLE_ITEM = (
     .where(
         JobItem.id == bindparam("item_id"),
         or_(
-            JobItem.status == ItemStatus.QUEUED,
+            and_(
+                JobItem.status == ItemStatus.QUEUED,
+                # Not before its retry is due (release_item), less the
+                # leeway a message sent with that countdown may arrive early by.
+                func.coalesce(JobItem.published_time, 0) <= bindparam("due_by"),
+            ),
             and_(
                 JobItem.status == ItemStatus.RUNNING,
                 func.coalesce(JobItem.lease_expires_time, 0) <= bindparam("now"),
@@ -389,15 +399,19 @@ def renew_lease(sessions: sessionmaker[Session], claim: Claim, lease_seconds: in
         return _update_held_item(session, claim, lease_expires_time=now_ms() + lease_seconds * 1000)
 
 
-def release_item(sessions: sessionmaker[Session], claim: Claim) -> bool:
-    """Give the item back to the queue, if ``claim`` still holds it."""
+def release_item(sessions: sessionmaker[Session], claim: Claim, retry_in_seconds: int = 0) -> bool:
+    """Give the item back to the queue, if ``claim`` still holds it, to be
+    run again no sooner than ``retry_in_seconds`` from now: its
+    published_time is when its retry message is due, and until then
+    neither a claim nor a batch takes it (a storage outage must cost an
+    item one attempt per backoff, whoever holds a message for it)."""
     with sessions.begin() as session:
         return _update_held_item(
             session,
             claim,
             status=ItemStatus.QUEUED,
             lease_expires_time=None,
-            published_time=now_ms(),
+            published_time=now_ms() + retry_in_seconds * 1000,
         )
 
 
@@ -410,6 +424,7 @@ _QUEUED_OF_JOB = (
         JobItem.status == ItemStatus.QUEUED,
         JobItem.id != bindparam("item_id"),
         JobItem.attempt < bindparam("max_attempts"),
+        func.coalesce(JobItem.published_time, 0) <= bindparam("now"),
     )
     .order_by(JobItem.position)
     .limit(bindparam("count"))
@@ -425,6 +440,7 @@ _QUEUED_ELSEWHERE = (
         JobItem.status == ItemStatus.QUEUED,
         JobItem.job_id != bindparam("job_id"),
         JobItem.attempt < bindparam("max_attempts"),
+        func.coalesce(JobItem.published_time, 0) <= bindparam("now"),
         Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
         or_(Job.engine.is_(None), Job.engine == bindparam("engine")),
     )
@@ -444,13 +460,15 @@ def queued_company(
     """Up to ``count`` queued items to run in one batch with ``claim``'s:
     its own job's first, then other jobs' that wait longest. Only
     candidates: each is then claimed as any item is, and one another
-    worker took first is simply not ours."""
+    worker took first is simply not ours. Items waiting out a retry's
+    backoff are not candidates (release_item)."""
     with sessions() as session:
         values = {
             "job_id": claim.job_id,
             "item_id": claim.item_id,
             "max_attempts": max_attempts,
             "count": count,
+            "now": now_ms(),
         }
         found = list(session.scalars(_QUEUED_OF_JOB, values))
         if len(found) < count:

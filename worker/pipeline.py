@@ -53,7 +53,22 @@ log = logging.getLogger(__name__)
 
 
 class StorageUnavailable(Exception):
-    """Storage failed this attempt; the item was put back in the queue."""
+    """Storage failed this attempt; the item was put back in the queue, to
+    be run again in ``retry_in_seconds``."""
+
+    def __init__(self, message: str, retry_in_seconds: int) -> None:
+        super().__init__(message)
+        self.retry_in_seconds = retry_in_seconds
+
+
+MAX_RETRY_DELAY_SECONDS = 60
+
+
+def storage_retry_delay(attempt: int) -> int:
+    """Seconds before an item whose storage failed at ``attempt`` (1, 2, ...)
+    is run again: 2, 4, 8, ... capped at a minute (the attempts themselves
+    are bounded by ``max_attempts``)."""
+    return int(min(2**attempt, MAX_RETRY_DELAY_SECONDS))
 
 
 class ItemOutcome(StrEnum):
@@ -143,7 +158,7 @@ def process_item(
             taken_along(company, outcome)
     outcome, storage_error = outcomes[0]
     if outcome == ItemOutcome.RELEASED:
-        raise StorageUnavailable(storage_error)
+        raise StorageUnavailable(storage_error, storage_retry_delay(claim.attempt))
     return outcome
 
 
@@ -287,7 +302,8 @@ def _finish(
     error_message = attempt.error_message
     if attempt.storage_error is not None:
         if claim.attempt < max_attempts:
-            once_more_if_disconnected(lambda: release_item(sessions, claim))
+            delay = storage_retry_delay(claim.attempt)
+            once_more_if_disconnected(lambda: release_item(sessions, claim, delay))
             return ItemOutcome.RELEASED, attempt.storage_error
         error_message = (
             f"storage was unavailable for {claim.attempt} attempts: {attempt.storage_error}"

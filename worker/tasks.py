@@ -13,17 +13,9 @@ from segq.logs import log_context
 from segq.queue import DELIVER_WEBHOOK_TASK, SEGMENT_ITEM_TASK
 from worker.claims import Claim
 from worker.metrics import ITEMS, STORAGE_ERRORS, WEBHOOK_ATTEMPTS, observe_item
-from worker.pipeline import ItemOutcome, StorageUnavailable, process_item
+from worker.pipeline import ItemOutcome, StorageUnavailable, process_item, storage_retry_delay
 from worker.runtime import delivery_runtime_of, segment_runtime_of
 from worker.webhook_delivery import deliver
-
-MAX_RETRY_DELAY_SECONDS = 60
-
-
-def storage_retry_delay(retries_so_far: int) -> int:
-    """Seconds before the next try of an item whose storage failed: 2, 4, 8,
-    ... capped at a minute (the attempts themselves are bounded by the pipeline)."""
-    return int(min(2 ** (retries_so_far + 1), MAX_RETRY_DELAY_SECONDS))
 
 
 @shared_task(name=SEGMENT_ITEM_TASK, bind=True, max_retries=None)
@@ -36,12 +28,11 @@ def segment_item(self: Any, item_id: int) -> str:
         shown = "storage_retry" if released else outcome.value
         observe_item(current.sessions, claim.item_id, shown, time.monotonic() - started)
         if released:
-            # Storage failed this item of the batch, and its own message is
-            # spent: send one, as late as a retry of its attempt would be.
+            # Storage failed this item of the batch, and its own message may
+            # be spent (another worker found it taken): send one for when its
+            # retry is due. A second message for it skips (not due, or taken).
             STORAGE_ERRORS.inc()
-            segment_item.apply_async(
-                (claim.item_id,), countdown=storage_retry_delay(claim.attempt - 1)
-            )
+            segment_item.apply_async((claim.item_id,), countdown=storage_retry_delay(claim.attempt))
 
     with log_context(item_id=item_id):
         try:
@@ -62,7 +53,7 @@ def segment_item(self: Any, item_id: int) -> str:
             ITEMS.labels("storage_retry").inc()
             # The item is back in the queue; process_item counts the attempts and
             # fails the item once they run out, so this retry loop is bounded.
-            raise self.retry(countdown=storage_retry_delay(self.request.retries), exc=exc) from exc
+            raise self.retry(countdown=exc.retry_in_seconds, exc=exc) from exc
         observe_item(current.sessions, item_id, outcome.value, time.monotonic() - started)
     return outcome.value
 
