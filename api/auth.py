@@ -8,6 +8,7 @@ from flask import Blueprint, g, request
 
 from api.context import db, services
 from api.errors import ApiError
+from api.parking import RESUMED_ENVIRON_KEY
 from segq.projects import hash_api_key
 
 
@@ -38,6 +39,10 @@ def protect_project_routes(blueprint: Blueprint) -> None:
         if project.name != g.project_name:
             raise ApiError(403, "this key does not belong to that project")
         g.project = project
-        # Counted per key (by its hash: the key itself never leaves memory).
-        if not services().rate_limiter.allow(hash_api_key(key)):
+        # Counted per key (by its hash: the key itself never leaves memory),
+        # once per request: a parked request's later runs (api/parking.py)
+        # are the same request, and a POST that created its job must not
+        # be answered 429 when it wakes.
+        resumed = request.environ.get(RESUMED_ENVIRON_KEY) is not None
+        if not resumed and not services().rate_limiter.allow(hash_api_key(key)):
             raise ApiError(429, "too many requests for this key", headers={"Retry-After": "1"})

@@ -94,18 +94,25 @@ def create_file(
     the caller to discard."""
     existing: StoredFile | None = None
     duplicated: list[dict[str, Any]] = []
+    # The rows for update: an upload's PUT committing the file's bytes
+    # meanwhile must be seen (decided on an older row, an overwrite would
+    # leave the file uploaded with a key that holds nothing).
     if creation.externalId is not None:
         existing = session.scalar(
-            select(StoredFile).where(
+            select(StoredFile)
+            .where(
                 StoredFile.project_id == project_id,
                 StoredFile.external_id == creation.externalId,
             )
+            .with_for_update()
         )
         if existing is not None:
             duplicated.append({"externalId": creation.externalId})
     if creation.instanceId is not None:
         by_instance = session.scalar(
-            select(StoredFile).where(_instance_id_taken(project_id, creation.instanceId))
+            select(StoredFile)
+            .where(_instance_id_taken(project_id, creation.instanceId))
+            .with_for_update()
         )
         if by_instance is not None:
             duplicated.append({"instanceId": creation.instanceId.model_dump()})

@@ -120,13 +120,21 @@ def render_job_view(job: Job, items: Sequence[JobItem], link: MaskLinker) -> dic
     completed = failed = 0
     for item in items:
         stored = files.get(item.file_id) if item.file_id is not None else None
+        # The version the item was created on (the file may have been
+        # overwritten since): its masks belong over that image, and the link
+        # must not show content uploaded after the job.
+        image_key = width = height = None
+        if stored is not None and item.file_storage_key not in (None, stored.storage_key):
+            image_key = item.file_storage_key
+        elif stored is not None and stored.uploaded:
+            image_key, width, height = stored.storage_key, stored.width, stored.height
         entry: dict[str, Any] = {
             **item_reference(item),
             "position": item.position,
             "status": item.status,
-            "imageUrl": link(stored.storage_key)[0] if stored and stored.uploaded else None,
-            "width": stored.width if stored else None,
-            "height": stored.height if stored else None,
+            "imageUrl": link(image_key)[0] if image_key else None,
+            "width": width,
+            "height": height,
             "errorMessage": item.error_message if item.status == ItemStatus.FAILED else None,
         }
         if item.status == ItemStatus.FAILED:

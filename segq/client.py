@@ -123,8 +123,14 @@ class SegqClient:
         out links relative to the API's root when no public URL is set)."""
         return urljoin(self.base_url + "/", url.lstrip("/")) if url.startswith("/") else url
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        response = self._http.request(method, self.url(path), timeout=self.timeout, **kwargs)
+    def _request(
+        self, method: str, path: str, *, waiting: int = 0, **kwargs: Any
+    ) -> requests.Response:
+        """``waiting``: the seconds the server may hold the answer (Prefer:
+        wait), added to the read timeout so a long wait is not cut off."""
+        response = self._http.request(
+            method, self.url(path), timeout=self.timeout + waiting, **kwargs
+        )
         if not response.ok:
             raise _error_of(response)
         return response
@@ -170,9 +176,12 @@ class SegqClient:
         until the job finishes (``Prefer: wait``; servers without it answer
         at once)."""
         headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        waiting = 0 if wait is None else _prefer_seconds(wait)
         if wait is not None:
-            headers["Prefer"] = f"wait={_prefer_seconds(wait)}"
-        return self._json("POST", "/context/vision/segment", json=dict(body), headers=headers)
+            headers["Prefer"] = f"wait={waiting}"
+        return self._json(
+            "POST", "/context/vision/segment", json=dict(body), headers=headers, waiting=waiting
+        )
 
     def get_job(self, job_id: int) -> dict[str, Any]:
         return self._json("GET", f"/context/vision/segment/{job_id}")
@@ -207,8 +216,11 @@ class SegqClient:
         started = time.monotonic()
         while True:
             left = timeout - (time.monotonic() - started)
-            headers = {"Prefer": f"wait={_prefer_seconds(left)}"} if left >= 1 else {}
-            response = self._request("GET", f"/context/vision/segment/{job_id}", headers=headers)
+            waiting = _prefer_seconds(left) if left >= 1 else 0
+            headers = {"Prefer": f"wait={waiting}"} if waiting else {}
+            response = self._request(
+                "GET", f"/context/vision/segment/{job_id}", headers=headers, waiting=waiting
+            )
             job: dict[str, Any] = response.json()
             if is_finished(job):
                 return job

@@ -129,6 +129,16 @@ class Settings:
         """Where the embedded filesystem broker keeps its messages."""
         return self.data_dir / "broker"
 
+    def __post_init__(self) -> None:
+        # The items a batch claims first hold leases that are renewed only
+        # once the batch runs: waiting for company must leave them most of
+        # their lease.
+        if self.engine_batch_wait_ms * 2 > self.lease_seconds * 1000:
+            raise SettingsError(
+                f"SEGQ_ENGINE_BATCH_WAIT_MS ({self.engine_batch_wait_ms}) must be at most half "
+                f"of SEGQ_LEASE_SECONDS ({self.lease_seconds} s)"
+            )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

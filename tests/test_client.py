@@ -148,3 +148,25 @@ def test_429_is_retried_after_its_retry_after(
             assert list(patient.jobs()) == []
         # Over the limit of 2 a second, so some calls waited out a Retry-After of 1 s.
         assert time.monotonic() - started >= 1.0
+
+
+def test_a_wait_longer_than_the_read_timeout_ends_as_a_wait_timeout(
+    live_server: str, tenant: Tenant
+) -> None:
+    """The server holds a Prefer: wait answer for up to the wait: the read
+    timeout is the client's plus that wait, so a job that stays queued ends
+    in WaitTimeout, never in a read timeout of the HTTP library."""
+    with SegqClient(live_server, tenant.name, tenant.key, timeout=1.0) as client:
+        file_id = client.upload(encode(scene()[0], "PNG"))["id"]
+        job = client.create_job(
+            {
+                "items": [{"fileId": file_id}],
+                "points": [{"x": 0.5, "y": 0.5, "label": 1}],
+            },
+            wait=2,
+        )
+        assert job["status"] == "Queued"  # no worker runs
+        started = time.monotonic()
+        with pytest.raises(WaitTimeout):
+            client.wait(job["jobId"], timeout=3)
+        assert time.monotonic() - started >= 2.5

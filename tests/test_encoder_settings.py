@@ -47,3 +47,13 @@ def test_bad_values_are_refused_by_name(name: str, value: str, says: str) -> Non
     with pytest.raises(SettingsError, match=says) as refused:
         settings(**{name: value})
     assert name in str(refused.value)
+
+
+def test_a_batch_may_not_wait_for_company_past_half_a_lease() -> None:
+    """Items claimed first keep leases that are renewed only once the batch
+    runs: a wait as long as the lease would have them taken for abandoned."""
+    with pytest.raises(SettingsError, match="at most half of SEGQ_LEASE_SECONDS"):
+        settings(SEGQ_ENGINE_BATCH_WAIT_MS="40000")
+    assert settings(SEGQ_ENGINE_BATCH_WAIT_MS="30000").engine_batch_wait_ms == 30000
+    longer = settings(SEGQ_LEASE_SECONDS="120", SEGQ_ENGINE_BATCH_WAIT_MS="60000")
+    assert longer.engine_batch_wait_ms == 60000

@@ -234,3 +234,22 @@ def test_a_running_jobs_page_follows_its_progress_without_reload(
             assert page.locator("section.item svg g.segment").count() == 1
         finally:
             browser.close()
+
+
+def test_the_page_shows_the_version_the_job_segmented_after_an_overwrite(
+    tenant: Tenant,
+) -> None:
+    from tests.test_file_versions import create_from_metadata, put_bytes
+
+    created = create_from_metadata(tenant, "cam")
+    first_bytes = encode(scene(120, 90)[0])
+    put_bytes(tenant, created["uploadUrl"], first_bytes)
+    job = tenant.post_job(scene_prompt_body(created["id"])).json["jobId"]
+    replaced = create_from_metadata(tenant, "cam", overwrite=True)
+    put_bytes(tenant, replaced["uploadUrl"], encode(scene(200, 100, seed=1)[0]))
+
+    token = token_of(tenant.get_job(job).json["viewUrl"])
+    view = tenant.client.get(tenant.url(f"/context/vision/segment/{job}/view/job?token={token}"))
+    [item] = view.json["items"]
+    assert requests.get(item["imageUrl"], timeout=10).content == first_bytes
+    assert (item["width"], item["height"]) == (None, None)  # the file's now are another image's

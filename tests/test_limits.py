@@ -10,6 +10,7 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
+from api.parking import RESUMED_ENVIRON_KEY
 from api.rate_limit import LocalRateLimiter, RedisRateLimiter
 from segq.settings import Settings
 from segq.storage import S3Storage
@@ -47,6 +48,23 @@ def test_requests_over_the_key_rate_get_429(
     assert windows
     # PTTL is -1 for a key without expiry (-2 if it expired meanwhile).
     assert all(counts.pttl(window) != -1 for window in windows)
+
+
+def test_a_parked_requests_later_runs_are_not_counted_again(
+    settings: Settings, sessions: sessionmaker[Session], storage: S3Storage, celery_app: Celery
+) -> None:
+    """A request parked by `segq serve` (Prefer: wait, event streams) runs
+    the app again when it wakes: the same request, counted once, so a POST
+    that created its job is never answered 429 (api/parking.py)."""
+    app = create_app(replace(settings, rate_limit_per_second=1), storage=storage, celery=celery_app)
+    tenant = make_tenant(app.test_client(), sessions, "acme")
+    time.sleep(1 - time.time() % 1)
+    assert tenant.client.get(tenant.url("/files"), headers=tenant.headers).status_code == 200
+    assert tenant.client.get(tenant.url("/files"), headers=tenant.headers).status_code == 429
+    resumed = tenant.client.get(
+        tenant.url("/files"), headers=tenant.headers, environ_overrides={RESUMED_ENVIRON_KEY: 1}
+    )
+    assert resumed.status_code == 200
 
 
 def test_local_limiter_counts_per_second() -> None:

@@ -269,6 +269,7 @@ def test_livepeer_on_sam_gives_segment_anythings_masks_scores_and_logits(
         ({"box": "[128, 18, 32, 102]"}, 400, "xMin < xMax"),
         ({"model_id": "stabilityai/sdxl"}, 400, "pipeline configured with"),
         ({"mask_input": "[[0.0, 1.0]]", "box": json.dumps(BOX)}, 400, "mask_input must be"),
+        ({"point_coords": "[" * 100_000 + "]" * 100_000}, 400, "nested too deeply"),
         ({"mask_input": '[["a"]]', "box": json.dumps(BOX)}, 400, "mask_input must be"),
         ({"mask_input": "[[[NaN]]]", "box": json.dumps(BOX)}, 400, "for mask_input"),
         (

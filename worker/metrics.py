@@ -108,7 +108,14 @@ def observe_item(
         item_id,
         attempt,
         outcome,
-        extra={"job_id": job_id, "attempt": attempt, "duration_ms": round(seconds * 1000, 1)},
+        # item_id too: an item taken along in a batch is logged inside the
+        # log context of the item whose task ran the batch.
+        extra={
+            "item_id": item_id,
+            "job_id": job_id,
+            "attempt": attempt,
+            "duration_ms": round(seconds * 1000, 1),
+        },
     )
     if outcome != "completed":
         return

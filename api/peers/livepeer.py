@@ -193,6 +193,8 @@ def _json_field(name: str) -> Any:
         return None
     try:
         return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, f"Error parsing JSON for {name}: nested too deeply") from None
     except (json.JSONDecodeError, ValueError) as exc:
         raise ApiError(400, f"Error parsing JSON for {name}: {exc}") from None
 

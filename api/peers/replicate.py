@@ -464,7 +464,13 @@ def cancel_prediction(prediction_id: str) -> Response:
     """A finished prediction is answered as it is (Replicate's way), not 409."""
     job = _prediction(prediction_id)
     if not JobStatus(job.status).finished:
-        job = cancel_job(db(), services(), _project().id, job.id)
+        try:
+            job = cancel_job(db(), services(), _project().id, job.id)
+        except ApiError as refused:
+            if refused.code != 409:
+                raise
+            # It finished since it was read: answered as it is now.
+            job = _prediction(prediction_id)
     return _prediction_answer(job)
 
 
