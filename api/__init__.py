@@ -14,7 +14,7 @@ from api.context import close_db
 from api.error_envelope import register_error_handlers
 from api.files import file_uploads, files
 from api.job_views import job_views
-from api.job_waiting import JobChangeFeed
+from api.job_waiting import BlockingWaits, JobChangeFeed, blocking_wait_slots
 from api.jobs import jobs
 from api.json_body import max_job_body_bytes
 from api.openapi import register_api_explorer
@@ -56,9 +56,12 @@ def create_app(
     *,
     storage: ObjectStorage | None = None,
     celery: Celery | None = None,
+    request_threads: int | None = None,
 ) -> Flask:
     """Build the app. Everything it talks to comes from ``settings`` unless
-    given (tests pass their own storage or Celery app)."""
+    given (tests pass their own storage or Celery app). ``request_threads``:
+    how many threads of this process run requests (`segq serve` says), of
+    which half at most may block waiting for jobs."""
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     # Routes that read more (a job body with an inline image) raise it.
@@ -85,6 +88,7 @@ def create_app(
             sessions, pubsub_url(settings.broker_url), settings.wait_recheck_seconds
         ),
         job_announcer=make_announcer(settings.broker_url),
+        blocking_waits=BlockingWaits(blocking_wait_slots(request_threads)),
     )
     app.url_map.converters["id"] = IdConverter
     register_error_handlers(app)

@@ -243,6 +243,6 @@ def serve(*, host: str, port: int, workers: int, threads: int, connections: int)
             settings = settings_for_bind_address(Settings.from_env(), host, port)
             if settings.log_format is not None:
                 configure_logging(settings.log_format, level=logging.INFO)
-            return create_app(settings)
+            return create_app(settings, request_threads=threads)
 
     Application().run()

@@ -17,11 +17,12 @@ for code that runs in a thread anyway.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -268,6 +269,40 @@ def wait_until_finished(job_id: int, timeout_s: float) -> bool:
 
     Called inside a request of the app (it uses the app's feed and
     sessions). It holds no database connection while it waits; the caller
-    should not either: commit or close the request's session first."""
+    should not either: commit or close the request's session first. It
+    does hold its thread, so only ``BlockingWaits``' share of the process's
+    threads may wait at once: beyond that it raises NoWaitingSlot at once."""
     found = services()
-    return wait_in_thread_until_finished(found.job_changes, found.sessions, job_id, timeout_s)
+    with found.blocking_waits.slot():
+        return wait_in_thread_until_finished(found.job_changes, found.sessions, job_id, timeout_s)
+
+
+class NoWaitingSlot(Exception):
+    """As many requests of this process as may block are already waiting."""
+
+
+class BlockingWaits:
+    """How many request threads of this process may block waiting for a
+    job at once (the peers' synchronous routes, Replicate's Prefer: wait):
+    the rest of the threads stay free for every other request, so a few
+    clients waiting cannot stall the API, health checks included."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._free = threading.BoundedSemaphore(slots)
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if not self._free.acquire(blocking=False):
+            raise NoWaitingSlot(f"{self.slots} requests of this process are already waiting")
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
+def blocking_wait_slots(request_threads: int | None) -> int:
+    """Half the process's request threads (at least one); 4 where the
+    server's thread count is unknown (Flask's test client, another WSGI
+    server)."""
+    return 4 if request_threads is None else max(1, request_threads // 2)

@@ -16,7 +16,7 @@ from segq.storage import ObjectStorage
 
 if TYPE_CHECKING:
     # api/job_waiting.py reaches the services through api/context.py.
-    from api.job_waiting import JobChangeFeed
+    from api.job_waiting import BlockingWaits, JobChangeFeed
 
 
 @dataclass(frozen=True)
@@ -28,5 +28,6 @@ class Services:
     rate_limiter: RateLimiter
     job_changes: JobChangeFeed
     job_announcer: JobChangeAnnouncer
+    blocking_waits: BlockingWaits
     projects_by_key: ProjectsByKey = field(default_factory=ProjectsByKey)
     unfinished_jobs: UnfinishedJobCounts = field(default_factory=UnfinishedJobCounts)

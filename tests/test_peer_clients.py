@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import re
+import threading
 import time
 import urllib.error
 from collections.abc import Iterator
@@ -347,6 +348,43 @@ def test_livepeer_waits_at_most_the_peer_wait_and_the_job_runs_on(
     job_id = int(re.search(r"job (\d+)", late.value.body).group(1))  # type: ignore[union-attr]
     assert tenant.get_job(job_id).json["status"] == "Queued"
     assert count_jobs(sessions) == (1, 1)
+
+
+def test_waiting_calls_hold_at_most_half_the_threads_and_the_rest_stay_free(
+    peer_settings: Settings, storage: S3Storage, celery_app: Celery, tenant: Tenant
+) -> None:
+    """A synchronous call holds its request thread while its job runs: with
+    every waiting slot of the process taken (half its threads), another is
+    answered 503 with Retry-After at once, and other routes still answer."""
+    app = create_app(
+        replace(peer_settings, peer_wait_seconds=4),
+        storage=storage,
+        celery=celery_app,
+        request_threads=2,
+    )
+    answers: list[int] = []
+    with serving(app) as url:
+        waiting = threading.Thread(
+            target=lambda: answers.append(
+                requests.post(
+                    f"{url}/segment-anything-2",
+                    headers=tenant.headers,
+                    files={"image": ("a.png", PNG, "image/png")},
+                    data={"box": json.dumps(BOX)},
+                    timeout=30,
+                ).status_code
+            )
+        )
+        waiting.start()
+        time.sleep(1)  # it holds the one slot; no worker runs its job
+        started = time.monotonic()
+        with pytest.raises(errors.SDKError) as busy:
+            livepeer_call(url, tenant.key, box=json.dumps(BOX))
+        assert busy.value.status_code == 503 and time.monotonic() - started < 3
+        assert "waiting for their jobs" in busy.value.body
+        assert requests.get(f"{url}/healthz", timeout=2).status_code == 200
+        waiting.join(timeout=30)
+    assert answers == [504]
 
 
 def test_the_peer_wait_is_a_setting(tmp_path: Path) -> None:

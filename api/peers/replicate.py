@@ -8,6 +8,7 @@ Errors are RFC 7807 problems, which the client raises as ReplicateError."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -26,7 +27,7 @@ from api.files import MAX_FORM_PARTS
 from api.images import inspect_image
 from api.item_sources import decode_data_url
 from api.job_service import cancel_job, create_segmentation_job, items_of, owned_job
-from api.job_waiting import wait_until_finished
+from api.job_waiting import NoWaitingSlot, wait_until_finished
 from api.json_body import max_job_body_bytes, read_json_object
 from api.public_links import public_link
 from api.request_integers import ascii_integer
@@ -388,7 +389,10 @@ def _create(body: PredictionRequest, model: str, version: str) -> tuple[Response
         left = g.arrived + wait - ANSWER_MARGIN_SECONDS - time.monotonic()
         # The request's session goes back to the pool while it waits.
         close_db()
-        wait_until_finished(job.id, max(left, 0.0))
+        # Prefer: wait is a preference: with every waiting slot of this
+        # process taken, the prediction is answered as it is.
+        with contextlib.suppress(NoWaitingSlot):
+            wait_until_finished(job.id, max(left, 0.0))
         job = owned_job(db(), _project().id, job.id)
     return _prediction_answer(job, unfinished_as_starting=wait is not None), 201
 

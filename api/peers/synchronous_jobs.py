@@ -16,7 +16,7 @@ from sqlalchemy import select
 from api.context import db, services
 from api.errors import ApiError
 from api.job_service import create_segmentation_job
-from api.job_waiting import wait_until_finished
+from api.job_waiting import NoWaitingSlot, wait_until_finished
 from api.schemas import SegmentRequest
 from segq.models import Job, JobItem, JobStatus, Project
 from segq.projects import hash_api_key
@@ -68,7 +68,16 @@ def run_to_completion(
     # Nothing of the request's session is needed while waiting: its
     # connection goes back to the pool.
     session.close()
-    if not wait_until_finished(job_id, settings.peer_wait_seconds):
+    try:
+        finished_in_time = wait_until_finished(job_id, settings.peer_wait_seconds)
+    except NoWaitingSlot:
+        raise ApiError(
+            503,
+            f"too many requests of this server are waiting for their jobs; job {job_id} "
+            f"runs on: GET /api/v1/projects/{project.name}/context/vision/segment/{job_id}",
+            headers={"Retry-After": "5"},
+        ) from None
+    if not finished_in_time:
         raise ApiError(
             504,
             f"job {job_id} did not finish within {settings.peer_wait_seconds} s "
