@@ -6,11 +6,13 @@ the job started, an ``item.completed`` or ``item.failed`` per finished item
 in the order they finished, and the job's end (``job.completed``,
 ``job.failed``, ``job.canceled``). Bodies are the webhooks' (the job as GET
 shows it, without mask URLs; an item event has only its item, beside the
-progress it made). An event's id is its place in that order, from 1, so a
-client that reconnects with ``Last-Event-ID: n`` gets the events after the
-n-th. Items of a job finish one at a time (each takes the job's row lock)
-and their ``finishedTime`` is read under the lock, so the order of events
-already sent does not change as more items finish.
+progress it made). Events are in the order of their times, and an event's
+id is its place in that order, from 1, so a client that reconnects with
+``Last-Event-ID: n`` gets the events after the n-th. Items of a job finish
+one at a time (each takes the job's row lock) and their ``finishedTime`` is
+read under the lock, so a later event never lands before one already sent:
+not even an item that was running when its job was canceled, which
+finishes after ``job.canceled``.
 """
 
 from __future__ import annotations
@@ -67,13 +69,14 @@ def job_events(session: Session, job: Job) -> list[StreamedEvent]:
     """Every event ``job`` has had so far, in order; bodies are rendered
     only when framed."""
     items = items_of(session, job)
-    found: list[tuple[str, int, Callable[[], dict[str, Any]]]] = []
+    # (time, then rank among events of the same millisecond, type, body)
+    found: list[tuple[tuple[int, int], str, Callable[[], dict[str, Any]]]] = []
 
     def whole_job() -> dict[str, Any]:
         return render_job(job, items, None)
 
     if job.start_time is not None:
-        found.append((JOB_STARTED, job.start_time, whole_job))
+        found.append(((job.start_time, 0), JOB_STARTED, whole_job))
     finished = sorted(
         (
             item
@@ -95,13 +98,18 @@ def job_events(session: Session, job: Job) -> list[StreamedEvent]:
         progress = dict(counts)
         event = ITEM_COMPLETED if item.status == ItemStatus.COMPLETED else ITEM_FAILED
         assert item.finished_time is not None
-        found.append((event, item.finished_time, partial(render_item_event, job, item, progress)))
+        render = partial(render_item_event, job, item, progress)
+        found.append(((item.finished_time, 2), event, render))
     end = _END_EVENTS.get(JobStatus(job.status))
     if end is not None:
-        found.append((end, job.status_time, whole_job))
+        # A job completes or fails with its last item (after it, in the same
+        # millisecond); a cancel comes before what finishes after it.
+        rank = 1 if end == JOB_CANCELED else 3
+        found.append(((job.status_time, rank), end, whole_job))
+    found.sort(key=lambda event: event[0])  # stable: items keep their order
     return [
         StreamedEvent(number, event_type, timestamp, render)
-        for number, (event_type, timestamp, render) in enumerate(found, start=1)
+        for number, ((timestamp, _), event_type, render) in enumerate(found, start=1)
     ]
 
 

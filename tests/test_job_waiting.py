@@ -255,3 +255,40 @@ def test_a_cancel_wakes_its_waiters_at_once(
     waiter.join(timeout=20)
     assert time.monotonic() - started < 5
     assert [answer.json["status"] for answer in answers] == ["Canceled"]
+
+
+def test_event_ids_stay_put_when_an_item_finishes_after_a_cancel(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    """A job canceled while an item runs: the stream has ended with
+    job.canceled, and the item that finishes later comes after it, so a
+    client resuming from the cancel's id gets that item, and no event twice."""
+    from sqlalchemy import select
+
+    from api.job_event_stream import job_events
+    from segq.models import Job, JobItem
+    from worker.claims import claim_item, finish_item
+
+    job_id = _embedded_job(tenant, images=2).json["jobId"]
+    with sessions() as session:
+        first = session.scalars(
+            select(JobItem.id).where(JobItem.job_id == job_id).order_by(JobItem.position)
+        ).first()
+    assert first is not None
+    claim = claim_item(sessions, first, lease_seconds=60, engine_name="grabcut", max_attempts=3)
+    assert claim is not None
+    canceled = tenant.client.post(
+        tenant.url(f"/context/vision/segment/{job_id}/cancel"), headers=tenant.headers
+    )
+    assert canceled.status_code == 200
+
+    def events() -> list[tuple[int, str]]:
+        with sessions() as session:
+            job = session.get_one(Job, job_id)
+            return [(event.number, event.type) for event in job_events(session, job)]
+
+    sent = events()
+    assert sent == [(1, "job.started"), (2, "job.canceled")]
+    time.sleep(0.01)
+    assert finish_item(sessions, claim, result=None, error_message="late")
+    assert events() == [*sent, (3, "item.failed")]
