@@ -196,17 +196,21 @@ def _of_items_job(column: Any) -> Any:
 #: in share mode (FOR SHARE) while the item's is taken: claims of one job do
 #: not wait for each other, and a cancel (FOR UPDATE) waits for them or
 #: they for it. What the attempt needs of the item and the job comes back.
+#: A queued item that was tried before is runnable once its retry is due
+#: (release_item), less the leeway a message sent with that countdown may
+#: arrive early by. Only retries: an item never tried carries the API's
+#: clock, which may differ from this worker's.
+_RETRY_IS_DUE = or_(
+    JobItem.attempt == 0,
+    func.coalesce(JobItem.published_time, 0) <= bindparam("due_by"),
+)
+
 _TAKE_RUNNABLE_ITEM = (
     update(JobItem)
     .where(
         JobItem.id == bindparam("item_id"),
         or_(
-            and_(
-                JobItem.status == ItemStatus.QUEUED,
-                # Not before its retry is due (release_item), less the
-                # leeway a message sent with that countdown may arrive early by.
-                func.coalesce(JobItem.published_time, 0) <= bindparam("due_by"),
-            ),
+            and_(JobItem.status == ItemStatus.QUEUED, _RETRY_IS_DUE),
             and_(
                 JobItem.status == ItemStatus.RUNNING,
                 func.coalesce(JobItem.lease_expires_time, 0) <= bindparam("now"),
@@ -424,7 +428,7 @@ _QUEUED_OF_JOB = (
         JobItem.status == ItemStatus.QUEUED,
         JobItem.id != bindparam("item_id"),
         JobItem.attempt < bindparam("max_attempts"),
-        func.coalesce(JobItem.published_time, 0) <= bindparam("now"),
+        _RETRY_IS_DUE,
     )
     .order_by(JobItem.position)
     .limit(bindparam("count"))
@@ -440,7 +444,7 @@ _QUEUED_ELSEWHERE = (
         JobItem.status == ItemStatus.QUEUED,
         JobItem.job_id != bindparam("job_id"),
         JobItem.attempt < bindparam("max_attempts"),
-        func.coalesce(JobItem.published_time, 0) <= bindparam("now"),
+        _RETRY_IS_DUE,
         Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
         or_(Job.engine.is_(None), Job.engine == bindparam("engine")),
     )
@@ -468,7 +472,7 @@ def queued_company(
             "item_id": claim.item_id,
             "max_attempts": max_attempts,
             "count": count,
-            "now": now_ms(),
+            "due_by": now_ms(),
         }
         found = list(session.scalars(_QUEUED_OF_JOB, values))
         if len(found) < count:
