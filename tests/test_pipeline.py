@@ -343,11 +343,19 @@ def test_storage_outage_fails_the_item_after_the_bound(
     job_id, [item_id] = submit(tenant)
     s3 = urlparse(storage._client.meta.endpoint_url)
     assert s3.hostname and s3.port
+    from prometheus_client import REGISTRY
+
+    def storage_errors() -> float:
+        return REGISTRY.get_sample_value("segq_worker_storage_errors_total") or 0.0
+
+    counted = storage_errors()
     with TcpProxy(s3.hostname, s3.port) as link:
         link.refuse()
         with grabcut_worker(celery_app, sessions, proxied_storage(storage, link), max_attempts=2):
             seen = attempt_times(sessions, item_id, lambda item: item.status == "Failed")
     assert sorted(seen) == [0, 1, 2]
+    # Each attempt storage failed, the last (which failed the item) too.
+    assert storage_errors() - counted == 2
     assert seen[2] - seen[1] >= 2 - 0.1
     job = tenant.get_job(job_id).json
     assert job["status"] == "Failed"

@@ -42,6 +42,7 @@ from worker.item_inputs import (
     load_image,
 )
 from worker.lease_keeper import lease_kept
+from worker.metrics import STORAGE_ERRORS
 from worker.results import (
     discard_objects,
     encode_result,
@@ -301,6 +302,8 @@ def _finish(
     claim = attempt.claim
     error_message = attempt.error_message
     if attempt.storage_error is not None:
+        # Counted here, once per attempt, the last one that fails the item too.
+        STORAGE_ERRORS.inc()
         if claim.attempt < max_attempts:
             delay = storage_retry_delay(claim.attempt)
             once_more_if_disconnected(lambda: release_item(sessions, claim, delay))

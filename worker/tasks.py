@@ -12,7 +12,7 @@ from celery import shared_task
 from segq.logs import log_context
 from segq.queue import DELIVER_WEBHOOK_TASK, SEGMENT_ITEM_TASK
 from worker.claims import Claim
-from worker.metrics import ITEMS, STORAGE_ERRORS, WEBHOOK_ATTEMPTS, observe_item
+from worker.metrics import ITEMS, WEBHOOK_ATTEMPTS, observe_item
 from worker.pipeline import ItemOutcome, StorageUnavailable, process_item, storage_retry_delay
 from worker.runtime import delivery_runtime_of, segment_runtime_of
 from worker.webhook_delivery import deliver
@@ -31,7 +31,6 @@ def segment_item(self: Any, item_id: int) -> str:
             # Storage failed this item of the batch, and its own message may
             # be spent (another worker found it taken): send one for when its
             # retry is due. A second message for it skips (not due, or taken).
-            STORAGE_ERRORS.inc()
             segment_item.apply_async((claim.item_id,), countdown=storage_retry_delay(claim.attempt))
 
     with log_context(item_id=item_id):
@@ -49,7 +48,6 @@ def segment_item(self: Any, item_id: int) -> str:
                 announce_job_change=current.job_changes.announce,
             )
         except StorageUnavailable as exc:
-            STORAGE_ERRORS.inc()
             ITEMS.labels("storage_retry").inc()
             # The item is back in the queue; process_item counts the attempts and
             # fails the item once they run out, so this retry loop is bounded.
