@@ -377,7 +377,7 @@ def test_load_engine_builds_sam2_keyed_by_its_checkpoint(
     cache = EmbeddingCache(storage, max_bytes=64 * MB, ttl_seconds=3600)
     built = load_engine(EngineChoice(TINY_SAM2, checkpoint), "cpu", cache)
     assert isinstance(built, Sam2Engine) and built.name == TINY_SAM2
-    assert built._model_id == model_id(TINY_SAM2, checkpoint_digest(checkpoint))
+    assert built._held.model_id == model_id(TINY_SAM2, checkpoint_digest(checkpoint))
 
 
 def test_bad_checkpoints_are_named_clearly(checkpoint: Path, tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ loaded here, with ``weights_only=True`` (a checkpoint is data, never code).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,12 +20,9 @@ from worker.engines.base import Candidate, EverythingOptions, Prompt, check_imag
 from worker.engines.embedding_cache import (
     Embedding,
     EmbeddingCache,
-    EmbeddingKey,
-    EmbeddingSource,
-    image_digest,
 )
 from worker.engines.encoder_options import EncoderOptions
-from worker.engines.item_metrics import record_embedding
+from worker.engines.held_embeddings import EncodedImages, HeldEmbeddings
 from worker.engines.prompt_batching import (
     decode_groups,
     generated_candidates,
@@ -154,18 +150,17 @@ class SamEngine:
         model_id: str | None = None,
         encoder_options: EncoderOptions | None = None,
     ) -> None:
-        if (embeddings is None) != (model_id is None):
-            raise ValueError("an embedding cache needs the model's id, and only it")
         self.name = name
         self._predictor = SamPredictor(sam)
         self._encoder = SamImageEncoder(sam, encoder_options or EncoderOptions())
-        self._embeddings = embeddings
-        self._model_id = model_id
-        self._embedded_image: str | None = None
-        #: Embeddings made or found by encode_images, by image digest, each
-        #: with where it came from and its share of the batch's time (ms),
-        #: until the next batch.
-        self._ready: dict[str, tuple[EncodedImage, EmbeddingSource, float]] = {}
+        images = EncodedImages(
+            input_size=self._encoder.input_size,
+            encode=self._encoder.encode,
+            hold=self._hold,
+            to_embedding=_as_embedding,
+            from_embedding=self._on_device,
+        )
+        self._held = HeldEmbeddings(images, embeddings, model_id)
         self._lock = threading.Lock()
 
     @property
@@ -179,31 +174,7 @@ class SamEngine:
         together in batches of at most ``batch_size``. What an earlier
         call readied and no segment call took is dropped."""
         with self._lock:
-            self._ready = {}
-            missing: dict[str, npt.NDArray[np.uint8]] = {}
-            for image in images:
-                started = time.perf_counter()
-                digest = image_digest(image, self._encoder.input_size(image))
-                if digest == self._embedded_image or digest in self._ready or digest in missing:
-                    continue
-                found = self._cached(digest)
-                if found is None:
-                    missing[digest] = image
-                else:
-                    embedding, source = found
-                    elapsed_ms = (time.perf_counter() - started) * 1000
-                    self._ready[digest] = (self._on_device(embedding), source, elapsed_ms)
-            if not missing:
-                return
-            started = time.perf_counter()
-            encoded = self._encoder.encode(list(missing.values()))
-            share_ms = (time.perf_counter() - started) * 1000 / len(missing)
-            for digest, image_encoded in zip(missing, encoded, strict=True):
-                if self._embeddings is not None and self._model_id is not None:
-                    self._embeddings.keep(
-                        EmbeddingKey(self._model_id, digest), _as_embedding(image_encoded)
-                    )
-                self._ready[digest] = (image_encoded, EmbeddingSource.COMPUTED, share_ms)
+            self._held.ready_batch(images)
 
     def segment(
         self, image: npt.NDArray[np.uint8], prompt: Prompt, multimask: bool
@@ -226,7 +197,7 @@ class SamEngine:
         groups = group_by_shape(prompts, multimask)
         height, width = image.shape[:2]
         with self._lock, torch.inference_mode():
-            self._embed(image)
+            self._held.hold_for(image)
             return decode_groups(prompts, groups, multimask, height, width, self._decode)
 
     def segment_everything(
@@ -289,51 +260,6 @@ class SamEngine:
             low_res.detach().cpu().numpy(),
         )
 
-    def _embed(self, image: npt.NDArray[np.uint8]) -> None:
-        """Make the predictor hold ``image``'s embedding: kept from the last
-        image, readied by encode_images, restored from the cache, or encoded
-        (and then cached)."""
-        started = time.perf_counter()
-        digest = image_digest(image, self._encoder.input_size(image))
-        earlier_ms = 0.0
-        if digest == self._embedded_image:
-            source = EmbeddingSource.LOCAL
-        else:
-            self._embedded_image = None  # stays None if encoding fails halfway
-            ready = self._ready.get(digest)
-            if ready is None:
-                source = self._set_embedding(image, digest)
-            else:
-                encoded, source, earlier_ms = ready
-                self._hold(encoded)
-                # Kept (bounded by the batch) for another item of the same image.
-                self._ready[digest] = (encoded, EmbeddingSource.LOCAL, 0.0)
-            self._embedded_image = digest
-        record_embedding(source, (time.perf_counter() - started) * 1000 + earlier_ms)
-
-    def _set_embedding(self, image: npt.NDArray[np.uint8], digest: str) -> EmbeddingSource:
-        if self._embeddings is None or self._model_id is None:
-            [encoded] = self._encoder.encode([image])
-            self._hold(encoded)
-            return EmbeddingSource.COMPUTED
-        computed: list[EncodedImage] = []
-
-        def encode() -> Embedding:
-            computed.extend(self._encoder.encode([image]))
-            return _as_embedding(computed[0])
-
-        embedding, source = self._embeddings.get_or_compute(
-            EmbeddingKey(self._model_id, digest), encode
-        )
-        # A computed one is still on the device: no copy back from the host.
-        self._hold(computed[0] if computed else self._on_device(embedding))
-        return source
-
-    def _cached(self, digest: str) -> tuple[Embedding, EmbeddingSource] | None:
-        if self._embeddings is None or self._model_id is None:
-            return None
-        return self._embeddings.find(EmbeddingKey(self._model_id, digest))
-
     def _on_device(self, embedding: Embedding) -> EncodedImage:
         return EncodedImage(
             features=torch.from_numpy(embedding.features).to(self._predictor.device),
@@ -371,7 +297,7 @@ class _HeldEmbedding:
     def set_image(self, image: npt.NDArray[np.uint8], image_format: str = "RGB") -> None:
         if image_format != "RGB":
             raise ValueError("segq's images are RGB")
-        self._engine._embed(np.ascontiguousarray(image))
+        self._engine._held.hold_for(np.ascontiguousarray(image))
 
     def reset_image(self) -> None:
         pass

@@ -19,7 +19,6 @@ float32, so the mask decoder runs as sam2 ships it.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +36,9 @@ from worker.engines.batch_encoding import BatchLimit, default_batch_size, encode
 from worker.engines.embedding_cache import (
     Embedding,
     EmbeddingCache,
-    EmbeddingKey,
-    EmbeddingSource,
-    image_digest,
 )
 from worker.engines.encoder_options import EncoderOptions
-from worker.engines.item_metrics import record_embedding
+from worker.engines.held_embeddings import EncodedImages, HeldEmbeddings
 from worker.engines.precision import autocast, resolve_precision
 from worker.engines.prompt_batching import (
     decode_groups,
@@ -138,8 +134,6 @@ class Sam2Engine:
         model_id: str | None = None,
         encoder_options: EncoderOptions | None = None,
     ) -> None:
-        if (embeddings is None) != (model_id is None):
-            raise ValueError("an embedding cache needs the model's id, and only it")
         options = encoder_options or EncoderOptions()
         self.name = name
         self._predictor = SAM2ImagePredictor(model)
@@ -147,13 +141,15 @@ class Sam2Engine:
         self._precision = resolve_precision(options.precision, self._device)
         self._limit = BatchLimit(options.batch_size or default_batch_size(self._device))
         self._input_size = (int(model.image_size), int(model.image_size))
-        self._embeddings = embeddings
-        self._model_id = model_id
-        self._embedded_image: str | None = None
-        #: Features made or found by encode_images, by image digest, each with
-        #: where they came from and their share of the batch's time (ms),
-        #: until the next batch.
-        self._ready: dict[str, tuple[_Encoded, EmbeddingSource, float]] = {}
+        images = EncodedImages(
+            # SAM 2 stretches every image to its square input.
+            input_size=lambda _image: self._input_size,
+            encode=self._encode,
+            hold=self._hold,
+            to_embedding=self._as_embedding,
+            from_embedding=self._on_device,
+        )
+        self._held = HeldEmbeddings(images, embeddings, model_id)
         self._lock = threading.Lock()
 
     @property
@@ -167,31 +163,7 @@ class Sam2Engine:
         together in batches of at most ``batch_size``. What an earlier call
         readied and no segment call took is dropped."""
         with self._lock:
-            self._ready = {}
-            missing: dict[str, npt.NDArray[np.uint8]] = {}
-            for image in images:
-                started = time.perf_counter()
-                digest = image_digest(image, self._input_size)
-                if digest == self._embedded_image or digest in self._ready or digest in missing:
-                    continue
-                found = self._cached(digest)
-                if found is None:
-                    missing[digest] = image
-                else:
-                    embedding, source = found
-                    elapsed_ms = (time.perf_counter() - started) * 1000
-                    self._ready[digest] = (self._on_device(embedding), source, elapsed_ms)
-            if not missing:
-                return
-            started = time.perf_counter()
-            encoded = self._encode(list(missing.values()))
-            share_ms = (time.perf_counter() - started) * 1000 / len(missing)
-            for digest, features in zip(missing, encoded, strict=True):
-                if self._embeddings is not None and self._model_id is not None:
-                    self._embeddings.keep(
-                        EmbeddingKey(self._model_id, digest), self._as_embedding(features)
-                    )
-                self._ready[digest] = (features, EmbeddingSource.COMPUTED, share_ms)
+            self._held.ready_batch(images)
 
     def segment(
         self, image: npt.NDArray[np.uint8], prompt: Prompt, multimask: bool
@@ -212,7 +184,7 @@ class Sam2Engine:
         groups = group_by_shape(prompts, multimask)
         height, width = image.shape[:2]
         with self._lock, torch.inference_mode():
-            self._embed(image)
+            self._held.hold_for(image)
             return decode_groups(prompts, groups, multimask, height, width, self._decode)
 
     def segment_everything(
@@ -263,51 +235,6 @@ class Sam2Engine:
             scores.reshape(count, candidates).astype(np.float32),
             logits.reshape(count, candidates, *logits.shape[-2:]).astype(np.float32),
         )
-
-    def _embed(self, image: npt.NDArray[np.uint8]) -> None:
-        """Make the predictor hold ``image``'s features: kept from the last
-        image, readied by encode_images, restored from the cache, or
-        encoded (and then cached)."""
-        started = time.perf_counter()
-        digest = image_digest(image, self._input_size)
-        earlier_ms = 0.0
-        if digest == self._embedded_image:
-            source = EmbeddingSource.LOCAL
-        else:
-            self._embedded_image = None  # stays None if encoding fails halfway
-            ready = self._ready.get(digest)
-            if ready is None:
-                source = self._set_embedding(image, digest)
-            else:
-                features, source, earlier_ms = ready
-                self._hold(features)
-                # Kept (bounded by the batch) for another item of the same image.
-                self._ready[digest] = (features, EmbeddingSource.LOCAL, 0.0)
-            self._embedded_image = digest
-        record_embedding(source, (time.perf_counter() - started) * 1000 + earlier_ms)
-
-    def _set_embedding(self, image: npt.NDArray[np.uint8], digest: str) -> EmbeddingSource:
-        if self._embeddings is None or self._model_id is None:
-            [features] = self._encode([image])
-            self._hold(features)
-            return EmbeddingSource.COMPUTED
-        computed: list[_Encoded] = []
-
-        def encode() -> Embedding:
-            computed.extend(self._encode([image]))
-            return self._as_embedding(computed[0])
-
-        embedding, source = self._embeddings.get_or_compute(
-            EmbeddingKey(self._model_id, digest), encode
-        )
-        # Computed ones are still on the device: no copy back from the host.
-        self._hold(computed[0] if computed else self._on_device(embedding))
-        return source
-
-    def _cached(self, digest: str) -> tuple[Embedding, EmbeddingSource] | None:
-        if self._embeddings is None or self._model_id is None:
-            return None
-        return self._embeddings.find(EmbeddingKey(self._model_id, digest))
 
     def _encode(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[_Encoded]:
         return encode_in_batches(self._encode_batch, images, self._limit, self._free_memory)
@@ -384,7 +311,7 @@ class _HeldEmbedding:
         self._engine = engine
 
     def set_image(self, image: npt.NDArray[np.uint8]) -> None:
-        self._engine._embed(np.ascontiguousarray(image))
+        self._engine._held.hold_for(np.ascontiguousarray(image))
 
     def reset_predictor(self) -> None:
         pass
