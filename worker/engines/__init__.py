@@ -90,29 +90,29 @@ def load_engine(
     from worker.engines.embedding_cache import checkpoint_digest, model_id
 
     assert choice.checkpoint is not None
+    checkpoint = choice.checkpoint
+
+    def cache_key() -> str | None:
+        # Called after the model loaded (a bad checkpoint is named by the
+        # loader), and only where a cache will key embeddings by it.
+        return None if embeddings is None else model_id(choice.name, checkpoint_digest(checkpoint))
+
     if choice.name in SAM2_ENGINE_NAMES:
         from worker.engines.sam2 import Sam2Engine, load_sam2
 
-        sam2_model = load_sam2(choice.name, choice.checkpoint, device)
-        if embeddings is None:
-            return Sam2Engine(sam2_model, choice.name, encoder_options=encoder_options)
         return Sam2Engine(
-            sam2_model,
+            load_sam2(choice.name, choice.checkpoint, device),
             choice.name,
             embeddings=embeddings,
-            model_id=model_id(choice.name, checkpoint_digest(choice.checkpoint)),
+            model_id=cache_key(),
             encoder_options=encoder_options,
         )
     from worker.engines.sam import SamEngine, load_sam
 
-    architecture = choice.name.removeprefix("sam_")
-    sam = load_sam(architecture, choice.checkpoint, device)
-    if embeddings is None:
-        return SamEngine(sam, choice.name, encoder_options=encoder_options)
     return SamEngine(
-        sam,
+        load_sam(choice.name.removeprefix("sam_"), choice.checkpoint, device),
         choice.name,
         embeddings=embeddings,
-        model_id=model_id(choice.name, checkpoint_digest(choice.checkpoint)),
+        model_id=cache_key(),
         encoder_options=encoder_options,
     )
