@@ -37,7 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.engine import photograph_like
-from bench.stack import DEFAULT_POSTGRES, Stack, free_port
+from bench.stack import Stack, add_service_arguments, free_port
 
 BUCKET = "segq-bench"
 PROMPT = {"points": [{"x": 0.5, "y": 0.5, "label": 1}]}
@@ -186,12 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=768)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per job")
-    parser.add_argument(
-        "--postgres", default=os.environ.get("SEGQ_BENCH_POSTGRES_URL", DEFAULT_POSTGRES)
-    )
-    parser.add_argument(
-        "--redis", default=os.environ.get("SEGQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
-    )
+    add_service_arguments(parser)
     args = parser.parse_args(argv)
     # What Stack starts: one API process, one worker process (the cache's
     # tiers are per process, so one makes "same process" certain).

@@ -28,7 +28,6 @@ The machine is shared and noisy: compare ratios, and rerun before comparing.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from bench.stack import add_service_arguments  # noqa: E402
 from worker.engines.batch_encoding import default_batch_size  # noqa: E402
 from worker.engines.encoder_options import EncoderOptions, Precision  # noqa: E402
 from worker.engines.precision import resolve_precision  # noqa: E402
@@ -239,15 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--items", type=int, default=0, help="end-to-end items; 0 skips")
     parser.add_argument("--worker-batch", type=int, default=0, help="0: the device default")
     parser.add_argument("--worker-precision", default="auto")
-    parser.add_argument(
-        "--postgres",
-        default=os.environ.get(
-            "SEGQ_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-        ),
-    )
-    parser.add_argument(
-        "--redis", default=os.environ.get("SEGQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
-    )
+    add_service_arguments(parser)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"

@@ -45,7 +45,7 @@ from sqlalchemy import func, select
 from segq.models import ItemStatus, Job, JobItem
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.stack import DEFAULT_POSTGRES, Stack
+from bench.stack import Stack, add_service_arguments
 
 PROMPT = {"boundingBox": {"xMin": 0.2, "yMin": 0.2, "xMax": 0.8, "yMax": 0.8}}
 
@@ -293,13 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--api-threads", type=int, default=8)
     parser.add_argument("--worker-processes", type=int, default=2)
     parser.add_argument("--client-threads", type=int, default=16)
-    parser.add_argument(
-        "--postgres",
-        default=os.environ.get("SEGQ_BENCH_POSTGRES_URL", DEFAULT_POSTGRES),
-    )
-    parser.add_argument(
-        "--redis", default=os.environ.get("SEGQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
-    )
+    add_service_arguments(parser)
     run(parser.parse_args(argv))
     return 0
 

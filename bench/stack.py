@@ -8,6 +8,7 @@ how to boot segq.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -29,6 +30,16 @@ from segq.projects import create_project
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
+
+
+def add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    """--postgres and --redis: where a bench's deployment keeps its jobs and
+    messages (SEGQ_BENCH_POSTGRES_URL and SEGQ_BENCH_REDIS_URL by default)."""
+    parser.add_argument(
+        "--postgres", default=os.environ.get("SEGQ_BENCH_POSTGRES_URL", DEFAULT_POSTGRES)
+    )
+    parser.add_argument("--redis", default=os.environ.get("SEGQ_BENCH_REDIS_URL", DEFAULT_REDIS))
 
 
 def free_port() -> int:

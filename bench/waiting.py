@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.ingest import PROMPT, Bench, percentile, process_tree_seconds  # noqa: E402
+from bench.stack import add_service_arguments  # noqa: E402
 
 
 def plain_gets(http: requests.Session, url: str, count: int) -> list[float]:
@@ -185,15 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet-seconds", type=float, default=10.0)
     parser.add_argument("--api-processes", type=int, default=2)
     parser.add_argument("--api-threads", type=int, default=4)
-    parser.add_argument(
-        "--postgres",
-        default=os.environ.get(
-            "SEGQ_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-        ),
-    )
-    parser.add_argument(
-        "--redis", default=os.environ.get("SEGQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
-    )
+    add_service_arguments(parser)
     args = parser.parse_args(argv)
     # What bench/ingest.py's harness reads and this benchmark does not use.
     args.worker_processes, args.client_threads = 1, 1
