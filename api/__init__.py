@@ -23,6 +23,7 @@ from api.peers.moondream import moondream
 from api.peers.replicate import replicate
 from api.rate_limit import make_rate_limiter
 from api.request_integers import IdConverter
+from api.response_policies import apply_response_policies
 from api.service import service
 from api.services import Services
 from api.token import token
@@ -104,6 +105,7 @@ def create_app(
     app.register_blueprint(replicate)
     register_api_explorer(app)
     app.teardown_appcontext(close_db)
+    app.after_request(apply_response_policies)
 
     @app.before_request
     def _request_id() -> None:

@@ -33,6 +33,7 @@ from api.schemas import (
 from segq.clock import now_ms
 from segq.file_objects import new_file_key, part_key
 from segq.models import StoredFile
+from segq.served_objects import UNKNOWN_TYPE
 from segq.storage import ObjectNotFound, ObjectStorage
 
 #: Where upload URLs point; outside /projects/<project>: the signature is the key.
@@ -260,7 +261,7 @@ def receive_part(
     assert target.part is not None
     if _holds_its_last_upload(target.stored):
         raise ApiError(409, f"file {target.stored.id} is already uploaded")
-    storage.put(part_key(upload_key(target.stored), target.part), data, "application/octet-stream")
+    storage.put(part_key(upload_key(target.stored), target.part), data, UNKNOWN_TYPE)
     session.rollback()
 
 
