@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadSignature
 from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -30,6 +30,7 @@ from api.schemas import (
     InstanceIdBody,
     TimeRange,
 )
+from api.signed_tokens import SignedTokens
 from segq.clock import now_ms
 from segq.file_objects import new_file_key, part_key
 from segq.models import StoredFile
@@ -200,8 +201,8 @@ class UploadLinks:
     public_url: str | None
     expires_seconds: int
 
-    def _serializer(self) -> URLSafeSerializer:
-        return URLSafeSerializer(self.secret_key, salt=_UPLOAD_SALT)
+    def _serializer(self) -> SignedTokens:
+        return SignedTokens(self.secret_key, salt=_UPLOAD_SALT)
 
     def url_for(
         self, stored: StoredFile, *, part: int | None = None, expires_time: int | None = None

@@ -488,7 +488,8 @@ def list_predictions() -> Response:
     raw_cursor = request.args.get("cursor")
     if raw_cursor is not None:
         cursor = ascii_integer(raw_cursor, minimum=1, maximum=2**63 - 1)
-        if cursor is None:
+        # The spelling ``next`` wrote, not another (leading zeros).
+        if cursor is None or str(cursor) != raw_cursor:
             raise ApiError(400, "cursor is invalid")
         query = query.where(Job.id < cursor)
     page = list(db().scalars(query.order_by(Job.id.desc()).limit(PAGE_SIZE + 1)))
