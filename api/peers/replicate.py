@@ -53,7 +53,9 @@ from segq.webhook_events import ITEM_COMPLETED, JOB_CANCELED, JOB_COMPLETED, JOB
 
 log = logging.getLogger(__name__)
 
-replicate = Blueprint("replicate", __name__, url_prefix="/v1")
+#: Where Replicate's client sends everything; Moondream's ``/v1/segment`` shares it.
+REPLICATE_PREFIX = "/v1"
+replicate = Blueprint("replicate", __name__, url_prefix=REPLICATE_PREFIX)
 
 #: The one model: whatever engine this server's workers run (SEGQ_MODEL).
 MODEL = "segq/sam"
