@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -479,7 +479,7 @@ def test_unknown_routes_and_wrong_methods_are_replicates_problems(
     take is 405, each an RFC 7807 document naming the method and the route,
     which Replicate's client raises with its ``detail``; Moondream's route
     in the same namespace keeps its shape, and Livepeer's route its own."""
-    unknown_calls = [
+    unknown_calls: list[tuple[Callable[[], object], str]] = [
         (rc.trainings.list, "GET /v1/trainings"),
         (rc.accounts.current, "GET /v1/account"),
         (rc.hardware.list, "GET /v1/hardware"),
