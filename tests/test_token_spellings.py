@@ -217,3 +217,17 @@ def test_the_reported_spellings_and_a_signatures_unused_bits_are_refused(
             ]
         for spelling in spellings:
             assert_refused_in_envelope(kind, spelling, kind.send(spelling))
+
+
+def test_a_replicate_cursor_is_read_in_the_spelling_next_gave(
+    local_app: Flask, sessions: sessionmaker[Session]
+) -> None:
+    """Replicate's ``next`` links carry the last id as ``cursor``; another
+    spelling of that number is a 400 problem document, as Replicate answers."""
+    tenant = make_tenant(local_app.test_client(), sessions, "acme")
+    assert tenant.client.get("/v1/predictions?cursor=5", headers=tenant.headers).status_code == 200
+    for spelling in ("05", "5%20", "%2B5", "5=", "%D9%A5"):
+        answer = tenant.client.get(f"/v1/predictions?cursor={spelling}", headers=tenant.headers)
+        assert answer.status_code == 400, spelling
+        assert answer.mimetype == "application/problem+json"
+        assert answer.json["status"] == 400 and "cursor" in answer.json["detail"]
