@@ -17,8 +17,9 @@ import numpy.typing as npt
 import pytest
 import torch
 
+from segq.engine_catalogue import ENGINE_NAMES
 from tests.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
-from worker.engines import ENGINE_NAMES, EngineChoice, EngineConfigError, resolve_engine
+from worker.engines import EngineChoice, EngineConfigError, resolve_engine
 from worker.engines.base import Candidate, Prompt
 from worker.engines.grabcut import FILLED_BOX_SCORE, GrabCutEngine
 from worker.engines.sam import CheckpointError, DeviceError, SamEngine, load_sam, resolve_device

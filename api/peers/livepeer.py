@@ -33,6 +33,7 @@ from api.peers.synchronous_jobs import (
     stored_mask,
 )
 from api.schemas import SegmentRequest, parse
+from segq.engine_catalogue import EngineFamily, engine_family
 from segq.images import TooManyPixels, UnreadableImage
 from segq.mask_logits import encode_logits
 from segq.storage import StorageError
@@ -96,7 +97,7 @@ def segment_anything_2() -> Response:
     segments = finished.segments  # best score first, as Livepeer sorts them
     logits = [stored_logits(s["logitsKey"]) for s in segments if "logitsKey" in s]
     if return_logits and logits:
-        stretched = (services().settings.model or "").startswith("sam2")
+        stretched = engine_family(services().settings.model) is EngineFamily.SAM2
         masks = [
             full_size_logits(low_res, finished.width, finished.height, stretched=stretched)
             for low_res in logits
@@ -164,8 +165,7 @@ def _engine_gives_logits() -> bool:
     """Logits are asked for only where the server is configured with a SAM
     engine: with SEGQ_MODEL unset the worker may pick GrabCut, which would
     fail an item that asks for them."""
-    model = services().settings.model
-    return model is not None and model.startswith("sam")
+    return engine_family(services().settings.model) in (EngineFamily.SAM, EngineFamily.SAM2)
 
 
 def _bearer_key() -> str:
