@@ -15,7 +15,7 @@ import time
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Response, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
@@ -29,6 +29,8 @@ from api.item_sources import decode_data_url
 from api.job_service import cancel_job, create_segmentation_job, items_of, owned_job
 from api.job_waiting import NoWaitingSlot, wait_until_finished
 from api.json_body import max_job_body_bytes, read_json_object
+from api.peers.caller_fields import CallerFields
+from api.peers.peer_blueprint import PeerBlueprint
 from api.public_links import public_link
 from api.request_integers import ascii_integer
 from api.schemas import (
@@ -55,7 +57,7 @@ log = logging.getLogger(__name__)
 
 #: Where Replicate's client sends everything; Moondream's ``/v1/segment`` shares it.
 REPLICATE_PREFIX = "/v1"
-replicate = Blueprint("replicate", __name__, url_prefix=REPLICATE_PREFIX)
+replicate = PeerBlueprint("replicate", __name__, url_prefix=REPLICATE_PREFIX)
 
 #: The one model: whatever engine this server's workers run (SEGQ_MODEL).
 MODEL = "segq/sam"
@@ -238,7 +240,7 @@ def _image_source(image: str) -> tuple[FileReference, tuple[int, int] | None]:
         return FileReference(fileId=stored.id), (stored.width, stored.height)
     if image[:5].lower() == "data:":
         try:
-            data = decode_data_url("input.image", image, settings.max_upload_bytes)
+            data = decode_data_url(("input", "image"), image, settings.max_upload_bytes)
             info = inspect_image(data, max_pixels=settings.max_image_pixels)
         except ApiError as exc:
             raise ApiError(422, exc.message) from None
@@ -319,6 +321,18 @@ def segment_request_for(
     return segment_request, shown
 
 
+def _input_fields(segment_request: SegmentRequest) -> CallerFields:
+    """Replicate's names for the fields of the job ``segment_request_for`` made."""
+    fields = CallerFields()
+    fields.name(("items", 0), "input.image")
+    for index in range(len(segment_request.points or ())):
+        fields.name(("points", index), f"input.point_coords[{index}]")
+        fields.name(("points", index, "label"), f"input.point_labels[{index}]")
+    fields.name(("boundingBox",), "input.box")
+    fields.name(("webhook",), "webhook")
+    return fields
+
+
 def _webhook(body: PredictionRequest) -> Webhook | None:
     url = body.webhook or body.webhook_completed
     if url is None:
@@ -381,9 +395,10 @@ def _create(body: PredictionRequest, model: str, version: str) -> tuple[Response
         # Kept for the webhooks the worker renders: it may not know the API's URL.
         "predictionsUrl": _predictions_url(),
     }
-    job = create_segmentation_job(
-        db(), services(), _project().id, segment_request, None, peer_request=peer
-    ).job
+    with _input_fields(segment_request).renaming():
+        job = create_segmentation_job(
+            db(), services(), _project().id, segment_request, None, peer_request=peer
+        ).job
     wait = _prefer_wait()
     if wait is not None:
         # Counted from the request's arrival, less the time to answer: the
