@@ -9,6 +9,8 @@ Errors are RFC 7807 problems, which the client raises as ReplicateError."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import re
 import time
@@ -17,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from flask import Response, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -48,7 +50,13 @@ from segq.images import ImageRefused, TooManyPixels
 from segq.job_document import MaskLinker
 from segq.models import Job, JobItem, JobStatus, Project, StoredFile
 from segq.projects import ensure_webhook_secret, hash_api_key
-from segq.replicate_prediction import PEER_KIND, iso_time, render_prediction, replicate_request
+from segq.replicate_prediction import (
+    PEER_KIND,
+    PredictionOutput,
+    iso_time,
+    render_prediction,
+    replicate_request,
+)
 from segq.storage import StorageError
 from segq.url_guard import UrlRefused, check_url
 from segq.webhook_events import ITEM_COMPLETED, JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, JOB_STARTED
@@ -61,8 +69,7 @@ replicate = PeerBlueprint("replicate", __name__, url_prefix=REPLICATE_PREFIX)
 
 #: The one model: whatever engine this server's workers run (SEGQ_MODEL).
 MODEL = "segq/sam"
-#: The version shown when a prediction names the model but no version.
-DEFAULT_VERSION = "default"
+MODEL_OWNER, MODEL_NAME = MODEL.split("/")
 #: Predictions per page of GET /v1/predictions, as Replicate pages them.
 PAGE_SIZE = 100
 #: The longest ``Prefer: wait``, as Replicate bounds it (seconds).
@@ -87,10 +94,20 @@ METADATA: TypeAdapter[dict[str, str]] = TypeAdapter(MetadataMap)
 PREFER_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d{1,6}))?\s*$", re.IGNORECASE)
 
 
-class PredictionInput(BaseModel):
-    """The model's input, named as SamPredictor and Livepeer name them."""
+def _in_field_order(schema: dict[str, Any]) -> None:
+    # Cog numbers a model's inputs (x-order) so that forms list them in order.
+    for order, field in enumerate(schema.get("properties", {}).values()):
+        field["x-order"] = order
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+
+# Named as SamPredictor and Livepeer name them. Its JSON schema (the
+# docstring included) is the Input of the model version's OpenAPI schema.
+class PredictionInput(BaseModel):
+    """One object of the image, shown by points, a box or both."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, title="Input", json_schema_extra=_in_field_order
+    )
 
     image: Annotated[str, Field(min_length=1, description="an http(s) URL or a data: URI")]
     point_coords: (
@@ -216,6 +233,9 @@ def _input_error(exc: ValidationError) -> ApiError:
     where = "input" + "".join(
         f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
     )
+    if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
+        inputs = ", ".join(PredictionInput.model_fields)
+        return ApiError(422, f"{where}: {MODEL} has no such input; its inputs are {inputs}")
     return ApiError(422, f"{where}: {first['msg']}")
 
 
@@ -472,7 +492,7 @@ def create_prediction() -> tuple[Response, int]:
 @replicate.post("/models/<owner>/<name>/predictions")
 def create_model_prediction(owner: str, name: str) -> tuple[Response, int]:
     model = _model_name(owner, name)
-    return _create(_prediction_request(), model, DEFAULT_VERSION)
+    return _create(_prediction_request(), model, VERSION_ID)
 
 
 @replicate.get("/predictions/<prediction_id>")
@@ -528,34 +548,102 @@ def list_predictions() -> Response:
     return jsonify({"previous": None, "next": next_url, "results": results})
 
 
+# The model, its version and the key's account, as Replicate's client reads
+# them (replicate.models.get, .versions.list, replicate.accounts.current).
+
+#: The version's OpenAPI schema, as Cog writes one for a model: its Input and
+#: Output are the JSON schemas of the models that check the input and shape
+#: the output.
+OPENAPI_SCHEMA: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": MODEL, "version": "1"},
+    "components": {
+        "schemas": {
+            "Input": PredictionInput.model_json_schema(),
+            "Output": PredictionOutput.model_json_schema(),
+        }
+    },
+}
+#: Named by its content, as Replicate's version ids are: a new schema is a
+#: new version. Any other id runs the same model (segq has one).
+VERSION_ID = hashlib.sha256(json.dumps(OPENAPI_SCHEMA, sort_keys=True).encode()).hexdigest()
+#: When this version's schema was written; Replicate's client requires a date.
+VERSION_CREATED_AT = "2026-01-01T00:00:00Z"
+
+
+def _version(version_id: str) -> dict[str, Any]:
+    return {
+        "id": version_id,
+        "created_at": VERSION_CREATED_AT,
+        "cog_version": "segq",
+        "openapi_schema": OPENAPI_SCHEMA,
+    }
+
+
+def _single_page(result: dict[str, Any]) -> Response:
+    return jsonify({"previous": None, "next": None, "results": [result]})
+
+
+def _model() -> dict[str, Any]:
+    """segq's one model as Replicate shows a model. Visible to this server's
+    keys only; ``run_count``: the key's project's predictions."""
+    settings = services().settings
+    engine = settings.model or "the engine each worker finds (SEGQ_MODEL unset)"
+    run_count = db().scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.project_id == _project().id,
+            Job.options[("peer", "kind")].as_string() == PEER_KIND,
+        )
+    )
+    return {
+        "url": public_link(settings.public_url, f"/v1/models/{MODEL}"),
+        "owner": MODEL_OWNER,
+        "name": MODEL_NAME,
+        "description": f"Segment Anything on this segq server: {engine}",
+        "visibility": "private",
+        "github_url": None,
+        "paper_url": None,
+        "license_url": None,
+        "run_count": run_count or 0,
+        "cover_image_url": None,
+        "default_example": None,
+        "latest_version": _version(VERSION_ID),
+    }
+
+
+@replicate.get("/models")
+def list_models() -> Response:
+    return _single_page(_model())
+
+
+@replicate.get("/models/<owner>/<name>")
+def get_model(owner: str, name: str) -> Response:
+    _model_name(owner, name)
+    return jsonify(_model())
+
+
+@replicate.get("/models/<owner>/<name>/versions")
+def list_versions(owner: str, name: str) -> Response:
+    _model_name(owner, name)
+    return _single_page(_version(VERSION_ID))
+
+
 @replicate.get("/models/<owner>/<name>/versions/<version_id>")
 def get_version(owner: str, name: str, version_id: str) -> Response:
-    """What ``replicate.run("segq/sam:<id>")`` reads before waiting: the
-    model's input and output schemas (output not an iterator)."""
+    """What ``replicate.run("segq/sam:<id>")`` reads before waiting (output
+    not an iterator). Any id is this version: predictions take any id."""
     _model_name(owner, name)
+    return jsonify(_version(version_id[:200]))
+
+
+@replicate.get("/account")
+def current_account() -> Response:
+    """The account of the key: its project, as an organization."""
+    project = _project()
     return jsonify(
-        {
-            "id": version_id[:200],
-            "created_at": "2026-01-01T00:00:00Z",
-            "cog_version": "segq",
-            "openapi_schema": {
-                "components": {
-                    "schemas": {
-                        "Input": PredictionInput.model_json_schema(),
-                        "Output": {
-                            "type": "object",
-                            "properties": {
-                                "masks": {
-                                    "type": "array",
-                                    "items": {"type": "string", "format": "uri"},
-                                },
-                                "scores": {"type": "array", "items": {"type": "number"}},
-                            },
-                        },
-                    }
-                }
-            },
-        }
+        {"type": "organization", "username": project.name, "name": project.name, "github_url": None}
     )
 
 
