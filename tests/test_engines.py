@@ -328,6 +328,16 @@ def test_unknown_models_are_refused_with_the_list_of_engines(tmp_path: Path) -> 
         assert name in str(refused.value)
 
 
+def test_every_engine_name_fits_where_jobs_record_it() -> None:
+    from sqlalchemy import String
+
+    from segq.models import Job, JobItem
+
+    for column in (Job.__table__.c.engine, JobItem.__table__.c.engine):
+        assert isinstance(column.type, String) and column.type.length is not None
+        assert all(len(name) <= column.type.length for name in ENGINE_NAMES), column
+
+
 def test_a_downloaded_official_checkpoint_serves_its_own_model(tmp_path: Path) -> None:
     official_checkpoint_path("vit_l", tmp_path).write_bytes(b"x")
 
