@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.errors import ApiError
 from api.request_integers import ascii_integer, request_integer
+from api.stored_text import check_stored_text
 from segq.models import DeliveryStatus, ItemStatus, JobStatus
 from segq.webhook_events import EVENT_TYPES, SHORT_NAMES
 
@@ -744,7 +745,7 @@ def checked_text(name: str, value: str, max_length: int = MAX_EXTERNAL_ID_LENGTH
         raise ApiError(400, f"{name} is longer than {max_length} characters")
     if CONTROL_CHARACTERS.search(value):
         raise ApiError(400, f"{name} contains control characters")
-    return value
+    return check_stored_text(name, value)
 
 
 def parse(model: type[ModelT], body: dict[str, Any]) -> ModelT:

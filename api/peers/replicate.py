@@ -28,7 +28,7 @@ from api.images import inspect_image
 from api.item_sources import decode_data_url
 from api.job_service import cancel_job, create_segmentation_job, items_of, owned_job
 from api.job_waiting import NoWaitingSlot, wait_until_finished
-from api.json_body import max_job_body_bytes, read_json_object
+from api.json_body import max_job_body_bytes, parse_json, read_json_object
 from api.public_links import public_link
 from api.request_integers import ascii_integer
 from api.schemas import (
@@ -589,7 +589,7 @@ def create_file() -> tuple[Response, int]:
     metadata: dict[str, str] | None = None
     if (raw_metadata := request.form.get("metadata")) is not None:
         try:
-            metadata = METADATA.validate_json(raw_metadata)
+            metadata = METADATA.validate_python(parse_json(raw_metadata, "metadata"))
         except ValidationError:
             raise ApiError(422, "metadata must be a JSON object of strings") from None
     name = CONTROL_CHARACTERS.sub("", upload.filename or "")[:MAX_EXTERNAL_ID_LENGTH] or None
