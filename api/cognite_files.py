@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from itsdangerous import BadSignature, URLSafeSerializer
+from pydantic import ValidationError
 from sqlalchemy import ColumnElement, case, func, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -21,6 +22,7 @@ from api.images import inspect_image
 from api.public_links import public_link
 from api.schemas import (
     DESCRIPTIVE_FILE_FIELDS,
+    STORED_METADATA,
     FileChanges,
     FileCreation,
     FileFilter,
@@ -28,6 +30,7 @@ from api.schemas import (
     FileResponse,
     InstanceIdBody,
     TimeRange,
+    validation_refusal,
 )
 from segq.clock import now_ms
 from segq.file_objects import new_file_key, part_key
@@ -530,8 +533,12 @@ def count_files(session: Session, project_id: int, file_filter: FileFilter | Non
     return int(total or 0)
 
 
-def apply_changes(stored: StoredFile, changes: FileChanges) -> None:
-    """Cognite's update operations on the fields segq lets clients change."""
+def apply_changes(stored: StoredFile, changes: FileChanges, where: str) -> None:
+    """Cognite's update operations on the fields segq lets clients change.
+    Each field's value as it will be stored passes the check its creation
+    passes (api/schemas.py's field types): the operations on one field
+    (metadata's add, remove and set) are checked on their result; a 400
+    names the field under ``where``."""
     if changes.externalId is not None:
         stored.external_id = None if changes.externalId.setNull else changes.externalId.set
     if changes.name is not None:
@@ -543,7 +550,10 @@ def apply_changes(stored: StoredFile, changes: FileChanges) -> None:
         for key in changes.metadata.remove or []:
             metadata.pop(key, None)
         metadata.update(changes.metadata.add or {})
-        stored.file_metadata = metadata
+        try:
+            stored.file_metadata = STORED_METADATA.validate_python(metadata)
+        except ValidationError as exc:
+            raise validation_refusal(exc, f"{where}.metadata") from None
     descriptive = dict(stored.descriptive_fields or {})
     for field in DESCRIPTIVE_FILE_FIELDS:
         change = getattr(changes, field)

@@ -425,8 +425,8 @@ def update_files() -> Response:
     found = find_files(session, current_project().id, request_body.items, lock="update")
     changed_ids: list[dict[str, str]] = []
     # Every item was found (no ignoreUnknownIds here), so they pair up in order.
-    for item, (_, stored) in zip(request_body.items, found, strict=True):
-        apply_changes(stored, item.update)
+    for index, (item, (_, stored)) in enumerate(zip(request_body.items, found, strict=True)):
+        apply_changes(stored, item.update, f"items[{index}].update")
         if stored.external_id is not None:
             changed_ids.append({"externalId": stored.external_id})
     commit_or_conflict(session, changed_ids)

@@ -8,7 +8,7 @@ import binascii
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from api.errors import ApiError
 from api.request_integers import ascii_integer, request_integer
@@ -547,14 +547,38 @@ class FileUpload(BaseModel):
     name: Annotated[str, Field(max_length=MAX_EXTERNAL_ID_LENGTH)] | None = None
 
 
+#: Cognite's limits on a file's metadata: at most 256 pairs, keys of at most
+#: 128 characters, values of at most 10,240, and all keys and values
+#: together at most 10,240 bytes of UTF-8 (which also bounds what a listing
+#: of files answers).
+MAX_METADATA_PAIRS = 256
+MAX_METADATA_BYTES = 10240
+
+
+def _metadata_within_total(metadata: dict[str, str]) -> dict[str, str]:
+    total = sum(
+        len(key.encode("utf-8", "surrogatepass")) + len(value.encode("utf-8", "surrogatepass"))
+        for key, value in metadata.items()
+    )
+    if total > MAX_METADATA_BYTES:
+        raise ValueError(
+            f"keys and values take {total} bytes of UTF-8 together, more than {MAX_METADATA_BYTES}"
+        )
+    return metadata
+
+
+#: A file's metadata as stored: checked whole wherever it is written, on
+#: creation and after every update (add, remove or set) alike.
 MetadataMap = Annotated[
     dict[
         Annotated[str, Field(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)],
         # JSONB cannot hold NUL either.
         Annotated[str, Field(max_length=10240, pattern=r"^[^\x00]*$")],
     ],
-    Field(max_length=256),
+    Field(max_length=MAX_METADATA_PAIRS),
+    AfterValidator(_metadata_within_total),
 ]
+STORED_METADATA: TypeAdapter[dict[str, str]] = TypeAdapter(MetadataMap)
 FileName = Annotated[
     str, Field(min_length=1, max_length=MAX_EXTERNAL_ID_LENGTH, pattern=NO_CONTROL_CHARACTERS)
 ]
@@ -671,7 +695,7 @@ class NameChange(StrictModel):
 class MetadataChange(StrictModel):
     set: MetadataMap | None = None
     add: MetadataMap | None = None
-    remove: Annotated[list[str], Field(max_length=256)] | None = None
+    remove: Annotated[list[str], Field(max_length=MAX_METADATA_PAIRS)] | None = None
 
 
 class SourceChange(StrictModel):
@@ -753,12 +777,17 @@ def parse(model: type[ModelT], body: dict[str, Any]) -> ModelT:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise ApiError(400, f"{_location(first['loc'])}: {first['msg']}") from None
+        raise validation_refusal(exc) from None
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
-    text = ""
+def validation_refusal(exc: ValidationError, where: str = "") -> ApiError:
+    """A 400 naming the first field ``exc`` found wrong, under ``where``."""
+    first = exc.errors(include_url=False)[0]
+    return ApiError(400, f"{_location(first['loc'], where)}: {first['msg']}")
+
+
+def _location(loc: tuple[int | str, ...], where: str = "") -> str:
+    text = where
     for part in loc:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or "body"

@@ -16,7 +16,7 @@ from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
 from flask import Blueprint, Response, g, jsonify, request
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
@@ -34,9 +34,9 @@ from api.request_integers import ascii_integer
 from api.schemas import (
     CONTROL_CHARACTERS,
     MAX_EXTERNAL_ID_LENGTH,
+    STORED_METADATA,
     BoundingBox,
     FileReference,
-    MetadataMap,
     Point,
     SegmentRequest,
     Webhook,
@@ -78,7 +78,6 @@ EVENTS_OF_FILTER: dict[str, list[str]] = {
 #: Replicate's default: new output, and the end.
 DEFAULT_EVENTS_FILTER = ("output", "completed")
 
-METADATA: TypeAdapter[dict[str, str]] = TypeAdapter(MetadataMap)
 
 PREFER_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d{1,6}))?\s*$", re.IGNORECASE)
 
@@ -589,7 +588,7 @@ def create_file() -> tuple[Response, int]:
     metadata: dict[str, str] | None = None
     if (raw_metadata := request.form.get("metadata")) is not None:
         try:
-            metadata = METADATA.validate_python(parse_json(raw_metadata, "metadata"))
+            metadata = STORED_METADATA.validate_python(parse_json(raw_metadata, "metadata"))
         except ValidationError:
             raise ApiError(422, "metadata must be a JSON object of strings") from None
     name = CONTROL_CHARACTERS.sub("", upload.filename or "")[:MAX_EXTERNAL_ID_LENGTH] or None
