@@ -267,7 +267,13 @@ def complete_multipart_upload(
     max_image_pixels: int,
 ) -> tuple[StoredFile, str | None]:
     """Join the parts, in order, and receive them as the file's bytes (see
-    receive_upload)."""
+    receive_upload). Completing again once the file holds its bytes under
+    the upload's key (the caller checked the upload id names it) is a
+    retry of the completion that put them there: it changes nothing and
+    succeeds as that one did, though its parts are gone."""
+    if _holds_its_last_upload(stored):
+        session.rollback()
+        return stored, None
     chunks: list[bytes] = []
     size = 0
     for part in range(parts):
