@@ -163,11 +163,18 @@ def test_a_key_is_named_by_where_it_is_and_a_valid_pair_is_kept(tenant: Tenant) 
     assert kept.json["name"] == "\U0001f600.png"
 
 
-def test_stored_query_and_form_text_is_refused(
+def test_stored_query_header_and_form_text_is_refused(
     tenant: Tenant, sessions: sessionmaker[Session]
 ) -> None:
+    body = {"items": [{"imageData": _data_url()}], "points": [{"x": 0.5, "y": 0.5}]}
+    keyed = tenant.post_job(body, headers={"Idempotency-Key": "a\x00b"})
+    assert keyed.status_code == 400 and "Idempotency-Key" in _message(keyed)
+    assert count_jobs(sessions) == (0, 0)
     listed = tenant.client.get(tenant.url("/files?externalId=a%00b"), headers=tenant.headers)
     assert listed.status_code == 400 and "externalId" in _message(listed)
+    # A surrogate's UTF-8 spelling is not UTF-8: decoded as U+FFFD, found nowhere.
+    encoded = tenant.client.get(tenant.url("/files?externalId=a%ED%A0%80"), headers=tenant.headers)
+    assert encoded.status_code == 200 and encoded.json == {"items": []}
     uploaded = tenant.upload(png_bytes(), externalId="a\x00b")
     assert uploaded.status_code == 400 and "externalId" in _message(uploaded)
     assert count_files(sessions) == 0
