@@ -10,6 +10,7 @@ import copy
 import json
 from collections.abc import Callable
 from typing import Any, cast
+from urllib.parse import urlencode
 
 import pytest
 import schemathesis
@@ -25,6 +26,10 @@ from tests.images import png_bytes
 EXAMPLES_PER_OPERATION = 100
 UNSTORABLE_EXAMPLES_PER_OPERATION = 12
 #: NUL, and lone surrogates (high, low) that JSON can only send escaped.
+#: Query parameters decoded to a number and never stored or compared as
+#: text: a NUL in one reaches no column (whether their decoding is strict is
+#: tests/test_request_parsing.py's concern).
+DECODED_NOT_STORED = frozenset({"cursor"})
 UNSTORABLE_CHARACTERS = ("\x00", "\ud800", "\udfff")
 
 
@@ -160,5 +165,74 @@ def test_unstorable_text_in_any_json_string_is_a_400_naming_it(
             message = response.json["error"]["message"]
             assert message.startswith(f"{where}:"), (where, message)
             assert (count_files(sessions), count_jobs(sessions)) == stored
+
+        check()
+
+
+@pytest.mark.slow
+def test_unstorable_text_in_a_query_or_header_is_refused_and_stores_nothing(
+    app: Flask, tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    """Every documented query parameter and header that is text, with NUL
+    drawn into it: a 4xx, and nothing stored; with a lone surrogate (in its
+    UTF-8-like spelling, the only one a URL has): no 5xx."""
+    file_id = tenant.upload(png_bytes()).json["id"]
+    tenant.post_job({"items": [{"fileId": file_id}], "points": [{"x": 0.5, "y": 0.5}]})
+    schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
+    operations = [cast(Any, result).ok() for result in schema.get_all_operations()]
+    with_text = [
+        operation
+        for operation in operations
+        if any(
+            parameter.location in ("query", "header") for parameter in operation.iter_parameters()
+        )
+    ]
+    assert len(with_text) >= 5
+    for operation in with_text:
+
+        @settings(
+            max_examples=UNSTORABLE_EXAMPLES_PER_OPERATION,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(case=operation.as_strategy(), data=st.data())
+        def check(case: Any, data: st.DataObject) -> None:
+            if case.path_parameters and "project" in case.path_parameters:
+                case.path_parameters["project"] = tenant.name
+            query = dict(case.query or {})
+            headers = {
+                name: value
+                for name, value in (case.headers or {}).items()
+                if name.lower() not in ("authorization", "content-type", "content-length")
+            }
+            named = [("query", name) for name in query] + [("header", name) for name in headers]
+            if not named:
+                return
+            where, name = data.draw(st.sampled_from(named), label="parameter")
+            # A header is Latin-1 on the wire: a surrogate cannot be sent in one.
+            bad = data.draw(
+                st.sampled_from(UNSTORABLE_CHARACTERS if where == "query" else ("\x00",)),
+                label="character",
+            )
+            target = query if where == "query" else headers
+            target[name] = f"{target[name]}{bad}"
+            stored = (count_files(sessions), count_jobs(sessions))
+            response = tenant.client.open(
+                case.formatted_path,
+                method=case.method,
+                query_string=urlencode(query, doseq=True, errors="surrogatepass"),
+                headers={**headers, **tenant.headers},
+                **(
+                    {"data": json.dumps(case.body), "content_type": "application/json"}
+                    if case.media_type == "application/json"
+                    else {}
+                ),
+            )
+            assert response.status_code < 500, (where, name, response.json)
+            if bad == "\x00" and name not in DECODED_NOT_STORED:
+                assert 400 <= response.status_code < 500, (where, name, response.json)
+                assert (count_files(sessions), count_jobs(sessions)) == stored
+            # else: not UTF-8, so read as U+FFFD (which can be stored).
 
         check()
