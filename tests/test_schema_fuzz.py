@@ -15,11 +15,13 @@ from urllib.parse import urlencode
 import pytest
 import schemathesis
 from flask import Flask
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from schemathesis import checks as schemathesis_checks
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.errors import ApiError
+from api.json_body import parse_json
 from tests.harness import Tenant, count_files, count_jobs
 from tests.images import png_bytes
 
@@ -108,6 +110,16 @@ def _string_slots(value: Any, where: str = "") -> list[StringSlot]:
     return slots
 
 
+def _parsed_whole(body: Any) -> bool:
+    """Whether segq's parser reads ``body`` (generated integers may be too
+    long, generated text may hold unstorable characters already)."""
+    try:
+        parse_json(json.dumps(body))
+    except ApiError:
+        return False
+    return True
+
+
 @pytest.mark.slow
 def test_unstorable_text_in_any_json_string_is_a_400_naming_it(
     app: Flask, tenant: Tenant, sessions: sessionmaker[Session]
@@ -139,6 +151,8 @@ def test_unstorable_text_in_any_json_string_is_a_400_naming_it(
             if case.media_type != "application/json":
                 return  # the multipart form of an upload
             body = copy.deepcopy(case.body)
+            # One refused field at a time.
+            assume(_parsed_whole(body))
             slots = _string_slots(body)
             if not slots:
                 return
@@ -218,16 +232,17 @@ def test_unstorable_text_in_a_query_or_header_is_refused_and_stores_nothing(
             target = query if where == "query" else headers
             target[name] = f"{target[name]}{bad}"
             stored = (count_files(sessions), count_jobs(sessions))
+            is_json = case.media_type == "application/json"
             response = tenant.client.open(
                 case.formatted_path,
                 method=case.method,
                 query_string=urlencode(query, doseq=True, errors="surrogatepass"),
-                headers={**headers, **tenant.headers},
-                **(
-                    {"data": json.dumps(case.body), "content_type": "application/json"}
-                    if case.media_type == "application/json"
-                    else {}
-                ),
+                headers={
+                    **headers,
+                    **tenant.headers,
+                    **({"Content-Type": "application/json"} if is_json else {}),
+                },
+                data=json.dumps(case.body) if is_json else None,
             )
             assert response.status_code < 500, (where, name, response.json)
             if bad == "\x00" and name not in DECODED_NOT_STORED:
