@@ -83,7 +83,7 @@ def segment_anything_2() -> Response:
 
     data = upload.read()
     settings = services().settings
-    info = inspect_image(data, max_pixels=settings.max_image_pixels)
+    info = inspect_image(data, settings)
     body: dict[str, Any] = {
         "items": [{"imageData": "data:;base64," + base64.b64encode(data).decode()}],
         "multimaskOutput": multimask,
