@@ -54,6 +54,9 @@ class Settings:
     #: The most memory checking one upload's image may take (segq/images.py's
     #: check_cost, from its header); an image that would need more gets 413.
     max_decode_bytes: int
+    #: The largest answer of Livepeer's route (its masks as JSON text, from
+    #: the image's size); a request whose answer could be larger gets 413.
+    max_answer_bytes: int
     url_expires_seconds: int
     lease_seconds: int
     item_time_limit_seconds: int
@@ -166,6 +169,9 @@ class Settings:
             max_image_pixels=_int(env, "SEGQ_MAX_IMAGE_PIXELS", 40_000_000),
             max_items_per_job=_int(env, "SEGQ_MAX_ITEMS_PER_JOB", 1000),
             max_decode_bytes=_int(env, "SEGQ_MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES),
+            # Three SAM masks as logits for a 1920x1080 image: 150 MiB of
+            # JSON; as 0.0/1.0 masks, 11 megapixels.
+            max_answer_bytes=_int(env, "SEGQ_MAX_ANSWER_BYTES", 160 * 1024 * 1024),
             url_expires_seconds=_int(env, "SEGQ_URL_EXPIRES_SECONDS", 3600),
             lease_seconds=_int(env, "SEGQ_LEASE_SECONDS", 60),
             item_time_limit_seconds=_int(env, "SEGQ_ITEM_TIME_LIMIT_SECONDS", 600),
