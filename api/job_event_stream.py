@@ -36,12 +36,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import ApiError
 from api.job_service import items_of
-from api.job_waiting import JobChangeFeed, JobProgress, progress_of
+from api.job_waiting import FINISHED_ITEM_STATUSES, JobChangeFeed, JobProgress
 from api.parking import Parked
 from segq.job_document import render_item_event, render_job
 from segq.models import ItemStatus, Job, JobItem, JobStatus
@@ -68,7 +68,7 @@ KEEPALIVE_FRAME = ": keepalive\n\n"
 #: How long a client waits before reconnecting after the stream breaks.
 RETRY_FRAME = "retry: 2000\n\n"
 #: The least time between two sends of a job's new events to its streams.
-FAN_OUT_INTERVAL_SECONDS = 0.5
+FAN_OUT_INTERVAL_SECONDS = 1.0
 #: Logs of jobs no stream of this process follows, kept for streams that
 #: come back (the most recently used first); each holds its job's frames.
 MAX_IDLE_LOGS = 32
@@ -116,20 +116,31 @@ class JobEventLog:
 
     def refresh(self, session: Session) -> None:
         """Read what changed since the last refresh; the caller holds ``lock``."""
-        progress = progress_of(session, [self.job_id]).get(self.job_id)
-        if progress is None:
+        finished = func.count(case((JobItem.status.in_(FINISHED_ITEM_STATUSES), 1)))
+        with_event = func.count(
+            case((and_(JobItem.status.in_(_EVENT_ITEM), JobItem.finished_time.is_not(None)), 1))
+        )
+        row = session.execute(
+            select(Job.status, finished, with_event)
+            .outerjoin(JobItem, JobItem.job_id == Job.id)
+            .where(Job.id == self.job_id)
+            .group_by(Job.id, Job.status)
+        ).first()
+        if row is None:
             self.gone = True
             return
+        status, finished_items, items_with_events = row
+        progress = JobProgress(status, finished_items)
         if progress == self.progress:
             return
         job = session.get(Job, self.job_id, populate_existing=True)
         if job is None:
             self.gone = True
             return
-        self._append(session, job)
+        self._append(session, job, items_with_events)
         self.progress = progress
 
-    def _append(self, session: Session, job: Job) -> None:
+    def _append(self, session: Session, job: Job, items_with_events: int) -> None:
         if not self._counts:
             total = session.scalar(select(func.count()).where(JobItem.job_id == job.id)) or 0
             self._counts = {
@@ -137,7 +148,7 @@ class JobEventLog:
                 ItemStatus.FAILED: 0,
                 ItemStatus.RUNNING: total,
             }
-        finished = self._newly_finished(session)
+        finished = self._newly_finished(session, items_with_events)
         # (time, then rank among events of the same millisecond), type, the
         # item of an item event (None: a job event, whose body is the job)
         found: list[tuple[tuple[int, int], str, JobItem | None]] = []
@@ -175,9 +186,10 @@ class JobEventLog:
                 )
             )
 
-    def _newly_finished(self, session: Session) -> list[JobItem]:
+    def _newly_finished(self, session: Session, items_with_events: int) -> list[JobItem]:
         """The job's items finished (completed or failed) that have no event
-        yet, in the order they finished."""
+        yet, in the order they finished; ``items_with_events`` of them have
+        finished in all."""
         finished = select(JobItem).where(
             JobItem.job_id == self.job_id,
             JobItem.status.in_(_EVENT_ITEM),
@@ -188,21 +200,19 @@ class JobEventLog:
         if self._last_finished_time is not None:
             # Items finish one at a time under their job's lock, so the new
             # ones are at or after the last seen, unless clocks disagree:
-            # the count below tells, and then every finished item is read.
+            # the count tells, and then every finished item is read.
             recent = finished.where(JobItem.finished_time >= self._last_finished_time)
         found = [
             item
             for item in session.scalars(recent.order_by(*order))
             if item.id not in self._item_ids
         ]
-        if self._last_finished_time is not None:
-            counted = session.scalar(select(func.count()).select_from(finished.subquery())) or 0
-            if counted > len(self._item_ids) + len(found):
-                found = [
-                    item
-                    for item in session.scalars(finished.order_by(*order))
-                    if item.id not in self._item_ids
-                ]
+        if items_with_events > len(self._item_ids) + len(found):
+            found = [
+                item
+                for item in session.scalars(finished.order_by(*order))
+                if item.id not in self._item_ids
+            ]
         return found
 
 
@@ -267,6 +277,12 @@ class JobEventFanOut:
             self._logs.move_to_end(job_id)
             self._trim()
             return found
+
+    def followed(self, job_id: int) -> bool:
+        """Whether the fan-out keeps the job's log current (it has streams
+        here and is watched): a stream's run need not read the job again."""
+        with self._lock:
+            return job_id in self._followers and job_id in self._feed_watches
 
     def follow(self, job_id: int, sent: int, parked: Parked) -> Callable[[], None]:
         """Push the job's events after the ``sent``-th to ``parked`` as they

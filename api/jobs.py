@@ -242,8 +242,10 @@ def stream_job_events(job_id: int) -> Response:
     resumed = request.environ.get(RESUMED_ENVIRON_KEY) is not None
     fan_out = services().job_events
     job_log = fan_out.log(job_id)
+    followed = fan_out.followed(job_id)
     with job_log.lock:
-        job_log.refresh(session)
+        if not followed or job_log.progress is None:
+            job_log.refresh(session)
         count = len(job_log.events)
         frames = [job_log.frames_after(sent)] if sent < count else []
         finished = job_log.finished

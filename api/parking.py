@@ -231,6 +231,8 @@ class _LoopActions:
             return len(self._queued) == 1
 
     def run(self) -> None:
+        """Run what is queued (waitress runs this holding its trigger's
+        lock: an action must not pull the trigger)."""
         with self._lock:
             queued, self._queued = self._queued, []
         for action in queued:
@@ -389,6 +391,9 @@ class ParkingChannel(HTTPChannel):  # type: ignore[misc]
                     return
                 task.environ.update(environ)
                 self.last_activity = time.time()
+                if self._keepalive is not None:
+                    # A keepalive is for silence.
+                    self.deadline = time.monotonic() + self._keepalive_seconds
                 return
         self.wake()
 
