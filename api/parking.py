@@ -18,6 +18,12 @@ runs the app and keeps a parked request's state across runs, and
 (from the feed's thread or at the deadline), and holds back whatever the
 client pipelines meanwhile until the parked request is answered.
 
+A streamed answer can also grow without a run of the app: its watch may
+``push`` more of it or ``end`` it (api/job_event_stream.py's fan-out does,
+for every stream of a job at once), and the server sends its keepalive
+itself when the deadline comes, up to ``keepalives`` times before a run.
+Those writes happen in the event loop's thread, where waitress sends.
+
 Where the app runs without this server (Flask's test client, a WSGI server
 of another kind), ``park`` returns False and the view waits in its thread.
 """
