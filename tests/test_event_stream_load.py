@@ -1,10 +1,12 @@
 """What event streams cost the API: 200 streams on a 1,000-item job against
 a live `segq serve`, the items finished by writing to the database and
-announcing as a worker does, against the same job with no stream.
+announcing as a worker does, against the same job with no stream. Each job
+is run as a client runs it: its 1,000 images uploaded, the job created, its
+items finished; the figures without the uploads are printed too.
 
 The API's CPU is read from the kernel (utime + stime of the server's
 processes, /proc/<pid>/stat), and every /healthz latency is recorded while
-the streams run. Run with ``-s`` to see the figures."""
+the jobs run. Run with ``-s`` to see the figures."""
 
 from __future__ import annotations
 
