@@ -13,6 +13,7 @@ from api.content_encoding import inflate_request_body
 from api.context import close_db
 from api.error_envelope import register_error_handlers
 from api.files import file_uploads, files
+from api.job_event_stream import JobEventFanOut
 from api.job_views import job_views
 from api.job_waiting import BlockingWaits, JobChangeFeed, blocking_wait_slots
 from api.jobs import jobs
@@ -70,6 +71,9 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     sessions = make_session_factory(make_engine(settings.database_url))
+    job_changes = JobChangeFeed(
+        sessions, pubsub_url(settings.broker_url), settings.wait_recheck_seconds
+    )
     app.extensions["segq"] = Services(
         settings=settings,
         sessions=sessions,
@@ -86,9 +90,8 @@ def create_app(
             time_limit_seconds=settings.item_time_limit_seconds,
         ),
         rate_limiter=make_rate_limiter(settings.broker_url, settings.rate_limit_per_second),
-        job_changes=JobChangeFeed(
-            sessions, pubsub_url(settings.broker_url), settings.wait_recheck_seconds
-        ),
+        job_changes=job_changes,
+        job_events=JobEventFanOut(sessions, job_changes),
         job_announcer=make_announcer(settings.broker_url),
         blocking_waits=BlockingWaits(blocking_wait_slots(request_threads)),
     )

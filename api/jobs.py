@@ -16,9 +16,8 @@ from api.errors import ApiError
 from api.job_event_stream import (
     KEEPALIVE_FRAME,
     KEEPALIVE_SECONDS,
+    KEEPALIVES_PER_RUN,
     RETRY_FRAME,
-    frames_after,
-    job_events,
     last_event_id,
 )
 from api.job_service import cancel_job as cancel_job_of_project
@@ -115,7 +114,7 @@ def _waited_job_answer(
         feed = services().job_changes
         path = url_for("jobs.get_job", project=current_project().name, job_id=job_id)
         parking = Parking(
-            watch=partial(feed.watch, job_id, progress),
+            watch=lambda parked: feed.watch(job_id, progress, parked.wake),
             deadline=wait.deadline,
             environ={
                 "REQUEST_METHOD": "GET",
@@ -228,36 +227,51 @@ def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
 )
 def stream_job_events(job_id: int) -> Response:
     """Each run sends the events after ``Last-Event-ID`` and, while the job
-    is unfinished, parks until it changes (or a keepalive is due); a parked
-    stream's later runs come with the count sent so far as Last-Event-ID.
+    is unfinished, parks: the process's fan-out pushes the job's events to
+    the parked stream as they come (api/job_event_stream.py), and it runs
+    again when a keepalive is due, with the count sent so far as
+    Last-Event-ID.
 
     Where the server cannot park a request (not `segq serve`), the stream
     sends the events there are and ends, holding no thread either; the
     ``retry`` it starts with has EventSource reconnect with Last-Event-ID."""
     project_id = current_project().id
     session = db()
-    job = owned_job(session, project_id, job_id)
+    owned_job(session, project_id, job_id)
     sent = last_event_id(request.headers.get("Last-Event-ID"))
-    # Progress before events: a change between the two reads wakes the
-    # stream once more for nothing, never too late.
-    progress = progress_of(session, [job_id])[job_id]
-    events = job_events(session, job)
-    frames = list(frames_after(events, sent))
-    sent = max(sent, len(events))
-    close_db()
     resumed = request.environ.get(RESUMED_ENVIRON_KEY) is not None
+    fan_out = services().job_events
+    job_log = fan_out.log(job_id)
+    followed = fan_out.followed(job_id)
+    with job_log.lock:
+        if not followed or job_log.progress is None:
+            job_log.refresh(session)
+        count = len(job_log.events)
+        frames = [job_log.frames_after(sent)] if sent < count else []
+        finished = job_log.finished
+    close_db()
+    if sent > count and not resumed:
+        # Every event a client was sent was read from the database before
+        # it was sent, so an id past the last is not one this job had.
+        raise ApiError(
+            400,
+            f"Last-Event-ID {sent} is not an event of this stream: "
+            f"job {job_id} has had {count} events",
+        )
+    sent = max(sent, count)
     if not resumed:
         frames.insert(0, RETRY_FRAME)
     elif not frames:
         frames.append(KEEPALIVE_FRAME)
-    if not progress.finished:
-        feed = services().job_changes
+    if not finished:
         park(
             Parking(
-                watch=partial(feed.watch, job_id, progress),
+                watch=partial(fan_out.follow, job_id, sent),
                 deadline=time.monotonic() + KEEPALIVE_SECONDS,
                 environ={"HTTP_LAST_EVENT_ID": str(sent)},
                 stream=True,
+                keepalive=KEEPALIVE_FRAME.encode(),
+                keepalives=KEEPALIVES_PER_RUN,
             )
         )
     # An iterator, not a string: a body of unknown length, so the server

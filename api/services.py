@@ -16,6 +16,7 @@ from segq.storage import ObjectStorage
 
 if TYPE_CHECKING:
     # api/job_waiting.py reaches the services through api/context.py.
+    from api.job_event_stream import JobEventFanOut
     from api.job_waiting import BlockingWaits, JobChangeFeed
 
 
@@ -27,6 +28,7 @@ class Services:
     celery: Celery
     rate_limiter: RateLimiter
     job_changes: JobChangeFeed
+    job_events: JobEventFanOut
     job_announcer: JobChangeAnnouncer
     blocking_waits: BlockingWaits
     projects_by_key: ProjectsByKey = field(default_factory=ProjectsByKey)

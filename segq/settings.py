@@ -25,6 +25,10 @@ Number = TypeVar("Number", int, float)
 #: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h later: about 27 hours in all.
 DEFAULT_WEBHOOK_RETRY_DELAYS = (5, 300, 1800, 7200, 18000, 36000, 36000)
 
+#: 32 MiB: the shipped API pod (1 GiB) runs 2 processes of 4 request threads;
+#: 2 x 150 MiB + 8 x (two copies of a 25 MiB body + 32 MiB) = 956 MiB.
+DEFAULT_MAX_DECODE_BYTES = 32 * 1024 * 1024
+
 #: What SEGQ_PRECISION may say.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -47,6 +51,12 @@ class Settings:
     max_upload_bytes: int
     max_image_pixels: int
     max_items_per_job: int
+    #: The most memory checking one upload's image may take (segq/images.py's
+    #: check_cost, from its header); an image that would need more gets 413.
+    max_decode_bytes: int
+    #: The largest answer of Livepeer's route (its masks as JSON text, from
+    #: the image's size); a request whose answer could be larger gets 413.
+    max_answer_bytes: int
     url_expires_seconds: int
     lease_seconds: int
     item_time_limit_seconds: int
@@ -158,6 +168,10 @@ class Settings:
             max_upload_bytes=_int(env, "SEGQ_MAX_UPLOAD_BYTES", 25 * 1024 * 1024),
             max_image_pixels=_int(env, "SEGQ_MAX_IMAGE_PIXELS", 40_000_000),
             max_items_per_job=_int(env, "SEGQ_MAX_ITEMS_PER_JOB", 1000),
+            max_decode_bytes=_int(env, "SEGQ_MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES),
+            # Three SAM masks as logits for a 1920x1080 image: 150 MiB of
+            # JSON; as 0.0/1.0 masks, 11 megapixels.
+            max_answer_bytes=_int(env, "SEGQ_MAX_ANSWER_BYTES", 160 * 1024 * 1024),
             url_expires_seconds=_int(env, "SEGQ_URL_EXPIRES_SECONDS", 3600),
             lease_seconds=_int(env, "SEGQ_LEASE_SECONDS", 60),
             item_time_limit_seconds=_int(env, "SEGQ_ITEM_TIME_LIMIT_SECONDS", 600),

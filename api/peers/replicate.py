@@ -260,7 +260,7 @@ def _image_source(image: str) -> tuple[FileReference, tuple[int, int] | None]:
     if image[:5].lower() == "data:":
         try:
             data = decode_data_url(("input", "image"), image, settings.max_upload_bytes)
-            info = inspect_image(data, max_pixels=settings.max_image_pixels)
+            info = inspect_image(data, settings)
         except ApiError as exc:
             raise ApiError(422, exc.message) from None
         except ImageRefused as exc:
@@ -703,7 +703,7 @@ def create_file() -> tuple[Response, int]:
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, f"content is larger than {settings.max_upload_bytes} bytes")
     try:
-        info = inspect_image(data, max_pixels=settings.max_image_pixels)
+        info = inspect_image(data, settings)
     except ImageRefused as exc:
         # The same statuses as a native upload: 415 not an image segq reads, 413 too many pixels.
         raise ApiError(413 if isinstance(exc, TooManyPixels) else 415, f"content: {exc}") from None
