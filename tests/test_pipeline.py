@@ -188,9 +188,10 @@ def test_a_deleted_file_fails_its_item_and_the_job_keeps_the_rest(
         == 204
     )
 
-    assert run(sessions, storage, engine, doomed_item) == ItemOutcome.FAILED
-    assert load(sessions, Job, job_id).status == JobStatus.RUNNING
+    # Messages claim items in queue order: the kept item first.
     assert run(sessions, storage, engine, kept_item) == ItemOutcome.COMPLETED
+    assert load(sessions, Job, job_id).status == JobStatus.RUNNING
+    assert run(sessions, storage, engine, doomed_item) == ItemOutcome.FAILED
 
     job = tenant.get_job(job_id).json
     assert job["status"] == "Completed"

@@ -60,6 +60,47 @@ class Claim:
 
 #: How early a message sent with a retry's countdown may claim its item.
 RETRY_LEEWAY_MS = 1000
+#: How many of the first-queued items a wake-up message tries, in order,
+#: before its own item: workers woken at once each take the next one
+#: instead of all racing for the first.
+CLAIM_CANDIDATES = 8
+
+
+def claim_next_item(
+    sessions: sessionmaker[Session],
+    woken_for: int,
+    *,
+    lease_seconds: int,
+    engine_name: str,
+    max_attempts: int,
+) -> Claim | None:
+    """Take the item a wake-up message should run: the runnable queued item
+    queued first, whichever item the message names, else that item.
+
+    Messages are wake-up calls, one per queued item, and any one serves any
+    item: the queue's order is Postgres's, not the broker's. Ids are handed
+    out as items are queued and an item keeps its id when it is queued
+    again (its worker died, storage failed), so it keeps its place instead
+    of going behind the backlog with its new message. The message's own
+    item is the fallback: one Running whose lease ran out, say."""
+    with sessions() as session:
+        first_queued = list(
+            session.scalars(
+                _FIRST_QUEUED,
+                {"max_attempts": max_attempts, "due_by": now_ms(), "count": CLAIM_CANDIDATES},
+            )
+        )
+    for item_id in dict.fromkeys([*first_queued, woken_for]):
+        claim = claim_item(
+            sessions,
+            item_id,
+            lease_seconds=lease_seconds,
+            engine_name=engine_name,
+            max_attempts=max_attempts,
+        )
+        if claim is not None:
+            return claim
+    return None
 
 
 def claim_item(
@@ -419,6 +460,19 @@ def release_item(sessions: sessionmaker[Session], claim: Claim, retry_in_seconds
         )
 
 
+#: Runnable queued items in the order they were queued (the (status, id)
+#: index walks them in that order).
+_FIRST_QUEUED = (
+    select(JobItem.id)
+    .where(
+        JobItem.status == ItemStatus.QUEUED,
+        JobItem.attempt < bindparam("max_attempts"),
+        _RETRY_IS_DUE,
+    )
+    .order_by(JobItem.id)
+    .limit(bindparam("count"))
+)
+
 #: Queued items of one job that a batch may take along, by position (the
 #: (job_id, status) index finds them).
 _QUEUED_OF_JOB = (
@@ -435,8 +489,8 @@ _QUEUED_OF_JOB = (
 )
 
 #: Queued items of other jobs that this engine may run (jobs not started,
-#: or started by this engine), longest waiting first (the (status,
-#: published_time) index finds them).
+#: or started by this engine), first queued first, as claim_next_item
+#: takes them (the (status, id) index finds them).
 _QUEUED_ELSEWHERE = (
     select(JobItem.id)
     .join(Job, Job.id == JobItem.job_id)
@@ -448,7 +502,7 @@ _QUEUED_ELSEWHERE = (
         Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
         or_(Job.engine.is_(None), Job.engine == bindparam("engine")),
     )
-    .order_by(JobItem.published_time, JobItem.id)
+    .order_by(JobItem.id)
     .limit(bindparam("count"))
 )
 
