@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.client import SegqClient
@@ -32,6 +33,8 @@ pytestmark = pytest.mark.slow
 SEGQ_CLIENTS = 3
 PLAIN_CLIENTS = 4
 RELOADS = 3
+#: The drain's bound in the server under test (production's is 30 s).
+GRACE_SECONDS = 20
 
 
 def serving_pids(arbiter: subprocess.Popen[bytes]) -> set[int]:
@@ -74,7 +77,10 @@ def server(
                 "--threads",
                 "8",
             ],
-            env=segq_env(settings, storage, tmp_path / "data"),
+            env={
+                **segq_env(settings, storage, tmp_path / "data"),
+                "SEGQ_SHUTDOWN_GRACE_SECONDS": str(GRACE_SECONDS),
+            },
             cwd=REPO,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -168,3 +174,39 @@ def test_reloads_and_a_rolling_stop_drop_no_request(
     assert errors == [], (errors, answered)
     # The clients were busy throughout, not idle at the moments that count.
     assert answered["segq"] >= 50 and answered["plain"] >= 200, answered
+
+
+def test_a_stopping_process_answers_its_waits_and_ends_its_streams(
+    server: tuple[str, subprocess.Popen[bytes]], sessions: sessionmaker[Session]
+) -> None:
+    """A request parked for up to 60 s would outlast the drain's bound: the
+    drain answers it with the job as it is, and ends an event stream (its
+    client reconnects), well within the clients' 15 s read timeout."""
+    url, arbiter = server
+    with sessions.begin() as session:
+        _, api_key = create_project(session, "acme")
+    with SegqClient(url, "acme", api_key) as client:
+        file_id = client.upload(png_bytes())["id"]
+        job_id = client.create_job(scene_prompt_body(file_id))["jobId"]  # no worker: Queued
+    headers = {"Authorization": f"Bearer {api_key}"}
+    job_url = f"{url}/api/v1/projects/acme/context/vision/segment/{job_id}"
+    answers: dict[str, requests.Response] = {}
+
+    def wait() -> None:
+        prefer = {**headers, "Prefer": "wait=60"}
+        answers["wait"] = requests.get(job_url, headers=prefer, timeout=15)
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    with requests.get(f"{job_url}/events", headers=headers, stream=True, timeout=15) as stream:
+        frames = stream.iter_content(chunk_size=None)
+        assert b"retry:" in next(frames)  # the stream is open, and parked
+        time.sleep(0.5)  # the wait, sent first, is parked by now too
+        arbiter.send_signal(signal.SIGHUP)
+        # The stream ends, whole (a read timeout or a reset would raise).
+        for _ in frames:
+            pass
+    waiting.join(timeout=30)
+    assert answers["wait"].status_code == 200
+    assert answers["wait"].json()["status"] == "Queued"
+    assert answers["wait"].headers["Connection"] == "close"
