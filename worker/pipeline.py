@@ -120,8 +120,8 @@ def process_item(
 
     Problems of an item itself fail it. A storage error puts the item back
     in the queue until ``max_attempts`` attempts have been made; then it
-    fails. For the item asked for, StorageUnavailable is raised (the caller
-    schedules a retry). Each item taken along goes to ``taken_along`` with
+    fails. For the item the message claimed, StorageUnavailable is raised
+    (the caller schedules a retry). Each item taken along goes to ``taken_along`` with
     its outcome: the caller counts it and sends a RELEASED one again (the
     reconciler does when nobody does). Database errors propagate: the
     leases run out and the items are run again.
