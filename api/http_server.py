@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import resource
+import socket
 import time
 import uuid
 from dataclasses import replace
@@ -147,13 +148,24 @@ class DeadlineChannel(ParkingChannel):
         return result
 
     def idle(self) -> bool:
-        """No request read in part, queued, running, parked or being sent."""
-        return (
-            self.request is None
-            and not self.requests
-            and not self.total_outbufs_len
-            and self.parked_task is None
-        )
+        """No request read in part, queued, running, parked or being sent,
+        and none arrived but not yet read."""
+        if (
+            self.request is not None
+            or self.requests
+            or self.total_outbufs_len
+            or self.parked_task is not None
+        ):
+            return False
+        # Closing a socket with unread bytes resets the connection: bytes
+        # waiting are a request the event loop reads next, and answers.
+        try:
+            waiting = self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return True  # already broken: nothing to answer
+        return not waiting
 
 
 class DeadlineServer(TcpWSGIServer):  # type: ignore[misc]
