@@ -171,6 +171,7 @@ def test_reloads_and_a_rolling_stop_drop_no_request(
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
+    print(f"answered through {RELOADS} reloads and a rolling stop: {answered}")
     assert errors == [], (errors, answered)
     # The clients were busy throughout, not idle at the moments that count.
     assert answered["segq"] >= 50 and answered["plain"] >= 200, answered
