@@ -31,7 +31,7 @@ from api.job_waiting import (
 )
 from api.json_body import max_job_body_bytes, read_json_object
 from api.openapi import documented
-from api.parking import RESUMED_ENVIRON_KEY, Parking, park
+from api.parking import RESUMED_ENVIRON_KEY, Parking, park, server_draining
 from api.public_links import public_link
 from api.request_integers import request_integer
 from api.schemas import (
@@ -91,12 +91,16 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 
 
 def _requested_wait() -> Wait | None:
-    """The request's ``Prefer: wait``; in a resumed run, the wait it began."""
-    resumed: Wait | None = request.environ.get(WAIT_ENVIRON_KEY)
-    if resumed is not None:
-        return resumed
-    seconds = requested_wait_seconds(request.headers.getlist("Prefer"))
-    return None if seconds is None else Wait.starting_now(seconds)
+    """The request's ``Prefer: wait``; in a resumed run, the wait it began.
+    A process about to exit ends every wait now: the job as it is answers
+    it, and the client's next request goes to a process that stays."""
+    wait: Wait | None = request.environ.get(WAIT_ENVIRON_KEY)
+    if wait is None:
+        seconds = requested_wait_seconds(request.headers.getlist("Prefer"))
+        wait = None if seconds is None else Wait.starting_now(seconds)
+    if wait is not None and server_draining():
+        return Wait(wait.seconds, deadline=time.monotonic())
+    return wait
 
 
 def _waited_job_answer(

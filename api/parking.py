@@ -46,6 +46,10 @@ from waitress.task import WSGITask
 PARK_ENVIRON_KEY = "segq.park"
 #: The environ key that marks a run of a parked request (any value but None).
 RESUMED_ENVIRON_KEY = "segq.resumed"
+#: The environ key the server sets (True) while its process drains before
+#: exiting: a request must be answered now, not parked; a wait answers
+#: with the job as it is, an event stream ends (its client reconnects).
+DRAINING_ENVIRON_KEY = "segq.draining"
 #: What a client may send behind a parked request before the server stops
 #: reading it (pipelined requests; they are served after the parked one).
 MAX_HELD_INPUT_BYTES = 64 * 1024
@@ -105,10 +109,15 @@ def park(parking: Parking) -> bool:
     response: for a deferred parking it is dropped; for a streamed one it is
     the start of the answer."""
     offer: Callable[[Parking], None] | None = request.environ.get(PARK_ENVIRON_KEY)
-    if offer is None:
+    if offer is None or server_draining():
         return False
     offer(parking)
     return True
+
+
+def server_draining() -> bool:
+    """The process serving this request is about to exit: answer now."""
+    return bool(request.environ.get(DRAINING_ENVIRON_KEY))
 
 
 # waitress ships no type information, so its classes are Any to mypy and

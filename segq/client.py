@@ -9,11 +9,14 @@
 Jobs and files are the JSON documents of the contract (dicts, camelCase keys).
 Answers 429 and 503 are retried as their ``Retry-After`` says; every job
 creation carries an ``Idempotency-Key``, so a retried POST never makes a
-second job."""
+second job. A connection refused or reset (a server restarting, a process
+of it stopping) is retried, with capped backoff, for every request that is
+safe to repeat: reads, and writes that carry an ``Idempotency-Key``."""
 
 from __future__ import annotations
 
 import io
+import random
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -37,6 +40,16 @@ RETRIED_STATUSES = (429, 503)
 FINISHED_STATUSES = frozenset({"Completed", "Failed", "Canceled"})
 #: The most seconds one request asks the server to hold it (``Prefer: wait``).
 MAX_PREFER_WAIT_SECONDS = 60
+#: Methods whose request may be sent again after a connection error: the
+#: server may have received it, and repeating it changes nothing.
+REPEATABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: The header that makes a write safe to repeat (the server answers a repeat
+#: with the first request's result).
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+#: Backoff between retries after a connection error: doubling from the
+#: first, at most the cap, each drawn at random from its upper half.
+CONNECTION_RETRY_FIRST_SECONDS = 0.25
+CONNECTION_RETRY_MAX_SECONDS = 4.0
 
 
 class SegqError(RuntimeError):
@@ -76,12 +89,14 @@ class SegqClient:
         self.base_url = base_url.rstrip("/")
         self.project = project
         self.timeout = timeout
+        self.retries = retries
         self._http = requests.Session()
         self._http.headers["Authorization"] = f"Bearer {api_key}"
         # urllib3 retries 429/503 after their Retry-After (for POST too: a
         # job POST carries its Idempotency-Key, an upload of the same bytes
-        # makes at worst a second file). Connection errors are not retried
-        # here: a POST may have been received.
+        # makes at worst a second file). Connection errors are retried in
+        # _send, which sees the request's headers: only a request that is
+        # safe to repeat, since one that was reset may have been received.
         retry = Retry(
             total=retries,
             connect=0,
@@ -128,12 +143,42 @@ class SegqClient:
     ) -> requests.Response:
         """``waiting``: the seconds the server may hold the answer (Prefer:
         wait), added to the read timeout so a long wait is not cut off."""
-        response = self._http.request(
-            method, self.url(path), timeout=self.timeout + waiting, **kwargs
+        repeatable = kwargs.pop("repeatable", False)
+        response = self._send(
+            self._http,
+            method,
+            self.url(path),
+            repeatable=repeatable,
+            timeout=self.timeout + waiting,
+            **kwargs,
         )
         if not response.ok:
             raise _error_of(response)
         return response
+
+    def _send(
+        self,
+        session: requests.Session,
+        method: str,
+        url: str,
+        *,
+        repeatable: bool = False,
+        **kwargs: Any,
+    ) -> requests.Response:
+        """One request, sent again after a refused or reset connection when
+        it is safe to repeat (``repeatable``: the caller knows it is, as for
+        a cancel): up to ``retries`` times, backing off."""
+        headers = kwargs.get("headers") or {}
+        repeatable = repeatable or method in REPEATABLE_METHODS or IDEMPOTENCY_KEY_HEADER in headers
+        for retry in range(self.retries + 1):
+            try:
+                return session.request(method, url, **kwargs)
+            except requests.ConnectionError:
+                if not repeatable or retry == self.retries:
+                    raise
+            ceiling = min(CONNECTION_RETRY_MAX_SECONDS, CONNECTION_RETRY_FIRST_SECONDS * 2**retry)
+            time.sleep(random.uniform(ceiling / 2, ceiling))
+        raise AssertionError("unreachable")
 
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         body: dict[str, Any] = self._request(method, path, **kwargs).json()
@@ -187,7 +232,8 @@ class SegqClient:
         return self._json("GET", f"/context/vision/segment/{job_id}")
 
     def cancel_job(self, job_id: int) -> dict[str, Any]:
-        return self._json("POST", f"/context/vision/segment/{job_id}/cancel")
+        # Canceling a canceled job changes nothing: safe to send again.
+        return self._json("POST", f"/context/vision/segment/{job_id}/cancel", repeatable=True)
 
     def jobs(
         self, *, status: str | None = None, created_after: int | None = None, page_size: int = 100
@@ -239,7 +285,7 @@ class SegqClient:
 
     def download(self, url: str) -> bytes:
         """The object behind a pre-signed URL (a mask, logits)."""
-        response = self._plain.get(self.absolute(url), timeout=self.timeout)
+        response = self._send(self._plain, "GET", self.absolute(url), timeout=self.timeout)
         if not response.ok:
             raise SegqError(response.status_code, f"fetching {url}")
         return response.content

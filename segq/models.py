@@ -174,6 +174,8 @@ class JobItem(Base):
         UniqueConstraint("job_id", "position"),
         Index("ix_job_items_status_lease", "status", "lease_expires_time"),
         Index("ix_job_items_status_published", "status", "published_time"),
+        # A wake-up message claims the queued item queued first (worker/claims.py).
+        Index("ix_job_items_status_id", "status", "id"),
         # Rolling a job up asks "does it still have a queued or running item?"
         Index("ix_job_items_job_id_status", "job_id", "status"),
     )
@@ -194,8 +196,9 @@ class JobItem(Base):
     status: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     lease_expires_time: Mapped[int | None] = mapped_column(BigInteger)
-    # When a wake-up message for this item was last sent; the reconciler
-    # sends another if a queued item waits much longer than that.
+    # When a wake-up message for this item was last sent (for a retry: when
+    # it is due); the reconciler counts the item against the broker's queue
+    # a little after that.
     published_time: Mapped[int | None] = mapped_column(BigInteger)
     started_time: Mapped[int | None] = mapped_column(BigInteger)
     finished_time: Mapped[int | None] = mapped_column(BigInteger)

@@ -115,6 +115,10 @@ class Settings:
     precision: str = "auto"
     #: torch.compile the image encoder at worker start.
     compile_encoder: bool = False
+    #: How long a stopping API process may take to finish the requests it
+    #: holds (gunicorn's graceful timeout); deploy/k8s's
+    #: terminationGracePeriodSeconds covers it and the preStop pause.
+    shutdown_grace_seconds: int = 30
 
     def fetch_policy(self) -> FetchPolicy:
         """How workers may fetch images from URLs that clients give."""
@@ -206,6 +210,7 @@ class Settings:
             engine_batch_wait_ms=_milliseconds(env, "SEGQ_ENGINE_BATCH_WAIT_MS", 10),
             precision=_choice(env, "SEGQ_PRECISION", PRECISIONS) or "auto",
             compile_encoder=_flag(env, "SEGQ_COMPILE"),
+            shutdown_grace_seconds=_int(env, "SEGQ_SHUTDOWN_GRACE_SECONDS", 30),
         )
 
 

@@ -4,6 +4,7 @@ S3 and a real GrabCut worker)."""
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,8 +22,9 @@ from api import create_app
 from segq.client import SegqClient, SegqError, WaitTimeout
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.harness import Tenant, grabcut_worker, serving
+from tests.harness import Tenant, count_jobs, grabcut_worker, serving
 from tests.images import encode, scene
+from tests.tcp_proxy import TcpProxy
 
 PROMPT = {
     "points": [{"x": 0.5, "y": 0.5, "label": 1}],
@@ -170,3 +172,31 @@ def test_a_wait_longer_than_the_read_timeout_ends_as_a_wait_timeout(
         with pytest.raises(WaitTimeout):
             client.wait(job["jobId"], timeout=3)
         assert time.monotonic() - started >= 2.5
+
+
+def test_a_reset_or_refused_connection_is_retried_only_when_safe_to_repeat(
+    live_server: str, tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    """A server process that stops under a request (the connection is reset
+    with the request sent) or a server restarting (connections refused)."""
+    host_port = live_server.removeprefix("http://")
+    host, port = host_port.rsplit(":", 1)
+    with (
+        TcpProxy(host, int(port)) as proxy,
+        SegqClient(proxy.url_for(live_server, host_port), tenant.name, tenant.key) as client,
+    ):
+        file_id = client.upload(encode(scene(80, 60)[0]))["id"]
+        proxy.reset_requests(2)
+        job = client.create_job({"items": [{"fileId": file_id}], **PROMPT})
+        proxy.reset_requests(1)
+        assert client.get_job(job["jobId"])["jobId"] == job["jobId"]
+
+        proxy.refuse()
+        threading.Timer(0.5, proxy.heal).start()
+        assert client.cancel_job(job["jobId"])["status"] == "Canceled"
+        assert count_jobs(sessions)[0] == 1
+
+        # An upload carries no key: sent again, it could store a second file.
+        proxy.reset_requests(1)
+        with pytest.raises(requests.ConnectionError):
+            client.upload(encode(scene(80, 60)[0]))

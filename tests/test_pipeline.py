@@ -22,7 +22,14 @@ from segq.storage import S3Storage
 from tests.harness import TEST_LIMITS, Tenant, grabcut_worker, item_ids
 from tests.images import png_bytes, scene, scene_prompt_body, with_exif_orientation
 from tests.tcp_proxy import TcpProxy
-from worker.claims import Claim, claim_item, finish_item, release_item, renew_lease
+from worker.claims import (
+    Claim,
+    claim_item,
+    claim_next_item,
+    finish_item,
+    release_item,
+    renew_lease,
+)
 from worker.engines.grabcut import GrabCutEngine
 from worker.item_inputs import ImageLimits
 from worker.lease_keeper import LeaseKeeper
@@ -188,9 +195,10 @@ def test_a_deleted_file_fails_its_item_and_the_job_keeps_the_rest(
         == 204
     )
 
-    assert run(sessions, storage, engine, doomed_item) == ItemOutcome.FAILED
-    assert load(sessions, Job, job_id).status == JobStatus.RUNNING
+    # Messages claim items in queue order: the kept item first.
     assert run(sessions, storage, engine, kept_item) == ItemOutcome.COMPLETED
+    assert load(sessions, Job, job_id).status == JobStatus.RUNNING
+    assert run(sessions, storage, engine, doomed_item) == ItemOutcome.FAILED
 
     job = tenant.get_job(job_id).json
     assert job["status"] == "Completed"
@@ -425,6 +433,27 @@ def test_concurrent_claims_start_the_job_exactly_once(
             select(WebhookDelivery.event_type).where(WebhookDelivery.job_id == job_id)
         ).all()
     assert started == ["job.started"]
+
+
+def test_wake_ups_at_once_each_claim_another_item_first_queued_first(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    """Ten messages, all for the last item, taken at once: each claims one
+    item, the ten queued first (more than one round of candidates)."""
+    files = [tenant.upload(png_bytes(seed=seed)).json["id"] for seed in range(16)]
+    body = {**scene_prompt_body(files[0]), "items": [{"fileId": i} for i in files]}
+    _, items = submit(tenant, body)
+    start = threading.Barrier(10)
+
+    def wake(_: int) -> Any:
+        start.wait()
+        return claim_next_item(
+            sessions, items[-1], lease_seconds=LEASE, engine_name="grabcut", max_attempts=3
+        )
+
+    with ThreadPoolExecutor(10) as pool:
+        claims = list(pool.map(wake, range(10)))
+    assert sorted(claim.item_id for claim in claims) == items[:10]
 
 
 def test_a_forked_process_starts_without_its_parents_leases(

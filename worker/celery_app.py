@@ -126,7 +126,6 @@ class WorkerProcessStep(bootsteps.StartStopStep):  # type: ignore[misc]
                         sessions,
                         lambda ids: enqueue_items(app, ids),
                         lambda: messages_waiting(app),
-                        republish_after_seconds=settings.republish_after_seconds,
                         max_attempts=settings.max_attempts,
                     )
                 ),

@@ -23,7 +23,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.db import once_more_if_disconnected
 from segq.storage import ObjectStorage, StorageError
-from worker.claims import Claim, claim_item, finish_item, queued_company, release_item
+from worker.claims import (
+    Claim,
+    claim_item,
+    claim_next_item,
+    finish_item,
+    queued_company,
+    release_item,
+)
 from worker.engines.base import (
     Candidate,
     EverythingUnsupported,
@@ -99,18 +106,22 @@ def process_item(
     batch_wait_ms: int = 0,
     taken_along: Callable[[Claim, ItemOutcome], None] | None = None,
     announce_job_change: Callable[[int], None] | None = None,
+    claimed: Callable[[Claim], None] | None = None,
 ) -> ItemOutcome:
-    """Run one item end to end; with an engine that encodes images in
+    """Run one item end to end: the queued item queued first, which the
+    wake-up message for ``item_id`` claims (``claim_next_item``); with an
+    engine that encodes images in
     batches, run up to its batch size of queued items with it (its job's,
     then others', waiting up to ``batch_wait_ms`` for them), each claimed
     and finished exactly as a lone item is. ``announce_job_change`` is told
     the job's id after each committed change a client may be waiting for
-    (the job started, an item finished).
+    (the job started, an item finished). ``claimed`` is told the claim of
+    the item run (which may not be ``item_id``).
 
     Problems of an item itself fail it. A storage error puts the item back
     in the queue until ``max_attempts`` attempts have been made; then it
-    fails. For the item asked for, StorageUnavailable is raised (the caller
-    schedules a retry). Each item taken along goes to ``taken_along`` with
+    fails. For the item the message claimed, StorageUnavailable is raised
+    (the caller schedules a retry). Each item taken along goes to ``taken_along`` with
     its outcome: the caller counts it and sends a RELEASED one again (the
     reconciler does when nobody does). Database errors propagate: the
     leases run out and the items are run again.
@@ -119,7 +130,7 @@ def process_item(
     # (segq/db.py): all three are guarded by the attempt, so a repeat after a
     # commit that did land finds the work done.
     claim = once_more_if_disconnected(
-        lambda: claim_item(
+        lambda: claim_next_item(
             sessions,
             item_id,
             lease_seconds=lease_seconds,
@@ -129,6 +140,8 @@ def process_item(
     )
     if claim is None:
         return ItemOutcome.SKIPPED
+    if claimed is not None:
+        claimed(claim)
     claims = [claim]
     if isinstance(engine, ImageBatchEngine) and engine.batch_size > 1:
         claims += _claim_company(

@@ -22,6 +22,8 @@ from worker.webhook_delivery import deliver
 def segment_item(self: Any, item_id: int) -> str:
     current = segment_runtime_of(self.app)
     started = time.monotonic()
+    # The message wakes a worker; the item run is the one queued first.
+    ran: list[int] = []
 
     def taken_along(claim: Claim, outcome: ItemOutcome) -> None:
         released = outcome == ItemOutcome.RELEASED
@@ -46,13 +48,16 @@ def segment_item(self: Any, item_id: int) -> str:
                 batch_wait_ms=current.batch_wait_ms,
                 taken_along=taken_along,
                 announce_job_change=current.job_changes.announce,
+                claimed=lambda claim: ran.append(claim.item_id),
             )
         except StorageUnavailable as exc:
             ITEMS.labels("storage_retry").inc()
             # The item is back in the queue; process_item counts the attempts and
             # fails the item once they run out, so this retry loop is bounded.
             raise self.retry(countdown=exc.retry_in_seconds, exc=exc) from exc
-        observe_item(current.sessions, item_id, outcome.value, time.monotonic() - started)
+        observe_item(
+            current.sessions, ran[0] if ran else item_id, outcome.value, time.monotonic() - started
+        )
     return outcome.value
 
 
