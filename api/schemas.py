@@ -422,6 +422,10 @@ class JobResponse(JobState):
 class JobViewItem(ItemReference):
     """One item as the viewer shows it: in position order, failed or not."""
 
+    fileName: str | None = Field(
+        default=None,
+        description="the stored file's name; null for a fileUrl item or a deleted file",
+    )
     position: int
     status: ItemStatus
     imageUrl: str | None = Field(
