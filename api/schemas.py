@@ -8,10 +8,19 @@ import binascii
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 from api.errors import ApiError
 from api.request_integers import ascii_integer, request_integer
+from segq.coordinates import NORMALIZED_HINT
 from segq.models import DeliveryStatus, ItemStatus, JobStatus
 from segq.webhook_events import EVENT_TYPES, SHORT_NAMES
 
@@ -22,6 +31,26 @@ MAX_PROMPTS = 64
 MAX_EXTERNAL_ID_LENGTH = 255
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+def _normalized_coordinate(value: Any, handler: ValidatorFunctionWrapHandler) -> float:
+    """A Unit whose range error says that coordinates are normalized."""
+    try:
+        coordinate: float = handler(value)
+    except ValidationError as exc:
+        [error] = exc.errors(include_url=False)
+        if error["type"] not in ("greater_than_equal", "less_than_equal"):
+            raise
+        raise PydanticCustomError(
+            "normalized_coordinate",
+            "{message}: {hint}",
+            {"message": error["msg"], "hint": NORMALIZED_HINT},
+        ) from None
+    return coordinate
+
+
+#: A point's or a box's coordinate.
+Coordinate = Annotated[Unit, WrapValidator(_normalized_coordinate)]
 # Postgres text cannot hold NUL, and control characters in an id are always a mistake.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
@@ -37,17 +66,17 @@ class StrictModel(BaseModel):
 
 
 class Point(StrictModel):
-    x: Unit
-    y: Unit
+    x: Coordinate
+    y: Coordinate
     # An int in [0, 1] rather than Literal[0, 1]: a literal would take true as 1.
     label: Annotated[int, Field(ge=0, le=1)] = Field(1, description="1 foreground, 0 background")
 
 
 class BoundingBox(StrictModel):
-    xMin: Unit
-    yMin: Unit
-    xMax: Unit
-    yMax: Unit
+    xMin: Coordinate
+    yMin: Coordinate
+    xMax: Coordinate
+    yMax: Coordinate
 
 
 Identifier = Annotated[
