@@ -20,9 +20,10 @@ from api.json_body import max_job_body_bytes
 from api.openapi import register_api_explorer
 from api.peers.livepeer import livepeer
 from api.peers.moondream import moondream
-from api.peers.replicate import replicate
+from api.peers.replicate import REPLICATE_PREFIX, replicate
 from api.rate_limit import make_rate_limiter
 from api.request_integers import IdConverter
+from api.response_policies import apply_response_policies
 from api.service import service
 from api.services import Services
 from api.token import token
@@ -91,7 +92,9 @@ def create_app(
         blocking_waits=BlockingWaits(blocking_wait_slots(request_threads)),
     )
     app.url_map.converters["id"] = IdConverter
-    register_error_handlers(app)
+    # Replicate's client reads its own problem documents for unknown routes
+    # under /v1/ (Moondream's one route there keeps its own shape).
+    register_error_handlers(app, unknown_routes={REPLICATE_PREFIX: replicate.name})
     app.register_blueprint(service)
     app.register_blueprint(files)
     app.register_blueprint(file_uploads)
@@ -104,6 +107,7 @@ def create_app(
     app.register_blueprint(replicate)
     register_api_explorer(app)
     app.teardown_appcontext(close_db)
+    app.after_request(apply_response_policies)
 
     @app.before_request
     def _request_id() -> None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadSignature
 from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -30,9 +30,11 @@ from api.schemas import (
     InstanceIdBody,
     TimeRange,
 )
+from api.signed_tokens import SignedTokens
 from segq.clock import now_ms
 from segq.file_objects import new_file_key, part_key
 from segq.models import StoredFile
+from segq.served_objects import UNKNOWN_TYPE
 from segq.storage import ObjectNotFound, ObjectStorage
 
 #: Where upload URLs point; outside /projects/<project>: the signature is the key.
@@ -199,8 +201,8 @@ class UploadLinks:
     public_url: str | None
     expires_seconds: int
 
-    def _serializer(self) -> URLSafeSerializer:
-        return URLSafeSerializer(self.secret_key, salt=_UPLOAD_SALT)
+    def _serializer(self) -> SignedTokens:
+        return SignedTokens(self.secret_key, salt=_UPLOAD_SALT)
 
     def url_for(
         self, stored: StoredFile, *, part: int | None = None, expires_time: int | None = None
@@ -260,7 +262,7 @@ def receive_part(
     assert target.part is not None
     if _holds_its_last_upload(target.stored):
         raise ApiError(409, f"file {target.stored.id} is already uploaded")
-    storage.put(part_key(upload_key(target.stored), target.part), data, "application/octet-stream")
+    storage.put(part_key(upload_key(target.stored), target.part), data, UNKNOWN_TYPE)
     session.rollback()
 
 

@@ -55,6 +55,7 @@ from waitress.utilities import Error, ServerNotImplemented
 
 from api import create_app, max_request_bytes
 from api.parking import DRAINING_ENVIRON_KEY, ParkingChannel, ParkingTask
+from api.response_policies import DATA_POLICY, NOSNIFF
 from segq.logs import configure_logging
 from segq.settings import Settings
 
@@ -99,7 +100,13 @@ class EnvelopeErrorTask(ErrorTask):  # type: ignore[misc]
         body = json.dumps({"error": {"code": code, "message": f"{reason}: {error.body}"}}).encode()
         self.status = f"{code} {reason}"
         self.response_headers.extend(
-            [("Content-Type", "application/json"), ("X-Request-Id", uuid.uuid4().hex)]
+            [
+                ("Content-Type", "application/json"),
+                ("X-Request-Id", uuid.uuid4().hex),
+                # What the app adds to its own answers (api/response_policies.py).
+                ("X-Content-Type-Options", NOSNIFF),
+                ("Content-Security-Policy", DATA_POLICY),
+            ]
         )
         self.set_close_on_finish()
         self.content_length = len(body)

@@ -53,7 +53,11 @@ def view_links() -> ViewLinks:
 
 def _granted_job(project: str, job_id: int) -> tuple[ViewGrant, Job]:
     """The job the request's token opens; its project must be the path's."""
-    grant = view_links().grant(request.args.get("token"), job_id)
+    tokens = request.args.getlist("token")
+    if len(tokens) > 1:
+        # One spelling per link: a second token is not the link that was handed out.
+        raise ApiError(403, "this viewer link is not valid")
+    grant = view_links().grant(tokens[0] if tokens else None, job_id)
     owner = db().get(Project, grant.project_id)
     if owner is None or owner.name != project:
         raise ApiError(404, f"job {job_id} not found", missing=[{"jobId": job_id}])

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from apispec import APISpec
 from apispec_webframeworks.flask import FlaskPlugin
-from flask import Flask
+from flask import Blueprint, Flask, Response
 from flask_swagger_ui import get_swaggerui_blueprint
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
@@ -26,6 +26,14 @@ ViewT = TypeVar("ViewT", bound=Callable[..., Any])
 REF = "#/components/schemas/{model}"
 OPENAPI_PATH = "/openapi.json"
 DOCS_PATH = "/docs"
+#: Swagger UI's page: its own scripts and styles, and the start-up script
+#: flask-swagger-ui writes inline (the page shows nothing a client stored);
+#: it reads /openapi.json and "Try it out" calls the API, on this origin only.
+DOCS_POLICY = (
+    "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 #: Every route under /projects/<project> answers these before its handler runs (api/auth.py).
 PROJECT_ROUTE_ERRORS = (401, 403, 429)
 #: A path's variables, as werkzeug writes them: ``<converter(args):name>`` or ``<name>``.
@@ -82,9 +90,15 @@ def documented(
 
 def register_api_explorer(app: Flask) -> None:
     """Swagger UI at /docs (and /docs/), reading /openapi.json."""
-    explorer = get_swaggerui_blueprint(
+    explorer: Blueprint = get_swaggerui_blueprint(
         DOCS_PATH, OPENAPI_PATH, config={"app_name": "segq API", "deepLinking": True}
     )
+
+    @explorer.after_request
+    def _docs_policy(response: Response) -> Response:
+        response.headers["Content-Security-Policy"] = DOCS_POLICY
+        return response
+
     app.register_blueprint(explorer)
     app.add_url_rule(DOCS_PATH, endpoint=f"{explorer.name}.show")
 

@@ -765,7 +765,9 @@ def cursor_after(raw: str | None) -> int | None:
     except (ValueError, UnicodeError, binascii.Error):
         raise ApiError(400, "cursor is invalid") from None
     value = ascii_integer(text, minimum=1)
-    if value is None:
+    # One spelling per cursor: base64 decoding skips characters outside its
+    # alphabet and extra padding, and ints take leading zeros.
+    if value is None or encode_cursor(value) != raw:
         raise ApiError(400, "cursor is invalid")
     return value
 

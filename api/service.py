@@ -17,6 +17,7 @@ from api.request_integers import ascii_integer
 from api.schemas import HealthResponse, ReadinessResponse
 from segq.clock import now_ms
 from segq.models import DeliveryStatus, ItemStatus, Job, JobItem, JobStatus, WebhookDelivery
+from segq.served_objects import object_headers
 from segq.storage import LocalStorage, ObjectNotFound
 
 log = logging.getLogger(__name__)
@@ -221,16 +222,26 @@ def openapi_json() -> Response:
 
 @service.get("/objects/<path:key>")
 def local_object(key: str) -> Response:
-    """Serves objects of local-disk storage to holders of a signed URL."""
+    """Serves objects of local-disk storage to holders of a signed URL, each
+    with the type it was stored as and never as a page (segq/served_objects.py).
+    The URL is read in the one spelling storage wrote it: one ``expires`` in
+    canonical digits, one ``signature``."""
     storage = services().storage
     if not isinstance(storage, LocalStorage):
         raise ApiError(404, "not found")
-    expires = ascii_integer(request.args.get("expires", ""))
-    signature = request.args.get("signature", "")
-    if expires is None or not storage.verify_signature(key, expires, signature):
+    expires_spellings = request.args.getlist("expires")
+    signatures = request.args.getlist("signature")
+    expires = ascii_integer(expires_spellings[0]) if len(expires_spellings) == 1 else None
+    if (
+        expires is None
+        or str(expires) != expires_spellings[0]
+        or len(signatures) != 1
+        or not storage.verify_signature(key, expires, signatures[0])
+    ):
         raise ApiError(403, "this URL is invalid or has expired")
     try:
         data = storage.get(key)
+        content_type = storage.content_type(key)
     except (ObjectNotFound, ValueError):
         raise ApiError(404, "not found") from None
-    return Response(data, mimetype="image/png" if key.endswith(".png") else None)
+    return Response(data, headers=object_headers(content_type))

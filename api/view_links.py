@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from itsdangerous import BadSignature, URLSafeSerializer
+from itsdangerous import BadSignature
 
 from api.errors import ApiError
 from api.public_links import public_link
+from api.signed_tokens import SignedTokens
 from segq.clock import now_ms
 
 _VIEW_SALT = "segq.job-view"
@@ -34,8 +35,8 @@ class ViewLinks:
     public_url: str | None
     expires_seconds: int
 
-    def _serializer(self) -> URLSafeSerializer:
-        return URLSafeSerializer(self.secret_key, salt=_VIEW_SALT)
+    def _serializer(self) -> SignedTokens:
+        return SignedTokens(self.secret_key, salt=_VIEW_SALT)
 
     def token(self, project_id: int, job_id: int) -> str:
         expires = now_ms() + self.expires_seconds * 1000

@@ -19,6 +19,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, urlencode, urlparse
 
+from segq.served_objects import UNKNOWN_TYPE, content_disposition
+
 #: Where the API serves local-disk objects; the signature covers key and expiry.
 LOCAL_OBJECTS_ROUTE = "/objects/"
 
@@ -43,7 +45,10 @@ class StoredObject:
 
 
 class ObjectStorage(Protocol):
-    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Write the object; ``content_type`` is the type segq checked it to
+        be, served with it whatever link reads it (segq/served_objects.py)."""
+        ...
 
     def get(self, key: str) -> bytes: ...
 
@@ -86,6 +91,14 @@ def open_storage(
     raise ValueError(f"storage URL {storage_url!r} must start with s3:// or file://")
 
 
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write then rename: a reader never sees half a file."""
+    fd, staged = tempfile.mkstemp(dir=path.parent, prefix=".put-")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(staged, path)
+
+
 def _checked_key(key: str) -> str:
     path = PurePosixPath(key)
     if not key or path.is_absolute() or ".." in path.parts or "\\" in key:
@@ -125,8 +138,13 @@ class S3Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
+            # Pre-signed URLs answer with what the object was stored with.
             self._client.put_object(
-                Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type
+                Bucket=self.bucket,
+                Key=self._key(key),
+                Body=data,
+                ContentType=content_type,
+                ContentDisposition=content_disposition(content_type),
             )
         except (BotoCoreError, ClientError) as exc:
             raise StorageError(f"could not write {key}: {exc}") from exc
@@ -212,6 +230,8 @@ class LocalStorage:
 
     URLs point at the API's ``/objects/`` route and carry an expiry and an
     HMAC-SHA256 signature over key and expiry, like S3's pre-signed URLs.
+    An object's type is kept beside it, in a hidden sidecar file
+    (``.<name>.type``), as S3 keeps it in the object's metadata.
     """
 
     def __init__(self, root: Path, *, secret_key: str) -> None:
@@ -221,15 +241,18 @@ class LocalStorage:
     def _path(self, key: str) -> Path:
         return self.root / _checked_key(key)
 
+    @staticmethod
+    def _type_path(path: Path) -> Path:
+        # Hidden, as staged writes are: listing skips it.
+        return path.with_name(f".{path.name}.type")
+
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # Write then rename: a reader never sees half an object.
-            fd, staged = tempfile.mkstemp(dir=path.parent, prefix=".put-")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-            os.replace(staged, path)
+            # The type first: an object is never readable without its type.
+            _write_whole(self._type_path(path), content_type.encode("ascii"))
+            _write_whole(path, data)
         except OSError as exc:
             raise StorageError(f"could not write {key}: {exc}") from exc
 
@@ -241,9 +264,21 @@ class LocalStorage:
         except OSError as exc:
             raise StorageError(f"could not read {key}: {exc}") from exc
 
+    def content_type(self, key: str) -> str:
+        """The type ``key`` was stored as; UNKNOWN_TYPE for an object written
+        before types were kept."""
+        try:
+            return self._type_path(self._path(key)).read_text("ascii").strip() or UNKNOWN_TYPE
+        except FileNotFoundError:
+            return UNKNOWN_TYPE
+        except (OSError, UnicodeError) as exc:
+            raise StorageError(f"could not read the type of {key}: {exc}") from exc
+
     def delete(self, key: str) -> None:
         try:
-            self._path(key).unlink(missing_ok=True)
+            path = self._path(key)
+            path.unlink(missing_ok=True)
+            self._type_path(path).unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(f"could not delete {key}: {exc}") from exc
 

@@ -35,7 +35,7 @@ from segq.db import make_engine, make_session_factory
 from segq.models import Job, JobItem, StoredFile
 from segq.projects import create_project
 from segq.settings import Settings
-from segq.storage import S3Storage
+from segq.storage import ObjectStorage, S3Storage
 from worker.engines.base import SegmentationEngine
 from worker.item_inputs import ImageLimits
 
@@ -174,7 +174,7 @@ def engine_worker(
 
 
 def run_job_item(
-    sessions: sessionmaker[Session], storage: S3Storage, engine: SegmentationEngine, job_id: int
+    sessions: sessionmaker[Session], storage: ObjectStorage, engine: SegmentationEngine, job_id: int
 ) -> tuple[ItemOutcome, JobItem]:
     """The one item of job ``job_id`` processed here, as a worker task would
     (test limits, a minute's lease, three attempts): its outcome and the item

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import numpy.typing as npt
@@ -103,3 +104,34 @@ def with_exif_orientation(pixels: npt.NDArray[np.uint8], orientation: int) -> by
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
     return buffer.getvalue()
+
+
+#: What a hostile upload carries: a page whose script, if it ever ran, says
+#: so on the console and in the page's title.
+HOSTILE_PAGE = (
+    b"<!DOCTYPE html><html><head><title>page</title></head><body>"
+    b"<script>console.log('STORED SCRIPT RAN');document.title='STORED SCRIPT RAN';"
+    b"window.storedScriptRan=true</script></body></html>"
+)
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload).to_bytes(4, "big")
+    return len(payload).to_bytes(4, "big") + kind + payload + crc
+
+
+def hostile_uploads(width: int = 48, height: int = 36) -> dict[str, tuple[bytes, str]]:
+    """Images segq accepts (they decode cleanly) that also hold a page:
+    name -> (bytes, the type they decode as). HTML after a PNG's IEND or a
+    JPEG's end marker, and polyglots with the page inside a PNG text chunk
+    or a JPEG comment, before any pixel data."""
+    png, jpeg = png_bytes(width, height, seed=7), jpeg_bytes(width, height, seed=7)
+    end = png.rindex(b"IEND") - 4
+    text_chunk = _png_chunk(b"tEXt", b"Comment\x00" + HOSTILE_PAGE)
+    comment = b"\xff\xfe" + (len(HOSTILE_PAGE) + 2).to_bytes(2, "big") + HOSTILE_PAGE
+    return {
+        "png-script-after-iend": (png + HOSTILE_PAGE, "image/png"),
+        "png-polyglot": (png[:end] + text_chunk + png[end:] + HOSTILE_PAGE, "image/png"),
+        "jpeg-script-after-eoi": (jpeg + HOSTILE_PAGE, "image/jpeg"),
+        "jpeg-polyglot": (jpeg[:2] + comment + jpeg[2:] + HOSTILE_PAGE, "image/jpeg"),
+    }

@@ -117,8 +117,10 @@ class Answer:
 
     def envelope(self) -> dict[str, Any]:
         """The error envelope, checked: JSON, its code the status, a message,
-        and the request's id."""
+        the request's id, and never sniffed as anything else."""
         assert self.headers.get("content-type") == "application/json", self
+        assert self.headers.get("x-content-type-options") == "nosniff", self
+        assert "default-src 'none'" in self.headers.get("content-security-policy", ""), self
         error: dict[str, Any] = json.loads(self.body)["error"]
         assert error["code"] == self.status, self
         assert isinstance(error["message"], str) and error["message"], self

@@ -78,3 +78,36 @@ def test_every_process_of_an_installation_shares_one_secret(tmp_path: Path) -> N
         Settings.from_env({"SEGQ_DATA_DIR": str(tmp_path), "SEGQ_SECRET_KEY": "x"}).secret_key
         == "x"
     )
+
+
+def test_each_object_keeps_its_type_beside_it_and_goes_with_it(tmp_path: Path) -> None:
+    """The type an object was stored as is kept in a hidden sidecar that
+    listing never shows and deletion removes; an object written before
+    types were kept is served as an attachment of no known type."""
+    settings = Settings.from_env({"SEGQ_DATA_DIR": str(tmp_path)})
+    app = create_app(settings)
+    storage = app.extensions["segq"].storage
+    assert isinstance(storage, LocalStorage)
+    storage.put("projects/1/files/abc", b"\xff\xd8\xff jpeg", "image/jpeg")
+    storage.put("projects/1/files/abc.part0", b"part", "application/octet-stream")
+    assert storage.content_type("projects/1/files/abc") == "image/jpeg"
+    assert sorted(found.key for found in storage.list_objects("projects/1/")) == [
+        "projects/1/files/abc",
+        "projects/1/files/abc.part0",
+    ]
+    client = app.test_client()
+    served = client.get(storage.presigned_get_url("projects/1/files/abc", 60))
+    assert served.headers["Content-Type"] == "image/jpeg"
+    assert served.headers["Content-Disposition"] == "inline"
+
+    storage.delete_many(["projects/1/files/abc", "projects/1/files/abc.part0"])
+    assert list((storage.root / "projects/1/files").iterdir()) == []
+
+    # Written by an earlier segq, with no type beside it.
+    (storage.root / "projects/1/files/old").write_bytes(b"<script>alert(1)</script>")
+    served = client.get(storage.presigned_get_url("projects/1/files/old", 60))
+    assert served.status_code == 200
+    assert served.headers["Content-Type"] == "application/octet-stream"
+    assert served.headers["Content-Disposition"] == "attachment"
+    assert served.headers["X-Content-Type-Options"] == "nosniff"
+    assert "sandbox" in served.headers["Content-Security-Policy"]

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -470,6 +470,64 @@ def test_token_scheme_and_problem_documents(base_url: str, tenant: Tenant) -> No
     problem = refused.json()
     assert problem["status"] == 422 and problem["title"] == "Unprocessable Entity"
     assert problem["detail"].startswith("input.image")
+
+
+def test_unknown_routes_and_wrong_methods_are_replicates_problems(
+    rc: Client, base_url: str, tenant: Tenant
+) -> None:
+    """Under /v1/, a route segq lacks is 404 and a method a route does not
+    take is 405, each an RFC 7807 document naming the method and the route,
+    which Replicate's client raises with its ``detail``; Moondream's route
+    in the same namespace keeps its shape, and Livepeer's route its own."""
+    unknown_calls: list[tuple[Callable[[], object], str]] = [
+        (rc.trainings.list, "GET /v1/trainings"),
+        (rc.accounts.current, "GET /v1/account"),
+        (rc.hardware.list, "GET /v1/hardware"),
+        (lambda: rc.models.get("segq/sam"), "GET /v1/models/segq/sam"),
+    ]
+    for call, route in unknown_calls:
+        with pytest.raises(ReplicateError) as unknown:
+            call()
+        assert (unknown.value.status, unknown.value.title) == (404, "Not Found"), route
+        assert route in (unknown.value.detail or ""), unknown.value
+    with pytest.raises(ReplicateError) as wrong_method:
+        rc.files.list()
+    assert (wrong_method.value.status, wrong_method.value.title) == (405, "Method Not Allowed")
+    assert "GET is not allowed on /v1/files" in (wrong_method.value.detail or "")
+    with pytest.raises(ReplicateError) as wrong_method:
+        rc.files.delete("12")
+    assert wrong_method.value.status == 405
+    assert "DELETE is not allowed on /v1/files/12" in (wrong_method.value.detail or "")
+
+    auth = {"Authorization": f"Bearer {tenant.key}"}
+    for method, path, status in [
+        ("GET", "/v1/nothing", 404),
+        ("POST", "/v1", 404),
+        ("PATCH", "/v1/predictions/1", 405),
+        ("PUT", "/v1/predictions", 405),
+    ]:
+        for headers in (auth, {}):  # routing comes before the key is read
+            answer = httpx.request(method, f"{base_url}{path}", headers=headers)
+            assert answer.status_code == status, (method, path, answer.text)
+            assert answer.headers["Content-Type"] == "application/problem+json"
+            problem = answer.json()
+            assert problem["status"] == status and problem["title"]
+            assert f"{method}" in problem["detail"] and path in problem["detail"]
+            if status == 405:
+                assert "POST" in answer.headers["Allow"] or "GET" in answer.headers["Allow"]
+    # Moondream's POST /v1/segment asked with GET: Moondream's answers are
+    # segq's envelope (its client reads no body).
+    moondream = httpx.get(f"{base_url}/v1/segment")
+    assert moondream.status_code == 405 and moondream.headers["Allow"] == "OPTIONS, POST"
+    assert moondream.json()["error"]["code"] == 405
+    assert "GET is not allowed on /v1/segment" in moondream.json()["error"]["message"]
+    # Livepeer's route (outside /v1) answers in Livepeer's shape.
+    livepeer = httpx.get(f"{base_url}/segment-anything-2")
+    assert livepeer.status_code == 400
+    assert "GET is not allowed" in livepeer.json()["detail"]["msg"]
+    # segq's own routes keep segq's envelope.
+    native = httpx.get(f"{base_url}/api/v1/nothing")
+    assert native.status_code == 404 and native.json()["error"]["code"] == 404
 
 
 def test_another_projects_prediction_is_not_found(

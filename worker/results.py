@@ -8,6 +8,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from segq.images import PNG
 from segq.mask_logits import NPY_MEDIA_TYPE, encode_logits
 from segq.storage import ObjectStorage, StorageError
 from worker.claims import Claim
@@ -128,7 +129,7 @@ def _encode_and_store(
                 segment["promptIndex"] = prompt_index
             if "mask" in outputs:
                 key = mask_key(claim, prompt_index, index)
-                storage.put(key, encode_png(candidate.mask), "image/png")
+                storage.put(key, encode_png(candidate.mask), PNG.mime_type)
                 segment["maskKey"] = key
             if "logits" in outputs and candidate.logits is not None:
                 key = logits_key(claim, prompt_index, index)

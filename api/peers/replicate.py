@@ -53,7 +53,9 @@ from segq.webhook_events import ITEM_COMPLETED, JOB_CANCELED, JOB_COMPLETED, JOB
 
 log = logging.getLogger(__name__)
 
-replicate = Blueprint("replicate", __name__, url_prefix="/v1")
+#: Where Replicate's client sends everything; Moondream's ``/v1/segment`` shares it.
+REPLICATE_PREFIX = "/v1"
+replicate = Blueprint("replicate", __name__, url_prefix=REPLICATE_PREFIX)
 
 #: The one model: whatever engine this server's workers run (SEGQ_MODEL).
 MODEL = "segq/sam"
@@ -488,7 +490,8 @@ def list_predictions() -> Response:
     raw_cursor = request.args.get("cursor")
     if raw_cursor is not None:
         cursor = ascii_integer(raw_cursor, minimum=1, maximum=2**63 - 1)
-        if cursor is None:
+        # The spelling ``next`` wrote, not another (leading zeros).
+        if cursor is None or str(cursor) != raw_cursor:
             raise ApiError(400, "cursor is invalid")
         query = query.where(Job.id < cursor)
     page = list(db().scalars(query.order_by(Job.id.desc()).limit(PAGE_SIZE + 1)))
