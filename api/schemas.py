@@ -178,6 +178,18 @@ class EverythingOptions(StrictModel):
 class SegmentRequest(StrictModel):
     """Cognite's body, unchanged, plus optional extensions."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [{"fileId": 1}],
+                    "points": [{"x": 0.5, "y": 0.5, "label": 1}],
+                    "boundingBox": {"xMin": 0.2, "yMin": 0.15, "xMax": 0.8, "yMax": 0.85},
+                }
+            ]
+        }
+    )
+
     items: Annotated[list[FileReference], Field(min_length=1)]
     points: Annotated[list[Point], Field(max_length=MAX_POINTS)] | None = None
     boundingBox: BoundingBox | None = None
@@ -565,9 +577,33 @@ class PageQuery(BaseModel):
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
-class JobCreationHeaders(BaseModel):
+#: Prefer: wait=N, as a header parameter of /openapi.json (api/job_waiting.py reads it).
+PreferWait = Annotated[str, Field(pattern=r"^wait(=\d+)?$")] | None
+
+
+class JobReadHeaders(BaseModel):
+    prefer: PreferWait = Field(
+        None,
+        alias="Prefer",
+        description="wait=N (RFC 7240): answer when the job finishes or after N seconds "
+        "(at most 60), whichever is first; the answer carries Preference-Applied",
+    )
+
+
+class JobCreationHeaders(JobReadHeaders):
     idempotencyKey: Annotated[str, Field(max_length=MAX_IDEMPOTENCY_KEY_LENGTH)] | None = Field(
-        None, alias="Idempotency-Key"
+        None,
+        alias="Idempotency-Key",
+        description="the same key with the same request answers the first job; "
+        "with another request, 409",
+    )
+
+
+class EventStreamHeaders(BaseModel):
+    lastEventId: Annotated[str, Field(pattern=r"^\d+$")] | None = Field(
+        None,
+        alias="Last-Event-ID",
+        description="resume after the event of this id (EventSource sends it by itself)",
     )
 
 
@@ -604,6 +640,14 @@ DESCRIPTIVE_FILE_FIELDS = ("source", "directory", "sourceCreatedTime", "sourceMo
 class FileCreation(StrictModel):
     """Cognite's file metadata, the first step of its two-step upload."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "photo.jpg", "externalId": "cam-3/0001", "mimeType": "image/jpeg"}
+            ]
+        }
+    )
+
     name: FileName
     externalId: Identifier | None = None
     mimeType: Annotated[str, Field(max_length=255, pattern=NO_CONTROL_CHARACTERS)] | None = None
@@ -637,11 +681,17 @@ class FileIdentifier(StrictModel):
 
 
 class FileIdentifiers(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [{"id": 1}], "ignoreUnknownIds": True}]}
+    )
+
     items: Annotated[list[FileIdentifier], Field(min_length=1, max_length=1000)]
     ignoreUnknownIds: bool = False
 
 
 class FileIdentifierList(StrictModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [{"id": 1}]}]})
+
     items: Annotated[list[FileIdentifier], Field(min_length=1, max_length=1000)]
 
 
@@ -669,12 +719,18 @@ class FileFilter(StrictModel):
 
 
 class FileListRequest(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"filter": {"mimeType": "image/png"}, "limit": 100}]}
+    )
+
     filter: FileFilter | None = None
     limit: ListLimit | None = None
     cursor: Annotated[str, Field(max_length=64)] | None = None
 
 
 class FileAggregateRequest(StrictModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"filter": {"uploaded": True}}]})
+
     filter: FileFilter | None = None
 
 
@@ -686,6 +742,10 @@ class FileNameSearch(StrictModel):
 
 
 class FileSearchRequest(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"search": {"name": "photo"}, "limit": 10}]}
+    )
+
     search: FileNameSearch | None = None
     filter: FileFilter | None = None
     limit: ListLimit | None = None
@@ -736,10 +796,22 @@ class FileUpdate(FileIdentifier):
 
 
 class FileUpdates(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"items": [{"id": 1, "update": {"name": {"set": "renamed.png"}}}]}]
+        }
+    )
+
     items: Annotated[list[FileUpdate], Field(min_length=1, max_length=1000)]
 
 
 class MultipartCompletion(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"id": 1, "uploadId": "the uploadId that initmultipartupload answered"}]
+        }
+    )
+
     id: FileId
     uploadId: Annotated[str, Field(min_length=1, max_length=512)]
 
