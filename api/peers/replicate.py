@@ -655,17 +655,20 @@ def _model() -> dict[str, Any]:
 
 
 @replicate.get("/models")
+@documented("List models: segq/sam", {200: ("a page of models", None)}, errors=(401,))
 def list_models() -> Response:
     return _single_page(_model())
 
 
 @replicate.get("/models/<owner>/<name>")
+@documented("Read the model", {200: ("the model", None)}, errors=(401, 404))
 def get_model(owner: str, name: str) -> Response:
     _model_name(owner, name)
     return jsonify(_model())
 
 
 @replicate.get("/models/<owner>/<name>/versions")
+@documented("List the model's versions", {200: ("a page of versions", None)}, errors=(401, 404))
 def list_versions(owner: str, name: str) -> Response:
     _model_name(owner, name)
     return _single_page(_version(VERSION_ID))
@@ -685,6 +688,7 @@ def get_version(owner: str, name: str, version_id: str) -> Response:
 
 
 @replicate.get("/account")
+@documented("The account of the key: its project", {200: ("the account", None)}, errors=(401,))
 def current_account() -> Response:
     """The account of the key: its project, as an organization."""
     project = _project()
