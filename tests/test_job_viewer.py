@@ -63,6 +63,7 @@ def test_the_job_carries_a_signed_view_link_that_opens_only_its_job(
     assert view["jobId"] == first and view["status"] == "Queued" and view["refreshAfter"] == 1
     [item] = view["items"]
     assert item["fileExternalId"] == "cam/1" and (item["width"], item["height"]) == (120, 90)
+    assert item["fileName"] == "a.png"  # what the page titles the item by
     assert requests.get(item["imageUrl"], timeout=10).content == encode(scene(120, 90)[0])
 
     # The assets are served by segq itself.
