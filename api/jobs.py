@@ -35,10 +35,12 @@ from api.parking import RESUMED_ENVIRON_KEY, Parking, park, server_draining
 from api.public_links import public_link
 from api.request_integers import request_integer
 from api.schemas import (
+    EventStreamHeaders,
     JobCreatedResponse,
     JobCreationHeaders,
     JobList,
     JobListQuery,
+    JobReadHeaders,
     JobResponse,
     JobSummary,
     SegmentRequest,
@@ -215,6 +217,7 @@ def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
     "Read a job's status and results",
     {200: ("the job; Retry-After while unfinished", JobResponse)},
     errors=(404,),
+    headers=JobReadHeaders,
 )
 def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     wait = _requested_wait()
@@ -228,6 +231,7 @@ def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     "Stream the job's events (server-sent events) until it ends",
     {200: ("text/event-stream of the job's events, resumable with Last-Event-ID", None)},
     errors=(400, 404),
+    headers=EventStreamHeaders,
 )
 def stream_job_events(job_id: int) -> Response:
     """Each run sends the events after ``Last-Event-ID`` and, while the job

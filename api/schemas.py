@@ -8,11 +8,22 @@ import binascii
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 from api.errors import ApiError, FieldPath
 from api.request_integers import ascii_integer, request_integer
 from api.stored_text import check_stored_text
+from segq.coordinates import NORMALIZED_HINT
 from segq.models import DeliveryStatus, ItemStatus, JobStatus
 from segq.webhook_events import EVENT_TYPES, SHORT_NAMES
 
@@ -23,6 +34,26 @@ MAX_PROMPTS = 64
 MAX_EXTERNAL_ID_LENGTH = 255
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+def _normalized_coordinate(value: Any, handler: ValidatorFunctionWrapHandler) -> float:
+    """A Unit whose range error says that coordinates are normalized."""
+    try:
+        coordinate: float = handler(value)
+    except ValidationError as exc:
+        [error] = exc.errors(include_url=False)
+        if error["type"] not in ("greater_than_equal", "less_than_equal"):
+            raise
+        raise PydanticCustomError(
+            "normalized_coordinate",
+            "{message}: {hint}",
+            {"message": error["msg"], "hint": NORMALIZED_HINT},
+        ) from None
+    return coordinate
+
+
+#: A point's or a box's coordinate.
+Coordinate = Annotated[Unit, WrapValidator(_normalized_coordinate)]
 # Postgres text cannot hold NUL, and control characters in an id are always a mistake.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
@@ -38,17 +69,17 @@ class StrictModel(BaseModel):
 
 
 class Point(StrictModel):
-    x: Unit
-    y: Unit
+    x: Coordinate
+    y: Coordinate
     # An int in [0, 1] rather than Literal[0, 1]: a literal would take true as 1.
     label: Annotated[int, Field(ge=0, le=1)] = Field(1, description="1 foreground, 0 background")
 
 
 class BoundingBox(StrictModel):
-    xMin: Unit
-    yMin: Unit
-    xMax: Unit
-    yMax: Unit
+    xMin: Coordinate
+    yMin: Coordinate
+    xMax: Coordinate
+    yMax: Coordinate
 
 
 Identifier = Annotated[
@@ -149,6 +180,18 @@ class EverythingOptions(StrictModel):
 
 class SegmentRequest(StrictModel):
     """Cognite's body, unchanged, plus optional extensions."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [{"fileId": 1}],
+                    "points": [{"x": 0.5, "y": 0.5, "label": 1}],
+                    "boundingBox": {"xMin": 0.2, "yMin": 0.15, "xMax": 0.8, "yMax": 0.85},
+                }
+            ]
+        }
+    )
 
     items: Annotated[list[FileReference], Field(min_length=1)]
     points: Annotated[list[Point], Field(max_length=MAX_POINTS)] | None = None
@@ -423,6 +466,10 @@ class JobResponse(JobState):
 class JobViewItem(ItemReference):
     """One item as the viewer shows it: in position order, failed or not."""
 
+    fileName: str | None = Field(
+        default=None,
+        description="the stored file's name; null for a fileUrl item or a deleted file",
+    )
     position: int
     status: ItemStatus
     imageUrl: str | None = Field(
@@ -533,9 +580,33 @@ class PageQuery(BaseModel):
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
-class JobCreationHeaders(BaseModel):
+#: Prefer: wait=N, as a header parameter of /openapi.json (api/job_waiting.py reads it).
+PreferWait = Annotated[str, Field(pattern=r"^wait(=\d+)?$")] | None
+
+
+class JobReadHeaders(BaseModel):
+    prefer: PreferWait = Field(
+        None,
+        alias="Prefer",
+        description="wait=N (RFC 7240): answer when the job finishes or after N seconds "
+        "(at most 60), whichever is first; the answer carries Preference-Applied",
+    )
+
+
+class JobCreationHeaders(JobReadHeaders):
     idempotencyKey: Annotated[str, Field(max_length=MAX_IDEMPOTENCY_KEY_LENGTH)] | None = Field(
-        None, alias="Idempotency-Key"
+        None,
+        alias="Idempotency-Key",
+        description="the same key with the same request answers the first job; "
+        "with another request, 409",
+    )
+
+
+class EventStreamHeaders(BaseModel):
+    lastEventId: Annotated[str, Field(pattern=r"^\d+$")] | None = Field(
+        None,
+        alias="Last-Event-ID",
+        description="resume after the event of this id (EventSource sends it by itself)",
     )
 
 
@@ -596,6 +667,14 @@ DESCRIPTIVE_FILE_FIELDS = ("source", "directory", "sourceCreatedTime", "sourceMo
 class FileCreation(StrictModel):
     """Cognite's file metadata, the first step of its two-step upload."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "photo.jpg", "externalId": "cam-3/0001", "mimeType": "image/jpeg"}
+            ]
+        }
+    )
+
     name: FileName
     externalId: Identifier | None = None
     mimeType: Annotated[str, Field(max_length=255, pattern=NO_CONTROL_CHARACTERS)] | None = None
@@ -629,11 +708,17 @@ class FileIdentifier(StrictModel):
 
 
 class FileIdentifiers(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [{"id": 1}], "ignoreUnknownIds": True}]}
+    )
+
     items: Annotated[list[FileIdentifier], Field(min_length=1, max_length=1000)]
     ignoreUnknownIds: bool = False
 
 
 class FileIdentifierList(StrictModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [{"id": 1}]}]})
+
     items: Annotated[list[FileIdentifier], Field(min_length=1, max_length=1000)]
 
 
@@ -661,12 +746,18 @@ class FileFilter(StrictModel):
 
 
 class FileListRequest(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"filter": {"mimeType": "image/png"}, "limit": 100}]}
+    )
+
     filter: FileFilter | None = None
     limit: ListLimit | None = None
     cursor: Annotated[str, Field(max_length=64)] | None = None
 
 
 class FileAggregateRequest(StrictModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"filter": {"uploaded": True}}]})
+
     filter: FileFilter | None = None
 
 
@@ -678,6 +769,10 @@ class FileNameSearch(StrictModel):
 
 
 class FileSearchRequest(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"search": {"name": "photo"}, "limit": 10}]}
+    )
+
     search: FileNameSearch | None = None
     filter: FileFilter | None = None
     limit: ListLimit | None = None
@@ -728,10 +823,22 @@ class FileUpdate(FileIdentifier):
 
 
 class FileUpdates(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"items": [{"id": 1, "update": {"name": {"set": "renamed.png"}}}]}]
+        }
+    )
+
     items: Annotated[list[FileUpdate], Field(min_length=1, max_length=1000)]
 
 
 class MultipartCompletion(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"id": 1, "uploadId": "the uploadId that initmultipartupload answered"}]
+        }
+    )
+
     id: FileId
     uploadId: Annotated[str, Field(min_length=1, max_length=512)]
 

@@ -221,6 +221,11 @@ def openapi_json() -> Response:
 
 
 @service.get("/objects/<path:key>")
+@documented(
+    "A stored object of local-disk storage, through its signed URL (masks, images)",
+    {200: ("the object, with the type it was stored as", None)},
+    errors=(403, 404),
+)
 def local_object(key: str) -> Response:
     """Serves objects of local-disk storage to holders of a signed URL, each
     with the type it was stored as and never as a page (segq/served_objects.py).

@@ -5,6 +5,8 @@
     job = client.create_job({"items": [{"fileId": image["id"]}], "points": [...]})
     job = client.wait(job["jobId"])
     mask = client.mask_array(job["items"][0]["segments"][0])  # bool (H, W)
+    for event in client.events(job_id):  # server-sent events, until the job ends
+        print(event.type, event.data)
 
 Jobs and files are the JSON documents of the contract (dicts, camelCase keys).
 Answers 429 and 503 are retried as their ``Retry-After`` says; every job
@@ -16,10 +18,12 @@ safe to repeat: reads, and writes that carry an ``Idempotency-Key``."""
 from __future__ import annotations
 
 import io
+import json
 import random
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -30,6 +34,8 @@ import requests
 from PIL import Image
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
+
+from segq.event_types import JOB_END_EVENTS
 
 #: What an image to upload may be: a path, encoded JPEG/PNG bytes, or a PIL image.
 ImageSource = str | Path | bytes | Image.Image
@@ -50,6 +56,9 @@ IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
 #: first, at most the cap, each drawn at random from its upper half.
 CONNECTION_RETRY_FIRST_SECONDS = 0.25
 CONNECTION_RETRY_MAX_SECONDS = 4.0
+#: How long to wait before reconnecting to an event stream that ended
+#: early, until the stream names its own (its ``retry`` field).
+DEFAULT_STREAM_RETRY_SECONDS = 2.0
 
 
 class SegqError(RuntimeError):
@@ -72,6 +81,25 @@ class WaitTimeout(RuntimeError):
 
 def is_finished(job: Mapping[str, Any]) -> bool:
     return job["status"] in FINISHED_STATUSES
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One event of a job's stream: what a webhook gets for it."""
+
+    #: Its place in the job's stream, from 1 (``events(after=id)`` resumes there).
+    id: int
+    #: "job.started", "item.completed", "item.failed", "job.completed", …
+    type: str
+    #: When it happened, milliseconds since the epoch.
+    timestamp: int
+    #: The job as GET shows it, without mask URLs; for an item event, the
+    #: item, with the job's progress as it was when the item finished.
+    data: dict[str, Any]
+
+    @property
+    def ends_job(self) -> bool:
+        return self.type in JOB_END_EVENTS
 
 
 class SegqClient:
@@ -190,8 +218,12 @@ class SegqClient:
         self, image: ImageSource, *, external_id: str | None = None, name: str | None = None
     ) -> dict[str, Any]:
         """Upload a JPEG or PNG (a path, its bytes, or a PIL image, sent as
-        PNG) and answer the file's document."""
+        PNG) and answer the file's document. The file's ``name`` is
+        ``name``, else the path's name, else ``external_id``, else "image"
+        (for bytes and PIL images: give them a name)."""
         data, default_name = _encoded(image)
+        if default_name is None:
+            default_name = external_id or "image"
         fields = {
             key: value
             for key, value in (("externalId", external_id), ("name", name))
@@ -204,6 +236,23 @@ class SegqClient:
     def file_by_external_id(self, external_id: str) -> dict[str, Any] | None:
         found = self._json("GET", "/files", params={"externalId": external_id})["items"]
         return found[0] if found else None
+
+    def files(
+        self, *, filter: Mapping[str, Any] | None = None, page_size: int = 100
+    ) -> Iterator[dict[str, Any]]:
+        """Every file of the project that matches ``filter`` (Cognite's file
+        filter, e.g. ``{"mimeType": "image/png"}`` or ``{"uploaded": True}``),
+        fetched a page at a time as the iteration goes."""
+        body: dict[str, Any] = {"limit": page_size}
+        if filter is not None:
+            body["filter"] = dict(filter)
+        while True:
+            # A listing changes nothing: safe to send again.
+            page = self._json("POST", "/files/list", json=body, repeatable=True)
+            yield from page["items"]
+            if not page.get("nextCursor"):
+                return
+            body["cursor"] = page["nextCursor"]
 
     # -- jobs ------------------------------------------------------------
 
@@ -234,6 +283,57 @@ class SegqClient:
     def cancel_job(self, job_id: int) -> dict[str, Any]:
         # Canceling a canceled job changes nothing: safe to send again.
         return self._json("POST", f"/context/vision/segment/{job_id}/cancel", repeatable=True)
+
+    def delete_job(self, job_id: int) -> None:
+        """Delete a finished or canceled job with its results for good
+        (SegqError 409 for a job that may still write, 404 for none)."""
+        path = f"/context/vision/segment/{job_id}"
+        try:
+            self._request("DELETE", path)
+        except requests.ConnectionError:
+            # The DELETE may have landed before the connection broke: sent
+            # again, a job already gone (404) is this deletion done.
+            response = self._send(
+                self._http, "DELETE", self.url(path), repeatable=True, timeout=self.timeout
+            )
+            if not response.ok and response.status_code != 404:
+                raise _error_of(response) from None
+
+    def events(self, job_id: int, *, after: int = 0) -> Iterator[JobEvent]:
+        """The job's events as they happen (server-sent events from GET
+        …/segment/{jobId}/events), from the one after ``after``; the
+        iteration ends with the event that ends the job (``ends_job``).
+
+        A stream that ends before that (a server that cannot hold streams
+        open sends the events there are, then ends) or whose connection
+        breaks is opened again after its ``retry``, with ``Last-Event-ID``,
+        as a browser's EventSource does; ``retries`` breaks in a row
+        without an event raise."""
+        stream = _EventStreamParser(DEFAULT_STREAM_RETRY_SECONDS)
+        path = f"/context/vision/segment/{job_id}/events"
+        last = after
+        failures = 0
+        while True:
+            headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+            if last:
+                headers["Last-Event-ID"] = str(last)
+            try:
+                with self._request("GET", path, headers=headers, stream=True) as response:
+                    # chunk_size None: each chunk as it arrives, not 512 bytes at a time.
+                    for event_id, event_type, data in stream.events(
+                        response.iter_lines(chunk_size=None, decode_unicode=True)
+                    ):
+                        body = json.loads(data)
+                        event = JobEvent(int(event_id), event_type, body["timestamp"], body["data"])
+                        last, failures = event.id, 0
+                        yield event
+                        if event.ends_job:
+                            return
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+                failures += 1
+                if failures > self.retries:
+                    raise
+            time.sleep(stream.retry_seconds)
 
     def jobs(
         self, *, status: str | None = None, created_after: int | None = None, page_size: int = 100
@@ -300,16 +400,48 @@ class SegqClient:
         return np.asarray(self.mask_image(segment)) > 127
 
 
-def _encoded(image: ImageSource) -> tuple[bytes, str]:
-    """The bytes to upload and a file name for them."""
+def _encoded(image: ImageSource) -> tuple[bytes, str | None]:
+    """The bytes to upload and the name they come with (a path's)."""
     if isinstance(image, Image.Image):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        return buffer.getvalue(), "image.png"
+        return buffer.getvalue(), None
     if isinstance(image, bytes):
-        return image, "image"
+        return image, None
     path = Path(image)
     return path.read_bytes(), path.name
+
+
+class _EventStreamParser:
+    """The event stream format of the HTML standard (§9.2.6, "Interpreting
+    an event stream"), line by line; keeps the stream's ``retry``."""
+
+    def __init__(self, retry_seconds: float) -> None:
+        self.retry_seconds = retry_seconds
+
+    def events(self, lines: Iterable[str]) -> Iterator[tuple[str, str, str]]:
+        """(id, type, data) of each event the lines dispatch."""
+        event_id = ""
+        event_type = ""
+        data: list[str] = []
+        for line in lines:
+            if not line:
+                if data:
+                    yield event_id, event_type or "message", "\n".join(data)
+                event_type, data = "", []
+                continue
+            if line.startswith(":"):
+                continue  # a comment: the server's keepalive
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                event_type = value
+            elif name == "id" and "\0" not in value:
+                event_id = value
+            elif name == "retry" and value.isascii() and value.isdigit():
+                self.retry_seconds = int(value) / 1000
 
 
 def _prefer_seconds(seconds: float) -> int:

@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 from api.context import services
 from api.errors import ApiError
 from api.images import inspect_image
+from api.openapi import documented
 from api.peers.caller_fields import CallerFields
 from api.peers.peer_blueprint import PeerBlueprint
 from api.peers.synchronous_jobs import (
@@ -80,6 +81,11 @@ class FormFieldError(Exception):
 
 
 @livepeer.post("/segment-anything-2")
+@documented(
+    "Segment an image with SAM 2 (multipart, as the livepeer-ai SDK sends it)",
+    {200: ("masks, scores and logits as JSON-array strings, best score first", None)},
+    errors=(400, 401, 422, 429, 500, 503),
+)
 def segment_anything_2() -> Response:
     project = project_for_key(_bearer_key(), "'Authorization: Bearer <key>'")
     upload = request.files.get("image")
