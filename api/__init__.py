@@ -26,6 +26,7 @@ from api.request_integers import IdConverter
 from api.response_policies import apply_response_policies
 from api.service import service
 from api.services import Services
+from api.signed_links import SignedLinks
 from api.token import token
 from api.webhooks import webhooks
 from segq.db import make_engine, make_session_factory
@@ -69,15 +70,15 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     sessions = make_session_factory(make_engine(settings.database_url))
+    storage = storage or open_storage(
+        settings.storage_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        secret_key=settings.secret_key,
+    )
     app.extensions["segq"] = Services(
         settings=settings,
         sessions=sessions,
-        storage=storage
-        or open_storage(
-            settings.storage_url,
-            s3_endpoint_url=settings.s3_endpoint_url,
-            secret_key=settings.secret_key,
-        ),
+        storage=storage,
         celery=celery
         or make_celery(
             settings.broker_url,
@@ -90,6 +91,12 @@ def create_app(
         ),
         job_announcer=make_announcer(settings.broker_url),
         blocking_waits=BlockingWaits(blocking_wait_slots(request_threads)),
+        signed_links=SignedLinks(
+            storage,
+            public_url=settings.public_url,
+            expires_seconds=settings.url_expires_seconds,
+            window_seconds=settings.url_signing_window_seconds,
+        ),
     )
     app.url_map.converters["id"] = IdConverter
     # Replicate's client reads its own problem documents for unknown routes

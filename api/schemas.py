@@ -417,6 +417,13 @@ class JobResponse(JobState):
             "in a browser without the API key until it expires, as mask URLs do"
         ),
     )
+    nextItemsCursor: str | None = Field(
+        None,
+        description=(
+            "extension, only on a page of items (itemsLimit or itemsCursor): pass as "
+            "?itemsCursor= for the next page; null on the last"
+        ),
+    )
 
 
 class JobViewItem(ItemReference):
@@ -522,6 +529,21 @@ class JobListQuery(BaseModel):
     cursor: str | None = None
     createdAfter: EpochMs | None = None
     createdBefore: EpochMs | None = None
+
+
+class JobReadHeaders(BaseModel):
+    ifNoneMatch: str | None = Field(
+        None,
+        alias="If-None-Match",
+        description="the ETag of the answer the client has: 304, with no body, while current",
+    )
+
+
+class JobQuery(BaseModel):
+    itemsLimit: ListLimit | None = Field(
+        None, description="a page of this many items (failed ones included), the job on each"
+    )
+    itemsCursor: str | None = Field(None, description="the nextItemsCursor of the page before")
 
 
 class PageQuery(BaseModel):

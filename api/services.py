@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.process_caches import ProjectsByKey, UnfinishedJobCounts
 from api.rate_limit import RateLimiter
+from api.signed_links import SignedLinks
 from segq.job_changes import JobChangeAnnouncer
 from segq.settings import Settings
 from segq.storage import ObjectStorage
@@ -29,5 +30,6 @@ class Services:
     job_changes: JobChangeFeed
     job_announcer: JobChangeAnnouncer
     blocking_waits: BlockingWaits
+    signed_links: SignedLinks
     projects_by_key: ProjectsByKey = field(default_factory=ProjectsByKey)
     unfinished_jobs: UnfinishedJobCounts = field(default_factory=UnfinishedJobCounts)
