@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
+from click.testing import CliRunner
+from flask import Flask, Response, request
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +24,8 @@ from api.job_service import items_of
 from api.job_views import view_links
 from api.schemas import JobResponse
 from api.signed_links import SignedLinks, SigningWindow
+from segq.cli.main import main
+from segq.client import SegqClient
 from segq.clock import now_ms
 from segq.db import make_engine, make_session_factory
 from segq.job_document import render_job
@@ -499,3 +502,58 @@ def test_links_are_signed_once_a_window_and_expire_no_sooner_than_stated(
     signing_clock[0] += 300_000
     again = _get(tenant, job_id).json["items"][0]["segments"][0]["mask"]
     assert len(signed) == 6 and again["expiresTime"] == mask["expiresTime"] + 300_000
+
+
+def test_the_client_asks_again_with_the_etag_and_pages_items(
+    live_server: str, tenant: Tenant, sessions: sessionmaker[Session], app: Flask
+) -> None:
+    answered: list[tuple[str, int]] = []
+
+    @app.after_request
+    def _record(response: Response) -> Response:
+        if request.method == "GET":
+            answered.append((request.query_string.decode(), response.status_code))
+        return response
+
+    job_id, ids = _make_job(sessions, _project_id(sessions, tenant), 5, numbered=True)
+    with SegqClient(live_server, tenant.name, tenant.key) as client:
+        first = client.get_job(job_id)
+        assert client.get_job(job_id) == first
+        assert [status for _, status in answered] == [200, 304]
+        _finish(sessions, job_id, ids[0], 0)
+        changed = client.get_job(job_id)
+        assert answered[-1][1] == 200 and changed["progress"]["completed"] == 1
+        pages = list(client.job_items(job_id, page_size=2))
+        assert [len(page["items"]) for page in pages] == [2, 2, 1]
+        assert [item["fileId"] for page in pages for item in page["items"]] == [1, 2, 3, 4, 5]
+        assert list(client.job_items(job_id, page_size=2)) == pages
+        assert [status for _, status in answered[-3:]] == [304, 304, 304]
+
+
+def test_jobs_watch_polls_a_page_of_one_item_with_the_etag(
+    live_server: str, tenant: Tenant, sessions: sessionmaker[Session], app: Flask
+) -> None:
+    job_id, ids = _make_job(sessions, _project_id(sessions, tenant), 2, numbered=True)
+    answered: list[tuple[str, int]] = []
+
+    @app.after_request
+    def _record(response: Response) -> Response:
+        if request.method == "GET":
+            answered.append((request.query_string.decode(), response.status_code))
+            if len(answered) == 3:
+                for position, item_id in enumerate(ids):
+                    _finish(sessions, job_id, item_id, position)
+        return response
+
+    runner = CliRunner(
+        env={"SEGQ_URL": live_server, "SEGQ_PROJECT": tenant.name, "SEGQ_API_KEY": tenant.key}
+    )
+    result = runner.invoke(
+        main, ["jobs", "watch", str(job_id), "--json", "--no-progress"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["items"]) == 2
+    polls, last = answered[:-1], answered[-1]
+    assert all(query == "itemsLimit=1" for query, _ in polls)
+    assert [status for _, status in polls[:3]] == [200, 304, 304]
+    assert polls[3][1] == 200 and last == ("", 200)
