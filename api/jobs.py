@@ -222,9 +222,13 @@ def _job_answer(job: Job, *, conditional: bool) -> tuple[Response, int, dict[str
         headers["ETag"] = quote_etag(tag, weak=True)
         if request.if_none_match.contains_weak(tag):
             return Response(status=304), 304, headers
-    body = render_job_answer(
-        session, job, tally, page, partial(links.link, window=window), view_url
-    )
+    kept = services().job_answers
+    body = kept.get(job.id, tag)
+    if body is None:
+        body = render_job_answer(
+            session, job, tally, page, partial(links.link, window=window), view_url
+        ).encode()
+        kept.keep(job.id, tag, body)
     return Response(body, mimetype="application/json"), 200, headers
 
 
