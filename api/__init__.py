@@ -23,6 +23,7 @@ from api.peers.moondream import moondream
 from api.peers.replicate import REPLICATE_PREFIX, replicate
 from api.rate_limit import make_rate_limiter
 from api.request_integers import IdConverter
+from api.request_paths import MergedSlashes
 from api.response_policies import apply_response_policies
 from api.service import service
 from api.services import Services
@@ -115,6 +116,7 @@ def create_app(
     register_api_explorer(app)
     app.teardown_appcontext(close_db)
     app.after_request(apply_response_policies)
+    app.wsgi_app = MergedSlashes(app.wsgi_app)  # type: ignore[method-assign]
 
     @app.before_request
     def _request_id() -> None:

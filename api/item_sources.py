@@ -13,7 +13,7 @@ from urllib.parse import unquote, unquote_to_bytes
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
+from api.errors import ApiError, FieldPath
 from api.images import ImageInfo, inspect_image
 from api.schemas import FileReference
 from api.services import Services
@@ -65,10 +65,10 @@ def resolve_sources(
             try:
                 check_url(ref.fileUrl, policy)
             except UrlRefused as exc:
-                raise ApiError(400, f"items[{index}].fileUrl: {exc}") from None
+                raise ApiError.about(("items", index, "fileUrl"), 400, f": {exc}") from None
         elif ref.imageData is not None:
             data = decode_data_url(
-                f"items[{index}].imageData", ref.imageData, settings.max_upload_bytes
+                ("items", index, "imageData"), ref.imageData, settings.max_upload_bytes
             )
             inline[index] = (
                 data,
@@ -93,7 +93,7 @@ def resolve_sources(
     return result
 
 
-def decode_data_url(field: str, value: str, max_bytes: int) -> bytes:
+def decode_data_url(field: FieldPath, value: str, max_bytes: int) -> bytes:
     """The bytes of an RFC 2397 URL, ``data:[<type>][;param=value]*[;base64],<data>``;
     ``field`` names it in refusals.
 
@@ -103,25 +103,27 @@ def decode_data_url(field: str, value: str, max_bytes: int) -> bytes:
     segq reads, or left out: the bytes decide what the image really is."""
     header, comma, data = value.partition(",")
     if not comma or header[:5].lower() != "data:":
-        raise ApiError(400, f"{field} must be a data: URL (data:image/png;base64,...)")
+        raise ApiError.about(field, 400, " must be a data: URL (data:image/png;base64,...)")
     tokens = [token.strip() for token in header[5:].split(";")]
     media_type = tokens[0].lower()
     is_base64 = len(tokens) > 1 and tokens[-1].lower() == "base64"
     if media_type not in INLINE_MEDIA_TYPES:
-        raise ApiError(415, f"{field} must be image/png or image/jpeg, not {tokens[0][:40]!r}")
+        raise ApiError.about(
+            field, 415, f" must be image/png or image/jpeg, not {tokens[0][:40]!r}"
+        )
     if len(data) > 3 * max_bytes + 1024:  # longer than any encoding of an allowed image
-        raise ApiError(413, f"{field} is larger than {max_bytes} bytes")
+        raise ApiError.about(field, 413, f" is larger than {max_bytes} bytes")
     decoded: bytes
     if is_base64:
         compact = "".join(unquote(data).split())
         try:
             decoded = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
         except (binascii.Error, ValueError):
-            raise ApiError(400, f"{field} is not valid base64") from None
+            raise ApiError.about(field, 400, " is not valid base64") from None
     else:
         decoded = unquote_to_bytes(data)
     if len(decoded) > max_bytes:
-        raise ApiError(413, f"{field} is larger than {max_bytes} bytes")
+        raise ApiError.about(field, 413, f" is larger than {max_bytes} bytes")
     return decoded
 
 

@@ -16,7 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
+from api.errors import ApiError, FieldPath, field_name
 from api.item_sources import item_reference, resolve_sources
 from api.schemas import (
     DEFAULT_OUTPUTS,
@@ -235,7 +235,7 @@ def _check_semantics(
     elif segment_request.everything is not None:
         raise ApiError(422, 'everything options are for "mode": "everything"')
     elif segment_request.prompts is None:
-        _check_prompt("", segment_request.points, segment_request.boundingBox)
+        _check_prompt((), segment_request.points, segment_request.boundingBox)
     elif segment_request.points is not None or segment_request.boundingBox is not None:
         raise ApiError(
             400,
@@ -243,7 +243,7 @@ def _check_semantics(
         )
     else:
         for index, prompt_set in enumerate(segment_request.prompts):
-            _check_prompt(f"prompts[{index}].", prompt_set.points, prompt_set.boundingBox)
+            _check_prompt(("prompts", index), prompt_set.points, prompt_set.boundingBox)
     if configured_model == "grabcut" and (
         "logits" in (segment_request.outputs or ())
         or any(p.maskInput is not None for p in segment_request.prompts or ())
@@ -287,16 +287,17 @@ def _check_everything(segment_request: SegmentRequest, configured_model: str | N
         )
 
 
-def _check_prompt(where: str, points: list[Point] | None, box: BoundingBox | None) -> None:
-    """One object's prompt; ``where`` prefixes its fields in messages."""
+def _check_prompt(where: FieldPath, points: list[Point] | None, box: BoundingBox | None) -> None:
+    """One object's prompt; ``where``: the path of its fields."""
     if not points and box is None:
-        raise ApiError(422, f"give at least one point or a boundingBox ({where or 'top level'})")
+        place = field_name(where) if where else "top level"
+        raise ApiError(422, f"give at least one point or a boundingBox ({place})")
     if box is not None and (box.xMin >= box.xMax or box.yMin >= box.yMax):
-        raise ApiError(422, f"{where}boundingBox must have xMin < xMax and yMin < yMax")
+        raise ApiError.about((*where, "boundingBox"), 422, " must have xMin < xMax and yMin < yMax")
     seen: set[tuple[float, float]] = set()
     for index, point in enumerate(points or []):
         if (point.x, point.y) in seen:
-            raise ApiError(422, f"{where}points[{index}] repeats an earlier point")
+            raise ApiError.about((*where, "points", index), 422, " repeats an earlier point")
         seen.add((point.x, point.y))
 
 
@@ -406,7 +407,7 @@ def _checked_webhook(webhook: Webhook | None, policy: FetchPolicy) -> dict[str, 
         check_url(webhook.url, policy)
     except UrlRefused as exc:
         # 400, as for a refused fileUrl.
-        raise ApiError(400, f"webhook.url: {exc}") from None
+        raise ApiError.about(("webhook", "url"), 400, f": {exc}") from None
     return {"url": webhook.url, "events": subscribed_events(webhook.events)}
 
 

@@ -777,11 +777,4 @@ def parse(model: type[ModelT], body: dict[str, Any]) -> ModelT:
         return model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        raise ApiError(400, f"{_location(first['loc'])}: {first['msg']}") from None
-
-
-def _location(loc: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "body"
+        raise ApiError.about(tuple(first["loc"]), 400, f": {first['msg']}") from None

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -45,16 +46,33 @@ def iso_time(epoch_ms: int | None) -> str | None:
     return datetime.fromtimestamp(epoch_ms / 1000, UTC).isoformat().replace("+00:00", "Z")
 
 
+# Its JSON schema (the docstring included) is the Output of the model
+# version's OpenAPI schema (api/peers/replicate.py), so the two agree.
+class PredictionOutput(BaseModel):
+    """The object's masks, best first, and their scores."""
+
+    model_config = ConfigDict(extra="forbid", title="Output")
+
+    masks: list[Annotated[str, Field(json_schema_extra={"format": "uri"})]] | None = Field(
+        None,
+        description="each mask as a PNG (255 on the object, 0 elsewhere) at a URL that "
+        "expires, best first; absent from webhooks (URLs are made per request)",
+    )
+    scores: list[float] = Field(description="each mask's predicted IoU, best first")
+
+
 def _output(item: JobItem, link_mask: MaskLinker | None) -> dict[str, Any]:
     """{"masks": [URL, ...], "scores": [...]}, best first (the worker stores a
     prompt's segments by score). Without ``link_mask`` (webhooks), no masks."""
     assert item.result is not None
     segments = item.result["segments"]
-    output: dict[str, Any] = {}
-    if link_mask is not None:
-        output["masks"] = [link_mask(segment["maskKey"])[0] for segment in segments]
-    output["scores"] = [segment["score"] for segment in segments]
-    return output
+    output = PredictionOutput(
+        masks=None
+        if link_mask is None
+        else [link_mask(segment["maskKey"])[0] for segment in segments],
+        scores=[segment["score"] for segment in segments],
+    )
+    return output.model_dump(exclude_none=True)
 
 
 def _logs(job: Job, item: JobItem | None) -> str:

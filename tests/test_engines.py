@@ -17,8 +17,9 @@ import numpy.typing as npt
 import pytest
 import torch
 
+from segq.engine_catalogue import ENGINE_NAMES
 from tests.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
-from worker.engines import ENGINE_NAMES, EngineChoice, EngineConfigError, resolve_engine
+from worker.engines import EngineChoice, EngineConfigError, resolve_engine
 from worker.engines.base import Candidate, Prompt
 from worker.engines.grabcut import FILLED_BOX_SCORE, GrabCutEngine
 from worker.engines.sam import CheckpointError, DeviceError, SamEngine, load_sam, resolve_device
@@ -325,6 +326,16 @@ def test_unknown_models_are_refused_with_the_list_of_engines(tmp_path: Path) -> 
         resolve_engine("sam_vit_x", None, tmp_path)
     for name in ENGINE_NAMES:
         assert name in str(refused.value)
+
+
+def test_every_engine_name_fits_where_jobs_record_it() -> None:
+    from sqlalchemy import String
+
+    from segq.models import Job, JobItem
+
+    for column in (Job.__table__.c.engine, JobItem.__table__.c.engine):
+        assert isinstance(column.type, String) and column.type.length is not None
+        assert all(len(name) <= column.type.length for name in ENGINE_NAMES), column
 
 
 def test_a_downloaded_official_checkpoint_serves_its_own_model(tmp_path: Path) -> None:

@@ -63,6 +63,11 @@ NATIVE_PROMPT = {
     "points": [{"x": 0.5, "y": 0.5, "label": 1}],
     "boundingBox": {"xMin": 0.2, "yMin": 0.15, "xMax": 0.8, "yMax": 0.85},
 }
+#: segq's own names for the fields a peer's body fills: a peer's refusal
+#: names the caller's field instead.
+NATIVE_FIELD_NAMES = re.compile(
+    r"\b(items|imageData|fileUrl|points|boundingBox|prompts)(\[|\.|:| must| repeats)"
+)
 PNG = png_bytes(WIDTH, HEIGHT)
 PNG_DATA_URI = "data:image/png;base64," + base64.b64encode(PNG).decode()
 
@@ -267,7 +272,12 @@ def test_livepeer_on_sam_gives_segment_anythings_masks_scores_and_logits(
         ({"point_coords": "[[800, 60]]", "point_labels": "[1]"}, 400, "outside the image"),
         ({"point_coords": "[[80, 60]]", "point_labels": "[2]"}, 400, "point_labels must be 1"),
         ({"box": "[10, 20, 30]"}, 400, "box must be one box"),
-        ({"box": "[128, 18, 32, 102]"}, 400, "xMin < xMax"),
+        ({"box": "[128, 18, 32, 102]"}, 400, "box must have xMin < xMax"),
+        (
+            {"point_coords": "[[80, 60], [90, 10], [80, 60]]", "point_labels": "[1, 0, 1]"},
+            400,
+            "point_coords[2] repeats an earlier point",
+        ),
         ({"model_id": "stabilityai/sdxl"}, 400, "pipeline configured with"),
         ({"mask_input": "[[0.0, 1.0]]", "box": json.dumps(BOX)}, 400, "mask_input must be"),
         ({"point_coords": "[" * 100_000 + "]" * 100_000}, 400, "nested too deeply"),
@@ -278,7 +288,7 @@ def test_livepeer_on_sam_gives_segment_anythings_masks_scores_and_logits(
             400,
             "mask_input must",
         ),
-        ({}, 400, "give at least one point or a boundingBox"),
+        ({}, 400, "give point_coords (with point_labels) or box"),
         (
             {"image": {"file_name": "x.png", "content": b"not an image"}, "box": json.dumps(BOX)},
             400,
@@ -298,6 +308,7 @@ def test_livepeer_refusals_are_the_sdks_http_error(
         livepeer_call(base_url, tenant.key, **fields)
     assert statuses[-1] == status
     assert message in refused.value.data.detail.msg
+    assert not NATIVE_FIELD_NAMES.search(refused.value.data.detail.msg)
     assert count_jobs(sessions) == (0, 0)
     assert count_files(sessions) == 0
 
@@ -446,6 +457,18 @@ def test_moondream_points_and_box_give_the_native_jobs_polygons(
     assert np.array_equal(rasterize_rings(rings, HEIGHT, WIDTH), mask_at(native["mask"]["url"]))
 
 
+def test_moondream_endpoint_may_end_in_a_slash(base_url: str, tenant: Tenant, worker: None) -> None:
+    """``endpoint=".../v1/"``: the client asks for ``/v1//segment``."""
+    refs = [[0.2, 0.15, 0.8, 0.85]]
+    image = Base64EncodedImage(image_url=PNG_DATA_URI)
+    with_slash = md.vl(endpoint=f"{base_url}/v1/", api_key=tenant.key)
+    answer = with_slash.segment(image, "ellipse", spatial_refs=refs)
+    assert answer == moondream_client(base_url, tenant.key).segment(
+        image, "ellipse", spatial_refs=refs
+    )
+    assert answer["path"].startswith("M")
+
+
 def test_moondream_stream_is_the_same_answer_in_events(
     base_url: str, tenant: Tenant, worker: None
 ) -> None:
@@ -465,7 +488,14 @@ def test_moondream_stream_is_the_same_answer_in_events(
     ("image_url", "spatial_refs", "status", "message"),
     [
         (PNG_DATA_URI, None, 422, b"text-only prompts need a grounding engine"),
-        (PNG_DATA_URI, [[1.5, 0.5]], 400, b"points[0].x"),
+        (PNG_DATA_URI, [[0.5, 0.5], [0.1, 1.5]], 400, b"spatial_refs[1][1]: Input should be"),
+        (
+            PNG_DATA_URI,
+            [[0.5, 0.5], [0.8, 0.1, 0.2, 0.9]],
+            422,
+            b"spatial_refs[1] must have xMin < xMax",
+        ),
+        (PNG_DATA_URI, [[0.2, 0.3], [0.2, 0.3]], 422, b"spatial_refs[1] repeats an earlier point"),
         (PNG_DATA_URI, [[0.5]], 400, b"spatial_refs[0] must be"),
         (PNG_DATA_URI, [[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]], 422, b"at most one box"),
         (
@@ -474,6 +504,8 @@ def test_moondream_stream_is_the_same_answer_in_events(
             415,
             b"image",
         ),
+        ("data:image/png;base64,@@@", [[0.5, 0.5]], 400, b"image_url is not valid base64"),
+        ("data:image/gif;base64,R0lG", [[0.5, 0.5]], 415, b"image_url must be image/png"),
         (
             "http://127.0.0.1:9/cat.png",
             [[0.5, 0.5]],
@@ -498,7 +530,9 @@ def test_moondream_refusals(
             Base64EncodedImage(image_url=image_url), "cat", spatial_refs=spatial_refs
         )
     assert refused.value.code == status
-    assert message in refused.value.read()
+    answer = refused.value.read()
+    assert message in answer
+    assert not NATIVE_FIELD_NAMES.search(answer.decode())
     assert count_jobs(sessions) == (0, 0)
     assert count_files(sessions) == 0
 

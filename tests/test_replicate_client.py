@@ -210,6 +210,12 @@ def test_run_returns_masks_the_client_can_read(
     # "owner/name:version" goes through POST /v1/predictions and the version's schema.
     versioned = rc.run("segq/sam:v2", input={"image": data_uri(image), "box": BOX})
     assert isinstance(versioned, dict) and len(versioned["masks"]) == 1
+    # The output is what the model's version says it is.
+    declared = rc.models.get("segq/sam").latest_version
+    assert declared is not None
+    output_schema = declared.openapi_schema["components"]["schemas"]["Output"]
+    assert set(output) == set(output_schema["properties"])
+    assert set(output_schema.get("required", ())) <= set(output)
 
 
 def mark_running_when_created(sessions: sessionmaker[Session]) -> threading.Thread:
@@ -314,6 +320,55 @@ def test_prefer_wait_answers_finished_or_starting(
         assert len(done.output["masks"]) == 1
         # The earlier prediction ran meanwhile.
         assert waited(rc.predictions.get(pending.id)).status == "succeeded"
+
+
+def test_the_model_its_versions_and_the_key_s_account(rc: Client, tenant: Tenant) -> None:
+    model = rc.models.get("segq/sam")
+    assert (model.id, model.owner, model.name, model.run_count) == ("segq/sam", "segq", "sam", 0)
+    [version] = model.versions.list().results
+    assert model.latest_version is not None and model.latest_version.id == version.id
+    assert model.versions.get(version.id).openapi_schema == version.openapi_schema
+    assert [listed.id for listed in rc.models.list().results] == ["segq/sam"]
+    assert rc.models.get("segq", "sam").latest_version == model.latest_version
+
+    # The schema's Input is what a prediction takes: every input it names is
+    # accepted, one it does not name is refused, and what it requires is.
+    schema = version.openapi_schema["components"]["schemas"]["Input"]
+    every_input = {
+        "image": data_uri(png_bytes(160, 120)),
+        "point_coords": [[0.5, 0.5]],
+        "point_labels": [1],
+        "box": [0.2, 0.15, 0.8, 0.85],
+        "multimask_output": True,
+        "normalize_coords": True,
+    }
+    assert set(every_input) == set(schema["properties"])
+    assert schema["required"] == ["image"]
+    created = rc.predictions.create(version=version.id, input=every_input)
+    assert (created.status, created.version) == ("starting", version.id)
+    # A prediction of the model (no version) runs this version.
+    by_model = rc.models.predictions.create(model="segq/sam", input=every_input)
+    assert by_model.version == version.id
+    assert rc.models.get("segq/sam").run_count == 2
+    for refused_input, field in [
+        ({**every_input, "threshold": 0.5}, "input.threshold: segq/sam has no such input"),
+        ({key: value for key, value in every_input.items() if key != "image"}, "input.image"),
+    ]:
+        with pytest.raises(ReplicateError) as refused:
+            rc.predictions.create(version=version.id, input=refused_input)
+        assert refused.value.status == 422 and field in (refused.value.detail or "")
+
+    with pytest.raises(ReplicateError) as unknown:
+        rc.models.get("meta/sam-2")
+    assert unknown.value.status == 404 and "this server runs segq/sam" in (
+        unknown.value.detail or ""
+    )
+    account = rc.accounts.current()
+    assert (account.type, account.username, account.name) == (
+        "organization",
+        tenant.name,
+        tenant.name,
+    )
 
 
 def test_cancel(rc: Client, tenant: Tenant) -> None:
@@ -481,9 +536,9 @@ def test_unknown_routes_and_wrong_methods_are_replicates_problems(
     in the same namespace keeps its shape, and Livepeer's route its own."""
     unknown_calls: list[tuple[Callable[[], object], str]] = [
         (rc.trainings.list, "GET /v1/trainings"),
-        (rc.accounts.current, "GET /v1/account"),
         (rc.hardware.list, "GET /v1/hardware"),
-        (lambda: rc.models.get("segq/sam"), "GET /v1/models/segq/sam"),
+        (rc.deployments.list, "GET /v1/deployments"),
+        (rc.collections.list, "GET /v1/collections"),
     ]
     for call, route in unknown_calls:
         with pytest.raises(ReplicateError) as unknown:

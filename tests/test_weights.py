@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from segq.cli.main import CHECKPOINT_NAMES
+from segq.engine_catalogue import CHECKPOINT_NAMES
 from worker.engines import EngineChoice, EngineConfigError, resolve_engine
 from worker.weights import (
     CHECKPOINTS,
@@ -131,19 +131,29 @@ def test_the_benchmark_engine_is_chosen_only_by_name(tmp_path: Path) -> None:
     assert candidate.mask.shape == (40, 60) and candidate.mask.sum() == 20 * 30
 
 
-SAM2_NAMES = ["sam2_hiera_tiny", "sam2_hiera_small", "sam2_hiera_base_plus", "sam2_hiera_large"]
+SAM2_SIZES = ["tiny", "small", "base_plus", "large"]
+SAM2_NAMES = [f"sam2_hiera_{size}" for size in SAM2_SIZES]
+SAM2_1_NAMES = [f"sam2.1_hiera_{size}" for size in SAM2_SIZES]
 PAYLOAD_SHA256 = hashlib.sha256(PAYLOAD).hexdigest()
 
 
 def test_sam2_checkpoints_are_meta_s_files_under_their_own_names(tmp_path: Path) -> None:
-    for name in SAM2_NAMES:
-        official = CHECKPOINTS[name]
-        assert official.url == f"https://dl.fbaipublicfiles.com/segment_anything_2/072824/{name}.pt"
-        assert official_checkpoint_path(name, tmp_path) == tmp_path / f"{name}.pt"
-        assert engine_name(name) == name
+    # SAM 2's July 2024 release and SAM 2.1's September 2024 one, as
+    # facebookresearch/sam2's checkpoints/download_ckpts.sh names them.
+    releases = {"072824": SAM2_NAMES, "092824": SAM2_1_NAMES}
+    for release, names in releases.items():
+        for name in names:
+            official = CHECKPOINTS[name]
+            assert official.url == (
+                f"https://dl.fbaipublicfiles.com/segment_anything_2/{release}/{name}.pt"
+            )
+            assert official.md5 is None  # Meta publishes none
+            assert official_checkpoint_path(name, tmp_path) == tmp_path / f"{name}.pt"
+            assert engine_name(name) == name
     assert engine_name("vit_h") == "sam_vit_h"
-    # The CLI lists every checkpoint without importing the worker.
+    # `segq weights download` offers every catalogued checkpoint.
     assert set(CHECKPOINT_NAMES) == set(CHECKPOINTS)
+    assert len(CHECKPOINTS) == 3 + len(SAM2_NAMES) + len(SAM2_1_NAMES)
 
 
 def test_a_sam2_download_needs_a_sha256_or_consent(server: Server, tmp_path: Path) -> None:
@@ -160,6 +170,13 @@ def test_a_sam2_download_needs_a_sha256_or_consent(server: Server, tmp_path: Pat
     assert file_sha256(path) == PAYLOAD_SHA256
     unverified = download_checkpoint("sam2_hiera_small", tmp_path, url=url, unverified=True)
     assert unverified.read_bytes() == PAYLOAD
+    # SAM 2.1 alike: refused without a checksum, kept under its own name with one.
+    with pytest.raises(WeightsError, match="--sha256"):
+        download_checkpoint("sam2.1_hiera_large", tmp_path, url=url)
+    pinned = download_checkpoint(
+        "sam2.1_hiera_large", tmp_path, url=url, expected_sha256=PAYLOAD_SHA256
+    )
+    assert pinned == tmp_path / "sam2.1_hiera_large.pt" and pinned.read_bytes() == PAYLOAD
 
 
 def test_sam2_models_are_chosen_by_name(tmp_path: Path) -> None:
@@ -172,10 +189,17 @@ def test_sam2_models_are_chosen_by_name(tmp_path: Path) -> None:
     assert resolve_engine("sam2_hiera_tiny", None, tmp_path) == EngineChoice(
         "sam2_hiera_tiny", tmp_path / "sam2_hiera_tiny.pt"
     )
-    # An unknown name is a startup error that lists SAM 2's names too.
+    # SAM 2.1 is found under its own file, not SAM 2's.
+    with pytest.raises(EngineConfigError, match=r"segq weights download sam2\.1_hiera_tiny"):
+        resolve_engine("sam2.1_hiera_tiny", None, tmp_path)
+    official_checkpoint_path("sam2.1_hiera_tiny", tmp_path).write_bytes(b"x")
+    assert resolve_engine("sam2.1_hiera_tiny", None, tmp_path) == EngineChoice(
+        "sam2.1_hiera_tiny", tmp_path / "sam2.1_hiera_tiny.pt"
+    )
+    # An unknown name is a startup error that lists SAM 2's and 2.1's names too.
     with pytest.raises(EngineConfigError, match="unknown SEGQ_MODEL 'sam2_hiera_huge'") as refused:
         resolve_engine("sam2_hiera_huge", None, tmp_path)
-    assert all(name in str(refused.value) for name in SAM2_NAMES)
+    assert all(name in str(refused.value) for name in SAM2_NAMES + SAM2_1_NAMES)
 
 
 def test_the_cli_asks_for_a_sha256_before_fetching_sam2(tmp_path: Path) -> None:
@@ -192,4 +216,9 @@ def test_the_cli_asks_for_a_sha256_before_fetching_sam2(tmp_path: Path) -> None:
         main, ["weights", "download", "sam2_hiera_tiny", "--sha256", "abc", "--dest", str(tmp_path)]
     )
     assert malformed.exit_code == 2 and "64 hexadecimal digits" in malformed.output
+    # SAM 2.1's names are offered as well (not refused as an invalid choice, exit 2).
+    sam2_1 = runner.invoke(
+        main, ["weights", "download", "sam2.1_hiera_base_plus", "--dest", str(tmp_path)]
+    )
+    assert sam2_1.exit_code == 1 and "--sha256" in sam2_1.output
     assert list(tmp_path.iterdir()) == []

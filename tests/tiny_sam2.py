@@ -22,21 +22,25 @@ from tests.tiny_sam import Box, PointList, predicted_directly
 
 TINY_SAM2 = "sam2_hiera_tiny"
 TINY_SAM2_CONFIG = "configs/sam2/sam2_hiera_t.yaml"
+#: SAM 2.1's tiny model, from the config of its own release in the package.
+TINY_SAM2_1 = "sam2.1_hiera_tiny"
+TINY_SAM2_1_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
 
-def save_random_sam2_checkpoint(path: Path, seed: int = 0) -> Path:
-    """sam2's tiny model as ``build_sam2`` makes it without a checkpoint
-    (random weights, drawn after ``torch.manual_seed(seed)``), saved the way
-    Meta's SAM 2 checkpoints are laid out."""
+def save_random_sam2_checkpoint(path: Path, seed: int = 0, config: str = TINY_SAM2_CONFIG) -> Path:
+    """sam2's tiny model (of the release ``config`` is for) as ``build_sam2``
+    makes it without a checkpoint (random weights, drawn after
+    ``torch.manual_seed(seed)``), saved the way Meta's SAM 2 and 2.1
+    checkpoints are laid out."""
     torch.manual_seed(seed)
-    model = build_sam2(TINY_SAM2_CONFIG, ckpt_path=None, device="cpu")
+    model = build_sam2(config, ckpt_path=None, device="cpu")
     torch.save({"model": model.state_dict()}, path)
     return path
 
 
-def load_with_sam2(checkpoint: Path) -> SAM2Base:
+def load_with_sam2(checkpoint: Path, config: str = TINY_SAM2_CONFIG) -> SAM2Base:
     """The checkpoint loaded by sam2's own ``build_sam2``, not by segq."""
-    model: SAM2Base = build_sam2(TINY_SAM2_CONFIG, ckpt_path=str(checkpoint), device="cpu")
+    model: SAM2Base = build_sam2(config, ckpt_path=str(checkpoint), device="cpu")
     return model
 
 

@@ -1,61 +1,26 @@
-"""Official Segment Anything (SAM and SAM 2) checkpoints: where they are and
-how to fetch them safely."""
+"""Official Segment Anything (SAM, SAM 2, SAM 2.1) checkpoints: where they
+are and how to fetch them safely."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+
+from segq.engine_catalogue import MODEL_ENGINES_BY_CHECKPOINT, OfficialCheckpoint
 
 
 class WeightsError(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class OfficialCheckpoint:
-    url: str
-    #: The MD5 Meta publishes, or None where it publishes no checksum (SAM 2):
-    #: such a download needs a SHA-256 from the operator, or their consent to
-    #: keep it unverified.
-    md5: str | None
-
-    @property
-    def filename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
-
-
-_BASE = "https://dl.fbaipublicfiles.com/segment_anything"
-# Meta publishes MD5s (each file is named after the first six hex digits of its own).
-CHECKPOINTS = {
-    "vit_b": OfficialCheckpoint(
-        f"{_BASE}/sam_vit_b_01ec64.pth", "01ec64d29a2fca3f0661936605ae66f8"
-    ),
-    "vit_l": OfficialCheckpoint(
-        f"{_BASE}/sam_vit_l_0b3195.pth", "0b3195507c641ddb6910d2bb5adee89c"
-    ),
-    "vit_h": OfficialCheckpoint(
-        f"{_BASE}/sam_vit_h_4b8939.pth", "4b8939a88964f0f4ff5f5b2642c598a6"
-    ),
+#: ``segq weights download``'s names -> the files (segq/engine_catalogue.py).
+CHECKPOINTS: dict[str, OfficialCheckpoint] = {
+    name: engine.checkpoint for name, engine in MODEL_ENGINES_BY_CHECKPOINT.items()
 }
-# SAM 2 (July 2024 release), the files facebookresearch/sam2's
-# checkpoints/download_ckpts.sh fetches; Meta publishes no checksum for them.
-_SAM2_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/072824"
-CHECKPOINTS.update(
-    {
-        name: OfficialCheckpoint(f"{_SAM2_BASE}/{name}.pt", None)
-        for name in (
-            "sam2_hiera_tiny",
-            "sam2_hiera_small",
-            "sam2_hiera_base_plus",
-            "sam2_hiera_large",
-        )
-    }
-)
 CHUNK_BYTES = 1 << 20
 
 
@@ -69,9 +34,8 @@ def official_checkpoint_path(architecture: str, weights_dir: Path) -> Path:
 
 def engine_name(checkpoint: str) -> str:
     """The SEGQ_MODEL that runs the official checkpoint named ``checkpoint``
-    (a key of CHECKPOINTS): SAM's are ``sam_`` and the architecture, SAM 2's
-    are named as the checkpoint is."""
-    return checkpoint if checkpoint.startswith("sam2_") else f"sam_{checkpoint}"
+    (a key of CHECKPOINTS)."""
+    return MODEL_ENGINES_BY_CHECKPOINT[checkpoint].name
 
 
 def file_md5(path: Path) -> str:

@@ -19,13 +19,15 @@ from typing import Any
 import cv2
 import numpy as np
 import numpy.typing as npt
-from flask import Blueprint, Response, jsonify, request
+from flask import Response, jsonify, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from api.context import services
 from api.errors import ApiError
 from api.images import inspect_image
+from api.peers.caller_fields import CallerFields
+from api.peers.peer_blueprint import PeerBlueprint
 from api.peers.synchronous_jobs import (
     project_for_key,
     run_to_completion,
@@ -33,13 +35,14 @@ from api.peers.synchronous_jobs import (
     stored_mask,
 )
 from api.schemas import SegmentRequest, parse
+from segq.engine_catalogue import EngineFamily, engine_family
 from segq.images import TooManyPixels, UnreadableImage
 from segq.mask_logits import encode_logits
 from segq.storage import StorageError
 
 log = logging.getLogger(__name__)
 
-livepeer = Blueprint("livepeer", __name__)
+livepeer = PeerBlueprint("livepeer", __name__)
 
 #: The Hugging Face ids a Livepeer client may name: any SAM checkpoint means
 #: the engine this server runs (the answer does not depend on the name).
@@ -91,12 +94,14 @@ def segment_anything_2() -> Response:
     }
     scale = (info.width, info.height) if pixels else (1, 1)
     body |= _prompt(point_coords, point_labels, box, scale)
-    finished = run_to_completion(project, parse(SegmentRequest, body), inline_mask_input=mask_input)
+    with _runner_fields(len(body.get("points", ()))).renaming():
+        segment_request = parse(SegmentRequest, body)
+        finished = run_to_completion(project, segment_request, inline_mask_input=mask_input)
 
     segments = finished.segments  # best score first, as Livepeer sorts them
     logits = [stored_logits(s["logitsKey"]) for s in segments if "logitsKey" in s]
     if return_logits and logits:
-        stretched = (services().settings.model or "").startswith("sam2")
+        stretched = engine_family(services().settings.model) is EngineFamily.SAM2
         masks = [
             full_size_logits(low_res, finished.width, finished.height, stretched=stretched)
             for low_res in logits
@@ -164,8 +169,7 @@ def _engine_gives_logits() -> bool:
     """Logits are asked for only where the server is configured with a SAM
     engine: with SEGQ_MODEL unset the worker may pick GrabCut, which would
     fail an item that asks for them."""
-    model = services().settings.model
-    return model is not None and model.startswith("sam")
+    return engine_family(services().settings.model) in (EngineFamily.SAM, EngineFamily.SAM2)
 
 
 def _bearer_key() -> str:
@@ -251,7 +255,24 @@ def _prompt(
             "xMax": _unit("box", x2 / width),
             "yMax": _unit("box", y2 / height),
         }
+    if not prompt:
+        raise ApiError(400, "give point_coords (with point_labels) or box, or both")
     return prompt
+
+
+def _runner_fields(point_count: int) -> CallerFields:
+    """The runner's names for the fields of the job ``_prompt`` made."""
+    fields = CallerFields()
+    fields.name(("items", 0), "image")
+    for index in range(point_count):
+        fields.name(("points", index), f"point_coords[{index}]")
+        fields.name(("points", index, "x"), f"point_coords[{index}][0]")
+        fields.name(("points", index, "y"), f"point_coords[{index}][1]")
+        fields.name(("points", index, "label"), f"point_labels[{index}]")
+    fields.name(("boundingBox",), "box")
+    for position, key in enumerate(("xMin", "yMin", "xMax", "yMax")):
+        fields.name(("boundingBox", key), f"box[{position}]")
+    return fields
 
 
 def _unit(name: str, value: float) -> float:

@@ -18,16 +18,17 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Response, jsonify, request
 
 from api.context import services
-from api.errors import ApiError
+from api.errors import ApiError, FieldPath
 from api.json_body import max_job_body_bytes, read_json_object
+from api.peers.caller_fields import CallerFields
+from api.peers.peer_blueprint import PeerBlueprint
 from api.peers.synchronous_jobs import FinishedItem, project_for_key, run_to_completion
 from api.schemas import SegmentRequest, parse
-from segq.url_guard import UrlRefused, check_url
 
-moondream = Blueprint("moondream", __name__, url_prefix="/v1")
+moondream = PeerBlueprint("moondream", __name__, url_prefix="/v1")
 
 AUTH_HEADER = "X-Moondream-Auth"
 MAX_OBJECT_LENGTH = 1000
@@ -56,28 +57,24 @@ def segment() -> Response:
     for optional, kind in (("settings", dict), ("model", str)):
         if optional in body and not isinstance(body[optional], kind):
             raise ApiError(400, f"{optional} must be {'an object' if kind is dict else 'a string'}")
-    if image_url[:5].lower() == "data:":
-        item = {"imageData": image_url}
-    else:
-        # Checked again with the job's items; here to name the field as the client does.
-        try:
-            check_url(image_url, services().settings.fetch_policy())
-        except UrlRefused as exc:
-            raise ApiError(400, f"image_url: {exc}") from None
-        item = {"fileUrl": image_url}
-    segment_request = parse(
-        SegmentRequest,
-        {"items": [item], "outputs": ["polygons"], **_prompt(body.get("spatial_refs"))},
-    )
-    finished = run_to_completion(project, segment_request)
+    item = {"imageData" if image_url[:5].lower() == "data:" else "fileUrl": image_url}
+    fields = CallerFields()
+    fields.name(("items", 0), "image_url")
+    prompt = _prompt(body.get("spatial_refs"), fields)
+    with fields.renaming():
+        segment_request = parse(
+            SegmentRequest, {"items": [item], "outputs": ["polygons"], **prompt}
+        )
+        finished = run_to_completion(project, segment_request)
     subpaths, bbox = _subpaths_and_bbox(finished)
     if not stream:
         return jsonify({"path": " ".join(subpaths), "bbox": bbox})
     return Response(_events(subpaths, bbox), mimetype="text/event-stream")
 
 
-def _prompt(spatial_refs: Any) -> dict[str, Any]:
-    """Points ``[x, y]`` and at most one box ``[x1, y1, x2, y2]``, in 0..1."""
+def _prompt(spatial_refs: Any, fields: CallerFields) -> dict[str, Any]:
+    """Points ``[x, y]`` and at most one box ``[x1, y1, x2, y2]``, in 0..1;
+    ``fields`` learns which of ``spatial_refs`` each became."""
     if spatial_refs is None or spatial_refs == []:
         raise ApiError(
             422,
@@ -95,6 +92,11 @@ def _prompt(spatial_refs: Any) -> dict[str, Any]:
             or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in ref)
         ):
             raise ApiError(400, f"spatial_refs[{index}] must be [x, y] or [x1, y1, x2, y2]")
+        native: FieldPath = ("points", len(points)) if len(ref) == 2 else ("boundingBox",)
+        keys = ("x", "y") if len(ref) == 2 else ("xMin", "yMin", "xMax", "yMax")
+        fields.name(native, f"spatial_refs[{index}]")
+        for position, key in enumerate(keys):
+            fields.name((*native, key), f"spatial_refs[{index}][{position}]")
         if len(ref) == 2:
             points.append({"x": float(ref[0]), "y": float(ref[1]), "label": 1})
         else:

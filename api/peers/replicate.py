@@ -9,15 +9,17 @@ Errors are RFC 7807 problems, which the client raises as ReplicateError."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import re
 import time
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Response, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
@@ -29,6 +31,8 @@ from api.item_sources import decode_data_url
 from api.job_service import cancel_job, create_segmentation_job, items_of, owned_job
 from api.job_waiting import NoWaitingSlot, wait_until_finished
 from api.json_body import max_job_body_bytes, read_json_object
+from api.peers.caller_fields import CallerFields
+from api.peers.peer_blueprint import PeerBlueprint
 from api.public_links import public_link
 from api.request_integers import ascii_integer
 from api.schemas import (
@@ -46,7 +50,13 @@ from segq.images import ImageRefused, TooManyPixels
 from segq.job_document import MaskLinker
 from segq.models import Job, JobItem, JobStatus, Project, StoredFile
 from segq.projects import ensure_webhook_secret, hash_api_key
-from segq.replicate_prediction import PEER_KIND, iso_time, render_prediction, replicate_request
+from segq.replicate_prediction import (
+    PEER_KIND,
+    PredictionOutput,
+    iso_time,
+    render_prediction,
+    replicate_request,
+)
 from segq.storage import StorageError
 from segq.url_guard import UrlRefused, check_url
 from segq.webhook_events import ITEM_COMPLETED, JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, JOB_STARTED
@@ -55,12 +65,11 @@ log = logging.getLogger(__name__)
 
 #: Where Replicate's client sends everything; Moondream's ``/v1/segment`` shares it.
 REPLICATE_PREFIX = "/v1"
-replicate = Blueprint("replicate", __name__, url_prefix=REPLICATE_PREFIX)
+replicate = PeerBlueprint("replicate", __name__, url_prefix=REPLICATE_PREFIX)
 
 #: The one model: whatever engine this server's workers run (SEGQ_MODEL).
 MODEL = "segq/sam"
-#: The version shown when a prediction names the model but no version.
-DEFAULT_VERSION = "default"
+MODEL_OWNER, MODEL_NAME = MODEL.split("/")
 #: Predictions per page of GET /v1/predictions, as Replicate pages them.
 PAGE_SIZE = 100
 #: The longest ``Prefer: wait``, as Replicate bounds it (seconds).
@@ -85,10 +94,20 @@ METADATA: TypeAdapter[dict[str, str]] = TypeAdapter(MetadataMap)
 PREFER_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d{1,6}))?\s*$", re.IGNORECASE)
 
 
-class PredictionInput(BaseModel):
-    """The model's input, named as SamPredictor and Livepeer name them."""
+def _in_field_order(schema: dict[str, Any]) -> None:
+    # Cog numbers a model's inputs (x-order) so that forms list them in order.
+    for order, field in enumerate(schema.get("properties", {}).values()):
+        field["x-order"] = order
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+
+# Named as SamPredictor and Livepeer name them. Its JSON schema (the
+# docstring included) is the Input of the model version's OpenAPI schema.
+class PredictionInput(BaseModel):
+    """One object of the image, shown by points, a box or both."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, title="Input", json_schema_extra=_in_field_order
+    )
 
     image: Annotated[str, Field(min_length=1, description="an http(s) URL or a data: URI")]
     point_coords: (
@@ -214,6 +233,9 @@ def _input_error(exc: ValidationError) -> ApiError:
     where = "input" + "".join(
         f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
     )
+    if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
+        inputs = ", ".join(PredictionInput.model_fields)
+        return ApiError(422, f"{where}: {MODEL} has no such input; its inputs are {inputs}")
     return ApiError(422, f"{where}: {first['msg']}")
 
 
@@ -238,7 +260,7 @@ def _image_source(image: str) -> tuple[FileReference, tuple[int, int] | None]:
         return FileReference(fileId=stored.id), (stored.width, stored.height)
     if image[:5].lower() == "data:":
         try:
-            data = decode_data_url("input.image", image, settings.max_upload_bytes)
+            data = decode_data_url(("input", "image"), image, settings.max_upload_bytes)
             info = inspect_image(data, max_pixels=settings.max_image_pixels)
         except ApiError as exc:
             raise ApiError(422, exc.message) from None
@@ -319,6 +341,18 @@ def segment_request_for(
     return segment_request, shown
 
 
+def _input_fields(segment_request: SegmentRequest) -> CallerFields:
+    """Replicate's names for the fields of the job ``segment_request_for`` made."""
+    fields = CallerFields()
+    fields.name(("items", 0), "input.image")
+    for index in range(len(segment_request.points or ())):
+        fields.name(("points", index), f"input.point_coords[{index}]")
+        fields.name(("points", index, "label"), f"input.point_labels[{index}]")
+    fields.name(("boundingBox",), "input.box")
+    fields.name(("webhook",), "webhook")
+    return fields
+
+
 def _webhook(body: PredictionRequest) -> Webhook | None:
     url = body.webhook or body.webhook_completed
     if url is None:
@@ -381,9 +415,10 @@ def _create(body: PredictionRequest, model: str, version: str) -> tuple[Response
         # Kept for the webhooks the worker renders: it may not know the API's URL.
         "predictionsUrl": _predictions_url(),
     }
-    job = create_segmentation_job(
-        db(), services(), _project().id, segment_request, None, peer_request=peer
-    ).job
+    with _input_fields(segment_request).renaming():
+        job = create_segmentation_job(
+            db(), services(), _project().id, segment_request, None, peer_request=peer
+        ).job
     wait = _prefer_wait()
     if wait is not None:
         # Counted from the request's arrival, less the time to answer: the
@@ -457,7 +492,7 @@ def create_prediction() -> tuple[Response, int]:
 @replicate.post("/models/<owner>/<name>/predictions")
 def create_model_prediction(owner: str, name: str) -> tuple[Response, int]:
     model = _model_name(owner, name)
-    return _create(_prediction_request(), model, DEFAULT_VERSION)
+    return _create(_prediction_request(), model, VERSION_ID)
 
 
 @replicate.get("/predictions/<prediction_id>")
@@ -513,34 +548,102 @@ def list_predictions() -> Response:
     return jsonify({"previous": None, "next": next_url, "results": results})
 
 
+# The model, its version and the key's account, as Replicate's client reads
+# them (replicate.models.get, .versions.list, replicate.accounts.current).
+
+#: The version's OpenAPI schema, as Cog writes one for a model: its Input and
+#: Output are the JSON schemas of the models that check the input and shape
+#: the output.
+OPENAPI_SCHEMA: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {"title": MODEL, "version": "1"},
+    "components": {
+        "schemas": {
+            "Input": PredictionInput.model_json_schema(),
+            "Output": PredictionOutput.model_json_schema(),
+        }
+    },
+}
+#: Named by its content, as Replicate's version ids are: a new schema is a
+#: new version. Any other id runs the same model (segq has one).
+VERSION_ID = hashlib.sha256(json.dumps(OPENAPI_SCHEMA, sort_keys=True).encode()).hexdigest()
+#: When this version's schema was written; Replicate's client requires a date.
+VERSION_CREATED_AT = "2026-01-01T00:00:00Z"
+
+
+def _version(version_id: str) -> dict[str, Any]:
+    return {
+        "id": version_id,
+        "created_at": VERSION_CREATED_AT,
+        "cog_version": "segq",
+        "openapi_schema": OPENAPI_SCHEMA,
+    }
+
+
+def _single_page(result: dict[str, Any]) -> Response:
+    return jsonify({"previous": None, "next": None, "results": [result]})
+
+
+def _model() -> dict[str, Any]:
+    """segq's one model as Replicate shows a model. Visible to this server's
+    keys only; ``run_count``: the key's project's predictions."""
+    settings = services().settings
+    engine = settings.model or "the engine each worker finds (SEGQ_MODEL unset)"
+    run_count = db().scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.project_id == _project().id,
+            Job.options[("peer", "kind")].as_string() == PEER_KIND,
+        )
+    )
+    return {
+        "url": public_link(settings.public_url, f"/v1/models/{MODEL}"),
+        "owner": MODEL_OWNER,
+        "name": MODEL_NAME,
+        "description": f"Segment Anything on this segq server: {engine}",
+        "visibility": "private",
+        "github_url": None,
+        "paper_url": None,
+        "license_url": None,
+        "run_count": run_count or 0,
+        "cover_image_url": None,
+        "default_example": None,
+        "latest_version": _version(VERSION_ID),
+    }
+
+
+@replicate.get("/models")
+def list_models() -> Response:
+    return _single_page(_model())
+
+
+@replicate.get("/models/<owner>/<name>")
+def get_model(owner: str, name: str) -> Response:
+    _model_name(owner, name)
+    return jsonify(_model())
+
+
+@replicate.get("/models/<owner>/<name>/versions")
+def list_versions(owner: str, name: str) -> Response:
+    _model_name(owner, name)
+    return _single_page(_version(VERSION_ID))
+
+
 @replicate.get("/models/<owner>/<name>/versions/<version_id>")
 def get_version(owner: str, name: str, version_id: str) -> Response:
-    """What ``replicate.run("segq/sam:<id>")`` reads before waiting: the
-    model's input and output schemas (output not an iterator)."""
+    """What ``replicate.run("segq/sam:<id>")`` reads before waiting (output
+    not an iterator). Any id is this version: predictions take any id."""
     _model_name(owner, name)
+    return jsonify(_version(version_id[:200]))
+
+
+@replicate.get("/account")
+def current_account() -> Response:
+    """The account of the key: its project, as an organization."""
+    project = _project()
     return jsonify(
-        {
-            "id": version_id[:200],
-            "created_at": "2026-01-01T00:00:00Z",
-            "cog_version": "segq",
-            "openapi_schema": {
-                "components": {
-                    "schemas": {
-                        "Input": PredictionInput.model_json_schema(),
-                        "Output": {
-                            "type": "object",
-                            "properties": {
-                                "masks": {
-                                    "type": "array",
-                                    "items": {"type": "string", "format": "uri"},
-                                },
-                                "scores": {"type": "array", "items": {"type": "number"}},
-                            },
-                        },
-                    }
-                }
-            },
-        }
+        {"type": "organization", "username": project.name, "name": project.name, "github_url": None}
     )
 
 

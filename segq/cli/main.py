@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from segq.cli.job_commands import jobs, submit
+from segq.engine_catalogue import CHECKPOINT_NAMES
 from segq.settings import Settings
 
 
@@ -177,20 +178,7 @@ def doctor(repair: bool, grace_seconds: int) -> None:
 
 @main.group()
 def weights() -> None:
-    """Segment Anything (SAM and SAM 2) checkpoints."""
-
-
-#: ``worker.weights.CHECKPOINTS``' names, written out so that ``--help`` needs no
-#: worker import; a test checks that the two agree.
-CHECKPOINT_NAMES = (
-    "vit_b",
-    "vit_l",
-    "vit_h",
-    "sam2_hiera_tiny",
-    "sam2_hiera_small",
-    "sam2_hiera_base_plus",
-    "sam2_hiera_large",
-)
+    """Segment Anything (SAM, SAM 2, SAM 2.1) checkpoints."""
 
 
 def _sha256_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
@@ -213,7 +201,7 @@ def _sha256_option(_ctx: click.Context, _param: click.Parameter, value: str | No
     "--sha256",
     default=None,
     callback=_sha256_option,
-    help="check the file against this SHA-256 (Meta publishes none for SAM 2)",
+    help="check the file against this SHA-256 (Meta publishes none for SAM 2 and 2.1)",
 )
 @click.option(
     "--unverified",

@@ -9,22 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from segq.engine_catalogue import (
+    DEFAULT_MODEL_ENGINE,
+    ENGINE_NAMES,
+    GRABCUT,
+    MODEL_ENGINES_BY_NAME,
+    MODEL_FREE_ENGINES,
+    EngineFamily,
+)
 from worker.engines.base import SegmentationEngine
 from worker.engines.encoder_options import EncoderOptions
 
 if TYPE_CHECKING:
     from worker.engines.embedding_cache import EmbeddingCache
-
-#: SAM 2 sizes, each run through sam2's SAM2ImagePredictor (``engines/sam2.py``).
-SAM2_ENGINE_NAMES = (
-    "sam2_hiera_tiny",
-    "sam2_hiera_small",
-    "sam2_hiera_base_plus",
-    "sam2_hiera_large",
-)
-ENGINE_NAMES = ("sam_vit_b", "sam_vit_l", "sam_vit_h", *SAM2_ENGINE_NAMES, "grabcut")
-#: Engines that take no model; the benchmark one is chosen only by name.
-MODEL_FREE_ENGINES = ("grabcut", "benchmark_fixed_mask")
 
 
 class EngineConfigError(ValueError):
@@ -43,27 +40,27 @@ def resolve_engine(model: str | None, checkpoint: str | None, weights_dir: Path)
     from worker.weights import official_checkpoint_path
 
     if model is None:
+        default = MODEL_ENGINES_BY_NAME[DEFAULT_MODEL_ENGINE]
         if checkpoint is not None:
-            return EngineChoice("sam_vit_b", Path(checkpoint))
-        found = official_checkpoint_path("vit_b", weights_dir)
+            return EngineChoice(default.name, Path(checkpoint))
+        found = official_checkpoint_path(default.checkpoint_name, weights_dir)
         if found.is_file():
-            return EngineChoice("sam_vit_b", found)
-        return EngineChoice("grabcut", None)
-    if model not in ENGINE_NAMES and model not in MODEL_FREE_ENGINES:
+            return EngineChoice(default.name, found)
+        return EngineChoice(GRABCUT, None)
+    if model in MODEL_FREE_ENGINES:
+        return EngineChoice(model, None)
+    engine = MODEL_ENGINES_BY_NAME.get(model)
+    if engine is None:
         raise EngineConfigError(
             f"unknown SEGQ_MODEL {model!r}; choose one of {', '.join(ENGINE_NAMES)}"
         )
-    if model in MODEL_FREE_ENGINES:
-        return EngineChoice(model, None)
     if checkpoint is not None:
         return EngineChoice(model, Path(checkpoint))
-    # SAM's official checkpoints are named by architecture, SAM 2's as its engines.
-    architecture = model if model in SAM2_ENGINE_NAMES else model.removeprefix("sam_")
-    found = official_checkpoint_path(architecture, weights_dir)
+    found = official_checkpoint_path(engine.checkpoint_name, weights_dir)
     if not found.is_file():
         raise EngineConfigError(
-            f"SEGQ_MODEL={model} needs a checkpoint: run `segq weights download {architecture}` "
-            "or set SEGQ_MODEL_CHECKPOINT"
+            f"SEGQ_MODEL={model} needs a checkpoint: run "
+            f"`segq weights download {engine.checkpoint_name}` or set SEGQ_MODEL_CHECKPOINT"
         )
     return EngineChoice(model, found)
 
@@ -79,7 +76,7 @@ def load_engine(
     (precision, batch, compilation) and keeps its image embeddings in
     ``embeddings`` under the
     checkpoint's digest."""
-    if choice.name == "grabcut":
+    if choice.name == GRABCUT:
         from worker.engines.grabcut import GrabCutEngine
 
         return GrabCutEngine()
@@ -97,7 +94,8 @@ def load_engine(
         # loader), and only where a cache will key embeddings by it.
         return None if embeddings is None else model_id(choice.name, checkpoint_digest(checkpoint))
 
-    if choice.name in SAM2_ENGINE_NAMES:
+    engine = MODEL_ENGINES_BY_NAME[choice.name]
+    if engine.family is EngineFamily.SAM2:
         from worker.engines.sam2 import Sam2Engine, load_sam2
 
         return Sam2Engine(
@@ -110,7 +108,7 @@ def load_engine(
     from worker.engines.sam import SamEngine, load_sam
 
     return SamEngine(
-        load_sam(choice.name.removeprefix("sam_"), choice.checkpoint, device),
+        load_sam(engine.architecture, choice.checkpoint, device),
         choice.name,
         embeddings=embeddings,
         model_id=cache_key(),

@@ -31,6 +31,7 @@ from sam2.build_sam import build_sam2
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
+from segq.engine_catalogue import MODEL_ENGINES, EngineFamily
 from worker.engines.base import Candidate, EverythingOptions, Prompt, check_image
 from worker.engines.batch_encoding import BatchLimit, default_batch_size, encode_in_batches
 from worker.engines.embedding_cache import (
@@ -49,13 +50,12 @@ from worker.engines.prompt_batching import (
 )
 from worker.engines.sam import CheckpointError, read_checkpoint, resolve_device
 
-#: Engine name -> the config ``sam2`` ships for that size (SAM 2's July 2024
-#: checkpoints; the SAM 2.1 configs are for the 2.1 checkpoints).
+#: Engine name -> the config ``sam2`` ships for that size and release (SAM 2
+#: or SAM 2.1), from segq/engine_catalogue.py.
 SAM2_CONFIGS = {
-    "sam2_hiera_tiny": "configs/sam2/sam2_hiera_t.yaml",
-    "sam2_hiera_small": "configs/sam2/sam2_hiera_s.yaml",
-    "sam2_hiera_base_plus": "configs/sam2/sam2_hiera_b+.yaml",
-    "sam2_hiera_large": "configs/sam2/sam2_hiera_l.yaml",
+    engine.name: engine.architecture
+    for engine in MODEL_ENGINES
+    if engine.family is EngineFamily.SAM2
 }
 
 
@@ -71,9 +71,10 @@ def build_sam2_model(name: str) -> SAM2Base:
 
 
 def load_sam2(name: str, checkpoint: Path, device: str) -> SAM2Base:
-    """Build SAM 2 of size ``name``, load ``checkpoint`` (a file holding
-    ``{"model": state dict}``, e.g. Meta's ``sam2_hiera_tiny.pt``) into it,
-    move it to ``device`` (see ``resolve_device``) and set eval mode.
+    """Build SAM 2 (or 2.1) of size ``name``, load ``checkpoint`` (a file
+    holding ``{"model": state dict}``, e.g. Meta's ``sam2_hiera_tiny.pt`` or
+    ``sam2.1_hiera_tiny.pt``) into it, move it to ``device`` (see
+    ``resolve_device``) and set eval mode.
 
     Raises CheckpointError, naming the file and the size, when the size is
     unknown or the file is missing, unreadable, not SAM 2's layout (a SAM
@@ -93,7 +94,13 @@ def load_sam2(name: str, checkpoint: Path, device: str) -> SAM2Base:
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"{checkpoint} does not fit {name}: {str(exc)[:300]}") from exc
+        # SAM 2 and SAM 2.1 files of one size differ by a few tensors only:
+        # the likeliest slip is the other release's name.
+        others = ", ".join(other for other in SAM2_CONFIGS if other != name)
+        raise CheckpointError(
+            f"{checkpoint} does not fit {name} (is it another size or release? "
+            f"SEGQ_MODEL takes {others}): {str(exc)[:300]}"
+        ) from exc
     moved: SAM2Base = model.to(resolved).eval()
     return moved
 
