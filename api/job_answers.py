@@ -107,6 +107,8 @@ def entity_tag(
     answer a client would see does."""
     state = [
         job.id,
+        # With the id, the job itself: SQLite may give a deleted job's id again.
+        job.created_time,
         job.status,
         job.start_time,
         job.status_time,
