@@ -9,26 +9,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from itsdangerous import BadSignature
-from sqlalchemy import ColumnElement, and_, case, func, select
+from pydantic import ValidationError
+from sqlalchemy import ColumnElement, case, func, or_, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
+from api.errors import ApiError, FieldPath
 from api.images import inspect_image
 from api.public_links import public_link
 from api.schemas import (
     DESCRIPTIVE_FILE_FIELDS,
+    STORED_METADATA,
     FileChanges,
     FileCreation,
     FileFilter,
     FileIdentifier,
     FileResponse,
-    InstanceId,
     InstanceIdBody,
     TimeRange,
+    validation_refusal,
 )
 from api.signed_tokens import SignedTokens
 from segq.clock import now_ms
@@ -76,14 +78,6 @@ def identifier_body(identifier: FileIdentifier) -> dict[str, Any]:
     return identifier.model_dump(exclude_none=True)
 
 
-def _instance_id_taken(project_id: int, instance_id: InstanceId) -> ColumnElement[bool]:
-    return and_(
-        StoredFile.project_id == project_id,
-        StoredFile.instance_space == instance_id.space,
-        StoredFile.instance_external_id == instance_id.externalId,
-    )
-
-
 def create_file(
     session: Session, project_id: int, creation: FileCreation, *, overwrite: bool
 ) -> tuple[StoredFile, str | None]:
@@ -94,35 +88,30 @@ def create_file(
     content until the new bytes have arrived whole. Returns the file and the
     key it no longer uploads to (the parts of an earlier upload there), for
     the caller to discard."""
-    existing: StoredFile | None = None
     duplicated: list[dict[str, Any]] = []
     # The rows for update: an upload's PUT committing the file's bytes
     # meanwhile must be seen (decided on an older row, an overwrite would
-    # leave the file uploaded with a key that holds nothing).
-    if creation.externalId is not None:
-        existing = session.scalar(
-            select(StoredFile)
-            .where(
-                StoredFile.project_id == project_id,
-                StoredFile.external_id == creation.externalId,
+    # leave the file uploaded with a key that holds nothing). Both
+    # identifiers in one lookup, which locks in one order.
+    named = [
+        FileIdentifier(externalId=creation.externalId) if creation.externalId is not None else None,
+        FileIdentifier(instanceId=creation.instanceId) if creation.instanceId is not None else None,
+    ]
+    found = iter(
+        lookup_files(session, project_id, [one for one in named if one is not None], lock="update")
+    )
+    by_external_id, by_instance = (next(found) if one is not None else None for one in named)
+    if by_external_id is not None:
+        duplicated.append({"externalId": creation.externalId})
+    existing = by_external_id
+    if by_instance is not None:
+        assert creation.instanceId is not None
+        duplicated.append({"instanceId": creation.instanceId.model_dump()})
+        if existing is not None and existing.id != by_instance.id:
+            raise ApiError(
+                409, "externalId and instanceId name different files", duplicated=duplicated
             )
-            .with_for_update()
-        )
-        if existing is not None:
-            duplicated.append({"externalId": creation.externalId})
-    if creation.instanceId is not None:
-        by_instance = session.scalar(
-            select(StoredFile)
-            .where(_instance_id_taken(project_id, creation.instanceId))
-            .with_for_update()
-        )
-        if by_instance is not None:
-            duplicated.append({"instanceId": creation.instanceId.model_dump()})
-            if existing is not None and existing.id != by_instance.id:
-                raise ApiError(
-                    409, "externalId and instanceId name different files", duplicated=duplicated
-                )
-            existing = by_instance
+        existing = by_instance
     if existing is not None and not overwrite:
         raise ApiError(409, "a file with that identifier exists", duplicated=duplicated)
     now = now_ms()
@@ -280,7 +269,13 @@ def complete_multipart_upload(
     max_image_pixels: int,
 ) -> tuple[StoredFile, str | None]:
     """Join the parts, in order, and receive them as the file's bytes (see
-    receive_upload)."""
+    receive_upload). Completing again once the file holds its bytes under
+    the upload's key (the caller checked the upload id names it) is a
+    retry of the completion that put them there: it changes nothing and
+    succeeds as that one did, though its parts are gone."""
+    if _holds_its_last_upload(stored):
+        session.rollback()
+        return stored, None
     chunks: list[bytes] = []
     size = 0
     for part in range(parts):
@@ -339,22 +334,95 @@ def receive_upload(
     return stored, replaced
 
 
+#: How files named by a request are locked: for update (the request changes
+#: or deletes them), in share mode (a job pins their content, which an
+#: update or upload must wait for), or not at all.
+FileLock = Literal["update", "share"] | None
+
+
+def lookup_files(
+    session: Session,
+    project_id: int,
+    identifiers: Sequence[FileIdentifier],
+    *,
+    lock: FileLock = None,
+) -> list[StoredFile | None]:
+    """The file each identifier names, in the order named, None where none.
+
+    Rows are locked in one statement, in the order of their ids, whatever
+    the order named: two requests naming the same files in other orders
+    then wait for each other rather than deadlock, and so does every other
+    lock on several files (jobs pin theirs here too). Under READ COMMITTED a
+    row waited for is read again once free; one whose identifier has moved
+    meanwhile is no longer found, as it would not be if read after."""
+    ids: set[int] = set()
+    external_ids: set[str] = set()
+    instance_ids: set[tuple[str, str]] = set()
+    for index, identifier in enumerate(identifiers):
+        _check_one_identifier(identifier, index)
+        if identifier.id is not None:
+            ids.add(identifier.id)
+        elif identifier.externalId is not None:
+            external_ids.add(identifier.externalId)
+        elif identifier.instanceId is not None:
+            instance_ids.add((identifier.instanceId.space, identifier.instanceId.externalId))
+    named: list[ColumnElement[bool]] = []
+    if ids:
+        named.append(StoredFile.id.in_(sorted(ids)))
+    if external_ids:
+        named.append(StoredFile.external_id.in_(sorted(external_ids)))
+    if instance_ids:
+        named.append(
+            tuple_(StoredFile.instance_space, StoredFile.instance_external_id).in_(
+                sorted(instance_ids)
+            )
+        )
+    if not named:
+        return []
+    query = (
+        select(StoredFile)
+        .where(StoredFile.project_id == project_id, or_(*named))
+        .order_by(StoredFile.id)
+        # What this transaction read before must not hide what the lock waited for.
+        .execution_options(populate_existing=True)
+    )
+    if lock is not None:
+        query = query.with_for_update(read=lock == "share")
+    rows = list(session.scalars(query))
+    by_id = {stored.id: stored for stored in rows}
+    by_external_id = {stored.external_id: stored for stored in rows}
+    by_instance_id = {
+        (stored.instance_space, stored.instance_external_id): stored for stored in rows
+    }
+    found: list[StoredFile | None] = []
+    for identifier in identifiers:
+        if identifier.id is not None:
+            found.append(by_id.get(identifier.id))
+        elif identifier.externalId is not None:
+            found.append(by_external_id.get(identifier.externalId))
+        else:
+            assert identifier.instanceId is not None
+            instance = identifier.instanceId
+            found.append(by_instance_id.get((instance.space, instance.externalId)))
+    return found
+
+
 def find_files(
     session: Session,
     project_id: int,
     identifiers: Sequence[FileIdentifier],
     *,
     ignore_unknown: bool = False,
-    for_update: bool = False,
+    lock: FileLock = None,
 ) -> list[tuple[FileIdentifier, StoredFile]]:
     """The files named, in the order named; unknown ones are a 400 listing
-    them all in ``missing``, or left out with ``ignore_unknown``."""
+    them all in ``missing``, or left out with ``ignore_unknown``. Locked
+    as lookup_files locks them."""
     found: list[tuple[FileIdentifier, StoredFile]] = []
     missing: list[dict[str, Any]] = []
-    for index, identifier in enumerate(identifiers):
-        condition = _identifier_condition(project_id, identifier, index)
-        query = select(StoredFile).where(condition)
-        stored = session.scalar(query.with_for_update() if for_update else query)
+    for identifier, stored in zip(
+        identifiers, lookup_files(session, project_id, identifiers, lock=lock), strict=True
+    ):
         if stored is None:
             missing.append(identifier_body(identifier))
         else:
@@ -364,9 +432,7 @@ def find_files(
     return found
 
 
-def _identifier_condition(
-    project_id: int, identifier: FileIdentifier, index: int
-) -> ColumnElement[bool]:
+def _check_one_identifier(identifier: FileIdentifier, index: int) -> None:
     given = [
         field
         for field in ("id", "externalId", "instanceId")
@@ -374,14 +440,6 @@ def _identifier_condition(
     ]
     if len(given) != 1:
         raise ApiError(400, f"items[{index}] must have exactly one of id, externalId, instanceId")
-    if identifier.id is not None:
-        return and_(StoredFile.project_id == project_id, StoredFile.id == identifier.id)
-    if identifier.externalId is not None:
-        return and_(
-            StoredFile.project_id == project_id, StoredFile.external_id == identifier.externalId
-        )
-    assert identifier.instanceId is not None
-    return _instance_id_taken(project_id, identifier.instanceId)
 
 
 def _filter_conditions(
@@ -483,8 +541,12 @@ def count_files(session: Session, project_id: int, file_filter: FileFilter | Non
     return int(total or 0)
 
 
-def apply_changes(stored: StoredFile, changes: FileChanges) -> None:
-    """Cognite's update operations on the fields segq lets clients change."""
+def apply_changes(stored: StoredFile, changes: FileChanges, where: FieldPath) -> None:
+    """Cognite's update operations on the fields segq lets clients change.
+    Each field's value as it will be stored passes the check its creation
+    passes (api/schemas.py's field types): the operations on one field
+    (metadata's add, remove and set) are checked on their result; a 400
+    names the field under ``where``."""
     if changes.externalId is not None:
         stored.external_id = None if changes.externalId.setNull else changes.externalId.set
     if changes.name is not None:
@@ -496,7 +558,10 @@ def apply_changes(stored: StoredFile, changes: FileChanges) -> None:
         for key in changes.metadata.remove or []:
             metadata.pop(key, None)
         metadata.update(changes.metadata.add or {})
-        stored.file_metadata = metadata
+        try:
+            stored.file_metadata = STORED_METADATA.validate_python(metadata)
+        except ValidationError as exc:
+            raise validation_refusal(exc, (*where, "metadata")) from None
     descriptive = dict(stored.descriptive_fields or {})
     for field in DESCRIPTIVE_FILE_FIELDS:
         change = getattr(changes, field)

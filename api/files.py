@@ -402,7 +402,7 @@ def delete_files() -> Response:
         current_project().id,
         request_body.items,
         ignore_unknown=request_body.ignoreUnknownIds,
-        for_update=True,
+        lock="update",
     )
     unique = {stored.id: stored for _, stored in found}
     # Objects first (segq/deletion.py): a failure leaves the rows, and the
@@ -422,11 +422,11 @@ def delete_files() -> Response:
 def update_files() -> Response:
     request_body = parse(FileUpdates, read_json_object())
     session = db()
-    found = find_files(session, current_project().id, request_body.items, for_update=True)
+    found = find_files(session, current_project().id, request_body.items, lock="update")
     changed_ids: list[dict[str, str]] = []
     # Every item was found (no ignoreUnknownIds here), so they pair up in order.
-    for item, (_, stored) in zip(request_body.items, found, strict=True):
-        apply_changes(stored, item.update)
+    for index, (item, (_, stored)) in enumerate(zip(request_body.items, found, strict=True)):
+        apply_changes(stored, item.update, ("items", index, "update"))
         if stored.external_id is not None:
             changed_ids.append({"externalId": stored.external_id})
     commit_or_conflict(session, changed_ids)
@@ -527,7 +527,7 @@ def complete_multipart() -> Response:
     completion = parse(MultipartCompletion, read_json_object())
     session = db()
     identifier = FileIdentifier(id=completion.id)
-    [(_, stored)] = find_files(session, current_project().id, [identifier], for_update=True)
+    [(_, stored)] = find_files(session, current_project().id, [identifier], lock="update")
     parts = _upload_links().multipart_upload(stored, completion.uploadId)
     settings = services().settings
     storage = services().storage

@@ -8,7 +8,7 @@ its threads (``--threads``) runs the app. A slow or stalled client therefore
 holds a connection, not a thread, unlike gunicorn's own sync and gthread
 workers, whose threads read the body while the app waits for it.
 
-Two things are added here through waitress's own extension points:
+What is added here goes through waitress's own extension points:
 
 - waitress closes a connection only after ``channel_timeout`` seconds
   without a byte, so a client that drips one byte a second keeps its
@@ -19,6 +19,8 @@ Two things are added here through waitress's own extension points:
   the event loop between runs of the app, holding no thread
   (api/parking.py); the maintenance below wakes those whose deadline came
   and drops those whose client left.
+- a chunked body is refused (413) once its chunks declare more than the
+  body bound, not once that much has arrived (``DeclaredSizeParser``).
 - the answers waitress gives itself (a malformed request line or header,
   headers over ``MAX_HEADER_BYTES``, a body over the app's bound, the
   deadline) carry segq's error envelope and an ``X-Request-Id``, as the
@@ -40,9 +42,10 @@ from gunicorn.app.base import BaseApplication
 from gunicorn.workers.base import Worker
 from waitress import wasyncore
 from waitress.adjustments import Adjustments
+from waitress.parser import HTTPRequestParser
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
-from waitress.utilities import Error, ServerNotImplemented
+from waitress.utilities import Error, RequestEntityTooLarge, ServerNotImplemented
 
 from api import create_app, max_request_bytes
 from api.parking import ParkingChannel
@@ -98,11 +101,39 @@ class EnvelopeErrorTask(ErrorTask):  # type: ignore[misc]
         self.write(body)
 
 
+class DeclaredSizeParser(HTTPRequestParser):  # type: ignore[misc]
+    """waitress's request parser, refusing a chunked body as soon as its
+    chunks declare more than the body bound, as a Content-Length over it
+    is refused. waitress counts the bytes that have arrived only, so a
+    client declaring a chunk past the bound and sending it slowly (or not
+    at all) held its connection until the deadline, for a 408."""
+
+    # waitress's attributes this class reads, for mypy.
+    completed: bool
+    chunked: bool
+
+    def received(self, data: bytes) -> int:
+        consumed: int = super().received(data)
+        body = self.body_rcv
+        if self.chunked and not self.completed and body is not None:
+            # What the body holds, and what its current chunk still promises.
+            declared = len(body) + body.chunk_remainder
+            limit = self.adj.max_request_body_size
+            if declared >= limit:
+                self.error = RequestEntityTooLarge(
+                    f"a chunk declares a body of {declared} bytes or more; "
+                    f"exceeds max_body of {limit}"
+                )
+                self.completed = True
+        return consumed
+
+
 class DeadlineChannel(ParkingChannel):
     """A connection that remembers when the request it is reading began,
     and whose request may be parked while it waits."""
 
     error_task_class = EnvelopeErrorTask
+    parser_class = DeclaredSizeParser
     request_started = 0.0
 
     def received(self, data: bytes) -> bool:

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, unquote_to_bytes
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api.cognite_files import identifier_body, lookup_files
 from api.errors import ApiError, FieldPath
 from api.images import ImageInfo, inspect_image
-from api.schemas import FileReference
+from api.schemas import FileIdentifier, FileReference
 from api.services import Services
 from api.stored_files import discard_objects, store_image
 from segq.models import StoredFile
@@ -132,45 +132,33 @@ def _resolve_files(
 ) -> dict[int, StoredFile]:
     """The stored files named by id or external id, by item index; 400
     naming every unknown or repeated one."""
-    ids = {ref.fileId for ref in references if ref.fileId is not None}
-    external_ids = {ref.fileExternalId for ref in references if ref.fileExternalId is not None}
+    named = {
+        index: FileIdentifier(
+            id=ref.fileId, externalId=ref.fileExternalId, instanceId=ref.fileInstanceId
+        )
+        for index, ref in enumerate(references)
+        if ref.fileId is not None or ref.fileExternalId is not None or ref.fileInstanceId
+    }
     # In share mode until the job commits: an upload that replaces a file's
     # content (holding its row for update) either waits for the job, and then
     # sees its item keeping the old version, or comes first, and the job
-    # reads the new one. No item pins a version being discarded.
-    scope = select(StoredFile).where(StoredFile.project_id == project_id).with_for_update(read=True)
-    by_id = {f.id: f for f in session.scalars(scope.where(StoredFile.id.in_(ids)))} if ids else {}
-    by_external_id = (
-        {
-            f.external_id: f
-            for f in session.scalars(scope.where(StoredFile.external_id.in_(external_ids)))
-        }
-        if external_ids
-        else {}
+    # reads the new one. No item pins a version being discarded. Locked in
+    # the order every lock on files takes (lookup_files), so a job naming
+    # files waits for an update naming them in another order, or it for the job.
+    files = dict(
+        zip(
+            named,
+            lookup_files(session, project_id, list(named.values()), lock="share"),
+            strict=True,
+        )
     )
     resolved: dict[int, StoredFile] = {}
     missing: list[dict[str, Any]] = []
     duplicated: list[dict[str, Any]] = []
     seen: set[int] = set()
-    for index, ref in enumerate(references):
-        shown: dict[str, Any]
-        if ref.fileId is not None:
-            found, shown = by_id.get(ref.fileId), {"id": ref.fileId}
-        elif ref.fileExternalId is not None:
-            found, shown = (
-                by_external_id.get(ref.fileExternalId),
-                {"externalId": ref.fileExternalId},
-            )
-        elif ref.fileInstanceId is not None:
-            shown = {"instanceId": ref.fileInstanceId.model_dump()}
-            found = session.scalar(
-                scope.where(
-                    StoredFile.instance_space == ref.fileInstanceId.space,
-                    StoredFile.instance_external_id == ref.fileInstanceId.externalId,
-                )
-            )
-        else:
-            continue
+    for index, identifier in named.items():
+        found = files[index]
+        shown = identifier_body(identifier)
         if found is None:
             if shown not in missing:
                 missing.append(shown)

@@ -1,4 +1,5 @@
-"""Strict JSON request bodies: no NaN or Infinity, bounded nesting, an object at the top."""
+"""Strict JSON request bodies: no NaN or Infinity, bounded nesting, storable
+strings only, an object at the top."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from flask import request
 
 from api.errors import ApiError
+from api.stored_text import check_json_text
 
 #: A 1,000-item job is about 50 KB; anything near this bound is not a job.
 MAX_JSON_BODY_BYTES = 2 * 1024 * 1024
@@ -57,21 +59,32 @@ def read_json_object(max_bytes: int = MAX_JSON_BODY_BYTES) -> dict[str, Any]:
     400/413/415 ApiError.
 
     Python's parser accepts NaN and Infinity, which JSON does not; they are
-    refused here so they never reach a coordinate."""
+    refused here so they never reach a coordinate. So is a string no column
+    can store (api/stored_text.py), whichever field it is in."""
     mimetype = request.mimetype
     if mimetype != "application/json" and not mimetype.endswith("+json"):
         raise ApiError(415, "Content-Type must be application/json")
     # The app's bound is the largest upload's; a route may allow more.
     request.max_content_length = max(request.max_content_length or 0, max_bytes)
-    raw = _read_body(max_bytes)
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant, parse_int=_bounded_int)
-    except UnicodeDecodeError:
-        raise ApiError(400, "body is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc.msg} at position {exc.pos}") from None
-    except RecursionError:
-        raise ApiError(400, "body nests too deeply") from None
+    body = parse_json(_read_body(max_bytes))
     if not isinstance(body, dict):
         raise ApiError(400, "body must be a JSON object")
     return body
+
+
+def parse_json(raw: bytes | str, root: str = "") -> Any:
+    """Strict JSON from a client, with every string in it storable
+    (api/stored_text.py), or a 400; ``root`` names a value that is one
+    field of a form, in messages."""
+    where = f"{root}: " if root else "body "
+    try:
+        text = raw if isinstance(raw, str) else raw.decode(json.detect_encoding(raw))
+        value = json.loads(text, parse_constant=_reject_constant, parse_int=_bounded_int)
+    except UnicodeDecodeError:
+        raise ApiError(400, f"{where}is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"{where}is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        raise ApiError(400, f"{where}nests too deeply") from None
+    check_json_text(text, value, root)
+    return value

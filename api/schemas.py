@@ -8,10 +8,11 @@ import binascii
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from api.errors import ApiError
+from api.errors import ApiError, FieldPath
 from api.request_integers import ascii_integer, request_integer
+from api.stored_text import check_stored_text
 from segq.models import DeliveryStatus, ItemStatus, JobStatus
 from segq.webhook_events import EVENT_TYPES, SHORT_NAMES
 
@@ -568,14 +569,38 @@ class FileUpload(BaseModel):
     name: Annotated[str, Field(max_length=MAX_EXTERNAL_ID_LENGTH)] | None = None
 
 
+#: Cognite's limits on a file's metadata: at most 256 pairs, keys of at most
+#: 128 characters, values of at most 10,240, and all keys and values
+#: together at most 10,240 bytes of UTF-8 (which also bounds what a listing
+#: of files answers).
+MAX_METADATA_PAIRS = 256
+MAX_METADATA_BYTES = 10240
+
+
+def _metadata_within_total(metadata: dict[str, str]) -> dict[str, str]:
+    total = sum(
+        len(key.encode("utf-8", "surrogatepass")) + len(value.encode("utf-8", "surrogatepass"))
+        for key, value in metadata.items()
+    )
+    if total > MAX_METADATA_BYTES:
+        raise ValueError(
+            f"keys and values take {total} bytes of UTF-8 together, more than {MAX_METADATA_BYTES}"
+        )
+    return metadata
+
+
+#: A file's metadata as stored: checked whole wherever it is written, on
+#: creation and after every update (add, remove or set) alike.
 MetadataMap = Annotated[
     dict[
         Annotated[str, Field(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)],
         # JSONB cannot hold NUL either.
         Annotated[str, Field(max_length=10240, pattern=r"^[^\x00]*$")],
     ],
-    Field(max_length=256),
+    Field(max_length=MAX_METADATA_PAIRS),
+    AfterValidator(_metadata_within_total),
 ]
+STORED_METADATA: TypeAdapter[dict[str, str]] = TypeAdapter(MetadataMap)
 FileName = Annotated[
     str, Field(min_length=1, max_length=MAX_EXTERNAL_ID_LENGTH, pattern=NO_CONTROL_CHARACTERS)
 ]
@@ -692,7 +717,7 @@ class NameChange(StrictModel):
 class MetadataChange(StrictModel):
     set: MetadataMap | None = None
     add: MetadataMap | None = None
-    remove: Annotated[list[str], Field(max_length=256)] | None = None
+    remove: Annotated[list[str], Field(max_length=MAX_METADATA_PAIRS)] | None = None
 
 
 class SourceChange(StrictModel):
@@ -768,7 +793,7 @@ def checked_text(name: str, value: str, max_length: int = MAX_EXTERNAL_ID_LENGTH
         raise ApiError(400, f"{name} is longer than {max_length} characters")
     if CONTROL_CHARACTERS.search(value):
         raise ApiError(400, f"{name} contains control characters")
-    return value
+    return check_stored_text(name, value)
 
 
 def parse(model: type[ModelT], body: dict[str, Any]) -> ModelT:
@@ -776,5 +801,10 @@ def parse(model: type[ModelT], body: dict[str, Any]) -> ModelT:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise ApiError.about(tuple(first["loc"]), 400, f": {first['msg']}") from None
+        raise validation_refusal(exc) from None
+
+
+def validation_refusal(exc: ValidationError, where: FieldPath = ()) -> ApiError:
+    """A 400 naming the first field ``exc`` found wrong, under ``where``."""
+    first = exc.errors(include_url=False)[0]
+    return ApiError.about((*where, *first["loc"]), 400, f": {first['msg']}")

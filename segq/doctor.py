@@ -155,7 +155,9 @@ def repair(sessions: sessionmaker[Session], storage: ObjectStorage, findings: Fi
     if not findings.files_without_bytes:
         return
     with sessions.begin() as session:
-        for file_id, key in findings.files_without_bytes:
+        # In id order, as every lock on several files is taken (a request
+        # naming some of them meanwhile then waits, never deadlocks).
+        for file_id, key in sorted(findings.files_without_bytes):
             stored = session.get(StoredFile, file_id, with_for_update=True)
             if stored is not None and stored.storage_key == key:
                 session.delete(stored)

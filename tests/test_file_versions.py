@@ -6,9 +6,11 @@ content left by a crash), against Postgres and S3 (moto over HTTP)."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from typing import Any
 
+import pytest
 import requests
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -181,6 +183,38 @@ def test_parts_of_an_upload_never_completed_are_swept_by_age(
     )
     assert late.status_code == 400
     assert "part 0" in late.json["error"]["message"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
+def test_completing_an_upload_again_answers_as_the_first_completion(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, overwrite: bool
+) -> None:
+    """A client that lost the first answer retries: the same success, and
+    the file as the first completion left it."""
+    if overwrite:
+        tenant.upload(png_bytes(seed=1), externalId="big")
+    upload = init_multipart(tenant, "big", overwrite=overwrite)
+    content = png_bytes(seed=3)
+    put_bytes(tenant, upload["uploadUrls"][0], content[:100])
+    put_bytes(tenant, upload["uploadUrls"][1], content[100:])
+    completion = {"id": upload["id"], "uploadId": upload["uploadId"]}
+    answers = [
+        tenant.client.post(
+            tenant.url("/files/completemultipartupload"), json=completion, headers=tenant.headers
+        )
+        for _ in range(3)
+    ]
+    assert [(a.status_code, a.json) for a in answers] == [(200, {})] * 3
+    shown = tenant.client.get(tenant.url(f"/files/{upload['id']}"), headers=tenant.headers).json
+    assert shown["uploaded"] and shown["sha256"] == hashlib.sha256(content).hexdigest()
+    assert file_objects(storage, sessions, tenant) == {storage_key(sessions, upload["id"])}
+    # Another upload of the file is not a retry of this one.
+    later = init_multipart(tenant, "big", overwrite=True)
+    stale = tenant.client.post(
+        tenant.url("/files/completemultipartupload"), json=completion, headers=tenant.headers
+    )
+    assert stale.status_code == 400
+    assert later["uploadId"] != upload["uploadId"]
 
 
 def test_parts_go_with_their_file_deleted_or_overwritten(

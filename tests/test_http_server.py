@@ -25,8 +25,10 @@ import requests
 from PIL import Image
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import max_request_bytes
 from api.json_body import max_job_body_bytes
 from segq.projects import create_project
+from segq.settings import Settings
 from tests.harness import (
     MALFORMED_JSON_BODIES,
     REDIS_URL,
@@ -397,6 +399,40 @@ def test_oversized_json_is_413_and_stores_nothing(
     assert over.status == 413, over
     assert over.envelope()["code"] == 413
     assert count_jobs(sessions) == (0, 0)
+
+
+#: The server's bound on bodies (api.max_request_bytes), for the server under test.
+MAX_REQUEST_BYTES = max_request_bytes(
+    Settings.from_env({"SEGQ_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES)})
+)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[MAX_REQUEST_BYTES + 1], [1024, MAX_REQUEST_BYTES + 1 - 1024], [0xFFFFFFFFFFFF]],
+    ids=["first-chunk", "a-later-chunk", "huge"],
+)
+def test_a_chunk_declared_past_the_body_bound_is_413_at_once(
+    server: Server, key: Key, sessions: sessionmaker[Session], sizes: list[int]
+) -> None:
+    """As a Content-Length past the bound is: refused on the declaration,
+    without waiting for bytes the client may never send (which took the
+    request deadline, then a 408)."""
+    headers = {**key.headers, "Content-Type": "application/json"}
+    head = request_head("POST", f"/api/v1/projects/{key.project}/files", headers)
+    # Every chunk but the last sent whole; the last only declared and begun.
+    body = b"".join(b"%x\r\n%s\r\n" % (size, b"x" * size) for size in sizes[:-1])
+    body += b"%x\r\n{" % sizes[-1]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
+        sent = time.monotonic()
+        sock.sendall(head + body)
+        raw = read_answer(sock)
+        # An upper bound only, far under the deadline the server would wait.
+        assert time.monotonic() - sent < DEADLINE_SECONDS
+    answer = parse_answer(raw)
+    assert answer.status == 413, answer
+    answer.envelope()
+    assert count_files(sessions) == 0
 
 
 @pytest.mark.parametrize("raw", MALFORMED_JSON_BODIES.values(), ids=MALFORMED_JSON_BODIES.keys())

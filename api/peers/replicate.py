@@ -18,7 +18,7 @@ from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
 from flask import Response, g, jsonify, request
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
@@ -30,7 +30,7 @@ from api.images import inspect_image
 from api.item_sources import decode_data_url
 from api.job_service import cancel_job, create_segmentation_job, items_of, owned_job
 from api.job_waiting import NoWaitingSlot, wait_until_finished
-from api.json_body import max_job_body_bytes, read_json_object
+from api.json_body import max_job_body_bytes, parse_json, read_json_object
 from api.peers.caller_fields import CallerFields
 from api.peers.peer_blueprint import PeerBlueprint
 from api.public_links import public_link
@@ -38,9 +38,9 @@ from api.request_integers import ascii_integer
 from api.schemas import (
     CONTROL_CHARACTERS,
     MAX_EXTERNAL_ID_LENGTH,
+    STORED_METADATA,
     BoundingBox,
     FileReference,
-    MetadataMap,
     Point,
     SegmentRequest,
     Webhook,
@@ -89,7 +89,6 @@ EVENTS_OF_FILTER: dict[str, list[str]] = {
 #: Replicate's default: new output, and the end.
 DEFAULT_EVENTS_FILTER = ("output", "completed")
 
-METADATA: TypeAdapter[dict[str, str]] = TypeAdapter(MetadataMap)
 
 PREFER_WAIT = re.compile(r"^\s*wait(?:\s*=\s*(\d{1,6}))?\s*$", re.IGNORECASE)
 
@@ -695,7 +694,7 @@ def create_file() -> tuple[Response, int]:
     metadata: dict[str, str] | None = None
     if (raw_metadata := request.form.get("metadata")) is not None:
         try:
-            metadata = METADATA.validate_json(raw_metadata)
+            metadata = STORED_METADATA.validate_python(parse_json(raw_metadata, "metadata"))
         except ValidationError:
             raise ApiError(422, "metadata must be a JSON object of strings") from None
     name = CONTROL_CHARACTERS.sub("", upload.filename or "")[:MAX_EXTERNAL_ID_LENGTH] or None
