@@ -28,6 +28,7 @@ from api.request_paths import MergedSlashes
 from api.response_policies import apply_response_policies
 from api.service import service
 from api.services import Services
+from api.signed_links import SignedLinks
 from api.token import token
 from api.webhooks import webhooks
 from segq.db import make_engine, make_session_factory
@@ -74,15 +75,15 @@ def create_app(
     job_changes = JobChangeFeed(
         sessions, pubsub_url(settings.broker_url), settings.wait_recheck_seconds
     )
+    storage = storage or open_storage(
+        settings.storage_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        secret_key=settings.secret_key,
+    )
     app.extensions["segq"] = Services(
         settings=settings,
         sessions=sessions,
-        storage=storage
-        or open_storage(
-            settings.storage_url,
-            s3_endpoint_url=settings.s3_endpoint_url,
-            secret_key=settings.secret_key,
-        ),
+        storage=storage,
         celery=celery
         or make_celery(
             settings.broker_url,
@@ -94,6 +95,12 @@ def create_app(
         job_events=JobEventFanOut(sessions, job_changes),
         job_announcer=make_announcer(settings.broker_url),
         blocking_waits=BlockingWaits(blocking_wait_slots(request_threads)),
+        signed_links=SignedLinks(
+            storage,
+            public_url=settings.public_url,
+            expires_seconds=settings.url_expires_seconds,
+            window_seconds=settings.url_signing_window_seconds,
+        ),
     )
     app.url_map.converters["id"] = IdConverter
     # Replicate's client reads its own problem documents for unknown routes

@@ -8,11 +8,19 @@ from functools import partial
 
 from flask import Blueprint, Response, request, url_for
 from sqlalchemy import exists, func, select
+from werkzeug.http import http_date, quote_etag
 
 from api.answers import json_answer, json_document
 from api.auth import protect_project_routes
 from api.context import close_db, current_project, db, services
 from api.errors import ApiError
+from api.job_answers import (
+    ItemsPage,
+    ItemTally,
+    entity_tag,
+    last_modified_time,
+    render_job_answer,
+)
 from api.job_event_stream import (
     KEEPALIVE_FRAME,
     KEEPALIVE_SECONDS,
@@ -21,7 +29,7 @@ from api.job_event_stream import (
     last_event_id,
 )
 from api.job_service import cancel_job as cancel_job_of_project
-from api.job_service import create_segmentation_job, items_of, owned_job
+from api.job_service import create_segmentation_job, owned_job
 from api.job_views import view_links
 from api.job_waiting import (
     Wait,
@@ -32,7 +40,6 @@ from api.job_waiting import (
 from api.json_body import max_job_body_bytes, read_json_object
 from api.openapi import documented
 from api.parking import RESUMED_ENVIRON_KEY, Parking, park, server_draining
-from api.public_links import public_link
 from api.request_integers import request_integer
 from api.schemas import (
     EventStreamHeaders,
@@ -40,6 +47,7 @@ from api.schemas import (
     JobCreationHeaders,
     JobList,
     JobListQuery,
+    JobQuery,
     JobReadHeaders,
     JobResponse,
     JobSummary,
@@ -49,9 +57,8 @@ from api.schemas import (
     list_limit,
     parse,
 )
-from segq.clock import now_ms
 from segq.deletion import delete_jobs
-from segq.job_document import render_created_job, render_job, render_job_summary
+from segq.job_document import render_created_job, render_job_summary
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 
 log = logging.getLogger(__name__)
@@ -125,7 +132,10 @@ def _waited_job_answer(
             environ={
                 "REQUEST_METHOD": "GET",
                 "PATH_INFO": path.removeprefix(request.script_root),
-                "QUERY_STRING": "",
+                # A GET's page of items is asked again; a POST has no query.
+                "QUERY_STRING": request.environ.get("QUERY_STRING", "")
+                if request.method == "GET"
+                else "",
                 WAIT_ENVIRON_KEY: wait,
                 LOCATION_ENVIRON_KEY: location,
             },
@@ -136,7 +146,7 @@ def _waited_job_answer(
             return Response(status=204), 204, {}
         wait_in_thread_until_finished(feed, services().sessions, job_id, wait.remaining)
         job = owned_job(db(), project_id, job_id)
-    answer, status, headers = _job_answer(job)
+    answer, status, headers = _job_answer(job, conditional=request.method == "GET")
     headers["Preference-Applied"] = f"wait={wait.seconds}"
     if location is not None:
         headers["Location"] = location
@@ -192,38 +202,56 @@ def list_jobs() -> Response:
     return json_answer(JobList(items=items, nextCursor=next_cursor))
 
 
-def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
+def _job_answer(job: Job, *, conditional: bool) -> tuple[Response, int, dict[str, str]]:
+    """The job as JobResponse shows it, page of items as the query asks.
+    ``conditional``: a GET, which answers 304 to the ETag it would carry."""
     settings = services().settings
-    storage = services().storage
-    expires_in = settings.url_expires_seconds
-
-    def link_mask(key: str) -> tuple[str, int]:
-        # Signers count whole seconds from "now"; this is never later than theirs.
-        expires_time = (now_ms() // 1000 + expires_in) * 1000
-        return public_link(settings.public_url, storage.presigned_get_url(key, expires_in)), (
-            expires_time
-        )
-
-    document = render_job(job, items_of(db(), job), link_mask)
-    document["viewUrl"] = view_links().page_url(current_project().name, job.project_id, job.id)
-    headers: dict[str, str] = {}
+    links = services().signed_links
+    session = db()
+    page = ItemsPage.of(request.args.get("itemsLimit"), request.args.get("itemsCursor"))
+    window = links.window()
+    view_url = view_links().page_url(
+        current_project().name, job.project_id, job.id, links.expires_time(window)
+    )
+    tally = ItemTally.of(session, job.id)
+    tag = entity_tag(job, tally, window, page, view_url)
+    headers: dict[str, str] = {
+        # Caches may keep it, but must ask again (with the tag) before using it.
+        "Cache-Control": "private, no-cache",
+        "Last-Modified": http_date(last_modified_time(job, tally) // 1000),
+    }
     if not JobStatus(job.status).finished:
         headers["Retry-After"] = str(settings.poll_retry_after_seconds)
-    return json_document(JobResponse, document), 200, headers
+    if conditional:
+        headers["ETag"] = quote_etag(tag, weak=True)
+        if request.if_none_match.contains_weak(tag):
+            return Response(status=304), 304, headers
+    kept = services().job_answers
+    body = kept.get(job.id, tag)
+    if body is None:
+        body = render_job_answer(
+            session, job, tally, page, partial(links.link, window=window), view_url
+        ).encode()
+        kept.keep(job.id, tag, body)
+    return Response(body, mimetype="application/json"), 200, headers
 
 
 @jobs.get("/<id:job_id>")
 @documented(
     "Read a job's status and results",
-    {200: ("the job; Retry-After while unfinished", JobResponse)},
-    errors=(404,),
+    {
+        200: ("the job; Retry-After while unfinished; ETag, Last-Modified", JobResponse),
+        304: ("unchanged since the If-None-Match ETag: no body", None),
+    },
+    errors=(400, 404),
+    query=JobQuery,
     headers=JobReadHeaders,
 )
 def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     wait = _requested_wait()
     if wait is not None:
         return _waited_job_answer(job_id, wait, request.environ.get(LOCATION_ENVIRON_KEY))
-    return _job_answer(owned_job(db(), current_project().id, job_id))
+    return _job_answer(owned_job(db(), current_project().id, job_id), conditional=True)
 
 
 @jobs.get("/<id:job_id>/events")
@@ -301,7 +329,7 @@ def cancel_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     """Queued items never run; an item already running finishes, and no
     further item starts. Canceling a canceled job changes nothing."""
     job = cancel_job_of_project(db(), services(), current_project().id, job_id)
-    return _job_answer(job)
+    return _job_answer(job, conditional=False)
 
 
 @jobs.delete("/<id:job_id>")

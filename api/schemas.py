@@ -461,6 +461,13 @@ class JobResponse(JobState):
             "in a browser without the API key until it expires, as mask URLs do"
         ),
     )
+    nextItemsCursor: str | None = Field(
+        None,
+        description=(
+            "extension, only on a page of items (itemsLimit or itemsCursor): pass as "
+            "?itemsCursor= for the next page; null on the last"
+        ),
+    )
 
 
 class JobViewItem(ItemReference):
@@ -572,6 +579,13 @@ class JobListQuery(BaseModel):
     createdBefore: EpochMs | None = None
 
 
+class JobQuery(BaseModel):
+    itemsLimit: ListLimit | None = Field(
+        None, description="a page of this many items (failed ones included), the job on each"
+    )
+    itemsCursor: str | None = Field(None, description="the nextItemsCursor of the page before")
+
+
 class PageQuery(BaseModel):
     limit: ListLimit | None = None
     cursor: str | None = None
@@ -584,7 +598,7 @@ MAX_IDEMPOTENCY_KEY_LENGTH = 255
 PreferWait = Annotated[str, Field(pattern=r"^wait(=\d+)?$")] | None
 
 
-class JobReadHeaders(BaseModel):
+class WaitHeaders(BaseModel):
     prefer: PreferWait = Field(
         None,
         alias="Prefer",
@@ -593,7 +607,15 @@ class JobReadHeaders(BaseModel):
     )
 
 
-class JobCreationHeaders(JobReadHeaders):
+class JobReadHeaders(WaitHeaders):
+    ifNoneMatch: str | None = Field(
+        None,
+        alias="If-None-Match",
+        description="the ETag of the answer the client has: 304, with no body, while current",
+    )
+
+
+class JobCreationHeaders(WaitHeaders):
     idempotencyKey: Annotated[str, Field(max_length=MAX_IDEMPOTENCY_KEY_LENGTH)] | None = Field(
         None,
         alias="Idempotency-Key",

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.process_caches import ProjectsByKey, UnfinishedJobCounts
+from api.process_caches import KeptJobAnswers, ProjectsByKey, UnfinishedJobCounts
 from api.rate_limit import RateLimiter
+from api.signed_links import SignedLinks
 from segq.job_changes import JobChangeAnnouncer
 from segq.settings import Settings
 from segq.storage import ObjectStorage
@@ -31,5 +32,7 @@ class Services:
     job_events: JobEventFanOut
     job_announcer: JobChangeAnnouncer
     blocking_waits: BlockingWaits
+    signed_links: SignedLinks
     projects_by_key: ProjectsByKey = field(default_factory=ProjectsByKey)
     unfinished_jobs: UnfinishedJobCounts = field(default_factory=UnfinishedJobCounts)
+    job_answers: KeptJobAnswers = field(default_factory=KeptJobAnswers)

@@ -22,6 +22,7 @@ import json
 import random
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ CONNECTION_RETRY_MAX_SECONDS = 4.0
 #: How long to wait before reconnecting to an event stream that ended
 #: early, until the stream names its own (its ``retry`` field).
 DEFAULT_STREAM_RETRY_SECONDS = 2.0
+#: Answers to job GETs kept (with their ETags) to ask again conditionally.
+KEPT_JOB_ANSWERS = 16
 
 
 class SegqError(RuntimeError):
@@ -144,6 +147,10 @@ class SegqClient:
         self._plain = requests.Session()
         self._plain.mount("http://", adapter)
         self._plain.mount("https://", adapter)
+        # (path, query) -> (ETag, body) of the latest answers to job GETs:
+        # asked again with If-None-Match, an unchanged job answers 304 and
+        # sends nothing.
+        self._job_answers: OrderedDict[tuple[str, str], tuple[str, bytes]] = OrderedDict()
 
     def close(self) -> None:
         self._http.close()
@@ -277,8 +284,59 @@ class SegqClient:
             "POST", "/context/vision/segment", json=dict(body), headers=headers, waiting=waiting
         )
 
-    def get_job(self, job_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/context/vision/segment/{job_id}")
+    def _get_job(
+        self,
+        job_id: int,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        waiting: int = 0,
+    ) -> tuple[dict[str, Any], requests.Response]:
+        """GET the job, conditionally when an answer to the same GET is
+        kept: a 304 reuses the kept body."""
+        path = f"/context/vision/segment/{job_id}"
+        place = (path, json.dumps(params or {}, sort_keys=True))
+        kept = self._job_answers.get(place)
+        sent = dict(headers or {})
+        if kept is not None:
+            sent["If-None-Match"] = kept[0]
+        response = self._request("GET", path, params=params, headers=sent, waiting=waiting)
+        if response.status_code == 304 and kept is not None:
+            self._job_answers.move_to_end(place)
+            body = kept[1]
+        else:
+            body = response.content
+            tag = response.headers.get("ETag")
+            if tag:
+                self._job_answers[place] = (tag, body)
+                self._job_answers.move_to_end(place)
+                while len(self._job_answers) > KEPT_JOB_ANSWERS:
+                    self._job_answers.popitem(last=False)
+        job: dict[str, Any] = json.loads(body)
+        return job, response
+
+    def get_job(
+        self, job_id: int, *, items_limit: int | None = None, items_cursor: str | None = None
+    ) -> dict[str, Any]:
+        """The job; with ``items_limit`` or ``items_cursor``, a page of its
+        items (``nextItemsCursor`` leads to the next), the whole job's state
+        and progress on each. Asked again, an unchanged job costs a 304."""
+        params: dict[str, Any] = {}
+        if items_limit is not None:
+            params["itemsLimit"] = items_limit
+        if items_cursor is not None:
+            params["itemsCursor"] = items_cursor
+        return self._get_job(job_id, params)[0]
+
+    def job_items(self, job_id: int, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Each page of the job's items in turn (``items`` and
+        ``failedItems`` of its part), fetched as the iteration goes."""
+        cursor: str | None = None
+        while True:
+            page = self.get_job(job_id, items_limit=page_size, items_cursor=cursor)
+            yield page
+            cursor = page.get("nextItemsCursor")
+            if not cursor:
+                return
 
     def cancel_job(self, job_id: int) -> dict[str, Any]:
         # Canceling a canceled job changes nothing: safe to send again.
@@ -364,10 +422,7 @@ class SegqClient:
             left = timeout - (time.monotonic() - started)
             waiting = _prefer_seconds(left) if left >= 1 else 0
             headers = {"Prefer": f"wait={waiting}"} if waiting else {}
-            response = self._request(
-                "GET", f"/context/vision/segment/{job_id}", headers=headers, waiting=waiting
-            )
-            job: dict[str, Any] = response.json()
+            job, response = self._get_job(job_id, headers=headers, waiting=waiting)
             if is_finished(job):
                 return job
             left = timeout - (time.monotonic() - started)

@@ -206,6 +206,10 @@ class JobItem(Base):
     engine: Mapped[str | None] = mapped_column(String(32))
     # {"width", "height", "segments": [...]} with storage keys, never URLs.
     result: Mapped[JsonDict | None]
+    # ``result`` as GET shows it, rendered once when the item completes:
+    # JSON text with a hole for each link, signed on the way out
+    # (segq/job_text.py). NULL for an item completed before it was kept.
+    rendered_result: Mapped[str | None] = mapped_column(Text)
 
 
 class DeliveryStatus(StrEnum):

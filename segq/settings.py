@@ -104,6 +104,11 @@ class Settings:
     #: "json" (one object a line, for a log collector) or "text"; None:
     #: text (the deploy files set json).
     log_format: str | None = None
+    #: Pre-signed URLs in answers are signed once per window of this many
+    #: seconds and reused within it, so an unchanged job answers polls with
+    #: the same body (and 304) and signs nothing; a URL handed out stays
+    #: valid for at least SEGQ_URL_EXPIRES_SECONDS minus this.
+    url_signing_window_seconds: int = 300
     #: Where a worker's main process serves its Prometheus metrics; None: not served.
     metrics_port: int | None = None
     #: Items whose images a worker process encodes as one batch; None: the
@@ -144,6 +149,11 @@ class Settings:
         return self.data_dir / "broker"
 
     def __post_init__(self) -> None:
+        if self.url_signing_window_seconds * 2 > self.url_expires_seconds:
+            raise SettingsError(
+                f"SEGQ_URL_SIGNING_WINDOW_SECONDS ({self.url_signing_window_seconds}) must be at "
+                f"most half of SEGQ_URL_EXPIRES_SECONDS ({self.url_expires_seconds})"
+            )
         # The items a batch claims first hold leases that are renewed only
         # once the batch runs: waiting for company must leave them most of
         # their lease.
@@ -177,6 +187,7 @@ class Settings:
             # JSON; as 0.0/1.0 masks, 11 megapixels.
             max_answer_bytes=_int(env, "SEGQ_MAX_ANSWER_BYTES", 160 * 1024 * 1024),
             url_expires_seconds=_int(env, "SEGQ_URL_EXPIRES_SECONDS", 3600),
+            url_signing_window_seconds=_int(env, "SEGQ_URL_SIGNING_WINDOW_SECONDS", 300),
             lease_seconds=_int(env, "SEGQ_LEASE_SECONDS", 60),
             item_time_limit_seconds=_int(env, "SEGQ_ITEM_TIME_LIMIT_SECONDS", 600),
             max_attempts=_int(env, "SEGQ_MAX_ATTEMPTS", 5),

@@ -196,7 +196,7 @@ def test_unstorable_text_in_any_json_string_is_a_400_naming_it(
                 },
             )
             assert response.status_code == 400, (where, response.json)
-            message = _refusal_message(response.json)
+            message = _refusal_message(cast(dict[str, Any], response.json))
             assert message.startswith(f"{where}:"), (where, message)
             assert (count_files(sessions), count_jobs(sessions)) == stored
 

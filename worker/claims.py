@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.clock import now_ms
 from segq.job_document import render_item_event
+from segq.job_text import render_result_text
 from segq.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
 from segq.webhook_events import (
     ITEM_COMPLETED,
@@ -388,6 +389,8 @@ def finish_item(
             claim,
             status=status,
             result=result,
+            # Rendered here, once, so that no GET of the job pays for it.
+            rendered_result=None if result is None else render_result_text(result),
             error_message=error_message,
             finished_time=now,
             lease_expires_time=None,

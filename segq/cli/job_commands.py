@@ -333,7 +333,9 @@ def watch_job(
 
     deadline = time.monotonic() + timeout
     with _connected(url, project, api_key, as_json) as client:
-        job = client.get_job(job_id)
+        # Polled as a page of one item with the job's progress, asked with
+        # its ETag: an unchanged job answers 304, and no poll carries every item.
+        job = client.get_job(job_id, items_limit=1)
         bar = tqdm(
             total=job["progress"]["total"],
             unit="item",
@@ -346,8 +348,9 @@ def watch_job(
             if is_finished(job) or time.monotonic() >= deadline:
                 break
             time.sleep(0.5)
-            job = client.get_job(job_id)
+            job = client.get_job(job_id, items_limit=1)
         bar.close()
+        job = client.get_job(job_id)
     click.echo(json.dumps(job, indent=2) if as_json else _summary_line(job))
     if not is_finished(job):
         sys.exit(ExitCode.TIMED_OUT)
