@@ -52,6 +52,7 @@ from segq.clock import now_ms
 from segq.deletion import delete_jobs
 from segq.job_document import render_created_job, render_job, render_job_summary
 from segq.models import ItemStatus, Job, JobItem, JobStatus
+from segq.worker_processes import workers_overview
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,9 @@ def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
     headers: dict[str, str] = {}
     if not JobStatus(job.status).finished:
         headers["Retry-After"] = str(settings.poll_retry_after_seconds)
+        waiting_for = workers_overview(db(), now_ms()).waiting_for(job.engine)
+        if waiting_for is not None:
+            document["waitingFor"] = waiting_for
     return json_document(JobResponse, document), 200, headers
 
 

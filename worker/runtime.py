@@ -16,12 +16,14 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.job_changes import JobChangeAnnouncer, SilentJobChangeAnnouncer, make_announcer
-from segq.settings import Settings
+from segq.settings import DEFAULT_DEPENDENCY_OUTAGE_SECONDS, Settings
 from segq.storage import ObjectStorage, open_storage
+from worker.dependency_breaker import DependencyBreaker
 from worker.engines import load_engine, resolve_engine
 from worker.engines.base import SegmentationEngine
 from worker.engines.embedding_cache import EmbeddingCache
 from worker.engines.encoder_options import EncoderOptions, Precision
+from worker.heartbeat import WorkerHeartbeat
 from worker.item_inputs import ImageLimits
 from worker.webhook_delivery import DeliveryRules
 
@@ -46,6 +48,35 @@ class SegmentRuntime:
     #: How long an item waits for others to share its encoder batch (an
     #: engine that batches images only: worker.pipeline).
     batch_wait_ms: int = 0
+    #: Open while storage is down: the process takes no items meanwhile.
+    #: None: a breaker around ``storage`` with the default bound, telling nobody.
+    breaker: DependencyBreaker | None = None
+
+    def __post_init__(self) -> None:
+        if self.breaker is None:
+            object.__setattr__(
+                self,
+                "breaker",
+                storage_breaker(self.storage, DEFAULT_DEPENDENCY_OUTAGE_SECONDS),
+            )
+
+    @property
+    def storage_breaker(self) -> DependencyBreaker:
+        assert self.breaker is not None  # set in __post_init__
+        return self.breaker
+
+
+def storage_breaker(
+    storage: ObjectStorage, outage_seconds: int, heartbeat: WorkerHeartbeat | None = None
+) -> DependencyBreaker:
+    """The breaker a segmenting process keeps around its storage, probing it
+    as /readyz does; ``heartbeat`` records its pauses where the API reads them."""
+    return DependencyBreaker(
+        "storage",
+        storage.check,
+        outage_seconds=outage_seconds,
+        on_change=None if heartbeat is None else heartbeat.paused,
+    )
 
 
 @dataclass(frozen=True)
@@ -95,6 +126,8 @@ def build_runtime(
             ),
         )
         log.info("engine %s ready", engine.name)
+        heartbeat = WorkerHeartbeat(sessions, engine.name)
+        heartbeat.start()
         segment = SegmentRuntime(
             sessions=sessions,
             storage=storage,
@@ -104,6 +137,7 @@ def build_runtime(
             limits=ImageLimits(settings.max_image_pixels, settings.fetch_policy()),
             job_changes=make_announcer(settings.broker_url),
             batch_wait_ms=settings.engine_batch_wait_ms,
+            breaker=storage_breaker(storage, settings.dependency_outage_seconds, heartbeat),
         )
     delivery = DeliveryRuntime(
         sessions=sessions,

@@ -9,13 +9,19 @@ from typing import Any
 
 from celery import shared_task
 
+from segq.clock import now_ms
 from segq.logs import log_context
 from segq.queue import DELIVER_WEBHOOK_TASK, SEGMENT_ITEM_TASK
-from worker.claims import Claim
+from worker.claims import Claim, fail_waiting_item
 from worker.metrics import ITEMS, WEBHOOK_ATTEMPTS, observe_item
 from worker.pipeline import ItemOutcome, StorageUnavailable, process_item, storage_retry_delay
-from worker.runtime import delivery_runtime_of, segment_runtime_of
+from worker.runtime import SegmentRuntime, delivery_runtime_of, segment_runtime_of
 from worker.webhook_delivery import deliver
+
+#: The longest a task holds its message while storage is down before it
+#: sends the message again and takes the next one: well inside any item
+#: time limit, and short enough that the broker's queue keeps moving.
+PAUSE_SLICE_SECONDS = 30
 
 
 @shared_task(name=SEGMENT_ITEM_TASK, bind=True, max_retries=None)
@@ -32,8 +38,16 @@ def segment_item(self: Any, item_id: int) -> str:
             # be spent (another worker found it taken): send one for when its
             # retry is due. A second message for it skips (not due, or taken).
             segment_item.apply_async((claim.item_id,), countdown=storage_retry_delay(claim.attempt))
+        elif outcome == ItemOutcome.PAUSED:
+            # Storage is down: the item waits in the queue, its attempt given back.
+            segment_item.apply_async((claim.item_id,))
 
     with log_context(item_id=item_id):
+        waited = _wait_for_storage(current, item_id)
+        if waited is not None:
+            if waited != ItemOutcome.PAUSED:
+                ITEMS.labels(waited.value).inc()
+            return waited.value
         try:
             outcome = process_item(
                 current.sessions,
@@ -46,6 +60,7 @@ def segment_item(self: Any, item_id: int) -> str:
                 batch_wait_ms=current.batch_wait_ms,
                 taken_along=taken_along,
                 announce_job_change=current.job_changes.announce,
+                breaker=current.storage_breaker,
             )
         except StorageUnavailable as exc:
             ITEMS.labels("storage_retry").inc()
@@ -53,7 +68,38 @@ def segment_item(self: Any, item_id: int) -> str:
             # fails the item once they run out, so this retry loop is bounded.
             raise self.retry(countdown=exc.retry_in_seconds, exc=exc) from exc
         observe_item(current.sessions, item_id, outcome.value, time.monotonic() - started)
+        if outcome == ItemOutcome.PAUSED:
+            segment_item.apply_async((item_id,))
     return outcome.value
+
+
+def _wait_for_storage(current: SegmentRuntime, item_id: int) -> ItemOutcome | None:
+    """None once storage answers (or was never down). While it is down,
+    this process takes no items: the task holds its message up to
+    PAUSE_SLICE_SECONDS, then sends it again (PAUSED: the item keeps its
+    place in Postgres and its attempts) or, once the outage has outlasted
+    its bound for the item, fails the item (FAILED), naming storage and
+    the time; SKIPPED when the item no longer waits."""
+    breaker = current.storage_breaker
+    pause = breaker.pause
+    if pause is None:
+        return None
+    bound_ms = breaker.outage_seconds * 1000
+    until_bound = (pause.since + bound_ms - now_ms()) / 1000
+    if breaker.wait_until_closed(min(PAUSE_SLICE_SECONDS, max(until_bound, 0.0))):
+        return None
+    now = now_ms()
+    if now - pause.since >= bound_ms:
+        waited = fail_waiting_item(
+            current.sessions, item_id, breaker.outage_message(now), created_by=now - bound_ms
+        )
+        if waited.failed_job_id is not None:
+            current.job_changes.announce(waited.failed_job_id)
+            return ItemOutcome.FAILED
+        if not waited.still_waiting:
+            return ItemOutcome.SKIPPED
+    segment_item.apply_async((item_id,))
+    return ItemOutcome.PAUSED
 
 
 @shared_task(name=DELIVER_WEBHOOK_TASK, bind=True, ignore_result=True)
