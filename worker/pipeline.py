@@ -341,9 +341,7 @@ def _finish(
             delay = storage_retry_delay(claim.attempt)
             once_more_if_disconnected(lambda: release_item(sessions, claim, delay))
             return ItemOutcome.RELEASED, attempt.storage_error
-        error_message = (
-            f"storage failed each of {claim.attempt} attempts: {attempt.storage_error}"
-        )
+        error_message = f"storage failed each of {claim.attempt} attempts: {attempt.storage_error}"
     result = attempt.result
     landed = once_more_if_disconnected(
         lambda: finish_item(sessions, claim, result=result, error_message=error_message)

@@ -20,8 +20,9 @@ from worker.webhook_delivery import deliver
 
 #: The longest a task holds its message while storage is down before it
 #: sends the message again and takes the next one: well inside any item
-#: time limit, and short enough that the broker's queue keeps moving.
-PAUSE_SLICE_SECONDS = 30
+#: time limit, and short enough that a warm shutdown of a paused worker
+#: waits no longer than this for it.
+PAUSE_SLICE_SECONDS = 5
 
 
 @shared_task(name=SEGMENT_ITEM_TASK, bind=True, max_retries=None)
