@@ -51,6 +51,13 @@ class SegmentRuntime:
     #: Open while storage is down: the process takes no items meanwhile.
     #: None: a breaker around ``storage`` with the default bound, telling nobody.
     breaker: DependencyBreaker | None = None
+    #: Renews this process's row for the API (segq/worker_processes.py).
+    heartbeat: WorkerHeartbeat | None = None
+
+    def stop(self) -> None:
+        """The process stops: its row goes (a clean stop leaves nothing to explain)."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
 
     def __post_init__(self) -> None:
         if self.breaker is None:
@@ -138,6 +145,7 @@ def build_runtime(
             job_changes=make_announcer(settings.broker_url),
             batch_wait_ms=settings.engine_batch_wait_ms,
             breaker=storage_breaker(storage, settings.dependency_outage_seconds, heartbeat),
+            heartbeat=heartbeat,
         )
     delivery = DeliveryRuntime(
         sessions=sessions,
