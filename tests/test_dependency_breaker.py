@@ -41,7 +41,7 @@ def test_it_pauses_until_a_probe_answers_and_says_so_once_each_way(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="worker.dependency_breaker")
-    storage, changes = Dependency(), []
+    storage, changes = Dependency(), list[Pause | None]()
     breaker = breaker_on(storage, changes)
     assert breaker.wait_until_closed(0)  # never down
     breaker.trip("could not read x: refused")
@@ -61,7 +61,7 @@ def test_it_pauses_until_a_probe_answers_and_says_so_once_each_way(
 
 
 def test_an_outage_that_answers_probes_but_fails_work_stays_one_outage() -> None:
-    storage, changes = Dependency(), []
+    storage, changes = Dependency(), list[Pause | None]()
     breaker = breaker_on(storage, changes)
     breaker.trip("down")
     first = breaker.pause
