@@ -110,23 +110,6 @@ class DependencyBreaker:
             time.sleep(max(0.0, min(self._next_probe, deadline) - time.monotonic()))
         return True
 
-    def outage_outlasts_bound(self, waiting_since: int, now: int) -> bool:
-        """Whether work that began waiting at ``waiting_since`` (epoch ms)
-        has waited out the bound: counted from when the outage began, or
-        from ``waiting_since`` if that is later."""
-        pause = self._pause
-        if pause is None:
-            return False
-        return now - max(pause.since, waiting_since) >= self.outage_seconds * 1000
-
-    def seconds_left(self, waiting_since: int) -> float:
-        """Seconds until ``outage_outlasts_bound`` holds for such work."""
-        pause = self._pause
-        if pause is None:
-            return float(self.outage_seconds)
-        ends = max(pause.since, waiting_since) + self.outage_seconds * 1000
-        return max(0.0, (ends - now_ms()) / 1000)
-
     def outage_message(self, now: int) -> str:
         """What an item that waited out the bound fails with."""
         pause = self._pause
