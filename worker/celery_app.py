@@ -152,8 +152,9 @@ def _build_runtime_in_pool_process(**_kwargs: Any) -> None:
             failure = str(exc)
         starts = _pool_starts(app)
         if starts is not None:
-            # Short (at most 2000 characters): one atomic write to the pipe.
-            starts[1].send((os.getpid(), failure))
+            # Short: one write under PIPE_BUF, which the kernel keeps whole
+            # however many pool processes write at once.
+            starts[1].send((os.getpid(), None if failure is None else failure[:800]))
 
 
 @worker_process_shutdown.connect
@@ -244,6 +245,10 @@ class WorkerProcessStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def stop(self, parent: Any) -> None:
         for periodic in self._passes:
             periodic.stop()
+        runtime = runtime_of(parent.app)
+        if runtime is not None and runtime.segment is not None:
+            # Tasks ran in this process (solo, threads): its row goes with it.
+            runtime.segment.stop()
 
     def terminate(self, parent: Any) -> None:
         self.stop(parent)
