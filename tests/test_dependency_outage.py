@@ -14,11 +14,13 @@ from urllib.parse import urlparse
 
 import pytest
 from celery import Celery
-from sqlalchemy import func, select
+from sqlalchemy import func, make_url, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.clock import now_ms
+from segq.db import make_engine, make_session_factory
 from segq.models import ItemStatus, Job, JobItem, WorkerProcess
+from segq.settings import Settings
 from segq.storage import S3Storage
 from segq.worker_processes import iso_time
 from tests.harness import Tenant, grabcut_worker
@@ -37,6 +39,8 @@ JOBS = 2
 MAX_ATTEMPTS = 3
 OLD_BACKOFF_SECONDS = 2 + 4
 OUTAGE_SECONDS = OLD_BACKOFF_SECONDS + 6
+#: Items queued while the database is down: none can be claimed, so a few show it.
+DATABASE_OUTAGE_ITEMS = 10
 
 
 def proxied_storage(storage: S3Storage, link: TcpProxy) -> S3Storage:
@@ -55,10 +59,10 @@ def storage_link(storage: S3Storage) -> TcpProxy:
     return TcpProxy(s3.hostname, s3.port)
 
 
-def queue_jobs(tenant: Tenant, jobs: int) -> list[int]:
-    """``jobs`` jobs of ITEMS_PER_JOB items each (the same images in each
-    job: a job takes a file once); their ids."""
-    files = [tenant.upload(png_bytes(160, 120, seed)).json["id"] for seed in range(ITEMS_PER_JOB)]
+def queue_jobs(tenant: Tenant, jobs: int, items: int = ITEMS_PER_JOB) -> list[int]:
+    """``jobs`` jobs of ``items`` items each (the same images in each job:
+    a job takes a file once); their ids."""
+    files = [tenant.upload(png_bytes(160, 120, seed)).json["id"] for seed in range(items)]
     body = {
         **scene_prompt_body(files[0]),
         "items": [{"fileId": file_id} for file_id in files],
@@ -220,3 +224,53 @@ def test_items_fail_once_the_outage_outlasts_its_bound_naming_storage_and_the_ti
     job = tenant.get_job(job_id).json
     assert job["status"] == "Failed"
     assert job["errorMessage"].startswith("storage was unavailable from")
+
+
+@pytest.mark.slow
+def test_a_database_outage_pauses_the_worker_spends_no_attempt_and_logs_no_traceback(
+    tenant: Tenant,
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    storage: S3Storage,
+    celery_app: Celery,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker reaches Postgres through a proxy that refuses connections
+    while items are queued: it takes nothing (its claims cannot happen),
+    logs the outage once each way, and every item completes once Postgres
+    answers, on its first attempt."""
+    caplog.set_level(logging.WARNING, logger="worker")
+    [job_id] = queue_jobs(tenant, jobs=1, items=DATABASE_OUTAGE_ITEMS)
+    database = make_url(settings.database_url)
+    assert database.host and database.port
+    with TcpProxy(database.host, database.port) as link:
+        proxied = make_engine(
+            database.set(host="127.0.0.1", port=link.port).render_as_string(hide_password=False)
+        )
+        link.refuse()
+        try:
+            with grabcut_worker(
+                celery_app, make_session_factory(proxied), storage, max_attempts=MAX_ATTEMPTS
+            ):
+                time.sleep(OUTAGE_SECONDS)  # how long the outage lasts, not a measurement
+                during = items_by_status(sessions)
+                link.heal()
+                wait_for(
+                    lambda: (
+                        items_by_status(sessions).get(ItemStatus.COMPLETED, 0)
+                        == DATABASE_OUTAGE_ITEMS
+                    ),
+                    timeout=180,
+                    describe=lambda: items_by_status(sessions),
+                )
+        finally:
+            proxied.dispose()
+    assert during == {ItemStatus.QUEUED: DATABASE_OUTAGE_ITEMS}
+    with sessions() as session:
+        assert set(session.scalars(select(JobItem.attempt)).all()) == {1}
+    assert tenant.get_job(job_id).json["status"] == "Completed"
+    began, ended = breaker_lines(caplog)
+    assert began.startswith("the database is unavailable")
+    assert ended.startswith("the database answers again")
+    # Celery's own line for a task that raised included.
+    assert not [r for r in caplog.records if r.exc_info], "an outage logs no traceback"

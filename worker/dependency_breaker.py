@@ -46,11 +46,13 @@ class DependencyBreaker:
         *,
         outage_seconds: int,
         on_change: Callable[[Pause | None], None] | None = None,
+        fails_waiting_items: bool = True,
         probe_first_seconds: float = PROBE_FIRST_SECONDS,
         probe_max_seconds: float = PROBE_MAX_SECONDS,
     ) -> None:
         self.dependency = dependency
         self.outage_seconds = outage_seconds
+        self.fails_waiting_items = fails_waiting_items
         self._probe = probe
         self._on_change = on_change
         self._probe_first = probe_first_seconds
@@ -81,11 +83,12 @@ class DependencyBreaker:
             self._failed_probes = 0
             self._next_probe = time.monotonic() + self._backoff()
         log.warning(
-            "%s is unavailable (%s); this worker takes no items until it answers, "
-            "and fails waiting items once it has been down for %s s",
+            "%s is unavailable (%s); this worker takes no items until it answers%s",
             self.dependency,
             reason,
-            self.outage_seconds,
+            f", and fails waiting items once it has been down for {self.outage_seconds} s"
+            if self.fails_waiting_items
+            else "",
         )
         self._changed(pause)
 

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 from celery import Celery
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.job_changes import JobChangeAnnouncer, SilentJobChangeAnnouncer, make_announcer
@@ -53,6 +54,9 @@ class SegmentRuntime:
     breaker: DependencyBreaker | None = None
     #: Renews this process's row for the API (segq/worker_processes.py).
     heartbeat: WorkerHeartbeat | None = None
+    #: Open while the database is down: the process takes no items, and
+    #: items cannot fail meanwhile (their rows are out of reach).
+    database_breaker: DependencyBreaker = field(init=False)
 
     def stop(self) -> None:
         """The process stops: its row goes (a clean stop leaves nothing to explain)."""
@@ -66,6 +70,22 @@ class SegmentRuntime:
                 "breaker",
                 storage_breaker(self.storage, DEFAULT_DEPENDENCY_OUTAGE_SECONDS),
             )
+        sessions = self.sessions
+
+        def ping() -> None:
+            with sessions() as session:
+                session.execute(text("SELECT 1"))
+
+        object.__setattr__(
+            self,
+            "database_breaker",
+            DependencyBreaker(
+                "the database",
+                ping,
+                outage_seconds=DEFAULT_DEPENDENCY_OUTAGE_SECONDS,
+                fails_waiting_items=False,
+            ),
+        )
 
     @property
     def storage_breaker(self) -> DependencyBreaker:

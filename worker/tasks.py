@@ -5,11 +5,14 @@ them; each runs with the runtime attached to its app (``worker.runtime``)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import shared_task
+from sqlalchemy.exc import DBAPIError
 
 from segq.clock import now_ms
+from segq.db import database_unreachable
 from segq.logs import log_context
 from segq.queue import DELIVER_WEBHOOK_TASK, SEGMENT_ITEM_TASK
 from worker.claims import Claim, fail_waiting_item
@@ -44,33 +47,58 @@ def segment_item(self: Any, item_id: int) -> str:
             segment_item.apply_async((claim.item_id,))
 
     with log_context(item_id=item_id):
-        waited = _wait_for_storage(current, item_id)
-        if waited is not None:
-            if waited != ItemOutcome.PAUSED:
-                ITEMS.labels(waited.value).inc()
-            return waited.value
         try:
-            outcome = process_item(
-                current.sessions,
-                current.storage,
-                current.engine,
-                item_id,
-                lease_seconds=current.lease_seconds,
-                max_attempts=current.max_attempts,
-                limits=current.limits,
-                batch_wait_ms=current.batch_wait_ms,
-                taken_along=taken_along,
-                announce_job_change=current.job_changes.announce,
-                breaker=current.storage_breaker,
-            )
-        except StorageUnavailable as exc:
-            ITEMS.labels("storage_retry").inc()
-            # The item is back in the queue; process_item counts the attempts and
-            # fails the item once they run out, so this retry loop is bounded.
-            raise self.retry(countdown=exc.retry_in_seconds, exc=exc) from exc
-        observe_item(current.sessions, item_id, outcome.value, time.monotonic() - started)
-        if outcome == ItemOutcome.PAUSED:
+            return _segment_item(self, current, item_id, started, taken_along)
+        except DBAPIError as exc:
+            if not database_unreachable(exc):
+                raise
+            # The database is down: no row can change, so no attempt is
+            # spent (one in flight keeps its lease, which runs out as a dead
+            # worker's would). This process takes nothing until it answers,
+            # and says so once, not with a traceback per message.
+            current.database_breaker.trip(str(exc).splitlines()[0])
             segment_item.apply_async((item_id,))
+            return ItemOutcome.PAUSED.value
+
+
+def _segment_item(
+    task: Any,
+    current: SegmentRuntime,
+    item_id: int,
+    started: float,
+    taken_along: Callable[[Claim, ItemOutcome], None],
+) -> str:
+    if not current.database_breaker.wait_until_closed(PAUSE_SLICE_SECONDS):
+        segment_item.apply_async((item_id,))
+        return ItemOutcome.PAUSED.value
+    waited = _wait_for_storage(current, item_id)
+    if waited is not None:
+        if waited != ItemOutcome.PAUSED:
+            ITEMS.labels(waited.value).inc()
+        return waited.value
+    try:
+        outcome = process_item(
+            current.sessions,
+            current.storage,
+            current.engine,
+            item_id,
+            lease_seconds=current.lease_seconds,
+            max_attempts=current.max_attempts,
+            limits=current.limits,
+            batch_wait_ms=current.batch_wait_ms,
+            taken_along=taken_along,
+            announce_job_change=current.job_changes.announce,
+            breaker=current.storage_breaker,
+        )
+    except StorageUnavailable as exc:
+        ITEMS.labels("storage_retry").inc()
+        # The item is back in the queue; process_item counts the attempts and
+        # fails the item once they run out, so this retry loop is bounded.
+        raise task.retry(countdown=exc.retry_in_seconds, exc=exc) from exc
+    current.database_breaker.confirm()  # its rows were written: the database works
+    observe_item(current.sessions, item_id, outcome.value, time.monotonic() - started)
+    if outcome == ItemOutcome.PAUSED:
+        segment_item.apply_async((item_id,))
     return outcome.value
 
 
