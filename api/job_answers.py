@@ -101,7 +101,12 @@ class ItemTally:
 
 
 def entity_tag(
-    job: Job, tally: ItemTally, window: SigningWindow, page: ItemsPage, view_url: str
+    job: Job,
+    tally: ItemTally,
+    window: SigningWindow,
+    page: ItemsPage,
+    view_url: str,
+    waiting_for: str | None = None,
 ) -> str:
     """The answer's (weak) entity tag, unquoted: changes exactly when the
     answer a client would see does."""
@@ -123,6 +128,7 @@ def entity_tag(
         page.limit,
         page.first_position,
         view_url,
+        waiting_for,
     ]
     return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:32]
 
@@ -198,8 +204,12 @@ def render_job_answer(
     page: ItemsPage,
     link: Linker,
     view_url: str,
+    *,
+    waiting_for: str | None = None,
 ) -> str:
-    """The answer's body: JobResponse's JSON as Flask writes it."""
+    """The answer's body: JobResponse's JSON as Flask writes it;
+    ``waiting_for``: why an unfinished job's items wait, where no live
+    worker takes them."""
     rows = _item_rows(session, job.id, page)
     next_cursor: str | None = None
     if page.limit is not None and len(rows) > page.limit:
@@ -224,6 +234,8 @@ def render_job_answer(
         "engine": job.engine,
         "viewUrl": view_url,
     }
+    if waiting_for is not None:
+        document["waitingFor"] = waiting_for
     if failures:
         document["failedItems"] = []
     if page.limit is not None:

@@ -57,9 +57,11 @@ from api.schemas import (
     list_limit,
     parse,
 )
+from segq.clock import now_ms
 from segq.deletion import delete_jobs
 from segq.job_document import render_created_job, render_job_summary
 from segq.models import ItemStatus, Job, JobItem, JobStatus
+from segq.worker_processes import workers_overview
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +216,12 @@ def _job_answer(job: Job, *, conditional: bool) -> tuple[Response, int, dict[str
         current_project().name, job.project_id, job.id, links.expires_time(window)
     )
     tally = ItemTally.of(session, job.id)
-    tag = entity_tag(job, tally, window, page, view_url)
+    waiting_for = (
+        None
+        if JobStatus(job.status).finished
+        else workers_overview(session, now_ms()).waiting_for(job.engine)
+    )
+    tag = entity_tag(job, tally, window, page, view_url, waiting_for)
     headers: dict[str, str] = {
         # Caches may keep it, but must ask again (with the tag) before using it.
         "Cache-Control": "private, no-cache",
@@ -230,7 +237,13 @@ def _job_answer(job: Job, *, conditional: bool) -> tuple[Response, int, dict[str
     body = kept.get(job.id, tag)
     if body is None:
         body = render_job_answer(
-            session, job, tally, page, partial(links.link, window=window), view_url
+            session,
+            job,
+            tally,
+            page,
+            partial(links.link, window=window),
+            view_url,
+            waiting_for=waiting_for,
         ).encode()
         kept.keep(job.id, tag, body)
     return Response(body, mimetype="application/json"), 200, headers

@@ -454,6 +454,13 @@ class JobResponse(JobState):
     failedItems: list[FailedItems] | None = None
     progress: Progress
     engine: str | None = Field(description="extension: the engine that ran the job")
+    waitingFor: str | None = Field(
+        None,
+        description=(
+            "extension: while unfinished, why its items wait when no live worker takes them "
+            "(every worker paused for a dependency that is down, or none running)"
+        ),
+    )
     viewUrl: str | None = Field(
         None,
         description=(
@@ -548,9 +555,30 @@ class HealthResponse(ResponseModel):
     status: Literal["ok"]
 
 
+class WorkersState(ResponseModel):
+    serving: int = Field(description="live segmenting worker processes that take items")
+    paused: int = Field(
+        description="live ones that take no items because a dependency (storage) is down"
+    )
+    waitingFor: str | None = Field(
+        None,
+        description=(
+            "why queued items wait, when no live worker takes them: every worker paused "
+            "(for which dependency, since when) or none running (and why the last start failed)"
+        ),
+    )
+
+
 class ReadinessResponse(ResponseModel):
     status: Literal["ready", "unavailable"]
     checks: dict[str, str] = Field(description="database, broker, storage: ok or why not")
+    workers: WorkersState | None = Field(
+        None,
+        description=(
+            "extension, informative: the segmenting workers as they last said; never makes "
+            "this API process unready (it can still take jobs). Absent while the database is down"
+        ),
+    )
 
 
 # Query strings, headers and forms, as documented. The handlers read them

@@ -271,3 +271,26 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class WorkerProcess(Base):
+    """A process that segments items, as it last said of itself: the engine
+    it serves, whether it is paused for a dependency that does not answer,
+    or why it could not start. Written by workers, read by the API (which
+    never imports the worker) to say why work waits."""
+
+    __tablename__ = "worker_processes"
+
+    #: ``host:pid``.
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: The engine it serves (or failed to build).
+    engine: Mapped[str] = mapped_column(String(32))
+    started_time: Mapped[int] = mapped_column(BigInteger)
+    #: Renewed every few seconds while it lives (segq/worker_processes.py).
+    heartbeat_time: Mapped[int] = mapped_column(BigInteger)
+    #: Since when it takes no items because ``paused_dependency`` is down.
+    paused_since: Mapped[int | None] = mapped_column(BigInteger)
+    paused_dependency: Mapped[str | None] = mapped_column(String(32))
+    paused_reason: Mapped[str | None] = mapped_column(Text)
+    #: Why its engine could not be built; it exited at start.
+    start_failure: Mapped[str | None] = mapped_column(Text)

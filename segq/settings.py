@@ -37,6 +37,12 @@ class SettingsError(ValueError):
     """An environment variable holds a value segq cannot use."""
 
 
+#: Long enough for an ordinary S3 or MinIO restart, or a rolling upgrade of
+#: a MinIO cluster, with room to spare; short enough that a dead bucket is
+#: noticed within the hour by the jobs that wait on it.
+DEFAULT_DEPENDENCY_OUTAGE_SECONDS = 900
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
@@ -61,6 +67,9 @@ class Settings:
     lease_seconds: int
     item_time_limit_seconds: int
     max_attempts: int
+    #: How long items wait for a dependency that is down (storage) before they
+    #: fail for it, counted from when the outage began: worker/dependency_breaker.py.
+    dependency_outage_seconds: int
     republish_after_seconds: int
     reconcile_interval_seconds: int
     poll_retry_after_seconds: int
@@ -191,6 +200,9 @@ class Settings:
             lease_seconds=_int(env, "SEGQ_LEASE_SECONDS", 60),
             item_time_limit_seconds=_int(env, "SEGQ_ITEM_TIME_LIMIT_SECONDS", 600),
             max_attempts=_int(env, "SEGQ_MAX_ATTEMPTS", 5),
+            dependency_outage_seconds=_int(
+                env, "SEGQ_DEPENDENCY_OUTAGE_SECONDS", DEFAULT_DEPENDENCY_OUTAGE_SECONDS
+            ),
             republish_after_seconds=_int(env, "SEGQ_REPUBLISH_AFTER_SECONDS", 300),
             reconcile_interval_seconds=_int(env, "SEGQ_RECONCILE_INTERVAL_SECONDS", 15),
             poll_retry_after_seconds=_int(env, "SEGQ_POLL_RETRY_AFTER_SECONDS", 1),

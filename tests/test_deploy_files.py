@@ -267,6 +267,7 @@ def test_alert_rules_name_metrics_that_are_served(client: FlaskClient) -> None:
         "SegqWebhooksOverdue",
         "SegqWorkerAbsent",
         "SegqStorageErrors",
+        "SegqWorkersPaused",
     } <= set(alerts)
     api_names = set(re.findall(r"^(segq_\w+)", client.get("/metrics").get_data(as_text=True), re.M))
     served = api_names | worker_metric_names()

@@ -31,8 +31,9 @@ from segq.db import make_engine, make_session_factory
 from segq.job_document import render_job
 from segq.job_text import LINK_HOLE, render_result_text
 from segq.migrations import upgrade_to_head
-from segq.models import Job, JobItem, Project
+from segq.models import Job, JobItem, JobStatus, Project
 from segq.settings import Settings
+from segq.worker_processes import workers_overview
 from tests.harness import Tenant, make_tenant
 from worker.claims import claim_item, finish_item
 
@@ -188,6 +189,10 @@ def _model_answer(app: Flask, project: str, job_id: int) -> bytes:
         document["viewUrl"] = view_links().page_url(
             project, job.project_id, job.id, links.expires_time(window)
         )
+        if not JobStatus(job.status).finished:
+            waiting_for = workers_overview(session, now_ms()).waiting_for(job.engine)
+            if waiting_for is not None:
+                document["waitingFor"] = waiting_for
         return bytes(json_document(JobResponse, document).get_data())
 
 

@@ -463,12 +463,23 @@ def renew_lease(sessions: sessionmaker[Session], claim: Claim, lease_seconds: in
         return _update_held_item(session, claim, lease_expires_time=now_ms() + lease_seconds * 1000)
 
 
-def release_item(sessions: sessionmaker[Session], claim: Claim, retry_in_seconds: int = 0) -> bool:
+def release_item(
+    sessions: sessionmaker[Session],
+    claim: Claim,
+    retry_in_seconds: int = 0,
+    *,
+    give_back_attempt: bool = False,
+) -> bool:
     """Give the item back to the queue, if ``claim`` still holds it, to be
     run again no sooner than ``retry_in_seconds`` from now: its
     published_time is when its retry message is due, and until then
     neither a claim nor a batch takes it (a storage outage must cost an
-    item one attempt per backoff, whoever holds a message for it)."""
+    item one attempt per backoff, whoever holds a message for it).
+
+    ``give_back_attempt``: the attempt did not count against the item (a
+    dependency was down, not the item at fault); the next one takes its
+    number again, and its keys, which nothing refers to yet."""
+    extra = {"attempt": claim.attempt - 1} if give_back_attempt else {}
     with sessions.begin() as session:
         return _update_held_item(
             session,
@@ -476,6 +487,7 @@ def release_item(sessions: sessionmaker[Session], claim: Claim, retry_in_seconds
             status=ItemStatus.QUEUED,
             lease_expires_time=None,
             published_time=now_ms() + retry_in_seconds * 1000,
+            **extra,
         )
 
 
@@ -552,3 +564,37 @@ def queued_company(
             values["count"] = count - len(found)
             found += session.scalars(_QUEUED_ELSEWHERE, {**values, "engine": engine_name})
         return found
+
+
+@dataclass(frozen=True)
+class WaitedOut:
+    """What ``fail_waiting_item`` found."""
+
+    #: The failed item's job; None when it was not failed.
+    failed_job_id: int | None
+    #: The item still waits to run (its job came after ``created_by``).
+    still_waiting: bool
+
+
+def fail_waiting_item(
+    sessions: sessionmaker[Session], item_id: int, message: str, *, created_by: int
+) -> WaitedOut:
+    """Fail a queued item, no attempt holding it, that waited out a
+    dependency's outage, if its job was created by ``created_by`` (epoch
+    ms: a job that came later has not waited that long)."""
+    with sessions.begin() as session:
+        job = session.scalar(_LOCK_JOB_OF_ITEM, {"item_id": item_id})
+        if job is None or JobStatus(job.status).finished:
+            return WaitedOut(None, still_waiting=False)
+        item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
+        if item is None or item.status != ItemStatus.QUEUED:
+            return WaitedOut(None, still_waiting=False)
+        if job.created_time > created_by:
+            return WaitedOut(None, still_waiting=True)
+        now = now_ms()
+        item.status = ItemStatus.FAILED
+        item.error_message = message
+        item.finished_time = now
+        _record_item_event(session, job.id, item.id, ItemStatus.FAILED, now)
+        roll_up_job(session, job.id)
+        return WaitedOut(job.id, still_waiting=False)
