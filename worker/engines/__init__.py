@@ -94,8 +94,10 @@ def load_engine(
         # loader), and only where a cache will key embeddings by it.
         return None if embeddings is None else model_id(choice.name, checkpoint_digest(checkpoint))
 
-    engine = MODEL_ENGINES_BY_NAME[choice.name]
-    if engine.family is EngineFamily.SAM2:
+    # A name outside the catalogue is a SAM architecture registered by its
+    # caller (tests register tiny ones); load_sam names an unknown one.
+    catalogued = MODEL_ENGINES_BY_NAME.get(choice.name)
+    if catalogued is not None and catalogued.family is EngineFamily.SAM2:
         from worker.engines.sam2 import Sam2Engine, load_sam2
 
         return Sam2Engine(
@@ -108,7 +110,11 @@ def load_engine(
     from worker.engines.sam import SamEngine, load_sam
 
     return SamEngine(
-        load_sam(engine.architecture, choice.checkpoint, device),
+        load_sam(
+            catalogued.architecture if catalogued else choice.name.removeprefix("sam_"),
+            choice.checkpoint,
+            device,
+        ),
         choice.name,
         embeddings=embeddings,
         model_id=cache_key(),
