@@ -8,7 +8,15 @@ import binascii
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from api.errors import ApiError, FieldPath
 from api.request_integers import ascii_integer, request_integer
@@ -198,6 +206,10 @@ class InstanceIdBody(ResponseModel):
     externalId: str
 
 
+class LabelBody(ResponseModel):
+    externalId: str
+
+
 class FileResponse(ResponseModel):
     """Cognite's file, plus what segq learnt from the bytes (size,
     dimensions, digest), present once they are uploaded."""
@@ -212,6 +224,11 @@ class FileResponse(ResponseModel):
     directory: str | None = None
     sourceCreatedTime: int | None = None
     sourceModifiedTime: int | None = None
+    assetIds: list[int] | None = None
+    dataSetId: int | None = None
+    labels: list[LabelBody] | None = None
+    geoLocation: dict[str, Any] | None = None
+    securityCategories: list[int] | None = None
     uploaded: bool
     uploadedTime: int | None = None
     createdTime: int
@@ -588,9 +605,87 @@ FileId = Annotated[int, Field(ge=1, le=2**63 - 1)]
 FileSource = Annotated[str, Field(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
 #: Cognite's directory: an absolute, unix-style path.
 FileDirectory = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^/[^\x00-\x1f\x7f]*$")]
+MimeType = Annotated[str, Field(min_length=1, max_length=255, pattern=NO_CONTROL_CHARACTERS)]
+#: Cognite's ids of other resources (assets, data sets, security
+#: categories), which segq keeps as the client gave them.
+ResourceId = Annotated[int, Field(ge=1, le=2**53)]
+#: Cognite's bounds on a file's lists.
+AssetIds = Annotated[list[ResourceId], Field(max_length=1000)]
+SecurityCategories = Annotated[list[ResourceId], Field(max_length=100)]
+
+
+class Label(StrictModel):
+    """Cognite's reference to a label, by its externalId."""
+
+    externalId: Identifier
+
+
+Labels = Annotated[list[Label], Field(max_length=10)]
+Coordinate = Annotated[float, Field(allow_inf_nan=False)]
+Position = Annotated[list[Coordinate], Field(min_length=2, max_length=3)]
+#: GeoJSON coordinates, one to four levels of lists deep (Point to MultiPolygon).
+Coordinates = (
+    Position
+    | Annotated[list[Position], Field(max_length=10000)]
+    | Annotated[list[Annotated[list[Position], Field(max_length=10000)]], Field(max_length=1000)]
+    | Annotated[
+        list[
+            Annotated[
+                list[Annotated[list[Position], Field(max_length=10000)]], Field(max_length=1000)
+            ]
+        ],
+        Field(max_length=1000),
+    ]
+)
+
+
+class Geometry(StrictModel):
+    type: Literal["Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon"]
+    coordinates: Coordinates
+
+
+GeoPropertyValue = (
+    Annotated[str, Field(max_length=10240, pattern=r"^[^\x00]*$")] | float | bool | None
+)
+
+
+class GeoLocation(StrictModel):
+    """Cognite's geographic metadata of a file: a GeoJSON Feature."""
+
+    type: Literal["Feature"]
+    geometry: Geometry
+    properties: (
+        Annotated[
+            dict[
+                Annotated[str, Field(max_length=128, pattern=NO_CONTROL_CHARACTERS)],
+                GeoPropertyValue,
+            ],
+            Field(max_length=256),
+        ]
+        | None
+    ) = None
+
+
 #: Cognite's file fields that only describe the file: segq keeps and shows
-#: them as set, and gives them no meaning.
-DESCRIPTIVE_FILE_FIELDS = ("source", "directory", "sourceCreatedTime", "sourceModifiedTime")
+#: them as set, and gives them no meaning (securityCategories included:
+#: segq's access is by project key only).
+DESCRIPTIVE_FILE_FIELDS = (
+    "source",
+    "directory",
+    "sourceCreatedTime",
+    "sourceModifiedTime",
+    "assetIds",
+    "dataSetId",
+    "labels",
+    "geoLocation",
+    "securityCategories",
+)
+#: The descriptive fields that are lists, which updates add to and remove from.
+DESCRIPTIVE_LIST_ADAPTERS: dict[str, TypeAdapter[Any]] = {
+    "assetIds": TypeAdapter(AssetIds),
+    "labels": TypeAdapter(Labels),
+    "securityCategories": TypeAdapter(SecurityCategories),
+}
 
 
 class FileCreation(StrictModel):
@@ -598,13 +693,18 @@ class FileCreation(StrictModel):
 
     name: FileName
     externalId: Identifier | None = None
-    mimeType: Annotated[str, Field(max_length=255, pattern=NO_CONTROL_CHARACTERS)] | None = None
+    mimeType: MimeType | None = None
     metadata: MetadataMap | None = None
     instanceId: InstanceId | None = None
     source: FileSource | None = None
     directory: FileDirectory | None = None
     sourceCreatedTime: EpochMs | None = None
     sourceModifiedTime: EpochMs | None = None
+    assetIds: AssetIds | None = None
+    dataSetId: ResourceId | None = None
+    labels: Labels | None = None
+    geoLocation: GeoLocation | None = None
+    securityCategories: SecurityCategories | None = None
 
 
 class OverwriteQuery(BaseModel):
@@ -642,6 +742,32 @@ class TimeRange(StrictModel):
     max: EpochMs | None = None
 
 
+class DataSetReference(StrictModel):
+    """A data set by id: segq keeps no data sets, so none has an externalId
+    (optional here only so that one sent is refused as unsupported)."""
+
+    id: ResourceId | None = None
+
+    @model_validator(mode="after")
+    def _has_id(self) -> DataSetReference:
+        if self.id is None:
+            raise ValueError("a data set is named by its id")
+        return self
+
+
+class LabelFilter(StrictModel):
+    """Exactly one of the fields: files with any, or with all, of the labels."""
+
+    containsAny: Annotated[list[Label], Field(min_length=1, max_length=100)] | None = None
+    containsAll: Annotated[list[Label], Field(min_length=1, max_length=100)] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> LabelFilter:
+        if (self.containsAny is None) == (self.containsAll is None):
+            raise ValueError("give exactly one of containsAny and containsAll")
+        return self
+
+
 class FileFilter(StrictModel):
     externalIdPrefix: (
         Annotated[str, Field(max_length=MAX_EXTERNAL_ID_LENGTH, pattern=NO_CONTROL_CHARACTERS)]
@@ -658,12 +784,39 @@ class FileFilter(StrictModel):
     )
     sourceCreatedTime: TimeRange | None = None
     sourceModifiedTime: TimeRange | None = None
+    name: FileName | None = None
+    metadata: MetadataMap | None = None
+    assetIds: Annotated[list[ResourceId], Field(min_length=1, max_length=100)] | None = None
+    dataSetIds: Annotated[list[DataSetReference], Field(min_length=1, max_length=100)] | None = None
+    labels: LabelFilter | None = None
+
+
+#: Cognite's partition of a listing, "m/n": the m-th of n disjoint slices.
+MAX_PARTITIONS = 100
+PARTITION = re.compile(r"^([1-9][0-9]{0,2})/([1-9][0-9]{0,2})$")
+
+
+def _partition_within(value: str) -> str:
+    found = PARTITION.fullmatch(value)
+    if found is None or not int(found[1]) <= int(found[2]) <= MAX_PARTITIONS:
+        raise ValueError(f"must be m/n with 1 <= m <= n <= {MAX_PARTITIONS}")
+    return value
+
+
+Partition = Annotated[str, Field(max_length=7), AfterValidator(_partition_within)]
+
+
+def partition_of(value: str) -> tuple[int, int]:
+    """(m, n) of a checked partition "m/n"."""
+    index, count = value.split("/")
+    return int(index), int(count)
 
 
 class FileListRequest(StrictModel):
     filter: FileFilter | None = None
     limit: ListLimit | None = None
     cursor: Annotated[str, Field(max_length=64)] | None = None
+    partition: Partition | None = None
 
 
 class FileAggregateRequest(StrictModel):
@@ -713,14 +866,49 @@ class TimeChange(StrictModel):
     setNull: Literal[True] | None = None
 
 
+class MimeTypeChange(StrictModel):
+    set: MimeType | None = None
+    setNull: Literal[True] | None = None
+
+
+class DataSetIdChange(StrictModel):
+    set: ResourceId | None = None
+    setNull: Literal[True] | None = None
+
+
+class GeoLocationChange(StrictModel):
+    set: GeoLocation | None = None
+    setNull: Literal[True] | None = None
+
+
+class IdListChange(StrictModel):
+    """set replaces the list; add and remove change it (the result is checked whole)."""
+
+    set: Annotated[list[ResourceId], Field(max_length=1000)] | None = None
+    add: Annotated[list[ResourceId], Field(max_length=1000)] | None = None
+    remove: Annotated[list[ResourceId], Field(max_length=1000)] | None = None
+
+
+class LabelsChange(StrictModel):
+    set: Labels | None = None
+    add: Labels | None = None
+    remove: Labels | None = None
+
+
 class FileChanges(StrictModel):
     externalId: NullableIdentifierChange | None = None
     name: NameChange | None = None
+    mimeType: MimeTypeChange | None = None
     metadata: MetadataChange | None = None
     source: SourceChange | None = None
     directory: DirectoryChange | None = None
     sourceCreatedTime: TimeChange | None = None
     sourceModifiedTime: TimeChange | None = None
+    assetIds: IdListChange | None = None
+    dataSetId: DataSetIdChange | None = None
+    labels: LabelsChange | None = None
+    geoLocation: GeoLocationChange | None = None
+    securityCategories: IdListChange | None = None
 
 
 class FileUpdate(FileIdentifier):
@@ -782,7 +970,32 @@ def parse(model: type[ModelT], body: dict[str, Any]) -> ModelT:
         raise validation_refusal(exc) from None
 
 
+#: What to do instead of a field of Cognite's that segq does not read, by
+#: the field's name (or its parent's and its own, joined by a dot).
+UNSUPPORTED_FIELD_ADVICE: dict[str, str] = {
+    "assetExternalIds": "segq keeps no assets, only the assetIds files were given: "
+    "filter on assetIds instead",
+    "assetSubtreeIds": "segq keeps no asset hierarchy: filter on assetIds instead",
+    "assetSubtreeExternalIds": "segq keeps no asset hierarchy: filter on assetIds instead",
+    "dataSetIds.externalId": "segq keeps no data sets, only the dataSetId files were given: "
+    "name data sets by id instead",
+    "filter.geoLocation": "segq keeps files' geoLocation but does not filter on it: "
+    "filter the listed files' geoLocation yourself",
+}
+
+
 def validation_refusal(exc: ValidationError, where: FieldPath = ()) -> ApiError:
-    """A 400 naming the first field ``exc`` found wrong, under ``where``."""
+    """A 400 naming the first field ``exc`` found wrong, under ``where``.
+    A field the model does not have is said to be unsupported in plain
+    words, with what to do instead where there is something."""
     first = exc.errors(include_url=False)[0]
-    return ApiError.about((*where, *first["loc"]), 400, f": {first['msg']}")
+    field: FieldPath = (*where, *first["loc"])
+    if first["type"] != "extra_forbidden":
+        return ApiError.about(field, 400, f": {first['msg']}")
+    names = [part for part in field if isinstance(part, str)]
+    advice = UNSUPPORTED_FIELD_ADVICE.get(".".join(names[-2:])) or UNSUPPORTED_FIELD_ADVICE.get(
+        names[-1] if names else ""
+    )
+    instead = advice or "leave it out"
+    name = names[-1] if names else "this field"
+    return ApiError.about(field, 400, f": segq does not support {name!r} here; {instead}")
