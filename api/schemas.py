@@ -624,29 +624,53 @@ Labels = Annotated[list[Label], Field(max_length=10)]
 Coordinate = Annotated[float, Field(allow_inf_nan=False)]
 Position = Annotated[list[Coordinate], Field(min_length=2, max_length=3)]
 #: GeoJSON coordinates, one to four levels of lists deep (Point to MultiPolygon).
-Coordinates = (
-    Position
-    | Annotated[list[Position], Field(max_length=10000)]
-    | Annotated[list[Annotated[list[Position], Field(max_length=10000)]], Field(max_length=1000)]
-    | Annotated[
-        list[
-            Annotated[
-                list[Annotated[list[Position], Field(max_length=10000)]], Field(max_length=1000)
-            ]
-        ],
-        Field(max_length=1000),
-    ]
-)
+Coordinates = list[Coordinate] | list[Position] | list[list[Position]] | list[list[list[Position]]]
+#: How deep each geometry's coordinates are.
+GEOMETRY_DEPTHS = {
+    "Point": 1,
+    "MultiPoint": 2,
+    "LineString": 2,
+    "Polygon": 3,
+    "MultiLineString": 3,
+    "MultiPolygon": 4,
+}
+#: Bounds on a file's geoLocation, as metadata's bound it: what a listing of
+#: files answers stays bounded.
+MAX_GEO_POSITIONS = 256
+
+
+def _depth_and_positions(coordinates: list[Any]) -> tuple[int, int]:
+    if not coordinates or not isinstance(coordinates[0], list):
+        return 1, 1
+    inner = [_depth_and_positions(part) for part in coordinates]
+    depths = {depth for depth, _ in inner}
+    return (max(depths) + 1 if len(depths) == 1 else 0), sum(count for _, count in inner)
 
 
 class Geometry(StrictModel):
     type: Literal["Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon"]
     coordinates: Coordinates
 
+    @model_validator(mode="after")
+    def _shaped_as_its_type(self) -> Geometry:
+        depth, positions = _depth_and_positions(self.coordinates)
+        if depth != GEOMETRY_DEPTHS[self.type]:
+            raise ValueError(
+                f"a {self.type}'s coordinates are lists nested {GEOMETRY_DEPTHS[self.type]} deep"
+            )
+        if positions > MAX_GEO_POSITIONS:
+            raise ValueError(f"has {positions} positions, more than {MAX_GEO_POSITIONS}")
+        return self
 
-GeoPropertyValue = (
-    Annotated[str, Field(max_length=10240, pattern=r"^[^\x00]*$")] | float | bool | None
-)
+
+GeoPropertyValue = Annotated[str, Field(max_length=MAX_METADATA_BYTES)] | float | bool | None
+
+
+def _properties_within_total(properties: dict[str, Any]) -> dict[str, Any]:
+    _metadata_within_total(
+        {key: value for key, value in properties.items() if isinstance(value, str)}
+    )
+    return properties
 
 
 class GeoLocation(StrictModel):
@@ -657,10 +681,11 @@ class GeoLocation(StrictModel):
     properties: (
         Annotated[
             dict[
-                Annotated[str, Field(max_length=128, pattern=NO_CONTROL_CHARACTERS)],
+                Annotated[str, Field(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)],
                 GeoPropertyValue,
             ],
-            Field(max_length=256),
+            Field(max_length=MAX_METADATA_PAIRS),
+            AfterValidator(_properties_within_total),
         ]
         | None
     ) = None

@@ -387,7 +387,7 @@ def test_fields_segq_does_not_support_are_refused_in_plain_words(project: Projec
         ),
         "filter.dataSetIds[0].externalId": (
             "by id",
-            lambda: client.files.aggregate_count(filter={"data_set_external_ids": ["ds"]}),
+            lambda: client.files.list(data_set_external_ids=["ds"]),
         ),
         "filter.geoLocation": (
             "yourself",
@@ -470,6 +470,12 @@ def test_every_file_field_is_kept_and_updated_as_cognite_does(project: Project) 
     assert contradicted.value.code == 400
     assert contradicted.value.message.startswith("items[0].update.mimeType: ")
     assert "image/png bytes" in contradicted.value.message
+    # Bounded as metadata is, so that a listing's answer stays bounded.
+    too_many = GeoLocation("Feature", Geometry("MultiPoint", [[0.0, 1.0]] * 257))
+    with pytest.raises(CogniteAPIError) as too_large:
+        client.files.update(FileMetadataUpdate(id=created.id).geo_location.set(too_many))
+    assert too_large.value.message.startswith("items[0].update.geoLocation.set.geometry: ")
+    assert "257 positions" in too_large.value.message
     # A file still waiting for its bytes takes any type it is given.
     client.post(f"/api/v1/projects/{project.name}/files", json={"name": "w", "externalId": "w"})
     waiting = client.files.update(FileMetadataUpdate(external_id="w").mime_type.set("image/jpeg"))
