@@ -463,9 +463,9 @@ def _filter_conditions(
         return conditions
     if file_filter.name is not None:
         conditions.append(StoredFile.name == file_filter.name)
-    for key, value in (file_filter.metadata or {}).items():
-        conditions.append(StoredFile.file_metadata[key].as_string() == value)
     dialect = session.get_bind().dialect.name
+    for key, value in (file_filter.metadata or {}).items():
+        conditions.append(_has_pair(dialect, key, value))
     if file_filter.assetIds is not None:
         conditions.append(_holds_any(dialect, "assetIds", file_filter.assetIds))
     if file_filter.dataSetIds is not None:
@@ -513,6 +513,16 @@ def _filter_conditions(
     ):
         conditions.extend(_in_range(column, time_range))
     return conditions
+
+
+def _has_pair(dialect: str, key: str, value: str) -> ColumnElement[bool]:
+    """Whether the file's metadata maps ``key`` to ``value``. SQLite's JSON
+    paths cannot name every key (a quote, escaped characters): its pairs
+    are compared as json_each decodes them."""
+    if dialect == "postgresql":
+        return StoredFile.file_metadata[key].as_string() == value
+    pairs = func.json_each(StoredFile.file_metadata).table_valued("key", "value")
+    return exists().select_from(pairs).where(pairs.c.key == key, pairs.c.value == value)
 
 
 def _holds_any(dialect: str, field: str, values: Sequence[Any]) -> ColumnElement[bool]:

@@ -499,7 +499,7 @@ def test_every_file_filter_and_partitioned_listing(project: Project) -> None:
     ids: dict[str, int] = {}
     for index, (name, metadata, asset_ids, data_set_id, labels) in enumerate(
         (
-            ("gate.png", {"site": "north", "shift": "day"}, [1, 2], 7, ["pump"]),
+            ("gate.png", {"site": "north", "shift": "day", 'q"ü.x': "ü"}, [1, 2], 7, ["pump"]),
             ("gate.png", {"site": "north"}, [3], 8, ["pump", "valve"]),
             ("yard.png", {"site": "south"}, None, None, ["valve"]),
         )
@@ -524,6 +524,8 @@ def test_every_file_filter_and_partitioned_listing(project: Project) -> None:
     assert listed(name="gate.png") == ["f0", "f1"]
     assert listed(metadata={"site": "north"}) == ["f0", "f1"]
     assert listed(metadata={"site": "north", "shift": "day"}) == ["f0"]
+    # Any key: quotes, dots and escaped characters in it name no JSON path.
+    assert listed(metadata={'q"ü.x': "ü"}) == ["f0"]
     assert listed(asset_ids=[2, 3]) == ["f0", "f1"]
     assert listed(asset_ids=[4]) == []
     assert listed(data_set_ids=[8]) == ["f1"]
