@@ -1012,8 +1012,11 @@ UNSUPPORTED_FIELD_ADVICE: dict[str, str] = {
 def validation_refusal(exc: ValidationError, where: FieldPath = ()) -> ApiError:
     """A 400 naming the first field ``exc`` found wrong, under ``where``.
     A field the model does not have is said to be unsupported in plain
-    words, with what to do instead where there is something."""
-    first = exc.errors(include_url=False)[0]
+    words, with what to do instead where there is something; such a field
+    is named before any other error, since it is what the caller must
+    change first (and a field required beside it may be its replacement)."""
+    errors = exc.errors(include_url=False)
+    first = next((error for error in errors if error["type"] == "extra_forbidden"), errors[0])
     field: FieldPath = (*where, *first["loc"])
     if first["type"] != "extra_forbidden":
         return ApiError.about(field, 400, f": {first['msg']}")
