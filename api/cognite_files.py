@@ -139,9 +139,11 @@ def create_file(
     stored.external_id = creation.externalId
     stored.name = creation.name
     stored.file_metadata = creation.metadata
-    stored.descriptive_fields = (
-        creation.model_dump(include=set(DESCRIPTIVE_FILE_FIELDS), exclude_none=True) or None
-    )
+    described = creation.model_dump(include=set(DESCRIPTIVE_FILE_FIELDS), exclude_none=True)
+    # An empty list is kept as an update leaves one: not at all.
+    stored.descriptive_fields = {
+        field: value for field, value in described.items() if value != []
+    } or None
     stored.instance_space = creation.instanceId.space if creation.instanceId else None
     stored.instance_external_id = creation.instanceId.externalId if creation.instanceId else None
     stored.last_updated_time = now
@@ -520,7 +522,8 @@ def _has_pair(dialect: str, key: str, value: str) -> ColumnElement[bool]:
     paths cannot name every key (a quote, escaped characters): its pairs
     are compared as json_each decodes them."""
     if dialect == "postgresql":
-        return StoredFile.file_metadata[key].as_string() == value
+        maps_key: ColumnElement[bool] = StoredFile.file_metadata[key].as_string() == value
+        return maps_key
     pairs = func.json_each(StoredFile.file_metadata).table_valued("key", "value")
     return exists().select_from(pairs).where(pairs.c.key == key, pairs.c.value == value)
 
