@@ -608,7 +608,7 @@ FileDirectory = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^/[
 MimeType = Annotated[str, Field(min_length=1, max_length=255, pattern=NO_CONTROL_CHARACTERS)]
 #: Cognite's ids of other resources (assets, data sets, security
 #: categories), which segq keeps as the client gave them.
-ResourceId = Annotated[int, Field(ge=1, le=2**53)]
+ResourceId = Annotated[int, Field(ge=1, le=2**53 - 1)]
 #: Cognite's bounds on a file's lists.
 AssetIds = Annotated[list[ResourceId], Field(max_length=1000)]
 SecurityCategories = Annotated[list[ResourceId], Field(max_length=100)]
@@ -768,16 +768,9 @@ class TimeRange(StrictModel):
 
 
 class DataSetReference(StrictModel):
-    """A data set by id: segq keeps no data sets, so none has an externalId
-    (optional here only so that one sent is refused as unsupported)."""
+    """A data set by id: segq keeps no data sets, so none has an externalId."""
 
-    id: ResourceId | None = None
-
-    @model_validator(mode="after")
-    def _has_id(self) -> DataSetReference:
-        if self.id is None:
-            raise ValueError("a data set is named by its id")
-        return self
+    id: ResourceId
 
 
 class LabelFilter(StrictModel):
