@@ -472,8 +472,9 @@ def _filter_conditions(
         conditions.append(_holds_any(dialect, "assetIds", file_filter.assetIds))
     if file_filter.dataSetIds is not None:
         conditions.append(
+            # An id may pass Postgres's 32-bit integer: NUMERIC holds any.
             StoredFile.descriptive_fields["dataSetId"]
-            .as_integer()
+            .as_numeric(16, 0)
             .in_([data_set.id for data_set in file_filter.dataSetIds])
         )
     if file_filter.labels is not None:

@@ -500,7 +500,7 @@ def test_every_file_filter_and_partitioned_listing(project: Project) -> None:
     for index, (name, metadata, asset_ids, data_set_id, labels) in enumerate(
         (
             ("gate.png", {"site": "north", "shift": "day", 'q"ü.x': "ü"}, [1, 2], 7, ["pump"]),
-            ("gate.png", {"site": "north"}, [3], 8, ["pump", "valve"]),
+            ("gate.png", {"site": "north"}, [3], 2**53 - 1, ["pump", "valve"]),
             ("yard.png", {"site": "south"}, None, None, ["valve"]),
         )
     ):
@@ -528,7 +528,9 @@ def test_every_file_filter_and_partitioned_listing(project: Project) -> None:
     assert listed(metadata={'q"ü.x': "ü"}) == ["f0"]
     assert listed(asset_ids=[2, 3]) == ["f0", "f1"]
     assert listed(asset_ids=[4]) == []
-    assert listed(data_set_ids=[8]) == ["f1"]
+    # Ids past 32 bits, as Cognite's are.
+    assert listed(data_set_ids=[2**53 - 1]) == ["f1"]
+    assert listed(data_set_ids=[7, 8]) == ["f0"]
     assert listed(labels=LabelFilter(contains_any=["valve"])) == ["f1", "f2"]
     assert listed(labels=LabelFilter(contains_all=["pump", "valve"])) == ["f1"]
     assert listed(name="gate.png", labels=LabelFilter(contains_any=["valve"])) == ["f1"]
