@@ -102,6 +102,10 @@ bench-ingest: install services ## Items accepted/finished per second and per-ite
 bench-waiting: install services ## 500 requests waiting on a job (Prefer: wait): a plain GET beside them, threads, connections, CPU
 	$(BIN)/python bench/waiting.py
 
+.PHONY: bench-job-get
+bench-job-get: install services ## GET of a finished 1,000-item job with polygons: the old path (validated) beside the spliced answer, 304 and a page
+	$(BIN)/python bench/job_get.py
+
 .PHONY: bench-engine
 bench-engine: install ## SAM encoder/decoder ms, the embedding cache's second item (same and another process), mask encoding
 	$(BIN)/python bench/engine.py $(BENCH_ENGINE_ARGS)

@@ -13,6 +13,7 @@ from api.content_encoding import inflate_request_body
 from api.context import close_db
 from api.error_envelope import register_error_handlers
 from api.files import file_uploads, files
+from api.job_event_stream import JobEventFanOut
 from api.job_views import job_views
 from api.job_waiting import BlockingWaits, JobChangeFeed, blocking_wait_slots
 from api.jobs import jobs
@@ -27,6 +28,7 @@ from api.request_paths import MergedSlashes
 from api.response_policies import apply_response_policies
 from api.service import service
 from api.services import Services
+from api.signed_links import SignedLinks
 from api.token import token
 from api.webhooks import webhooks
 from segq.db import make_engine, make_session_factory
@@ -70,15 +72,18 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES
     app.json.sort_keys = False  # type: ignore[attr-defined]
     sessions = make_session_factory(make_engine(settings.database_url))
+    job_changes = JobChangeFeed(
+        sessions, pubsub_url(settings.broker_url), settings.wait_recheck_seconds
+    )
+    storage = storage or open_storage(
+        settings.storage_url,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        secret_key=settings.secret_key,
+    )
     app.extensions["segq"] = Services(
         settings=settings,
         sessions=sessions,
-        storage=storage
-        or open_storage(
-            settings.storage_url,
-            s3_endpoint_url=settings.s3_endpoint_url,
-            secret_key=settings.secret_key,
-        ),
+        storage=storage,
         celery=celery
         or make_celery(
             settings.broker_url,
@@ -86,11 +91,16 @@ def create_app(
             time_limit_seconds=settings.item_time_limit_seconds,
         ),
         rate_limiter=make_rate_limiter(settings.broker_url, settings.rate_limit_per_second),
-        job_changes=JobChangeFeed(
-            sessions, pubsub_url(settings.broker_url), settings.wait_recheck_seconds
-        ),
+        job_changes=job_changes,
+        job_events=JobEventFanOut(sessions, job_changes),
         job_announcer=make_announcer(settings.broker_url),
         blocking_waits=BlockingWaits(blocking_wait_slots(request_threads)),
+        signed_links=SignedLinks(
+            storage,
+            public_url=settings.public_url,
+            expires_seconds=settings.url_expires_seconds,
+            window_seconds=settings.url_signing_window_seconds,
+        ),
     )
     app.url_map.converters["id"] = IdConverter
     # Replicate's client reads its own problem documents for unknown routes

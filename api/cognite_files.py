@@ -50,6 +50,7 @@ from segq.clock import now_ms
 from segq.file_objects import new_file_key, part_key
 from segq.models import StoredFile
 from segq.served_objects import UNKNOWN_TYPE
+from segq.settings import Settings
 from segq.storage import ObjectNotFound, ObjectStorage
 
 #: Where upload URLs point; outside /projects/<project>: the signature is the key.
@@ -279,9 +280,7 @@ def complete_multipart_upload(
     storage: ObjectStorage,
     stored: StoredFile,
     parts: int,
-    *,
-    max_upload_bytes: int,
-    max_image_pixels: int,
+    settings: Settings,
 ) -> tuple[StoredFile, str | None]:
     """Join the parts, in order, and receive them as the file's bytes (see
     receive_upload). Completing again once the file holds its bytes under
@@ -299,12 +298,10 @@ def complete_multipart_upload(
         except ObjectNotFound:
             raise ApiError(400, f"part {part} of file {stored.id} was not uploaded") from None
         size += len(chunk)
-        if size > max_upload_bytes:
-            raise ApiError(413, f"file is larger than {max_upload_bytes} bytes")
+        if size > settings.max_upload_bytes:
+            raise ApiError(413, f"file is larger than {settings.max_upload_bytes} bytes")
         chunks.append(chunk)
-    return receive_upload(
-        session, storage, stored, b"".join(chunks), max_image_pixels=max_image_pixels
-    )
+    return receive_upload(session, storage, stored, b"".join(chunks), settings)
 
 
 def part_keys(stored: StoredFile, parts: int) -> list[str]:
@@ -316,8 +313,7 @@ def receive_upload(
     storage: ObjectStorage,
     stored: StoredFile,
     data: bytes,
-    *,
-    max_image_pixels: int,
+    settings: Settings,
 ) -> tuple[StoredFile, str | None]:
     """Store ``data`` as the file's bytes after the same checks as any
     upload (decoded, sized, pixels counted), and mark it uploaded; after an
@@ -325,7 +321,7 @@ def receive_upload(
     again change nothing; other bytes for a file that holds its last upload
     are a 409. Returns the file and the key of the content it replaced, for
     the caller to discard."""
-    info = inspect_image(data, max_pixels=max_image_pixels)
+    info = inspect_image(data, settings)
     if _holds_its_last_upload(stored):
         if stored.sha256 == info.sha256:
             session.rollback()

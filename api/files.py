@@ -129,7 +129,7 @@ def upload_file() -> tuple[Response, int, dict[str, str]]:
     data = upload.stream.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, f"file is larger than {settings.max_upload_bytes} bytes")
-    info = inspect_image(data, max_pixels=settings.max_image_pixels)
+    info = inspect_image(data, settings)
 
     project = current_project()
     session = db()
@@ -462,7 +462,7 @@ def put_file_bytes(token: str) -> Response:
         services().storage,
         target.stored,
         data,
-        max_image_pixels=settings.max_image_pixels,
+        settings,
     )
     if replaced_key is not None:
         _discard_replaced_version(replaced_key)
@@ -538,8 +538,7 @@ def complete_multipart() -> Response:
         storage,
         stored,
         parts,
-        max_upload_bytes=settings.max_upload_bytes,
-        max_image_pixels=settings.max_image_pixels,
+        settings,
     )
     discard_objects(storage, joined)
     if replaced_key is not None:

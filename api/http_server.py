@@ -25,6 +25,15 @@ What is added here goes through waitress's own extension points:
   headers over ``MAX_HEADER_BYTES``, a body over the app's bound, the
   deadline) carry segq's error envelope and an ``X-Request-Id``, as the
   app's own errors do.
+- a process told to stop (SIGTERM: a reload, a scale-down, a pod's end)
+  drains before it exits (``WaitressWorker._drain``): it stops accepting
+  (the listening socket stays open in gunicorn's other processes, so
+  connections waiting in the backlog go to them), closes its idle
+  keep-alive connections at once, answers every request it has begun to
+  read, and a parked one, with ``Connection: close``, and exits once no
+  connection is left, or when the grace period
+  (``SEGQ_SHUTDOWN_GRACE_SECONDS``) runs out. Closing a connection in
+  the middle of a request is what a client sees as a reset.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import json
 import logging
 import os
 import resource
+import socket
 import time
 import uuid
 from dataclasses import replace
@@ -48,7 +58,7 @@ from waitress.task import ErrorTask, ThreadedTaskDispatcher
 from waitress.utilities import Error, RequestEntityTooLarge, ServerNotImplemented
 
 from api import create_app, max_request_bytes
-from api.parking import ParkingChannel
+from api.parking import DRAINING_ENVIRON_KEY, ParkingChannel, ParkingTask
 from api.response_policies import DATA_POLICY, NOSNIFF
 from segq.logs import configure_logging
 from segq.settings import Settings
@@ -65,6 +75,12 @@ SPARE_DESCRIPTORS = 256
 #: How long the event loop waits for a socket before it tells gunicorn's
 #: arbiter that the process is alive.
 LOOP_SECONDS = 1.0
+#: While draining, how long a connection accepted just before may stay
+#: silent: its request is most likely on its way.
+SILENT_CONNECTION_SECONDS = 2.0
+#: The drain ends this long before gunicorn's graceful timeout, at which the
+#: arbiter kills the process, so the last answers are flushed first.
+DRAIN_MARGIN_SECONDS = 1.0
 
 # waitress and gunicorn ship no type information, so their classes are Any to
 # mypy and each subclass below says it knows.
@@ -128,6 +144,23 @@ class DeclaredSizeParser(HTTPRequestParser):  # type: ignore[misc]
         return consumed
 
 
+class DrainingTask(ParkingTask):
+    """A request's task that, once its process drains, closes the
+    connection after the answer and tells the app to answer now."""
+
+    def get_environment(self) -> dict[str, Any]:
+        environ = super().get_environment()
+        if self.channel.server.draining:
+            environ[DRAINING_ENVIRON_KEY] = True
+        return environ
+
+    def build_response_header(self) -> bytes:
+        if self.channel.server.draining:
+            self.set_close_on_finish()
+        header: bytes = super().build_response_header()
+        return header
+
+
 class DeadlineChannel(ParkingChannel):
     """A connection that remembers when the request it is reading began,
     and whose request may be parked while it waits."""
@@ -135,6 +168,11 @@ class DeadlineChannel(ParkingChannel):
     error_task_class = EnvelopeErrorTask
     parser_class = DeclaredSizeParser
     request_started = 0.0
+    #: Requests whose first byte came on this connection.
+    requests_begun = 0
+
+    def task_class(self, channel: ParkingChannel, request: Any) -> ParkingTask:
+        return self.parked_task or DrainingTask(channel, request)
 
     def received(self, data: bytes) -> bool:
         # waitress makes a new parser for each request; a parser that was
@@ -144,7 +182,28 @@ class DeadlineChannel(ParkingChannel):
         result: bool = super().received(data)
         if self.request is not None and self.request is not before:
             self.request_started = now
+            self.requests_begun += 1
         return result
+
+    def idle(self) -> bool:
+        """No request read in part, queued, running, parked or being sent,
+        and none arrived but not yet read."""
+        if (
+            self.request is not None
+            or self.requests
+            or self.total_outbufs_len
+            or self.parked_task is not None
+        ):
+            return False
+        # Closing a socket with unread bytes resets the connection: bytes
+        # waiting are a request the event loop reads next, and answers.
+        try:
+            waiting = self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return True  # already broken: nothing to answer
+        return not waiting
 
 
 class DeadlineServer(TcpWSGIServer):  # type: ignore[misc]
@@ -153,6 +212,8 @@ class DeadlineServer(TcpWSGIServer):  # type: ignore[misc]
 
     channel_class = DeadlineChannel
     deadline_seconds = 120
+    #: Set when the process begins to drain before it exits.
+    draining = False
 
     def maintenance(self, now: int) -> None:
         monotonic_now = time.monotonic()
@@ -230,16 +291,32 @@ class WaitressWorker(Worker):  # type: ignore[misc]
         dispatcher.shutdown()
 
     def _drain(self, servers: list[DeadlineServer], socket_map: dict[int, Any]) -> None:
-        """Stop accepting, and let the requests under way finish (at most
-        gunicorn's ``graceful_timeout``) before the process exits."""
+        """Stop accepting and close every connection without losing a
+        request: idle keep-alive ones at once, the others once answered
+        (with ``Connection: close``), within the grace period."""
+        started = time.monotonic()
+        give_up = started + max(0.0, self.cfg.graceful_timeout - DRAIN_MARGIN_SECONDS)
         for server in servers:
             server.accepting = False
-        give_up = time.monotonic() + self.cfg.graceful_timeout
-        while time.monotonic() < give_up and any(
-            channel.requests for server in servers for channel in server.active_channels.values()
-        ):
+            server.draining = True
+            for channel in list(server.active_channels.values()):
+                # A parked request runs again now and answers (the app sees
+                # the server draining), rather than wait out its deadline.
+                channel.wake()
+        while time.monotonic() < give_up:
+            open_connections = 0
+            for server in servers:
+                for channel in list(server.active_channels.values()):
+                    open_connections += 1
+                    if channel.idle() and (
+                        channel.requests_begun
+                        or time.monotonic() - started > SILENT_CONNECTION_SECONDS
+                    ):
+                        channel.handle_close()
+            if not open_connections:
+                return
             self.notify()
-            wasyncore.loop(timeout=0.1, use_poll=True, map=socket_map, count=1)
+            wasyncore.loop(timeout=0.05, use_poll=True, map=socket_map, count=1)
 
 
 def _allow_descriptors(needed: int) -> None:
@@ -264,6 +341,7 @@ def settings_for_bind_address(settings: Settings, host: str, port: int) -> Setti
 
 def serve(*, host: str, port: int, workers: int, threads: int, connections: int) -> None:
     """Run the API on ``host:port`` until the process is told to stop."""
+    shutdown_grace_seconds = Settings.from_env().shutdown_grace_seconds
 
     class Application(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -272,6 +350,8 @@ def serve(*, host: str, port: int, workers: int, threads: int, connections: int)
             self.cfg.set("threads", threads)
             self.cfg.set("worker_connections", connections)
             self.cfg.set("worker_class", WaitressWorker)
+            # How long a stopping process may drain before the arbiter kills it.
+            self.cfg.set("graceful_timeout", shutdown_grace_seconds)
             # Its one default path would be shared by every segq serve on the
             # machine (tests, the demo, the bench); segq does not use it.
             self.cfg.set("control_socket_disable", True)

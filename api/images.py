@@ -7,7 +7,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from segq.images import decode_image
+from segq.images import check_image
+from segq.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -19,10 +20,13 @@ class ImageInfo:
     sha256: str
 
 
-def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
-    """Decode every pixel of ``data`` once, now. Raises UnreadableImage or
+def inspect_image(data: bytes, settings: Settings) -> ImageInfo:
+    """Check every pixel of ``data`` once, now, within the settings' bounds
+    on pixels and on the memory checking takes. Raises UnreadableImage or
     TooManyPixels (segq.images) for a file segq does not serve."""
-    image = decode_image(data, max_pixels=max_pixels)
+    image = check_image(
+        data, max_pixels=settings.max_image_pixels, max_decode_bytes=settings.max_decode_bytes
+    )
     return ImageInfo(
         image.format.mime_type, image.width, image.height, hashlib.sha256(data).hexdigest()
     )

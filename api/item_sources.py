@@ -72,7 +72,7 @@ def resolve_sources(
             )
             inline[index] = (
                 data,
-                inspect_image(data, max_pixels=settings.max_image_pixels),
+                inspect_image(data, settings),
             )
     result = ItemSources(sources=[])
     try:

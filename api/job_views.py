@@ -134,6 +134,13 @@ def render_job_view(job: Job, items: Sequence[JobItem], link: MaskLinker) -> dic
             image_key, width, height = stored.storage_key, stored.width, stored.height
         entry: dict[str, Any] = {
             **item_reference(item),
+            # A person knows the image by its name and externalId, whatever
+            # the client named it by in the job.
+            **(
+                {"fileName": stored.name, "fileExternalId": stored.external_id}
+                if stored is not None
+                else {}
+            ),
             "position": item.position,
             "status": item.status,
             "imageUrl": link(image_key)[0] if image_key else None,

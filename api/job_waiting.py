@@ -41,7 +41,8 @@ MAX_WAIT_SECONDS = 60
 #: How long the feed waits before it tries Redis again after losing it.
 RESUBSCRIBE_SECONDS = 1.0
 
-_FINISHED_ITEM = (ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELED)
+#: Item statuses that count as finished in a job's progress.
+FINISHED_ITEM_STATUSES = (ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELED)
 
 
 class JobProgress(NamedTuple):
@@ -59,7 +60,7 @@ def progress_of(session: Session, job_ids: Collection[int]) -> dict[int, JobProg
     """The progress of each of ``job_ids`` that exists, in one query."""
     if not job_ids:
         return {}
-    finished = func.count(case((JobItem.status.in_(_FINISHED_ITEM), 1)))
+    finished = func.count(case((JobItem.status.in_(FINISHED_ITEM_STATUSES), 1)))
     rows = session.execute(
         select(Job.id, Job.status, finished)
         .outerjoin(JobItem, JobItem.job_id == Job.id)

@@ -8,21 +8,28 @@ from functools import partial
 
 from flask import Blueprint, Response, request, url_for
 from sqlalchemy import exists, func, select
+from werkzeug.http import http_date, quote_etag
 
 from api.answers import json_answer, json_document
 from api.auth import protect_project_routes
 from api.context import close_db, current_project, db, services
 from api.errors import ApiError
+from api.job_answers import (
+    ItemsPage,
+    ItemTally,
+    entity_tag,
+    last_modified_time,
+    render_job_answer,
+)
 from api.job_event_stream import (
     KEEPALIVE_FRAME,
     KEEPALIVE_SECONDS,
+    KEEPALIVES_PER_RUN,
     RETRY_FRAME,
-    frames_after,
-    job_events,
     last_event_id,
 )
 from api.job_service import cancel_job as cancel_job_of_project
-from api.job_service import create_segmentation_job, items_of, owned_job
+from api.job_service import create_segmentation_job, owned_job
 from api.job_views import view_links
 from api.job_waiting import (
     Wait,
@@ -32,14 +39,16 @@ from api.job_waiting import (
 )
 from api.json_body import max_job_body_bytes, read_json_object
 from api.openapi import documented
-from api.parking import RESUMED_ENVIRON_KEY, Parking, park
-from api.public_links import public_link
+from api.parking import RESUMED_ENVIRON_KEY, Parking, park, server_draining
 from api.request_integers import request_integer
 from api.schemas import (
+    EventStreamHeaders,
     JobCreatedResponse,
     JobCreationHeaders,
     JobList,
     JobListQuery,
+    JobQuery,
+    JobReadHeaders,
     JobResponse,
     JobSummary,
     SegmentRequest,
@@ -50,8 +59,9 @@ from api.schemas import (
 )
 from segq.clock import now_ms
 from segq.deletion import delete_jobs
-from segq.job_document import render_created_job, render_job, render_job_summary
+from segq.job_document import render_created_job, render_job_summary
 from segq.models import ItemStatus, Job, JobItem, JobStatus
+from segq.worker_processes import workers_overview
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +102,16 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
 
 
 def _requested_wait() -> Wait | None:
-    """The request's ``Prefer: wait``; in a resumed run, the wait it began."""
-    resumed: Wait | None = request.environ.get(WAIT_ENVIRON_KEY)
-    if resumed is not None:
-        return resumed
-    seconds = requested_wait_seconds(request.headers.getlist("Prefer"))
-    return None if seconds is None else Wait.starting_now(seconds)
+    """The request's ``Prefer: wait``; in a resumed run, the wait it began.
+    A process about to exit ends every wait now: the job as it is answers
+    it, and the client's next request goes to a process that stays."""
+    wait: Wait | None = request.environ.get(WAIT_ENVIRON_KEY)
+    if wait is None:
+        seconds = requested_wait_seconds(request.headers.getlist("Prefer"))
+        wait = None if seconds is None else Wait.starting_now(seconds)
+    if wait is not None and server_draining():
+        return Wait(wait.seconds, deadline=time.monotonic())
+    return wait
 
 
 def _waited_job_answer(
@@ -115,12 +129,15 @@ def _waited_job_answer(
         feed = services().job_changes
         path = url_for("jobs.get_job", project=current_project().name, job_id=job_id)
         parking = Parking(
-            watch=partial(feed.watch, job_id, progress),
+            watch=lambda parked: feed.watch(job_id, progress, parked.wake),
             deadline=wait.deadline,
             environ={
                 "REQUEST_METHOD": "GET",
                 "PATH_INFO": path.removeprefix(request.script_root),
-                "QUERY_STRING": "",
+                # A GET's page of items is asked again; a POST has no query.
+                "QUERY_STRING": request.environ.get("QUERY_STRING", "")
+                if request.method == "GET"
+                else "",
                 WAIT_ENVIRON_KEY: wait,
                 LOCATION_ENVIRON_KEY: location,
             },
@@ -131,7 +148,7 @@ def _waited_job_answer(
             return Response(status=204), 204, {}
         wait_in_thread_until_finished(feed, services().sessions, job_id, wait.remaining)
         job = owned_job(db(), project_id, job_id)
-    answer, status, headers = _job_answer(job)
+    answer, status, headers = _job_answer(job, conditional=request.method == "GET")
     headers["Preference-Applied"] = f"wait={wait.seconds}"
     if location is not None:
         headers["Location"] = location
@@ -187,37 +204,67 @@ def list_jobs() -> Response:
     return json_answer(JobList(items=items, nextCursor=next_cursor))
 
 
-def _job_answer(job: Job) -> tuple[Response, int, dict[str, str]]:
+def _job_answer(job: Job, *, conditional: bool) -> tuple[Response, int, dict[str, str]]:
+    """The job as JobResponse shows it, page of items as the query asks.
+    ``conditional``: a GET, which answers 304 to the ETag it would carry."""
     settings = services().settings
-    storage = services().storage
-    expires_in = settings.url_expires_seconds
-
-    def link_mask(key: str) -> tuple[str, int]:
-        # Signers count whole seconds from "now"; this is never later than theirs.
-        expires_time = (now_ms() // 1000 + expires_in) * 1000
-        return public_link(settings.public_url, storage.presigned_get_url(key, expires_in)), (
-            expires_time
-        )
-
-    document = render_job(job, items_of(db(), job), link_mask)
-    document["viewUrl"] = view_links().page_url(current_project().name, job.project_id, job.id)
-    headers: dict[str, str] = {}
+    links = services().signed_links
+    session = db()
+    page = ItemsPage.of(request.args.get("itemsLimit"), request.args.get("itemsCursor"))
+    window = links.window()
+    view_url = view_links().page_url(
+        current_project().name, job.project_id, job.id, links.expires_time(window)
+    )
+    tally = ItemTally.of(session, job.id)
+    waiting_for = (
+        None
+        if JobStatus(job.status).finished
+        else workers_overview(session, now_ms()).waiting_for(job.engine)
+    )
+    tag = entity_tag(job, tally, window, page, view_url, waiting_for)
+    headers: dict[str, str] = {
+        # Caches may keep it, but must ask again (with the tag) before using it.
+        "Cache-Control": "private, no-cache",
+        "Last-Modified": http_date(last_modified_time(job, tally) // 1000),
+    }
     if not JobStatus(job.status).finished:
         headers["Retry-After"] = str(settings.poll_retry_after_seconds)
-    return json_document(JobResponse, document), 200, headers
+    if conditional:
+        headers["ETag"] = quote_etag(tag, weak=True)
+        if request.if_none_match.contains_weak(tag):
+            return Response(status=304), 304, headers
+    kept = services().job_answers
+    body = kept.get(job.id, tag)
+    if body is None:
+        body = render_job_answer(
+            session,
+            job,
+            tally,
+            page,
+            partial(links.link, window=window),
+            view_url,
+            waiting_for=waiting_for,
+        ).encode()
+        kept.keep(job.id, tag, body)
+    return Response(body, mimetype="application/json"), 200, headers
 
 
 @jobs.get("/<id:job_id>")
 @documented(
     "Read a job's status and results",
-    {200: ("the job; Retry-After while unfinished", JobResponse)},
-    errors=(404,),
+    {
+        200: ("the job; Retry-After while unfinished; ETag, Last-Modified", JobResponse),
+        304: ("unchanged since the If-None-Match ETag: no body", None),
+    },
+    errors=(400, 404),
+    query=JobQuery,
+    headers=JobReadHeaders,
 )
 def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     wait = _requested_wait()
     if wait is not None:
         return _waited_job_answer(job_id, wait, request.environ.get(LOCATION_ENVIRON_KEY))
-    return _job_answer(owned_job(db(), current_project().id, job_id))
+    return _job_answer(owned_job(db(), current_project().id, job_id), conditional=True)
 
 
 @jobs.get("/<id:job_id>/events")
@@ -225,39 +272,55 @@ def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     "Stream the job's events (server-sent events) until it ends",
     {200: ("text/event-stream of the job's events, resumable with Last-Event-ID", None)},
     errors=(400, 404),
+    headers=EventStreamHeaders,
 )
 def stream_job_events(job_id: int) -> Response:
     """Each run sends the events after ``Last-Event-ID`` and, while the job
-    is unfinished, parks until it changes (or a keepalive is due); a parked
-    stream's later runs come with the count sent so far as Last-Event-ID.
+    is unfinished, parks: the process's fan-out pushes the job's events to
+    the parked stream as they come (api/job_event_stream.py), and it runs
+    again when a keepalive is due, with the count sent so far as
+    Last-Event-ID.
 
     Where the server cannot park a request (not `segq serve`), the stream
     sends the events there are and ends, holding no thread either; the
     ``retry`` it starts with has EventSource reconnect with Last-Event-ID."""
     project_id = current_project().id
     session = db()
-    job = owned_job(session, project_id, job_id)
+    owned_job(session, project_id, job_id)
     sent = last_event_id(request.headers.get("Last-Event-ID"))
-    # Progress before events: a change between the two reads wakes the
-    # stream once more for nothing, never too late.
-    progress = progress_of(session, [job_id])[job_id]
-    events = job_events(session, job)
-    frames = list(frames_after(events, sent))
-    sent = max(sent, len(events))
-    close_db()
     resumed = request.environ.get(RESUMED_ENVIRON_KEY) is not None
+    fan_out = services().job_events
+    job_log = fan_out.log(job_id)
+    followed = fan_out.followed(job_id)
+    with job_log.lock:
+        if not followed or job_log.progress is None:
+            job_log.refresh(session)
+        count = len(job_log.events)
+        frames = [job_log.frames_after(sent)] if sent < count else []
+        finished = job_log.finished
+    close_db()
+    if sent > count and not resumed:
+        # Every event a client was sent was read from the database before
+        # it was sent, so an id past the last is not one this job had.
+        raise ApiError(
+            400,
+            f"Last-Event-ID {sent} is not an event of this stream: "
+            f"job {job_id} has had {count} events",
+        )
+    sent = max(sent, count)
     if not resumed:
         frames.insert(0, RETRY_FRAME)
     elif not frames:
         frames.append(KEEPALIVE_FRAME)
-    if not progress.finished:
-        feed = services().job_changes
+    if not finished:
         park(
             Parking(
-                watch=partial(feed.watch, job_id, progress),
+                watch=partial(fan_out.follow, job_id, sent),
                 deadline=time.monotonic() + KEEPALIVE_SECONDS,
                 environ={"HTTP_LAST_EVENT_ID": str(sent)},
                 stream=True,
+                keepalive=KEEPALIVE_FRAME.encode(),
+                keepalives=KEEPALIVES_PER_RUN,
             )
         )
     # An iterator, not a string: a body of unknown length, so the server
@@ -279,7 +342,7 @@ def cancel_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     """Queued items never run; an item already running finishes, and no
     further item starts. Canceling a canceled job changes nothing."""
     job = cancel_job_of_project(db(), services(), current_project().id, job_id)
-    return _job_answer(job)
+    return _job_answer(job, conditional=False)
 
 
 @jobs.delete("/<id:job_id>")

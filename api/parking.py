@@ -18,6 +18,12 @@ runs the app and keeps a parked request's state across runs, and
 (from the feed's thread or at the deadline), and holds back whatever the
 client pipelines meanwhile until the parked request is answered.
 
+A streamed answer can also grow without a run of the app: its watch may
+``push`` more of it or ``end`` it (api/job_event_stream.py's fan-out does,
+for every stream of a job at once), and the server sends its keepalive
+itself when the deadline comes, up to ``keepalives`` times before a run.
+Those writes happen in the event loop's thread, where waitress sends.
+
 Where the app runs without this server (Flask's test client, a WSGI server
 of another kind), ``park`` returns False and the view waits in its thread.
 """
@@ -29,23 +35,54 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 from flask import request
-from waitress.channel import HTTPChannel
+from waitress.channel import ClientDisconnected, HTTPChannel
 from waitress.task import WSGITask
 
 #: The environ key under which the server offers parking to the app.
 PARK_ENVIRON_KEY = "segq.park"
 #: The environ key that marks a run of a parked request (any value but None).
 RESUMED_ENVIRON_KEY = "segq.resumed"
+#: The environ key the server sets (True) while its process drains before
+#: exiting: a request must be answered now, not parked; a wait answers
+#: with the job as it is, an event stream ends (its client reconnects).
+DRAINING_ENVIRON_KEY = "segq.draining"
 #: What a client may send behind a parked request before the server stops
 #: reading it (pipelined requests; they are served after the parked one).
 MAX_HELD_INPUT_BYTES = 64 * 1024
 
-#: Watch(on_change) -> cancel: arranges one call of on_change when the
-#: request may have something new to answer.
-Watch = Callable[[Callable[[], None]], Callable[[], None]]
+#: What a parked streamed answer may have buffered, unsent, for ``push`` to
+#: add to it: a client that reads slower is caught up by its next run instead.
+MAX_PUSH_BACKLOG_BYTES = 256 * 1024
+
+
+class Parked(Protocol):
+    """A parked request, as its watch reaches it (from any thread)."""
+
+    def wake(self) -> None:
+        """Run the request again."""
+        ...
+
+    def push(self, data: bytes, environ: Mapping[str, Any]) -> bool:
+        """Send ``data`` now as more of a streamed answer, and change the
+        next run's environ as ``environ`` says; False when it cannot be sent
+        now (see ParkingChannel.push), and the caller should wake it."""
+        ...
+
+    def end(self, data: bytes) -> bool:
+        """End a streamed answer with ``data``, without running the app
+        again; False when it is not parked now (a run of it is due, which
+        answers for itself)."""
+        ...
+
+
+#: Watch(parked) -> cancel: arranges one call of parked.wake() (or, for a
+#: streamed answer, calls of parked.push) when the request may have something
+#: new to answer.
+Watch = Callable[[Parked], Callable[[], None]]
 
 
 @dataclass(frozen=True)
@@ -59,6 +96,11 @@ class Parking:
     environ: Mapping[str, Any]
     #: True: send this run's answer now and append later runs' bodies.
     stream: bool
+    #: For a streamed answer: what the server sends by itself when the
+    #: deadline comes, renewing it as long again, ``keepalives`` times
+    #: before the request runs again.
+    keepalive: bytes | None = None
+    keepalives: int = 0
 
 
 def park(parking: Parking) -> bool:
@@ -67,10 +109,15 @@ def park(parking: Parking) -> bool:
     response: for a deferred parking it is dropped; for a streamed one it is
     the start of the answer."""
     offer: Callable[[Parking], None] | None = request.environ.get(PARK_ENVIRON_KEY)
-    if offer is None:
+    if offer is None or server_draining():
         return False
     offer(parking)
     return True
+
+
+def server_draining() -> bool:
+    """The process serving this request is about to exit: answer now."""
+    return bool(request.environ.get(DRAINING_ENVIRON_KEY))
 
 
 # waitress ships no type information, so its classes are Any to mypy and
@@ -113,6 +160,13 @@ class ParkingTask(WSGITask):  # type: ignore[misc]
                 self.start()
             self.runs += 1
             self.parking = None
+            ending = self.channel.take_ending()
+            if ending is not None:
+                # Ended by its watch (Parked.end): the rest, and the end.
+                self.write(ending)
+                self.close_on_finish = self.close_on_finish or self.close_at_end
+                self.finish()
+                return
             self.execute()
             if self.parking is not None and self._answer_continues():
                 self._park()
@@ -178,6 +232,28 @@ class ParkingTask(WSGITask):  # type: ignore[misc]
         super().write(data)
 
 
+class _LoopActions:
+    """Actions for a server's event loop thread, run in the order queued."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queued: list[Callable[[], None]] = []
+
+    def add(self, action: Callable[[], None]) -> bool:
+        """Queue ``action``; True when the loop must be woken for it."""
+        with self._lock:
+            self._queued.append(action)
+            return len(self._queued) == 1
+
+    def run(self) -> None:
+        """Run what is queued (waitress runs this holding its trigger's
+        lock: an action must not pull the trigger)."""
+        with self._lock:
+            queued, self._queued = self._queued, []
+        for action in queued:
+            action()
+
+
 class ParkingChannel(HTTPChannel):  # type: ignore[misc]
     """A connection whose request may be parked between runs of the app."""
 
@@ -188,6 +264,10 @@ class ParkingChannel(HTTPChannel):  # type: ignore[misc]
     waking = False
     deadline = 0.0
     _cancel_watch: Callable[[], None] | None = None
+    _ending: bytes | None = None
+    _keepalive: bytes | None = None
+    _keepalives_left = 0
+    _keepalive_seconds = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -223,13 +303,16 @@ class ParkingChannel(HTTPChannel):  # type: ignore[misc]
                 self._answered()
                 return
             self.deadline = parking.deadline
+            self._keepalive = parking.keepalive
+            self._keepalives_left = parking.keepalives
+            self._keepalive_seconds = max(1.0, parking.deadline - time.monotonic())
             # Renewed while parked: waitress closes connections idle for
             # its channel_timeout, and a parked one is not idle.
             self.last_activity = time.time()
             self.waking = False
         # Watched only now: a wake-up before waitress has taken the request
         # off its queue (in super().service()) would put it back too early.
-        cancel = parking.watch(self.wake)
+        cancel = parking.watch(self)
         with self.park_lock:
             if self.parked_task is None or self.waking:
                 cancel()
@@ -271,6 +354,88 @@ class ParkingChannel(HTTPChannel):  # type: ignore[misc]
             cancel()
         self.server.add_task(self)
 
+    def push(self, data: bytes, environ: Mapping[str, Any]) -> bool:
+        """Append ``data`` to the parked streamed answer (from any thread),
+        and change what its next run's environ says. The write happens in
+        the event loop's thread: waitress sends a connection's output there
+        without a lock while no task of it runs, so no other thread may add
+        to it then. False, sending nothing, unless it is parked and
+        streamed and its client is there; a client with more than
+        MAX_PUSH_BACKLOG_BYTES waiting to be sent is woken instead, and its
+        next run catches it up."""
+        with self.park_lock:
+            if not self._pushable():
+                return False
+        self._in_loop(partial(self._push_now, data, environ))
+        return True
+
+    def _in_loop(self, action: Callable[[], None]) -> None:
+        """Run ``action`` in the event loop's thread, with every other action
+        queued before the loop got to them: one wake-up of the loop (which
+        looks at every connection) for a push to many streams."""
+        actions: _LoopActions = self.server.__dict__.setdefault("segq_loop_actions", _LoopActions())
+        if actions.add(action):
+            self.server.trigger.pull_trigger(actions.run)
+
+    def _pushable(self) -> bool:
+        task = self.parked_task
+        return not (
+            task is None
+            or self.waking
+            or task.sent_status is None
+            or task.environ is None
+            or not self.connected
+            or self.will_close
+            or self.close_when_flushed
+        )
+
+    def _push_now(self, data: bytes, environ: Mapping[str, Any]) -> None:
+        """``push``'s write, in the event loop's thread."""
+        with self.park_lock:
+            task = self.parked_task
+            if not self._pushable():
+                # Woken meanwhile (its run reads the environ as it was:
+                # it sends this too), or gone.
+                return
+            assert task is not None
+            assert task.environ is not None
+            if self.total_outbufs_len <= MAX_PUSH_BACKLOG_BYTES:
+                try:
+                    task.write(data)
+                except ClientDisconnected:
+                    return
+                task.environ.update(environ)
+                self.last_activity = time.time()
+                if self._keepalive is not None:
+                    # A keepalive is for silence.
+                    self.deadline = time.monotonic() + self._keepalive_seconds
+                return
+        self.wake()
+
+    def end(self, data: bytes) -> bool:
+        """End the parked streamed answer with ``data`` (from any thread):
+        its task's next run sends it and finishes, without the app. Done in
+        the event loop's thread, after what was pushed before it."""
+        with self.park_lock:
+            if not self._pushable():
+                return False
+        self._in_loop(partial(self._end_now, data))
+        return True
+
+    def _end_now(self, data: bytes) -> None:
+        with self.park_lock:
+            if not self._pushable():
+                # A run is due or going on: it answers for itself.
+                return
+            self._ending = data
+        self.wake()
+
+    def take_ending(self) -> bytes | None:
+        """What ``end`` left for the run starting now, once."""
+        with self.park_lock:
+            ending, self._ending = self._ending, None
+            return ending
+
     def wake_if_due(self, now: float) -> None:
         """Called by the server's maintenance in the event loop."""
         if self.parked_task is None or self.waking:
@@ -278,9 +443,31 @@ class ParkingChannel(HTTPChannel):  # type: ignore[misc]
         if not self.connected:
             self._abandon()
         elif now >= self.deadline:
-            self.wake()
+            if self._keepalives_left > 0 and self._send_keepalive():
+                self._keepalives_left -= 1
+                self.deadline = now + self._keepalive_seconds
+            else:
+                self.wake()
         else:
             self.last_activity = time.time()
+
+    def _send_keepalive(self) -> bool:
+        """Send the parking's keepalive, in the event loop's thread."""
+        with self.park_lock:
+            task = self.parked_task
+            if (
+                self._keepalive is None
+                or task is None
+                or not self._pushable()
+                or self.total_outbufs_len > MAX_PUSH_BACKLOG_BYTES
+            ):
+                return False
+            try:
+                task.write(self._keepalive)
+            except ClientDisconnected:
+                return False
+            self.last_activity = time.time()
+            return True
 
     def _abandon(self) -> None:
         """The client left while its request was parked."""

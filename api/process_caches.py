@@ -1,12 +1,14 @@
 """What one API process remembers between requests to spare the database a
-query on every request, each for about a second. Per process, so API
-processes do not share them; per app, so tests never see another's."""
+query on every request, each for about a second (job answers: for as long
+as their ETag holds). Per process, so API processes do not share them; per
+app, so tests never see another's."""
 
 from __future__ import annotations
 
 import threading
 import time
 
+from cachetools import LRUCache
 from sqlalchemy.orm import Session
 
 from segq.models import Project
@@ -75,3 +77,29 @@ class UnfinishedJobCounts:
             entry = self._counts.get(project_id)
             if entry is not None:
                 self._counts[project_id] = (entry[0], entry[1] + 1)
+
+
+#: The bytes of job answers an API process keeps: about five answers of a
+#: finished 1,000-item job with polygons.
+MAX_KEPT_ANSWER_BYTES = 32 * 1024 * 1024
+
+
+class KeptJobAnswers:
+    """The latest bodies of job GETs, by job and ETag. The tag is computed
+    from everything the body shows (api/job_answers.py), so a body kept
+    under it is the body that GET would render: an unchanged job is
+    rendered once per signing window, not once per poll."""
+
+    def __init__(self, max_bytes: int = MAX_KEPT_ANSWER_BYTES) -> None:
+        self._lock = threading.Lock()
+        self._kept: LRUCache[tuple[int, str], bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
+
+    def get(self, job_id: int, tag: str) -> bytes | None:
+        with self._lock:
+            return self._kept.get((job_id, tag))
+
+    def keep(self, job_id: int, tag: str, body: bytes) -> None:
+        if len(body) > self._kept.maxsize // 4:
+            return  # one answer must not push every other out
+        with self._lock:
+            self._kept[(job_id, tag)] = body

@@ -15,12 +15,16 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from api.errors import ApiError, FieldPath
 from api.request_integers import ascii_integer, request_integer
 from api.stored_text import check_stored_text
+from segq.coordinates import NORMALIZED_HINT
 from segq.models import DeliveryStatus, ItemStatus, JobStatus
 from segq.webhook_events import EVENT_TYPES, SHORT_NAMES
 
@@ -31,6 +35,26 @@ MAX_PROMPTS = 64
 MAX_EXTERNAL_ID_LENGTH = 255
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+def _normalized_coordinate(value: Any, handler: ValidatorFunctionWrapHandler) -> float:
+    """A Unit whose range error says that coordinates are normalized."""
+    try:
+        coordinate: float = handler(value)
+    except ValidationError as exc:
+        [error] = exc.errors(include_url=False)
+        if error["type"] not in ("greater_than_equal", "less_than_equal"):
+            raise
+        raise PydanticCustomError(
+            "normalized_coordinate",
+            "{message}: {hint}",
+            {"message": error["msg"], "hint": NORMALIZED_HINT},
+        ) from None
+    return coordinate
+
+
+#: A point's or a box's coordinate.
+Coordinate = Annotated[Unit, WrapValidator(_normalized_coordinate)]
 # Postgres text cannot hold NUL, and control characters in an id are always a mistake.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
@@ -46,17 +70,17 @@ class StrictModel(BaseModel):
 
 
 class Point(StrictModel):
-    x: Unit
-    y: Unit
+    x: Coordinate
+    y: Coordinate
     # An int in [0, 1] rather than Literal[0, 1]: a literal would take true as 1.
     label: Annotated[int, Field(ge=0, le=1)] = Field(1, description="1 foreground, 0 background")
 
 
 class BoundingBox(StrictModel):
-    xMin: Unit
-    yMin: Unit
-    xMax: Unit
-    yMax: Unit
+    xMin: Coordinate
+    yMin: Coordinate
+    xMax: Coordinate
+    yMax: Coordinate
 
 
 Identifier = Annotated[
@@ -157,6 +181,18 @@ class EverythingOptions(StrictModel):
 
 class SegmentRequest(StrictModel):
     """Cognite's body, unchanged, plus optional extensions."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [{"fileId": 1}],
+                    "points": [{"x": 0.5, "y": 0.5, "label": 1}],
+                    "boundingBox": {"xMin": 0.2, "yMin": 0.15, "xMax": 0.8, "yMax": 0.85},
+                }
+            ]
+        }
+    )
 
     items: Annotated[list[FileReference], Field(min_length=1)]
     points: Annotated[list[Point], Field(max_length=MAX_POINTS)] | None = None
@@ -428,6 +464,13 @@ class JobResponse(JobState):
     failedItems: list[FailedItems] | None = None
     progress: Progress
     engine: str | None = Field(description="extension: the engine that ran the job")
+    waitingFor: str | None = Field(
+        None,
+        description=(
+            "extension: while unfinished, why its items wait when no live worker takes them "
+            "(every worker paused for a dependency that is down, or none running)"
+        ),
+    )
     viewUrl: str | None = Field(
         None,
         description=(
@@ -435,11 +478,22 @@ class JobResponse(JobState):
             "in a browser without the API key until it expires, as mask URLs do"
         ),
     )
+    nextItemsCursor: str | None = Field(
+        None,
+        description=(
+            "extension, only on a page of items (itemsLimit or itemsCursor): pass as "
+            "?itemsCursor= for the next page; null on the last"
+        ),
+    )
 
 
 class JobViewItem(ItemReference):
     """One item as the viewer shows it: in position order, failed or not."""
 
+    fileName: str | None = Field(
+        default=None,
+        description="the stored file's name; null for a fileUrl item or a deleted file",
+    )
     position: int
     status: ItemStatus
     imageUrl: str | None = Field(
@@ -511,9 +565,30 @@ class HealthResponse(ResponseModel):
     status: Literal["ok"]
 
 
+class WorkersState(ResponseModel):
+    serving: int = Field(description="live segmenting worker processes that take items")
+    paused: int = Field(
+        description="live ones that take no items because a dependency (storage) is down"
+    )
+    waitingFor: str | None = Field(
+        None,
+        description=(
+            "why queued items wait, when no live worker takes them: every worker paused "
+            "(for which dependency, since when) or none running (and why the last start failed)"
+        ),
+    )
+
+
 class ReadinessResponse(ResponseModel):
     status: Literal["ready", "unavailable"]
     checks: dict[str, str] = Field(description="database, broker, storage: ok or why not")
+    workers: WorkersState | None = Field(
+        None,
+        description=(
+            "extension, informative: the segmenting workers as they last said; never makes "
+            "this API process unready (it can still take jobs). Absent while the database is down"
+        ),
+    )
 
 
 # Query strings, headers and forms, as documented. The handlers read them
@@ -542,6 +617,13 @@ class JobListQuery(BaseModel):
     createdBefore: EpochMs | None = None
 
 
+class JobQuery(BaseModel):
+    itemsLimit: ListLimit | None = Field(
+        None, description="a page of this many items (failed ones included), the job on each"
+    )
+    itemsCursor: str | None = Field(None, description="the nextItemsCursor of the page before")
+
+
 class PageQuery(BaseModel):
     limit: ListLimit | None = None
     cursor: str | None = None
@@ -550,9 +632,41 @@ class PageQuery(BaseModel):
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
-class JobCreationHeaders(BaseModel):
+#: Prefer: wait=N, as a header parameter of /openapi.json (api/job_waiting.py reads it).
+PreferWait = Annotated[str, Field(pattern=r"^wait(=\d+)?$")] | None
+
+
+class WaitHeaders(BaseModel):
+    prefer: PreferWait = Field(
+        None,
+        alias="Prefer",
+        description="wait=N (RFC 7240): answer when the job finishes or after N seconds "
+        "(at most 60), whichever is first; the answer carries Preference-Applied",
+    )
+
+
+class JobReadHeaders(WaitHeaders):
+    ifNoneMatch: str | None = Field(
+        None,
+        alias="If-None-Match",
+        description="the ETag of the answer the client has: 304, with no body, while current",
+    )
+
+
+class JobCreationHeaders(WaitHeaders):
     idempotencyKey: Annotated[str, Field(max_length=MAX_IDEMPOTENCY_KEY_LENGTH)] | None = Field(
-        None, alias="Idempotency-Key"
+        None,
+        alias="Idempotency-Key",
+        description="the same key with the same request answers the first job; "
+        "with another request, 409",
+    )
+
+
+class EventStreamHeaders(BaseModel):
+    lastEventId: Annotated[str, Field(pattern=r"^\d+$")] | None = Field(
+        None,
+        alias="Last-Event-ID",
+        description="resume after the event of this id (EventSource sends it by itself)",
     )
 
 
@@ -621,10 +735,12 @@ class Label(StrictModel):
 
 
 Labels = Annotated[list[Label], Field(max_length=10)]
-Coordinate = Annotated[float, Field(allow_inf_nan=False)]
-Position = Annotated[list[Coordinate], Field(min_length=2, max_length=3)]
+GeoCoordinate = Annotated[float, Field(allow_inf_nan=False)]
+Position = Annotated[list[GeoCoordinate], Field(min_length=2, max_length=3)]
 #: GeoJSON coordinates, one to four levels of lists deep (Point to MultiPolygon).
-Coordinates = list[Coordinate] | list[Position] | list[list[Position]] | list[list[list[Position]]]
+Coordinates = (
+    list[GeoCoordinate] | list[Position] | list[list[Position]] | list[list[list[Position]]]
+)
 #: How deep each geometry's coordinates are.
 GEOMETRY_DEPTHS = {
     "Point": 1,
@@ -716,6 +832,14 @@ DESCRIPTIVE_LIST_ADAPTERS: dict[str, TypeAdapter[Any]] = {
 class FileCreation(StrictModel):
     """Cognite's file metadata, the first step of its two-step upload."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"name": "photo.jpg", "externalId": "cam-3/0001", "mimeType": "image/jpeg"}
+            ]
+        }
+    )
+
     name: FileName
     externalId: Identifier | None = None
     mimeType: MimeType | None = None
@@ -754,11 +878,17 @@ class FileIdentifier(StrictModel):
 
 
 class FileIdentifiers(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"items": [{"id": 1}], "ignoreUnknownIds": True}]}
+    )
+
     items: Annotated[list[FileIdentifier], Field(min_length=1, max_length=1000)]
     ignoreUnknownIds: bool = False
 
 
 class FileIdentifierList(StrictModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [{"id": 1}]}]})
+
     items: Annotated[list[FileIdentifier], Field(min_length=1, max_length=1000)]
 
 
@@ -831,6 +961,10 @@ def partition_of(value: str) -> tuple[int, int]:
 
 
 class FileListRequest(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"filter": {"mimeType": "image/png"}, "limit": 100}]}
+    )
+
     filter: FileFilter | None = None
     limit: ListLimit | None = None
     cursor: Annotated[str, Field(max_length=64)] | None = None
@@ -838,6 +972,8 @@ class FileListRequest(StrictModel):
 
 
 class FileAggregateRequest(StrictModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"filter": {"uploaded": True}}]})
+
     filter: FileFilter | None = None
 
 
@@ -849,6 +985,10 @@ class FileNameSearch(StrictModel):
 
 
 class FileSearchRequest(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"search": {"name": "photo"}, "limit": 10}]}
+    )
+
     search: FileNameSearch | None = None
     filter: FileFilter | None = None
     limit: ListLimit | None = None
@@ -934,10 +1074,22 @@ class FileUpdate(FileIdentifier):
 
 
 class FileUpdates(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"items": [{"id": 1, "update": {"name": {"set": "renamed.png"}}}]}]
+        }
+    )
+
     items: Annotated[list[FileUpdate], Field(min_length=1, max_length=1000)]
 
 
 class MultipartCompletion(StrictModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"id": 1, "uploadId": "the uploadId that initmultipartupload answered"}]
+        }
+    )
+
     id: FileId
     uploadId: Annotated[str, Field(min_length=1, max_length=512)]
 

@@ -14,11 +14,12 @@ from api.context import db, services
 from api.errors import ApiError
 from api.openapi import OPENAPI_PATH, documented, openapi_document
 from api.request_integers import ascii_integer
-from api.schemas import HealthResponse, ReadinessResponse
+from api.schemas import HealthResponse, ReadinessResponse, WorkersState
 from segq.clock import now_ms
 from segq.models import DeliveryStatus, ItemStatus, Job, JobItem, JobStatus, WebhookDelivery
 from segq.served_objects import object_headers
 from segq.storage import LocalStorage, ObjectNotFound
+from segq.worker_processes import workers_overview
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,19 @@ def readyz() -> tuple[Response, int, dict[str, str]]:
     except Exception as exc:
         checks["storage"] = f"unavailable: {type(exc).__name__}"
     ready = all(value == "ok" for value in checks.values())
-    body = json_answer(ReadinessResponse(status="ready" if ready else "unavailable", checks=checks))
+    workers = None
+    if checks["database"] == "ok":
+        overview = workers_overview(db(), now_ms())
+        workers = WorkersState(
+            serving=sum(overview.serving.values()),
+            paused=sum(overview.paused.values()),
+            waitingFor=overview.waiting_for(None),
+        )
+    body = json_answer(
+        ReadinessResponse(
+            status="ready" if ready else "unavailable", checks=checks, workers=workers
+        )
+    )
     if ready:
         return body, 200, {}
     return body, 503, {"Retry-After": "5"}
@@ -138,10 +151,42 @@ def metrics() -> Response:
         "# TYPE segq_webhook_oldest_due_seconds gauge",
         f"segq_webhook_oldest_due_seconds {overdue:.3f}",
     ]
+    lines += _worker_lines(now)
     newest = session.scalar(select(func.max(JobItem.id)))  # the window's end, read once
     lines += _embedding_lines(newest)
     lines += _engine_time_lines(newest)
     return Response("\n".join(lines) + "\n", mimetype="text/plain; version=0.0.4")
+
+
+#: Dependencies a worker pauses for; each has a line, 0 while it answers.
+PAUSING_DEPENDENCIES = ("storage",)
+
+
+def _worker_lines(now: int) -> list[str]:
+    """The segmenting workers as their heartbeats say (segq/worker_processes.py):
+    how many serve, how many are paused, and for how long."""
+    overview = workers_overview(db(), now)
+    paused_for = {dependency: 0.0 for dependency in PAUSING_DEPENDENCIES}
+    for pause in overview.pauses:
+        paused_for[pause.dependency] = max(
+            paused_for.get(pause.dependency, 0.0), (now - pause.since) / 1000
+        )
+    name = "segq_worker_processes"
+    paused = "segq_workers_paused_seconds"
+    return [
+        f"# HELP {name} Live segmenting worker processes: serving (taking items), or "
+        "paused (taking none while a dependency is down).",
+        f"# TYPE {name} gauge",
+        f'{name}{{state="serving"}} {sum(overview.serving.values())}',
+        f'{name}{{state="paused"}} {sum(overview.paused.values())}',
+        f"# HELP {paused} How long workers have been paused for each dependency "
+        "(the longest current pause; 0 while it answers).",
+        f"# TYPE {paused} gauge",
+        *(
+            f'{paused}{{dependency="{dependency}"}} {seconds:.3f}'
+            for dependency, seconds in paused_for.items()
+        ),
+    ]
 
 
 def _embedding_lines(newest: int | None) -> list[str]:
@@ -221,6 +266,11 @@ def openapi_json() -> Response:
 
 
 @service.get("/objects/<path:key>")
+@documented(
+    "A stored object of local-disk storage, through its signed URL (masks, images)",
+    {200: ("the object, with the type it was stored as", None)},
+    errors=(403, 404),
+)
 def local_object(key: str) -> Response:
     """Serves objects of local-disk storage to holders of a signed URL, each
     with the type it was stored as and never as a page (segq/served_objects.py).

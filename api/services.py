@@ -8,14 +8,16 @@ from typing import TYPE_CHECKING
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.process_caches import ProjectsByKey, UnfinishedJobCounts
+from api.process_caches import KeptJobAnswers, ProjectsByKey, UnfinishedJobCounts
 from api.rate_limit import RateLimiter
+from api.signed_links import SignedLinks
 from segq.job_changes import JobChangeAnnouncer
 from segq.settings import Settings
 from segq.storage import ObjectStorage
 
 if TYPE_CHECKING:
     # api/job_waiting.py reaches the services through api/context.py.
+    from api.job_event_stream import JobEventFanOut
     from api.job_waiting import BlockingWaits, JobChangeFeed
 
 
@@ -27,7 +29,10 @@ class Services:
     celery: Celery
     rate_limiter: RateLimiter
     job_changes: JobChangeFeed
+    job_events: JobEventFanOut
     job_announcer: JobChangeAnnouncer
     blocking_waits: BlockingWaits
+    signed_links: SignedLinks
     projects_by_key: ProjectsByKey = field(default_factory=ProjectsByKey)
     unfinished_jobs: UnfinishedJobCounts = field(default_factory=UnfinishedJobCounts)
+    job_answers: KeptJobAnswers = field(default_factory=KeptJobAnswers)

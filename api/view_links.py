@@ -38,14 +38,18 @@ class ViewLinks:
     def _serializer(self) -> SignedTokens:
         return SignedTokens(self.secret_key, salt=_VIEW_SALT)
 
-    def token(self, project_id: int, job_id: int) -> str:
-        expires = now_ms() + self.expires_seconds * 1000
+    def token(self, project_id: int, job_id: int, expires_time: int | None = None) -> str:
+        """``expires_time``: epoch milliseconds; by default the lifetime from now."""
+        expires = now_ms() + self.expires_seconds * 1000 if expires_time is None else expires_time
         return str(self._serializer().dumps([project_id, job_id, expires]))
 
-    def page_url(self, project_name: str, project_id: int, job_id: int) -> str:
+    def page_url(
+        self, project_name: str, project_id: int, job_id: int, expires_time: int | None = None
+    ) -> str:
         """The viewer page's link, absolute under SEGQ_PUBLIC_URL when set."""
         path = f"/api/v1/projects/{project_name}/context/vision/segment/{job_id}/view"
-        return public_link(self.public_url, f"{path}?token={self.token(project_id, job_id)}")
+        token = self.token(project_id, job_id, expires_time)
+        return public_link(self.public_url, f"{path}?token={token}")
 
     def grant(self, token: str | None, job_id: int) -> ViewGrant:
         """What ``token`` allows, if it is ours, unexpired and for ``job_id``:

@@ -5,18 +5,26 @@
     job = client.create_job({"items": [{"fileId": image["id"]}], "points": [...]})
     job = client.wait(job["jobId"])
     mask = client.mask_array(job["items"][0]["segments"][0])  # bool (H, W)
+    for event in client.events(job_id):  # server-sent events, until the job ends
+        print(event.type, event.data)
 
 Jobs and files are the JSON documents of the contract (dicts, camelCase keys).
 Answers 429 and 503 are retried as their ``Retry-After`` says; every job
 creation carries an ``Idempotency-Key``, so a retried POST never makes a
-second job."""
+second job. A connection refused or reset (a server restarting, a process
+of it stopping) is retried, with capped backoff, for every request that is
+safe to repeat: reads, and writes that carry an ``Idempotency-Key``."""
 
 from __future__ import annotations
 
 import io
+import json
+import random
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -28,6 +36,8 @@ from PIL import Image
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from segq.event_types import JOB_END_EVENTS
+
 #: What an image to upload may be: a path, encoded JPEG/PNG bytes, or a PIL image.
 ImageSource = str | Path | bytes | Image.Image
 
@@ -37,6 +47,21 @@ RETRIED_STATUSES = (429, 503)
 FINISHED_STATUSES = frozenset({"Completed", "Failed", "Canceled"})
 #: The most seconds one request asks the server to hold it (``Prefer: wait``).
 MAX_PREFER_WAIT_SECONDS = 60
+#: Methods whose request may be sent again after a connection error: the
+#: server may have received it, and repeating it changes nothing.
+REPEATABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: The header that makes a write safe to repeat (the server answers a repeat
+#: with the first request's result).
+IDEMPOTENCY_KEY_HEADER = "Idempotency-Key"
+#: Backoff between retries after a connection error: doubling from the
+#: first, at most the cap, each drawn at random from its upper half.
+CONNECTION_RETRY_FIRST_SECONDS = 0.25
+CONNECTION_RETRY_MAX_SECONDS = 4.0
+#: How long to wait before reconnecting to an event stream that ended
+#: early, until the stream names its own (its ``retry`` field).
+DEFAULT_STREAM_RETRY_SECONDS = 2.0
+#: Answers to job GETs kept (with their ETags) to ask again conditionally.
+KEPT_JOB_ANSWERS = 16
 
 
 class SegqError(RuntimeError):
@@ -61,6 +86,25 @@ def is_finished(job: Mapping[str, Any]) -> bool:
     return job["status"] in FINISHED_STATUSES
 
 
+@dataclass(frozen=True)
+class JobEvent:
+    """One event of a job's stream: what a webhook gets for it."""
+
+    #: Its place in the job's stream, from 1 (``events(after=id)`` resumes there).
+    id: int
+    #: "job.started", "item.completed", "item.failed", "job.completed", …
+    type: str
+    #: When it happened, milliseconds since the epoch.
+    timestamp: int
+    #: The job as GET shows it, without mask URLs; for an item event, the
+    #: item, with the job's progress as it was when the item finished.
+    data: dict[str, Any]
+
+    @property
+    def ends_job(self) -> bool:
+        return self.type in JOB_END_EVENTS
+
+
 class SegqClient:
     """One project of one segq server, reached with one API key."""
 
@@ -76,12 +120,14 @@ class SegqClient:
         self.base_url = base_url.rstrip("/")
         self.project = project
         self.timeout = timeout
+        self.retries = retries
         self._http = requests.Session()
         self._http.headers["Authorization"] = f"Bearer {api_key}"
         # urllib3 retries 429/503 after their Retry-After (for POST too: a
         # job POST carries its Idempotency-Key, an upload of the same bytes
-        # makes at worst a second file). Connection errors are not retried
-        # here: a POST may have been received.
+        # makes at worst a second file). Connection errors are retried in
+        # _send, which sees the request's headers: only a request that is
+        # safe to repeat, since one that was reset may have been received.
         retry = Retry(
             total=retries,
             connect=0,
@@ -101,6 +147,10 @@ class SegqClient:
         self._plain = requests.Session()
         self._plain.mount("http://", adapter)
         self._plain.mount("https://", adapter)
+        # (path, query) -> (ETag, body) of the latest answers to job GETs:
+        # asked again with If-None-Match, an unchanged job answers 304 and
+        # sends nothing.
+        self._job_answers: OrderedDict[tuple[str, str], tuple[str, bytes]] = OrderedDict()
 
     def close(self) -> None:
         self._http.close()
@@ -128,12 +178,42 @@ class SegqClient:
     ) -> requests.Response:
         """``waiting``: the seconds the server may hold the answer (Prefer:
         wait), added to the read timeout so a long wait is not cut off."""
-        response = self._http.request(
-            method, self.url(path), timeout=self.timeout + waiting, **kwargs
+        repeatable = kwargs.pop("repeatable", False)
+        response = self._send(
+            self._http,
+            method,
+            self.url(path),
+            repeatable=repeatable,
+            timeout=self.timeout + waiting,
+            **kwargs,
         )
         if not response.ok:
             raise _error_of(response)
         return response
+
+    def _send(
+        self,
+        session: requests.Session,
+        method: str,
+        url: str,
+        *,
+        repeatable: bool = False,
+        **kwargs: Any,
+    ) -> requests.Response:
+        """One request, sent again after a refused or reset connection when
+        it is safe to repeat (``repeatable``: the caller knows it is, as for
+        a cancel): up to ``retries`` times, backing off."""
+        headers = kwargs.get("headers") or {}
+        repeatable = repeatable or method in REPEATABLE_METHODS or IDEMPOTENCY_KEY_HEADER in headers
+        for retry in range(self.retries + 1):
+            try:
+                return session.request(method, url, **kwargs)
+            except requests.ConnectionError:
+                if not repeatable or retry == self.retries:
+                    raise
+            ceiling = min(CONNECTION_RETRY_MAX_SECONDS, CONNECTION_RETRY_FIRST_SECONDS * 2**retry)
+            time.sleep(random.uniform(ceiling / 2, ceiling))
+        raise AssertionError("unreachable")
 
     def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         body: dict[str, Any] = self._request(method, path, **kwargs).json()
@@ -145,8 +225,12 @@ class SegqClient:
         self, image: ImageSource, *, external_id: str | None = None, name: str | None = None
     ) -> dict[str, Any]:
         """Upload a JPEG or PNG (a path, its bytes, or a PIL image, sent as
-        PNG) and answer the file's document."""
+        PNG) and answer the file's document. The file's ``name`` is
+        ``name``, else the path's name, else ``external_id``, else "image"
+        (for bytes and PIL images: give them a name)."""
         data, default_name = _encoded(image)
+        if default_name is None:
+            default_name = external_id or "image"
         fields = {
             key: value
             for key, value in (("externalId", external_id), ("name", name))
@@ -159,6 +243,23 @@ class SegqClient:
     def file_by_external_id(self, external_id: str) -> dict[str, Any] | None:
         found = self._json("GET", "/files", params={"externalId": external_id})["items"]
         return found[0] if found else None
+
+    def files(
+        self, *, filter: Mapping[str, Any] | None = None, page_size: int = 100
+    ) -> Iterator[dict[str, Any]]:
+        """Every file of the project that matches ``filter`` (Cognite's file
+        filter, e.g. ``{"mimeType": "image/png"}`` or ``{"uploaded": True}``),
+        fetched a page at a time as the iteration goes."""
+        body: dict[str, Any] = {"limit": page_size}
+        if filter is not None:
+            body["filter"] = dict(filter)
+        while True:
+            # A listing changes nothing: safe to send again.
+            page = self._json("POST", "/files/list", json=body, repeatable=True)
+            yield from page["items"]
+            if not page.get("nextCursor"):
+                return
+            body["cursor"] = page["nextCursor"]
 
     # -- jobs ------------------------------------------------------------
 
@@ -183,11 +284,114 @@ class SegqClient:
             "POST", "/context/vision/segment", json=dict(body), headers=headers, waiting=waiting
         )
 
-    def get_job(self, job_id: int) -> dict[str, Any]:
-        return self._json("GET", f"/context/vision/segment/{job_id}")
+    def _get_job(
+        self,
+        job_id: int,
+        params: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+        waiting: int = 0,
+    ) -> tuple[dict[str, Any], requests.Response]:
+        """GET the job, conditionally when an answer to the same GET is
+        kept: a 304 reuses the kept body."""
+        path = f"/context/vision/segment/{job_id}"
+        place = (path, json.dumps(params or {}, sort_keys=True))
+        kept = self._job_answers.get(place)
+        sent = dict(headers or {})
+        if kept is not None:
+            sent["If-None-Match"] = kept[0]
+        response = self._request("GET", path, params=params, headers=sent, waiting=waiting)
+        if response.status_code == 304 and kept is not None:
+            self._job_answers.move_to_end(place)
+            body = kept[1]
+        else:
+            body = response.content
+            tag = response.headers.get("ETag")
+            if tag:
+                self._job_answers[place] = (tag, body)
+                self._job_answers.move_to_end(place)
+                while len(self._job_answers) > KEPT_JOB_ANSWERS:
+                    self._job_answers.popitem(last=False)
+        job: dict[str, Any] = json.loads(body)
+        return job, response
+
+    def get_job(
+        self, job_id: int, *, items_limit: int | None = None, items_cursor: str | None = None
+    ) -> dict[str, Any]:
+        """The job; with ``items_limit`` or ``items_cursor``, a page of its
+        items (``nextItemsCursor`` leads to the next), the whole job's state
+        and progress on each. Asked again, an unchanged job costs a 304."""
+        params: dict[str, Any] = {}
+        if items_limit is not None:
+            params["itemsLimit"] = items_limit
+        if items_cursor is not None:
+            params["itemsCursor"] = items_cursor
+        return self._get_job(job_id, params)[0]
+
+    def job_items(self, job_id: int, *, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Each page of the job's items in turn (``items`` and
+        ``failedItems`` of its part), fetched as the iteration goes."""
+        cursor: str | None = None
+        while True:
+            page = self.get_job(job_id, items_limit=page_size, items_cursor=cursor)
+            yield page
+            cursor = page.get("nextItemsCursor")
+            if not cursor:
+                return
 
     def cancel_job(self, job_id: int) -> dict[str, Any]:
-        return self._json("POST", f"/context/vision/segment/{job_id}/cancel")
+        # Canceling a canceled job changes nothing: safe to send again.
+        return self._json("POST", f"/context/vision/segment/{job_id}/cancel", repeatable=True)
+
+    def delete_job(self, job_id: int) -> None:
+        """Delete a finished or canceled job with its results for good
+        (SegqError 409 for a job that may still write, 404 for none)."""
+        path = f"/context/vision/segment/{job_id}"
+        try:
+            self._request("DELETE", path)
+        except requests.ConnectionError:
+            # The DELETE may have landed before the connection broke: sent
+            # again, a job already gone (404) is this deletion done.
+            response = self._send(
+                self._http, "DELETE", self.url(path), repeatable=True, timeout=self.timeout
+            )
+            if not response.ok and response.status_code != 404:
+                raise _error_of(response) from None
+
+    def events(self, job_id: int, *, after: int = 0) -> Iterator[JobEvent]:
+        """The job's events as they happen (server-sent events from GET
+        …/segment/{jobId}/events), from the one after ``after``; the
+        iteration ends with the event that ends the job (``ends_job``).
+
+        A stream that ends before that (a server that cannot hold streams
+        open sends the events there are, then ends) or whose connection
+        breaks is opened again after its ``retry``, with ``Last-Event-ID``,
+        as a browser's EventSource does; ``retries`` breaks in a row
+        without an event raise."""
+        stream = _EventStreamParser(DEFAULT_STREAM_RETRY_SECONDS)
+        path = f"/context/vision/segment/{job_id}/events"
+        last = after
+        failures = 0
+        while True:
+            headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+            if last:
+                headers["Last-Event-ID"] = str(last)
+            try:
+                with self._request("GET", path, headers=headers, stream=True) as response:
+                    # chunk_size None: each chunk as it arrives, not 512 bytes at a time.
+                    for event_id, event_type, data in stream.events(
+                        response.iter_lines(chunk_size=None, decode_unicode=True)
+                    ):
+                        body = json.loads(data)
+                        event = JobEvent(int(event_id), event_type, body["timestamp"], body["data"])
+                        last, failures = event.id, 0
+                        yield event
+                        if event.ends_job:
+                            return
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+                failures += 1
+                if failures > self.retries:
+                    raise
+            time.sleep(stream.retry_seconds)
 
     def jobs(
         self, *, status: str | None = None, created_after: int | None = None, page_size: int = 100
@@ -218,10 +422,7 @@ class SegqClient:
             left = timeout - (time.monotonic() - started)
             waiting = _prefer_seconds(left) if left >= 1 else 0
             headers = {"Prefer": f"wait={waiting}"} if waiting else {}
-            response = self._request(
-                "GET", f"/context/vision/segment/{job_id}", headers=headers, waiting=waiting
-            )
-            job: dict[str, Any] = response.json()
+            job, response = self._get_job(job_id, headers=headers, waiting=waiting)
             if is_finished(job):
                 return job
             left = timeout - (time.monotonic() - started)
@@ -239,7 +440,7 @@ class SegqClient:
 
     def download(self, url: str) -> bytes:
         """The object behind a pre-signed URL (a mask, logits)."""
-        response = self._plain.get(self.absolute(url), timeout=self.timeout)
+        response = self._send(self._plain, "GET", self.absolute(url), timeout=self.timeout)
         if not response.ok:
             raise SegqError(response.status_code, f"fetching {url}")
         return response.content
@@ -254,16 +455,48 @@ class SegqClient:
         return np.asarray(self.mask_image(segment)) > 127
 
 
-def _encoded(image: ImageSource) -> tuple[bytes, str]:
-    """The bytes to upload and a file name for them."""
+def _encoded(image: ImageSource) -> tuple[bytes, str | None]:
+    """The bytes to upload and the name they come with (a path's)."""
     if isinstance(image, Image.Image):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        return buffer.getvalue(), "image.png"
+        return buffer.getvalue(), None
     if isinstance(image, bytes):
-        return image, "image"
+        return image, None
     path = Path(image)
     return path.read_bytes(), path.name
+
+
+class _EventStreamParser:
+    """The event stream format of the HTML standard (§9.2.6, "Interpreting
+    an event stream"), line by line; keeps the stream's ``retry``."""
+
+    def __init__(self, retry_seconds: float) -> None:
+        self.retry_seconds = retry_seconds
+
+    def events(self, lines: Iterable[str]) -> Iterator[tuple[str, str, str]]:
+        """(id, type, data) of each event the lines dispatch."""
+        event_id = ""
+        event_type = ""
+        data: list[str] = []
+        for line in lines:
+            if not line:
+                if data:
+                    yield event_id, event_type or "message", "\n".join(data)
+                event_type, data = "", []
+                continue
+            if line.startswith(":"):
+                continue  # a comment: the server's keepalive
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                event_type = value
+            elif name == "id" and "\0" not in value:
+                event_id = value
+            elif name == "retry" and value.isascii() and value.isdigit():
+                self.retry_seconds = int(value) / 1000
 
 
 def _prefer_seconds(seconds: float) -> int:

@@ -55,6 +55,26 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is down (a connection that died,
+    one that could not be made, a server shutting down), not that one
+    statement failed (a deadlock, a constraint)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover (installed with segq)
+        return False
+    orig = exc.orig
+    return isinstance(orig, psycopg.OperationalError) and (
+        # Raised by the client (no server answer), or SQLSTATE classes 08
+        # (connection exception) and 57P (operator intervention: shutdown).
+        orig.sqlstate is None or orig.sqlstate.startswith(("08", "57P"))
+    )
+
+
 def once_more_if_disconnected(transaction: Callable[[], T]) -> T:
     """Run ``transaction``; if it failed because its pooled connection had
     died, run it once more (the pool has reconnected by then).

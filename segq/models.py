@@ -174,6 +174,8 @@ class JobItem(Base):
         UniqueConstraint("job_id", "position"),
         Index("ix_job_items_status_lease", "status", "lease_expires_time"),
         Index("ix_job_items_status_published", "status", "published_time"),
+        # A wake-up message claims the queued item queued first (worker/claims.py).
+        Index("ix_job_items_status_id", "status", "id"),
         # Rolling a job up asks "does it still have a queued or running item?"
         Index("ix_job_items_job_id_status", "job_id", "status"),
     )
@@ -194,8 +196,9 @@ class JobItem(Base):
     status: Mapped[str] = mapped_column(String(16))
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     lease_expires_time: Mapped[int | None] = mapped_column(BigInteger)
-    # When a wake-up message for this item was last sent; the reconciler
-    # sends another if a queued item waits much longer than that.
+    # When a wake-up message for this item was last sent (for a retry: when
+    # it is due); the reconciler counts the item against the broker's queue
+    # a little after that.
     published_time: Mapped[int | None] = mapped_column(BigInteger)
     started_time: Mapped[int | None] = mapped_column(BigInteger)
     finished_time: Mapped[int | None] = mapped_column(BigInteger)
@@ -203,6 +206,10 @@ class JobItem(Base):
     engine: Mapped[str | None] = mapped_column(String(32))
     # {"width", "height", "segments": [...]} with storage keys, never URLs.
     result: Mapped[JsonDict | None]
+    # ``result`` as GET shows it, rendered once when the item completes:
+    # JSON text with a hole for each link, signed on the way out
+    # (segq/job_text.py). NULL for an item completed before it was kept.
+    rendered_result: Mapped[str | None] = mapped_column(Text)
 
 
 class DeliveryStatus(StrEnum):
@@ -264,3 +271,26 @@ class WebhookAttempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer)
     latency_ms: Mapped[int] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
+
+
+class WorkerProcess(Base):
+    """A process that segments items, as it last said of itself: the engine
+    it serves, whether it is paused for a dependency that does not answer,
+    or why it could not start. Written by workers, read by the API (which
+    never imports the worker) to say why work waits."""
+
+    __tablename__ = "worker_processes"
+
+    #: ``host:pid``.
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: The engine it serves (or failed to build).
+    engine: Mapped[str] = mapped_column(String(32))
+    started_time: Mapped[int] = mapped_column(BigInteger)
+    #: Renewed every few seconds while it lives (segq/worker_processes.py).
+    heartbeat_time: Mapped[int] = mapped_column(BigInteger)
+    #: Since when it takes no items because ``paused_dependency`` is down.
+    paused_since: Mapped[int | None] = mapped_column(BigInteger)
+    paused_dependency: Mapped[str | None] = mapped_column(String(32))
+    paused_reason: Mapped[str | None] = mapped_column(Text)
+    #: Why its engine could not be built; it exited at start.
+    start_failure: Mapped[str | None] = mapped_column(Text)

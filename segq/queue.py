@@ -68,10 +68,12 @@ def make_celery(broker_url: str, *, broker_folder: Path, time_limit_seconds: int
         task_acks_late=True,
         # When a pool process is killed, put its message back rather than
         # acknowledge it. The redelivery finds the item still leased and
-        # skips it, so a poison image cannot crash-loop workers through the
-        # broker; the item runs again only once the lease has run out and the
-        # reconciler (worker/reconciler.py) re-queues it, which counts the
-        # attempt. The message is a wake-up call; the lease is the truth.
+        # wakes a worker for another item, so a poison image cannot
+        # crash-loop workers through the broker; the item runs again only
+        # once the lease has run out and the reconciler (worker/reconciler.py)
+        # re-queues it, which counts the attempt. The message is a wake-up
+        # call (any message claims the item queued first); the lease is the
+        # truth.
         task_reject_on_worker_lost=True,
         # One message at a time per process: a GPU worker should not hoard
         # items that an idle worker could take.

@@ -25,12 +25,22 @@ Number = TypeVar("Number", int, float)
 #: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h later: about 27 hours in all.
 DEFAULT_WEBHOOK_RETRY_DELAYS = (5, 300, 1800, 7200, 18000, 36000, 36000)
 
+#: 32 MiB: the shipped API pod (1 GiB) runs 2 processes of 4 request threads;
+#: 2 x 150 MiB + 8 x (two copies of a 25 MiB body + 32 MiB) = 956 MiB.
+DEFAULT_MAX_DECODE_BYTES = 32 * 1024 * 1024
+
 #: What SEGQ_PRECISION may say.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class SettingsError(ValueError):
     """An environment variable holds a value segq cannot use."""
+
+
+#: Long enough for an ordinary S3 or MinIO restart, or a rolling upgrade of
+#: a MinIO cluster, with room to spare; short enough that a dead bucket is
+#: noticed within the hour by the jobs that wait on it.
+DEFAULT_DEPENDENCY_OUTAGE_SECONDS = 900
 
 
 @dataclass(frozen=True)
@@ -47,10 +57,19 @@ class Settings:
     max_upload_bytes: int
     max_image_pixels: int
     max_items_per_job: int
+    #: The most memory checking one upload's image may take (segq/images.py's
+    #: check_cost, from its header); an image that would need more gets 413.
+    max_decode_bytes: int
+    #: The largest answer of Livepeer's route (its masks as JSON text, from
+    #: the image's size); a request whose answer could be larger gets 413.
+    max_answer_bytes: int
     url_expires_seconds: int
     lease_seconds: int
     item_time_limit_seconds: int
     max_attempts: int
+    #: How long items wait for a dependency that is down (storage) before they
+    #: fail for it, counted from when the outage began: worker/dependency_breaker.py.
+    dependency_outage_seconds: int
     republish_after_seconds: int
     reconcile_interval_seconds: int
     poll_retry_after_seconds: int
@@ -94,6 +113,11 @@ class Settings:
     #: "json" (one object a line, for a log collector) or "text"; None:
     #: text (the deploy files set json).
     log_format: str | None = None
+    #: Pre-signed URLs in answers are signed once per window of this many
+    #: seconds and reused within it, so an unchanged job answers polls with
+    #: the same body (and 304) and signs nothing; a URL handed out stays
+    #: valid for at least SEGQ_URL_EXPIRES_SECONDS minus this.
+    url_signing_window_seconds: int = 300
     #: Where a worker's main process serves its Prometheus metrics; None: not served.
     metrics_port: int | None = None
     #: Items whose images a worker process encodes as one batch; None: the
@@ -105,6 +129,10 @@ class Settings:
     precision: str = "auto"
     #: torch.compile the image encoder at worker start.
     compile_encoder: bool = False
+    #: How long a stopping API process may take to finish the requests it
+    #: holds (gunicorn's graceful timeout); deploy/k8s's
+    #: terminationGracePeriodSeconds covers it and the preStop pause.
+    shutdown_grace_seconds: int = 30
 
     def fetch_policy(self) -> FetchPolicy:
         """How workers may fetch images from URLs that clients give."""
@@ -130,6 +158,11 @@ class Settings:
         return self.data_dir / "broker"
 
     def __post_init__(self) -> None:
+        if self.url_signing_window_seconds * 2 > self.url_expires_seconds:
+            raise SettingsError(
+                f"SEGQ_URL_SIGNING_WINDOW_SECONDS ({self.url_signing_window_seconds}) must be at "
+                f"most half of SEGQ_URL_EXPIRES_SECONDS ({self.url_expires_seconds})"
+            )
         # The items a batch claims first hold leases that are renewed only
         # once the batch runs: waiting for company must leave them most of
         # their lease.
@@ -158,10 +191,18 @@ class Settings:
             max_upload_bytes=_int(env, "SEGQ_MAX_UPLOAD_BYTES", 25 * 1024 * 1024),
             max_image_pixels=_int(env, "SEGQ_MAX_IMAGE_PIXELS", 40_000_000),
             max_items_per_job=_int(env, "SEGQ_MAX_ITEMS_PER_JOB", 1000),
+            max_decode_bytes=_int(env, "SEGQ_MAX_DECODE_BYTES", DEFAULT_MAX_DECODE_BYTES),
+            # Three SAM masks as logits for a 1920x1080 image: 150 MiB of
+            # JSON; as 0.0/1.0 masks, 11 megapixels.
+            max_answer_bytes=_int(env, "SEGQ_MAX_ANSWER_BYTES", 160 * 1024 * 1024),
             url_expires_seconds=_int(env, "SEGQ_URL_EXPIRES_SECONDS", 3600),
+            url_signing_window_seconds=_int(env, "SEGQ_URL_SIGNING_WINDOW_SECONDS", 300),
             lease_seconds=_int(env, "SEGQ_LEASE_SECONDS", 60),
             item_time_limit_seconds=_int(env, "SEGQ_ITEM_TIME_LIMIT_SECONDS", 600),
             max_attempts=_int(env, "SEGQ_MAX_ATTEMPTS", 5),
+            dependency_outage_seconds=_int(
+                env, "SEGQ_DEPENDENCY_OUTAGE_SECONDS", DEFAULT_DEPENDENCY_OUTAGE_SECONDS
+            ),
             republish_after_seconds=_int(env, "SEGQ_REPUBLISH_AFTER_SECONDS", 300),
             reconcile_interval_seconds=_int(env, "SEGQ_RECONCILE_INTERVAL_SECONDS", 15),
             poll_retry_after_seconds=_int(env, "SEGQ_POLL_RETRY_AFTER_SECONDS", 1),
@@ -192,6 +233,7 @@ class Settings:
             engine_batch_wait_ms=_milliseconds(env, "SEGQ_ENGINE_BATCH_WAIT_MS", 10),
             precision=_choice(env, "SEGQ_PRECISION", PRECISIONS) or "auto",
             compile_encoder=_flag(env, "SEGQ_COMPILE"),
+            shutdown_grace_seconds=_int(env, "SEGQ_SHUTDOWN_GRACE_SECONDS", 30),
         )
 
 

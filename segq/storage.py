@@ -8,6 +8,7 @@ replaces only what the same attempt wrote.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
@@ -31,6 +32,51 @@ S3_DELETE_BATCH = 1000
 
 class StorageError(RuntimeError):
     """Storage did not answer or refused; the operation may succeed later."""
+
+
+class StorageUnreachable(StorageError):
+    """Storage itself is down, not the one operation: the connection was
+    refused or timed out, the server answered 5xx, the disk failed. Work
+    that needs storage waits for it to answer (worker/dependency_breaker.py)
+    rather than count this against an item."""
+
+
+#: OS errors that say a local disk (or the network filesystem behind it)
+#: is down or full, not that one path is wrong.
+UNREACHABLE_ERRNOS = frozenset(
+    {
+        errno.EIO,
+        errno.ENOTCONN,
+        errno.ESTALE,
+        errno.ETIMEDOUT,
+        errno.EHOSTDOWN,
+        errno.EHOSTUNREACH,
+        errno.ENODEV,
+        errno.ENXIO,
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EROFS,
+    }
+)
+
+
+def _disk_error(message: str, exc: OSError) -> StorageError:
+    kind = StorageUnreachable if exc.errno in UNREACHABLE_ERRNOS else StorageError
+    return kind(f"{message}: {exc}")
+
+
+def _s3_error(message: str, exc: Exception) -> StorageError:
+    """The StorageError for a botocore error: StorageUnreachable when it says
+    the server is down (no connection, a timeout, a 5xx answer)."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    down = isinstance(exc, BotoConnectionError | HTTPClientError) or (
+        isinstance(exc, ClientError)
+        and int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) >= 500
+    )
+    kind = StorageUnreachable if down else StorageError
+    return kind(f"{message}: {exc}")
 
 
 class ObjectNotFound(KeyError):
@@ -147,7 +193,7 @@ class S3Storage:
                 ContentDisposition=content_disposition(content_type),
             )
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"could not write {key}: {exc}") from exc
+            raise _s3_error(f"could not write {key}", exc) from exc
 
     def get(self, key: str) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -158,9 +204,9 @@ class S3Storage:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise ObjectNotFound(key) from exc
-            raise StorageError(f"could not read {key}: {exc}") from exc
+            raise _s3_error(f"could not read {key}", exc) from exc
         except BotoCoreError as exc:
-            raise StorageError(f"could not read {key}: {exc}") from exc
+            raise _s3_error(f"could not read {key}", exc) from exc
         return body
 
     def delete(self, key: str) -> None:
@@ -169,7 +215,7 @@ class S3Storage:
         try:
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"could not delete {key}: {exc}") from exc
+            raise _s3_error(f"could not delete {key}", exc) from exc
 
     def delete_many(self, keys: Sequence[str]) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -182,7 +228,7 @@ class S3Storage:
                     Delete={"Objects": [{"Key": self._key(k)} for k in batch], "Quiet": True},
                 )
             except (BotoCoreError, ClientError) as exc:
-                raise StorageError(f"could not delete {len(batch)} objects: {exc}") from exc
+                raise _s3_error(f"could not delete {len(batch)} objects", exc) from exc
             # A batch answers 200 even when some keys failed; they are listed.
             errors = answer.get("Errors") or []
             if errors:
@@ -206,7 +252,7 @@ class S3Storage:
                         modified_time=entry["LastModified"].timestamp(),
                     )
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"could not list {prefix}: {exc}") from exc
+            raise _s3_error(f"could not list {prefix}", exc) from exc
 
     def presigned_get_url(self, key: str, expires_in: int) -> str:
         url: str = self._client.generate_presigned_url(
@@ -222,7 +268,7 @@ class S3Storage:
         try:
             self._client.head_bucket(Bucket=self.bucket)
         except (BotoCoreError, ClientError) as exc:
-            raise StorageError(f"bucket {self.bucket} does not answer: {exc}") from exc
+            raise _s3_error(f"bucket {self.bucket} does not answer", exc) from exc
 
 
 class LocalStorage:
@@ -254,7 +300,7 @@ class LocalStorage:
             _write_whole(self._type_path(path), content_type.encode("ascii"))
             _write_whole(path, data)
         except OSError as exc:
-            raise StorageError(f"could not write {key}: {exc}") from exc
+            raise _disk_error(f"could not write {key}", exc) from exc
 
     def get(self, key: str) -> bytes:
         try:
@@ -262,7 +308,7 @@ class LocalStorage:
         except FileNotFoundError:
             raise ObjectNotFound(key) from None
         except OSError as exc:
-            raise StorageError(f"could not read {key}: {exc}") from exc
+            raise _disk_error(f"could not read {key}", exc) from exc
 
     def content_type(self, key: str) -> str:
         """The type ``key`` was stored as; UNKNOWN_TYPE for an object written
@@ -280,7 +326,7 @@ class LocalStorage:
             path.unlink(missing_ok=True)
             self._type_path(path).unlink(missing_ok=True)
         except OSError as exc:
-            raise StorageError(f"could not delete {key}: {exc}") from exc
+            raise _disk_error(f"could not delete {key}", exc) from exc
 
     def delete_many(self, keys: Sequence[str]) -> None:
         for key in keys:
@@ -304,7 +350,7 @@ class LocalStorage:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise StorageError(f"could not list {prefix}: {exc}") from exc
+            raise _disk_error(f"could not list {prefix}", exc) from exc
 
     def presigned_get_url(self, key: str, expires_in: int) -> str:
         expires = int(time.time()) + expires_in
@@ -330,4 +376,4 @@ class LocalStorage:
             probe = self.root / ".ready"
             probe.write_bytes(b"")
         except OSError as exc:
-            raise StorageError(f"{self.root} is not writable: {exc}") from exc
+            raise _disk_error(f"{self.root} is not writable", exc) from exc

@@ -16,20 +16,20 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from segq.event_types import EVENT_TYPES as EVENT_TYPES
+from segq.event_types import ITEM_COMPLETED as ITEM_COMPLETED
+from segq.event_types import ITEM_FAILED as ITEM_FAILED
+from segq.event_types import JOB_CANCELED as JOB_CANCELED
+from segq.event_types import JOB_COMPLETED as JOB_COMPLETED
+from segq.event_types import JOB_END_EVENTS
+from segq.event_types import JOB_FAILED as JOB_FAILED
+from segq.event_types import JOB_STARTED as JOB_STARTED
 from segq.job_document import render_job
 from segq.models import DeliveryStatus, Job, JobItem, WebhookDelivery
 from segq.replicate_prediction import prediction_event_body, replicate_request
 
-JOB_STARTED = "job.started"
-JOB_COMPLETED = "job.completed"
-JOB_FAILED = "job.failed"
-JOB_CANCELED = "job.canceled"
-ITEM_COMPLETED = "item.completed"
-ITEM_FAILED = "item.failed"
-
-EVENT_TYPES = (JOB_STARTED, JOB_COMPLETED, JOB_FAILED, JOB_CANCELED, ITEM_COMPLETED, ITEM_FAILED)
 #: What a webhook without ``events`` is told: how its job ended.
-DEFAULT_EVENTS = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELED)
+DEFAULT_EVENTS = JOB_END_EVENTS
 #: The contract's short spellings ("completed") name job events.
 SHORT_NAMES = {
     "started": JOB_STARTED,

@@ -27,6 +27,7 @@ from segq.models import Base
 from segq.queue import make_celery
 from segq.settings import Settings
 from segq.storage import S3Storage
+from tests.browser import CHROMIUM, BrowserSession, chromium_session
 from tests.harness import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant, serving
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -159,3 +160,15 @@ def live_server(app: Flask) -> Iterator[str]:
     """``app`` on a loopback port: its root URL."""
     with serving(app) as url:
         yield url
+
+
+@pytest.fixture
+def browser() -> Iterator[BrowserSession]:
+    """Chromium for a page test (tests/browser.py). The rule of every
+    browser test: the test fails if any page it opened logged a console
+    error (a script error, a failed load, a Content-Security-Policy refusal)."""
+    if CHROMIUM is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    with chromium_session() as session:
+        yield session
+        assert session.console_errors == [], "console errors:\n" + "\n".join(session.console_errors)

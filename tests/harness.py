@@ -128,13 +128,17 @@ def grabcut_worker(
     storage: S3Storage,
     max_attempts: int = 5,
     limits: ImageLimits = TEST_LIMITS,
+    outage_seconds: int | None = None,
 ) -> Iterator[None]:
     """A real Celery worker (solo pool, in a thread of this process) running
     the GrabCut engine on ``sessions`` and ``storage``, taking images
-    within ``limits``."""
+    within ``limits``; with ``outage_seconds``, its storage breaker has
+    that bound and it records its heartbeat and pauses as a worker does."""
     from worker.engines.grabcut import GrabCutEngine
 
-    with engine_worker(celery_app, sessions, storage, GrabCutEngine(), max_attempts, limits):
+    with engine_worker(
+        celery_app, sessions, storage, GrabCutEngine(), max_attempts, limits, outage_seconds
+    ):
         yield
 
 
@@ -146,13 +150,29 @@ def engine_worker(
     engine: SegmentationEngine,
     max_attempts: int = 5,
     limits: ImageLimits = TEST_LIMITS,
+    outage_seconds: int | None = None,
 ) -> Iterator[None]:
     """grabcut_worker with any engine (a tiny SAM, for one)."""
     from celery.contrib.testing.worker import start_worker
 
     import worker.tasks  # noqa: F401  (registers the shared tasks on celery_app)
+    from worker.dependency_breaker import DependencyBreaker
+    from worker.heartbeat import WorkerHeartbeat
     from worker.runtime import SegmentRuntime, WorkerRuntime, attach_runtime
 
+    heartbeat = None
+    breaker = None
+    if outage_seconds is not None:
+        heartbeat = WorkerHeartbeat(sessions, engine.name)
+        heartbeat.start()
+        breaker = DependencyBreaker(
+            "storage",
+            storage.check,
+            outage_seconds=outage_seconds,
+            on_change=heartbeat.paused,
+            # A test's outage lasts seconds: resume within one of its end.
+            probe_max_seconds=1.0,
+        )
     segment = SegmentRuntime(
         sessions,
         storage,
@@ -160,6 +180,7 @@ def engine_worker(
         lease_seconds=60,
         limits=limits,
         max_attempts=max_attempts,
+        breaker=breaker,
     )
     attach_runtime(celery_app, WorkerRuntime(segment=segment))
     # start_worker sets the root logger's level (to ERROR) for good; later
@@ -171,6 +192,8 @@ def engine_worker(
     finally:
         attach_runtime(celery_app, None)
         logging.root.setLevel(root_level)
+        if heartbeat is not None:
+            heartbeat.stop()
 
 
 def run_job_item(

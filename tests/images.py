@@ -9,6 +9,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from segq.images import ADAM7_PASSES, PNG_CHANNELS
+
 
 def scene(
     width: int = 160, height: int = 120, seed: int = 0
@@ -68,16 +70,28 @@ def flat_png(width: int, height: int, colour: tuple[int, int, int] = (120, 80, 6
     return buffer.getvalue()
 
 
-def jpeg_claiming(width: int, height: int) -> bytes:
-    """A 16x16 JPEG whose frame header is rewritten to claim width x height
-    pixels: a few hundred bytes that hold almost none of the pixels claimed."""
+def jpeg_claiming(width: int, height: int, mode: str = "RGB", **options: object) -> bytes:
+    """A 16x16 JPEG (saved with Pillow's ``options``) whose frame header is
+    rewritten to claim width x height pixels: a few hundred bytes that hold
+    almost none of the pixels claimed."""
     buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), (120, 80, 60)).save(buffer, "JPEG")
-    data = bytearray(buffer.getvalue())
-    frame = data.index(b"\xff\xc0")  # baseline SOF0: length(2), precision(1), height, width
-    data[frame + 5 : frame + 7] = height.to_bytes(2, "big")
-    data[frame + 7 : frame + 9] = width.to_bytes(2, "big")
-    return bytes(data)
+    Image.new(mode, (16, 16), 90).save(buffer, "JPEG", **options)
+    return with_jpeg_size(buffer.getvalue(), width, height)
+
+
+def with_jpeg_size(data: bytes, width: int, height: int) -> bytes:
+    """``data`` with its frame header (baseline, extended or progressive)
+    rewritten to claim width x height pixels."""
+    changed = bytearray(data)
+    # length(2), precision(1), height(2), width(2)
+    frame = next(
+        index
+        for index in range(len(changed) - 1)
+        if changed[index] == 0xFF and changed[index + 1] in (0xC0, 0xC1, 0xC2)
+    )
+    changed[frame + 5 : frame + 7] = height.to_bytes(2, "big")
+    changed[frame + 7 : frame + 9] = width.to_bytes(2, "big")
+    return bytes(changed)
 
 
 def cut_short(data: bytes, fraction: float = 0.5) -> bytes:
@@ -135,3 +149,49 @@ def hostile_uploads(width: int = 48, height: int = 36) -> dict[str, tuple[bytes,
         "jpeg-script-after-eoi": (jpeg + HOSTILE_PAGE, "image/jpeg"),
         "jpeg-polyglot": (jpeg[:2] + comment + jpeg[2:] + HOSTILE_PAGE, "image/jpeg"),
     }
+
+
+def png_of_rows(
+    width: int,
+    height: int,
+    *,
+    colour_type: int = 6,
+    bit_depth: int = 8,
+    interlaced: bool = False,
+    palette: bool = True,
+    chunks_after_pixels: tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
+    """A valid PNG written chunk by chunk (Pillow writes no 16-bit colour
+    nor Adam7): rows of a repeating pattern, so tens of megapixels of any
+    mode take little time and memory to make and compress to kilobytes."""
+    channels = PNG_CHANNELS[colour_type]
+    passes = ADAM7_PASSES if interlaced else ((0, 0, 1, 1),)
+    pattern = np.random.default_rng(0).integers(0, 256, 1 << 10, dtype=np.uint8).tobytes()
+    compressor = zlib.compressobj(1)
+    compressed = []
+    for column, row, column_step, row_step in passes:
+        wide = -(-(width - column) // column_step)
+        high = -(-(height - row) // row_step)
+        if wide <= 0 or high <= 0:
+            continue
+        row_bytes = -(-wide * channels * bit_depth // 8)
+        line = b"\x00" + (pattern * (row_bytes // len(pattern) + 1))[:row_bytes]
+        for _ in range(high):
+            compressed.append(compressor.compress(line))
+    compressed.append(compressor.flush())
+
+    header = (
+        width.to_bytes(4, "big")
+        + height.to_bytes(4, "big")
+        + bytes([bit_depth, colour_type, 0, 0, int(interlaced)])
+    )
+    return b"".join(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"PLTE", bytes(range(256)) * 3) if colour_type == 3 and palette else b"",
+            _png_chunk(b"IDAT", b"".join(compressed)),
+            *(_png_chunk(kind, payload) for kind, payload in chunks_after_pixels),
+            _png_chunk(b"IEND", b""),
+        ]
+    )

@@ -9,6 +9,9 @@ between one process and a server it talks to.
 - ``refuse()`` is a server that is gone: open connections are reset and new
   ones refused (nothing listens on the port). ``heal()`` serves again, on
   the same port.
+- ``reset_requests(n)``: the next ``n`` connections are reset once the
+  client has sent its first bytes, before any is forwarded: a server
+  process that stopped under a request it had not read.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class TcpProxy:
         self._flowing.set()
         self._refusing = False
         self._closed = False
+        self._resets_left = 0
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._serve()
@@ -47,6 +51,17 @@ class TcpProxy:
 
     def cut(self) -> None:
         self._flowing.clear()
+
+    def reset_requests(self, count: int) -> None:
+        with self._lock:
+            self._resets_left += count
+
+    def _take_reset(self) -> bool:
+        with self._lock:
+            if self._resets_left <= 0:
+                return False
+            self._resets_left -= 1
+            return True
 
     def refuse(self) -> None:
         self._refusing = True
@@ -110,15 +125,22 @@ class TcpProxy:
             return
         with self._lock:
             self._sockets.update((client, upstream))
-        for source, sink in ((client, upstream), (upstream, client)):
-            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+        for source, sink, from_client in ((client, upstream, True), (upstream, client, False)):
+            threading.Thread(
+                target=self._pump, args=(source, sink, from_client), daemon=True
+            ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        first = from_client
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
+                if first and self._take_reset():
+                    _reset(source)
+                    break
+                first = False
                 # Read while cut (the kernel would have buffered it anyway),
                 # sent only once healed.
                 self._flowing.wait()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from api import create_app
+from segq.cli.job_commands import JOB_STATUSES
 from segq.cli.main import main
+from segq.coordinates import NORMALIZED_HINT
+from segq.models import JobStatus
 from segq.settings import Settings
 from tests.harness import Tenant
 
@@ -76,3 +81,46 @@ def test_keys_are_stored_only_as_hashes(data_dir: Path) -> None:
     assert hashlib.sha256(key.encode()).hexdigest() in stored
     # The stored prefix is too short to be of use: 4 characters past "segq_".
     assert all(len(str(value)) < 12 or not key.startswith(str(value)) for value in rows[0])
+
+
+def _commands(group: click.Group, prefix: str = "segq") -> Iterator[tuple[str, click.Command]]:
+    for name, command in group.commands.items():
+        yield f"{prefix} {name}", command
+        if isinstance(command, click.Group):
+            yield from _commands(command, f"{prefix} {name}")
+
+
+def test_every_option_read_from_the_environment_says_so_in_help_and_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    read_from_environment = [
+        (where, option)
+        for where, command in _commands(main)
+        for option in command.params
+        if isinstance(option, click.Option) and option.envvar
+    ]
+    assert len(read_from_environment) >= 3 * 6  # --url, --project, --api-key of each client command
+    for where, option in read_from_environment:
+        assert option.show_envvar, f"{where} {option.opts[0]} reads {option.envvar} unsaid"
+    helped = CliRunner().invoke(main, ["jobs", "ls", "--help"])
+    for variable in ("SEGQ_URL", "SEGQ_PROJECT", "SEGQ_API_KEY"):
+        assert f"env var: {variable}" in helped.output
+    for variable in ("SEGQ_PROJECT", "SEGQ_API_KEY"):
+        monkeypatch.delenv(variable, raising=False)
+    missing = CliRunner().invoke(main, ["jobs", "ls"])
+    assert missing.exit_code == 2
+    assert "Missing option '--project' (env var: 'SEGQ_PROJECT')" in missing.output
+
+
+def test_the_command_lines_statuses_are_the_models() -> None:
+    assert tuple(status.value for status in JobStatus) == JOB_STATUSES
+
+
+def test_coordinates_in_pixels_are_refused_with_the_reason(tmp_path: Path) -> None:
+    image = tmp_path / "x.png"
+    image.write_bytes(b"\x89PNG")
+    common = ["submit", str(image), "--project", "p", "--api-key", "k"]
+    for option in (["--point", "320,240"], ["--point", "0.5,-0.1,0"], ["--box", "10,10,200,0.9"]):
+        refused = CliRunner().invoke(main, [*common, *option])
+        assert refused.exit_code == 2, option
+        assert NORMALIZED_HINT in " ".join(refused.output.split()), refused.output

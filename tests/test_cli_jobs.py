@@ -15,10 +15,12 @@ import requests
 from celery import Celery
 from click.testing import CliRunner, Result
 from PIL import Image
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.cli.exit_codes import ExitCode
 from segq.cli.main import main
+from segq.models import StoredFile
 from segq.storage import S3Storage
 from tests.harness import Tenant, count_files, grabcut_worker
 from tests.images import encode, scene
@@ -88,6 +90,9 @@ def test_submit_folders_and_globs_in_jobs_of_n_then_a_rerun_skips_them(
     assert done.exit_code == ExitCode.OK, done.output
     report = json_of(done)
     assert report["jobs"] == jobs and job_count(segq) == 2
+    # A status in any case.
+    completed = json_of(run(segq, "jobs", "ls", "--status", "completed", "--json"))
+    assert sorted(job["jobId"] for job in completed) == sorted(jobs)
     assert [image["image"] for image in report["images"]] == [
         "photos/a.png",
         "photos/b.png",
@@ -110,6 +115,9 @@ def test_submit_folders_and_globs_in_jobs_of_n_then_a_rerun_skips_them(
     ]
     files = count_files(sessions)
     assert files == 3
+    with sessions() as session:
+        names = sorted(str(name) for name in session.scalars(select(StoredFile.name)))
+    assert names == ["a.png", "b.png", "c.jpg"]  # the first of a.png and a-copy.png
 
     again = run(segq, *arguments)
     assert again.exit_code == 0

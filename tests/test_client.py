@@ -4,6 +4,7 @@ S3 and a real GrabCut worker)."""
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,8 +22,9 @@ from api import create_app
 from segq.client import SegqClient, SegqError, WaitTimeout
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.harness import Tenant, grabcut_worker, serving
+from tests.harness import Tenant, count_jobs, grabcut_worker, serving
 from tests.images import encode, scene
+from tests.tcp_proxy import TcpProxy
 
 PROMPT = {
     "points": [{"x": 0.5, "y": 0.5, "label": 1}],
@@ -170,3 +172,101 @@ def test_a_wait_longer_than_the_read_timeout_ends_as_a_wait_timeout(
         with pytest.raises(WaitTimeout):
             client.wait(job["jobId"], timeout=3)
         assert time.monotonic() - started >= 2.5
+
+
+def test_a_reset_or_refused_connection_is_retried_only_when_safe_to_repeat(
+    live_server: str, tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    """A server process that stops under a request (the connection is reset
+    with the request sent) or a server restarting (connections refused)."""
+    host_port = live_server.removeprefix("http://")
+    host, port = host_port.rsplit(":", 1)
+    with (
+        TcpProxy(host, int(port)) as proxy,
+        SegqClient(proxy.url_for(live_server, host_port), tenant.name, tenant.key) as client,
+    ):
+        file_id = client.upload(encode(scene(80, 60)[0]))["id"]
+        proxy.reset_requests(2)
+        job = client.create_job({"items": [{"fileId": file_id}], **PROMPT})
+        proxy.reset_requests(1)
+        assert client.get_job(job["jobId"])["jobId"] == job["jobId"]
+
+        proxy.refuse()
+        threading.Timer(0.5, proxy.heal).start()
+        assert client.cancel_job(job["jobId"])["status"] == "Canceled"
+        assert count_jobs(sessions)[0] == 1
+
+        # An upload carries no key: sent again, it could store a second file.
+        proxy.reset_requests(1)
+        with pytest.raises(requests.ConnectionError):
+            client.upload(encode(scene(80, 60)[0]))
+
+
+def test_files_are_listed_page_by_page_under_a_filter_with_their_names(
+    segq: SegqClient, tmp_path: Path
+) -> None:
+    path = tmp_path / "from-disk.png"
+    path.write_bytes(encode(scene(80, 60, seed=1)[0]))
+    uploaded = [
+        segq.upload(path),
+        segq.upload(encode(scene(80, 60, seed=2)[0]), external_id="cam-2/0001"),
+        segq.upload(encode(scene(80, 60, seed=3)[0], "JPEG"), name="named.jpg"),
+        segq.upload(Image.fromarray(scene(80, 60, seed=4)[0])),
+    ]
+    # A file is named by the caller, else by its path, else by its externalId.
+    assert [f["name"] for f in uploaded] == ["from-disk.png", "cam-2/0001", "named.jpg", "image"]
+    listed = list(segq.files(page_size=3))
+    assert sorted(f["id"] for f in listed) == sorted(f["id"] for f in uploaded)
+    assert [f["name"] for f in segq.files(filter={"mimeType": "image/jpeg"})] == ["named.jpg"]
+    assert list(segq.files(filter={"externalIdPrefix": "cam-2/"})) == [uploaded[1]]
+
+
+def test_a_job_is_deleted_once_it_can_no_longer_write(
+    live_server: str, tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    host_port = live_server.removeprefix("http://")
+    host, port = host_port.rsplit(":", 1)
+    with (
+        TcpProxy(host, int(port)) as proxy,
+        SegqClient(proxy.url_for(live_server, host_port), tenant.name, tenant.key) as client,
+    ):
+        file_id = client.upload(encode(scene(80, 60)[0]))["id"]
+        queued = client.create_job({"items": [{"fileId": file_id}], **PROMPT})["jobId"]
+        with pytest.raises(SegqError) as running:
+            client.delete_job(queued)  # a worker may still take it
+        assert running.value.status == 409
+        client.cancel_job(queued)
+        # A connection reset under the DELETE: sent again, it deletes.
+        proxy.reset_requests(1)
+        client.delete_job(queued)
+        assert count_jobs(sessions)[0] == 0
+        with pytest.raises(SegqError) as gone:
+            client.get_job(queued)
+        assert gone.value.status == 404
+        with pytest.raises(SegqError) as again:
+            client.delete_job(queued)
+        assert again.value.status == 404
+
+
+def test_events_follow_a_running_job_to_its_end_and_resume_after_an_id(
+    segq: SegqClient, running_worker: None
+) -> None:
+    files = [segq.upload(encode(scene(80, 60, seed=seed)[0]))["id"] for seed in (1, 2)]
+    job = segq.create_job({"items": [{"fileId": f} for f in files], **PROMPT})
+    # The test server cannot hold a stream open: it sends the events there
+    # are and ends, and the iterator reconnects with Last-Event-ID.
+    events = list(segq.events(job["jobId"]))
+    assert [event.type for event in events] == [
+        "job.started",
+        "item.completed",
+        "item.completed",
+        "job.completed",
+    ]
+    assert [event.id for event in events] == [1, 2, 3, 4] and events[-1].ends_job
+    assert events[-1].data["status"] == "Completed" and events[-1].data["jobId"] == job["jobId"]
+    assert events[2].data["progress"]["completed"] == 2
+    resumed = list(segq.events(job["jobId"], after=2))
+    assert resumed == events[2:]
+    with pytest.raises(SegqError) as missing:
+        next(segq.events(999_999))
+    assert missing.value.status == 404

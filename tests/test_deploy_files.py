@@ -34,6 +34,7 @@ import yaml
 from flask.testing import FlaskClient
 
 from segq.cli.main import main
+from segq.settings import Settings
 from tests.harness import REPO
 
 KUBERNETES_VERSION = "1.33.0"
@@ -105,6 +106,23 @@ def test_the_api_scales_on_cpu() -> None:
     api = deployments[target["name"]]
     assert api["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
     assert autoscaler["spec"]["minReplicas"] >= 2
+
+
+def test_a_stopping_api_pod_drains_within_its_grace_period() -> None:
+    """The endpoint goes before SIGTERM (preStop), and the pod is killed only
+    after the drain's own bound (SEGQ_SHUTDOWN_GRACE_SECONDS) has passed."""
+    # A key given, so that reading the settings writes none to disk.
+    key = {"SEGQ_SECRET_KEY": "unused"}
+    [config] = by_kind("ConfigMap")
+    drain = Settings.from_env({**config["data"], **key}).shutdown_grace_seconds
+    [api] = [d for d in by_kind("Deployment") if d["metadata"]["name"] == "segq-api"]
+    pod = api["spec"]["template"]["spec"]
+    pause = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pause >= 5
+    assert pod["terminationGracePeriodSeconds"] > pause + drain
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    grace = compose["services"]["api"]["stop_grace_period"]
+    assert int(grace.removesuffix("s")) > Settings.from_env(key).shutdown_grace_seconds
 
 
 def check_jsonschema(*args: str) -> subprocess.CompletedProcess[str]:
@@ -249,6 +267,7 @@ def test_alert_rules_name_metrics_that_are_served(client: FlaskClient) -> None:
         "SegqWebhooksOverdue",
         "SegqWorkerAbsent",
         "SegqStorageErrors",
+        "SegqWorkersPaused",
     } <= set(alerts)
     api_names = set(re.findall(r"^(segq_\w+)", client.get("/metrics").get_data(as_text=True), re.M))
     served = api_names | worker_metric_names()

@@ -41,7 +41,9 @@ def wait_finished(tenant: Tenant, job_id: int, timeout: float = 60) -> Any:
     raise AssertionError(f"job {job_id} did not finish: {response.json}")
 
 
-def test_upload_submit_poll_fetch(tenant: Tenant, running_worker: None) -> None:
+def test_upload_submit_poll_fetch(
+    tenant: Tenant, running_worker: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     uploaded = tenant.upload(jpeg_bytes(200, 150), "scene.jpg", externalId="cam-3/0001").json
     created = tenant.post_job(scene_prompt_body(uploaded["id"]))
     assert created.status_code == 200
@@ -58,7 +60,9 @@ def test_upload_submit_poll_fetch(tenant: Tenant, running_worker: None) -> None:
     link = segment["mask"]
     assert link["format"] == "image/png" and (link["width"], link["height"]) == (200, 150)
     now_ms = time.time() * 1000
-    assert now_ms + 3500_000 < link["expiresTime"] <= now_ms + 3600_000
+    # Signed once per signing window (300 s), stating the window's start
+    # plus the lifetime: never later than the signature's own expiry.
+    assert now_ms + 3300_000 < link["expiresTime"] <= now_ms + 3600_000
     png = requests.get(link["url"], timeout=10)
     assert png.status_code == 200
     mask = np.asarray(Image.open(io.BytesIO(png.content)))
@@ -77,7 +81,12 @@ def test_upload_submit_poll_fetch(tenant: Tenant, running_worker: None) -> None:
     )
     assert np.array_equal(rasterize_rings(rings, 150, 200), selected)
 
-    # URLs are signed afresh on every GET, never stored.
+    # URLs are never stored: the same within a signing window, signed
+    # afresh in the next one.
+    same = tenant.get_job(created.json["jobId"]).json["items"][0]["segments"][0]["mask"]
+    assert same == link
+    later = time.time_ns() // 1_000_000 + 300_000
+    monkeypatch.setattr("api.signed_links.now_ms", lambda: later)
     time.sleep(1.1)
     again = tenant.get_job(created.json["jobId"]).json["items"][0]["segments"][0]["mask"]
     assert again["url"] != link["url"]

@@ -94,6 +94,18 @@ def test_the_pixel_limit_is_segqs_own(tenant: Tenant, sessions: sessionmaker[Ses
     assert count_files(sessions) == 1
 
 
+def test_an_image_too_costly_to_check_is_refused_from_its_header(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    # Within the pixel limit (4 Mpx), but a progressive CMYK JPEG of 2000 x
+    # 2000 needs 8 bytes of coefficients a pixel, over the 32 MiB that
+    # checking may take; its data (16 x 16 pixels) is never decoded.
+    response = tenant.upload(jpeg_claiming(2000, 2000, "CMYK", progressive=True), "cmyk.jpg")
+    assert response.status_code == 413, response.json
+    assert response.json["error"]["message"].startswith("checking this image would need")
+    assert count_files(sessions) == 0
+
+
 def test_the_size_reported_is_the_size_displayed(tenant: Tenant) -> None:
     # Stored 200 wide and 100 tall, shown rotated a quarter turn.
     response = tenant.upload(with_exif_orientation(scene(200, 100)[0], 6), "rotated.jpg")

@@ -6,12 +6,21 @@ from __future__ import annotations
 import io
 import zlib
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from segq.images import JPEG, PNG, TooManyPixels, UnreadableImage, decode_image
+from segq.images import (
+    JPEG,
+    PNG,
+    PNG_BIT_DEPTHS,
+    TooManyPixels,
+    UnreadableImage,
+    check_image,
+    decode_image,
+)
 from tests.images import (
     cut_short,
     encode,
@@ -20,11 +29,14 @@ from tests.images import (
     jpeg_claiming,
     png_bytes,
     png_chunks,
+    png_of_rows,
     scene,
     with_exif_orientation,
 )
 
 LIMIT = 4_000_000
+#: Enough for any image under LIMIT: the bound itself is tested in test_decode_memory.py.
+CHECK_BOUND = 256 << 20
 
 
 def jpeg(width: int, height: int, **options: object) -> bytes:
@@ -85,10 +97,106 @@ BROKEN: dict[str, Callable[[], bytes]] = {
 }
 
 
+def png_with_header_changed(data: bytes, offset: int, value: bytes) -> bytes:
+    """``data`` with IHDR's payload bytes at ``offset`` replaced, its CRC kept right."""
+    changed = bytearray(data)
+    changed[16 + offset : 16 + offset + len(value)] = value
+    changed[29:33] = zlib.crc32(bytes(changed[12:29])).to_bytes(4, "big")
+    return bytes(changed)
+
+
+def png_with_row_filter(filter_type: int) -> bytes:
+    """A 4x2 grey PNG whose second row names ``filter_type``."""
+    rows = b"\x00" + b"\x10" * 4 + bytes([filter_type]) + b"\x20" * 4
+    data = bytearray(png_of_rows(4, 2, colour_type=0))
+    offset, length = first_idat(bytes(data))
+    idat = b"IDAT" + zlib.compress(rows)
+    chunk = (len(idat) - 4).to_bytes(4, "big") + idat + zlib.crc32(idat).to_bytes(4, "big")
+    return bytes(data[:offset]) + chunk + bytes(data[offset + 12 + length :])
+
+
+BROKEN.update(
+    {
+        "png-palette-without-plte": lambda: png_of_rows(64, 32, colour_type=3, palette=False),
+        "png-row-filter-5": lambda: png_with_row_filter(5),
+        "png-one-row-short": lambda: png_with_header_changed(
+            png_of_rows(64, 32, colour_type=0), 4, (33).to_bytes(4, "big")
+        ),
+        "png-interlaced-one-row-short": lambda: png_with_header_changed(
+            png_of_rows(64, 32, colour_type=2, interlaced=True), 4, (33).to_bytes(4, "big")
+        ),
+        "png-bit-depth-colour-type-disagree": lambda: png_with_header_changed(
+            png_of_rows(64, 32, colour_type=2), 8, b"\x04"
+        ),
+    }
+)
+
+
 @pytest.mark.parametrize("make", BROKEN.values(), ids=BROKEN.keys())
 def test_broken_files_are_refused(make: Callable[[], bytes]) -> None:
     with pytest.raises(UnreadableImage, match="not a readable"):
         decode_image(make(), max_pixels=LIMIT)
+
+
+@pytest.mark.parametrize("make", BROKEN.values(), ids=BROKEN.keys())
+def test_checking_refuses_what_decoding_refuses(make: Callable[[], bytes]) -> None:
+    # The API checks (check_image); the worker decodes (decode_image): the
+    # same file is refused by both, for the same reason.
+    with pytest.raises(UnreadableImage, match="not a readable") as checked:
+        check_image(make(), max_pixels=LIMIT, max_decode_bytes=CHECK_BOUND)
+    with pytest.raises(UnreadableImage) as decoded:
+        decode_image(make(), max_pixels=LIMIT)
+    assert str(checked.value) == str(decoded.value)
+
+
+def xmp_orientation(orientation: int) -> bytes:
+    xmp = f'<x:xmpmeta><rdf:Description tiff:Orientation="{orientation}"/></x:xmpmeta>'
+    return b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp.encode()
+
+
+def exif_orientation(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+GOOD: dict[str, Callable[[], bytes]] = {
+    **{
+        # Every colour type PNG has, with every bit depth it allows.
+        f"png-type-{colour}-{depth}-bit{'-interlaced' * interlaced}": partial(
+            png_of_rows, 61, 37, colour_type=colour, bit_depth=depth, interlaced=interlaced
+        )
+        for colour, depths in PNG_BIT_DEPTHS.items()
+        for depth in sorted(depths)
+        for interlaced in (False, True)
+    },
+    "png-exif-orientation-after-pixels": lambda: png_of_rows(
+        61, 37, chunks_after_pixels=((b"eXIf", exif_orientation(6)),)
+    ),
+    "png-xmp-orientation-after-pixels": lambda: png_of_rows(
+        61, 37, chunks_after_pixels=((b"iTXt", xmp_orientation(8)),)
+    ),
+    "jpeg-baseline": lambda: jpeg(61, 37),
+    "jpeg-progressive": lambda: jpeg(61, 37, progressive=True),
+    "jpeg-444": lambda: jpeg(61, 37, subsampling=0),
+    "jpeg-grey": lambda: encode_image(Image.new("L", (61, 37), 90), "JPEG"),
+    "jpeg-cmyk": lambda: encode_image(Image.new("CMYK", (61, 37), (0, 255, 255, 0)), "JPEG"),
+    "jpeg-exif-orientation": lambda: with_exif_orientation(scene(61, 37)[0], 6),
+}
+
+
+@pytest.mark.parametrize("make", GOOD.values(), ids=GOOD.keys())
+def test_checking_accepts_what_decoding_accepts_at_the_size_displayed(
+    make: Callable[[], bytes],
+) -> None:
+    data = make()
+    decoded = decode_image(data, max_pixels=LIMIT)
+    checked = check_image(data, max_pixels=LIMIT, max_decode_bytes=CHECK_BOUND)
+    assert (checked.format, checked.width, checked.height) == (
+        decoded.format,
+        decoded.width,
+        decoded.height,
+    )
 
 
 def test_pillow_alone_accepts_what_segq_refuses() -> None:

@@ -5,7 +5,6 @@ against the masks themselves, and a toggle that hides a segment)."""
 from __future__ import annotations
 
 import io
-import shutil
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -22,24 +21,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.view_links import ViewLinks
 from segq.storage import S3Storage
+from tests.browser import BrowserSession
 from tests.harness import Tenant, grabcut_worker
 from tests.images import encode, scene, scene_prompt_body
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-#: Playwright drives Debian's Chromium, never a downloaded browser.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # Colours as the PNGs hold them, so that pixels can be compared.
-    "--force-color-profile=srgb",
-]
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)"
-)
 
 
 def wait_finished(tenant: Tenant, job_id: int, timeout: float = 60) -> Any:
@@ -79,6 +63,7 @@ def test_the_job_carries_a_signed_view_link_that_opens_only_its_job(
     assert view["jobId"] == first and view["status"] == "Queued" and view["refreshAfter"] == 1
     [item] = view["items"]
     assert item["fileExternalId"] == "cam/1" and (item["width"], item["height"]) == (120, 90)
+    assert item["fileName"] == "a.png"  # what the page titles the item by
     assert requests.get(item["imageUrl"], timeout=10).content == encode(scene(120, 90)[0])
 
     # The assets are served by segq itself.
@@ -143,13 +128,12 @@ def screenshot(page: Any, locator: Any) -> npt.NDArray[np.int16]:
     return np.asarray(shot).astype(np.int16)
 
 
-@needs_chromium
 @pytest.mark.slow
 def test_the_page_draws_each_mask_over_its_image_and_toggles_hide_them(
-    live_server: str, finished_job: tuple[dict[str, Any], npt.NDArray[np.uint8]]
+    live_server: str,
+    finished_job: tuple[dict[str, Any], npt.NDArray[np.uint8]],
+    browser: BrowserSession,
 ) -> None:
-    from playwright.sync_api import sync_playwright
-
     job, pixels = finished_job
     [segment] = job["items"][0]["segments"]
     mask_png = requests.get(segment["mask"]["url"], timeout=10).content
@@ -161,48 +145,47 @@ def test_the_page_draws_each_mask_over_its_image_and_toggles_hide_them(
     outside = cv2.dilate(mask.astype(np.uint8), kernel) == 0
     original = pixels.astype(np.int16)
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1000, "height": 900}, device_scale_factor=1)
-            page.goto(live_server + job["viewUrl"])
-            page.wait_for_selector("body[data-status='Completed'][data-images-loaded='true']")
+    page = browser.new_page(viewport={"width": 1000, "height": 900}, device_scale_factor=1)
+    page.goto(live_server + job["viewUrl"])
+    page.wait_for_selector("body[data-status='Completed'][data-images-loaded='true']")
 
-            # The failed item shows its error; the finished one its segment's figures.
-            failed = page.locator("section.item[data-position='1']")
-            assert "the file was deleted before the item ran" in failed.inner_text()
-            row = page.locator(
-                "section.item[data-position='0'] table.segments tr[data-segment='0']"
-            )
-            assert f"{segment['score']:.3f}" in row.inner_text()
-            assert f"{segment['area'] * 100:.2f} %" in row.inner_text()
-            assert row.locator("td").nth(1).inner_text() == "0"  # promptIndex
-            # The prompt: one foreground point and a box.
-            stage = page.locator("svg.stage[data-position='0']")
-            assert stage.locator("circle.prompt-point.foreground").count() == 1
-            assert stage.locator("rect.prompt-box").count() == 1
+    # Each item is titled by its file's name, then its externalId.
+    kept = page.locator("section.item[data-position='0'] h2")
+    assert kept.locator(".file-name").inner_text() == "#0 scene.png"
+    assert kept.locator(".external-id").inner_text() == "scene"
+    # The failed item shows its error; the finished one its segment's figures.
+    failed = page.locator("section.item[data-position='1']")
+    assert "the file was deleted before the item ran" in failed.inner_text()
+    row = page.locator("section.item[data-position='0'] table.segments tr[data-segment='0']")
+    assert f"{segment['score']:.3f}" in row.inner_text()
+    assert f"{segment['area'] * 100:.2f} %" in row.inner_text()
+    assert row.locator("td").nth(1).inner_text() == "0"  # promptIndex
+    # The prompt: one foreground point and a box.
+    stage = page.locator("svg.stage[data-position='0']")
+    assert stage.locator("circle.prompt-point.foreground").count() == 1
+    assert stage.locator("rect.prompt-box").count() == 1
 
-            page.locator("input[name='prompts-0']").uncheck()
-            shown = screenshot(page, stage)
-            assert shown.shape == (*mask.shape, 3)
-            colour = stage.locator("g.segment[data-segment='0']").get_attribute("data-colour")
-            assert colour is not None
-            tint = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
-            expected = original * 0.5 + tint * 0.5
-            # Inside the mask: the image half-covered by the segment's colour;
-            # outside: the image itself.
-            assert np.abs(shown[inside] - expected[inside]).mean() < 4
-            assert np.abs(shown[outside] - original[outside]).mean() < 3
-            assert np.abs(shown[inside] - original[inside]).mean() > 30
+    page.locator("input[name='prompts-0']").uncheck()
+    shown = screenshot(page, stage)
+    assert shown.shape == (*mask.shape, 3)
+    colour = stage.locator("g.segment[data-segment='0']").get_attribute("data-colour")
+    assert colour is not None
+    tint = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+    expected = original * 0.5 + tint * 0.5
+    # Inside the mask: the image half-covered by the segment's colour;
+    # outside: the image itself.
+    assert np.abs(shown[inside] - expected[inside]).mean() < 4
+    assert np.abs(shown[outside] - original[outside]).mean() < 3
+    assert np.abs(shown[inside] - original[inside]).mean() > 30
+    # The row's swatch, as drawn on screen, is the colour the mask is tinted in.
+    swatch = screenshot(page, row.locator(".swatch"))
+    assert np.abs(swatch[3:9, 3:9] - tint).max() <= 2
 
-            page.locator("input[name='segment-0-0']").uncheck()
-            hidden = screenshot(page, stage)
-            assert np.abs(hidden - original).mean() < 3
-        finally:
-            browser.close()
+    page.locator("input[name='segment-0-0']").uncheck()
+    hidden = screenshot(page, stage)
+    assert np.abs(hidden - original).mean() < 3
 
 
-@needs_chromium
 @pytest.mark.slow
 def test_a_running_jobs_page_follows_its_progress_without_reload(
     live_server: str,
@@ -210,30 +193,24 @@ def test_a_running_jobs_page_follows_its_progress_without_reload(
     celery_app: Celery,
     sessions: sessionmaker[Session],
     storage: S3Storage,
+    browser: BrowserSession,
 ) -> None:
-    from playwright.sync_api import sync_playwright
-
     file_id = tenant.upload(encode(scene(120, 90)[0]), "a.png").json["id"]
     job_id = tenant.post_job(scene_prompt_body(file_id)).json["jobId"]
     view_url = tenant.get_job(job_id).json["viewUrl"]
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page()
-            page.goto(live_server + view_url)
-            page.wait_for_selector("body[data-status='Queued']")
-            assert page.locator("#progress-text").inner_text() == "0 of 1 done"
-            assert "Waiting for a worker" in page.locator("section.item").inner_text()
-            # The first page stays loaded: it polls until the job finishes.
-            navigations: list[str] = []
-            page.on("framenavigated", lambda frame: navigations.append(frame.url))
-            with grabcut_worker(celery_app, sessions, storage):
-                page.wait_for_selector("body[data-status='Completed']", timeout=60_000)
-            assert navigations == []
-            assert page.locator("#progress-text").inner_text() == "1 of 1 done"
-            assert page.locator("section.item svg g.segment").count() == 1
-        finally:
-            browser.close()
+    page = browser.new_page()
+    page.goto(live_server + view_url)
+    page.wait_for_selector("body[data-status='Queued']")
+    assert page.locator("#progress-text").inner_text() == "0 of 1 done"
+    assert "Waiting for a worker" in page.locator("section.item").inner_text()
+    # The first page stays loaded: it polls until the job finishes.
+    navigations: list[str] = []
+    page.on("framenavigated", lambda frame: navigations.append(frame.url))
+    with grabcut_worker(celery_app, sessions, storage):
+        page.wait_for_selector("body[data-status='Completed']", timeout=60_000)
+    assert navigations == []
+    assert page.locator("#progress-text").inner_text() == "1 of 1 done"
+    assert page.locator("section.item svg g.segment").count() == 1
 
 
 def test_the_page_shows_the_version_the_job_segmented_after_an_overwrite(

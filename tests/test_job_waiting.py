@@ -292,3 +292,45 @@ def test_event_ids_stay_put_when_an_item_finishes_after_a_cancel(
     time.sleep(0.01)
     assert finish_item(sessions, claim, result=None, error_message="late")
     assert events() == [*sent, (3, "item.failed")]
+
+
+def test_a_last_event_id_past_the_last_event_is_refused_and_a_resume_goes_on(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    """Every id a stream sends was read from the database first, so an id
+    past the job's last event is not one of its ids: 400, not a silent
+    stream that would skip the events still to come."""
+    from sqlalchemy import select
+
+    from segq.models import JobItem
+    from worker.claims import claim_item, finish_item
+
+    job_id = _embedded_job(tenant, images=2).json["jobId"]
+    url = tenant.url(f"/context/vision/segment/{job_id}/events")
+
+    def stream(last_event_id: str) -> Any:
+        return tenant.client.get(url, headers={**tenant.headers, "Last-Event-ID": last_event_id})
+
+    queued = stream("1")
+    assert queued.status_code == 400, queued.get_data(as_text=True)
+    assert queued.json["error"]["message"] == (
+        f"Last-Event-ID 1 is not an event of this stream: job {job_id} has had 0 events"
+    )
+    with sessions() as session:
+        first = session.scalars(
+            select(JobItem.id).where(JobItem.job_id == job_id).order_by(JobItem.position)
+        ).first()
+    assert first is not None
+    claim = claim_item(sessions, first, lease_seconds=60, engine_name="grabcut", max_attempts=3)
+    assert claim is not None
+    assert finish_item(sessions, claim, result=None, error_message="done")
+    # Two events now: job.started, item.failed.
+    assert stream("3").status_code == 400
+    resumed = stream("1").get_data(as_text=True)
+    assert [line for line in resumed.splitlines() if line.startswith(("id:", "event:"))] == [
+        "id: 2",
+        "event: item.failed",
+    ]
+    caught_up = stream("2")
+    assert caught_up.status_code == 200
+    assert caught_up.get_data(as_text=True) == "retry: 2000\n\n"

@@ -205,6 +205,21 @@ def test_prefer_wait_on_get_wakes_when_the_job_finishes(live: Live, acme: Client
     assert 1.5 <= elapsed < LIVE_RECHECK_SECONDS / 2
 
 
+def test_a_parked_get_answers_the_page_it_asked_for_and_304_to_its_tag(
+    live: Live, acme: Client
+) -> None:
+    job_id = acme.post(acme.job_body(images=2)).json()["jobId"]
+    answer = acme.get(f"/{job_id}?itemsLimit=1", Prefer="wait=1")
+    assert answer.headers["Preference-Applied"] == "wait=1"
+    page = answer.json()
+    assert len(page["items"]) == 1 and page["nextItemsCursor"], page
+    unchanged = acme.get(
+        f"/{job_id}?itemsLimit=1", Prefer="wait=1", **{"If-None-Match": answer.headers["ETag"]}
+    )
+    assert unchanged.status_code == 304 and unchanged.content == b""
+    _finish(live, acme, job_id)
+
+
 def _read_events(response: requests.Response) -> list[dict[str, Any]]:
     """Every event of a stream, until the server ends it."""
     events: list[dict[str, Any]] = []

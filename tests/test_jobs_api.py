@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.json_body import max_job_body_bytes
+from segq.coordinates import NORMALIZED_HINT
 from segq.settings import Settings
 from tests.harness import MALFORMED_JSON_BODIES, Tenant, count_jobs, queued_messages
 from tests.images import cognite_sample_body, png_bytes
@@ -322,3 +323,25 @@ def test_idempotency_holds_under_concurrent_identical_requests(
         cognite_sample_body(other_file), headers={"Idempotency-Key": "same-20"}
     )
     assert elsewhere.status_code == 200 and elsewhere.json["jobId"] != answers[0][1]
+
+
+@pytest.mark.parametrize(
+    ("prompt", "field"),
+    [
+        ({"points": [{"x": 320, "y": 0.5}]}, "points[0].x"),
+        ({"points": [{"x": 0.5, "y": 0.5}, {"x": 0.5, "y": -3}]}, "points[1].y"),
+        ({"boundingBox": {"xMin": 0.1, "yMin": 0.1, "xMax": 200, "yMax": 0.9}}, "boundingBox.xMax"),
+        ({"prompts": [{"points": [{"x": 0.5, "y": 240}]}]}, "prompts[0].points[0].y"),
+        (
+            {"prompts": [{"boundingBox": {"xMin": 10, "yMin": 0, "xMax": 1, "yMax": 1}}]},
+            "prompts[0].boundingBox.xMin",
+        ),
+    ],
+)
+def test_a_coordinate_out_of_0_to_1_is_refused_saying_coordinates_are_normalized(
+    tenant: Tenant, file_id: int, prompt: dict[str, Any], field: str
+) -> None:
+    response = tenant.post_job({"items": [{"fileId": file_id}], **prompt})
+    assert response.status_code == 400
+    message = response.json["error"]["message"]
+    assert message.startswith(f"{field}: ") and message.endswith(NORMALIZED_HINT)

@@ -619,3 +619,32 @@ def test_both_clients_on_the_embedded_default(tmp_path: Path) -> None:
     # SEGQ_MODEL unset: the route cannot know the engine gives logits, and asks for none.
     assert json.loads(livepeer.logits) == []
     assert moondream["path"].startswith("M") and moondream["bbox"]["x_min"] < 0.5
+
+
+def test_livepeer_answer_over_its_bound_is_413_before_the_job_runs(
+    peer_settings: Settings,
+    storage: S3Storage,
+    celery_app: Celery,
+    sessions: sessionmaker[Session],
+    worker: None,
+) -> None:
+    # Three 0.0/1.0 masks of 160 x 120 take up to 290 KB as the answer's
+    # JSON, one 97 KB.
+    app = create_app(
+        replace(peer_settings, max_answer_bytes=200_000), storage=storage, celery=celery_app
+    )
+    with sessions.begin() as session:
+        _, key = create_project(session, "acme")
+    with serving(app) as url:
+        answer = requests.post(
+            f"{url}/segment-anything-2",
+            headers={"Authorization": f"Bearer {key}"},
+            files={"image": ("a.png", PNG, "image/png")},
+            data={"box": json.dumps(BOX)},
+            timeout=10,
+        )
+        assert answer.status_code == 413, answer.text[:300]
+        assert "SEGQ_MAX_ANSWER_BYTES" in answer.json()["detail"]["msg"]
+        assert count_jobs(sessions) == (0, 0)
+        one = livepeer_call(url, key, box=json.dumps(BOX), multimask_output=False)
+    assert np.asarray(json.loads(one.masks)).shape == (1, HEIGHT, WIDTH)

@@ -6,9 +6,9 @@ import io
 import os
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -21,8 +21,14 @@ from segq.models import ItemStatus, Job, JobItem, JobStatus, WebhookDelivery
 from segq.storage import S3Storage
 from tests.harness import TEST_LIMITS, Tenant, grabcut_worker, item_ids
 from tests.images import png_bytes, scene, scene_prompt_body, with_exif_orientation
-from tests.tcp_proxy import TcpProxy
-from worker.claims import Claim, claim_item, finish_item, release_item, renew_lease
+from worker.claims import (
+    Claim,
+    claim_item,
+    claim_next_item,
+    finish_item,
+    release_item,
+    renew_lease,
+)
 from worker.engines.grabcut import GrabCutEngine
 from worker.item_inputs import ImageLimits
 from worker.lease_keeper import LeaseKeeper
@@ -188,9 +194,10 @@ def test_a_deleted_file_fails_its_item_and_the_job_keeps_the_rest(
         == 204
     )
 
-    assert run(sessions, storage, engine, doomed_item) == ItemOutcome.FAILED
-    assert load(sessions, Job, job_id).status == JobStatus.RUNNING
+    # Messages claim items in queue order: the kept item first.
     assert run(sessions, storage, engine, kept_item) == ItemOutcome.COMPLETED
+    assert load(sessions, Job, job_id).status == JobStatus.RUNNING
+    assert run(sessions, storage, engine, doomed_item) == ItemOutcome.FAILED
 
     job = tenant.get_job(job_id).json
     assert job["status"] == "Completed"
@@ -284,82 +291,95 @@ def test_only_the_requested_outputs_are_made(
     assert "rle" in segment and "mask" not in segment and "polygons" not in segment
 
 
-def attempt_times(
-    sessions: sessionmaker[Session], item_id: int, until: Any, timeout: float = 60
-) -> dict[int, float]:
-    """When each attempt at the item started (monotonic seconds, seen by
-    polling its row) until ``until(item)`` holds."""
-    seen: dict[int, float] = {}
+def releases(
+    sessions: sessionmaker[Session],
+    item_id: int,
+    until: Any,
+    seen: list[tuple[int, int]] | None = None,
+    timeout: float = 60,
+) -> list[tuple[int, int]]:
+    """(attempt, due time) of each release of the item, as the worker wrote
+    them to its row (release_item: published_time is when its retry is due),
+    until ``until(item)`` holds. Times are the code's, never a poll's: a
+    late look at the row can only miss a release, and a missed one fails
+    the test's count rather than skewing a gap. Added to ``seen``."""
+    seen = [] if seen is None else seen
     deadline = time.monotonic() + timeout
     while True:
         item = load(sessions, JobItem, item_id)
-        seen.setdefault(item.attempt, time.monotonic())
+        if item.status == "Queued" and item.attempt > 0:
+            release = (item.attempt, item.published_time)
+            if release not in seen:
+                seen.append(release)
         if until(item):
             return seen
-        assert time.monotonic() < deadline, f"attempts so far: {sorted(seen)}"
+        assert time.monotonic() < deadline, f"releases so far: {seen}"
         time.sleep(0.02)
 
 
-def proxied_storage(storage: S3Storage, link: TcpProxy) -> S3Storage:
-    """``storage``'s bucket and prefix, reached through ``link`` with boto3."""
-    endpoint = urlparse(storage._client.meta.endpoint_url)
+def elsewhere(storage: S3Storage, bucket: str) -> S3Storage:
+    """``storage``'s prefix in ``bucket`` of the same S3 server."""
     return S3Storage(
-        storage.bucket,
-        storage.prefix.rstrip("/"),
-        endpoint_url=link.url_for(storage._client.meta.endpoint_url, endpoint.netloc),
+        bucket, storage.prefix.rstrip("/"), endpoint_url=storage._client.meta.endpoint_url
     )
 
 
-def test_storage_outage_requeues_with_the_tasks_countdown_until_storage_answers(
+def test_a_storage_error_requeues_with_the_tasks_countdown_until_storage_answers(
     tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, celery_app: Celery
 ) -> None:
-    """A real S3 endpoint (moto over HTTP, through boto3) that stops
-    answering, and the Celery task's own retry countdown: attempts 2 and 4
-    seconds apart, and the item completes once storage is back."""
+    """Storage that answers but refuses the item's work (its bucket is
+    missing: a 404, not an outage) costs an attempt per try, with the
+    Celery task's own countdown between them: retries due 2 and 4 seconds
+    after each failed attempt ended, and the item completes once the
+    bucket is there. Gaps are read from the times the worker recorded."""
     job_id, [item_id] = submit(tenant)
-    s3 = urlparse(storage._client.meta.endpoint_url)
-    assert s3.hostname and s3.port
-    with TcpProxy(s3.hostname, s3.port) as link:
-        link.refuse()
-        with grabcut_worker(celery_app, sessions, proxied_storage(storage, link), max_attempts=4):
-            # (The API published the item when it created the job.)
-            outage = attempt_times(
-                sessions, item_id, lambda item: item.attempt == 2 and item.status == "Queued"
-            )
-            link.heal()  # back after the second attempt failed
-            seen = {**outage, **attempt_times(sessions, item_id, lambda i: i.status == "Completed")}
-    assert sorted(seen) == [0, 1, 2, 3]
-    assert seen[2] - seen[1] >= 2 - 0.1
-    assert seen[3] - seen[2] >= 4 - 0.1
+    missing = elsewhere(storage, f"segq-missing-{uuid.uuid4().hex[:8]}")
+    image_key = load(sessions, JobItem, item_id).file_storage_key
+    with grabcut_worker(celery_app, sessions, missing, max_attempts=4):
+        # (The API published the item when it created the job.)
+        failed = releases(
+            sessions, item_id, lambda item: item.attempt >= 2 or item.status == "Failed"
+        )
+        missing._client.create_bucket(Bucket=missing.bucket)
+        missing.put(image_key, storage.get(image_key), "image/png")
+        releases(sessions, item_id, lambda item: item.status in ("Completed", "Failed"), failed)
+    # Each release's due time less its countdown is when it was released.
+    assert [attempt for attempt, _ in failed] == [1, 2]
+    [(_, due_1), (_, due_2)] = failed
+    released_1, released_2 = due_1 - 2000, due_2 - 4000
+    # Attempt 2 was claimed when its retry was due, and released after.
+    assert released_2 >= due_1 and released_2 - released_1 >= 2000
+    item = load(sessions, JobItem, item_id)
+    assert item.attempt == 3 and item.finished_time >= due_2
     job = tenant.get_job(job_id).json
     assert job["status"] == "Completed"
-    [segment] = load(sessions, JobItem, item_id).result["segments"]
-    assert storage.get(segment["maskKey"]).startswith(b"\x89PNG")
+    [segment] = item.result["segments"]
+    assert missing.get(segment["maskKey"]).startswith(b"\x89PNG")
 
 
-def test_storage_outage_fails_the_item_after_the_bound(
+def test_a_storage_error_fails_the_item_once_its_attempts_run_out(
     tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, celery_app: Celery
 ) -> None:
     job_id, [item_id] = submit(tenant)
-    s3 = urlparse(storage._client.meta.endpoint_url)
-    assert s3.hostname and s3.port
     from prometheus_client import REGISTRY
 
     def storage_errors() -> float:
         return REGISTRY.get_sample_value("segq_worker_storage_errors_total") or 0.0
 
     counted = storage_errors()
-    with TcpProxy(s3.hostname, s3.port) as link:
-        link.refuse()
-        with grabcut_worker(celery_app, sessions, proxied_storage(storage, link), max_attempts=2):
-            seen = attempt_times(sessions, item_id, lambda item: item.status == "Failed")
-    assert sorted(seen) == [0, 1, 2]
+    missing = elsewhere(storage, f"segq-missing-{uuid.uuid4().hex[:8]}")
+    with grabcut_worker(celery_app, sessions, missing, max_attempts=2):
+        failed = releases(sessions, item_id, lambda item: item.status == "Failed")
+    assert [attempt for attempt, _ in failed] == [1]
+    [(_, due_1)] = failed
     # Each attempt storage failed, the last (which failed the item) too.
     assert storage_errors() - counted == 2
-    assert seen[2] - seen[1] >= 2 - 0.1
+    item = load(sessions, JobItem, item_id)
+    assert item.attempt == 2 and item.finished_time >= due_1
     job = tenant.get_job(job_id).json
     assert job["status"] == "Failed"
-    assert job["errorMessage"].startswith("storage was unavailable for 2 attempts")
+    assert job["errorMessage"].startswith("storage failed each of 2 attempts")
+    assert "NoSuchBucket" in job["errorMessage"]
 
 
 def test_storage_retries_wait_longer_each_time() -> None:
@@ -425,6 +445,27 @@ def test_concurrent_claims_start_the_job_exactly_once(
             select(WebhookDelivery.event_type).where(WebhookDelivery.job_id == job_id)
         ).all()
     assert started == ["job.started"]
+
+
+def test_wake_ups_at_once_each_claim_another_item_first_queued_first(
+    tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
+    """Ten messages, all for the last item, taken at once: each claims one
+    item, the ten queued first (more than one round of candidates)."""
+    files = [tenant.upload(png_bytes(seed=seed)).json["id"] for seed in range(16)]
+    body = {**scene_prompt_body(files[0]), "items": [{"fileId": i} for i in files]}
+    _, items = submit(tenant, body)
+    start = threading.Barrier(10)
+
+    def wake(_: int) -> Any:
+        start.wait()
+        return claim_next_item(
+            sessions, items[-1], lease_seconds=LEASE, engine_name="grabcut", max_attempts=3
+        )
+
+    with ThreadPoolExecutor(10) as pool:
+        claims = list(pool.map(wake, range(10)))
+    assert sorted(claim.item_id for claim in claims) == items[:10]
 
 
 def test_a_forked_process_starts_without_its_parents_leases(

@@ -12,15 +12,16 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import select, text, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
+from segq.clock import now_ms
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 from segq.queue import enqueue_items, make_celery, messages_waiting
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.harness import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
+from tests.harness import REDIS_URL, TEST_LIMITS, Tenant, grabcut_worker, make_tenant
 from tests.images import png_bytes, scene_prompt_body
 from worker.claims import abandoned_message, claim_item, release_item
 from worker.engines.grabcut import GrabCutEngine
@@ -47,9 +48,9 @@ def run_pass(sessions: sessionmaker[Session], celery_app: Celery, **kwargs: Any)
         sessions,
         publish,
         lambda: messages_waiting(celery_app),
-        republish_after_seconds=kwargs.get("republish_after", 0),
         max_attempts=kwargs.get("max_attempts", 3),
-        unclaimed_grace_seconds=kwargs.get("unclaimed_grace", 5),
+        # Items just created count against the queue at once.
+        grace_seconds=kwargs.get("grace", 0),
     )
 
 
@@ -79,10 +80,10 @@ def test_a_job_committed_while_the_broker_was_down_is_published_later(
     assert messages() == []
 
     # The API marked the items unpublished, so the next pass sends them at
-    # once rather than after republish_after.
+    # once rather than after the grace.
     [item] = items_of(sessions, response.json["jobId"])
     assert item.published_time is None
-    assert run_pass(sessions, celery_app, republish_after=300).republished == 1
+    assert run_pass(sessions, celery_app, grace=300).republished == 1
     assert messages() == [item.id]
     assert (
         process_item(
@@ -105,8 +106,8 @@ def test_items_whose_api_died_before_publishing_are_sent_once_the_queue_is_empty
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """An API that dies between commit and publish leaves its items looking
-    published. The first pass that finds the queue empty sends them: not
-    after republish_after (300 s by default)."""
+    published. The first pass that finds the queue short of a message for
+    them sends them."""
     published = tenant.upload(png_bytes(seed=1)).json["id"]
     retried_job = tenant.post_job(scene_prompt_body(published)).json["jobId"]
     # The job service publishes (api/job_service.py).
@@ -115,21 +116,21 @@ def test_items_whose_api_died_before_publishing_are_sent_once_the_queue_is_empty
     [lost] = items_of(sessions, tenant.post_job(scene_prompt_body(file_id)).json["jobId"])
     assert lost.published_time is not None
     # An item whose storage failed is queued again, with its retry message
-    # held back by its worker: not lost, whatever the queue says.
+    # held back by its worker until due: not lost, whatever the queue says.
     [retried] = items_of(sessions, retried_job)
     claim = claim_item(sessions, retried.id, lease_seconds=60, engine_name="x", max_attempts=3)
-    assert claim is not None and release_item(sessions, claim)
+    assert claim is not None and release_item(sessions, claim, retry_in_seconds=60)
     redis.Redis.from_url(REDIS_URL).flushdb()
     time.sleep(0.01)
 
     # Just sent, it may be in a worker's hands this very moment.
-    assert run_pass(sessions, celery_app, republish_after=300, unclaimed_grace=60).republished == 0
-    # Behind a backlog it waits, as its message would have.
+    assert run_pass(sessions, celery_app, grace=60).republished == 0
+    # A message in the queue wakes a worker for it as well as any other.
     enqueue_items(celery_app, [10**9])
-    assert run_pass(sessions, celery_app, republish_after=300, unclaimed_grace=0).republished == 0
-    # The backlog drained without it: sent now.
+    assert run_pass(sessions, celery_app).republished == 0
+    # The queue is a message short: sent now.
     redis.Redis.from_url(REDIS_URL).flushdb()
-    assert run_pass(sessions, celery_app, republish_after=300, unclaimed_grace=0).republished == 1
+    assert run_pass(sessions, celery_app).republished == 1
     assert messages() == [lost.id]
 
 
@@ -146,8 +147,8 @@ def test_messages_lost_by_the_broker_are_sent_again(
     assert messages() == []
     assert run_pass(sessions, celery_app).republished == 3
     assert messages() == item_ids
-    # Republished items are not due again until republish_after has passed.
-    assert run_pass(sessions, celery_app, republish_after=300).republished == 0
+    # The queue holds a message for each: nothing more, however long they wait.
+    assert run_pass(sessions, celery_app).republished == 0
 
 
 def test_an_item_whose_worker_died_is_queued_again_then_fails_when_it_keeps_dying(
@@ -158,6 +159,7 @@ def test_an_item_whose_worker_died_is_queued_again_then_fails_when_it_keeps_dyin
     [item] = items_of(sessions, job_id)
 
     def die_holding_it() -> None:
+        redis.Redis.from_url(REDIS_URL).flushdb()  # the worker took its message
         claim = claim_item(
             sessions, item.id, lease_seconds=60, engine_name="grabcut", max_attempts=2
         )
@@ -208,7 +210,7 @@ def test_a_running_item_keeps_its_lease(
     class SlowEngine(GrabCutEngine):
         def segment(self, *args: Any, **kwargs: Any) -> Any:
             time.sleep(lease * 2)
-            passes.append(run_pass(sessions, celery_app, republish_after=300))
+            passes.append(run_pass(sessions, celery_app))
             return super().segment(*args, **kwargs)
 
     outcome = process_item(
@@ -224,3 +226,106 @@ def test_a_running_item_keeps_its_lease(
     assert passes[0].requeued == 0
     [done] = items_of(sessions, job_id)
     assert done.attempt == 1
+
+
+def remove_message_of(item_id: int) -> None:
+    """Take ``item_id``'s message out of the queue, as a worker does."""
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    try:
+        for raw in client.lrange("segq.segment", 0, -1):
+            if json.loads(base64.b64decode(json.loads(raw)["body"]))[0][0] == item_id:
+                assert client.lrem("segq.segment", 1, str(raw)) == 1
+                return
+    finally:
+        client.close()
+    raise AssertionError(f"no message for item {item_id}")
+
+
+def test_an_item_queued_again_runs_before_the_backlog_queued_after_it(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, celery_app: Celery
+) -> None:
+    """An item whose worker died goes back to the queue with a new message
+    behind the backlog's; it still runs before the items queued after it."""
+    first = tenant.upload(png_bytes(seed=0)).json["id"]
+    [requeued] = items_of(sessions, tenant.post_job(scene_prompt_body(first)).json["jobId"])
+    files = [tenant.upload(png_bytes(seed=seed)).json["id"] for seed in range(1, 9)]
+    backlog_job = tenant.post_job(
+        {**scene_prompt_body(files[0]), "items": [{"fileId": f} for f in files]}
+    ).json["jobId"]
+    # A worker took the first item's message, claimed it and died.
+    remove_message_of(requeued.id)
+    claim = claim_item(
+        sessions, requeued.id, lease_seconds=60, engine_name="grabcut", max_attempts=3
+    )
+    assert claim is not None
+    with sessions.begin() as session:  # its lease ran out
+        session.execute(
+            update(JobItem).where(JobItem.id == requeued.id).values(lease_expires_time=1)
+        )
+    done = run_pass(sessions, celery_app)
+    assert (done.requeued, done.republished) == (1, 1)
+    # Its new message is the queue's last.
+    assert messages() == sorted([requeued.id, *item_ids_of(sessions, backlog_job)])
+
+    with grabcut_worker(celery_app, sessions, storage):
+        give_up = time.monotonic() + 120
+        while any(not ItemStatus(item.status).finished for item in all_items(sessions)):
+            assert time.monotonic() < give_up, "the backlog did not drain"
+            time.sleep(0.1)
+    [again] = items_of(sessions, requeued.job_id)
+    backlog = items_of(sessions, backlog_job)
+    assert again.status == ItemStatus.COMPLETED and again.attempt == 2
+    assert all(item.status == ItemStatus.COMPLETED for item in backlog)
+    # The times the worker recorded: one item at a time, in queue order.
+    assert again.finished_time is not None
+    assert again.finished_time < min(item.finished_time or 0 for item in backlog)
+
+
+def test_a_long_backlog_keeps_one_message_per_item_and_a_lost_one_is_sent_again(
+    tenant: Tenant, sessions: sessionmaker[Session], celery_app: Celery
+) -> None:
+    """2,000 items waiting far longer than the grace, no worker: passes add
+    no message while the queue holds one per item, and replace one lost."""
+    file_id = tenant.upload(png_bytes()).json["id"]
+    job_id = tenant.post_job(scene_prompt_body(file_id)).json["jobId"]
+    [first] = items_of(sessions, job_id)
+    with sessions.begin() as session:
+        session.execute(
+            insert(JobItem),
+            [
+                {
+                    "job_id": job_id,
+                    "position": position,
+                    "file_id": first.file_id,
+                    "file_ref": first.file_ref,
+                    "file_storage_key": first.file_storage_key,
+                    "status": ItemStatus.QUEUED,
+                    "attempt": 0,
+                }
+                for position in range(1, 2000)
+            ],
+        )
+    ids = item_ids_of(sessions, job_id)
+    enqueue_items(celery_app, ids[1:])
+    with sessions.begin() as session:  # every item has waited ten minutes
+        session.execute(update(JobItem).values(published_time=now_ms() - 600_000))
+    assert messages_waiting(celery_app) == 2000
+
+    for _ in range(3):
+        assert run_pass(sessions, celery_app, grace=5).republished == 0
+        assert messages_waiting(celery_app) == 2000
+    # One message truly lost: exactly one is sent.
+    redis.Redis.from_url(REDIS_URL).lpop("segq.segment")
+    assert messages_waiting(celery_app) == 1999
+    assert run_pass(sessions, celery_app, grace=5).republished == 1
+    assert messages_waiting(celery_app) == 2000
+    assert run_pass(sessions, celery_app, grace=5).republished == 0
+
+
+def item_ids_of(sessions: sessionmaker[Session], job_id: int) -> list[int]:
+    return [item.id for item in items_of(sessions, job_id)]
+
+
+def all_items(sessions: sessionmaker[Session]) -> list[JobItem]:
+    with sessions() as session:
+        return list(session.scalars(select(JobItem)))

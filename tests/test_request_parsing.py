@@ -42,6 +42,8 @@ QUERY_NAMES = (
     "externalId",
     "expires",
     "signature",
+    "itemsLimit",
+    "itemsCursor",
 )
 
 #: Text that looks like a number to someone: Unicode digits and numerals,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,12 +31,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import create_app
 from segq.settings import Settings
 from segq.storage import LocalStorage, ObjectStorage, S3Storage
+from tests.browser import BrowserSession
 from tests.harness import Tenant, make_tenant, run_job_item, serving
 from tests.images import HOSTILE_PAGE, hostile_uploads
 from tests.tiny_sam import load_tiny_sam
 from worker.engines.sam import SamEngine
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 #: Types a browser may show as an image; everything else must download.
 SHOWN_AS_IMAGES = {"image/png", "image/jpeg"}
 #: A variable of a werkzeug rule: ``<converter(args):name>`` or ``<name>``.
@@ -303,8 +302,9 @@ def local_deployment(
         yield url, make_tenant(app.test_client(), sessions, "acme")
 
 
-def watched_page(browser: Any) -> tuple[Any, list[str]]:
-    """A new page, and what it logs: console messages, errors and dialogs."""
+def watched_page(browser: BrowserSession) -> tuple[Any, list[str]]:
+    """A new page, and what it logs: console messages, errors and dialogs
+    (stricter than the ``browser`` fixture's rule: nothing at all)."""
     page = browser.new_page()
     # The browser asks the object's origin for a favicon (moto has none: a
     # 404 on the console that says nothing about the object).
@@ -316,17 +316,11 @@ def watched_page(browser: Any) -> tuple[Any, list[str]]:
     return page, seen
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)"
-)
 @pytest.mark.slow
 @pytest.mark.parametrize("storage_kind", ["local-disk", "s3"])
 def test_a_hostile_upload_opened_through_its_link_runs_no_script(
-    storage_kind: str,
-    request: pytest.FixtureRequest,
+    storage_kind: str, request: pytest.FixtureRequest, browser: BrowserSession
 ) -> None:
-    from playwright.sync_api import sync_playwright
-
     if storage_kind == "local-disk":
         root, tenant = request.getfixturevalue("local_deployment")
     else:
@@ -341,24 +335,17 @@ def test_a_hostile_upload_opened_through_its_link_runs_no_script(
         links[name] = (url if urlparse(url).scheme else root + url, media_type)
     assert HOSTILE_PAGE in requests.get(links["png-polyglot"][0], timeout=10).content
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"]
-        )
-        try:
-            for name, (url, media_type) in links.items():
-                page, console = watched_page(browser)
-                answer = page.goto(url)
-                assert answer is not None and answer.status == 200
-                page.wait_for_load_state("load")
-                # No script ran, nothing was logged.
-                assert console == [], (name, console)
-                assert page.evaluate("window.storedScriptRan === undefined"), name
-                assert "STORED SCRIPT RAN" not in page.title(), name
-                # Shown as the image it is: the browser's image document.
-                assert page.evaluate("document.contentType") == media_type, name
-                assert page.evaluate("document.images.length === 1"), name
-                assert page.evaluate("document.images[0].naturalWidth") == 48, name
-                page.close()
-        finally:
-            browser.close()
+    for name, (url, media_type) in links.items():
+        page, console = watched_page(browser)
+        answer = page.goto(url)
+        assert answer is not None and answer.status == 200
+        page.wait_for_load_state("load")
+        # No script ran, nothing was logged.
+        assert console == [], (name, console)
+        assert page.evaluate("window.storedScriptRan === undefined"), name
+        assert "STORED SCRIPT RAN" not in page.title(), name
+        # Shown as the image it is: the browser's image document.
+        assert page.evaluate("document.contentType") == media_type, name
+        assert page.evaluate("document.images.length === 1"), name
+        assert page.evaluate("document.images[0].naturalWidth") == 48, name
+        page.close()

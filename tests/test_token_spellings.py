@@ -117,6 +117,11 @@ def token_kinds(local_app: Flask, sessions: sessionmaker[Session]) -> list[Token
     ]
     jobs_path = tenant.url("/context/vision/segment")
     jobs_cursor = client.get(f"{jobs_path}?limit=1", headers=auth).json["nextCursor"]
+    two_items = tenant.post_job(
+        {**scene_prompt_body(file_ids[0]), "items": [{"fileId": f} for f in file_ids]}
+    ).json["jobId"]
+    items_path = tenant.url(f"/context/vision/segment/{two_items}")
+    items_cursor = client.get(f"{items_path}?itemsLimit=1", headers=auth).json["nextItemsCursor"]
 
     def q(text: str) -> str:
         return quote(text, safe="")
@@ -163,6 +168,11 @@ def token_kinds(local_app: Flask, sessions: sessionmaker[Session]) -> list[Token
             "jobs cursor",
             jobs_cursor,
             lambda t: client.get(f"{jobs_path}?limit=1&cursor={q(t)}", headers=auth),
+        ),
+        TokenKind(
+            "job items cursor",
+            items_cursor,
+            lambda t: client.get(f"{items_path}?itemsCursor={q(t)}", headers=auth),
         ),
     ]
 

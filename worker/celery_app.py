@@ -12,11 +12,16 @@ children. The main process runs the reconciler and the webhook dispatcher.
 from __future__ import annotations
 
 import functools
+import logging
+import multiprocessing
+import os
+import time
+from multiprocessing.connection import Connection
 from typing import Any
 
 from celery import Celery, bootsteps, current_app
 from celery.concurrency.prefork import TaskPool as PreforkPool
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 from sqlalchemy.orm import Session, sessionmaker
 
 import worker.tasks  # noqa: F401  (registers the tasks on every app)
@@ -33,6 +38,7 @@ from segq.queue import (
 from segq.settings import Settings
 from segq.storage import ObjectStorage, open_storage
 from worker.engines.embedding_cache import sweep_expired_embeddings
+from worker.heartbeat import record_start_failure
 from worker.metrics import RECONCILER_ACTIONS, RETENTION_DELETED, serve_metrics
 from worker.periodic import PeriodicPass
 from worker.reconciler import Pass, reconcile
@@ -40,8 +46,21 @@ from worker.retention import Sweep, sweep_expired
 from worker.runtime import attach_runtime, build_runtime, runtime_of
 from worker.webhook_delivery import dispatch_due
 
+log = logging.getLogger(__name__)
+
 #: The attribute of a worker's Celery app that holds its settings.
 _SETTINGS_ATTRIBUTE = "segq_settings"
+#: The attribute that holds the pipe on which pool processes report their start.
+_STARTS_ATTRIBUTE = "segq_pool_starts"
+#: The longest the main process waits for its pool processes to build their
+#: engines (a large model read from a slow disk, compiled) before it gives up.
+ENGINE_START_TIMEOUT_SECONDS = 900
+
+
+class WorkerCannotServe(RuntimeError):
+    """The engine could not be built: the worker exits before it consumes
+    anything, so an orchestrator shows a crash loop, not a worker that
+    takes items it cannot run."""
 
 
 def create_worker_app(settings: Settings) -> Celery:
@@ -52,8 +71,27 @@ def create_worker_app(settings: Settings) -> Celery:
         time_limit_seconds=settings.item_time_limit_seconds,
     )
     setattr(app, _SETTINGS_ATTRIBUTE, settings)
+    # Made before the pool forks, so each pool process inherits the sending end.
+    setattr(app, _STARTS_ATTRIBUTE, multiprocessing.Pipe(duplex=False))
     app.steps["worker"].add(WorkerProcessStep)
     return app
+
+
+def run_worker(app: Celery, argv: list[str]) -> int:
+    """Run ``celery worker`` with ``argv`` until it stops; its exit status,
+    which Celery's own entry points drop (a worker whose engine cannot be
+    built must exit non-zero, so that an orchestrator shows a crash loop)."""
+    statuses: list[int] = []
+
+    def keep_status(sender: Any, **_kwargs: Any) -> None:
+        statuses.append(int(getattr(sender, "exitcode", 0) or 0))
+
+    worker_shutdown.connect(keep_status, weak=False)
+    try:
+        app.worker_main(argv)
+    finally:
+        worker_shutdown.disconnect(keep_status)
+    return max(statuses, default=0)
 
 
 def settings_of(app: Celery) -> Settings | None:
@@ -75,10 +113,25 @@ def _consumes_segment_queue(app: Celery) -> bool:
 
 
 def _build_runtime_here(app: Celery, settings: Settings, sessions: sessionmaker[Session]) -> None:
-    if runtime_of(app) is None:
-        attach_runtime(
-            app, build_runtime(settings, sessions, segments=_consumes_segment_queue(app))
-        )
+    """Build this process's runtime; WorkerCannotServe, recorded where the
+    API reads it (a job's waitingFor, /readyz), naming the model and the
+    file, when its engine cannot be built."""
+    if runtime_of(app) is not None:
+        return
+    try:
+        runtime = build_runtime(settings, sessions, segments=_consumes_segment_queue(app))
+    except Exception as exc:
+        model = settings.model or "the default engine"
+        checkpoint = settings.model_checkpoint or "its default checkpoint"
+        message = f"could not build {model} from {checkpoint}: {exc}"[:2000]
+        record_start_failure(sessions, settings.model or "default", message)
+        raise WorkerCannotServe(message) from exc
+    attach_runtime(app, runtime)
+
+
+def _pool_starts(app: Celery) -> tuple[Connection, Connection] | None:
+    found: tuple[Connection, Connection] | None = getattr(app, _STARTS_ATTRIBUTE, None)
+    return found
 
 
 @worker_process_init.connect
@@ -91,7 +144,42 @@ def _build_runtime_in_pool_process(**_kwargs: Any) -> None:
         if settings.log_format is not None:
             # Celery set up a pool process's logging in its own format.
             configure_logging(settings.log_format)
-        _build_runtime_here(app, settings, _sessions(settings))
+        failure = None
+        try:
+            _build_runtime_here(app, settings, _sessions(settings))
+        except WorkerCannotServe as exc:
+            log.critical("%s", exc)
+            failure = str(exc)
+        starts = _pool_starts(app)
+        if starts is not None:
+            # Short: one write under PIPE_BUF, which the kernel keeps whole
+            # however many pool processes write at once.
+            starts[1].send((os.getpid(), None if failure is None else failure[:800]))
+
+
+@worker_process_shutdown.connect
+def _stop_heartbeat_in_pool_process(**_kwargs: Any) -> None:
+    runtime = runtime_of(current_app._get_current_object())
+    if runtime is not None and runtime.segment is not None:
+        runtime.segment.stop()
+
+
+def _await_pool_engines(app: Celery, processes: int) -> None:
+    """Until each of the pool's ``processes`` has built its engine; raises
+    WorkerCannotServe when one could not (before the consumer starts: the
+    worker takes no message it cannot run)."""
+    starts = _pool_starts(app)
+    assert starts is not None
+    deadline = time.monotonic() + ENGINE_START_TIMEOUT_SECONDS
+    for _ in range(processes):
+        if not starts[0].poll(max(0.0, deadline - time.monotonic())):
+            raise WorkerCannotServe(
+                f"the pool's processes did not build their engines within "
+                f"{ENGINE_START_TIMEOUT_SECONDS} s"
+            )
+        _pid, failure = starts[0].recv()
+        if failure is not None:
+            raise WorkerCannotServe(failure)
 
 
 # Celery ships no type information, so its base classes are Any.
@@ -112,8 +200,12 @@ class WorkerProcessStep(bootsteps.StartStopStep):  # type: ignore[misc]
         settings = settings_of(app)
         assert settings is not None
         sessions = _sessions(settings)
+        # Before the consumer starts (it is the worker's last step): a worker
+        # whose engine cannot be built exits non-zero, having taken nothing.
         if not _forks(parent.pool_cls):
             _build_runtime_here(app, settings, sessions)
+        elif _consumes_segment_queue(app):
+            _await_pool_engines(app, parent.concurrency)
         if settings.log_format is not None:
             configure_logging(settings.log_format)
         if settings.metrics_port is not None:
@@ -126,7 +218,6 @@ class WorkerProcessStep(bootsteps.StartStopStep):  # type: ignore[misc]
                         sessions,
                         lambda ids: enqueue_items(app, ids),
                         lambda: messages_waiting(app),
-                        republish_after_seconds=settings.republish_after_seconds,
                         max_attempts=settings.max_attempts,
                     )
                 ),
@@ -153,6 +244,10 @@ class WorkerProcessStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def stop(self, parent: Any) -> None:
         for periodic in self._passes:
             periodic.stop()
+        runtime = runtime_of(parent.app)
+        if runtime is not None and runtime.segment is not None:
+            # Tasks ran in this process (solo, threads): its row goes with it.
+            runtime.segment.stop()
 
     def terminate(self, parent: Any) -> None:
         self.stop(parent)

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.clock import now_ms
 from segq.job_document import render_item_event
+from segq.job_text import render_result_text
 from segq.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
 from segq.webhook_events import (
     ITEM_COMPLETED,
@@ -60,6 +61,59 @@ class Claim:
 
 #: How early a message sent with a retry's countdown may claim its item.
 RETRY_LEEWAY_MS = 1000
+#: How many of the first-queued items a wake-up message reads at a time,
+#: and tries in order: workers woken at once each end up with the next one.
+CLAIM_CANDIDATES = 8
+#: How many times it reads them again when other claims took all it read.
+CLAIM_ROUNDS = 4
+
+
+def claim_next_item(
+    sessions: sessionmaker[Session],
+    woken_for: int,
+    *,
+    lease_seconds: int,
+    engine_name: str,
+    max_attempts: int,
+) -> Claim | None:
+    """Take the item a wake-up message should run: the runnable queued item
+    queued first, whichever item the message names, else that item.
+
+    Messages are wake-up calls, one per queued item, and any one serves any
+    item: the queue's order is Postgres's, not the broker's. Ids are handed
+    out as items are queued and an item keeps its id when it is queued
+    again (its worker died, storage failed), so it keeps its place instead
+    of going behind the backlog with its new message. The message's own
+    item is the fallback: one Running whose lease ran out, say."""
+    for _ in range(CLAIM_ROUNDS):
+        with sessions() as session:
+            first_queued = list(
+                session.scalars(
+                    _FIRST_QUEUED,
+                    {"max_attempts": max_attempts, "due_by": now_ms(), "count": CLAIM_CANDIDATES},
+                )
+            )
+        for item_id in first_queued:
+            # Queued when read: if not ours now, another claim took it.
+            claim = claim_item(
+                sessions,
+                item_id,
+                lease_seconds=lease_seconds,
+                engine_name=engine_name,
+                max_attempts=max_attempts,
+                settle=False,
+            )
+            if claim is not None:
+                return claim
+        if len(first_queued) < CLAIM_CANDIDATES:
+            break
+    return claim_item(
+        sessions,
+        woken_for,
+        lease_seconds=lease_seconds,
+        engine_name=engine_name,
+        max_attempts=max_attempts,
+    )
 
 
 def claim_item(
@@ -69,12 +123,15 @@ def claim_item(
     lease_seconds: int,
     engine_name: str,
     max_attempts: int,
+    settle: bool = True,
 ) -> Claim | None:
     """Take the item for one attempt, or None if it is not ours to run.
 
     An item found Running with its lease run out was abandoned by a worker
     that died; after ``max_attempts`` such attempts it is failed rather than
-    tried again (an image that kills its worker must not kill them all)."""
+    tried again (an image that kills its worker must not kill them all).
+    ``settle``: find out why an item is not runnable (canceled, out of
+    attempts); needless for one seen queued that another claim took first."""
     with sessions.begin() as session:
         now = now_ms()
         # The job's row before the item's, as every writer takes them (see
@@ -119,7 +176,8 @@ def claim_item(
     # Not runnable as it stands. Find out why in a transaction of its own,
     # which takes the rows for update (the one above held the job's only
     # in share mode, and a lock is not upgraded: two such would deadlock).
-    _settle_unrunnable_item(sessions, item_id, max_attempts)
+    if settle:
+        _settle_unrunnable_item(sessions, item_id, max_attempts)
     return None
 
 
@@ -331,6 +389,8 @@ def finish_item(
             claim,
             status=status,
             result=result,
+            # Rendered here, once, so that no GET of the job pays for it.
+            rendered_result=None if result is None else render_result_text(result),
             error_message=error_message,
             finished_time=now,
             lease_expires_time=None,
@@ -403,12 +463,23 @@ def renew_lease(sessions: sessionmaker[Session], claim: Claim, lease_seconds: in
         return _update_held_item(session, claim, lease_expires_time=now_ms() + lease_seconds * 1000)
 
 
-def release_item(sessions: sessionmaker[Session], claim: Claim, retry_in_seconds: int = 0) -> bool:
+def release_item(
+    sessions: sessionmaker[Session],
+    claim: Claim,
+    retry_in_seconds: int = 0,
+    *,
+    give_back_attempt: bool = False,
+) -> bool:
     """Give the item back to the queue, if ``claim`` still holds it, to be
     run again no sooner than ``retry_in_seconds`` from now: its
     published_time is when its retry message is due, and until then
     neither a claim nor a batch takes it (a storage outage must cost an
-    item one attempt per backoff, whoever holds a message for it)."""
+    item one attempt per backoff, whoever holds a message for it).
+
+    ``give_back_attempt``: the attempt did not count against the item (a
+    dependency was down, not the item at fault); the next one takes its
+    number again, and its keys, which nothing refers to yet."""
+    extra = {"attempt": claim.attempt - 1} if give_back_attempt else {}
     with sessions.begin() as session:
         return _update_held_item(
             session,
@@ -416,8 +487,22 @@ def release_item(sessions: sessionmaker[Session], claim: Claim, retry_in_seconds
             status=ItemStatus.QUEUED,
             lease_expires_time=None,
             published_time=now_ms() + retry_in_seconds * 1000,
+            **extra,
         )
 
+
+#: Runnable queued items in the order they were queued (the (status, id)
+#: index walks them in that order).
+_FIRST_QUEUED = (
+    select(JobItem.id)
+    .where(
+        JobItem.status == ItemStatus.QUEUED,
+        JobItem.attempt < bindparam("max_attempts"),
+        _RETRY_IS_DUE,
+    )
+    .order_by(JobItem.id)
+    .limit(bindparam("count"))
+)
 
 #: Queued items of one job that a batch may take along, by position (the
 #: (job_id, status) index finds them).
@@ -435,8 +520,8 @@ _QUEUED_OF_JOB = (
 )
 
 #: Queued items of other jobs that this engine may run (jobs not started,
-#: or started by this engine), longest waiting first (the (status,
-#: published_time) index finds them).
+#: or started by this engine), first queued first, as claim_next_item
+#: takes them (the (status, id) index finds them).
 _QUEUED_ELSEWHERE = (
     select(JobItem.id)
     .join(Job, Job.id == JobItem.job_id)
@@ -448,7 +533,7 @@ _QUEUED_ELSEWHERE = (
         Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
         or_(Job.engine.is_(None), Job.engine == bindparam("engine")),
     )
-    .order_by(JobItem.published_time, JobItem.id)
+    .order_by(JobItem.id)
     .limit(bindparam("count"))
 )
 
@@ -479,3 +564,37 @@ def queued_company(
             values["count"] = count - len(found)
             found += session.scalars(_QUEUED_ELSEWHERE, {**values, "engine": engine_name})
         return found
+
+
+@dataclass(frozen=True)
+class WaitedOut:
+    """What ``fail_waiting_item`` found."""
+
+    #: The failed item's job; None when it was not failed.
+    failed_job_id: int | None
+    #: The item still waits to run (its job came after ``created_by``).
+    still_waiting: bool
+
+
+def fail_waiting_item(
+    sessions: sessionmaker[Session], item_id: int, message: str, *, created_by: int
+) -> WaitedOut:
+    """Fail a queued item, no attempt holding it, that waited out a
+    dependency's outage, if its job was created by ``created_by`` (epoch
+    ms: a job that came later has not waited that long)."""
+    with sessions.begin() as session:
+        job = session.scalar(_LOCK_JOB_OF_ITEM, {"item_id": item_id})
+        if job is None or JobStatus(job.status).finished:
+            return WaitedOut(None, still_waiting=False)
+        item = session.scalar(select(JobItem).where(JobItem.id == item_id).with_for_update())
+        if item is None or item.status != ItemStatus.QUEUED:
+            return WaitedOut(None, still_waiting=False)
+        if job.created_time > created_by:
+            return WaitedOut(None, still_waiting=True)
+        now = now_ms()
+        item.status = ItemStatus.FAILED
+        item.error_message = message
+        item.finished_time = now
+        _record_item_event(session, job.id, item.id, ItemStatus.FAILED, now)
+        roll_up_job(session, job.id)
+        return WaitedOut(job.id, still_waiting=False)

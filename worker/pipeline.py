@@ -22,8 +22,16 @@ import numpy.typing as npt
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.db import once_more_if_disconnected
-from segq.storage import ObjectStorage, StorageError
-from worker.claims import Claim, claim_item, finish_item, queued_company, release_item
+from segq.storage import ObjectStorage, StorageError, StorageUnreachable
+from worker.claims import (
+    Claim,
+    claim_item,
+    claim_next_item,
+    finish_item,
+    queued_company,
+    release_item,
+)
+from worker.dependency_breaker import DependencyBreaker
 from worker.engines.base import (
     Candidate,
     EverythingUnsupported,
@@ -45,8 +53,8 @@ from worker.lease_keeper import lease_kept
 from worker.metrics import STORAGE_ERRORS
 from worker.results import (
     discard_objects,
+    discard_objects_of_earlier_attempts,
     encode_result,
-    objects_of_earlier_attempts,
     objects_of_result,
 )
 
@@ -81,6 +89,9 @@ class ItemOutcome(StrEnum):
     LEASE_LOST = "lease_lost"
     #: Storage failed; the item is back in the queue for a later attempt.
     RELEASED = "released"
+    #: Storage is down: the item is back in the queue with its attempt
+    #: given back, and this worker takes no items until storage answers.
+    PAUSED = "paused"
 
 
 #: How often a lone item looks again for company while it may wait.
@@ -99,18 +110,27 @@ def process_item(
     batch_wait_ms: int = 0,
     taken_along: Callable[[Claim, ItemOutcome], None] | None = None,
     announce_job_change: Callable[[int], None] | None = None,
+    claimed: Callable[[Claim], None] | None = None,
+    breaker: DependencyBreaker | None = None,
 ) -> ItemOutcome:
-    """Run one item end to end; with an engine that encodes images in
+    """Run one item end to end: the queued item queued first, which the
+    wake-up message for ``item_id`` claims (``claim_next_item``); with an
+    engine that encodes images in
     batches, run up to its batch size of queued items with it (its job's,
     then others', waiting up to ``batch_wait_ms`` for them), each claimed
     and finished exactly as a lone item is. ``announce_job_change`` is told
     the job's id after each committed change a client may be waiting for
-    (the job started, an item finished).
+    (the job started, an item finished). ``claimed`` is told the claim of
+    the item run (which may not be ``item_id``).
 
     Problems of an item itself fail it. A storage error puts the item back
     in the queue until ``max_attempts`` attempts have been made; then it
-    fails. For the item asked for, StorageUnavailable is raised (the caller
-    schedules a retry). Each item taken along goes to ``taken_along`` with
+    fails. For the item the message claimed, StorageUnavailable is raised
+    (the caller schedules a retry). Storage that is down (StorageUnreachable)
+    costs no attempt: the item is PAUSED, back in the queue with its attempt
+    given back, and ``breaker`` is tripped so the caller takes no more items
+    until storage answers; items of the batch that come after skip
+    storage at once. Each item taken along goes to ``taken_along`` with
     its outcome: the caller counts it and sends a RELEASED one again (the
     reconciler does when nobody does). Database errors propagate: the
     leases run out and the items are run again.
@@ -119,7 +139,7 @@ def process_item(
     # (segq/db.py): all three are guarded by the attempt, so a repeat after a
     # commit that did land finds the work done.
     claim = once_more_if_disconnected(
-        lambda: claim_item(
+        lambda: claim_next_item(
             sessions,
             item_id,
             lease_seconds=lease_seconds,
@@ -129,6 +149,8 @@ def process_item(
     )
     if claim is None:
         return ItemOutcome.SKIPPED
+    if claimed is not None:
+        claimed(claim)
     claims = [claim]
     if isinstance(engine, ImageBatchEngine) and engine.batch_size > 1:
         claims += _claim_company(
@@ -153,6 +175,7 @@ def process_item(
         max_attempts=max_attempts,
         limits=limits,
         announce_job_change=announce,
+        breaker=breaker,
     )
     if taken_along is not None:
         for company, (outcome, _) in zip(claims[1:], outcomes[1:], strict=True):
@@ -220,6 +243,8 @@ class _Attempt:
     result: dict[str, Any] | None = None
     error_message: str | None = None
     storage_error: str | None = None
+    #: The storage error said storage is down, not that this item is at fault.
+    storage_down: bool = False
 
 
 def _run_claimed(
@@ -232,6 +257,7 @@ def _run_claimed(
     max_attempts: int,
     limits: ImageLimits,
     announce_job_change: Callable[[int], None],
+    breaker: DependencyBreaker | None,
 ) -> list[tuple[ItemOutcome, str]]:
     """Load, encode together, segment and finish each claimed item; each
     item's outcome, with the storage error of one that was released."""
@@ -240,7 +266,7 @@ def _run_claimed(
         for attempt in attempts:
             leases.enter_context(lease_kept(sessions, attempt.claim, lease_seconds))
         for attempt in attempts:
-            _guarded(attempt, functools.partial(_load, attempt, storage, limits))
+            _guarded(attempt, functools.partial(_load, attempt, storage, limits), breaker)
         loaded = [attempt.image for attempt in attempts if attempt.image is not None]
         if len(loaded) > 1 and isinstance(engine, ImageBatchEngine):
             try:
@@ -251,7 +277,7 @@ def _run_claimed(
                 log.exception("encoding a batch of %s images failed", len(loaded))
         for attempt in attempts:
             if attempt.image is not None:
-                _guarded(attempt, functools.partial(_segment, attempt, storage, engine))
+                _guarded(attempt, functools.partial(_segment, attempt, storage, engine), breaker)
         return [
             _finish(
                 sessions,
@@ -259,6 +285,7 @@ def _run_claimed(
                 attempt,
                 max_attempts=max_attempts,
                 announce_job_change=announce_job_change,
+                breaker=breaker,
             )
             for attempt in attempts
         ]
@@ -274,12 +301,25 @@ def _segment(attempt: _Attempt, storage: ObjectStorage, engine: SegmentationEngi
     attempt.image = None  # the masks are stored: the pixels are not needed any more
 
 
-def _guarded(attempt: _Attempt, step: Callable[[], None]) -> None:
-    """Run one step of an item; what goes wrong is the item's alone."""
+def _guarded(
+    attempt: _Attempt, step: Callable[[], None], breaker: DependencyBreaker | None
+) -> None:
+    """Run one step of an item; what goes wrong is the item's alone, but
+    for storage being down, which trips ``breaker`` (and then spares the
+    rest of the batch a wait on each of its requests)."""
+    pause = None if breaker is None else breaker.pause
+    if pause is not None:
+        attempt.storage_error, attempt.storage_down = pause.reason, True
+        attempt.image = None
+        return
     try:
         step()
     except ItemFailure as failure:
         attempt.error_message = str(failure)
+    except StorageUnreachable as exc:
+        attempt.storage_error, attempt.storage_down = str(exc), True
+        if breaker is not None:
+            breaker.trip(str(exc))
     except StorageError as exc:
         attempt.storage_error = str(exc)
     except Exception as exc:
@@ -298,19 +338,23 @@ def _finish(
     *,
     max_attempts: int,
     announce_job_change: Callable[[int], None],
+    breaker: DependencyBreaker | None,
 ) -> tuple[ItemOutcome, str]:
     claim = attempt.claim
     error_message = attempt.error_message
     if attempt.storage_error is not None:
         # Counted here, once per attempt, the last one that fails the item too.
         STORAGE_ERRORS.inc()
+        if attempt.storage_down:
+            # Not the item's fault: it waits, its attempt given back, until
+            # storage answers (or the outage outlasts its bound: worker/tasks.py).
+            once_more_if_disconnected(lambda: release_item(sessions, claim, give_back_attempt=True))
+            return ItemOutcome.PAUSED, attempt.storage_error
         if claim.attempt < max_attempts:
             delay = storage_retry_delay(claim.attempt)
             once_more_if_disconnected(lambda: release_item(sessions, claim, delay))
             return ItemOutcome.RELEASED, attempt.storage_error
-        error_message = (
-            f"storage was unavailable for {claim.attempt} attempts: {attempt.storage_error}"
-        )
+        error_message = f"storage failed each of {claim.attempt} attempts: {attempt.storage_error}"
     result = attempt.result
     landed = once_more_if_disconnected(
         lambda: finish_item(sessions, claim, result=result, error_message=error_message)
@@ -326,9 +370,11 @@ def _finish(
         discard_objects(storage, objects_of_result(result))
         return ItemOutcome.LEASE_LOST, ""
     if claim.attempt > 1:
-        # Only retried items pay for this: one delete per key that an
-        # earlier attempt may have written.
-        discard_objects(storage, objects_of_earlier_attempts(claim))
+        # Only retried items pay for this: one listing of the item's
+        # objects, and one delete of those no attempt but this one wrote.
+        discard_objects_of_earlier_attempts(storage, claim, result)
+    if result is not None and breaker is not None:
+        breaker.confirm()  # its masks were stored: storage works
     return (ItemOutcome.COMPLETED if result is not None else ItemOutcome.FAILED), ""
 
 

@@ -5,15 +5,16 @@ killed holding a message). Each pass:
 
 - items Running whose lease ran out (their worker died) go back to Queued,
   or fail once they have used up their attempts;
-- items Queued whose last wake-up call is older than ``republish_after``
-  get a new one;
-- items never claimed whose wake-up call was sent more than a few seconds
-  ago, while the queue holds no message at all, get a new one at once:
-  their message is gone (an API that died between its commit and its
-  publish, a broker that lost it). Behind a backlog they wait for it to
-  drain, as their messages would have.
+- as many wake-up calls are sent as the queue lacks: any message wakes a
+  worker for the item queued first (worker/claims.py, claim_next_item), so
+  what must hold is one message in the queue per queued item, not one per
+  item by name. Items queued again, or sent too recently to be sure their
+  message has arrived, are what is counted against the queue's length.
 
-Extra wake-up calls are harmless: a claim skips what is not its to run.
+A long backlog therefore costs no message beyond one per item, however long
+it waits; extra wake-up calls (a worker's held message coming back, a
+publish racing the count) are harmless: a message that finds nothing to
+run is dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import and_, or_, select, text
+from sqlalchemy import func, or_, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.clock import now_ms
@@ -36,12 +37,12 @@ ITEMS_PER_PASS = 1000
 #: Any constant: the key of the Postgres advisory lock one pass holds, so
 #: that many workers running reconcilers make one pass at a time.
 ADVISORY_LOCK_KEY = 0x5E6_0001
-#: A worker claims an item within milliseconds of taking its message; an
-#: item never claimed this long after its message was sent, while the queue
-#: is empty, has lost it. (An item whose storage failed waits for a retry
-#: message that its worker holds back, outside the queue; those have been
-#: claimed, and are left to ``republish_after``.)
-UNCLAIMED_GRACE_SECONDS = 5
+#: How long after an item's message was sent it is counted against the
+#: queue: until then its message may still be on its way (an API
+#: publishing a large job) and is not taken for lost. (An item whose
+#: storage failed waits for a retry message that its worker holds back,
+#: outside the queue, until the retry is due: it is counted from then.)
+MESSAGE_GRACE_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -56,15 +57,14 @@ def reconcile(
     publish: Callable[[Sequence[int]], None],
     messages_waiting: Callable[[], int],
     *,
-    republish_after_seconds: int,
     max_attempts: int,
-    unclaimed_grace_seconds: int = UNCLAIMED_GRACE_SECONDS,
+    grace_seconds: int = MESSAGE_GRACE_SECONDS,
 ) -> Pass:
     """One pass; ``messages_waiting`` counts the messages in the queue that
     no worker has taken yet."""
-    # Counted before the items are read: every message sent before this
-    # moment has been taken by a worker if the count is zero.
-    queue_empty = messages_waiting() == 0
+    # Counted before the items are read: a message taken meanwhile claims an
+    # item, so the items read can only be fewer, never more, than counted.
+    waiting = messages_waiting()
     now = now_ms()
     requeued = failed = 0
     with sessions.begin() as session:
@@ -93,27 +93,34 @@ def reconcile(
             else:
                 item.status = ItemStatus.QUEUED
                 item.lease_expires_time = None
-                item.published_time = None  # published below
+                item.published_time = None  # counted at once, below
                 requeued += 1
-        stale = now - republish_after_seconds * 1000
-        message_lost = [JobItem.published_time.is_(None), JobItem.published_time < stale]
-        if queue_empty:
-            message_lost.append(
-                and_(
-                    JobItem.attempt == 0,
-                    JobItem.published_time < now - unclaimed_grace_seconds * 1000,
-                )
-            )
-        due = session.scalars(
-            select(JobItem)
-            .where(JobItem.status == ItemStatus.QUEUED, or_(*message_lost))
-            .order_by(JobItem.id)
-            .limit(ITEMS_PER_PASS)
-            .with_for_update(skip_locked=True)
-        ).all()
-        for item in due:
-            item.published_time = now
-        item_ids = [item.id for item in due]
+        session.flush()
+        # Items that should each have a message in the queue by now.
+        settled = or_(
+            JobItem.published_time.is_(None),
+            JobItem.published_time <= now - grace_seconds * 1000,
+        )
+        expected = session.scalar(
+            select(func.count())
+            .select_from(JobItem)
+            .where(JobItem.status == ItemStatus.QUEUED, settled)
+        )
+        missing = min((expected or 0) - waiting, ITEMS_PER_PASS)
+        item_ids: list[int] = []
+        if missing > 0:
+            # Named by the items that waited longest (never sent first); a
+            # message wakes a worker for whichever is first in the queue.
+            due = session.scalars(
+                select(JobItem)
+                .where(JobItem.status == ItemStatus.QUEUED, settled)
+                .order_by(JobItem.published_time.asc().nulls_first(), JobItem.id)
+                .limit(missing)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for item in due:
+                item.published_time = now
+            item_ids = [item.id for item in due]
     # After the commit, like the API: a worker may run before this returns.
     if item_ids:
         publish(item_ids)

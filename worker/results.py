@@ -13,7 +13,7 @@ from segq.mask_logits import NPY_MEDIA_TYPE, encode_logits
 from segq.storage import ObjectStorage, StorageError
 from worker.claims import Claim
 from worker.engines.base import Candidate
-from worker.item_inputs import ItemFailure, everything_options, prompt_sets
+from worker.item_inputs import ItemFailure
 from worker.masks import (
     encode_png,
     mask_area,
@@ -25,10 +25,6 @@ from worker.masks import (
 from worker.metrics import ENCODE_STORE_SECONDS
 
 log = logging.getLogger(__name__)
-
-
-#: Candidates an engine returns at most (multimask output).
-MAX_CANDIDATES = 3
 
 
 def mask_key(claim: Claim, prompt_index: int | None, index: int, attempt: int | None = None) -> str:
@@ -50,20 +46,19 @@ def logits_key(
 def _answer_prefix(claim: Claim, prompt_index: int | None, attempt: int | None) -> str:
     attempt = claim.attempt if attempt is None else attempt
     answer = "everything" if prompt_index is None else f"prompt-{prompt_index}"
-    return (
-        f"projects/{claim.project_id}/jobs/{claim.job_id}/items/{claim.item_id}"
-        f"/attempt-{attempt}/{answer}"
-    )
+    return f"{item_prefix(claim)}attempt-{attempt}/{answer}"
 
 
 def discard_objects(storage: ObjectStorage, keys: list[str]) -> None:
-    """Delete objects no row refers to; storage that fails leaves them as
-    garbage, never as a result."""
-    for key in keys:
-        try:
-            storage.delete(key)
-        except StorageError:
-            log.warning("could not delete %s; it is referred to by no item", key, exc_info=True)
+    """Delete objects no row refers to, in one request per thousand;
+    storage that fails leaves them as garbage, never as a result, and is
+    told in one line (storage down is the breaker's to report)."""
+    if not keys:
+        return
+    try:
+        storage.delete_many(keys)
+    except StorageError as exc:
+        log.warning("could not delete %s objects that no item refers to: %s", len(keys), exc)
 
 
 def objects_of_result(result: dict[str, Any] | None) -> list[str]:
@@ -78,22 +73,26 @@ def objects_of_result(result: dict[str, Any] | None) -> list[str]:
     ]
 
 
-def objects_of_earlier_attempts(claim: Claim) -> list[str]:
-    """Where attempts before ``claim``'s may have left objects (a worker
-    killed, or cut off, between its writes and its completion)."""
-    everything = everything_options(claim.options)
-    answers: list[tuple[int | None, int]] = (
-        [(None, everything.max_segments)]
-        if everything is not None
-        else [(index, MAX_CANDIDATES) for index in range(len(prompt_sets(claim.prompt)))]
-    )
-    return [
-        key(claim, prompt_index, index, attempt)
-        for attempt in range(1, claim.attempt)
-        for prompt_index, candidates in answers
-        for index in range(candidates)
-        for key in (mask_key, logits_key)
-    ]
+def item_prefix(claim: Claim) -> str:
+    """Where every attempt at ``claim``'s item writes."""
+    return f"projects/{claim.project_id}/jobs/{claim.job_id}/items/{claim.item_id}/"
+
+
+def discard_objects_of_earlier_attempts(
+    storage: ObjectStorage, claim: Claim, result: dict[str, Any] | None
+) -> None:
+    """Delete what attempts before ``claim``'s left under the item (a worker
+    killed, or cut off, between its writes and its completion; an attempt
+    given back for an outage): one listing, then one delete of what was
+    really written and ``result`` (the completed attempt's) does not name.
+    Never a request per key that might exist."""
+    kept = set(objects_of_result(result))
+    try:
+        written = [stored.key for stored in storage.list_objects(item_prefix(claim))]
+    except StorageError as exc:
+        log.warning("could not list item %s's objects to clean up: %s", claim.item_id, exc)
+        return
+    discard_objects(storage, [key for key in written if key not in kept])
 
 
 def encode_result(

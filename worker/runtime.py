@@ -13,15 +13,18 @@ import logging
 from dataclasses import dataclass, field
 
 from celery import Celery
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.job_changes import JobChangeAnnouncer, SilentJobChangeAnnouncer, make_announcer
-from segq.settings import Settings
+from segq.settings import DEFAULT_DEPENDENCY_OUTAGE_SECONDS, Settings
 from segq.storage import ObjectStorage, open_storage
+from worker.dependency_breaker import DependencyBreaker
 from worker.engines import load_engine, resolve_engine
 from worker.engines.base import SegmentationEngine
 from worker.engines.embedding_cache import EmbeddingCache
 from worker.engines.encoder_options import EncoderOptions, Precision
+from worker.heartbeat import WorkerHeartbeat
 from worker.item_inputs import ImageLimits
 from worker.webhook_delivery import DeliveryRules
 
@@ -46,6 +49,61 @@ class SegmentRuntime:
     #: How long an item waits for others to share its encoder batch (an
     #: engine that batches images only: worker.pipeline).
     batch_wait_ms: int = 0
+    #: Open while storage is down: the process takes no items meanwhile.
+    #: None: a breaker around ``storage`` with the default bound, telling nobody.
+    breaker: DependencyBreaker | None = None
+    #: Renews this process's row for the API (segq/worker_processes.py).
+    heartbeat: WorkerHeartbeat | None = None
+    #: Open while the database is down: the process takes no items, and
+    #: items cannot fail meanwhile (their rows are out of reach).
+    database_breaker: DependencyBreaker = field(init=False)
+
+    def stop(self) -> None:
+        """The process stops: its row goes (a clean stop leaves nothing to explain)."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+
+    def __post_init__(self) -> None:
+        if self.breaker is None:
+            object.__setattr__(
+                self,
+                "breaker",
+                storage_breaker(self.storage, DEFAULT_DEPENDENCY_OUTAGE_SECONDS),
+            )
+        sessions = self.sessions
+
+        def ping() -> None:
+            with sessions() as session:
+                session.execute(text("SELECT 1"))
+
+        object.__setattr__(
+            self,
+            "database_breaker",
+            DependencyBreaker(
+                "the database",
+                ping,
+                outage_seconds=DEFAULT_DEPENDENCY_OUTAGE_SECONDS,
+                fails_waiting_items=False,
+            ),
+        )
+
+    @property
+    def storage_breaker(self) -> DependencyBreaker:
+        assert self.breaker is not None  # set in __post_init__
+        return self.breaker
+
+
+def storage_breaker(
+    storage: ObjectStorage, outage_seconds: int, heartbeat: WorkerHeartbeat | None = None
+) -> DependencyBreaker:
+    """The breaker a segmenting process keeps around its storage, probing it
+    as /readyz does; ``heartbeat`` records its pauses where the API reads them."""
+    return DependencyBreaker(
+        "storage",
+        storage.check,
+        outage_seconds=outage_seconds,
+        on_change=None if heartbeat is None else heartbeat.paused,
+    )
 
 
 @dataclass(frozen=True)
@@ -95,6 +153,8 @@ def build_runtime(
             ),
         )
         log.info("engine %s ready", engine.name)
+        heartbeat = WorkerHeartbeat(sessions, engine.name)
+        heartbeat.start()
         segment = SegmentRuntime(
             sessions=sessions,
             storage=storage,
@@ -104,6 +164,8 @@ def build_runtime(
             limits=ImageLimits(settings.max_image_pixels, settings.fetch_policy()),
             job_changes=make_announcer(settings.broker_url),
             batch_wait_ms=settings.engine_batch_wait_ms,
+            breaker=storage_breaker(storage, settings.dependency_outage_seconds, heartbeat),
+            heartbeat=heartbeat,
         )
     delivery = DeliveryRuntime(
         sessions=sessions,

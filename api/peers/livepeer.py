@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import cv2
@@ -26,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 from api.context import services
 from api.errors import ApiError
 from api.images import inspect_image
+from api.openapi import documented
 from api.peers.caller_fields import CallerFields
 from api.peers.peer_blueprint import PeerBlueprint
 from api.peers.synchronous_jobs import (
@@ -51,8 +53,21 @@ SAM_MODEL_ID_PREFIX = "facebook/sam"
 #: logits are 256 x 256 (smaller models' smaller; the engine checks the fit).
 MAX_MASK_INPUT_SIDE = 256
 #: Statuses the SDK maps to its HTTPError with ``detail.msg``; others it
-#: raises as SDKError, and 429/503 it may retry, so those keep their codes.
-KEPT_STATUSES = frozenset({400, 401, 429, 503, 504})
+#: raises as SDKError, and 429/503 it may retry, so those keep their codes,
+#: as does 413 (an answer or body over segq's bounds).
+KEPT_STATUSES = frozenset({400, 401, 413, 429, 503, 504})
+#: The masks a job gives at most (SAM's three with multimask_output).
+MAX_MASKS = 3
+#: What one value of a mask given as logits (or of the low-resolution
+#: logits) takes at most in the answer: a float32 as json.dumps writes its
+#: float64 ("-1.2345678437294438e-05"), and the ", " after it.
+LOGIT_VALUE_BYTES = 25
+#: A 0.0/1.0 mask value and its separator.
+MASK_VALUE_BYTES = 5
+#: The answer's keys, scores and outer brackets.
+ANSWER_OVERHEAD_BYTES = 1024
+#: About how much of the answer is written at once.
+ANSWER_CHUNK_BYTES = 256 * 1024
 
 
 class FormFieldError(Exception):
@@ -66,6 +81,11 @@ class FormFieldError(Exception):
 
 
 @livepeer.post("/segment-anything-2")
+@documented(
+    "Segment an image with SAM 2 (multipart, as the livepeer-ai SDK sends it)",
+    {200: ("masks, scores and logits as JSON-array strings, best score first", None)},
+    errors=(400, 401, 422, 429, 500, 503),
+)
 def segment_anything_2() -> Response:
     project = project_for_key(_bearer_key(), "'Authorization: Bearer <key>'")
     upload = request.files.get("image")
@@ -86,11 +106,27 @@ def segment_anything_2() -> Response:
 
     data = upload.read()
     settings = services().settings
-    info = inspect_image(data, max_pixels=settings.max_image_pixels)
+    info = inspect_image(data, settings)
+    gives_logits = _engine_gives_logits()
+    answer_bytes = answer_size_bound(
+        info.width,
+        info.height,
+        masks=MAX_MASKS if multimask else 1,
+        logits=gives_logits,
+        masks_as_logits=return_logits and gives_logits,
+    )
+    if answer_bytes > settings.max_answer_bytes:
+        # Refused before the job runs: the answer could not be sent.
+        raise ApiError(
+            413,
+            f"the answer for a {info.width}x{info.height} image would be up to "
+            f"{answer_bytes} bytes, more than the {settings.max_answer_bytes} allowed "
+            "(SEGQ_MAX_ANSWER_BYTES)",
+        )
     body: dict[str, Any] = {
         "items": [{"imageData": "data:;base64," + base64.b64encode(data).decode()}],
         "multimaskOutput": multimask,
-        "outputs": ["mask", "logits"] if _engine_gives_logits() else ["mask"],
+        "outputs": ["mask", "logits"] if gives_logits else ["mask"],
     }
     scale = (info.width, info.height) if pixels else (1, 1)
     body |= _prompt(point_coords, point_labels, box, scale)
@@ -100,22 +136,69 @@ def segment_anything_2() -> Response:
 
     segments = finished.segments  # best score first, as Livepeer sorts them
     logits = [stored_logits(s["logitsKey"]) for s in segments if "logitsKey" in s]
+    masks: Iterable[npt.NDArray[np.float32] | npt.NDArray[np.bool_]]
     if return_logits and logits:
         stretched = engine_family(services().settings.model) is EngineFamily.SAM2
-        masks = [
-            full_size_logits(low_res, finished.width, finished.height, stretched=stretched)
-            for low_res in logits
-        ]
+        width, height = finished.width, finished.height
+        # Made one at a time, as the answer is written.
+        masks = (
+            full_size_logits(low_res, width, height, stretched=stretched) for low_res in logits
+        )
     else:
-        masks = [stored_mask(s["maskKey"]).astype(np.float32) for s in segments]
-    return _json(
-        {
-            "masks": json.dumps([mask.tolist() for mask in masks]),
-            "scores": json.dumps([s["score"] for s in segments]),
-            "logits": json.dumps([low_res.tolist() for low_res in logits]),
-        },
-        200,
-    )
+        masks = [stored_mask(s["maskKey"]) for s in segments]
+    scores = [s["score"] for s in segments]
+    return Response(answer_chunks(masks, scores, logits), mimetype="application/json")
+
+
+def answer_size_bound(
+    width: int, height: int, *, masks: int, logits: bool, masks_as_logits: bool
+) -> int:
+    """The most bytes the answer for a ``width`` x ``height`` image can
+    take, from what it will hold: ``masks`` masks at the image's size
+    (logits, or 0.0/1.0), and as many low-resolution logits when ``logits``."""
+    per_value = LOGIT_VALUE_BYTES if masks_as_logits else MASK_VALUE_BYTES
+    # Each row's brackets and separator.
+    size = masks * height * (width * per_value + 4)
+    if logits:
+        side = MAX_MASK_INPUT_SIDE
+        size += masks * side * (side * LOGIT_VALUE_BYTES + 4)
+    return size + ANSWER_OVERHEAD_BYTES
+
+
+def answer_chunks(
+    masks: Iterable[npt.NDArray[np.float32] | npt.NDArray[np.bool_]],
+    scores: list[float],
+    logits: list[npt.NDArray[np.float32]],
+) -> Iterator[bytes]:
+    """The answer's JSON, written as it goes: ``masks``, ``scores`` and
+    ``logits`` each a JSON array in a string (as json.dumps writes them,
+    which needs no escaping inside a string), so the whole answer is never
+    held; a chunk is about ANSWER_CHUNK_BYTES."""
+    yield b'{"masks":"'
+    yield from _array_chunks(masks)
+    yield b'","scores":"' + json.dumps(scores).encode() + b'","logits":"'
+    yield from _array_chunks(logits)
+    yield b'"}'
+
+
+def _array_chunks(
+    arrays: Iterable[npt.NDArray[np.float32] | npt.NDArray[np.bool_]],
+) -> Iterator[bytes]:
+    pending: list[str] = ["["]
+    held = 0
+    for index, array in enumerate(arrays):
+        pending.append(", [" if index else "[")
+        for row_index, row in enumerate(array):
+            values = row.astype(np.float32).tolist() if row.dtype == np.bool_ else row.tolist()
+            text = json.dumps(values)
+            pending.append(", " + text if row_index else text)
+            held += len(text)
+            if held >= ANSWER_CHUNK_BYTES:
+                yield "".join(pending).encode()
+                pending, held = [], 0
+        pending.append("]")
+    pending.append("]")
+    yield "".join(pending).encode()
 
 
 def _mask_input(value: Any) -> bytes | None:

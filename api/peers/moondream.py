@@ -23,6 +23,7 @@ from flask import Response, jsonify, request
 from api.context import services
 from api.errors import ApiError, FieldPath
 from api.json_body import max_job_body_bytes, read_json_object
+from api.openapi import documented
 from api.peers.caller_fields import CallerFields
 from api.peers.peer_blueprint import PeerBlueprint
 from api.peers.synchronous_jobs import FinishedItem, project_for_key, run_to_completion
@@ -39,6 +40,11 @@ KNOWN_FIELDS = frozenset({"image_url", "object", "stream", "spatial_refs", "sett
 
 
 @moondream.post("/segment")
+@documented(
+    "Segment the object the spatial_refs point at (JSON, as moondream's client sends it)",
+    {200: ("{path, bbox}, or server-sent events with stream: true", None)},
+    errors=(400, 401, 413, 422, 429, 503),
+)
 def segment() -> Response:
     project = project_for_key(request.headers.get(AUTH_HEADER, ""), AUTH_HEADER)
     body = read_json_object(max_bytes=max_job_body_bytes(services().settings.max_upload_bytes))

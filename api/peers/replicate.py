@@ -31,6 +31,7 @@ from api.item_sources import decode_data_url
 from api.job_service import cancel_job, create_segmentation_job, items_of, owned_job
 from api.job_waiting import NoWaitingSlot, wait_until_finished
 from api.json_body import max_job_body_bytes, parse_json, read_json_object
+from api.openapi import documented
 from api.peers.caller_fields import CallerFields
 from api.peers.peer_blueprint import PeerBlueprint
 from api.public_links import public_link
@@ -138,7 +139,22 @@ ReplicateEvent = Literal["start", "output", "logs", "completed"]
 class PredictionRequest(BaseModel):
     """The body Replicate's client sends; ``input`` is checked on its own."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "version": "segq/sam:default",
+                    "input": {
+                        "image": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAABAAAAAQCAIAAAC"
+                        "QkWg2AAAAGklEQVR42mM8oaHBQApgYiARjGoY1TB0NAAAjC0BOJDndDkAAAAASUVORK5CYII=",
+                        "point_coords": [[8, 8]],
+                    },
+                }
+            ]
+        },
+    )
 
     version: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     input: dict[str, Any]
@@ -148,6 +164,14 @@ class PredictionRequest(BaseModel):
         Annotated[list[ReplicateEvent], Field(min_length=1, max_length=4)] | None
     ) = None
     stream: bool | None = None
+
+
+class PreferWaitHeader(BaseModel):
+    prefer: Annotated[str, Field(pattern=r"^wait(=\d+)?$")] | None = Field(
+        None,
+        alias="Prefer",
+        description="wait=N: answer when the prediction finishes or after N seconds (at most 60)",
+    )
 
 
 # Errors: RFC 7807 problems for everything this blueprint answers.
@@ -260,7 +284,7 @@ def _image_source(image: str) -> tuple[FileReference, tuple[int, int] | None]:
     if image[:5].lower() == "data:":
         try:
             data = decode_data_url(("input", "image"), image, settings.max_upload_bytes)
-            info = inspect_image(data, max_pixels=settings.max_image_pixels)
+            info = inspect_image(data, settings)
         except ApiError as exc:
             raise ApiError(422, exc.message) from None
         except ImageRefused as exc:
@@ -475,6 +499,13 @@ def _model_name(owner: str, name: str) -> str:
 
 
 @replicate.post("/predictions")
+@documented(
+    "Create a prediction (any version runs segq/sam)",
+    {201: ("the prediction", None)},
+    errors=(401, 404, 422, 429, 503),
+    json_body=PredictionRequest,
+    headers=PreferWaitHeader,
+)
 def create_prediction() -> tuple[Response, int]:
     """``version`` may be any id, or ``segq/sam:<id>``: there is one model."""
     body = _prediction_request()
@@ -489,17 +520,26 @@ def create_prediction() -> tuple[Response, int]:
 
 
 @replicate.post("/models/<owner>/<name>/predictions")
+@documented(
+    "Create a prediction of the model (segq/sam)",
+    {201: ("the prediction", None)},
+    errors=(401, 404, 422, 429, 503),
+    json_body=PredictionRequest,
+    headers=PreferWaitHeader,
+)
 def create_model_prediction(owner: str, name: str) -> tuple[Response, int]:
     model = _model_name(owner, name)
     return _create(_prediction_request(), model, VERSION_ID)
 
 
 @replicate.get("/predictions/<prediction_id>")
+@documented("Read a prediction", {200: ("the prediction", None)}, errors=(401, 404))
 def get_prediction(prediction_id: str) -> Response:
     return _prediction_answer(_prediction(prediction_id))
 
 
 @replicate.post("/predictions/<prediction_id>/cancel")
+@documented("Cancel a prediction", {200: ("the prediction", None)}, errors=(401, 404))
 def cancel_prediction(prediction_id: str) -> Response:
     """A finished prediction is answered as it is (Replicate's way), not 409."""
     job = _prediction(prediction_id)
@@ -515,6 +555,7 @@ def cancel_prediction(prediction_id: str) -> Response:
 
 
 @replicate.get("/predictions")
+@documented("List predictions, newest first", {200: ("a page of predictions", None)}, errors=(401,))
 def list_predictions() -> Response:
     """Newest first, ``PAGE_SIZE`` a page, by keyset on the id; ``next`` is
     the URL of the next page, as Replicate's client follows it."""
@@ -613,23 +654,31 @@ def _model() -> dict[str, Any]:
 
 
 @replicate.get("/models")
+@documented("List models: segq/sam", {200: ("a page of models", None)}, errors=(401,))
 def list_models() -> Response:
     return _single_page(_model())
 
 
 @replicate.get("/models/<owner>/<name>")
+@documented("Read the model", {200: ("the model", None)}, errors=(401, 404))
 def get_model(owner: str, name: str) -> Response:
     _model_name(owner, name)
     return jsonify(_model())
 
 
 @replicate.get("/models/<owner>/<name>/versions")
+@documented("List the model's versions", {200: ("a page of versions", None)}, errors=(401, 404))
 def list_versions(owner: str, name: str) -> Response:
     _model_name(owner, name)
     return _single_page(_version(VERSION_ID))
 
 
 @replicate.get("/models/<owner>/<name>/versions/<version_id>")
+@documented(
+    "Read a model version: its input and output schemas",
+    {200: ("the version", None)},
+    errors=(401, 404),
+)
 def get_version(owner: str, name: str, version_id: str) -> Response:
     """What ``replicate.run("segq/sam:<id>")`` reads before waiting (output
     not an iterator). Any id is this version: predictions take any id."""
@@ -638,6 +687,7 @@ def get_version(owner: str, name: str, version_id: str) -> Response:
 
 
 @replicate.get("/account")
+@documented("The account of the key: its project", {200: ("the account", None)}, errors=(401,))
 def current_account() -> Response:
     """The account of the key: its project, as an organization."""
     project = _project()
@@ -647,6 +697,7 @@ def current_account() -> Response:
 
 
 @replicate.get("/webhooks/default/secret")
+@documented("The webhook signing secret", {200: ("the secret", None)}, errors=(401,))
 def webhook_secret() -> Response:
     """The project's signing secret, as ``replicate.webhooks.default.secret()``
     reads it; the same one segq's own route shows."""
@@ -684,6 +735,11 @@ def _file_answer(stored: StoredFile) -> Response:
 
 
 @replicate.post("/files")
+@documented(
+    "Upload a file (multipart, the image in field content)",
+    {201: ("the file", None)},
+    errors=(401, 413, 415, 422),
+)
 def create_file() -> tuple[Response, int]:
     """Multipart, the image in field ``content``; optional ``metadata``, a
     JSON object of strings (segq keeps files' metadata as strings)."""
@@ -703,7 +759,7 @@ def create_file() -> tuple[Response, int]:
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, f"content is larger than {settings.max_upload_bytes} bytes")
     try:
-        info = inspect_image(data, max_pixels=settings.max_image_pixels)
+        info = inspect_image(data, settings)
     except ImageRefused as exc:
         # The same statuses as a native upload: 415 not an image segq reads, 413 too many pixels.
         raise ApiError(413 if isinstance(exc, TooManyPixels) else 415, f"content: {exc}") from None
@@ -720,6 +776,7 @@ def create_file() -> tuple[Response, int]:
 
 
 @replicate.get("/files/<file_id>")
+@documented("Read a file", {200: ("the file", None)}, errors=(401, 404))
 def get_file(file_id: str) -> Response:
     found = ascii_integer(file_id, minimum=1)
     stored = (

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, ParamSpec, TypeVar
 import click
 
 from segq.cli.exit_codes import ExitCode
+from segq.coordinates import NORMALIZED_HINT, is_normalized
 
 if TYPE_CHECKING:
     from segq.client import SegqClient
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
+#: ``segq.models.JobStatus``' values, written out so that the command line
+#: needs no SQLAlchemy import; a test checks that the two agree.
+JOB_STATUSES = ("Queued", "Running", "Completed", "Failed", "Canceled")
 #: SEGQ_MAX_ITEMS_PER_JOB's default on the server (segq/settings.py).
 DEFAULT_ITEMS_PER_JOB = 1000
 
@@ -33,11 +37,25 @@ def connection_options(command: Callable[P, R]) -> Callable[P, R]:
     SEGQ_API_KEY) and --json."""
     for option in reversed(
         [
+            # show_envvar: --help and "Missing option" name the variable too.
             click.option(
-                "--url", envvar="SEGQ_URL", default="http://127.0.0.1:8080", show_default=True
+                "--url",
+                envvar="SEGQ_URL",
+                show_envvar=True,
+                default="http://127.0.0.1:8080",
+                show_default=True,
+                help="segq's root URL",
             ),
-            click.option("--project", envvar="SEGQ_PROJECT", required=True),
-            click.option("--api-key", envvar="SEGQ_API_KEY", required=True),
+            click.option(
+                "--project", envvar="SEGQ_PROJECT", show_envvar=True, required=True, help="project"
+            ),
+            click.option(
+                "--api-key",
+                envvar="SEGQ_API_KEY",
+                show_envvar=True,
+                required=True,
+                help="the project's API key (segq create-project prints one)",
+            ),
             click.option("--json", "as_json", is_flag=True, help="print JSON on stdout"),
         ]
     ):
@@ -86,15 +104,23 @@ def _floats(text: str, count: tuple[int, ...], what: str) -> list[float]:
     return values
 
 
+def _coordinates(text: str, count: tuple[int, ...], what: str, coordinates: int) -> list[float]:
+    """``text``'s numbers, of which the first ``coordinates`` are normalized."""
+    values = _floats(text, count, what)
+    if not all(is_normalized(value) for value in values[:coordinates]):
+        raise click.BadParameter(f"{what} {text!r}: {NORMALIZED_HINT}")
+    return values
+
+
 def _command_line_prompt(points: tuple[str, ...], box: str | None) -> dict[str, Any]:
     prompt: dict[str, Any] = {}
     if points:
-        parsed = [_floats(p, (2, 3), "--point") for p in points]
+        parsed = [_coordinates(p, (2, 3), "--point", 2) for p in points]
         prompt["points"] = [
             {"x": p[0], "y": p[1], "label": int(p[2]) if len(p) == 3 else 1} for p in parsed
         ]
     if box:
-        x_min, y_min, x_max, y_max = _floats(box, (4,), "--box")
+        x_min, y_min, x_max, y_max = _coordinates(box, (4,), "--box", 4)
         prompt["boundingBox"] = {"xMin": x_min, "yMin": y_min, "xMax": x_max, "yMax": y_max}
     return prompt
 
@@ -117,6 +143,7 @@ def _command_line_prompt(points: tuple[str, ...], box: str | None) -> dict[str, 
 @click.option(
     "--items-per-job",
     envvar="SEGQ_MAX_ITEMS_PER_JOB",
+    show_envvar=True,
     type=click.IntRange(min=1),
     default=DEFAULT_ITEMS_PER_JOB,
     show_default=True,
@@ -223,7 +250,9 @@ def _finished_exit(job: dict[str, Any]) -> None:
 
 @jobs.command("ls")
 @click.option(
-    "--status", type=click.Choice(["Queued", "Running", "Completed", "Failed", "Canceled"])
+    "--status",
+    type=click.Choice(JOB_STATUSES, case_sensitive=False),
+    help="only jobs in this status (any case)",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @connection_options
@@ -304,7 +333,9 @@ def watch_job(
 
     deadline = time.monotonic() + timeout
     with _connected(url, project, api_key, as_json) as client:
-        job = client.get_job(job_id)
+        # Polled as a page of one item with the job's progress, asked with
+        # its ETag: an unchanged job answers 304, and no poll carries every item.
+        job = client.get_job(job_id, items_limit=1)
         bar = tqdm(
             total=job["progress"]["total"],
             unit="item",
@@ -317,8 +348,9 @@ def watch_job(
             if is_finished(job) or time.monotonic() >= deadline:
                 break
             time.sleep(0.5)
-            job = client.get_job(job_id)
+            job = client.get_job(job_id, items_limit=1)
         bar.close()
+        job = client.get_job(job_id)
     click.echo(json.dumps(job, indent=2) if as_json else _summary_line(job))
     if not is_finished(job):
         sys.exit(ExitCode.TIMED_OUT)

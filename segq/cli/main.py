@@ -69,9 +69,10 @@ def worker(concurrency: int, pool: str, loglevel: str, queues: str) -> None:
     if settings.metrics_port is not None and pool == "prefork":
         _prepare_multiprocess_metrics()
     # Imported only now: the other commands need nothing of the worker.
-    from worker.celery_app import create_worker_app
+    from worker.celery_app import create_worker_app, run_worker
 
-    create_worker_app(settings).worker_main(
+    exit_code = run_worker(
+        create_worker_app(settings),
         [
             "worker",
             f"--concurrency={concurrency}",
@@ -81,8 +82,10 @@ def worker(concurrency: int, pool: str, loglevel: str, queues: str) -> None:
             ",".join(QUEUES[name] for name in names),
             "--without-gossip",
             "--without-mingle",
-        ]
+        ],
     )
+    if exit_code:
+        raise SystemExit(exit_code)
 
 
 def _prepare_multiprocess_metrics() -> None:

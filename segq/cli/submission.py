@@ -122,7 +122,9 @@ class Submission:
         found = self.client.file_by_external_id(external_id)
         if found is None:
             try:
-                found = self.client.upload(task.path, external_id=external_id)
+                # Named by the image's file name: what a person knows it by
+                # (the viewer's title), the externalId being a content hash.
+                found = self.client.upload(task.path, external_id=external_id, name=task.path.name)
             except SegqError as exc:
                 # Another run uploaded the same bytes meanwhile.
                 if exc.status != 409:

@@ -263,9 +263,10 @@ class EmbeddingCache:
             data = self._storage.get(key.object_key)
         except ObjectNotFound:
             return None
-        except StorageError:
-            # Storage trouble costs an encode, never the item.
-            log.warning("could not read embedding %s; computing it", key.object_key, exc_info=True)
+        except StorageError as exc:
+            # Storage trouble costs an encode, never the item; one line, as
+            # storage down is the breaker's to report (worker/dependency_breaker.py).
+            log.warning("could not read embedding %s; computing it: %s", key.object_key, exc)
             return None
         try:
             embedding, created = decode_entry(data)
@@ -285,8 +286,8 @@ class EmbeddingCache:
                 encode_entry(embedding, self._clock()),
                 "application/vnd.segq.embedding",
             )
-        except StorageError:
-            log.warning("could not store embedding %s", key.object_key, exc_info=True)
+        except StorageError as exc:
+            log.warning("could not store embedding %s: %s", key.object_key, exc)
 
 
 def expired_embeddings(

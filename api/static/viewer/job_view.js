@@ -19,7 +19,13 @@ let pendingImages = 0;
 
 function element(tag, attributes = {}, text = null) {
   const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, value);
+  for (const [name, value] of Object.entries(attributes)) {
+    // The page's Content-Security-Policy refuses style attributes (no
+    // 'unsafe-inline'): colours go in SVG presentation attributes (fill,
+    // stroke), sizes and visibility through the CSSOM (node.style.x = …).
+    if (name === "style") throw new Error("style attributes are refused by this page's CSP");
+    node.setAttribute(name, value);
+  }
   if (text !== null) node.textContent = text;
   return node;
 }
@@ -42,11 +48,33 @@ function watchImage(image) {
   image.addEventListener("error", settle, { once: true });
 }
 
-function itemName(item) {
-  if (item.fileExternalId) return item.fileExternalId;
-  if (item.fileInstanceId) return `${item.fileInstanceId.space}/${item.fileInstanceId.externalId}`;
-  if (item.fileUrl) return item.fileUrl;
-  return `file ${item.fileId}`;
+function itemTitle(item) {
+  // The file's name first (what a person called the image), then its
+  // externalId when that says something more.
+  const title = element("h2");
+  let name;
+  let externalId = item.fileExternalId;
+  if (item.fileName) name = item.fileName;
+  else if (externalId) [name, externalId] = [externalId, null];
+  else if (item.fileInstanceId) name = `${item.fileInstanceId.space}/${item.fileInstanceId.externalId}`;
+  else if (item.fileUrl) name = item.fileUrl;
+  else name = `file ${item.fileId}`;
+  title.append(element("span", { class: "file-name" }, `#${item.position} ${name}`));
+  if (externalId && externalId !== name) {
+    title.append(element("span", { class: "external-id", title: "externalId" }, externalId));
+  }
+  return title;
+}
+
+function swatch(colour) {
+  // An SVG square filled through its presentation attribute: a style
+  // attribute would be refused by the page's Content-Security-Policy.
+  const icon = svgElement("svg", {
+    class: "swatch", width: 12, height: 12, viewBox: "0 0 12 12", "data-colour": colour,
+    "aria-hidden": "true",
+  });
+  icon.append(svgElement("rect", { width: 12, height: 12, rx: 2, fill: colour }));
+  return icon;
 }
 
 function promptsOf(job) {
@@ -146,7 +174,7 @@ function segmentTable(item, segments, drawnSegments) {
     const cell = element("td");
     const { group, colour } = drawnSegments[index];
     cell.append(toggle(` #${index}`, group, `segment-${item.position}-${index}`));
-    cell.append(element("span", { class: "swatch", style: `background:${colour}` }));
+    cell.append(swatch(colour));
     row.append(cell);
     row.append(element("td", {}, segment.promptIndex === undefined || segment.promptIndex === null
       ? "–" : String(segment.promptIndex)));
@@ -159,7 +187,7 @@ function segmentTable(item, segments, drawnSegments) {
 
 function drawItem(job, item) {
   const card = element("section", { class: "item", "data-position": item.position, "data-status": item.status });
-  const title = element("h2", {}, `#${item.position} ${itemName(item)}`);
+  const title = itemTitle(item);
   title.append(element("span", { class: `badge ${item.status}` }, item.status));
   card.append(title);
   if (item.errorMessage) card.append(element("p", { class: "error item-error" }, item.errorMessage));
