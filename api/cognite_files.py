@@ -13,7 +13,18 @@ from typing import Any, Literal
 
 from itsdangerous import BadSignature
 from pydantic import ValidationError
-from sqlalchemy import ColumnElement, case, func, or_, select, tuple_
+from sqlalchemy import (
+    ColumnElement,
+    case,
+    exists,
+    func,
+    or_,
+    select,
+    true,
+    tuple_,
+    type_coerce,
+)
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -22,6 +33,7 @@ from api.images import inspect_image
 from api.public_links import public_link
 from api.schemas import (
     DESCRIPTIVE_FILE_FIELDS,
+    DESCRIPTIVE_LIST_ADAPTERS,
     STORED_METADATA,
     FileChanges,
     FileCreation,
@@ -30,6 +42,7 @@ from api.schemas import (
     FileResponse,
     InstanceIdBody,
     TimeRange,
+    partition_of,
     validation_refusal,
 )
 from api.signed_tokens import SignedTokens
@@ -127,9 +140,11 @@ def create_file(
     stored.external_id = creation.externalId
     stored.name = creation.name
     stored.file_metadata = creation.metadata
-    stored.descriptive_fields = (
-        creation.model_dump(include=set(DESCRIPTIVE_FILE_FIELDS), exclude_none=True) or None
-    )
+    described = creation.model_dump(include=set(DESCRIPTIVE_FILE_FIELDS), exclude_none=True)
+    # An empty list is kept as an update leaves one: not at all.
+    stored.descriptive_fields = {
+        field: value for field, value in described.items() if value != []
+    } or None
     stored.instance_space = creation.instanceId.space if creation.instanceId else None
     stored.instance_external_id = creation.instanceId.externalId if creation.instanceId else None
     stored.last_updated_time = now
@@ -439,11 +454,33 @@ def _check_one_identifier(identifier: FileIdentifier, index: int) -> None:
 
 
 def _filter_conditions(
-    project_id: int, file_filter: FileFilter | None
+    session: Session, project_id: int, file_filter: FileFilter | None
 ) -> list[ColumnElement[bool]]:
     conditions: list[ColumnElement[bool]] = [StoredFile.project_id == project_id]
     if file_filter is None:
         return conditions
+    if file_filter.name is not None:
+        conditions.append(StoredFile.name == file_filter.name)
+    dialect = session.get_bind().dialect.name
+    for key, value in (file_filter.metadata or {}).items():
+        conditions.append(_has_pair(dialect, key, value))
+    if file_filter.assetIds is not None:
+        conditions.append(_holds_any(dialect, "assetIds", file_filter.assetIds))
+    if file_filter.dataSetIds is not None:
+        conditions.append(
+            # An id may pass Postgres's 32-bit integer: NUMERIC holds any.
+            StoredFile.descriptive_fields["dataSetId"]
+            .as_numeric(16, 0)
+            .in_([data_set.id for data_set in file_filter.dataSetIds])
+        )
+    if file_filter.labels is not None:
+        labels = file_filter.labels
+        if labels.containsAny is not None:
+            conditions.append(
+                _holds_any(dialect, "labels", [label.model_dump() for label in labels.containsAny])
+            )
+        for label in labels.containsAll or []:
+            conditions.append(_holds_any(dialect, "labels", [label.model_dump()]))
     if file_filter.externalIdPrefix is not None:
         # startswith with autoescape: % and _ in the prefix are literal.
         conditions.append(
@@ -477,6 +514,34 @@ def _filter_conditions(
     return conditions
 
 
+def _has_pair(dialect: str, key: str, value: str) -> ColumnElement[bool]:
+    """Whether the file's metadata maps ``key`` to ``value``. SQLite's JSON
+    paths cannot name every key (a quote, escaped characters): its pairs
+    are compared as json_each decodes them."""
+    if dialect == "postgresql":
+        maps_key: ColumnElement[bool] = StoredFile.file_metadata[key].as_string() == value
+        return maps_key
+    pairs = func.json_each(StoredFile.file_metadata).table_valued("key", "value")
+    return exists().select_from(pairs).where(pairs.c.key == key, pairs.c.value == value)
+
+
+def _holds_any(dialect: str, field: str, values: Sequence[Any]) -> ColumnElement[bool]:
+    """Whether the descriptive list ``field`` holds any of ``values`` (ints,
+    or labels {"externalId": ...}, matched on their externalId). JSON lists
+    are searched each database's own way: containment in Postgres's JSONB,
+    json_each in SQLite."""
+    if dialect == "postgresql":
+        listed = type_coerce(StoredFile.descriptive_fields, JSONB)[field]
+        return or_(*(listed.contains([value]) for value in values))
+    elements = func.json_each(StoredFile.descriptive_fields, f"$.{field}").table_valued("value")
+    element: ColumnElement[Any] = elements.c.value
+    wanted: list[Any] = list(values)
+    if field == "labels":
+        element = func.json_extract(element, "$.externalId")
+        wanted = [value["externalId"] for value in values]
+    return exists().select_from(elements).where(element.in_(wanted))
+
+
 def _in_range(column: Any, time_range: TimeRange | None) -> list[ColumnElement[bool]]:
     if time_range is None:
         return []
@@ -495,10 +560,16 @@ def list_files(
     *,
     limit: int,
     after_id: int | None,
+    partition: str | None = None,
 ) -> tuple[list[StoredFile], int | None]:
     """One page of the files ``file_filter`` matches, oldest first (ids
-    never move under a cursor), and the last id shown if there is more."""
-    conditions = _filter_conditions(project_id, file_filter)
+    never move under a cursor), and the last id shown if there is more.
+    A ``partition`` "m/n" lists the m-th of n slices, by id modulo n: the
+    slices are disjoint, and together they are the whole listing."""
+    conditions = _filter_conditions(session, project_id, file_filter)
+    if partition is not None:
+        index, count = partition_of(partition)
+        conditions.append(StoredFile.id % count == index - 1 if count > 1 else true())
     if after_id is not None:
         conditions.append(StoredFile.id > after_id)
     rows = list(
@@ -517,7 +588,7 @@ def search_files(
     files ``file_filter`` matches whose name holds every word of ``name``,
     whatever the case; names that start with ``name`` first, then oldest
     first."""
-    conditions = _filter_conditions(project_id, file_filter)
+    conditions = _filter_conditions(session, project_id, file_filter)
     query = select(StoredFile)
     if name is not None and name.strip():
         lowered = func.lower(StoredFile.name)
@@ -532,21 +603,23 @@ def count_files(session: Session, project_id: int, file_filter: FileFilter | Non
     total = session.scalar(
         select(func.count())
         .select_from(StoredFile)
-        .where(*_filter_conditions(project_id, file_filter))
+        .where(*_filter_conditions(session, project_id, file_filter))
     )
     return int(total or 0)
 
 
 def apply_changes(stored: StoredFile, changes: FileChanges, where: FieldPath) -> None:
-    """Cognite's update operations on the fields segq lets clients change.
-    Each field's value as it will be stored passes the check its creation
-    passes (api/schemas.py's field types): the operations on one field
-    (metadata's add, remove and set) are checked on their result; a 400
-    names the field under ``where``."""
+    """Cognite's update operations on a file's fields. Each field's value
+    as it will be stored passes the check its creation passes
+    (api/schemas.py's field types): the operations on one field (add,
+    remove and set on metadata and the lists) are checked on their result;
+    a 400 names the field under ``where``."""
     if changes.externalId is not None:
         stored.external_id = None if changes.externalId.setNull else changes.externalId.set
     if changes.name is not None:
         stored.name = changes.name.set
+    if changes.mimeType is not None:
+        _change_mime_type(stored, changes.mimeType.set, (*where, "mimeType"))
     if changes.metadata is not None:
         metadata = dict(stored.file_metadata or {})
         if changes.metadata.set is not None:
@@ -563,9 +636,60 @@ def apply_changes(stored: StoredFile, changes: FileChanges, where: FieldPath) ->
         change = getattr(changes, field)
         if change is None:
             continue
-        if change.setNull or change.set is None:
+        value: Any
+        if field in DESCRIPTIVE_LIST_ADAPTERS:
+            value = _changed_list(descriptive.get(field) or [], change, field, (*where, field))
+        else:
+            value = None if change.setNull or change.set is None else change.set
+            if hasattr(value, "model_dump"):
+                value = value.model_dump(exclude_none=True)
+        if value is None or value == []:
             descriptive.pop(field, None)
         else:
-            descriptive[field] = change.set
+            descriptive[field] = value
     stored.descriptive_fields = descriptive or None
     stored.last_updated_time = now_ms()
+
+
+def _changed_list(current: list[Any], change: Any, field: str, where: FieldPath) -> list[Any]:
+    """A list field after Cognite's set, then remove, then add: no element
+    twice, in the order first given."""
+
+    def plain(values: list[Any] | None) -> list[Any]:
+        return [
+            value.model_dump() if hasattr(value, "model_dump") else value for value in values or []
+        ]
+
+    result = plain(change.set) if change.set is not None else list(current)
+    removed = plain(change.remove)
+    result = [value for value in result if value not in removed]
+    for value in plain(change.add):
+        if value not in result:
+            result.append(value)
+    unique: list[Any] = []
+    for value in result:
+        if value not in unique:
+            unique.append(value)
+    try:
+        checked = DESCRIPTIVE_LIST_ADAPTERS[field].validate_python(unique)
+    except ValidationError as exc:
+        raise validation_refusal(exc, where) from None
+    return plain(checked)
+
+
+def _change_mime_type(stored: StoredFile, mime_type: str | None, where: FieldPath) -> None:
+    """A file waiting for its bytes takes the type it is given, or none.
+    An uploaded file's type is its bytes' (JPEG or PNG, found on upload):
+    the same type again (in any case) is no change, setNull leaves it (the
+    bytes still have it), and another type is refused."""
+    if not stored.uploaded:
+        stored.mime_type = mime_type
+        return
+    if mime_type is None or mime_type.lower() == (stored.mime_type or "").lower():
+        return
+    raise ApiError.about(
+        where,
+        400,
+        f": file {stored.id} holds {stored.mime_type} bytes, so its mimeType cannot be "
+        f"{mime_type!r}; upload other bytes (with overwrite) to change its type",
+    )

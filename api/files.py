@@ -316,6 +316,7 @@ def list_filtered_files() -> Response:
         request_body.filter,
         limit=request_body.limit or 100,
         after_id=cursor_after(request_body.cursor),
+        partition=request_body.partition,
     )
     return json_answer(
         FilePage(
@@ -414,7 +415,7 @@ def delete_files() -> Response:
 
 @files.post("/update")
 @documented(
-    "Change files' externalId, name or metadata",
+    "Change files' fields, as Cognite's update operations do",
     {200: ("the files as changed", FilePage)},
     errors=(400, 409, 415),
     json_body=FileUpdates,

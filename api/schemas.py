@@ -17,6 +17,7 @@ from pydantic import (
     ValidationError,
     ValidatorFunctionWrapHandler,
     WrapValidator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -241,6 +242,10 @@ class InstanceIdBody(ResponseModel):
     externalId: str
 
 
+class LabelBody(ResponseModel):
+    externalId: str
+
+
 class FileResponse(ResponseModel):
     """Cognite's file, plus what segq learnt from the bytes (size,
     dimensions, digest), present once they are uploaded."""
@@ -255,6 +260,11 @@ class FileResponse(ResponseModel):
     directory: str | None = None
     sourceCreatedTime: int | None = None
     sourceModifiedTime: int | None = None
+    assetIds: list[int] | None = None
+    dataSetId: int | None = None
+    labels: list[LabelBody] | None = None
+    geoLocation: dict[str, Any] | None = None
+    securityCategories: list[int] | None = None
     uploaded: bool
     uploadedTime: int | None = None
     createdTime: int
@@ -709,9 +719,114 @@ FileId = Annotated[int, Field(ge=1, le=2**63 - 1)]
 FileSource = Annotated[str, Field(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)]
 #: Cognite's directory: an absolute, unix-style path.
 FileDirectory = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^/[^\x00-\x1f\x7f]*$")]
+MimeType = Annotated[str, Field(min_length=1, max_length=255, pattern=NO_CONTROL_CHARACTERS)]
+#: Cognite's ids of other resources (assets, data sets, security
+#: categories), which segq keeps as the client gave them.
+ResourceId = Annotated[int, Field(ge=1, le=2**53 - 1)]
+#: Cognite's bounds on a file's lists.
+AssetIds = Annotated[list[ResourceId], Field(max_length=1000)]
+SecurityCategories = Annotated[list[ResourceId], Field(max_length=100)]
+
+
+class Label(StrictModel):
+    """Cognite's reference to a label, by its externalId."""
+
+    externalId: Identifier
+
+
+Labels = Annotated[list[Label], Field(max_length=10)]
+GeoCoordinate = Annotated[float, Field(allow_inf_nan=False)]
+Position = Annotated[list[GeoCoordinate], Field(min_length=2, max_length=3)]
+#: GeoJSON coordinates, one to four levels of lists deep (Point to MultiPolygon).
+Coordinates = (
+    list[GeoCoordinate] | list[Position] | list[list[Position]] | list[list[list[Position]]]
+)
+#: How deep each geometry's coordinates are.
+GEOMETRY_DEPTHS = {
+    "Point": 1,
+    "MultiPoint": 2,
+    "LineString": 2,
+    "Polygon": 3,
+    "MultiLineString": 3,
+    "MultiPolygon": 4,
+}
+#: Bounds on a file's geoLocation, as metadata's bound it: what a listing of
+#: files answers stays bounded.
+MAX_GEO_POSITIONS = 256
+
+
+def _depth_and_positions(coordinates: list[Any]) -> tuple[int, int]:
+    if not coordinates or not isinstance(coordinates[0], list):
+        return 1, 1
+    inner = [_depth_and_positions(part) for part in coordinates]
+    depths = {depth for depth, _ in inner}
+    return (max(depths) + 1 if len(depths) == 1 else 0), sum(count for _, count in inner)
+
+
+class Geometry(StrictModel):
+    type: Literal["Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon"]
+    coordinates: Coordinates
+
+    @model_validator(mode="after")
+    def _shaped_as_its_type(self) -> Geometry:
+        depth, positions = _depth_and_positions(self.coordinates)
+        if depth != GEOMETRY_DEPTHS[self.type]:
+            raise ValueError(
+                f"a {self.type}'s coordinates are lists nested {GEOMETRY_DEPTHS[self.type]} deep"
+            )
+        if positions > MAX_GEO_POSITIONS:
+            raise ValueError(f"has {positions} positions, more than {MAX_GEO_POSITIONS}")
+        return self
+
+
+GeoPropertyValue = Annotated[str, Field(max_length=MAX_METADATA_BYTES)] | float | bool | None
+
+
+def _properties_within_total(properties: dict[str, Any]) -> dict[str, Any]:
+    _metadata_within_total(
+        {key: value for key, value in properties.items() if isinstance(value, str)}
+    )
+    return properties
+
+
+class GeoLocation(StrictModel):
+    """Cognite's geographic metadata of a file: a GeoJSON Feature."""
+
+    type: Literal["Feature"]
+    geometry: Geometry
+    properties: (
+        Annotated[
+            dict[
+                Annotated[str, Field(min_length=1, max_length=128, pattern=NO_CONTROL_CHARACTERS)],
+                GeoPropertyValue,
+            ],
+            Field(max_length=MAX_METADATA_PAIRS),
+            AfterValidator(_properties_within_total),
+        ]
+        | None
+    ) = None
+
+
 #: Cognite's file fields that only describe the file: segq keeps and shows
-#: them as set, and gives them no meaning.
-DESCRIPTIVE_FILE_FIELDS = ("source", "directory", "sourceCreatedTime", "sourceModifiedTime")
+#: them as set, and gives them no meaning (securityCategories included:
+#: segq's access is by project key only).
+DESCRIPTIVE_FILE_FIELDS = (
+    "source",
+    "directory",
+    "sourceCreatedTime",
+    "sourceModifiedTime",
+    "assetIds",
+    "dataSetId",
+    "labels",
+    "geoLocation",
+    "securityCategories",
+)
+#: The descriptive fields that are lists, which updates add to and remove from.
+DESCRIPTIVE_LIST_ADAPTERS: dict[str, TypeAdapter[Any]] = {
+    "assetIds": TypeAdapter(AssetIds),
+    "labels": TypeAdapter(Labels),
+    "securityCategories": TypeAdapter(SecurityCategories),
+}
 
 
 class FileCreation(StrictModel):
@@ -727,13 +842,18 @@ class FileCreation(StrictModel):
 
     name: FileName
     externalId: Identifier | None = None
-    mimeType: Annotated[str, Field(max_length=255, pattern=NO_CONTROL_CHARACTERS)] | None = None
+    mimeType: MimeType | None = None
     metadata: MetadataMap | None = None
     instanceId: InstanceId | None = None
     source: FileSource | None = None
     directory: FileDirectory | None = None
     sourceCreatedTime: EpochMs | None = None
     sourceModifiedTime: EpochMs | None = None
+    assetIds: AssetIds | None = None
+    dataSetId: ResourceId | None = None
+    labels: Labels | None = None
+    geoLocation: GeoLocation | None = None
+    securityCategories: SecurityCategories | None = None
 
 
 class OverwriteQuery(BaseModel):
@@ -777,6 +897,25 @@ class TimeRange(StrictModel):
     max: EpochMs | None = None
 
 
+class DataSetReference(StrictModel):
+    """A data set by id: segq keeps no data sets, so none has an externalId."""
+
+    id: ResourceId
+
+
+class LabelFilter(StrictModel):
+    """Exactly one of the fields: files with any, or with all, of the labels."""
+
+    containsAny: Annotated[list[Label], Field(min_length=1, max_length=100)] | None = None
+    containsAll: Annotated[list[Label], Field(min_length=1, max_length=100)] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> LabelFilter:
+        if (self.containsAny is None) == (self.containsAll is None):
+            raise ValueError("give exactly one of containsAny and containsAll")
+        return self
+
+
 class FileFilter(StrictModel):
     externalIdPrefix: (
         Annotated[str, Field(max_length=MAX_EXTERNAL_ID_LENGTH, pattern=NO_CONTROL_CHARACTERS)]
@@ -793,6 +932,32 @@ class FileFilter(StrictModel):
     )
     sourceCreatedTime: TimeRange | None = None
     sourceModifiedTime: TimeRange | None = None
+    name: FileName | None = None
+    metadata: MetadataMap | None = None
+    assetIds: Annotated[list[ResourceId], Field(min_length=1, max_length=100)] | None = None
+    dataSetIds: Annotated[list[DataSetReference], Field(min_length=1, max_length=100)] | None = None
+    labels: LabelFilter | None = None
+
+
+#: Cognite's partition of a listing, "m/n": the m-th of n disjoint slices.
+MAX_PARTITIONS = 100
+PARTITION = re.compile(r"^([1-9][0-9]{0,2})/([1-9][0-9]{0,2})$")
+
+
+def _partition_within(value: str) -> str:
+    found = PARTITION.fullmatch(value)
+    if found is None or not int(found[1]) <= int(found[2]) <= MAX_PARTITIONS:
+        raise ValueError(f"must be m/n with 1 <= m <= n <= {MAX_PARTITIONS}")
+    return value
+
+
+Partition = Annotated[str, Field(max_length=7), AfterValidator(_partition_within)]
+
+
+def partition_of(value: str) -> tuple[int, int]:
+    """(m, n) of a checked partition "m/n"."""
+    index, count = value.split("/")
+    return int(index), int(count)
 
 
 class FileListRequest(StrictModel):
@@ -803,6 +968,7 @@ class FileListRequest(StrictModel):
     filter: FileFilter | None = None
     limit: ListLimit | None = None
     cursor: Annotated[str, Field(max_length=64)] | None = None
+    partition: Partition | None = None
 
 
 class FileAggregateRequest(StrictModel):
@@ -858,14 +1024,49 @@ class TimeChange(StrictModel):
     setNull: Literal[True] | None = None
 
 
+class MimeTypeChange(StrictModel):
+    set: MimeType | None = None
+    setNull: Literal[True] | None = None
+
+
+class DataSetIdChange(StrictModel):
+    set: ResourceId | None = None
+    setNull: Literal[True] | None = None
+
+
+class GeoLocationChange(StrictModel):
+    set: GeoLocation | None = None
+    setNull: Literal[True] | None = None
+
+
+class IdListChange(StrictModel):
+    """set replaces the list; add and remove change it (the result is checked whole)."""
+
+    set: Annotated[list[ResourceId], Field(max_length=1000)] | None = None
+    add: Annotated[list[ResourceId], Field(max_length=1000)] | None = None
+    remove: Annotated[list[ResourceId], Field(max_length=1000)] | None = None
+
+
+class LabelsChange(StrictModel):
+    set: Labels | None = None
+    add: Labels | None = None
+    remove: Labels | None = None
+
+
 class FileChanges(StrictModel):
     externalId: NullableIdentifierChange | None = None
     name: NameChange | None = None
+    mimeType: MimeTypeChange | None = None
     metadata: MetadataChange | None = None
     source: SourceChange | None = None
     directory: DirectoryChange | None = None
     sourceCreatedTime: TimeChange | None = None
     sourceModifiedTime: TimeChange | None = None
+    assetIds: IdListChange | None = None
+    dataSetId: DataSetIdChange | None = None
+    labels: LabelsChange | None = None
+    geoLocation: GeoLocationChange | None = None
+    securityCategories: IdListChange | None = None
 
 
 class FileUpdate(FileIdentifier):
@@ -939,7 +1140,35 @@ def parse(model: type[ModelT], body: dict[str, Any]) -> ModelT:
         raise validation_refusal(exc) from None
 
 
+#: What to do instead of a field of Cognite's that segq does not read, by
+#: the field's name (or its parent's and its own, joined by a dot).
+UNSUPPORTED_FIELD_ADVICE: dict[str, str] = {
+    "assetExternalIds": "segq keeps no assets, only the assetIds files were given: "
+    "filter on assetIds instead",
+    "assetSubtreeIds": "segq keeps no asset hierarchy: filter on assetIds instead",
+    "assetSubtreeExternalIds": "segq keeps no asset hierarchy: filter on assetIds instead",
+    "dataSetIds.externalId": "segq keeps no data sets, only the dataSetId files were given: "
+    "name data sets by id instead",
+    "filter.geoLocation": "segq keeps files' geoLocation but does not filter on it: "
+    "filter the listed files' geoLocation yourself",
+}
+
+
 def validation_refusal(exc: ValidationError, where: FieldPath = ()) -> ApiError:
-    """A 400 naming the first field ``exc`` found wrong, under ``where``."""
-    first = exc.errors(include_url=False)[0]
-    return ApiError.about((*where, *first["loc"]), 400, f": {first['msg']}")
+    """A 400 naming the first field ``exc`` found wrong, under ``where``.
+    A field the model does not have is said to be unsupported in plain
+    words, with what to do instead where there is something; such a field
+    is named before any other error, since it is what the caller must
+    change first (and a field required beside it may be its replacement)."""
+    errors = exc.errors(include_url=False)
+    first = next((error for error in errors if error["type"] == "extra_forbidden"), errors[0])
+    field: FieldPath = (*where, *first["loc"])
+    if first["type"] != "extra_forbidden":
+        return ApiError.about(field, 400, f": {first['msg']}")
+    names = [part for part in field if isinstance(part, str)]
+    advice = UNSUPPORTED_FIELD_ADVICE.get(".".join(names[-2:])) or UNSUPPORTED_FIELD_ADVICE.get(
+        names[-1] if names else ""
+    )
+    instead = advice or "leave it out"
+    name = names[-1] if names else "this field"
+    return ApiError.about(field, 400, f": segq does not support {name!r} here; {instead}")

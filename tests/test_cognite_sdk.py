@@ -21,11 +21,21 @@ import pytest
 import requests
 from cognite.client import ClientConfig, CogniteClient, global_config
 from cognite.client.credentials import Token
-from cognite.client.data_classes import FileMetadata, FileMetadataUpdate
+from cognite.client.data_classes import (
+    FileMetadata,
+    FileMetadataFilter,
+    FileMetadataUpdate,
+    FileMetadataWrite,
+    GeoLocation,
+    Geometry,
+    Label,
+    LabelFilter,
+)
 from cognite.client.data_classes.data_modeling import NodeId
 from cognite.client.exceptions import (
     CogniteAPIError,
     CogniteDuplicatedError,
+    CogniteFileUploadError,
     CogniteNotFoundError,
     CogniteProjectAccessError,
 )
@@ -363,22 +373,217 @@ def test_unknown_and_duplicated_ids_are_the_sdks_errors(project: Project) -> Non
     assert client.files.download_bytes(id=replaced.id) == png_bytes(seed=9)
 
 
-def test_file_fields_segq_does_not_keep_are_refused_by_name(project: Project) -> None:
+def test_fields_segq_does_not_support_are_refused_in_plain_words(project: Project) -> None:
     client = project.client()
-    image = png_bytes()
-    refusals: dict[str, Callable[[], object]] = {
-        "assetIds": lambda: client.files.upload_bytes(image, name="f.png", asset_ids=[1]),
-        "dataSetId": lambda: client.files.upload_bytes(image, name="f.png", data_set_id=7),
-        "securityCategories": lambda: client.files.upload_bytes(
-            image, name="f.png", security_categories=[1]
+    files_route = f"/api/v1/projects/{project.name}/files"
+    refusals: dict[str, tuple[str, Callable[[], object]]] = {
+        "filter.assetSubtreeIds": (
+            "filter on assetIds",
+            lambda: client.files.list(asset_subtree_ids=[1]),
+        ),
+        "filter.assetExternalIds": (
+            "filter on assetIds",
+            lambda: client.files.list(asset_external_ids=["pump"]),
+        ),
+        "filter.dataSetIds[0].externalId": (
+            "by id",
+            lambda: client.files.list(data_set_external_ids=["ds"]),
+        ),
+        "filter.geoLocation": (
+            "yourself",
+            lambda: client.post(
+                f"{files_route}/list",
+                json={"filter": {"geoLocation": {"relation": "within", "shape": {}}}},
+            ),
+        ),
+        "seconds": (
+            "leave it out",
+            lambda: client.post(files_route, json={"name": "a", "seconds": 1}),
+        ),
+        "items[0].update.colour": (
+            "leave it out",
+            lambda: client.post(
+                f"{files_route}/update", json={"items": [{"id": 1, "update": {"colour": {}}}]}
+            ),
         ),
     }
-    for field, upload in refusals.items():
+    for field, (instead, call) in refusals.items():
         with pytest.raises(CogniteAPIError) as refused:
-            upload()
+            call()
         assert refused.value.code == 400
-        assert refused.value.message.startswith(f"{field}:")
+        unsupported = field.rsplit(".", 1)[-1].split("[")[0]
+        assert refused.value.message.startswith(
+            f"{field}: segq does not support {unsupported!r} here; "
+        ), refused.value.message
+        assert instead in refused.value.message
+        assert "Extra inputs" not in refused.value.message
     assert client.files.aggregate_count() == 0
+
+
+def test_every_file_field_is_kept_and_updated_as_cognite_does(project: Project) -> None:
+    client = project.client()
+    point = GeoLocation("Feature", Geometry("Point", [10.5, 59.9]), {"site": "north"})
+    created = client.files.upload_bytes(
+        png_bytes(seed=2),
+        name="a.png",
+        external_id="a",
+        asset_ids=[1, 2],
+        data_set_id=7,
+        labels=[Label("pump"), Label("valve")],
+        geo_location=point,
+        security_categories=[3],
+    )
+    found = client.files.retrieve(id=created.id)
+    assert found is not None
+    assert (found.asset_ids, found.data_set_id, found.security_categories) == ([1, 2], 7, [3])
+    assert [label.external_id for label in found.labels or []] == ["pump", "valve"]
+    assert found.geo_location == point
+
+    # The SDK's first update pattern: what was read, changed, sent back whole.
+    found.source = "gate camera"
+    updated = client.files.update(found)
+    assert updated.source == "gate camera"
+    assert (updated.asset_ids, updated.data_set_id, updated.mime_type) == ([1, 2], 7, "image/png")
+
+    changed = client.files.update(
+        FileMetadataUpdate(id=created.id)
+        .asset_ids.add([3])
+        .asset_ids.remove([1])
+        .labels.add(["gauge"])
+        .labels.remove(["pump"])
+        .security_categories.set([4, 5])
+        .data_set_id.set(None)
+        .geo_location.set(None)
+        .mime_type.set("IMAGE/PNG")
+    )
+    assert (changed.asset_ids, changed.security_categories) == ([2, 3], [4, 5])
+    assert [label.external_id for label in changed.labels or []] == ["valve", "gauge"]
+    assert (changed.data_set_id, changed.geo_location, changed.mime_type) == (
+        None,
+        None,
+        "image/png",
+    )
+
+    # The bytes are a PNG: no other type can be said of them.
+    with pytest.raises(CogniteAPIError) as contradicted:
+        client.files.update(FileMetadataUpdate(id=created.id).mime_type.set("image/jpeg"))
+    assert contradicted.value.code == 400
+    assert contradicted.value.message.startswith("items[0].update.mimeType: ")
+    assert "image/png bytes" in contradicted.value.message
+    # Bounded as metadata is, so that a listing's answer stays bounded.
+    too_many = GeoLocation("Feature", Geometry("MultiPoint", [[0.0, 1.0]] * 257))
+    with pytest.raises(CogniteAPIError) as too_large:
+        client.files.update(FileMetadataUpdate(id=created.id).geo_location.set(too_many))
+    assert too_large.value.message.startswith("items[0].update.geoLocation.set.geometry: ")
+    assert "257 positions" in too_large.value.message
+    # A file still waiting for its bytes takes any type it is given.
+    client.post(f"/api/v1/projects/{project.name}/files", json={"name": "w", "externalId": "w"})
+    waiting = client.files.update(FileMetadataUpdate(external_id="w").mime_type.set("image/jpeg"))
+    assert (waiting.mime_type, waiting.uploaded) == ("image/jpeg", False)
+
+    # replace: every field the write does not give is cleared (setNull, set []).
+    replaced = client.files.update(
+        FileMetadataWrite(name="a.png", external_id="a", directory="/yard", asset_ids=[9]),
+        mode="replace",
+    )
+    assert (replaced.directory, replaced.asset_ids, replaced.source) == ("/yard", [9], None)
+    assert (replaced.labels, replaced.security_categories, replaced.metadata) == (None, None, {})
+    # setNull on a PNG's type leaves it the type of its bytes.
+    assert (replaced.mime_type, replaced.uploaded) == ("image/png", True)
+    assert client.files.retrieve(id=created.id) == replaced
+
+
+def test_every_file_filter_and_partitioned_listing(project: Project) -> None:
+    client = project.client()
+    route = f"/api/v1/projects/{project.name}/files/list"
+    ids: dict[str, int] = {}
+    for index, (name, metadata, asset_ids, data_set_id, labels) in enumerate(
+        (
+            ("gate.png", {"site": "north", "shift": "day", 'q"ü.x': "ü"}, [1, 2], 7, ["pump"]),
+            ("gate.png", {"site": "north"}, [3], 2**53 - 1, ["pump", "valve"]),
+            ("yard.png", {"site": "south"}, None, None, ["valve"]),
+        )
+    ):
+        ids[f"f{index}"] = client.files.upload_bytes(
+            png_bytes(seed=index),
+            name=name,
+            external_id=f"f{index}",
+            metadata=metadata,
+            asset_ids=asset_ids,
+            data_set_id=data_set_id,
+            labels=[Label(label) for label in labels],
+        ).id
+    for index in range(3, 12):
+        ids[f"f{index}"] = client.files.upload_bytes(
+            png_bytes(seed=index), name="more.png", external_id=f"f{index}"
+        ).id
+
+    def listed(**filters: Any) -> list[str]:
+        return sorted(str(f.external_id) for f in client.files.list(limit=-1, **filters))
+
+    assert listed(name="gate.png") == ["f0", "f1"]
+    assert listed(metadata={"site": "north"}) == ["f0", "f1"]
+    assert listed(metadata={"site": "north", "shift": "day"}) == ["f0"]
+    # Any key: quotes, dots and escaped characters in it name no JSON path.
+    assert listed(metadata={'q"ü.x': "ü"}) == ["f0"]
+    assert listed(asset_ids=[2, 3]) == ["f0", "f1"]
+    assert listed(asset_ids=[4]) == []
+    # Ids past 32 bits, as Cognite's are.
+    assert listed(data_set_ids=[2**53 - 1]) == ["f1"]
+    assert listed(data_set_ids=[7, 8]) == ["f0"]
+    assert listed(labels=LabelFilter(contains_any=["valve"])) == ["f1", "f2"]
+    assert listed(labels=LabelFilter(contains_all=["pump", "valve"])) == ["f1"]
+    assert listed(name="gate.png", labels=LabelFilter(contains_any=["valve"])) == ["f1"]
+    both = FileMetadataFilter(metadata={"site": "north"}, asset_ids=[1])
+    assert client.files.aggregate_count(filter=both) == 1
+
+    # Each partition a disjoint slice; together, the whole listing.
+    slices = [
+        [item["id"] for item in client.post(route, json={"partition": f"{m}/3"}).json()["items"]]
+        for m in (1, 2, 3)
+    ]
+    assert sorted(id_ for part in slices for id_ in part) == sorted(ids.values())
+    assert all(part for part in slices)
+    # The SDK's parallel listing, each partition paged by its cursor.
+    client.get_async_client().files._LIST_LIMIT = 2
+    parallel = client.files.list(limit=-1, partitions=4)
+    assert sorted(f.id for f in parallel) == sorted(ids.values())
+    assert sorted(f.id for f in client.files.list(limit=-1, partitions=2, name="more.png")) == [
+        ids[f"f{index}"] for index in range(3, 12)
+    ]
+    client.get_async_client().files._LIST_LIMIT = 1000
+    for bad in ("0/3", "4/3", "1/0", "1/101", "a/b"):
+        with pytest.raises(CogniteAPIError) as refused:
+            client.post(route, json={"partition": bad})
+        assert refused.value.code == 400 and refused.value.message.startswith("partition: ")
+
+
+def test_a_refused_upload_leaves_a_file_without_content_that_overwrite_replaces(
+    project: Project,
+) -> None:
+    """What Cognite keeps too: the metadata, not uploaded, whose externalId
+    a retry takes with overwrite."""
+    client = project.client()
+    for external_id, content, code in (
+        ("not-an-image", b"not an image", 415),
+        ("too-large", b"\x89PNG" + bytes(MAX_UPLOAD_BYTES), 413),
+    ):
+        with pytest.raises(CogniteFileUploadError) as refused:
+            client.files.upload_bytes(content, name="x.png", external_id=external_id)
+        assert refused.value.code == code
+        kept = client.files.retrieve(external_id=external_id)
+        assert kept is not None and kept.uploaded is False
+        with pytest.raises(CogniteDuplicatedError):
+            client.files.upload_bytes(png_bytes(), name="x.png", external_id=external_id)
+        retried = client.files.upload_bytes(
+            png_bytes(seed=3), name="y.png", external_id=external_id, overwrite=True
+        )
+        assert retried.id == kept.id
+        assert client.files.download_bytes(external_id=external_id) == png_bytes(seed=3)
+        after = client.files.retrieve(id=kept.id)
+        assert after is not None and (after.uploaded, after.name) == (True, "y.png")
+    assert client.files.aggregate_count() == 2
+    assert client.files.list(uploaded=False, limit=-1) == []
 
 
 def test_compressed_bodies_too_large_before_or_after_inflating(project: Project) -> None:
