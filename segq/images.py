@@ -48,6 +48,8 @@ from __future__ import annotations
 import io
 import warnings
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,7 +141,7 @@ def check_image(data: bytes, *, max_pixels: int, max_decode_bytes: int) -> Check
     TooCostlyToDecode when the check would cost more than
     ``max_decode_bytes`` (``check_cost``, from the header)."""
     image_format = sniff(data)
-    try:
+    with _refused_as_unreadable(image_format):
         if image_format is JPEG:
             layout: _JpegLayout | _PngLayout = _jpeg_layout(data)
         else:
@@ -155,14 +157,6 @@ def check_image(data: bytes, *, max_pixels: int, max_decode_bytes: int) -> Check
                 _check_png_data(data, layout)
                 image.info.update(layout.metadata(data))
             orientation = _orientation(image, loaded=False)
-    except (ImageRefused, MemoryError):
-        raise
-    except Image.DecompressionBombError:
-        raise TooManyPixels("image is too large to decode") from None
-    except Exception as exc:  # Pillow and simplejpeg raise many types for broken files
-        raise UnreadableImage(
-            f"file is not a readable {image_format.pil_format} image ({exc})"
-        ) from None
     if orientation in _TRANSPOSING_ORIENTATIONS:
         width, height = height, width
     return CheckedImage(image_format, width, height)
@@ -190,7 +184,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
     decompression bomb is refused without being inflated, and the decode
     that follows costs at most ``max_pixels`` pixels' work."""
     image_format = sniff(data)
-    try:
+    with _refused_as_unreadable(image_format):
         png_layout = _png_layout(data) if image_format is PNG else None
         with _opened(data, image_format) as image:
             _bounded_size(image, max_pixels)
@@ -200,16 +194,6 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
                 # The same refusals as check_image's, for the same reasons.
                 _check_png_data(data, png_layout)
                 pixels, orientation = _decode_png(data)
-    except (ImageRefused, MemoryError):
-        raise
-    except Image.DecompressionBombError:
-        # Pillow's own guard only fires far above any sensible limit; the
-        # client hears the same as from segq's.
-        raise TooManyPixels("image is too large to decode") from None
-    except Exception as exc:  # Pillow and simplejpeg raise many types for broken files
-        raise UnreadableImage(
-            f"file is not a readable {image_format.pil_format} image ({exc})"
-        ) from None
     return DecodedImage(image_format, _displayed(pixels, orientation))
 
 
@@ -521,6 +505,24 @@ def _check_png_data(data: bytes, layout: _PngLayout) -> None:
         take(piece)
     if produced < needed:
         raise ValueError("PNG pixel data is cut short")
+
+
+@contextmanager
+def _refused_as_unreadable(image_format: ImageFormat) -> Iterator[None]:
+    """Pillow's and simplejpeg's many exceptions for a broken file, as
+    UnreadableImage; segq's own refusals pass as they are."""
+    try:
+        yield
+    except (ImageRefused, MemoryError):
+        raise
+    except Image.DecompressionBombError:
+        # Pillow's own guard only fires far above any sensible limit; the
+        # client hears the same as from segq's.
+        raise TooManyPixels("image is too large to decode") from None
+    except Exception as exc:  # Pillow and simplejpeg raise many types for broken files
+        raise UnreadableImage(
+            f"file is not a readable {image_format.pil_format} image ({exc})"
+        ) from None
 
 
 def _opened(data: bytes, image_format: ImageFormat) -> Image.Image:
