@@ -49,6 +49,8 @@ HEALTHZ_EVERY_SECONDS = 0.1
 #: The slowest /healthz allowed beside the streams: the old re-rendering took
 #: it to 2 to 6 s.
 SLOWEST_HEALTHZ_SECONDS = 1.0
+#: The most the job's own API CPU (uploads left out) may grow with the streams.
+STREAMED_JOB_CPU_RATIO = 4.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SERVE = [sys.executable, "-m", "segq.cli.main", "serve"]
 
@@ -319,6 +321,16 @@ def test_streams_cost_per_event_and_leave_the_api_responsive(
     assert len(streams.ended) == STREAMS
     assert set(streams.last_id.values()) == {EVENTS}
     assert streamed.cpu <= 2 * alone.cpu
+    # The job's own CPU, its uploads left out: with the uploads in the
+    # baseline, streams re-rendered on every wake still came to 1.72x and
+    # passed the line above (without uploads: 0.69 s alone, 6.62 s with
+    # streams). Per-event streams measure 2.3x-2.6x here (e.g. 0.71 s, 1.62 s),
+    # most of it the 200 connections' one app run each; the issue's 2x is
+    # not met. The bound leaves room for a loaded machine's noise on a
+    # baseline of under a second and still fails the 9.6x of re-rendering.
+    assert streamed.cpu - streamed.uploads_cpu <= (
+        STREAMED_JOB_CPU_RATIO * (alone.cpu - alone.uploads_cpu)
+    )
     # Under 100 ms, or (on a machine so loaded that the job alone was not)
     # no slower than with no stream, read at the 95th percentile: the
     # slowest single answer on a loaded 2-core machine is the scheduler's,
