@@ -6,9 +6,9 @@ from typing import Any
 
 from flask import Blueprint, g, request
 
-from api.context import db, services
-from api.errors import ApiError
-from api.parking import RESUMED_ENVIRON_KEY
+from segq.api.context import db, services
+from segq.api.errors import ApiError
+from segq.api.parking import RESUMED_ENVIRON_KEY
 from segq.projects import hash_api_key
 
 

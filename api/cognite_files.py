@@ -28,10 +28,10 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError, FieldPath
-from api.images import inspect_image
-from api.public_links import public_link
-from api.schemas import (
+from segq.api.errors import ApiError, FieldPath
+from segq.api.images import inspect_image
+from segq.api.public_links import public_link
+from segq.api.schemas import (
     DESCRIPTIVE_FILE_FIELDS,
     DESCRIPTIVE_LIST_ADAPTERS,
     STORED_METADATA,
@@ -45,7 +45,7 @@ from api.schemas import (
     partition_of,
     validation_refusal,
 )
-from api.signed_tokens import SignedTokens
+from segq.api.signed_tokens import SignedTokens
 from segq.clock import now_ms
 from segq.file_objects import new_file_key, part_key
 from segq.models import StoredFile

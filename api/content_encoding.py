@@ -14,7 +14,7 @@ from typing import Any
 
 from werkzeug.exceptions import BadRequest
 
-from api.errors import ApiError
+from segq.api.errors import ApiError
 
 #: zlib's wbits for each accepted coding: gzip's header and trailer; HTTP's
 #: deflate is the zlib format (RFC 9110), with raw deflate as some clients send it.

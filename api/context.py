@@ -6,7 +6,7 @@ from __future__ import annotations
 from flask import current_app, g
 from sqlalchemy.orm import Session
 
-from api.services import Services
+from segq.api.service_container import Services
 from segq.models import Project
 
 

@@ -11,7 +11,7 @@ from flask import Flask, Response, current_app, jsonify, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
-from api.errors import ApiError
+from segq.api.errors import ApiError
 from segq.images import TooManyPixels, UnreadableImage
 from segq.storage import StorageError
 

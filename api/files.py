@@ -12,9 +12,9 @@ from sqlalchemy.exc import IntegrityError
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from api.answers import json_answer
-from api.auth import protect_project_routes
-from api.cognite_files import (
+from segq.api.answers import json_answer
+from segq.api.auth import protect_project_routes
+from segq.api.cognite_files import (
     UploadLinks,
     apply_changes,
     commit_or_conflict,
@@ -29,17 +29,17 @@ from api.cognite_files import (
     receive_upload,
     search_files,
 )
-from api.cognite_files import (
+from segq.api.cognite_files import (
     list_files as list_file_page,
 )
-from api.context import current_project, db, services
-from api.errors import ApiError
-from api.images import inspect_image
-from api.json_body import read_json_object
-from api.openapi import documented
-from api.public_links import public_link
-from api.request_integers import request_integer
-from api.schemas import (
+from segq.api.context import current_project, db, services
+from segq.api.errors import ApiError
+from segq.api.images import inspect_image
+from segq.api.json_body import read_json_object
+from segq.api.openapi import documented
+from segq.api.public_links import public_link
+from segq.api.request_integers import request_integer
+from segq.api.schemas import (
     CONTROL_CHARACTERS,
     MAX_EXTERNAL_ID_LENGTH,
     Count,
@@ -73,10 +73,10 @@ from api.schemas import (
     list_limit,
     parse,
 )
-from api.schemas import (
+from segq.api.schemas import (
     UploadLinks as UploadLinksAnswer,
 )
-from api.stored_files import discard_objects, store_image
+from segq.api.stored_files import discard_objects, store_image
 from segq.deletion import delete_files as delete_stored_files
 from segq.file_objects import discard_file_objects, discard_upload_parts, kept_keys
 from segq.models import StoredFile

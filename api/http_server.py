@@ -57,9 +57,9 @@ from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 from waitress.utilities import Error, RequestEntityTooLarge, ServerNotImplemented
 
-from api import create_app, max_request_bytes
-from api.parking import DRAINING_ENVIRON_KEY, ParkingChannel, ParkingTask
-from api.response_policies import DATA_POLICY, NOSNIFF
+from segq.api.app import create_app, max_request_bytes
+from segq.api.parking import DRAINING_ENVIRON_KEY, ParkingChannel, ParkingTask
+from segq.api.response_policies import DATA_POLICY, NOSNIFF
 from segq.logs import configure_logging
 from segq.settings import Settings
 

@@ -12,12 +12,12 @@ from urllib.parse import unquote, unquote_to_bytes
 
 from sqlalchemy.orm import Session
 
-from api.cognite_files import identifier_body, lookup_files
-from api.errors import ApiError, FieldPath
-from api.images import ImageInfo, inspect_image
-from api.schemas import FileIdentifier, FileReference
-from api.services import Services
-from api.stored_files import discard_objects, store_image
+from segq.api.cognite_files import identifier_body, lookup_files
+from segq.api.errors import ApiError, FieldPath
+from segq.api.images import ImageInfo, inspect_image
+from segq.api.schemas import FileIdentifier, FileReference
+from segq.api.service_container import Services
+from segq.api.stored_files import discard_objects, store_image
 from segq.models import StoredFile
 from segq.url_guard import UrlRefused, check_url
 

@@ -2,7 +2,7 @@
 ETag, and the pages of its items.
 
 The body is what validating the whole job against JobResponse and
-serializing it would write, byte for byte (tests/test_job_answers.py
+serializing it would write, byte for byte (tests/api/test_job_answers.py
 checks both ways for every output kind and job state), but only the job's
 own fields (a few, bounded by the prompt's limits) go through the model;
 each item's result was rendered once, when it completed (segq/job_text.py).
@@ -25,9 +25,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.request_integers import request_integer
-from api.schemas import MAX_LIST_LIMIT, JobResponse, cursor_after, encode_cursor
-from api.signed_links import SigningWindow
+from segq.api.request_integers import request_integer
+from segq.api.schemas import MAX_LIST_LIMIT, JobResponse, cursor_after, encode_cursor
+from segq.api.signed_links import SigningWindow
 from segq.job_document import job_state, shown_options, shown_prompt
 from segq.job_text import (
     Linker,

@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.errors import ApiError
-from api.job_service import items_of
-from api.job_waiting import FINISHED_ITEM_STATUSES, JobChangeFeed, JobProgress
-from api.parking import Parked
+from segq.api.errors import ApiError
+from segq.api.job_service import items_of
+from segq.api.job_waiting import FINISHED_ITEM_STATUSES, JobChangeFeed, JobProgress
+from segq.api.parking import Parked
 from segq.job_document import render_item_event, render_job
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 from segq.webhook_events import (

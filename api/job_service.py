@@ -16,9 +16,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError, FieldPath, field_name
-from api.item_sources import item_reference, resolve_sources
-from api.schemas import (
+from segq.api.errors import ApiError, FieldPath, field_name
+from segq.api.item_sources import item_reference, resolve_sources
+from segq.api.schemas import (
     DEFAULT_OUTPUTS,
     MAX_IDEMPOTENCY_KEY_LENGTH,
     SUPPORTED_OUTPUTS,
@@ -30,8 +30,8 @@ from api.schemas import (
     Webhook,
     checked_text,
 )
-from api.services import Services
-from api.stored_files import discard_objects
+from segq.api.service_container import Services
+from segq.api.stored_files import discard_objects
 from segq.clock import now_ms
 from segq.fault_points import API_AFTER_COMMIT, die_if_armed
 from segq.models import ItemStatus, Job, JobItem, JobStatus

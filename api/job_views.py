@@ -11,14 +11,14 @@ from typing import Any
 from flask import Blueprint, Response, render_template, request, url_for
 from sqlalchemy import select
 
-from api.answers import json_document
-from api.context import db, services
-from api.errors import ApiError
-from api.job_service import items_of, owned_job
-from api.openapi import documented
-from api.public_links import public_link
-from api.schemas import JobView, ViewQuery
-from api.view_links import ViewGrant, ViewLinks
+from segq.api.answers import json_document
+from segq.api.context import db, services
+from segq.api.errors import ApiError
+from segq.api.job_service import items_of, owned_job
+from segq.api.openapi import documented
+from segq.api.public_links import public_link
+from segq.api.schemas import JobView, ViewQuery
+from segq.api.view_links import ViewGrant, ViewLinks
 from segq.clock import now_ms
 from segq.job_document import (
     MaskLinker,

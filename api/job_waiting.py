@@ -30,7 +30,7 @@ import redis
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.context import services
+from segq.api.context import services
 from segq.job_changes import JOB_CHANGES_CHANNEL
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 

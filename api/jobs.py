@@ -10,38 +10,38 @@ from flask import Blueprint, Response, request, url_for
 from sqlalchemy import exists, func, select
 from werkzeug.http import http_date, quote_etag
 
-from api.answers import json_answer, json_document
-from api.auth import protect_project_routes
-from api.context import close_db, current_project, db, services
-from api.errors import ApiError
-from api.job_answers import (
+from segq.api.answers import json_answer, json_document
+from segq.api.auth import protect_project_routes
+from segq.api.context import close_db, current_project, db, services
+from segq.api.errors import ApiError
+from segq.api.job_answers import (
     ItemsPage,
     ItemTally,
     entity_tag,
     last_modified_time,
     render_job_answer,
 )
-from api.job_event_stream import (
+from segq.api.job_event_stream import (
     KEEPALIVE_FRAME,
     KEEPALIVE_SECONDS,
     KEEPALIVES_PER_RUN,
     RETRY_FRAME,
     last_event_id,
 )
-from api.job_service import cancel_job as cancel_job_of_project
-from api.job_service import create_segmentation_job, owned_job
-from api.job_views import view_links
-from api.job_waiting import (
+from segq.api.job_service import cancel_job as cancel_job_of_project
+from segq.api.job_service import create_segmentation_job, owned_job
+from segq.api.job_views import view_links
+from segq.api.job_waiting import (
     Wait,
     progress_of,
     requested_wait_seconds,
     wait_in_thread_until_finished,
 )
-from api.json_body import max_job_body_bytes, read_json_object
-from api.openapi import documented
-from api.parking import RESUMED_ENVIRON_KEY, Parking, park, server_draining
-from api.request_integers import request_integer
-from api.schemas import (
+from segq.api.json_body import max_job_body_bytes, read_json_object
+from segq.api.openapi import documented
+from segq.api.parking import RESUMED_ENVIRON_KEY, Parking, park, server_draining
+from segq.api.request_integers import request_integer
+from segq.api.schemas import (
     EventStreamHeaders,
     JobCreatedResponse,
     JobCreationHeaders,

@@ -8,8 +8,8 @@ from typing import Any
 
 from flask import request
 
-from api.errors import ApiError
-from api.stored_text import check_json_text
+from segq.api.errors import ApiError
+from segq.api.stored_text import check_json_text
 
 #: A 1,000-item job is about 50 KB; anything near this bound is not a job.
 MAX_JSON_BODY_BYTES = 2 * 1024 * 1024

@@ -24,8 +24,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from werkzeug.routing import Rule
 
-from api.peers.error_documents import LivepeerError, ReplicateProblem
-from api.schemas import ErrorResponse
+from segq.api.peers.error_documents import LivepeerError, ReplicateProblem
+from segq.api.schemas import ErrorResponse
 
 ViewT = TypeVar("ViewT", bound=Callable[..., Any])
 

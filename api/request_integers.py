@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from werkzeug.exceptions import BadRequest
 from werkzeug.routing import BaseConverter
 
-from api.errors import ApiError
+from segq.api.errors import ApiError
 
 #: The largest value of a signed 64-bit column (every id and time in segq).
 MAX_INT64 = 2**63 - 1

@@ -21,9 +21,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from api.errors import ApiError, FieldPath
-from api.request_integers import ascii_integer, request_integer
-from api.stored_text import check_stored_text
+from segq.api.errors import ApiError, FieldPath
+from segq.api.request_integers import ascii_integer, request_integer
+from segq.api.stored_text import check_stored_text
 from segq.coordinates import NORMALIZED_HINT
 from segq.models import DeliveryStatus, ItemStatus, JobStatus
 from segq.webhook_events import EVENT_TYPES, SHORT_NAMES

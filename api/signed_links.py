@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache
 
-from api.public_links import public_link
+from segq.api.public_links import public_link
 from segq.clock import now_ms
 from segq.storage import ObjectStorage
 

@@ -7,7 +7,7 @@ import logging
 
 from sqlalchemy.orm import Session
 
-from api.images import ImageInfo
+from segq.api.images import ImageInfo
 from segq.clock import now_ms
 from segq.file_objects import new_file_key
 from segq.models import StoredFile

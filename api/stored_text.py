@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from api.errors import ApiError
+from segq.api.errors import ApiError
 
 UNSTORABLE_CHARACTER = re.compile("[\x00\ud800-\udfff]")
 

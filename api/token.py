@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request
 
-from api.answers import json_answer
-from api.context import db, services
-from api.errors import ApiError
-from api.openapi import documented
-from api.schemas import ProjectScope, TokenInspection
+from segq.api.answers import json_answer
+from segq.api.context import db, services
+from segq.api.errors import ApiError
+from segq.api.openapi import documented
+from segq.api.schemas import ProjectScope, TokenInspection
 
 token = Blueprint("token", __name__, url_prefix="/api/v1/token")
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature
 
-from api.errors import ApiError
-from api.public_links import public_link
-from api.signed_tokens import SignedTokens
+from segq.api.errors import ApiError
+from segq.api.public_links import public_link
+from segq.api.signed_tokens import SignedTokens
 from segq.clock import now_ms
 
 _VIEW_SALT = "segq.job-view"

@@ -9,13 +9,13 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 from sqlalchemy import func, select
 
-from api.answers import json_answer
-from api.auth import protect_project_routes
-from api.context import current_project, db, services
-from api.errors import ApiError
-from api.job_service import owned_job
-from api.openapi import documented
-from api.schemas import (
+from segq.api.answers import json_answer
+from segq.api.auth import protect_project_routes
+from segq.api.context import current_project, db, services
+from segq.api.errors import ApiError
+from segq.api.job_service import owned_job
+from segq.api.openapi import documented
+from segq.api.schemas import (
     PageQuery,
     WebhookAttemptRecord,
     WebhookDeliveryList,

@@ -22,8 +22,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from segq.images import decode_image  # noqa: E402
-from worker.engines.base import Prompt  # noqa: E402
-from worker.engines.grabcut import GrabCutEngine  # noqa: E402
+from segq.worker.engines.base import Prompt  # noqa: E402
+from segq.worker.engines.grabcut import GrabCutEngine  # noqa: E402
 
 
 def photograph_like(width: int, height: int) -> np.ndarray:

@@ -42,15 +42,15 @@ if str(REPO_ROOT) not in sys.path:
 from segment_anything.modeling import Sam  # noqa: E402
 
 from segq.storage import LocalStorage  # noqa: E402
-from worker.engines.base import Prompt, SegmentationEngine, segment_prompts  # noqa: E402
-from worker.engines.embedding_cache import (  # noqa: E402
+from segq.worker.engines.base import Prompt, SegmentationEngine, segment_prompts  # noqa: E402
+from segq.worker.engines.embedding_cache import (  # noqa: E402
     EmbeddingCache,
     checkpoint_digest,
     model_id,
 )
-from worker.engines.item_metrics import ItemMetrics, recording_item_metrics  # noqa: E402
-from worker.engines.sam import SamEngine, load_sam  # noqa: E402
-from worker.masks import encode_png, mask_polygons, mask_rle, polygons_svg_path  # noqa: E402
+from segq.worker.engines.item_metrics import ItemMetrics, recording_item_metrics  # noqa: E402
+from segq.worker.engines.sam import SamEngine, load_sam  # noqa: E402
+from segq.worker.masks import encode_png, mask_polygons, mask_rle, polygons_svg_path  # noqa: E402
 
 MB = 1024 * 1024
 

@@ -39,11 +39,11 @@ if str(REPO_ROOT) not in sys.path:
 
 
 from segq.storage import LocalStorage  # noqa: E402
-from worker.engines.base import Prompt  # noqa: E402
-from worker.engines.embedding_cache import EmbeddingCache, checkpoint_digest, model_id  # noqa: E402
-from worker.engines.encoder_options import EncoderOptions, Precision  # noqa: E402
-from worker.engines.item_metrics import ItemMetrics, recording_item_metrics  # noqa: E402
-from worker.engines.sam2 import SAM2_CONFIGS, Sam2Engine, build_sam2_model, load_sam2  # noqa: E402
+from segq.worker.engines.base import Prompt  # noqa: E402
+from segq.worker.engines.embedding_cache import EmbeddingCache, checkpoint_digest, model_id  # noqa: E402
+from segq.worker.engines.encoder_options import EncoderOptions, Precision  # noqa: E402
+from segq.worker.engines.item_metrics import ItemMetrics, recording_item_metrics  # noqa: E402
+from segq.worker.engines.sam2 import SAM2_CONFIGS, Sam2Engine, build_sam2_model, load_sam2  # noqa: E402
 
 MB = 1024 * 1024
 

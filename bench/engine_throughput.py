@@ -45,11 +45,11 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench.stack import add_service_arguments  # noqa: E402
-from worker.engines.batch_encoding import default_batch_size  # noqa: E402
-from worker.engines.encoder_options import EncoderOptions, Precision  # noqa: E402
-from worker.engines.precision import resolve_precision  # noqa: E402
-from worker.engines.sam import SAM_ARCHITECTURES, load_sam, resolve_device  # noqa: E402
-from worker.engines.sam_encoder import SamImageEncoder  # noqa: E402
+from segq.worker.engines.batch_encoding import default_batch_size  # noqa: E402
+from segq.worker.engines.encoder_options import EncoderOptions, Precision  # noqa: E402
+from segq.worker.engines.precision import resolve_precision  # noqa: E402
+from segq.worker.engines.sam import SAM_ARCHITECTURES, load_sam, resolve_device  # noqa: E402
+from segq.worker.engines.sam_encoder import SamImageEncoder  # noqa: E402
 
 
 @dataclass(frozen=True)

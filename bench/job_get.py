@@ -73,24 +73,24 @@ def main() -> None:
     from moto.server import ThreadedMotoServer
     from sqlalchemy import create_engine, text
 
-    from api import create_app
-    from api.answers import json_document
-    from api.job_service import items_of
-    from api.job_views import view_links
-    from api.public_links import public_link
-    from api.schemas import JobResponse
     from bench.stack import free_port
+    from segq.api.answers import json_document
+    from segq.api.app import create_app
+    from segq.api.job_service import items_of
+    from segq.api.job_views import view_links
+    from segq.api.public_links import public_link
+    from segq.api.schemas import JobResponse
     from segq.clock import now_ms
     from segq.db import make_engine, make_session_factory
     from segq.job_document import render_job
-    from segq.migrations import upgrade_to_head
     from segq.models import Job, JobItem
     from segq.projects import create_project
+    from segq.schema_migrations import upgrade_to_head
     from segq.settings import Settings
     from segq.storage import S3Storage
-    from worker.claims import claim_item, finish_item
-    from worker.engines.base import Candidate
-    from worker.results import encode_result
+    from segq.worker.claims import claim_item, finish_item
+    from segq.worker.engines.base import Candidate
+    from segq.worker.results import encode_result
 
     # moto's server logs each request it serves.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)

@@ -36,8 +36,8 @@ if str(REPO_ROOT) not in sys.path:
     # Run as a script, only bench/ is on the path; the engine lives in the repo.
     sys.path.insert(0, str(REPO_ROOT))
 
-from worker.engines.base import Prompt  # noqa: E402
-from worker.engines.grabcut import DEFAULT_MAX_SIDE, GrabCutEngine  # noqa: E402
+from segq.worker.engines.base import Prompt  # noqa: E402
+from segq.worker.engines.grabcut import DEFAULT_MAX_SIDE, GrabCutEngine  # noqa: E402
 
 DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "datasets" / "coco-val2017-panoptic100"
 MIN_OBJECT_AREA = 32 * 32

@@ -25,8 +25,8 @@ from sqlalchemy import create_engine, text
 
 from segq.cli.demo import wait_ready
 from segq.db import make_engine, make_session_factory
-from segq.migrations import upgrade_to_head
 from segq.projects import create_project
+from segq.schema_migrations import upgrade_to_head
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

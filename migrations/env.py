@@ -1,5 +1,5 @@
 """Alembic environment: migrates SEGQ_DATABASE_URL (or a connection handed in
-by segq.migrations) to the models in segq.models."""
+by segq.schema_migrations) to the models in segq.models."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ So an item's result is rendered to text once, when it completes (the
 worker stores it beside the result), and GET splices the stored texts. The
 text is exactly what the models would write (the same keys in the same
 order, floats where they take floats, Flask's compact ASCII JSON), which
-tests/test_job_text.py checks against the models for every output kind.
+tests/core/test_job_text.py checks against the models for every output kind.
 
 Pre-signed URLs expire, so they are never stored: where a mask or logits
 link goes, the text holds a hole (the storage key between two LINK_HOLE

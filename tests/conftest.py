@@ -1,6 +1,6 @@
 """Test fixtures against real services on loopback: PostgreSQL (a database of
 its own, migrated once), Redis (as the Celery broker) and an S3 HTTP server
-(moto in server mode). What tests import by name lives in tests/harness.py."""
+(moto in server mode). What tests import by name lives in tests/support/harness.py."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import create_app
+from segq.api.app import create_app
 from segq.db import make_engine, make_session_factory
-from segq.migrations import upgrade_to_head
 from segq.models import Base
 from segq.queue import make_celery
+from segq.schema_migrations import upgrade_to_head
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.browser import CHROMIUM, BrowserSession, chromium_session
-from tests.harness import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant, serving
+from tests.support.browser import CHROMIUM, BrowserSession, chromium_session
+from tests.support.harness import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant, serving
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "SEGQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -164,7 +164,7 @@ def live_server(app: Flask) -> Iterator[str]:
 
 @pytest.fixture
 def browser() -> Iterator[BrowserSession]:
-    """Chromium for a page test (tests/browser.py). The rule of every
+    """Chromium for a page test (tests/support/browser.py). The rule of every
     browser test: the test fails if any page it opened logged a console
     error (a script error, a failed load, a Content-Security-Policy refusal)."""
     if CHROMIUM is None:

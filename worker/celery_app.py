@@ -24,7 +24,7 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutdown
 from sqlalchemy.orm import Session, sessionmaker
 
-import worker.tasks  # noqa: F401  (registers the tasks on every app)
+import segq.worker.tasks  # noqa: F401  (registers the tasks on every app)
 from segq.db import make_engine, make_session_factory
 from segq.file_objects import sweep_orphaned_file_objects
 from segq.logs import configure_logging
@@ -37,14 +37,14 @@ from segq.queue import (
 )
 from segq.settings import Settings
 from segq.storage import ObjectStorage, open_storage
-from worker.engines.embedding_cache import sweep_expired_embeddings
-from worker.heartbeat import record_start_failure
-from worker.metrics import RECONCILER_ACTIONS, RETENTION_DELETED, serve_metrics
-from worker.periodic import PeriodicPass
-from worker.reconciler import Pass, reconcile
-from worker.retention import Sweep, sweep_expired
-from worker.runtime import attach_runtime, build_runtime, runtime_of
-from worker.webhook_delivery import dispatch_due
+from segq.worker.engines.embedding_cache import sweep_expired_embeddings
+from segq.worker.heartbeat import record_start_failure
+from segq.worker.metrics import RECONCILER_ACTIONS, RETENTION_DELETED, serve_metrics
+from segq.worker.periodic import PeriodicPass
+from segq.worker.reconciler import Pass, reconcile
+from segq.worker.retention import Sweep, sweep_expired
+from segq.worker.runtime import attach_runtime, build_runtime, runtime_of
+from segq.worker.webhook_delivery import dispatch_due
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from segq.images import ImageRefused, decode_image
 from segq.mask_logits import LogitsUnreadable, decode_logits
 from segq.storage import ObjectNotFound, ObjectStorage
 from segq.url_guard import FetchFailed, FetchPolicy, UrlRefused, fetch
-from worker.claims import Claim
-from worker.engines.base import EverythingOptions, Prompt
+from segq.worker.claims import Claim
+from segq.worker.engines.base import EverythingOptions, Prompt
 
 
 class ItemFailure(Exception):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from worker.claims import Claim, renew_lease
+from segq.worker.claims import Claim, renew_lease
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.db import once_more_if_disconnected
 from segq.storage import ObjectStorage, StorageError, StorageUnreachable
-from worker.claims import (
+from segq.worker.claims import (
     Claim,
     claim_item,
     claim_next_item,
@@ -31,8 +31,8 @@ from worker.claims import (
     queued_company,
     release_item,
 )
-from worker.dependency_breaker import DependencyBreaker
-from worker.engines.base import (
+from segq.worker.dependency_breaker import DependencyBreaker
+from segq.worker.engines.base import (
     Candidate,
     EverythingUnsupported,
     ImageBatchEngine,
@@ -41,17 +41,17 @@ from worker.engines.base import (
     segment_everything,
     segment_prompts,
 )
-from worker.engines.item_metrics import recording_item_metrics
-from worker.item_inputs import (
+from segq.worker.engines.item_metrics import recording_item_metrics
+from segq.worker.item_inputs import (
     ImageLimits,
     ItemFailure,
     everything_options,
     item_prompts,
     load_image,
 )
-from worker.lease_keeper import lease_kept
-from worker.metrics import STORAGE_ERRORS
-from worker.results import (
+from segq.worker.lease_keeper import lease_kept
+from segq.worker.metrics import STORAGE_ERRORS
+from segq.worker.results import (
     discard_objects,
     discard_objects_of_earlier_attempts,
     encode_result,

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.clock import now_ms
 from segq.models import ItemStatus, Job, JobItem, JobStatus
-from worker.claims import fail_abandoned_item
+from segq.worker.claims import fail_abandoned_item
 
 log = logging.getLogger(__name__)
 

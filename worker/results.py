@@ -11,10 +11,10 @@ from typing import Any
 from segq.images import PNG
 from segq.mask_logits import NPY_MEDIA_TYPE, encode_logits
 from segq.storage import ObjectStorage, StorageError
-from worker.claims import Claim
-from worker.engines.base import Candidate
-from worker.item_inputs import ItemFailure
-from worker.masks import (
+from segq.worker.claims import Claim
+from segq.worker.engines.base import Candidate
+from segq.worker.item_inputs import ItemFailure
+from segq.worker.masks import (
     encode_png,
     mask_area,
     mask_bounding_box,
@@ -22,7 +22,7 @@ from worker.masks import (
     mask_rle,
     polygons_svg_path,
 )
-from worker.metrics import ENCODE_STORE_SECONDS
+from segq.worker.metrics import ENCODE_STORE_SECONDS
 
 log = logging.getLogger(__name__)
 

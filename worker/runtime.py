@@ -19,14 +19,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from segq.job_changes import JobChangeAnnouncer, SilentJobChangeAnnouncer, make_announcer
 from segq.settings import DEFAULT_DEPENDENCY_OUTAGE_SECONDS, Settings
 from segq.storage import ObjectStorage, open_storage
-from worker.dependency_breaker import DependencyBreaker
-from worker.engines import load_engine, resolve_engine
-from worker.engines.base import SegmentationEngine
-from worker.engines.embedding_cache import EmbeddingCache
-from worker.engines.encoder_options import EncoderOptions, Precision
-from worker.heartbeat import WorkerHeartbeat
-from worker.item_inputs import ImageLimits
-from worker.webhook_delivery import DeliveryRules
+from segq.worker.dependency_breaker import DependencyBreaker
+from segq.worker.engines import load_engine, resolve_engine
+from segq.worker.engines.base import SegmentationEngine
+from segq.worker.engines.embedding_cache import EmbeddingCache
+from segq.worker.engines.encoder_options import EncoderOptions, Precision
+from segq.worker.heartbeat import WorkerHeartbeat
+from segq.worker.item_inputs import ImageLimits
+from segq.worker.webhook_delivery import DeliveryRules
 
 log = logging.getLogger(__name__)
 

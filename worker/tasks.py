@@ -15,11 +15,11 @@ from segq.clock import now_ms
 from segq.db import database_unreachable
 from segq.logs import log_context
 from segq.queue import DELIVER_WEBHOOK_TASK, SEGMENT_ITEM_TASK
-from worker.claims import Claim, fail_waiting_item
-from worker.metrics import ITEMS, WEBHOOK_ATTEMPTS, observe_item
-from worker.pipeline import ItemOutcome, StorageUnavailable, process_item, storage_retry_delay
-from worker.runtime import SegmentRuntime, delivery_runtime_of, segment_runtime_of
-from worker.webhook_delivery import deliver
+from segq.worker.claims import Claim, fail_waiting_item
+from segq.worker.metrics import ITEMS, WEBHOOK_ATTEMPTS, observe_item
+from segq.worker.pipeline import ItemOutcome, StorageUnavailable, process_item, storage_retry_delay
+from segq.worker.runtime import SegmentRuntime, delivery_runtime_of, segment_runtime_of
+from segq.worker.webhook_delivery import deliver
 
 #: The longest a task holds its message while storage is down before it
 #: sends the message again and takes the next one: well inside any item

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from api.errors import ApiError, FieldPath
+from segq.api.errors import ApiError, FieldPath
 
 
 class CallerFields:

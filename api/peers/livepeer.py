@@ -24,19 +24,19 @@ from flask import Response, jsonify, request
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from api.context import services
-from api.errors import ApiError
-from api.images import inspect_image
-from api.openapi import documented
-from api.peers.caller_fields import CallerFields
-from api.peers.peer_blueprint import PeerBlueprint
-from api.peers.synchronous_jobs import (
+from segq.api.context import services
+from segq.api.errors import ApiError
+from segq.api.images import inspect_image
+from segq.api.openapi import documented
+from segq.api.peers.caller_fields import CallerFields
+from segq.api.peers.peer_blueprint import PeerBlueprint
+from segq.api.peers.synchronous_jobs import (
     project_for_key,
     run_to_completion,
     stored_logits,
     stored_mask,
 )
-from api.schemas import SegmentRequest, parse
+from segq.api.schemas import SegmentRequest, parse
 from segq.engine_catalogue import EngineFamily, engine_family
 from segq.images import TooManyPixels, UnreadableImage
 from segq.mask_logits import encode_logits

@@ -20,14 +20,14 @@ from typing import Any
 
 from flask import Response, jsonify, request
 
-from api.context import services
-from api.errors import ApiError, FieldPath
-from api.json_body import max_job_body_bytes, read_json_object
-from api.openapi import documented
-from api.peers.caller_fields import CallerFields
-from api.peers.peer_blueprint import PeerBlueprint
-from api.peers.synchronous_jobs import FinishedItem, project_for_key, run_to_completion
-from api.schemas import SegmentRequest, parse
+from segq.api.context import services
+from segq.api.errors import ApiError, FieldPath
+from segq.api.json_body import max_job_body_bytes, read_json_object
+from segq.api.openapi import documented
+from segq.api.peers.caller_fields import CallerFields
+from segq.api.peers.peer_blueprint import PeerBlueprint
+from segq.api.peers.synchronous_jobs import FinishedItem, project_for_key, run_to_completion
+from segq.api.schemas import SegmentRequest, parse
 
 moondream = PeerBlueprint("moondream", __name__, url_prefix="/v1")
 

@@ -23,20 +23,20 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
-from api.context import close_db, db, services
-from api.errors import ApiError
-from api.files import MAX_FORM_PARTS
-from api.images import inspect_image
-from api.item_sources import decode_data_url
-from api.job_service import cancel_job, create_segmentation_job, items_of, owned_job
-from api.job_waiting import NoWaitingSlot, wait_until_finished
-from api.json_body import max_job_body_bytes, parse_json, read_json_object
-from api.openapi import documented
-from api.peers.caller_fields import CallerFields
-from api.peers.peer_blueprint import PeerBlueprint
-from api.public_links import public_link
-from api.request_integers import ascii_integer
-from api.schemas import (
+from segq.api.context import close_db, db, services
+from segq.api.errors import ApiError
+from segq.api.files import MAX_FORM_PARTS
+from segq.api.images import inspect_image
+from segq.api.item_sources import decode_data_url
+from segq.api.job_service import cancel_job, create_segmentation_job, items_of, owned_job
+from segq.api.job_waiting import NoWaitingSlot, wait_until_finished
+from segq.api.json_body import max_job_body_bytes, parse_json, read_json_object
+from segq.api.openapi import documented
+from segq.api.peers.caller_fields import CallerFields
+from segq.api.peers.peer_blueprint import PeerBlueprint
+from segq.api.public_links import public_link
+from segq.api.request_integers import ascii_integer
+from segq.api.schemas import (
     CONTROL_CHARACTERS,
     MAX_EXTERNAL_ID_LENGTH,
     STORED_METADATA,
@@ -46,7 +46,7 @@ from api.schemas import (
     SegmentRequest,
     Webhook,
 )
-from api.stored_files import discard_objects, store_image
+from segq.api.stored_files import discard_objects, store_image
 from segq.images import ImageRefused, TooManyPixels
 from segq.job_document import MaskLinker
 from segq.models import Job, JobItem, JobStatus, Project, StoredFile

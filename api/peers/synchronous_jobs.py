@@ -13,11 +13,11 @@ import numpy.typing as npt
 from PIL import Image
 from sqlalchemy import select
 
-from api.context import db, services
-from api.errors import ApiError
-from api.job_service import create_segmentation_job
-from api.job_waiting import NoWaitingSlot, wait_until_finished
-from api.schemas import SegmentRequest
+from segq.api.context import db, services
+from segq.api.errors import ApiError
+from segq.api.job_service import create_segmentation_job
+from segq.api.job_waiting import NoWaitingSlot, wait_until_finished
+from segq.api.schemas import SegmentRequest
 from segq.models import Job, JobItem, JobStatus, Project
 from segq.projects import hash_api_key
 

@@ -22,9 +22,9 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from segq.client import SegqClient
 from segq.db import make_engine, make_session_factory
-from segq.migrations import upgrade_to_head
 from segq.models import JobStatus, Project
 from segq.projects import add_api_key, create_project
+from segq.schema_migrations import upgrade_to_head
 from segq.settings import Settings
 
 DEMO_PROJECT = "demo"

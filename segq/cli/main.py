@@ -32,7 +32,7 @@ def main() -> None:
 )
 def serve(host: str, port: int, workers: int, threads: int, connections: int) -> None:
     """Run the HTTP API (waitress in gunicorn's processes)."""
-    from api.http_server import serve as serve_http
+    from segq.api.http_server import serve as serve_http
 
     serve_http(host=host, port=port, workers=workers, threads=threads, connections=connections)
 
@@ -69,7 +69,7 @@ def worker(concurrency: int, pool: str, loglevel: str, queues: str) -> None:
     if settings.metrics_port is not None and pool == "prefork":
         _prepare_multiprocess_metrics()
     # Imported only now: the other commands need nothing of the worker.
-    from worker.celery_app import create_worker_app, run_worker
+    from segq.worker.celery_app import create_worker_app, run_worker
 
     exit_code = run_worker(
         create_worker_app(settings),
@@ -107,7 +107,7 @@ def _prepare_multiprocess_metrics() -> None:
 def migrate() -> None:
     """Create or upgrade the database schema."""
     from segq.db import make_engine
-    from segq.migrations import upgrade_to_head
+    from segq.schema_migrations import upgrade_to_head
 
     settings = Settings.from_env()
     upgrade_to_head(make_engine(settings.database_url))
@@ -119,8 +119,8 @@ def migrate() -> None:
 def create_project_command(name: str) -> None:
     """Create project NAME and print its API key (shown only this once)."""
     from segq.db import make_engine, make_session_factory
-    from segq.migrations import upgrade_to_head
     from segq.projects import ProjectError, create_project
+    from segq.schema_migrations import upgrade_to_head
 
     settings = Settings.from_env()
     engine = make_engine(settings.database_url)
@@ -215,7 +215,7 @@ def weights_download(
     architecture: str, dest: Path | None, sha256: str | None, unverified: bool
 ) -> None:
     """Download the official checkpoint and check its hash."""
-    from worker.weights import WeightsError, download_checkpoint, engine_name, file_sha256
+    from segq.worker.weights import WeightsError, download_checkpoint, engine_name, file_sha256
 
     folder = dest or Settings.from_env().data_dir / "weights"
     try:

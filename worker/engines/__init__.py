@@ -17,11 +17,11 @@ from segq.engine_catalogue import (
     MODEL_FREE_ENGINES,
     EngineFamily,
 )
-from worker.engines.base import SegmentationEngine
-from worker.engines.encoder_options import EncoderOptions
+from segq.worker.engines.base import SegmentationEngine
+from segq.worker.engines.encoder_options import EncoderOptions
 
 if TYPE_CHECKING:
-    from worker.engines.embedding_cache import EmbeddingCache
+    from segq.worker.engines.embedding_cache import EmbeddingCache
 
 
 class EngineConfigError(ValueError):
@@ -37,7 +37,7 @@ class EngineChoice:
 def resolve_engine(model: str | None, checkpoint: str | None, weights_dir: Path) -> EngineChoice:
     """Which engine to run: SAM when a checkpoint is configured or found in
     ``weights_dir`` (where ``segq weights download`` puts it), GrabCut otherwise."""
-    from worker.weights import official_checkpoint_path
+    from segq.worker.weights import official_checkpoint_path
 
     if model is None:
         default = MODEL_ENGINES_BY_NAME[DEFAULT_MODEL_ENGINE]
@@ -77,14 +77,14 @@ def load_engine(
     ``embeddings`` under the
     checkpoint's digest."""
     if choice.name == GRABCUT:
-        from worker.engines.grabcut import GrabCutEngine
+        from segq.worker.engines.grabcut import GrabCutEngine
 
         return GrabCutEngine()
     if choice.name == "benchmark_fixed_mask":
-        from worker.engines.fixed_mask import BenchmarkFixedMaskEngine
+        from segq.worker.engines.fixed_mask import BenchmarkFixedMaskEngine
 
         return BenchmarkFixedMaskEngine()
-    from worker.engines.embedding_cache import checkpoint_digest, model_id
+    from segq.worker.engines.embedding_cache import checkpoint_digest, model_id
 
     assert choice.checkpoint is not None
     checkpoint = choice.checkpoint
@@ -98,7 +98,7 @@ def load_engine(
     # caller (tests register tiny ones); load_sam names an unknown one.
     catalogued = MODEL_ENGINES_BY_NAME.get(choice.name)
     if catalogued is not None and catalogued.family is EngineFamily.SAM2:
-        from worker.engines.sam2 import Sam2Engine, load_sam2
+        from segq.worker.engines.sam2 import Sam2Engine, load_sam2
 
         return Sam2Engine(
             load_sam2(choice.name, choice.checkpoint, device),
@@ -107,7 +107,7 @@ def load_engine(
             model_id=cache_key(),
             encoder_options=encoder_options,
         )
-    from worker.engines.sam import SamEngine, load_sam
+    from segq.worker.engines.sam import SamEngine, load_sam
 
     return SamEngine(
         load_sam(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from worker.engines.base import Candidate, Prompt
+from segq.worker.engines.base import Candidate, Prompt
 
 BENCHMARK_ENGINE_NAME = "benchmark_fixed_mask"
 

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from worker.engines.base import Candidate, Prompt, check_image
+from segq.worker.engines.base import Candidate, Prompt, check_image
 
 BoolMask = npt.NDArray[np.bool_]
 

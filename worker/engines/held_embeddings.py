@@ -17,14 +17,14 @@ from typing import Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from worker.engines.embedding_cache import (
+from segq.worker.engines.embedding_cache import (
     Embedding,
     EmbeddingCache,
     EmbeddingKey,
     EmbeddingSource,
     image_digest,
 )
-from worker.engines.item_metrics import record_embedding
+from segq.worker.engines.item_metrics import record_embedding
 
 #: One encoded image, as the engine keeps it (on its device).
 E = TypeVar("E")

@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
-from worker.engines.embedding_cache import EmbeddingSource
+from segq.worker.engines.embedding_cache import EmbeddingSource
 
 #: Costlier first: an item that needed several embeddings reports the worst.
 _COST_ORDER = (EmbeddingSource.COMPUTED, EmbeddingSource.SHARED, EmbeddingSource.LOCAL)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-from worker.engines.encoder_options import Precision
+from segq.worker.engines.encoder_options import Precision
 
 
 class PrecisionError(ValueError):

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from worker.engines.base import Candidate, EverythingOptions, Prompt
+from segq.worker.engines.base import Candidate, EverythingOptions, Prompt
 
 T = TypeVar("T")
 

@@ -16,21 +16,21 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 from segment_anything.modeling import Sam
 
-from worker.engines.base import Candidate, EverythingOptions, Prompt, check_image
-from worker.engines.embedding_cache import (
+from segq.worker.engines.base import Candidate, EverythingOptions, Prompt, check_image
+from segq.worker.engines.embedding_cache import (
     Embedding,
     EmbeddingCache,
 )
-from worker.engines.encoder_options import EncoderOptions
-from worker.engines.held_embeddings import EncodedImages, HeldEmbeddings
-from worker.engines.prompt_batching import (
+from segq.worker.engines.encoder_options import EncoderOptions
+from segq.worker.engines.held_embeddings import EncodedImages, HeldEmbeddings
+from segq.worker.engines.prompt_batching import (
     decode_groups,
     generated_candidates,
     generator_arguments,
     group_by_shape,
     present,
 )
-from worker.engines.sam_encoder import EncodedImage, SamImageEncoder
+from segq.worker.engines.sam_encoder import EncodedImage, SamImageEncoder
 
 
 class CheckpointError(RuntimeError):

@@ -32,23 +32,23 @@ from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from segq.engine_catalogue import MODEL_ENGINES, EngineFamily
-from worker.engines.base import Candidate, EverythingOptions, Prompt, check_image
-from worker.engines.batch_encoding import BatchLimit, default_batch_size, encode_in_batches
-from worker.engines.embedding_cache import (
+from segq.worker.engines.base import Candidate, EverythingOptions, Prompt, check_image
+from segq.worker.engines.batch_encoding import BatchLimit, default_batch_size, encode_in_batches
+from segq.worker.engines.embedding_cache import (
     Embedding,
     EmbeddingCache,
 )
-from worker.engines.encoder_options import EncoderOptions
-from worker.engines.held_embeddings import EncodedImages, HeldEmbeddings
-from worker.engines.precision import autocast, resolve_precision
-from worker.engines.prompt_batching import (
+from segq.worker.engines.encoder_options import EncoderOptions
+from segq.worker.engines.held_embeddings import EncodedImages, HeldEmbeddings
+from segq.worker.engines.precision import autocast, resolve_precision
+from segq.worker.engines.prompt_batching import (
     decode_groups,
     generated_candidates,
     generator_arguments,
     group_by_shape,
     present,
 )
-from worker.engines.sam import CheckpointError, read_checkpoint, resolve_device
+from segq.worker.engines.sam import CheckpointError, read_checkpoint, resolve_device
 
 #: Engine name -> the config ``sam2`` ships for that size and release (SAM 2
 #: or SAM 2.1), from segq/engine_catalogue.py.

@@ -21,9 +21,9 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from worker.engines.batch_encoding import BatchLimit, default_batch_size, encode_in_batches
-from worker.engines.encoder_options import EncoderOptions
-from worker.engines.precision import autocast, resolve_precision
+from segq.worker.engines.batch_encoding import BatchLimit, default_batch_size, encode_in_batches
+from segq.worker.engines.encoder_options import EncoderOptions
+from segq.worker.engines.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
