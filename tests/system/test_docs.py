@@ -390,7 +390,8 @@ def test_every_test_the_docs_name_exists() -> None:
 
 
 def test_every_repository_path_named_exists() -> None:
-    pattern = re.compile(rf"^(?:{'|'.join(REPOSITORY_FOLDERS)})/[\w./-]*$")
+    # A folder ends with a slash and a file has a suffix; `segq/sam` is a model's name.
+    pattern = re.compile(rf"^(?:{'|'.join(REPOSITORY_FOLDERS)})/([\w.-]+/)*([\w-]+\.\w+)?$")
     missing = []
     for page in PAGES:
         # Paths of other projects are written as links to them.
