@@ -61,11 +61,21 @@ def code_blocks(page: Path) -> list[CodeBlock]:
 
 
 def prose(page: Path) -> str:
-    """``page`` without its fenced blocks."""
-    text = page.read_text()
-    for block in code_blocks(page):
-        text = text.replace(block.text, "")
-    return text
+    """``page`` without its fenced blocks, fences included (a fence's
+    backticks would pair with an inline span's)."""
+    kept = []
+    closing = None
+    for line in page.read_text().split("\n"):
+        if closing is not None:
+            if line.startswith(closing):
+                closing = None
+            continue
+        opening = FENCE.match(line)
+        if opening is not None:
+            closing = opening["indent"] + opening["fence"]
+            continue
+        kept.append(line)
+    return "\n".join(kept)
 
 
 def inline_code(page: Path) -> list[str]:

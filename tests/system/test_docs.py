@@ -395,12 +395,14 @@ def test_every_repository_path_named_exists() -> None:
     missing = []
     for page in PAGES:
         # Paths of other projects are written as links to them.
-        spans = re.findall(r"`([^`\n]+)`", re.sub(r"\[[^\]]*\]\(https?:[^)]*\)", "", prose(page)))
+        text = re.sub(r"\[[^\]]*\]\(https?:[^)]*\)", "", prose(page))
+        # Each word of each code span (a span may hold a command, or break a line).
+        words = [word for span in re.findall(r"`([^`]+)`", text) for word in span.split()]
         for block in code_blocks(page):
             if block.language in SHELL_LANGUAGES:
-                spans += [word for words in shell_commands(block.text) for word in words]
-        for span in spans:
-            path = span.split("::")[0].rstrip(".,:;")
+                words += [word for command in shell_commands(block.text) for word in command]
+        for word in words:
+            path = word.split("::")[0].rstrip(".,:;")
             if pattern.match(path) and not (REPO / path).exists():
                 missing.append(f"{page.name}: {path}")
     assert not missing
