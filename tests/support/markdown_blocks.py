@@ -12,8 +12,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
 DOCS = REPO / "docs"
-#: Every page a reader gets: the README and each page of docs/.
-PAGES = (README, *sorted(DOCS.glob("*.md")))
+#: Every page a reader gets: the README, each page of docs/, and deploy/'s guide.
+PAGES = (README, *sorted(DOCS.glob("*.md")), REPO / "deploy/README.md")
 
 #: An HTML comment on the line before a block, invisible when rendered:
 #: ``<!-- run -->`` says a test runs the block as written.

@@ -379,12 +379,12 @@ def test_every_test_the_docs_name_exists() -> None:
         for file, function in named_tests(text):
             checked += 1
             if file not in functions:
-                missing.append(f"{page.name}: no tests/**/{file}")
+                missing.append(f"{page.relative_to(REPO)}: no tests/**/{file}")
             elif function and "…" not in function and function not in functions[file]:
-                missing.append(f"{page.name}: {file} has no {function}")
+                missing.append(f"{page.relative_to(REPO)}: {file} has no {function}")
         for function in re.findall(r"`(test_\w+)`", text):
             if function not in every_function:
-                missing.append(f"{page.name}: no test {function}")
+                missing.append(f"{page.relative_to(REPO)}: no test {function}")
     assert checked > 100
     assert not missing
 
@@ -404,5 +404,5 @@ def test_every_repository_path_named_exists() -> None:
         for word in words:
             path = word.split("::")[0].rstrip(".,:;")
             if pattern.match(path) and not (REPO / path).exists():
-                missing.append(f"{page.name}: {path}")
+                missing.append(f"{page.relative_to(REPO)}: {path}")
     assert not missing
