@@ -37,6 +37,7 @@ from segq.api.peers.synchronous_jobs import (
     stored_mask,
 )
 from segq.api.schemas import SegmentRequest, parse
+from segq.contract import LOGITS_KEY, MASK_KEY
 from segq.engine_catalogue import EngineFamily, engine_family
 from segq.images import TooManyPixels, UnreadableImage
 from segq.mask_logits import encode_logits
@@ -135,7 +136,7 @@ def segment_anything_2() -> Response:
         finished = run_to_completion(project, segment_request, inline_mask_input=mask_input)
 
     segments = finished.segments  # best score first, as Livepeer sorts them
-    logits = [stored_logits(s["logitsKey"]) for s in segments if "logitsKey" in s]
+    logits = [stored_logits(s[LOGITS_KEY]) for s in segments if LOGITS_KEY in s]
     masks: Iterable[npt.NDArray[np.float32] | npt.NDArray[np.bool_]]
     if return_logits and logits:
         stretched = engine_family(services().settings.model) is EngineFamily.SAM2
@@ -145,7 +146,7 @@ def segment_anything_2() -> Response:
             full_size_logits(low_res, width, height, stretched=stretched) for low_res in logits
         )
     else:
-        masks = [stored_mask(s["maskKey"]) for s in segments]
+        masks = [stored_mask(s[MASK_KEY]) for s in segments]
     scores = [s["score"] for s in segments]
     return Response(answer_chunks(masks, scores, logits), mimetype="application/json")
 
