@@ -31,14 +31,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from flask import Blueprint, Flask, Response
 from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.wrappers import Response
 
-from segq.api.errors import ApiError, FieldPath
-from segq.images import ImageRefused, TooManyPixels, UnreadableImage
+from segq.api.errors import ApiError
+from segq.images import TooManyPixels, UnreadableImage
 from segq.storage import StorageError
 
 log = logging.getLogger(__name__)
@@ -108,12 +108,6 @@ def refusal_of(exc: Exception) -> ApiError:
     return INTERNAL_ERROR
 
 
-def image_refusal(where: FieldPath, exc: ImageRefused) -> ApiError:
-    """The table's refusal of an image, named as the field that carried it."""
-    refused = refusal_of(exc)
-    return ApiError.about(where, refused.code, f": {refused.message}")
-
-
 @dataclass(frozen=True)
 class Envelope:
     """How a family of routes answers a refusal: ``render`` in its peer's
@@ -142,8 +136,17 @@ class Envelope:
 ENVELOPES: dict[str, Envelope] = {}
 
 
+class ErrorHandlers(Protocol):
+    """Where error handlers are registered: a Flask app or a blueprint
+    (this module imports no Flask: the table is the routes' and scripts')."""
+
+    def register_error_handler(
+        self, code_or_exception: type[Exception] | int, f: Callable[[Exception], Response]
+    ) -> None: ...
+
+
 def register_refusals(
-    target: Flask | Blueprint,
+    target: ErrorHandlers,
     envelope: Envelope,
     *,
     routing: Mapping[type[Exception], Callable[[Exception], Response | None]] | None = None,

@@ -34,11 +34,10 @@ from segq.api.peers.synchronous_jobs import (
     stored_logits,
     stored_mask,
 )
-from segq.api.refusals import Envelope, image_refusal, register_refusals
+from segq.api.refusals import Envelope, register_refusals
 from segq.api.schemas import SegmentRequest, parse
 from segq.contract import LOGITS_KEY, MASK_KEY
 from segq.engine_catalogue import EngineFamily, engine_family
-from segq.images import ImageRefused
 from segq.mask_logits import encode_logits
 
 log = logging.getLogger(__name__)
@@ -105,10 +104,7 @@ def segment_anything_2() -> Response:
 
     data = upload.read()
     settings = services().settings
-    try:
-        info = inspect_image(data, settings)
-    except ImageRefused as exc:
-        raise image_refusal(("image",), exc) from None
+    info = inspect_image(data, settings, field=("image",))
     gives_logits = _engine_gives_logits()
     answer_bytes = answer_size_bound(
         info.width,

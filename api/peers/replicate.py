@@ -33,7 +33,7 @@ from segq.api.openapi import documented
 from segq.api.peers.caller_fields import CallerFields
 from segq.api.peers.peer_blueprint import PeerBlueprint
 from segq.api.public_links import public_link
-from segq.api.refusals import Envelope, image_refusal, register_refusals
+from segq.api.refusals import Envelope, register_refusals
 from segq.api.request_integers import ascii_integer
 from segq.api.schemas import (
     CONTROL_CHARACTERS,
@@ -46,7 +46,6 @@ from segq.api.schemas import (
     Webhook,
 )
 from segq.api.stored_files import discard_objects, store_image
-from segq.images import ImageRefused
 from segq.job_document import MaskLinker
 from segq.models import Job, JobItem, JobStatus, Project, StoredFile
 from segq.projects import ensure_webhook_secret, hash_api_key
@@ -268,11 +267,9 @@ def _image_source(image: str) -> tuple[FileReference, tuple[int, int] | None]:
     if image[:5].lower() == "data:":
         try:
             data = decode_data_url(("input", "image"), image, settings.max_upload_bytes)
-            info = inspect_image(data, settings)
         except ApiError as exc:
             raise ApiError(422, exc.message) from None
-        except ImageRefused as exc:
-            raise image_refusal(("input", "image"), exc) from None
+        info = inspect_image(data, settings, field=("input", "image"))
         return FileReference(imageData=image), (info.width, info.height)
     if image[:8].lower() == "https://" or image[:7].lower() == "http://":
         try:
@@ -742,10 +739,7 @@ def create_file() -> tuple[Response, int]:
     data = upload.stream.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, f"content is larger than {settings.max_upload_bytes} bytes")
-    try:
-        info = inspect_image(data, settings)
-    except ImageRefused as exc:
-        raise image_refusal(("content",), exc) from None
+    info = inspect_image(data, settings, field=("content",))
     session = db()
     stored = store_image(session, services().storage, _project().id, data, info, name=name)
     stored.file_metadata = metadata
