@@ -21,13 +21,8 @@ from segq.engine_catalogue import ENGINE_NAMES
 from segq.worker.engines import EngineChoice, EngineConfigError, resolve_engine
 from segq.worker.engines.base import Candidate, Prompt
 from segq.worker.engines.grabcut import FILLED_BOX_SCORE, GrabCutEngine
-from segq.worker.engines.sam import (
-    CheckpointError,
-    DeviceError,
-    SamEngine,
-    load_sam,
-    resolve_device,
-)
+from segq.worker.engines.sam import SamEngine, load_sam
+from segq.worker.engines.torch_support import CheckpointError, DeviceError, resolve_device
 from segq.worker.weights import official_checkpoint_path
 from tests.support.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
 

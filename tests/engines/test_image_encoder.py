@@ -15,11 +15,15 @@ import pytest
 import torch
 
 from segq.worker.engines.base import Candidate
-from segq.worker.engines.batch_encoding import BatchLimit, encode_in_batches
 from segq.worker.engines.encoder_options import EncoderOptions, Precision
-from segq.worker.engines.precision import PrecisionError, resolve_precision
 from segq.worker.engines.sam import SamEngine
 from segq.worker.engines.sam_encoder import SdpaAttention
+from segq.worker.engines.torch_support import (
+    BatchLimit,
+    PrecisionError,
+    encode_in_batches,
+    resolve_precision,
+)
 from tests.support.images import scene
 from tests.support.tiny_sam import as_prompt, load_tiny_sam
 
@@ -179,7 +183,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_the_size_remembered(
 ) -> None:
     # An in-process Celery worker of an earlier test may have raised the
     # root logger's level; this logger's own level decides.
-    caplog.set_level(logging.WARNING, logger="segq.worker.engines.batch_encoding")
+    caplog.set_level(logging.WARNING, logger="segq.worker.engines.torch_support")
     calls: list[int] = []
     limit = BatchLimit(8)
     freed: list[bool] = []

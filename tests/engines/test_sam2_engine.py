@@ -43,8 +43,8 @@ from segq.worker.engines.embedding_cache import (
 )
 from segq.worker.engines.encoder_options import EncoderOptions, Precision
 from segq.worker.engines.item_metrics import recording_item_metrics
-from segq.worker.engines.sam import CheckpointError
 from segq.worker.engines.sam2 import Sam2Engine, load_sam2
+from segq.worker.engines.torch_support import CheckpointError
 from segq.worker.pipeline import ItemOutcome
 from tests.support.harness import Tenant, run_job_item, stored_mask
 from tests.support.images import png_bytes, scene

@@ -16,7 +16,8 @@ from segq.models import JobItem
 from segq.storage import S3Storage
 from segq.worker.engines import EngineChoice, load_engine
 from segq.worker.engines.base import Prompt
-from segq.worker.engines.sam import SAM_ARCHITECTURES, CheckpointError, SamEngine, load_sam
+from segq.worker.engines.sam import SAM_ARCHITECTURES, SamEngine, load_sam
+from segq.worker.engines.torch_support import CheckpointError
 from segq.worker.pipeline import ItemOutcome, process_item
 from tests.support.harness import TEST_LIMITS, Tenant
 from tests.support.images import cognite_sample_body, png_bytes, scene

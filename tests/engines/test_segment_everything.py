@@ -230,8 +230,15 @@ def test_bad_everything_requests_are_refused_and_nothing_is_stored_or_queued(
 @pytest.mark.parametrize(
     ("fields", "mentions"),
     [
-        ({"mode": "everything"}, "segment everything needs a SAM engine"),
-        ({"points": [POINT], "outputs": ["logits"]}, "logits and maskInput need a SAM engine"),
+        (
+            {"mode": "everything"},
+            "segment everything needs an engine with segment everything; "
+            "this server runs grabcut, which has none",
+        ),
+        (
+            {"points": [POINT], "outputs": ["logits"]},
+            "logits needs an engine with logits; this server runs grabcut",
+        ),
     ],
     ids=["everything", "logits"],
 )
