@@ -132,7 +132,7 @@ def test_sam_runs_a_job_through_the_pipeline(
         lease_seconds=60,
         max_attempts=3,
         limits=TEST_LIMITS,
-    )
+    ).outcome
     assert outcome == ItemOutcome.COMPLETED
     job = tenant.get_job(job_id).json
     assert job["status"] == "Completed" and job["engine"] == "sam_tiny_test"

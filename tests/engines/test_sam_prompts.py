@@ -121,7 +121,7 @@ def test_a_job_s_prompt_reaches_sam_at_the_pixels_it_names(
     engine = SamEngine(tiny_sam, "tiny")
     outcome = process_item(
         sessions, storage, engine, item_id, lease_seconds=60, max_attempts=3, limits=TEST_LIMITS
-    )
+    ).outcome
     assert outcome == ItemOutcome.COMPLETED
 
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))

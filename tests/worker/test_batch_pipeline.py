@@ -80,8 +80,8 @@ def run(
         batch_wait_ms=wait_ms,
         taken_along=None
         if requeue is None
-        else lambda claim, outcome: requeue(claim) if outcome == ItemOutcome.RELEASED else None,
-    )
+        else lambda run: requeue(run.claim) if run.outcome == ItemOutcome.RELEASED else None,
+    ).outcome
 
 
 def statuses(sessions: sessionmaker[Session], item_ids: list[int]) -> list[tuple[str, int]]:
