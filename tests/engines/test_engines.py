@@ -241,6 +241,7 @@ def test_grabcut_refuses_malformed_input() -> None:
 # -- SAM: what test_sam_engine.py does not cover ---------------------------------
 
 
+@pytest.mark.model
 def test_a_checkpoint_of_another_size_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -255,6 +256,7 @@ def test_a_checkpoint_of_another_size_is_refused(
     assert str(tiny) in message
 
 
+@pytest.mark.model
 def test_a_missing_checkpoint_names_file_and_architecture(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -280,6 +282,7 @@ def test_devices_are_resolved_and_checked() -> None:
             resolve_device("cuda")
 
 
+@pytest.mark.model
 def test_sam_embeds_an_image_once_for_several_prompts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -307,6 +310,7 @@ def test_sam_embeds_an_image_once_for_several_prompts(
     assert all(np.array_equal(a.mask, b.mask) for a, b in zip(fresh, on_first, strict=True))
 
 
+@pytest.mark.model
 def test_sam_refuses_malformed_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     architecture = register_tiny_architecture(monkeypatch)
     engine = SamEngine(

@@ -79,6 +79,7 @@ def assert_same_masks(expected: list[Candidate], found: list[Candidate], toleran
         assert one.score == pytest.approx(other.score, abs=1e-5)
 
 
+@pytest.mark.model
 def test_a_batch_gives_each_image_the_masks_it_gets_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: list[Candidate]
 ) -> None:
@@ -91,6 +92,7 @@ def test_a_batch_gives_each_image_the_masks_it_gets_alone(
     assert_same_masks(reference, found, FP32_LOGIT_TOLERANCE)
 
 
+@pytest.mark.model
 def test_sdpa_attention_matches_segment_anythings_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: list[Candidate]
 ) -> None:
@@ -104,6 +106,7 @@ def test_sdpa_attention_matches_segment_anythings_own(
     assert_same_masks(reference, masks_of(fused, IMAGES, False), FP32_LOGIT_TOLERANCE)
 
 
+@pytest.mark.model
 def test_bf16_masks_agree_with_fp32(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: list[Candidate]
 ) -> None:
@@ -120,6 +123,7 @@ def test_bf16_masks_agree_with_fp32(
         assert not np.array_equal(one.logits, other.logits)
 
 
+@pytest.mark.model
 def test_precision_is_checked_against_the_device_at_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -131,6 +135,7 @@ def test_precision_is_checked_against_the_device_at_start(
         engine(tmp_path, monkeypatch, precision=Precision.FP16)
 
 
+@pytest.mark.model
 def test_compiled_encoder_is_warmed_up_for_each_batch_size_before_use(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -155,6 +160,7 @@ def test_compiled_encoder_is_warmed_up_for_each_batch_size_before_use(
     assert_same_masks(reference, masks_of(compiled, IMAGES, batched=True), FP32_LOGIT_TOLERANCE)
 
 
+@pytest.mark.model
 def test_an_image_encoded_in_a_batch_is_not_encoded_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -204,6 +210,7 @@ def test_a_single_image_that_does_not_fit_raises() -> None:
         encode_in_batches(out_of_memory_above(0, []), [1, 2], BatchLimit(2))
 
 
+@pytest.mark.model
 def test_the_engine_halves_its_batch_on_out_of_memory_and_keeps_every_image(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: list[Candidate]
 ) -> None:

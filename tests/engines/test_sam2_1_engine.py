@@ -32,6 +32,9 @@ from tests.support.tiny_sam2 import (
     save_random_sam2_checkpoint,
 )
 
+#: Each test builds a SAM-family model (make test-fast skips them).
+pytestmark = pytest.mark.model
+
 WIDTH, HEIGHT = 130, 90
 
 PROMPTS: list[tuple[PointList, Box, bool]] = [

@@ -63,6 +63,9 @@ from tests.support.tiny_sam2 import (
     save_random_sam2_checkpoint,
 )
 
+#: Each test builds a SAM-family model (make test-fast skips them).
+pytestmark = pytest.mark.model
+
 WIDTH, HEIGHT = 130, 90  # not square, so a swapped x and y cannot land where they belong
 MB = 1024 * 1024
 

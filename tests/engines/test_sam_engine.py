@@ -27,6 +27,9 @@ from tests.support.tiny_sam import (
     save_tiny_sam_checkpoint,
 )
 
+#: Each test builds a SAM-family model (make test-fast skips them).
+pytestmark = pytest.mark.model
+
 
 @pytest.fixture
 def tiny_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SamEngine:

@@ -22,6 +22,9 @@ from tests.support.harness import TEST_LIMITS, Tenant, item_ids
 from tests.support.images import png_bytes, scene_prompt_body
 from tests.support.tiny_sam import load_tiny_sam
 
+#: Each test builds a SAM-family model (make test-fast skips them).
+pytestmark = pytest.mark.model
+
 LEASE = 60
 
 
