@@ -17,10 +17,10 @@ from segment_anything.modeling import Sam
 
 from segq.engine_catalogue import ENGINES, EngineEntry, EngineFamily
 from segq.worker.engines.base import EngineSetup, EverythingOptions, Prompt
-from segq.worker.engines.embedding_cache import Embedding, EmbeddingCache
+from segq.worker.engines.embedding_cache import Embedding
 from segq.worker.engines.encoder_options import EncoderOptions
 from segq.worker.engines.prompt_batching import generator_arguments, present
-from segq.worker.engines.sam_body import Decoded, SamEngineBody, cache_model_id
+from segq.worker.engines.sam_body import Decoded, SamEngineBody, required_weights
 from segq.worker.engines.sam_encoder import EncodedImage, SamImageEncoder
 from segq.worker.engines.torch_support import (
     BatchLimit,
@@ -156,34 +156,19 @@ class _Sam:
         )
 
 
-class SamEngine(SamEngineBody[EncodedImage]):
+class SamEngine(SamEngineBody[Sam, EncodedImage]):
     """The SAM family's engine body around one loaded SAM model (see
     ``SamEngineBody``); images are encoded by a SamImageEncoder
     (``encoder_options``: precision, batch size, attention kernel,
     compilation)."""
 
-    def __init__(
-        self,
-        sam: Sam,
-        name: str,
-        *,
-        embeddings: EmbeddingCache | None = None,
-        model_id: str | None = None,
-        encoder_options: EncoderOptions | None = None,
-    ) -> None:
-        family = _Sam(sam, encoder_options or EncoderOptions())
-        super().__init__(family, name, embeddings=embeddings, model_id=model_id)
+    def _family_of(self, model: Sam, options: EncoderOptions) -> _Sam:
+        return _Sam(model, options)
 
 
 def build_engine(entry: EngineEntry, weights: Path | None, setup: EngineSetup) -> SamEngine:
     """The family's loader (segq.worker.engines.load_engine calls it)."""
-    if weights is None:
-        raise CheckpointError(f"{entry.name} needs a checkpoint")
-    sam = load_sam(entry.architecture, weights, setup.device)
-    return SamEngine(
-        sam,
-        entry.name,
-        embeddings=setup.embeddings,
-        model_id=cache_model_id(setup, entry.name, weights),
-        encoder_options=setup.encoder_options,
+    checkpoint = required_weights(entry, weights)
+    return SamEngine.built(
+        load_sam(entry.architecture, checkpoint, setup.device), entry, checkpoint, setup
     )

@@ -33,10 +33,10 @@ from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from segq.engine_catalogue import ENGINES, ENGINES_BY_NAME, EngineEntry, EngineFamily
 from segq.worker.engines.base import EngineSetup, EverythingOptions, Prompt
-from segq.worker.engines.embedding_cache import Embedding, EmbeddingCache
+from segq.worker.engines.embedding_cache import Embedding
 from segq.worker.engines.encoder_options import EncoderOptions
 from segq.worker.engines.prompt_batching import generator_arguments, present
-from segq.worker.engines.sam_body import Decoded, SamEngineBody, cache_model_id
+from segq.worker.engines.sam_body import Decoded, SamEngineBody, required_weights
 from segq.worker.engines.torch_support import (
     BatchLimit,
     CheckpointError,
@@ -228,32 +228,17 @@ class _Sam2:
         )
 
 
-class Sam2Engine(SamEngineBody[_Encoded]):
+class Sam2Engine(SamEngineBody[SAM2Base, _Encoded]):
     """The SAM family's engine body (see ``SamEngineBody``) around one
     loaded SAM 2 model."""
 
-    def __init__(
-        self,
-        model: SAM2Base,
-        name: str,
-        *,
-        embeddings: EmbeddingCache | None = None,
-        model_id: str | None = None,
-        encoder_options: EncoderOptions | None = None,
-    ) -> None:
-        family = _Sam2(model, encoder_options or EncoderOptions())
-        super().__init__(family, name, embeddings=embeddings, model_id=model_id)
+    def _family_of(self, model: SAM2Base, options: EncoderOptions) -> _Sam2:
+        return _Sam2(model, options)
 
 
 def build_engine(entry: EngineEntry, weights: Path | None, setup: EngineSetup) -> Sam2Engine:
     """The family's loader (segq.worker.engines.load_engine calls it)."""
-    if weights is None:
-        raise CheckpointError(f"{entry.name} needs a checkpoint")
-    model = load_sam2(entry.name, weights, setup.device)
-    return Sam2Engine(
-        model,
-        entry.name,
-        embeddings=setup.embeddings,
-        model_id=cache_model_id(setup, entry.name, weights),
-        encoder_options=setup.encoder_options,
+    checkpoint = required_weights(entry, weights)
+    return Sam2Engine.built(
+        load_sam2(entry.name, checkpoint, setup.device), entry, checkpoint, setup
     )

@@ -10,12 +10,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
+from segq.engine_catalogue import EngineEntry
 from segq.worker.engines.base import (
     Candidate,
     EngineSetup,
@@ -29,12 +30,15 @@ from segq.worker.engines.embedding_cache import (
     checkpoint_digest,
     model_id,
 )
+from segq.worker.engines.encoder_options import EncoderOptions
 from segq.worker.engines.held_embeddings import EncodedImages, HeldEmbeddings
 from segq.worker.engines.prompt_batching import decode_groups, generated_candidates, group_by_shape
-from segq.worker.engines.torch_support import BatchLimit
+from segq.worker.engines.torch_support import BatchLimit, CheckpointError
 
 #: One encoded image, as the family keeps it (on its device).
 E = TypeVar("E")
+#: The family's loaded model (segment_anything's Sam, sam2's SAM2Base).
+M = TypeVar("M")
 
 #: masks (B, C, H, W) bool, scores (B, C) and low-res logits (B, C, 256, 256)
 #: float32, C being 3 or 1.
@@ -83,7 +87,7 @@ class SamFamily(Protocol[E]):
         ...
 
 
-class SamEngineBody(Generic[E]):
+class SamEngineBody(Generic[M, E]):
     """One predictor around one loaded model. A predictor holds one image's
     embedding (the expensive part: seconds on a CPU), so it is kept while
     the same image comes back with another prompt, and a lock makes callers
@@ -94,17 +98,21 @@ class SamEngineBody(Generic[E]):
     checkpoint there), an image another item or worker encoded is restored
     from that cache instead of encoded again. ``encode_images`` encodes the
     images of several items as one batch ahead of their ``segment`` calls,
-    which then find their embeddings ready."""
+    which then find their embeddings ready; ``encoder_options`` say how
+    images are encoded (precision, batch size, and what else the family
+    takes). A family's engine is this class with its ``_family_of``."""
 
     def __init__(
         self,
-        family: SamFamily[E],
+        model: M,
         name: str,
         *,
         embeddings: EmbeddingCache | None = None,
         model_id: str | None = None,
+        encoder_options: EncoderOptions | None = None,
     ) -> None:
         self.name = name
+        family = self._family_of(model, encoder_options or EncoderOptions())
         self._family = family
         self._predictor = family.predictor
         images = EncodedImages(
@@ -116,6 +124,22 @@ class SamEngineBody(Generic[E]):
         )
         self._held = HeldEmbeddings(images, embeddings, model_id)
         self._lock = threading.Lock()
+
+    def _family_of(self, model: M, options: EncoderOptions) -> SamFamily[E]:
+        """The family's adapter around ``model``."""
+        raise NotImplementedError
+
+    @classmethod
+    def built(cls, model: M, entry: EngineEntry, weights: Path, setup: EngineSetup) -> Self:
+        """The engine of catalogue ``entry`` around ``model``, loaded from
+        ``weights``, run as ``setup`` says (what a family's build_engine returns)."""
+        return cls(
+            model,
+            entry.name,
+            embeddings=setup.embeddings,
+            model_id=_cache_model_id(setup, entry.name, weights),
+            encoder_options=setup.encoder_options,
+        )
 
     @property
     def batch_size(self) -> int:
@@ -175,7 +199,7 @@ class _HeldEmbedding:
     embedding it already holds) and resetting keeps the embedding for the
     next job on the same image."""
 
-    def __init__(self, engine: SamEngineBody[Any]) -> None:
+    def __init__(self, engine: SamEngineBody[Any, Any]) -> None:
         self._engine = engine
 
     def set_image(self, image: npt.NDArray[np.uint8], image_format: str = "RGB") -> None:
@@ -193,7 +217,13 @@ class _HeldEmbedding:
         return getattr(self._engine._predictor, name)
 
 
-def cache_model_id(setup: EngineSetup, name: str, weights: Path) -> str | None:
+def required_weights(entry: EngineEntry, weights: Path | None) -> Path:
+    if weights is None:
+        raise CheckpointError(f"{entry.name} needs a checkpoint")
+    return weights
+
+
+def _cache_model_id(setup: EngineSetup, name: str, weights: Path) -> str | None:
     """The model's id in the embedding cache: its name and its weights'
     digest; None without a cache. Called after the model loaded, so a bad
     checkpoint is named by the loader first."""
