@@ -77,9 +77,7 @@ def test_capabilities_say_what_each_engine_class_implements() -> None:
         for entry in (entry for entry in ENGINES if entry.family is family):
             for capability, method in _BY_METHOD.items():
                 assert entry.can(capability) == hasattr(engine_class, method), (entry, capability)
-            # A model with logits takes them back as a mask input, and
-            # only such an engine says which frame its logits cover.
-            assert entry.can(Capability.LOGITS) == entry.can(Capability.MASK_INPUT)
+            # Only an engine with logits says which frame they cover.
             assert (entry.logits_frame is not None) == entry.can(Capability.LOGITS)
 
 
