@@ -96,6 +96,9 @@ class EngineWeights:
     #: Where ``segq weights download`` fetches them; None where segq does
     #: not download them itself (the operator puts them in place).
     official: OfficialCheckpoint | None = None
+    #: The Hugging Face repository a folder is a snapshot of, for the
+    #: operator's own download (a gated model: their token, their licence).
+    hub_repository: str | None = None
 
 
 @dataclass(frozen=True)

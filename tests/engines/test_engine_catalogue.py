@@ -108,11 +108,15 @@ def test_a_new_engine_is_one_entry_and_its_family_module(
         "folder_model",
         EngineFamily.BENCHMARK,
         frozenset({Capability.BOX_PROMPTS, Capability.TEXT_PROMPTS}),
-        weights=EngineWeights("folder_model", "folder-model", WeightsLayout.DIRECTORY),
+        weights=EngineWeights(
+            "folder_model", "folder-model", WeightsLayout.DIRECTORY, hub_repository="acme/folder"
+        ),
     )
     monkeypatch.setitem(engine_catalogue.ENGINES_BY_NAME, entry.name, entry)
 
-    with pytest.raises(EngineConfigError, match="folder-model or set SEGQ_MODEL_CHECKPOINT"):
+    with pytest.raises(
+        EngineConfigError, match=r"folder-model \(a snapshot of acme/folder\) or set SEGQ_MODEL_"
+    ):
         resolve_engine("folder_model", None, tmp_path)
     # A file of that name is not the folder it needs.
     (tmp_path / "folder-model").write_bytes(b"x")

@@ -68,6 +68,8 @@ def resolve_engine(model: str | None, checkpoint: str | None, weights_dir: Path)
             if entry.weights.official is not None
             else f"put them at {weights_dir / entry.weights.local_name}"
         )
+        if entry.weights.hub_repository is not None:
+            fetch += f" (a snapshot of {entry.weights.hub_repository})"
         raise EngineConfigError(
             f"SEGQ_MODEL={model} needs its weights: {fetch} or set SEGQ_MODEL_CHECKPOINT"
         )
