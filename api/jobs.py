@@ -32,14 +32,15 @@ from segq.api.job_service import cancel_job as cancel_job_of_project
 from segq.api.job_service import create_segmentation_job, owned_job
 from segq.api.job_views import view_links
 from segq.api.job_waiting import (
+    WAITING_PLACE_ENVIRON_KEY,
     Wait,
-    progress_of,
+    WaitingPlace,
     requested_wait_seconds,
-    wait_in_thread_until_finished,
+    wait_for_job,
 )
 from segq.api.json_body import max_job_body_bytes, read_json_object
 from segq.api.openapi import documented
-from segq.api.parking import RESUMED_ENVIRON_KEY, Parking, park, server_draining
+from segq.api.parking import RESUMED_ENVIRON_KEY, Parking, can_park, park, server_draining
 from segq.api.request_integers import request_integer
 from segq.api.schemas import (
     EventStreamHeaders,
@@ -120,34 +121,39 @@ def _waited_job_answer(
     """The job once it is finished, or as it is when ``wait`` runs out.
 
     On segq's HTTP server the request is parked and answered by a later run
-    of GET on the job (api/parking.py); elsewhere this thread waits."""
+    of GET on the job (api/job_waiting.py's wait_for_job); elsewhere this
+    thread waits. With every waiting place of the process taken, the job
+    is answered as it is: ``Prefer`` is a preference (RFC 7240)."""
     project_id = current_project().id
     job = owned_job(db(), project_id, job_id)
-    progress = progress_of(db(), [job_id])[job_id]
-    if not progress.finished and wait.remaining > 0:
-        close_db()
-        feed = services().job_changes
-        path = url_for("jobs.get_job", project=current_project().name, job_id=job_id)
-        parking = Parking(
-            watch=lambda parked: feed.watch(job_id, progress, parked.wake),
-            deadline=wait.deadline,
-            environ={
-                "REQUEST_METHOD": "GET",
-                "PATH_INFO": path.removeprefix(request.script_root),
-                # A GET's page of items is asked again; a POST has no query.
-                "QUERY_STRING": request.environ.get("QUERY_STRING", "")
-                if request.method == "GET"
-                else "",
-                WAIT_ENVIRON_KEY: wait,
-                LOCATION_ENVIRON_KEY: location,
-            },
-            stream=False,
-        )
-        if park(parking):
-            # Dropped by the server: the resumed run answers.
-            return Response(status=204), 204, {}
-        wait_in_thread_until_finished(feed, services().sessions, job_id, wait.remaining)
-        job = owned_job(db(), project_id, job_id)
+    place: WaitingPlace | None = request.environ.get(WAITING_PLACE_ENVIRON_KEY)
+    if place is None:
+        place = services().waiting_requests.reserve(parkable=can_park())
+    if place is None:
+        answer, status, headers = _job_answer(job, conditional=request.method == "GET")
+        if location is not None:
+            headers["Location"] = location
+        return answer, status, headers
+    path = url_for("jobs.get_job", project=current_project().name, job_id=job_id)
+    resume = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": path.removeprefix(request.script_root),
+        # A GET's page of items is asked again; a POST has no query.
+        "QUERY_STRING": request.environ.get("QUERY_STRING", "") if request.method == "GET" else "",
+        WAIT_ENVIRON_KEY: wait,
+        LOCATION_ENVIRON_KEY: location,
+        WAITING_PLACE_ENVIRON_KEY: place,
+    }
+    parked = False
+    try:
+        parked = wait_for_job(job_id, wait, resume, place)
+    finally:
+        if not parked:
+            place.release()
+    if parked:
+        # Dropped by the server: the resumed run answers.
+        return Response(status=204), 204, {}
+    job = owned_job(db(), project_id, job_id)
     answer, status, headers = _job_answer(job, conditional=request.method == "GET")
     headers["Preference-Applied"] = f"wait={wait.seconds}"
     if location is not None:
