@@ -93,8 +93,9 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     )
     location = url_for("jobs.get_job", project=current_project().name, job_id=created.job.id)
     wait = _requested_wait()
-    if wait is not None:
-        return _waited_job_answer(created.job.id, wait, location)
+    waited = None if wait is None else _waited_job_answer(created.job.id, wait, location)
+    if waited is not None:
+        return waited
     return (
         json_document(JobCreatedResponse, render_created_job(created.job, created.items)),
         200,
@@ -117,23 +118,21 @@ def _requested_wait() -> Wait | None:
 
 def _waited_job_answer(
     job_id: int, wait: Wait, location: str | None
-) -> tuple[Response, int, dict[str, str]]:
+) -> tuple[Response, int, dict[str, str]] | None:
     """The job once it is finished, or as it is when ``wait`` runs out.
 
     On segq's HTTP server the request is parked and answered by a later run
     of GET on the job (api/job_waiting.py's wait_for_job); elsewhere this
-    thread waits. With every waiting place of the process taken, the job
-    is answered as it is: ``Prefer`` is a preference (RFC 7240)."""
+    thread waits. None, waiting for nothing, when every waiting place of
+    the process is taken: the request gets its usual answer, as for a
+    preference the server does not honour (RFC 7240)."""
     project_id = current_project().id
-    job = owned_job(db(), project_id, job_id)
+    owned_job(db(), project_id, job_id)  # 404 before any wait
     place: WaitingPlace | None = request.environ.get(WAITING_PLACE_ENVIRON_KEY)
     if place is None:
         place = services().waiting_requests.reserve(parkable=can_park())
     if place is None:
-        answer, status, headers = _job_answer(job, conditional=request.method == "GET")
-        if location is not None:
-            headers["Location"] = location
-        return answer, status, headers
+        return None
     path = url_for("jobs.get_job", project=current_project().name, job_id=job_id)
     resume = {
         "REQUEST_METHOD": "GET",
@@ -268,8 +267,10 @@ def _job_answer(job: Job, *, conditional: bool) -> tuple[Response, int, dict[str
 )
 def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     wait = _requested_wait()
-    if wait is not None:
-        return _waited_job_answer(job_id, wait, request.environ.get(LOCATION_ENVIRON_KEY))
+    location = request.environ.get(LOCATION_ENVIRON_KEY)
+    waited = None if wait is None else _waited_job_answer(job_id, wait, location)
+    if waited is not None:
+        return waited
     return _job_answer(owned_job(db(), current_project().id, job_id), conditional=True)
 
 

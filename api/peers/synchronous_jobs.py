@@ -125,7 +125,8 @@ def start_peer_job(
         raise ApiError(503, waiting.refusal(), headers={"Retry-After": "1"})
     try:
         session = db()
-        key = PEER_CALL_KEY_PREFIX + f"{route}:" + call_sha256(segment_request, inline_mask_input)
+        call = call_sha256(segment_request, inline_mask_input)
+        key = f"{PEER_CALL_KEY_PREFIX}{route}:{call}"
         _forget_stale_call(session, project.id, key, settings.peer_retry_window_seconds)
         created = create_segmentation_job(
             session,
@@ -134,6 +135,7 @@ def start_peer_job(
             segment_request,
             key,
             inline_mask_input=inline_mask_input,
+            request_sha256=call,
         )
     except BaseException:
         place.release()
