@@ -40,7 +40,13 @@ from segq.api.job_waiting import (
 )
 from segq.api.json_body import max_job_body_bytes, read_json_object
 from segq.api.openapi import documented
-from segq.api.parking import RESUMED_ENVIRON_KEY, Parking, can_park, park, server_draining
+from segq.api.parking import (
+    RESUMED_ENVIRON_KEY,
+    Parking,
+    park,
+    server_draining,
+    waits_without_thread,
+)
 from segq.api.request_integers import request_integer
 from segq.api.schemas import (
     EventStreamHeaders,
@@ -130,7 +136,7 @@ def _waited_job_answer(
     owned_job(db(), project_id, job_id)  # 404 before any wait
     place: WaitingPlace | None = request.environ.get(WAITING_PLACE_ENVIRON_KEY)
     if place is None:
-        place = services().waiting_requests.reserve(parkable=can_park())
+        place = services().waiting_requests.reserve(parkable=waits_without_thread())
     if place is None:
         return None
     path = url_for("jobs.get_job", project=current_project().name, job_id=job_id)

@@ -120,9 +120,10 @@ def park(parking: Parking) -> bool:
     return True
 
 
-def can_park() -> bool:
-    """Whether ``park`` would park the current request now."""
-    return request.environ.get(PARK_ENVIRON_KEY) is not None and not server_draining()
+def waits_without_thread() -> bool:
+    """Whether a wait of the current request holds no thread: the server
+    parks it, or (its process draining) answers it without waiting."""
+    return request.environ.get(PARK_ENVIRON_KEY) is not None
 
 
 def server_draining() -> bool:

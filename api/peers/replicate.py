@@ -30,7 +30,7 @@ from segq.api.job_service import cancel_job, create_segmentation_job, items_of, 
 from segq.api.job_waiting import Wait, WaitingPlace, wait_for_job
 from segq.api.json_body import max_job_body_bytes, parse_json, read_json_object
 from segq.api.openapi import documented
-from segq.api.parking import RESUMED_ENVIRON_KEY, can_park
+from segq.api.parking import RESUMED_ENVIRON_KEY, waits_without_thread
 from segq.api.peers.caller_fields import CallerFields
 from segq.api.peers.peer_blueprint import PeerBlueprint
 from segq.api.public_links import public_link
@@ -434,7 +434,7 @@ def _create(body: PredictionRequest, model: str, version: str) -> tuple[Response
         return _prediction_answer(job), 201
     # Prefer: wait is a preference: with every waiting place of this
     # process taken, the prediction is answered as it is.
-    place = services().waiting_requests.reserve(parkable=can_park())
+    place = services().waiting_requests.reserve(parkable=waits_without_thread())
     if place is None:
         return _prediction_answer(job, unfinished_as_starting=True), 201
     # Counted from the request's arrival, less the time to answer: the

@@ -45,7 +45,7 @@ from segq.api.context import db, services
 from segq.api.errors import ApiError
 from segq.api.job_service import create_segmentation_job
 from segq.api.job_waiting import Wait, WaitingPlace, wait_for_job
-from segq.api.parking import RESUMED_ENVIRON_KEY, can_park
+from segq.api.parking import RESUMED_ENVIRON_KEY, waits_without_thread
 from segq.api.schemas import SegmentRequest
 from segq.clock import now_ms
 from segq.models import Job, JobItem, JobStatus, Project
@@ -120,7 +120,7 @@ def start_peer_job(
     ``create_segmentation_job`` takes it."""
     settings = services().settings
     waiting = services().waiting_requests
-    place = waiting.reserve(parkable=can_park())
+    place = waiting.reserve(parkable=waits_without_thread())
     if place is None:
         raise ApiError(503, waiting.refusal(), headers={"Retry-After": "1"})
     try:
