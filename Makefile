@@ -80,10 +80,11 @@ test: install services lint ## Lint, type-check and run the whole test suite
 	$(BIN)/python -m pytest -q
 
 .PHONY: lint
-lint: install ## ruff and mypy
+lint: install ## ruff, mypy and the layer rules (import-linter's contracts in pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	MYPY_CACHE_DIR=$(HOME)/.cache/segq/mypy $(BIN)/mypy
+	$(BIN)/lint-imports
 
 .PHONY: docs
 docs: install ## Build the documentation (MkDocs, material) into site/, failing on a broken link or anchor

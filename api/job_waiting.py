@@ -11,8 +11,9 @@ query, so a lost announcement delays a waiter by at most that long and
 several API processes need nothing from each other.
 
 On the HTTP server a waiting request is parked by the server (api/parking.py)
-and holds no thread either; ``wait_until_finished`` is the blocking form,
-for code that runs in a thread anyway.
+and holds no thread either; ``wait_in_thread_until_finished`` is the blocking
+form, for code that runs in a thread anyway (a request reaches it through
+``Services.wait_until_finished``, api/service_container.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import redis
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from segq.api.context import services
 from segq.job_changes import JOB_CHANGES_CHANNEL
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 
@@ -247,7 +247,13 @@ def wait_for_change(feed: JobChangeFeed, job_id: int, seen: JobProgress, timeout
 def wait_in_thread_until_finished(
     feed: JobChangeFeed, sessions: sessionmaker[Session], job_id: int, timeout_s: float
 ) -> bool:
-    """``wait_until_finished`` with the feed and sessions given."""
+    """Block the calling thread until the job reaches a final status (True)
+    or ``timeout_s`` passes (False; also for a job that does not exist).
+
+    It holds no database connection while it waits; the caller should not
+    either: commit or close the request's session first. It does hold its
+    thread: a request's wait goes through ``Services.wait_until_finished``,
+    which bounds how many threads block at once."""
     give_up = time.monotonic() + timeout_s
     while True:
         # A session of its own, closed before waiting: the connection goes
@@ -262,20 +268,6 @@ def wait_in_thread_until_finished(
         if remaining <= 0:
             return False
         wait_for_change(feed, job_id, progress, remaining)
-
-
-def wait_until_finished(job_id: int, timeout_s: float) -> bool:
-    """Block the calling thread until the job reaches a final status (True)
-    or ``timeout_s`` passes (False; also for a job that does not exist).
-
-    Called inside a request of the app (it uses the app's feed and
-    sessions). It holds no database connection while it waits; the caller
-    should not either: commit or close the request's session first. It
-    does hold its thread, so only ``BlockingWaits``' share of the process's
-    threads may wait at once: beyond that it raises NoWaitingSlot at once."""
-    found = services()
-    with found.blocking_waits.slot():
-        return wait_in_thread_until_finished(found.job_changes, found.sessions, job_id, timeout_s)
 
 
 class NoWaitingSlot(Exception):

@@ -26,8 +26,9 @@ from segq.api.errors import ApiError
 from segq.api.files import MAX_FORM_PARTS
 from segq.api.images import inspect_image
 from segq.api.item_sources import decode_data_url
-from segq.api.job_service import cancel_job, create_segmentation_job, items_of, owned_job
-from segq.api.job_waiting import NoWaitingSlot, wait_until_finished
+from segq.api.job_items import items_of
+from segq.api.job_service import cancel_job, create_segmentation_job, owned_job
+from segq.api.job_waiting import NoWaitingSlot
 from segq.api.json_body import max_job_body_bytes, parse_json, read_json_object
 from segq.api.openapi import documented
 from segq.api.peers.caller_fields import CallerFields
@@ -433,7 +434,7 @@ def _create(body: PredictionRequest, model: str, version: str) -> tuple[Response
         # Prefer: wait is a preference: with every waiting slot of this
         # process taken, the prediction is answered as it is.
         with contextlib.suppress(NoWaitingSlot):
-            wait_until_finished(job.id, max(left, 0.0))
+            services().wait_until_finished(job.id, max(left, 0.0))
         job = owned_job(db(), _project().id, job.id)
     return _prediction_answer(job, unfinished_as_starting=wait is not None), 201
 

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from segq.api.context import db, services
 from segq.api.errors import ApiError
 from segq.api.job_service import create_segmentation_job
-from segq.api.job_waiting import NoWaitingSlot, wait_until_finished
+from segq.api.job_waiting import NoWaitingSlot
 from segq.api.schemas import SegmentRequest
 from segq.models import Job, JobItem, JobStatus, Project
 from segq.projects import hash_api_key
@@ -69,7 +69,7 @@ def run_to_completion(
     # connection goes back to the pool.
     session.close()
     try:
-        finished_in_time = wait_until_finished(job_id, settings.peer_wait_seconds)
+        finished_in_time = services().wait_until_finished(job_id, settings.peer_wait_seconds)
     except NoWaitingSlot:
         raise ApiError(
             503,

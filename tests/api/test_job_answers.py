@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.api.answers import json_document
 from segq.api.app import create_app
-from segq.api.job_service import items_of
+from segq.api.job_items import items_of
 from segq.api.job_views import view_links
 from segq.api.schemas import JobResponse
 from segq.api.signed_links import SignedLinks, SigningWindow
