@@ -1,6 +1,6 @@
 """Test fixtures against real services on loopback: PostgreSQL (a database of
 its own, migrated once), Redis (as the Celery broker) and an S3 HTTP server
-(moto in server mode). What tests import by name lives in tests/support/harness.py."""
+(moto in server mode). What tests import by name lives in tests/support/."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ from segq.schema_migrations import upgrade_to_head
 from segq.settings import Settings
 from segq.storage import S3Storage
 from tests.support.browser import CHROMIUM, BrowserSession, chromium_session
-from tests.support.harness import REDIS_URL, TEST_BUCKET, Tenant, free_port, make_tenant, serving
+from tests.support.services import REDIS_URL, TEST_BUCKET, free_port
+from tests.support.tenants import Tenant, make_tenant, serving
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "SEGQ_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

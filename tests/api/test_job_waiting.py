@@ -32,8 +32,9 @@ from segq.api.http_server import DeadlineServer
 from segq.api.job_waiting import MAX_WAIT_SECONDS, requested_wait_seconds
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.support.harness import Tenant, grabcut_worker, make_tenant
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.in_process_workers import grabcut_worker
+from tests.support.tenants import Tenant, make_tenant
 
 
 @pytest.fixture

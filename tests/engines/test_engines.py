@@ -246,6 +246,7 @@ def test_grabcut_refuses_malformed_input() -> None:
 # -- SAM: what test_sam_engine.py does not cover ---------------------------------
 
 
+@pytest.mark.model
 def test_a_checkpoint_of_another_size_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -285,6 +286,7 @@ def test_devices_are_resolved_and_checked() -> None:
             resolve_device("cuda")
 
 
+@pytest.mark.model
 def test_sam_embeds_an_image_once_for_several_prompts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -312,6 +314,7 @@ def test_sam_embeds_an_image_once_for_several_prompts(
     assert all(np.array_equal(a.mask, b.mask) for a, b in zip(fresh, on_first, strict=True))
 
 
+@pytest.mark.model
 def test_sam_refuses_malformed_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     architecture = register_tiny_architecture(monkeypatch)
     engine = SamEngine(

@@ -23,6 +23,9 @@ from segq.worker.engines.sam_encoder import SdpaAttention
 from tests.support.images import scene
 from tests.support.tiny_sam import as_prompt, load_tiny_sam
 
+#: Each test here builds a (tiny) model: left out of `make test-fast`.
+pytestmark = pytest.mark.model
+
 #: Differently sized images (none square, none the model's size).
 IMAGES = [scene(130 + 10 * i, 90 + 5 * i)[0] for i in range(4)]
 PROMPT = as_prompt([(40.0, 30.0, 1)], (10.0, 10.0, 100.0, 80.0))

@@ -32,6 +32,9 @@ from tests.support.tiny_sam2 import (
     save_random_sam2_checkpoint,
 )
 
+#: Each test here builds a (tiny) model: left out of `make test-fast`.
+pytestmark = pytest.mark.model
+
 WIDTH, HEIGHT = 130, 90
 
 PROMPTS: list[tuple[PointList, Box, bool]] = [

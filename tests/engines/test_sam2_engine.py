@@ -46,8 +46,9 @@ from segq.worker.engines.item_metrics import recording_item_metrics
 from segq.worker.engines.sam import CheckpointError
 from segq.worker.engines.sam2 import Sam2Engine, load_sam2
 from segq.worker.pipeline import ItemOutcome
-from tests.support.harness import Tenant, run_job_item, stored_mask
 from tests.support.images import png_bytes, scene
+from tests.support.in_process_workers import run_job_item, stored_mask
+from tests.support.tenants import Tenant
 from tests.support.tiny_sam import (
     Box,
     PointList,
@@ -62,6 +63,9 @@ from tests.support.tiny_sam2 import (
     sam2_directly,
     save_random_sam2_checkpoint,
 )
+
+#: Each test here builds a (tiny) model: left out of `make test-fast`.
+pytestmark = pytest.mark.model
 
 WIDTH, HEIGHT = 130, 90  # not square, so a swapped x and y cannot land where they belong
 MB = 1024 * 1024

@@ -22,14 +22,18 @@ from segq.storage import S3Storage
 from segq.worker.engines.sam import SamEngine, load_sam
 from segq.worker.item_inputs import pixel_prompt
 from segq.worker.pipeline import ItemOutcome, process_item
-from tests.support.harness import TEST_LIMITS, Tenant
 from tests.support.images import png_bytes, scene
+from tests.support.in_process_workers import TEST_LIMITS
+from tests.support.tenants import Tenant
 from tests.support.tiny_sam import (
     as_prompt,
     register_tiny_architecture,
     save_tiny_sam_checkpoint,
     segment_anything_directly,
 )
+
+#: Each test here builds a (tiny) model: left out of `make test-fast`.
+pytestmark = pytest.mark.model
 
 WIDTH, HEIGHT = 130, 90  # not square, so a swapped x and y cannot land where they belong
 

@@ -15,8 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from segq.models import JobItem
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.support.harness import Tenant, Worker, item_ids, queued_messages, segq_env
+from tests.support.database import item_ids
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.live_processes import Worker, segq_env
+from tests.support.services import queued_messages
+from tests.support.tenants import Tenant
 from tests.support.tiny_sam import build_tiny_sam
 
 #: How soon a worker whose engine cannot be built must have exited: its
@@ -24,6 +27,7 @@ from tests.support.tiny_sam import build_tiny_sam
 EXIT_WITHIN_SECONDS = 120
 
 
+@pytest.mark.model
 @pytest.mark.slow
 def test_a_worker_whose_checkpoint_does_not_fit_exits_and_the_queued_job_says_why(
     tenant: Tenant,
