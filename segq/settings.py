@@ -262,7 +262,7 @@ class Settings:
     engine_batch: int | None = _env("SEGQ_ENGINE_BATCH", _int, default=None)
     #: How long an item waits for others to share its batch.
     engine_batch_wait_ms: int = _env("SEGQ_ENGINE_BATCH_WAIT_MS", _milliseconds, default=10)
-    #: One of PRECISIONS (worker/engines/precision.py says what each means).
+    #: One of PRECISIONS (worker/engines/torch_support.py says what each means).
     precision: str = _env("SEGQ_PRECISION", _one_of(PRECISIONS), default="auto")
     #: torch.compile the image encoder at worker start.
     compile_encoder: bool = _env("SEGQ_COMPILE", _flag, default=False)

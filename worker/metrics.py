@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 
-from segq.models import JobItem
+if TYPE_CHECKING:
+    from segq.worker.pipeline import ItemRun
 
 log = logging.getLogger(__name__)
 
@@ -82,49 +81,35 @@ RETENTION_DELETED = Counter(
 )
 
 
-def observe_item(
-    sessions: sessionmaker[Session], item_id: int, outcome: str, seconds: float
-) -> None:
-    """Count one attempt's end and log it with its job, attempt and duration
-    (read back from the item's row: the pipeline's answer is only the
-    outcome)."""
+def observe_item(run: ItemRun, outcome: str, seconds: float) -> None:
+    """Count one attempt's end (``outcome``: its label) and log it with its
+    job, attempt and duration, from what the pipeline answered (the item
+    is not read again)."""
     ITEMS.labels(outcome).inc()
-    with sessions() as session:
-        row = session.execute(
-            select(
-                JobItem.job_id,
-                JobItem.attempt,
-                JobItem.engine,
-                JobItem.published_time,
-                JobItem.started_time,
-                JobItem.result,
-            ).where(JobItem.id == item_id)
-        ).first()
-    if row is None:
-        return  # its job was deleted meanwhile
-    job_id, attempt, engine, published_time, started_time, result = row
+    claim = run.claim
     log.info(
         "item %s attempt %s: %s",
-        item_id,
-        attempt,
+        run.item_id,
+        None if claim is None else claim.attempt,
         outcome,
         # item_id too: an item taken along in a batch is logged inside the
         # log context of the item whose task ran the batch.
         extra={
-            "item_id": item_id,
-            "job_id": job_id,
-            "attempt": attempt,
+            "item_id": run.item_id,
+            "job_id": None if claim is None else claim.job_id,
+            "attempt": None if claim is None else claim.attempt,
             "duration_ms": round(seconds * 1000, 1),
         },
     )
     if outcome != "completed":
         return
-    if attempt == 1 and published_time is not None and started_time is not None:
-        QUEUE_WAIT.observe(max(0, started_time - published_time) / 1000)
-    metrics: dict[str, Any] = (result or {}).get("metrics") or {}
-    engine_ms = (metrics.get("encodeMs") or 0) + (metrics.get("decodeMs") or 0)
-    ENGINE_SECONDS.labels(engine or "unknown").observe(engine_ms / 1000)
-    if metrics.get("embedding"):
+    if claim is not None and claim.queue_wait_ms is not None:
+        QUEUE_WAIT.observe(claim.queue_wait_ms / 1000)
+    metrics = run.metrics
+    if metrics is None:
+        return
+    ENGINE_SECONDS.labels(run.engine).observe((metrics["encodeMs"] + metrics["decodeMs"]) / 1000)
+    if metrics["embedding"] is not None:
         EMBEDDINGS.labels(metrics["embedding"]).inc()
 
 

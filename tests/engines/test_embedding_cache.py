@@ -295,7 +295,7 @@ def run_job(
         [item_id] = session.scalars(select(JobItem.id).where(JobItem.job_id == job_id))
     outcome = process_item(
         sessions, storage, engine, item_id, lease_seconds=60, max_attempts=3, limits=TEST_LIMITS
-    )
+    ).outcome
     assert outcome == ItemOutcome.COMPLETED
     job = tenant.get_job(job_id).json
     [item] = job["items"]

@@ -21,13 +21,8 @@ from segq.engine_catalogue import ENGINE_NAMES
 from segq.worker.engines import EngineChoice, EngineConfigError, resolve_engine
 from segq.worker.engines.base import Candidate, Prompt
 from segq.worker.engines.grabcut import FILLED_BOX_SCORE, GrabCutEngine
-from segq.worker.engines.sam import (
-    CheckpointError,
-    DeviceError,
-    SamEngine,
-    load_sam,
-    resolve_device,
-)
+from segq.worker.engines.sam import SamEngine, load_sam
+from segq.worker.engines.torch_support import CheckpointError, DeviceError, resolve_device
 from segq.worker.weights import official_checkpoint_path
 from tests.support.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
 
@@ -261,6 +256,7 @@ def test_a_checkpoint_of_another_size_is_refused(
     assert str(tiny) in message
 
 
+@pytest.mark.model
 def test_a_missing_checkpoint_names_file_and_architecture(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -365,9 +361,9 @@ def test_choosing_and_running_grabcut_never_imports_torch() -> None:
         "import sys\n"
         "from pathlib import Path\n"
         "import numpy as np\n"
-        "import worker.masks\n"
-        "from worker.engines import load_engine, resolve_engine\n"
-        "from worker.engines.base import Prompt\n"
+        "import segq.worker.masks\n"
+        "from segq.worker.engines import load_engine, resolve_engine\n"
+        "from segq.worker.engines.base import Prompt\n"
         "engine = load_engine(resolve_engine(None, None, Path('/nonexistent')), 'auto')\n"
         "image = np.zeros((20, 20, 3), dtype=np.uint8)\n"
         "box = np.array([2.0, 2.0, 10.0, 10.0])\n"

@@ -16,7 +16,8 @@ from segq.models import JobItem
 from segq.storage import S3Storage
 from segq.worker.engines import EngineChoice, load_engine
 from segq.worker.engines.base import Prompt
-from segq.worker.engines.sam import SAM_ARCHITECTURES, CheckpointError, SamEngine, load_sam
+from segq.worker.engines.sam import SAM_ARCHITECTURES, SamEngine, load_sam
+from segq.worker.engines.torch_support import CheckpointError
 from segq.worker.pipeline import ItemOutcome, process_item
 from tests.support.images import cognite_sample_body, png_bytes, scene
 from tests.support.in_process_workers import TEST_LIMITS
@@ -27,7 +28,7 @@ from tests.support.tiny_sam import (
     save_tiny_sam_checkpoint,
 )
 
-#: Each test here builds a (tiny) model: left out of `make test-fast`.
+#: Each test builds a SAM-family model (make test-fast skips them).
 pytestmark = pytest.mark.model
 
 
@@ -135,7 +136,7 @@ def test_sam_runs_a_job_through_the_pipeline(
         lease_seconds=60,
         max_attempts=3,
         limits=TEST_LIMITS,
-    )
+    ).outcome
     assert outcome == ItemOutcome.COMPLETED
     job = tenant.get_job(job_id).json
     assert job["status"] == "Completed" and job["engine"] == "sam_tiny_test"

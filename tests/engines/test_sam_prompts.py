@@ -32,9 +32,6 @@ from tests.support.tiny_sam import (
     segment_anything_directly,
 )
 
-#: Each test here builds a (tiny) model: left out of `make test-fast`.
-pytestmark = pytest.mark.model
-
 WIDTH, HEIGHT = 130, 90  # not square, so a swapped x and y cannot land where they belong
 
 
@@ -78,6 +75,7 @@ PROMPTS: list[tuple[list[tuple[float, float, int]], tuple[float, float, float, f
 ]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(("points", "box"), PROMPTS, ids=["point", "points", "box", "both"])
 def test_the_engine_answers_as_segment_anything_does(
     tiny_sam: Sam,
@@ -92,6 +90,7 @@ def test_the_engine_answers_as_segment_anything_does(
         assert np.array_equal(candidate.mask, mask)
 
 
+@pytest.mark.model
 def test_the_model_tells_prompts_apart(tiny_sam: Sam) -> None:
     """What makes the comparison above worth anything: with these random
     weights, moving a prompt (x and y swapped, scaled, a box widened to the
@@ -108,6 +107,7 @@ def test_the_model_tells_prompts_apart(tiny_sam: Sam) -> None:
         assert not np.allclose(moved, reference, atol=1e-4), (points, box)
 
 
+@pytest.mark.model
 def test_a_job_s_prompt_reaches_sam_at_the_pixels_it_names(
     tiny_sam: Sam, tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
 ) -> None:
@@ -125,7 +125,7 @@ def test_a_job_s_prompt_reaches_sam_at_the_pixels_it_names(
     engine = SamEngine(tiny_sam, "tiny")
     outcome = process_item(
         sessions, storage, engine, item_id, lease_seconds=60, max_attempts=3, limits=TEST_LIMITS
-    )
+    ).outcome
     assert outcome == ItemOutcome.COMPLETED
 
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))

@@ -24,7 +24,7 @@ from tests.support.in_process_workers import TEST_LIMITS
 from tests.support.tenants import Tenant
 from tests.support.tiny_sam import load_tiny_sam
 
-#: Each test here builds a (tiny) model: left out of `make test-fast`.
+#: Each test builds a SAM-family model (make test-fast skips them).
 pytestmark = pytest.mark.model
 
 LEASE = 60
@@ -85,8 +85,8 @@ def run(
         batch_wait_ms=wait_ms,
         taken_along=None
         if requeue is None
-        else lambda claim, outcome: requeue(claim) if outcome == ItemOutcome.RELEASED else None,
-    )
+        else lambda run: requeue(run.claim) if run.outcome == ItemOutcome.RELEASED else None,
+    ).outcome
 
 
 def statuses(sessions: sessionmaker[Session], item_ids: list[int]) -> list[tuple[str, int]]:

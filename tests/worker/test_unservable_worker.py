@@ -22,12 +22,14 @@ from tests.support.services import queued_messages
 from tests.support.tenants import Tenant
 from tests.support.tiny_sam import build_tiny_sam
 
+#: Each test builds a SAM-family model (make test-fast skips them).
+pytestmark = pytest.mark.model
+
 #: How soon a worker whose engine cannot be built must have exited: its
 #: start (Python, torch, Celery) and one failed load, on a loaded machine.
 EXIT_WITHIN_SECONDS = 120
 
 
-@pytest.mark.model
 @pytest.mark.slow
 def test_a_worker_whose_checkpoint_does_not_fit_exits_and_the_queued_job_says_why(
     tenant: Tenant,
