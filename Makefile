@@ -79,11 +79,17 @@ demo: install ## Boot segq embedded, segment a sample image through the queue, w
 test: install services lint ## Lint, type-check and run the whole test suite
 	$(BIN)/python -m pytest -q
 
+# The edit-test loop: a few minutes on 2 cores. CI runs `make test`.
+.PHONY: test-fast
+test-fast: install services ## The tests that start no subprocess and build no model (not slow, not model)
+	$(BIN)/python -m pytest -q -m "not slow and not model"
+
 .PHONY: lint
-lint: install ## ruff and mypy
+lint: install ## ruff, mypy and the layer rules (import-linter's contracts in pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	MYPY_CACHE_DIR=$(HOME)/.cache/segq/mypy $(BIN)/mypy
+	$(BIN)/lint-imports
 
 .PHONY: docs
 docs: install ## Build the documentation (MkDocs, material) into site/, failing on a broken link or anchor

@@ -40,9 +40,9 @@ from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.api.errors import ApiError
-from segq.api.job_service import items_of
+from segq.api.job_items import items_of
 from segq.api.job_waiting import FINISHED_ITEM_STATUSES, JobChangeFeed, JobProgress
-from segq.api.parking import Parked
+from segq.api.parked_request import Parked
 from segq.job_document import render_item_event, render_job
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 from segq.webhook_events import (

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from segq.api.errors import ApiError, FieldPath, field_name
 from segq.api.item_sources import item_reference, resolve_sources
+from segq.api.job_items import items_of
 from segq.api.schemas import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
     BoundingBox,
@@ -188,13 +189,6 @@ def cancel_job(session: Session, services: Services, project_id: int, job_id: in
     session.commit()
     services.job_announcer.announce(job.id)
     return job
-
-
-def items_of(session: Session, job: Job) -> list[JobItem]:
-    """The job's items, in position order."""
-    return list(
-        session.scalars(select(JobItem).where(JobItem.job_id == job.id).order_by(JobItem.position))
-    )
 
 
 def _check_unfinished_jobs(session: Session, services: Services, project_id: int) -> None:

@@ -14,7 +14,8 @@ from sqlalchemy import select
 from segq.api.answers import json_document
 from segq.api.context import db, services
 from segq.api.errors import ApiError
-from segq.api.job_service import items_of, owned_job
+from segq.api.job_items import items_of
+from segq.api.job_service import owned_job
 from segq.api.openapi import documented
 from segq.api.public_links import public_link
 from segq.api.schemas import JobView, ViewQuery

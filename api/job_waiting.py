@@ -11,8 +11,10 @@ query, so a lost announcement delays a waiter by at most that long and
 several API processes need nothing from each other.
 
 On the HTTP server a waiting request is parked by the server (api/parking.py)
-and holds no thread either (``wait_for_job``); ``wait_until_finished`` is
-the blocking form, for code that runs in a thread anyway. How many
+and holds no thread either (api/route_waits.py's ``wait_for_job``);
+``Services.wait_until_finished`` (api/service_container.py) is the blocking
+form, for code that runs in a thread anyway. This module reads no request's
+context, so the services container can hold its parts without a cycle. How many
 requests of a process may wait at once is bounded by
 SEGQ_MAX_WAITING_REQUESTS (``WaitingRequests``), not by its threads.
 """
@@ -23,16 +25,14 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import redis
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from segq.api.context import close_db, db, services
-from segq.api.parking import Parking, park, server_draining
 from segq.job_changes import JOB_CHANGES_CHANNEL
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 
@@ -268,59 +268,6 @@ def wait_in_thread_until_finished(
         if remaining <= 0:
             return False
         wait_for_change(feed, job_id, progress, remaining)
-
-
-def wait_until_finished(job_id: int, timeout_s: float) -> bool:
-    """Block the calling thread until the job reaches a final status (True)
-    or ``timeout_s`` passes (False; also for a job that does not exist).
-
-    Called inside a request of the app (it uses the app's feed and
-    sessions). It holds no database connection while it waits; the caller
-    should not either: commit or close the request's session first. It
-    holds its thread, so it takes a place among the process's waiting
-    requests that may block (``WaitingRequests``): with none free it raises
-    NoWaitingSlot at once. A request's route waits with ``wait_for_job``."""
-    found = services()
-    place = found.waiting_requests.reserve(parkable=False)
-    if place is None:
-        raise NoWaitingSlot(found.waiting_requests.refusal())
-    try:
-        return wait_in_thread_until_finished(found.job_changes, found.sessions, job_id, timeout_s)
-    finally:
-        place.release()
-
-
-def wait_for_job(
-    job_id: int, wait: Wait, resume_environ: Mapping[str, Any], place: WaitingPlace
-) -> bool:
-    """Wait for ``job_id`` to finish, at most until ``wait``'s deadline, the
-    one way every route waits for a job (native ``Prefer: wait``, the
-    peers' synchronous routes and Replicate's ``Prefer: wait``).
-
-    True: the request is parked (api/parking.py), holding no thread and no
-    database connection; the view returns any response (it is dropped),
-    and the server runs the request again, its environ changed by
-    ``resume_environ``, when the job may have changed or the deadline
-    comes; ``place`` is let go of when the request is done with. False:
-    answer now: the job is finished or gone, the wait is over, the process
-    is draining, or (where the server cannot park) this thread waited."""
-    progress = progress_of(db(), [job_id]).get(job_id)
-    if progress is None or progress.finished or wait.remaining <= 0 or server_draining():
-        return False
-    # The request's session goes back to the pool for the whole wait.
-    close_db()
-    feed = services().job_changes
-    parking = Parking(
-        watch=lambda parked: feed.watch(job_id, progress, parked.wake),
-        deadline=wait.deadline,
-        environ=resume_environ,
-        stream=False,
-        release=place.release,
-    )
-    if park(parking):
-        return True
-    wait_in_thread_until_finished(feed, services().sessions, job_id, wait.remaining)
-    return False
 
 
 class NoWaitingSlot(Exception):

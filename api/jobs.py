@@ -36,7 +36,6 @@ from segq.api.job_waiting import (
     Wait,
     WaitingPlace,
     requested_wait_seconds,
-    wait_for_job,
 )
 from segq.api.json_body import max_job_body_bytes, read_json_object
 from segq.api.openapi import documented
@@ -48,6 +47,7 @@ from segq.api.parking import (
     waits_without_thread,
 )
 from segq.api.request_integers import request_integer
+from segq.api.route_waits import wait_for_job
 from segq.api.schemas import (
     EventStreamHeaders,
     JobCreatedResponse,
@@ -128,7 +128,7 @@ def _waited_job_answer(
     """The job once it is finished, or as it is when ``wait`` runs out.
 
     On segq's HTTP server the request is parked and answered by a later run
-    of GET on the job (api/job_waiting.py's wait_for_job); elsewhere this
+    of GET on the job (api/route_waits.py's wait_for_job); elsewhere this
     thread waits. None, waiting for nothing, when every waiting place of
     the process is taken: the request gets its usual answer, as for a
     preference the server does not honour (RFC 7240)."""

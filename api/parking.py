@@ -36,11 +36,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 from flask import request
 from waitress.channel import ClientDisconnected, HTTPChannel
 from waitress.task import WSGITask
+
+from segq.api.parked_request import Parked
 
 #: The environ key under which the server offers parking to the app.
 PARK_ENVIRON_KEY = "segq.park"
@@ -57,26 +59,6 @@ MAX_HELD_INPUT_BYTES = 64 * 1024
 #: What a parked streamed answer may have buffered, unsent, for ``push`` to
 #: add to it: a client that reads slower is caught up by its next run instead.
 MAX_PUSH_BACKLOG_BYTES = 256 * 1024
-
-
-class Parked(Protocol):
-    """A parked request, as its watch reaches it (from any thread)."""
-
-    def wake(self) -> None:
-        """Run the request again."""
-        ...
-
-    def push(self, data: bytes, environ: Mapping[str, Any]) -> bool:
-        """Send ``data`` now as more of a streamed answer, and change the
-        next run's environ as ``environ`` says; False when it cannot be sent
-        now (see ParkingChannel.push), and the caller should wake it."""
-        ...
-
-    def end(self, data: bytes) -> bool:
-        """End a streamed answer with ``data``, without running the app
-        again; False when it is not parked now (a run of it is due, which
-        answers for itself)."""
-        ...
 
 
 #: Watch(parked) -> cancel: arranges one call of parked.wake() (or, for a

@@ -76,7 +76,7 @@ def main() -> None:
     from bench.stack import free_port
     from segq.api.answers import json_document
     from segq.api.app import create_app
-    from segq.api.job_service import items_of
+    from segq.api.job_items import items_of
     from segq.api.job_views import view_links
     from segq.api.public_links import public_link
     from segq.api.schemas import JobResponse

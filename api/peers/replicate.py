@@ -26,8 +26,9 @@ from segq.api.errors import ApiError
 from segq.api.files import MAX_FORM_PARTS
 from segq.api.images import inspect_image
 from segq.api.item_sources import decode_data_url
-from segq.api.job_service import cancel_job, create_segmentation_job, items_of, owned_job
-from segq.api.job_waiting import Wait, WaitingPlace, wait_for_job
+from segq.api.job_items import items_of
+from segq.api.job_service import cancel_job, create_segmentation_job, owned_job
+from segq.api.job_waiting import Wait, WaitingPlace
 from segq.api.json_body import max_job_body_bytes, parse_json, read_json_object
 from segq.api.openapi import documented
 from segq.api.parking import RESUMED_ENVIRON_KEY, waits_without_thread
@@ -36,6 +37,7 @@ from segq.api.peers.peer_blueprint import PeerBlueprint
 from segq.api.public_links import public_link
 from segq.api.refusals import Envelope, register_refusals
 from segq.api.request_integers import ascii_integer
+from segq.api.route_waits import wait_for_job
 from segq.api.schemas import (
     CONTROL_CHARACTERS,
     MAX_EXTERNAL_ID_LENGTH,
@@ -454,7 +456,7 @@ class PredictionWait:
 def _waited_prediction(job: Job, prediction_wait: PredictionWait) -> tuple[Response, int]:
     """The created prediction once finished, or as it is when the wait runs
     out (unfinished: "starting", as Replicate answers it). Parked the way
-    every wait for a job is (api/job_waiting.py's wait_for_job); a resumed
+    every wait for a job is (api/route_waits.py's wait_for_job); a resumed
     run is a GET of the prediction that answers as its creation would."""
     path = url_for(f"{replicate.name}.get_prediction", prediction_id=str(job.id))
     resume = {

@@ -3,7 +3,7 @@ project of a key sent in the peer's own header, and a segq job run to its
 end within the request, its segments read back from storage.
 
 Waiting. A call waits for its job the way native ``Prefer: wait`` does
-(api/job_waiting.py's wait_for_job): parked by the server, holding no
+(api/route_waits.py's wait_for_job): parked by the server, holding no
 thread and no database connection, and run again (the same route, with no
 body: the first run's ``PeerWait`` in its environ) when the job may have
 changed or SEGQ_PEER_WAIT_SECONDS have passed. A call takes its place
@@ -44,8 +44,9 @@ from sqlalchemy.orm import Session
 from segq.api.context import db, services
 from segq.api.errors import ApiError
 from segq.api.job_service import create_segmentation_job
-from segq.api.job_waiting import Wait, WaitingPlace, wait_for_job
+from segq.api.job_waiting import Wait, WaitingPlace
 from segq.api.parking import RESUMED_ENVIRON_KEY, waits_without_thread
+from segq.api.route_waits import wait_for_job
 from segq.api.schemas import SegmentRequest
 from segq.clock import now_ms
 from segq.models import Job, JobItem, JobStatus, Project

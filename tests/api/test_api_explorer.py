@@ -11,8 +11,9 @@ from flask import Flask
 from sqlalchemy.orm import Session, sessionmaker
 
 from tests.support.browser import BrowserSession
-from tests.support.harness import Tenant, count_jobs
+from tests.support.database import count_jobs
 from tests.support.images import png_bytes
+from tests.support.tenants import Tenant
 
 JOBS_PATH = "/api/v1/projects/{project}/context/vision/segment"
 

@@ -14,8 +14,9 @@ from segq.storage import S3Storage
 from segq.worker.claims import Claim, claim_item
 from segq.worker.engines.grabcut import GrabCutEngine
 from segq.worker.pipeline import ItemOutcome, process_item
-from tests.support.harness import TEST_LIMITS, Tenant
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.in_process_workers import TEST_LIMITS
+from tests.support.tenants import Tenant
 
 
 def job_with_items(tenant: Tenant, count: int) -> tuple[int, list[int]]:

@@ -12,8 +12,8 @@ import pytest
 
 from segq.api.json_body import max_job_body_bytes
 from segq.settings import Settings
-from tests.support.harness import Tenant
 from tests.support.images import png_bytes
+from tests.support.tenants import Tenant
 
 
 def _job_body(file_id: int) -> bytes:

@@ -31,8 +31,9 @@ from segq.worker.webhook_delivery import (
     claim_delivery,
     record_attempt,
 )
-from tests.support.harness import TEST_LIMITS, Tenant
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.in_process_workers import TEST_LIMITS
+from tests.support.tenants import Tenant
 
 
 def finished_job(tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from segq.api.schemas import MAX_EXTERNAL_ID_LENGTH, MAX_METADATA_BYTES, MAX_METADATA_PAIRS
-from tests.support.harness import Tenant
+from tests.support.tenants import Tenant
 
 FULL = {f"k{n}": "v" for n in range(MAX_METADATA_PAIRS)}
 

@@ -14,8 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.models import JobItem, StoredFile
-from tests.support.harness import Tenant
 from tests.support.images import png_bytes
+from tests.support.tenants import Tenant
 
 FILES = 4
 UPDATES = 40

@@ -20,8 +20,9 @@ from segq.models import JobItem, Project, StoredFile
 from segq.storage import S3Storage
 from segq.worker.engines.grabcut import GrabCutEngine
 from segq.worker.pipeline import process_item
-from tests.support.harness import TEST_LIMITS, Tenant
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.in_process_workers import TEST_LIMITS
+from tests.support.tenants import Tenant
 
 
 def project_id(sessions: sessionmaker[Session], tenant: Tenant) -> int:

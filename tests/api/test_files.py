@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.models import StoredFile
 from segq.storage import S3Storage
-from tests.support.harness import Tenant, count_files
+from tests.support.database import count_files
 from tests.support.images import (
     cut_short,
     flat_png,
@@ -21,6 +21,7 @@ from tests.support.images import (
     scene,
     with_exif_orientation,
 )
+from tests.support.tenants import Tenant
 
 
 def test_upload_records_what_the_image_is(tenant: Tenant, storage: S3Storage) -> None:

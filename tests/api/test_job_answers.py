@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.api.answers import json_document
 from segq.api.app import create_app
-from segq.api.job_service import items_of
+from segq.api.job_items import items_of
 from segq.api.job_views import view_links
 from segq.api.schemas import JobResponse
 from segq.api.signed_links import SignedLinks, SigningWindow
@@ -36,7 +36,7 @@ from segq.schema_migrations import upgrade_to_head
 from segq.settings import Settings
 from segq.worker.claims import claim_item, finish_item
 from segq.worker_processes import workers_overview
-from tests.support.harness import Tenant, make_tenant
+from tests.support.tenants import Tenant, make_tenant
 
 #: A moment well inside one signing window, so that the route's answer and
 #: the models' answer are signed in the same window.

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.support.harness import Tenant
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.tenants import Tenant
 
 
 def listing(tenant: Tenant, query: str = "") -> Any:

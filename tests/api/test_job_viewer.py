@@ -22,8 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from segq.api.view_links import ViewLinks
 from segq.storage import S3Storage
 from tests.support.browser import BrowserSession
-from tests.support.harness import Tenant, grabcut_worker
 from tests.support.images import encode, scene, scene_prompt_body
+from tests.support.in_process_workers import grabcut_worker
+from tests.support.tenants import Tenant
 
 
 def wait_finished(tenant: Tenant, job_id: int, timeout: float = 60) -> Any:

@@ -2,7 +2,7 @@
 where a request cannot be parked (tests/system/test_job_waiting_live.py has `segq
 serve`, where it is): ``Prefer: wait=N`` waits in the request's thread, an
 event stream sends what there is and ends; the blocking
-``wait_until_finished``; how ``Prefer`` is read; and, with the app behind
+``Services.wait_until_finished``; how ``Prefer`` is read; and, with the app behind
 segq's waitress server in this process, that a parked waiter whose client
 leaves is dropped.
 
@@ -27,12 +27,14 @@ from waitress.adjustments import Adjustments
 from waitress.task import ThreadedTaskDispatcher
 
 from segq.api.app import create_app
+from segq.api.context import services
 from segq.api.http_server import DeadlineServer
-from segq.api.job_waiting import MAX_WAIT_SECONDS, requested_wait_seconds, wait_until_finished
+from segq.api.job_waiting import MAX_WAIT_SECONDS, requested_wait_seconds
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.support.harness import Tenant, grabcut_worker, make_tenant
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.in_process_workers import grabcut_worker
+from tests.support.tenants import Tenant, make_tenant
 
 
 @pytest.fixture
@@ -169,12 +171,12 @@ def test_wait_until_finished(
     job_id = _embedded_job(embedded_tenant).json["jobId"]
     with embedded.test_request_context():
         started = time.monotonic()
-        assert wait_until_finished(job_id, 0.5) is False
+        assert services().wait_until_finished(job_id, 0.5) is False
         assert 0.5 <= time.monotonic() - started < 2
-        assert wait_until_finished(job_id + 1000, 5) is False
+        assert services().wait_until_finished(job_id + 1000, 5) is False
         with grabcut_worker(celery_app, sessions, storage):
             started = time.monotonic()
-            assert wait_until_finished(job_id, 30) is True
+            assert services().wait_until_finished(job_id, 30) is True
             assert time.monotonic() - started < 15
 
 

@@ -12,8 +12,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from segq.api.json_body import max_job_body_bytes
 from segq.coordinates import NORMALIZED_HINT
 from segq.settings import Settings
-from tests.support.harness import MALFORMED_JSON_BODIES, Tenant, count_jobs, queued_messages
+from tests.support.database import count_jobs
 from tests.support.images import cognite_sample_body, png_bytes
+from tests.support.refusals import MALFORMED_JSON_BODIES
+from tests.support.services import queued_messages
+from tests.support.tenants import Tenant
 
 #: Job bodies that are not JSON objects segq can read, each answered 400
 #: (also through the real HTTP server: tests/system/test_http_server.py).

@@ -1,46 +1,29 @@
-"""The work behind the routes imports no Flask: another route family (or a
-script) can call it without a request."""
+"""The layer rules (pyproject.toml's [tool.importlinter] contracts) hold,
+checked by import-linter over the whole import graph: transitive imports,
+imports inside functions and under TYPE_CHECKING included. `make lint` runs
+the same check; this test makes a bare `pytest` enforce it too."""
 
 from __future__ import annotations
 
-import ast
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
-import pytest
-
-API = Path(__file__).resolve().parents[2] / "api"
-FLASK_FREE = [
-    "job_service",
-    "item_sources",
-    "stored_files",
-    "images",
-    "errors",
-    "refusals",
-    "service_container",
-]
-REQUEST_BOUND = {
-    "flask",
-    "segq.api.context",
-    "segq.api.files",
-    "segq.api.jobs",
-    "segq.api.webhooks",
-    "segq.api.health_routes",
-}
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def imported_modules(path: Path) -> set[str]:
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module is not None:
-            found.add(node.module)
-    return found
-
-
-@pytest.mark.parametrize("module", FLASK_FREE)
-def test_module_imports_nothing_bound_to_a_request(module: str) -> None:
-    imports = imported_modules(API / f"{module}.py")
-    assert not {name for name in imports if name.split(".")[0] == "flask"} | (
-        imports & REQUEST_BOUND
+def test_import_contracts_are_kept() -> None:
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"][
+        "contracts"
+    ]
+    ran = subprocess.run(
+        [Path(sys.executable).parent / "lint-imports", "--no-cache"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert f"Contracts: {len(contracts)} kept, 0 broken." in ran.stdout

@@ -14,8 +14,10 @@ from segq.api.parking import RESUMED_ENVIRON_KEY
 from segq.api.rate_limit import LocalRateLimiter, RedisRateLimiter
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.support.harness import REDIS_URL, count_jobs, make_tenant
+from tests.support.database import count_jobs
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.services import REDIS_URL
+from tests.support.tenants import make_tenant
 
 
 def test_requests_over_the_key_rate_get_429(

@@ -12,8 +12,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 import segq.api as api
-from tests.support.harness import Tenant
 from tests.support.images import cognite_sample_body, png_bytes
+from tests.support.tenants import Tenant
 
 
 def validator(spec: dict[str, Any], name: str) -> jsonschema.Draft202012Validator:

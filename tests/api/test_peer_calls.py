@@ -27,8 +27,9 @@ from segq.api.schemas import SegmentRequest
 from segq.models import Job, JobStatus
 from segq.settings import Settings, SettingsError
 from segq.storage import S3Storage
-from tests.support.harness import count_jobs, make_tenant
+from tests.support.database import count_jobs
 from tests.support.images import png_bytes
+from tests.support.tenants import make_tenant
 
 PNG = png_bytes(64, 48)
 BOX = [8, 6, 56, 42]

@@ -25,7 +25,7 @@ from segq.api.peers.peer_blueprint import PeerBlueprint
 from segq.api.process_caches import ProjectsByKey
 from segq.api.refusals import ENVELOPES, REFUSALS, RefusalRule, refusal_of
 from segq.images import TooManyPixels, UnreadableImage
-from tests.support.harness import Tenant
+from tests.support.tenants import Tenant
 
 KEY = "a-key-the-lookup-refuses-first"
 

@@ -29,8 +29,8 @@ from segq.db import make_engine, make_session_factory
 from segq.projects import create_project
 from segq.schema_migrations import upgrade_to_head
 from segq.settings import Settings
-from tests.support.harness import Tenant, make_tenant
 from tests.support.images import png_bytes
+from tests.support.tenants import Tenant, make_tenant
 
 INT64_MAX = 2**63 - 1
 QUERY_NAMES = (

@@ -23,8 +23,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from segq.api.errors import ApiError
 from segq.api.json_body import parse_json
 from segq.api.peers.replicate import MODEL_NAME, MODEL_OWNER
-from tests.support.harness import Tenant, count_files, count_jobs
+from tests.support.database import count_files, count_jobs
 from tests.support.images import png_bytes
+from tests.support.tenants import Tenant
 
 EXAMPLES_PER_OPERATION = 100
 UNSTORABLE_EXAMPLES_PER_OPERATION = 12

@@ -25,8 +25,8 @@ from werkzeug.test import TestResponse
 
 from segq.api.app import create_app
 from segq.settings import Settings
-from tests.support.harness import Tenant, make_tenant
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.tenants import Tenant, make_tenant
 
 #: base64url's alphabet, in the order of the values its characters stand for.
 BASE64URL = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"

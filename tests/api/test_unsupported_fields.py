@@ -11,8 +11,8 @@ from typing import Any
 from flask import Flask
 
 from segq.api.openapi import openapi_document
-from tests.support.harness import Tenant
 from tests.support.images import png_bytes
+from tests.support.tenants import Tenant
 
 UNSUPPORTED = "notAField"
 

@@ -15,7 +15,7 @@ from segq.cli.main import main
 from segq.coordinates import NORMALIZED_HINT
 from segq.models import JobStatus
 from segq.settings import Settings
-from tests.support.harness import Tenant
+from tests.support.tenants import Tenant
 
 
 @pytest.fixture

@@ -22,8 +22,10 @@ from segq.cli.exit_codes import ExitCode
 from segq.cli.main import main
 from segq.models import StoredFile
 from segq.storage import S3Storage
-from tests.support.harness import Tenant, count_files, grabcut_worker
+from tests.support.database import count_files
 from tests.support.images import encode, scene
+from tests.support.in_process_workers import grabcut_worker
+from tests.support.tenants import Tenant
 
 BOX = "0.2,0.15,0.8,0.85"
 

@@ -22,9 +22,11 @@ from segq.api.app import create_app
 from segq.client import SegqClient, SegqError, WaitTimeout
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.support.harness import Tenant, count_jobs, grabcut_worker, serving
+from tests.support.database import count_jobs
 from tests.support.images import encode, scene
+from tests.support.in_process_workers import grabcut_worker
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.tenants import Tenant, serving
 
 PROMPT = {
     "points": [{"x": 0.5, "y": 0.5, "label": 1}],

@@ -24,8 +24,9 @@ from tests.api.test_file_versions import (
     run_queued_items,
     storage_key,
 )
-from tests.support.harness import TEST_BUCKET, Tenant
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.services import TEST_BUCKET
+from tests.support.tenants import Tenant
 
 
 @pytest.fixture

@@ -25,8 +25,10 @@ from segq.api.app import create_app
 from segq.logs import configure_logging, log_context
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.support.harness import REPO, free_port, make_tenant, segq_env
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.live_processes import REPO, segq_env
+from tests.support.services import free_port
+from tests.support.tenants import make_tenant
 
 
 @pytest.fixture

@@ -33,8 +33,9 @@ from segq.settings import Settings
 from segq.storage import LocalStorage, ObjectStorage, S3Storage
 from segq.worker.engines.sam import SamEngine
 from tests.support.browser import BrowserSession
-from tests.support.harness import Tenant, make_tenant, run_job_item, serving
 from tests.support.images import HOSTILE_PAGE, hostile_uploads
+from tests.support.in_process_workers import run_job_item
+from tests.support.tenants import Tenant, make_tenant, serving
 from tests.support.tiny_sam import load_tiny_sam
 
 #: Types a browser may show as an image; everything else must download.

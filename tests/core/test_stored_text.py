@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.support.harness import Tenant, count_files, count_jobs, queued_messages
+from tests.support.database import count_files, count_jobs
 from tests.support.images import png_bytes
+from tests.support.services import queued_messages
+from tests.support.tenants import Tenant
 
 NUL = "\x00"
 LONE_SURROGATE = "\ud800"

@@ -40,8 +40,9 @@ from segq.worker.engines.grabcut import GrabCutEngine
 from segq.worker.engines.item_metrics import ItemMetrics, recording_item_metrics
 from segq.worker.engines.sam import SamEngine, load_sam
 from segq.worker.pipeline import ItemOutcome, process_item
-from tests.support.harness import TEST_LIMITS, Tenant
 from tests.support.images import cognite_sample_body, png_bytes, scene
+from tests.support.in_process_workers import TEST_LIMITS
+from tests.support.tenants import Tenant
 from tests.support.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
 
 MB = 1024 * 1024

@@ -46,8 +46,9 @@ from segq.worker.engines.item_metrics import recording_item_metrics
 from segq.worker.engines.sam2 import Sam2Engine, load_sam2
 from segq.worker.engines.torch_support import CheckpointError
 from segq.worker.pipeline import ItemOutcome
-from tests.support.harness import Tenant, run_job_item, stored_mask
 from tests.support.images import png_bytes, scene
+from tests.support.in_process_workers import run_job_item, stored_mask
+from tests.support.tenants import Tenant
 from tests.support.tiny_sam import (
     Box,
     PointList,

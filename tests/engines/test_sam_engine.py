@@ -19,8 +19,9 @@ from segq.worker.engines.base import Prompt
 from segq.worker.engines.sam import SAM_ARCHITECTURES, SamEngine, load_sam
 from segq.worker.engines.torch_support import CheckpointError
 from segq.worker.pipeline import ItemOutcome, process_item
-from tests.support.harness import TEST_LIMITS, Tenant
 from tests.support.images import cognite_sample_body, png_bytes, scene
+from tests.support.in_process_workers import TEST_LIMITS
+from tests.support.tenants import Tenant
 from tests.support.tiny_sam import (
     assert_unreadable_checkpoints_named,
     register_tiny_architecture,

@@ -22,8 +22,9 @@ from segq.storage import S3Storage
 from segq.worker.engines.sam import SamEngine, load_sam
 from segq.worker.item_inputs import pixel_prompt
 from segq.worker.pipeline import ItemOutcome, process_item
-from tests.support.harness import TEST_LIMITS, Tenant
 from tests.support.images import png_bytes, scene
+from tests.support.in_process_workers import TEST_LIMITS
+from tests.support.tenants import Tenant
 from tests.support.tiny_sam import (
     as_prompt,
     register_tiny_architecture,

@@ -28,15 +28,12 @@ from segq.worker.engines.base import EverythingOptions, Prompt
 from segq.worker.engines.grabcut import GrabCutEngine
 from segq.worker.engines.sam import SamEngine
 from segq.worker.pipeline import process_item
-from tests.support.harness import (
-    TEST_LIMITS,
-    Tenant,
-    assert_job_refused,
-    count_jobs,
-    make_tenant,
-    queued_messages,
-)
+from tests.support.database import count_jobs
 from tests.support.images import png_bytes, scene
+from tests.support.in_process_workers import TEST_LIMITS
+from tests.support.refusals import assert_job_refused
+from tests.support.services import queued_messages
+from tests.support.tenants import Tenant, make_tenant
 from tests.support.tiny_sam import load_tiny_sam
 
 WIDTH, HEIGHT = 130, 90

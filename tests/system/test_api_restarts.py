@@ -24,8 +24,9 @@ from segq.client import SegqClient
 from segq.projects import create_project
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.support.harness import REPO, free_port, segq_env, stop_process, wait_until_healthy
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.live_processes import REPO, segq_env, stop_process, wait_until_healthy
+from tests.support.services import free_port
 
 pytestmark = pytest.mark.slow
 

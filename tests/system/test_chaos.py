@@ -35,19 +35,12 @@ from segq.models import ItemStatus, Job, JobItem, JobStatus
 from segq.queue import enqueue_items
 from segq.schema_migrations import upgrade_to_head
 from segq.settings import Settings
-from tests.support.harness import (
-    REDIS_URL,
-    REPO,
-    TEST_BUCKET,
-    Tenant,
-    Worker,
-    free_port,
-    make_tenant,
-    segq_env,
-)
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.live_processes import REPO, Worker, segq_env
 from tests.support.probed_worker import engine_runs
+from tests.support.services import REDIS_URL, TEST_BUCKET, free_port
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.tenants import Tenant, make_tenant
 from tests.support.tiny_sam import save_tiny_sam_checkpoint
 
 LEASE_SECONDS = 3

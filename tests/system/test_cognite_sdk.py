@@ -44,8 +44,9 @@ from PIL import Image
 
 from segq.api.cognite_files import UploadLinks
 from segq.models import StoredFile
-from tests.support.harness import REDIS_URL, TEST_BUCKET, LiveSegq
 from tests.support.images import png_bytes
+from tests.support.live_processes import LiveSegq
+from tests.support.services import REDIS_URL, TEST_BUCKET
 
 #: Both deployments sign with it, so that a test can sign an expired URL.
 SECRET_KEY = "segq-cognite-sdk-tests"

@@ -17,8 +17,9 @@ from segq.models import ItemStatus, JobItem
 from segq.storage import S3Storage
 from segq.worker.engines.grabcut import GrabCutEngine
 from segq.worker.pipeline import ItemOutcome, process_item
-from tests.support.harness import TEST_LIMITS, Tenant, grabcut_worker
 from tests.support.images import jpeg_bytes, scene_prompt_body
+from tests.support.in_process_workers import TEST_LIMITS, grabcut_worker
+from tests.support.tenants import Tenant
 
 
 @pytest.fixture

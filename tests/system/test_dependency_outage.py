@@ -23,9 +23,10 @@ from segq.models import ItemStatus, Job, JobItem, WorkerProcess
 from segq.settings import Settings
 from segq.storage import S3Storage
 from segq.worker_processes import iso_time
-from tests.support.harness import Tenant, grabcut_worker
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.in_process_workers import grabcut_worker
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.tenants import Tenant
 
 #: Items per job (the test settings allow 50), and jobs queued: 80 items,
 #: not the 300 of the fault test that found this, to keep the suite short

@@ -35,7 +35,7 @@ from flask.testing import FlaskClient
 
 from segq.cli.main import main
 from segq.settings import Settings
-from tests.support.harness import REPO
+from tests.support.live_processes import REPO
 
 KUBERNETES_VERSION = "1.33.0"
 DEPLOY = REPO / "deploy"

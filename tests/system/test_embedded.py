@@ -22,8 +22,8 @@ from segq.schema_migrations import upgrade_to_head
 from segq.settings import Settings
 from segq.worker.celery_app import create_worker_app
 from segq.worker.runtime import segment_runtime_of
-from tests.support.harness import Tenant
 from tests.support.images import cognite_sample_body, png_bytes
+from tests.support.tenants import Tenant
 
 REPO = Path(__file__).resolve().parents[2]
 

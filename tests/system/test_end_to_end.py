@@ -18,8 +18,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from segq.storage import S3Storage
 from segq.worker.masks import Ring, rasterize_rings
-from tests.support.harness import Tenant, grabcut_worker
 from tests.support.images import cognite_sample_body, jpeg_bytes, scene, scene_prompt_body
+from tests.support.in_process_workers import grabcut_worker
+from tests.support.tenants import Tenant
 
 
 @pytest.fixture

@@ -15,11 +15,8 @@ import os
 import re
 import selectors
 import socket
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +30,13 @@ from segq.job_changes import RedisJobChangeAnnouncer
 from segq.models import JobItem
 from segq.projects import create_project
 from segq.worker.claims import claim_item, finish_item
-from tests.support.harness import (
-    REDIS_URL,
-    REPO,
-    TEST_BUCKET,
-    free_port,
-    stop_process,
-    wait_until_healthy,
-)
 from tests.support.images import png_bytes
+from tests.support.live_processes import (
+    ServedApi,
+    loopback_env,
+    served_api,
+)
+from tests.support.services import REDIS_URL
 
 pytestmark = pytest.mark.slow
 
@@ -59,48 +54,18 @@ SLOWEST_HEALTHZ_SECONDS = 1.0
 #: The most the job's own API CPU (uploads left out) may grow with the streams.
 STREAMED_JOB_CPU_RATIO = 4.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-SERVE = [sys.executable, "-m", "segq.cli.main", "serve"]
-
-
-@dataclass(frozen=True)
-class Served:
-    url: str
-    process: subprocess.Popen[bytes]
 
 
 @pytest.fixture(scope="module")
 def served(
     database_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Served]:
+) -> Iterator[ServedApi]:
     """`segq serve`: one process of 4 threads (a shipped pod runs two), no worker."""
     folder = tmp_path_factory.mktemp("stream-load")
-    port = free_port()
-    env = {
-        **{name: value for name, value in os.environ.items() if not name.startswith("SEGQ_")},
-        "PYTHONPATH": str(REPO),
-        "SEGQ_DATA_DIR": str(folder / "data"),
-        "SEGQ_DATABASE_URL": database_url,
-        "SEGQ_BROKER_URL": REDIS_URL,
-        "SEGQ_STORAGE_URL": f"s3://{TEST_BUCKET}/stream-load-{uuid.uuid4().hex[:8]}",
-        "SEGQ_S3_ENDPOINT_URL": s3_endpoint,
-        "SEGQ_MODEL": "grabcut",
-        "SEGQ_MAX_ITEMS_PER_JOB": str(ITEMS),
-    }
-    log = folder / "serve.log"
-    with log.open("ab") as output:
-        server = subprocess.Popen(
-            [*SERVE, "--port", str(port), "--workers", "1", "--threads", "4"],
-            env=env,
-            cwd=REPO,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(url, server, log)
-        yield Served(url, server)
-    finally:
-        stop_process(server)
+    settings = {"SEGQ_MODEL": "grabcut", "SEGQ_MAX_ITEMS_PER_JOB": str(ITEMS)}
+    env = loopback_env(folder, database_url, s3_endpoint, settings)
+    with served_api(env, folder, workers=1, threads=4) as served:
+        yield served
 
 
 def cpu_seconds(pid: int) -> float:
@@ -205,7 +170,7 @@ class Streams:
                     connection.close()
 
 
-def _project(sessions: sessionmaker[Session], served: Served) -> tuple[str, str]:
+def _project(sessions: sessionmaker[Session], served: ServedApi) -> tuple[str, str]:
     with sessions.begin() as session:
         _, key = create_project(session, "acme")
     base = f"{served.url}/api/v1/projects/acme"
@@ -281,7 +246,7 @@ class Phase:
 
 
 def _run_job(
-    served: Served, sessions: sessionmaker[Session], base: str, key: str, streamed: bool
+    served: ServedApi, sessions: sessionmaker[Session], base: str, key: str, streamed: bool
 ) -> tuple[Phase, Streams | None]:
     phase = Phase()
     before = cpu_seconds(served.process.pid)
@@ -309,7 +274,7 @@ def _run_job(
 
 
 def test_streams_cost_per_event_and_leave_the_api_responsive(
-    served: Served, sessions: sessionmaker[Session]
+    served: ServedApi, sessions: sessionmaker[Session]
 ) -> None:
     base, key = _project(sessions, served)
     alone, _ = _run_job(served, sessions, base, key, streamed=False)

@@ -7,17 +7,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import selectors
 import socket
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,18 +24,14 @@ from segq.api.app import max_request_bytes
 from segq.api.json_body import max_job_body_bytes
 from segq.projects import create_project
 from segq.settings import Settings
-from tests.support.harness import (
-    MALFORMED_JSON_BODIES,
-    REDIS_URL,
-    REPO,
-    TEST_BUCKET,
-    count_files,
-    count_jobs,
-    free_port,
-    stop_process,
-    wait_until_healthy,
-)
+from tests.support.database import count_files, count_jobs
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.live_processes import (
+    ServedApi,
+    loopback_env,
+    served_api,
+)
+from tests.support.refusals import MALFORMED_JSON_BODIES
 
 #: Short, so the test sees slow clients cut off; production's is 120 s.
 DEADLINE_SECONDS = 4
@@ -51,49 +42,19 @@ MAX_UPLOAD_BYTES = 4 * 1024 * 1024
 pytestmark = pytest.mark.slow
 
 
-@dataclass(frozen=True)
-class Server:
-    port: int
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
 @pytest.fixture(scope="module")
 def server(
     database_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+) -> Iterator[ServedApi]:
     """`segq serve` with two processes, as deployed, on Postgres, Redis and moto."""
     folder = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    env = {
-        **{name: value for name, value in os.environ.items() if not name.startswith("SEGQ_")},
-        "PYTHONPATH": str(REPO),
-        "SEGQ_DATA_DIR": str(folder / "data"),
-        "SEGQ_DATABASE_URL": database_url,
-        "SEGQ_BROKER_URL": REDIS_URL,
-        "SEGQ_STORAGE_URL": f"s3://{TEST_BUCKET}/serve-{uuid.uuid4().hex[:8]}",
-        "SEGQ_S3_ENDPOINT_URL": s3_endpoint,
+    settings = {
         "SEGQ_MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES),
         "SEGQ_REQUEST_DEADLINE_SECONDS": str(DEADLINE_SECONDS),
     }
-    log = folder / "serve.log"
-    with log.open("ab") as output:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "segq.cli.main", "serve", "--port", str(port), "--workers", "2"],
-            env=env,
-            cwd=REPO,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    served = Server(port, log)
-    try:
-        wait_until_healthy(served.url, process, log, timeout=60)
+    env = loopback_env(folder, database_url, s3_endpoint, settings)
+    with served_api(env, folder, workers=2) as served:
         yield served
-    finally:
-        stop_process(process)
 
 
 @dataclass(frozen=True)
@@ -152,7 +113,7 @@ def read_answer(sock: socket.socket) -> bytes:
     return received
 
 
-def exchange(server: Server, head: bytes, body: bytes = b"", *, chunked: bool = False) -> Answer:
+def exchange(server: ServedApi, head: bytes, body: bytes = b"", *, chunked: bool = False) -> Answer:
     """One request written as given. The server may answer and close before
     the body is all sent; sending then stops and the answer is read."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=15) as sock:
@@ -186,7 +147,7 @@ def request_head(
     return "\r\n".join(lines).encode() + b"\r\n" + extra + b"\r\n"
 
 
-def test_slow_clients_hold_connections_not_the_api(server: Server, key: Key) -> None:
+def test_slow_clients_hold_connections_not_the_api(server: ServedApi, key: Key) -> None:
     """200 connections that send headers and then stall or drip their body
     one byte every two seconds: the API answers within a second meanwhile,
     and the server cuts each of them off at the request deadline."""
@@ -327,13 +288,15 @@ REFUSED_BY_THE_SERVER = {
 @pytest.mark.parametrize(
     ("raw", "status"), REFUSED_BY_THE_SERVER.values(), ids=REFUSED_BY_THE_SERVER.keys()
 )
-def test_the_servers_own_refusals_use_the_envelope(server: Server, raw: bytes, status: int) -> None:
+def test_the_servers_own_refusals_use_the_envelope(
+    server: ServedApi, raw: bytes, status: int
+) -> None:
     answer = exchange(server, raw)
     assert answer.status == status, answer
     answer.envelope()
 
 
-def test_high_bytes_in_a_header_reach_the_app(server: Server) -> None:
+def test_high_bytes_in_a_header_reach_the_app(server: ServedApi) -> None:
     answer = exchange(
         server, b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Id: caf\xe9\r\nConnection: close\r\n\r\n"
     )
@@ -362,7 +325,7 @@ def multipart(image: bytes, boundary: str = "segqboundary") -> bytes:
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_oversized_upload_is_413_and_stores_nothing(
-    server: Server, key: Key, sessions: sessionmaker[Session], chunked: bool
+    server: ServedApi, key: Key, sessions: sessionmaker[Session], chunked: bool
 ) -> None:
     body = multipart(jpeg_noise(MAX_UPLOAD_BYTES + 100 * 1024))
     headers = {**key.headers, "Content-Type": "multipart/form-data; boundary=segqboundary"}
@@ -376,7 +339,7 @@ def test_oversized_upload_is_413_and_stores_nothing(
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
 def test_oversized_json_is_413_and_stores_nothing(
-    server: Server, key: Key, sessions: sessionmaker[Session], chunked: bool
+    server: ServedApi, key: Key, sessions: sessionmaker[Session], chunked: bool
 ) -> None:
     headers = {**key.headers, "Content-Type": "application/json"}
     path = f"/api/v1/projects/{key.project}/context/vision/segment"
@@ -413,7 +376,7 @@ MAX_REQUEST_BYTES = max_request_bytes(
     ids=["first-chunk", "a-later-chunk", "huge"],
 )
 def test_a_chunk_declared_past_the_body_bound_is_413_at_once(
-    server: Server, key: Key, sessions: sessionmaker[Session], sizes: list[int]
+    server: ServedApi, key: Key, sessions: sessionmaker[Session], sizes: list[int]
 ) -> None:
     """As a Content-Length past the bound is: refused on the declaration,
     without waiting for bytes the client may never send (which took the
@@ -437,7 +400,7 @@ def test_a_chunk_declared_past_the_body_bound_is_413_at_once(
 
 @pytest.mark.parametrize("raw", MALFORMED_JSON_BODIES.values(), ids=MALFORMED_JSON_BODIES.keys())
 def test_malformed_json_is_400_and_stores_nothing(
-    server: Server, key: Key, sessions: sessionmaker[Session], raw: bytes
+    server: ServedApi, key: Key, sessions: sessionmaker[Session], raw: bytes
 ) -> None:
     headers = {**key.headers, "Content-Type": "application/json"}
     path = f"/api/v1/projects/{key.project}/context/vision/segment"

@@ -7,13 +7,9 @@ connection. tests/api/test_job_waiting.py has the embedded app."""
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,23 +22,18 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.projects import create_project
-from tests.support.harness import (
-    REDIS_URL,
-    REPO,
-    TEST_BUCKET,
-    Worker,
-    free_port,
-    stop_process,
-    wait_until_healthy,
-)
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.live_processes import (
+    Worker,
+    loopback_env,
+    served_api,
+)
 
 pytestmark = pytest.mark.slow
 
 #: Long, so that a live test that answers sooner was woken by the worker's
 #: announcement, not by the re-check.
 LIVE_RECHECK_SECONDS = 30
-SERVE = [sys.executable, "-m", "segq.cli.main", "serve"]
 
 
 @dataclass(frozen=True)
@@ -66,38 +57,16 @@ def live(
     """`segq serve` (two processes of two threads each) and a GrabCut
     `segq worker` whose engine waits for a gate file before each item."""
     folder = tmp_path_factory.mktemp("waiting")
-    port = free_port()
-    storage_url = f"s3://{TEST_BUCKET}/waiting-{uuid.uuid4().hex[:8]}"
-    env = {
-        **{name: value for name, value in os.environ.items() if not name.startswith("SEGQ_")},
-        "PYTHONPATH": str(REPO),
-        "SEGQ_DATA_DIR": str(folder / "data"),
-        "SEGQ_DATABASE_URL": database_url,
-        "SEGQ_BROKER_URL": REDIS_URL,
-        "SEGQ_STORAGE_URL": storage_url,
-        "SEGQ_S3_ENDPOINT_URL": s3_endpoint,
-        "SEGQ_MODEL": "grabcut",
-        "SEGQ_WAIT_RECHECK_SECONDS": str(LIVE_RECHECK_SECONDS),
-    }
+    settings = {"SEGQ_MODEL": "grabcut", "SEGQ_WAIT_RECHECK_SECONDS": str(LIVE_RECHECK_SECONDS)}
+    env = loopback_env(folder, database_url, s3_endpoint, settings)
     gate = folder / "gate"
-    log = folder / "serve.log"
-    with log.open("ab") as output:
-        server = subprocess.Popen(
-            [*SERVE, "--port", str(port), "--workers", "2", "--threads", "2"],
-            env=env,
-            cwd=REPO,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
     worker = Worker({**env, "SEGQ_PROBE_GATE": str(gate)}, 1, folder / "worker.log")
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(url, server, log)
-        yield Live(url, gate, log, storage_url)
+        with served_api(env, folder, workers=2, threads=2) as served:
+            yield Live(served.url, gate, served.log, env["SEGQ_STORAGE_URL"])
     finally:
         gate.touch()
         worker.stop()
-        stop_process(server)
 
 
 @dataclass(frozen=True)

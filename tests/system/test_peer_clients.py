@@ -43,16 +43,11 @@ from segq.worker.celery_app import create_worker_app
 from segq.worker.engines.sam import SamEngine
 from segq.worker.item_inputs import ImageLimits
 from segq.worker.masks import Ring, rasterize_rings
+from tests.support.database import count_files, count_jobs
 from tests.support.fake_dns import fake_dns
-from tests.support.harness import (
-    Tenant,
-    count_files,
-    count_jobs,
-    engine_worker,
-    grabcut_worker,
-    serving,
-)
 from tests.support.images import png_bytes, scene
+from tests.support.in_process_workers import engine_worker, grabcut_worker
+from tests.support.tenants import Tenant, serving
 from tests.support.tiny_sam import load_tiny_sam, segment_anything_directly
 
 WIDTH, HEIGHT = 160, 120

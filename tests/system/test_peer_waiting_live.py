@@ -33,17 +33,10 @@ from moondream.types import Base64EncodedImage
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.projects import create_project
-from tests.support.harness import (
-    REDIS_URL,
-    REPO,
-    TEST_BUCKET,
-    Worker,
-    count_jobs,
-    free_port,
-    stop_process,
-    wait_until_healthy,
-)
+from tests.support.database import count_jobs
 from tests.support.images import png_bytes
+from tests.support.live_processes import REPO, Worker, stop_process, wait_until_healthy
+from tests.support.services import REDIS_URL, TEST_BUCKET, free_port
 
 pytestmark = pytest.mark.slow
 

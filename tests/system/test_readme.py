@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.support.harness import free_port
 from tests.support.images import encode, scene
 from tests.support.markdown_blocks import PAGES, README, code_blocks
+from tests.support.services import free_port
 
 #: Printed before each command the script runs: the command's first line.
 STEP_MARK = "@@step "

@@ -42,17 +42,12 @@ from segq.schema_migrations import upgrade_to_head
 from segq.settings import Settings
 from segq.storage import S3Storage
 from segq.worker.celery_app import create_worker_app
-from tests.support.harness import (
-    REPO,
-    TEST_BUCKET,
-    Tenant,
-    Worker,
-    count_jobs,
-    free_port,
-    grabcut_worker,
-    queued_messages,
-)
+from tests.support.database import count_jobs
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.in_process_workers import grabcut_worker
+from tests.support.live_processes import REPO, Worker
+from tests.support.services import TEST_BUCKET, free_port, queued_messages
+from tests.support.tenants import Tenant
 from tests.worker.test_webhooks import LOOPBACK, Receiver, all_settled, drain, receiver, rules
 
 __all__ = ["receiver"]  # the fixture, shared with the native webhook tests

@@ -18,8 +18,10 @@ from segq.worker.engines.encoder_options import EncoderOptions, Precision
 from segq.worker.engines.sam import SamEngine
 from segq.worker.item_inputs import ImageLimits
 from segq.worker.pipeline import ItemOutcome, StorageUnavailable, process_item
-from tests.support.harness import TEST_LIMITS, Tenant, item_ids
+from tests.support.database import item_ids
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.in_process_workers import TEST_LIMITS
+from tests.support.tenants import Tenant
 from tests.support.tiny_sam import load_tiny_sam
 
 #: Each test builds a SAM-family model (make test-fast skips them).

@@ -32,8 +32,10 @@ from segq.worker.item_inputs import ImageLimits
 from segq.worker.lease_keeper import LeaseKeeper
 from segq.worker.masks import Ring, rasterize_rings
 from segq.worker.pipeline import ItemOutcome, process_item
-from tests.support.harness import TEST_LIMITS, Tenant, grabcut_worker, item_ids
+from tests.support.database import item_ids
 from tests.support.images import png_bytes, scene, scene_prompt_body, with_exif_orientation
+from tests.support.in_process_workers import TEST_LIMITS, grabcut_worker
+from tests.support.tenants import Tenant
 
 LEASE = 60
 

@@ -26,15 +26,12 @@ from segq.worker.engines.base import Prompt
 from segq.worker.engines.grabcut import GrabCutEngine
 from segq.worker.engines.sam import SamEngine
 from segq.worker.pipeline import ItemOutcome
-from tests.support.harness import (
-    Tenant,
-    assert_job_refused,
-    count_jobs,
-    queued_messages,
-    run_job_item,
-    stored_mask,
-)
+from tests.support.database import count_jobs
 from tests.support.images import png_bytes, scene
+from tests.support.in_process_workers import run_job_item, stored_mask
+from tests.support.refusals import assert_job_refused
+from tests.support.services import queued_messages
+from tests.support.tenants import Tenant
 from tests.support.tiny_sam import (
     Box,
     PointList,

@@ -25,8 +25,10 @@ from segq.worker.claims import abandoned_message, claim_item, release_item
 from segq.worker.engines.grabcut import GrabCutEngine
 from segq.worker.pipeline import ItemOutcome, process_item
 from segq.worker.reconciler import ADVISORY_LOCK_KEY, reconcile
-from tests.support.harness import REDIS_URL, TEST_LIMITS, Tenant, grabcut_worker, make_tenant
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.in_process_workers import TEST_LIMITS, grabcut_worker
+from tests.support.services import REDIS_URL
+from tests.support.tenants import Tenant, make_tenant
 
 
 def messages() -> list[int]:

@@ -15,8 +15,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from segq.models import JobItem
 from segq.settings import Settings
 from segq.storage import S3Storage
-from tests.support.harness import Tenant, Worker, item_ids, queued_messages, segq_env
+from tests.support.database import item_ids
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.live_processes import Worker, segq_env
+from tests.support.services import queued_messages
+from tests.support.tenants import Tenant
 from tests.support.tiny_sam import build_tiny_sam
 
 #: Each test builds a SAM-family model (make test-fast skips them).

@@ -40,9 +40,11 @@ from segq.worker.engines.grabcut import GrabCutEngine
 from segq.worker.item_inputs import ImageLimits
 from segq.worker.pipeline import ItemOutcome, process_item
 from tests.support.fake_dns import fake_dns
-from tests.support.harness import REDIS_URL, TEST_LIMITS, Tenant, make_tenant
 from tests.support.images import cut_short, flat_png, jpeg_bytes, png_bytes
+from tests.support.in_process_workers import TEST_LIMITS
 from tests.support.refused_urls import INTERNAL_SPELLINGS
+from tests.support.services import REDIS_URL
+from tests.support.tenants import Tenant, make_tenant
 
 LOOPBACK_ONLY = parse_networks("127.0.0.1/32")
 PROMPT = {"points": [{"x": 0.5, "y": 0.5, "label": 1}]}

@@ -48,10 +48,13 @@ from segq.worker.webhook_delivery import (
     dispatch_due,
 )
 from tests.support.fake_dns import fake_dns
-from tests.support.harness import REDIS_URL, REPO, TEST_LIMITS, Tenant, Worker, make_tenant
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.in_process_workers import TEST_LIMITS
+from tests.support.live_processes import REPO, Worker
 from tests.support.refused_urls import INTERNAL_SPELLINGS
+from tests.support.services import REDIS_URL
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.tenants import Tenant, make_tenant
 
 LOOPBACK = "127.0.0.1/32"
 ALL_EVENTS = ["job.started", "job.completed", "job.failed", "item.completed", "item.failed"]

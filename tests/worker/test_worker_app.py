@@ -18,8 +18,9 @@ from segq.settings import Settings
 from segq.storage import S3Storage
 from segq.worker.celery_app import create_worker_app
 from segq.worker.runtime import runtime_of
-from tests.support.harness import TEST_BUCKET, Tenant
 from tests.support.images import png_bytes, scene_prompt_body
+from tests.support.services import TEST_BUCKET
+from tests.support.tenants import Tenant
 
 REPO = Path(__file__).resolve().parents[2]
 
