@@ -57,6 +57,11 @@ class Claim:
     source_url: str | None
     prompt: dict[str, Any]
     options: dict[str, Any]
+    #: When the item's message was sent, and its first attempt began (epoch
+    #: ms), as the claim found them: its time in the queue, counted without
+    #: reading the row again.
+    published_time: int | None = None
+    started_time: int | None = None
 
 
 #: How early a message sent with a retry's countdown may claim its item.
@@ -169,6 +174,8 @@ def claim_item(
                 source_url=taken.file_ref.get("fileUrl"),
                 prompt=dict(taken.prompt),
                 options=dict(taken.options),
+                published_time=taken.published_time,
+                started_time=taken.started_time,
             )
         if started is not None:
             # Every item of a Queued job is Queued at attempt 0: runnable.
@@ -302,6 +309,8 @@ _TAKE_RUNNABLE_ITEM = (
             ),
         ).label("storage_key"),
         JobItem.job_id,
+        JobItem.published_time,
+        JobItem.started_time,
         _of_items_job(Job.project_id),
         _of_items_job(Job.prompt),
         _of_items_job(Job.options),

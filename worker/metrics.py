@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -23,6 +23,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.models import JobItem
+
+if TYPE_CHECKING:
+    from segq.worker.claims import Claim
 
 log = logging.getLogger(__name__)
 
@@ -102,26 +105,26 @@ RETENTION_DELETED = Counter(
 
 
 def observe_item(
-    sessions: sessionmaker[Session], item_id: int, outcome: str, seconds: float
+    sessions: sessionmaker[Session],
+    item_id: int,
+    claim: Claim | None,
+    outcome: str,
+    seconds: float,
 ) -> None:
-    """Count one attempt's end and log it with its job, attempt and duration
-    (read back from the item's row: the pipeline's answer is only the
-    outcome)."""
+    """Count one attempt's end and log it with its job, attempt and
+    duration. ``claim``: the attempt's, as the pipeline holds it; without
+    one (nothing was claimed), the item's row is read for the log line."""
     ITEMS.labels(outcome).inc()
-    with sessions() as session:
-        row = session.execute(
-            select(
-                JobItem.job_id,
-                JobItem.attempt,
-                JobItem.engine,
-                JobItem.published_time,
-                JobItem.started_time,
-                JobItem.result,
-            ).where(JobItem.id == item_id)
-        ).first()
-    if row is None:
-        return  # its job was deleted meanwhile
-    job_id, attempt, engine, published_time, started_time, result = row
+    if claim is not None:
+        job_id, attempt = claim.job_id, claim.attempt
+    else:
+        with sessions() as session:
+            row = session.execute(
+                select(JobItem.job_id, JobItem.attempt).where(JobItem.id == item_id)
+            ).first()
+        if row is None:
+            return  # its job was deleted meanwhile
+        job_id, attempt = row
     log.info(
         "item %s attempt %s: %s",
         item_id,
@@ -136,13 +139,16 @@ def observe_item(
             "duration_ms": round(seconds * 1000, 1),
         },
     )
-    if outcome != "completed":
-        return
-    if attempt == 1 and published_time is not None and started_time is not None:
-        QUEUE_WAIT.observe(max(0, started_time - published_time) / 1000)
-    metrics: dict[str, Any] = (result or {}).get("metrics") or {}
+
+
+def observe_completion(claim: Claim, engine_name: str, result: dict[str, Any]) -> None:
+    """What a completed attempt tells of its queue wait and its engine, from
+    what the pipeline holds (the claim, the result it stored)."""
+    if claim.attempt == 1 and claim.published_time is not None and claim.started_time is not None:
+        QUEUE_WAIT.observe(max(0, claim.started_time - claim.published_time) / 1000)
+    metrics: dict[str, Any] = result.get("metrics") or {}
     engine_ms = (metrics.get("encodeMs") or 0) + (metrics.get("decodeMs") or 0)
-    ENGINE_SECONDS.labels(engine or "unknown").observe(engine_ms / 1000)
+    ENGINE_SECONDS.labels(engine_name).observe(engine_ms / 1000)
     if metrics.get("embedding"):
         EMBEDDINGS.labels(metrics["embedding"]).inc()
 

@@ -51,7 +51,7 @@ from segq.worker.item_inputs import (
 )
 from segq.worker.item_stages import ItemStages, Stage, timed_stage
 from segq.worker.lease_keeper import lease_kept
-from segq.worker.metrics import STORAGE_ERRORS
+from segq.worker.metrics import STORAGE_ERRORS, observe_completion
 from segq.worker.results import (
     discard_objects,
     discard_objects_of_earlier_attempts,
@@ -299,6 +299,7 @@ def _run_claimed(
                 announce_job_change=announce_job_change,
                 breaker=breaker,
                 in_batch=len(attempts) > 1,
+                engine_name=engine.name,
             )
             for attempt in attempts
         ]
@@ -356,6 +357,7 @@ def _finish(
     announce_job_change: Callable[[int], None],
     breaker: DependencyBreaker | None,
     in_batch: bool,
+    engine_name: str,
 ) -> tuple[ItemOutcome, str]:
     claim = attempt.claim
     stages = attempt.stages
@@ -384,6 +386,8 @@ def _finish(
     if landed:
         with stages.timing(Stage.NOTIFY):
             announce_job_change(claim.job_id)
+        if result is not None:
+            observe_completion(claim, engine_name, result)
         log.debug(
             "item %s attempt %s: stages",
             claim.item_id,

@@ -36,7 +36,7 @@ def segment_item(self: Any, item_id: int) -> str:
     def taken_along(claim: Claim, outcome: ItemOutcome) -> None:
         released = outcome == ItemOutcome.RELEASED
         shown = "storage_retry" if released else outcome.value
-        observe_item(current.sessions, claim.item_id, shown, time.monotonic() - started)
+        observe_item(current.sessions, claim.item_id, claim, shown, time.monotonic() - started)
         if released:
             # Storage failed this item of the batch, and its own message may
             # be spent (another worker found it taken): send one for when its
@@ -69,7 +69,7 @@ def _segment_item(
     taken_along: Callable[[Claim, ItemOutcome], None],
 ) -> str:
     # The message wakes a worker; the item run is the one queued first.
-    ran: list[int] = []
+    ran: list[Claim] = []
     if not current.database_breaker.wait_until_closed(PAUSE_SLICE_SECONDS):
         segment_item.apply_async((item_id,))
         return ItemOutcome.PAUSED.value
@@ -90,7 +90,7 @@ def _segment_item(
             batch_wait_ms=current.batch_wait_ms,
             taken_along=taken_along,
             announce_job_change=current.job_changes.announce,
-            claimed=lambda claim: ran.append(claim.item_id),
+            claimed=ran.append,
             breaker=current.storage_breaker,
         )
     except StorageUnavailable as exc:
@@ -100,7 +100,11 @@ def _segment_item(
         raise task.retry(countdown=exc.retry_in_seconds, exc=exc) from exc
     current.database_breaker.confirm()  # its rows were written: the database works
     observe_item(
-        current.sessions, ran[0] if ran else item_id, outcome.value, time.monotonic() - started
+        current.sessions,
+        ran[0].item_id if ran else item_id,
+        ran[0] if ran else None,
+        outcome.value,
+        time.monotonic() - started,
     )
     if outcome == ItemOutcome.PAUSED:
         segment_item.apply_async((item_id,))
