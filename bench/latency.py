@@ -5,8 +5,7 @@ where the time goes: a real `segq serve` (one process) and `segq worker`
 For each engine (the classical GrabCut; SAM ViT-B at its real size with
 random weights, whose speed does not depend on them, its embedding cached
 by warm-up jobs on the same image) and each image (a smooth one: a disc on
-a plain ground; a noisy one: the same with a third of its pixels
-swapped, whose mask is full of holes; each case prints its mask's
+a plain ground; a noisy one: the same object full of holes; each case prints its mask's
 polygon vertices), after warm-up jobs, it POSTs ``--jobs``
 one-item jobs one after the other and prints p50/p95/p99 of:
 
@@ -36,6 +35,7 @@ import argparse
 import io
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +47,7 @@ from typing import Any
 
 import boto3
 import numpy as np
+import redis
 import requests
 from moto.server import ThreadedMotoServer
 from PIL import Image
@@ -71,23 +72,28 @@ TOTAL_METRIC = "segq_worker_item_seconds"
 ENGINES = {"grabcut": "grabcut (classical)", "sam_vit_b": "SAM ViT-B (random weights)"}
 
 
+GROUND_COLOUR, OBJECT_COLOUR = (40, 90, 160), (220, 180, 60)
+
+
 def smooth_image(width: int, height: int) -> np.ndarray[Any, Any]:
     rows, columns = np.mgrid[0:height, 0:width]
     inside = (columns - width / 2) ** 2 + (rows - height / 2) ** 2 <= (
         0.3 * min(width, height)
     ) ** 2
     pixels = np.empty((height, width, 3), dtype=np.uint8)
-    pixels[...] = (40, 90, 160)
-    pixels[inside] = (220, 180, 60)
+    pixels[...] = GROUND_COLOUR
+    pixels[inside] = OBJECT_COLOUR
     return pixels
 
 
 def noisy_image(width: int, height: int) -> np.ndarray[Any, Any]:
-    """The smooth image with a third of its pixels swapped to the other
-    colour: the object's mask is full of holes and specks."""
+    """The smooth image with holes: a third of the object's 6x6 blocks in
+    the ground's colour (GrabCut smooths smaller ones away)."""
     pixels = smooth_image(width, height)
-    swapped = np.random.default_rng(7).random((height, width)) < 0.33
-    pixels[swapped] = 255 - pixels[swapped]
+    inside = np.all(pixels == OBJECT_COLOUR, axis=-1)
+    blocks = np.random.default_rng(7).random((height // 6 + 1, width // 6 + 1)) < 0.3
+    holes = np.kron(blocks, np.ones((6, 6), dtype=bool))[:height, :width] & inside
+    pixels[holes] = GROUND_COLOUR
     return pixels
 
 
@@ -166,32 +172,54 @@ def run_job(stack: Stack, file_id: int) -> dict[str, Any]:
     return body
 
 
-def measure(stack: Stack, metrics: WorkerMetrics, file_id: int, args: argparse.Namespace) -> Case:
-    case = Case()
-    for _ in range(args.warmup):
-        run_job(stack, file_id)
+@dataclass
+class Deployment:
+    """One checkout's `segq serve` + `segq worker`, and an image's file id in it."""
+
+    label: str
+    stack: Stack
+    metrics: WorkerMetrics
+    file_ids: dict[str, int] = field(default_factory=dict)
+
+
+def timed_job(deployment: Deployment, image: str, case: Case) -> None:
+    """One job on ``image``, its figures added to ``case``."""
+    metrics = deployment.metrics
+    count, before = metrics.sums() if metrics.has_stages else (0, {})
+    started = time.perf_counter()
+    body = run_job(deployment.stack, deployment.file_ids[image])
+    case.end_to_end.append((time.perf_counter() - started) * 1000)
+    [item] = body["items"]
+    case.engine.append(item["metrics"]["encodeMs"] + item["metrics"]["decodeMs"])
+    case.vertices = sum(
+        len(ring["vertices"]) for segment in item["segments"] for ring in segment["polygons"]
+    )
     if metrics.has_stages:
-        time.sleep(0.2)
-        metrics.has_stages = metrics.sums()[0] > 0
-    for _ in range(args.jobs):
-        count, before = metrics.sums() if metrics.has_stages else (0, {})
-        started = time.perf_counter()
-        body = run_job(stack, file_id)
-        case.end_to_end.append((time.perf_counter() - started) * 1000)
-        [item] = body["items"]
-        case.engine.append(item["metrics"]["encodeMs"] + item["metrics"]["decodeMs"])
-        case.vertices = sum(
-            len(ring["vertices"]) for segment in item["segments"] for ring in segment["polygons"]
-        )
-        if metrics.has_stages:
-            after = metrics.after(count)
-            for stage, value in after.items():
-                spent = (value - before.get(stage, 0.0)) * 1000
-                if stage == "total":
-                    case.worker.append(spent)
-                else:
-                    case.stages.setdefault(stage, []).append(spent)
-    return case
+        after = metrics.after(count)
+        for stage, value in after.items():
+            spent = (value - before.get(stage, 0.0)) * 1000
+            if stage == "total":
+                case.worker.append(spent)
+            else:
+                case.stages.setdefault(stage, []).append(spent)
+
+
+def measure(deployments: list[Deployment], args: argparse.Namespace) -> dict[tuple[str, str], Case]:
+    """Per image, warm-up jobs on each deployment, then ``args.jobs`` jobs on
+    each, taking turns job by job: a deployment runs while the others are
+    idle, and the machine's load at any moment falls on each alike."""
+    cases: dict[tuple[str, str], Case] = {}
+    for image in IMAGES:
+        for deployment in deployments:
+            for _ in range(args.warmup):
+                run_job(deployment.stack, deployment.file_ids[image])
+            if deployment.metrics.has_stages:
+                time.sleep(0.2)
+                deployment.metrics.has_stages = deployment.metrics.sums()[0] > 0
+        for _ in range(args.jobs):
+            for deployment in deployments:
+                timed_job(deployment, image, cases.setdefault((deployment.label, image), Case()))
+    return cases
 
 
 @contextmanager
@@ -217,40 +245,72 @@ def moto_s3() -> Iterator[dict[str, str]]:
         server.stop()
 
 
-def run_engine(
-    engine: str, checkout: Path, s3: dict[str, str], args: argparse.Namespace, workdir: Path
-) -> dict[str, Case]:
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A Redis of the run's own (the deployments flush their databases)."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=port).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def deploy(
+    running: ExitStack,
+    engine: str,
+    checkout: Path,
+    label: str,
+    redis_url: str,
+    s3: dict[str, str],
+    args: argparse.Namespace,
+    workdir: Path,
+) -> Deployment:
     metrics_port = free_port()
     environment = {
         **s3,
         "SEGQ_MODEL": engine,
         "SEGQ_DEVICE": args.device,
         "SEGQ_METRICS_PORT": str(metrics_port),
-        "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{checkout.name}-{engine}"),
+        "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{label}-{engine}"),
     }
     if engine.startswith("sam_"):
-        checkpoint = workdir / f"random_{engine}.pth"
+        model = engine.removeprefix("sam_")
+        checkpoint = workdir / f"random_{model}.pth"
         if not checkpoint.exists():
-            random_checkpoint(engine.removeprefix("sam_"), workdir)
+            checkpoint = random_checkpoint(model, workdir)
         environment["SEGQ_MODEL_CHECKPOINT"] = str(checkpoint)
-    stack = Stack(args, workdir, environment, repo=checkout)
-    cases: dict[str, Case] = {}
-    try:
-        with ExitStack() as running:
-            running.enter_context(stack.api())
-            stack.wait_ready()
-            running.enter_context(stack.workers())
-            metrics = WorkerMetrics(metrics_port)
-            for name, draw in IMAGES.items():
-                response = stack.http.post(
-                    f"{stack.base}/files",
-                    files={"file": (f"{name}.png", png_bytes(draw(args.width, args.height)))},
-                )
-                response.raise_for_status()
-                cases[name] = measure(stack, metrics, int(response.json()["id"]), args)
-    finally:
-        stack.close()
-    return cases
+    folder = workdir / f"{label}-{engine}"
+    folder.mkdir()
+    stack = Stack(
+        argparse.Namespace(**{**vars(args), "redis": redis_url}), folder, environment, checkout
+    )
+    running.callback(stack.close)
+    running.enter_context(stack.api())
+    stack.wait_ready()
+    running.enter_context(stack.workers())
+    deployment = Deployment(label, stack, WorkerMetrics(metrics_port))
+    for name, draw in IMAGES.items():
+        response = stack.http.post(
+            f"{stack.base}/files",
+            files={"file": (f"{name}.png", png_bytes(draw(args.width, args.height)))},
+        )
+        response.raise_for_status()
+        deployment.file_ids[name] = int(response.json()["id"])
+    return deployment
 
 
 def figures(values: list[float]) -> str:
@@ -293,24 +353,33 @@ def main(argv: list[str] | None = None) -> int:
     # moto's server logs each request it serves.
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     engines = [name.strip() for name in args.engines.split(",") if name.strip()]
-    checkouts = [THIS_CHECKOUT] if args.baseline is None else [args.baseline, THIS_CHECKOUT]
+    checkouts = [("this checkout", THIS_CHECKOUT)]
+    if args.baseline is not None:
+        checkouts.insert(0, (f"baseline {args.baseline}", args.baseline))
     print(
         f"{args.jobs} jobs after {args.warmup} warm-up per case, {args.width}x{args.height} PNG; "
         "ms, p50 / p95 / p99",
         flush=True,
     )
-    with moto_s3() as s3, tempfile.TemporaryDirectory(prefix="segq-bench-latency-") as workdir:
+    with ExitStack() as services:
+        s3 = services.enter_context(moto_s3())
+        workdir = Path(services.enter_context(tempfile.TemporaryDirectory(prefix="segq-bench-")))
+        # Two deployments need two Redis databases: a server of the run's own.
+        redis_url = args.redis if args.baseline is None else services.enter_context(private_redis())
         for engine in engines:
-            for checkout in checkouts:
-                cases = run_engine(engine, checkout, s3, args, Path(workdir))
-                which = "this checkout" if checkout == THIS_CHECKOUT else f"baseline {checkout}"
-                for image, case in cases.items():
-                    print(
-                        "\n".join(
-                            report(f"{ENGINES.get(engine, engine)}, {image} image, {which}", case)
-                        ),
-                        flush=True,
+            with ExitStack() as running:
+                deployments = [
+                    deploy(
+                        running, engine, checkout, label,
+                        redis_url if args.baseline is None else f"{redis_url}/{number}",
+                        s3, args, workdir,
                     )
+                    for number, (label, checkout) in enumerate(checkouts)
+                ]  # fmt: skip
+                cases = measure(deployments, args)
+            for (label, image), case in cases.items():
+                title = f"{ENGINES.get(engine, engine)}, {image} image, {label}"
+                print("\n".join(report(title, case)), flush=True)
     return 0
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import (
+    Connection,
     CursorResult,
     Exists,
     and_,
@@ -91,9 +92,9 @@ def claim_next_item(
     of going behind the backlog with its new message. The message's own
     item is the fallback: one Running whose lease ran out, say."""
     for _ in range(CLAIM_ROUNDS):
-        with sessions() as session:
+        with _reading(sessions) as connection:
             first_queued = list(
-                session.scalars(
+                connection.scalars(
                     _FIRST_QUEUED,
                     {"max_attempts": max_attempts, "due_by": now_ms(), "count": CLAIM_CANDIDATES},
                 )
@@ -119,6 +120,15 @@ def claim_next_item(
         engine_name=engine_name,
         max_attempts=max_attempts,
     )
+
+
+def _reading(sessions: sessionmaker[Session]) -> Connection:
+    """A connection of ``sessions``' pool for reads outside a transaction:
+    a candidate list needs no snapshot (each candidate is then claimed in a
+    transaction of its own), and without one it costs its statement's round
+    trip alone, not a BEGIN and a ROLLBACK around it."""
+    bind = sessions.kw["bind"]
+    return cast(Connection, bind.connect().execution_options(isolation_level="AUTOCOMMIT"))
 
 
 def claim_item(
@@ -560,7 +570,7 @@ def queued_company(
     candidates: each is then claimed as any item is, and one another
     worker took first is simply not ours. Items waiting out a retry's
     backoff are not candidates (release_item)."""
-    with sessions() as session:
+    with _reading(sessions) as connection:
         values = {
             "job_id": claim.job_id,
             "item_id": claim.item_id,
@@ -568,10 +578,10 @@ def queued_company(
             "count": count,
             "due_by": now_ms(),
         }
-        found = list(session.scalars(_QUEUED_OF_JOB, values))
+        found = list(connection.scalars(_QUEUED_OF_JOB, values))
         if len(found) < count:
             values["count"] = count - len(found)
-            found += session.scalars(_QUEUED_ELSEWHERE, {**values, "engine": engine_name})
+            found += connection.scalars(_QUEUED_ELSEWHERE, {**values, "engine": engine_name})
         return found
 
 
