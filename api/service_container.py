@@ -8,7 +8,12 @@ from typing import TYPE_CHECKING
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from segq.api.process_caches import KeptJobAnswers, ProjectsByKey, UnfinishedJobCounts
+from segq.api.process_caches import (
+    KeptItemTexts,
+    KeptJobAnswers,
+    ProjectsByKey,
+    UnfinishedJobCounts,
+)
 from segq.api.rate_limit import RateLimiter
 from segq.api.signed_links import SignedLinks
 from segq.job_changes import JobChangeAnnouncer
@@ -36,3 +41,4 @@ class Services:
     projects_by_key: ProjectsByKey = field(default_factory=ProjectsByKey)
     unfinished_jobs: UnfinishedJobCounts = field(default_factory=UnfinishedJobCounts)
     job_answers: KeptJobAnswers = field(default_factory=KeptJobAnswers)
+    item_texts: KeptItemTexts = field(default_factory=KeptItemTexts)

@@ -274,6 +274,7 @@ def deploy(
     engine: str,
     checkout: Path,
     label: str,
+    number: int,
     redis_url: str,
     s3: dict[str, str],
     args: argparse.Namespace,
@@ -285,7 +286,7 @@ def deploy(
         "SEGQ_MODEL": engine,
         "SEGQ_DEVICE": args.device,
         "SEGQ_METRICS_PORT": str(metrics_port),
-        "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{label}-{engine}"),
+        "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"metrics-{number}-{engine}"),
     }
     if engine.startswith("sam_"):
         model = engine.removeprefix("sam_")
@@ -293,7 +294,7 @@ def deploy(
         if not checkpoint.exists():
             checkpoint = random_checkpoint(model, workdir)
         environment["SEGQ_MODEL_CHECKPOINT"] = str(checkpoint)
-    folder = workdir / f"{label}-{engine}"
+    folder = workdir / f"deployment-{number}-{engine}"
     folder.mkdir()
     stack = Stack(
         argparse.Namespace(**{**vars(args), "redis": redis_url}), folder, environment, checkout
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             with ExitStack() as running:
                 deployments = [
                     deploy(
-                        running, engine, checkout, label,
+                        running, engine, checkout, label, number,
                         redis_url if args.baseline is None else f"{redis_url}/{number}",
                         s3, args, workdir,
                     )
