@@ -3,21 +3,14 @@ answers a request that matches no route."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask, Response, current_app, jsonify, request
-from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 
 from segq.api.errors import ApiError
-from segq.images import TooManyPixels, UnreadableImage
-from segq.storage import StorageError
-
-log = logging.getLogger(__name__)
-
-DEPENDENCY_RETRY_AFTER_SECONDS = 5
+from segq.api.refusals import Envelope, register_refusals
 
 
 def error_response(error: ApiError) -> Response:
@@ -32,48 +25,22 @@ def error_response(error: ApiError) -> Response:
     return response
 
 
+#: Cognite's envelope: ``{"error": {"code", "message", "missing"?, "duplicated"?}}``,
+#: with the table's statuses unchanged (Moondream's routes answer in it too).
+COGNITE_ENVELOPE = Envelope("segq", error_response)
+
+
 def register_error_handlers(app: Flask, *, unknown_routes: Mapping[str, str]) -> None:
     """``unknown_routes``: path prefix -> the blueprint whose error handlers
     answer the requests under it that match no route (Replicate's client
     reads its own problem documents under /v1/)."""
-    app.register_error_handler(ApiError, error_response)
 
-    @app.errorhandler(UnreadableImage)
-    def _unreadable_image(exc: UnreadableImage) -> Response:
-        # A truncated or corrupt file is the client's to fix, not a worker's to discover.
-        return error_response(ApiError(415, str(exc)))
-
-    @app.errorhandler(TooManyPixels)
-    def _too_many_pixels(exc: TooManyPixels) -> Response:
-        return error_response(ApiError(413, str(exc)))
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
-        # Werkzeug's own: unknown route, wrong method, body over MAX_CONTENT_LENGTH.
+    def routing(exc: Exception) -> Response | None:
         if request.url_rule is None and isinstance(exc, NotFound | MethodNotAllowed):
             return _routing_error(exc, unknown_routes)
-        code = exc.code or 500
-        message = exc.description or exc.name
-        if code == 413:
-            message = "request body is too large"
-        return error_response(ApiError(code, message))
+        return None
 
-    @app.errorhandler(OperationalError)
-    @app.errorhandler(StorageError)
-    def _dependency_down(exc: Exception) -> Response:
-        log.warning("dependency unavailable: %s", exc)
-        return error_response(
-            ApiError(
-                503,
-                "a dependency of segq is unavailable; retry later",
-                headers={"Retry-After": str(DEPENDENCY_RETRY_AFTER_SECONDS)},
-            )
-        )
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return error_response(ApiError(500, "internal error"))
+    register_refusals(app, COGNITE_ENVELOPE, routing={HTTPException: routing})
 
 
 def _routing_error(exc: NotFound | MethodNotAllowed, unknown_routes: Mapping[str, str]) -> Response:

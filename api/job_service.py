@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -19,9 +19,7 @@ from sqlalchemy.orm import Session
 from segq.api.errors import ApiError, FieldPath, field_name
 from segq.api.item_sources import item_reference, resolve_sources
 from segq.api.schemas import (
-    DEFAULT_OUTPUTS,
     MAX_IDEMPOTENCY_KEY_LENGTH,
-    SUPPORTED_OUTPUTS,
     BoundingBox,
     EverythingOptions,
     MaskInput,
@@ -33,6 +31,14 @@ from segq.api.schemas import (
 from segq.api.service_container import Services
 from segq.api.stored_files import discard_objects
 from segq.clock import now_ms
+from segq.contract import (
+    DEFAULT_OUTPUTS,
+    EVERYTHING,
+    LOGITS_KEY,
+    EverythingSettings,
+    StoredMaskInput,
+    StoredOptions,
+)
 from segq.fault_points import API_AFTER_COMMIT, die_if_armed
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 from segq.queue import enqueue_items
@@ -230,7 +236,7 @@ def _check_semantics(
     what only SAM can do is refused here rather than failed by the worker."""
     if segment_request.model is not None:
         raise ApiError(422, "model selection is not supported: this server runs one engine")
-    if segment_request.mode == "everything":
+    if segment_request.mode == EVERYTHING:
         _check_everything(segment_request, configured_model)
     elif segment_request.everything is not None:
         raise ApiError(422, 'everything options are for "mode": "everything"')
@@ -251,9 +257,6 @@ def _check_semantics(
         raise ApiError(
             422, f"logits and maskInput need a SAM engine; this server runs {configured_model}"
         )
-    unsupported = set(segment_request.outputs or ()) - SUPPORTED_OUTPUTS
-    if unsupported:
-        raise ApiError(422, f"outputs {sorted(unsupported)} are not supported by this server yet")
     if len(segment_request.items) > max_items:
         raise ApiError(422, f"a job takes at most {max_items} items")
     for index, item in enumerate(segment_request.items):
@@ -301,14 +304,16 @@ def _check_prompt(where: FieldPath, points: list[Point] | None, box: BoundingBox
         seen.add((point.x, point.y))
 
 
-def _stored_options(segment_request: SegmentRequest) -> dict[str, Any]:
-    options: dict[str, Any] = {
+def _stored_options(segment_request: SegmentRequest) -> StoredOptions:
+    options: StoredOptions = {
         "multimaskOutput": segment_request.multimaskOutput,
         "outputs": list(segment_request.outputs or DEFAULT_OUTPUTS),
     }
-    if segment_request.mode == "everything":
-        options["mode"] = "everything"
-        options["everything"] = (segment_request.everything or EverythingOptions()).model_dump()
+    if segment_request.mode == EVERYTHING:
+        options["mode"] = EVERYTHING
+        # The schema's defaults are the contract's EVERYTHING_DEFAULTS.
+        chosen = segment_request.everything or EverythingOptions()
+        options["everything"] = cast(EverythingSettings, chosen.model_dump())
     return options
 
 
@@ -345,7 +350,7 @@ def _stored_prompt(
 
 def _resolved_mask_input(
     session: Session, project_id: int, where: str, mask_input: MaskInput
-) -> dict[str, Any]:
+) -> StoredMaskInput:
     """``mask_input`` with the storage key of the logits it names. Another
     project's job is answered as an unknown one: no existence oracle."""
     job_id, item_index, segment_index = (
@@ -382,7 +387,7 @@ def _resolved_mask_input(
             f"{where}.maskInput: item {item_index} of job {job_id} has "
             f"{len(segments)} segments, no segment {segment_index}",
         )
-    logits_key = segments[segment_index].get("logitsKey")
+    logits_key = segments[segment_index].get(LOGITS_KEY)
     if logits_key is None:
         raise ApiError(
             422,
@@ -393,7 +398,7 @@ def _resolved_mask_input(
         "jobId": job_id,
         "itemIndex": item_index,
         "segmentIndex": segment_index,
-        "logitsKey": logits_key,
+        LOGITS_KEY: logits_key,
     }
 
 

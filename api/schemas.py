@@ -24,6 +24,13 @@ from pydantic_core import PydanticCustomError
 from segq.api.errors import ApiError, FieldPath
 from segq.api.request_integers import ascii_integer, request_integer
 from segq.api.stored_text import check_stored_text
+from segq.contract import (
+    DEFAULT_MODE,
+    EVERYTHING_DEFAULTS,
+    MAX_EVERYTHING_SEGMENTS,
+    Mode,
+    OutputKind,
+)
 from segq.coordinates import NORMALIZED_HINT
 from segq.models import DeliveryStatus, ItemStatus, JobStatus
 from segq.webhook_events import EVENT_TYPES, SHORT_NAMES
@@ -58,9 +65,6 @@ Coordinate = Annotated[Unit, WrapValidator(_normalized_coordinate)]
 # Postgres text cannot hold NUL, and control characters in an id are always a mistake.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]*$"
-OutputKind = Literal["polygons", "mask", "rle", "svgPath", "logits"]
-SUPPORTED_OUTPUTS: frozenset[str] = frozenset({"polygons", "mask", "rle", "svgPath", "logits"})
-DEFAULT_OUTPUTS: tuple[OutputKind, ...] = ("polygons", "mask")
 
 
 class StrictModel(BaseModel):
@@ -155,27 +159,29 @@ class PromptSet(StrictModel):
     maskInput: MaskInput | None = None
 
 
-MAX_EVERYTHING_SEGMENTS = 256
-
-
 class EverythingOptions(StrictModel):
     """Segment everything, as segment-anything's SamAutomaticMaskGenerator
     takes it; the defaults are its own."""
 
     pointsPerSide: Annotated[int, Field(ge=1, le=128)] = Field(
-        32, description="a grid of pointsPerSide x pointsPerSide single-point prompts"
+        EVERYTHING_DEFAULTS["pointsPerSide"],
+        description="a grid of pointsPerSide x pointsPerSide single-point prompts",
     )
-    predIouThresh: Unit = Field(0.88, description="masks with a lower predicted IoU are dropped")
+    predIouThresh: Unit = Field(
+        EVERYTHING_DEFAULTS["predIouThresh"],
+        description="masks with a lower predicted IoU are dropped",
+    )
     stabilityScoreThresh: Unit = Field(
-        0.95, description="masks with a lower stability score are dropped"
+        EVERYTHING_DEFAULTS["stabilityScoreThresh"],
+        description="masks with a lower stability score are dropped",
     )
     minArea: Annotated[int, Field(ge=0, le=2**31 - 1)] = Field(
-        0,
+        EVERYTHING_DEFAULTS["minArea"],
         description="disconnected regions and holes under this many pixels are removed "
         "(SAM's min_mask_region_area)",
     )
     maxSegments: Annotated[int, Field(ge=1, le=MAX_EVERYTHING_SEGMENTS)] = Field(
-        MAX_EVERYTHING_SEGMENTS, description="at most this many segments, best first"
+        EVERYTHING_DEFAULTS["maxSegments"], description="at most this many segments, best first"
     )
 
 
@@ -210,8 +216,8 @@ class SegmentRequest(StrictModel):
         ]
         | None
     ) = None
-    mode: Literal["prompted", "everything"] = Field(
-        "prompted", description="extension: everything finds every object, with no prompt"
+    mode: Mode = Field(
+        DEFAULT_MODE, description="extension: everything finds every object, with no prompt"
     )
     everything: EverythingOptions | None = None
     webhook: Webhook | None = None
@@ -451,9 +457,7 @@ class JobPrompt(ResponseModel):
 class JobResponse(JobState):
     items: list[JobItemResult]
     prompt: JobPrompt
-    mode: Literal["prompted", "everything"] = Field(
-        description="extension: as asked; prompted for a job that did not say"
-    )
+    mode: Mode = Field(description="extension: as asked; prompted for a job that did not say")
     everything: EverythingOptions | None = Field(
         None, description="extension: segment everything's options, defaults filled in"
     )

@@ -16,11 +16,11 @@ row names, so the jobs that had such attempts are listed under their prefix.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from segq.contract import objects_named_by_result
 from segq.file_objects import upload_parts
 from segq.models import (
     ItemStatus,
@@ -32,26 +32,11 @@ from segq.models import (
 )
 from segq.storage import ObjectStorage
 
-#: Fields of a segment in an item's result that name a stored object.
-SEGMENT_OBJECT_FIELDS = ("maskKey", "logitsKey")
-
 
 def job_objects_prefix(project_id: int, job_id: int) -> str:
     """The prefix every object of the job is stored under (the trailing
     slash keeps job 1 from matching job 12)."""
     return f"projects/{project_id}/jobs/{job_id}/"
-
-
-def objects_named_by_result(result: dict[str, Any] | None) -> list[str]:
-    """The object keys an item's result names (none for a failure)."""
-    if not result:
-        return []
-    return [
-        segment[field]
-        for segment in result.get("segments", ())
-        for field in SEGMENT_OBJECT_FIELDS
-        if segment.get(field)
-    ]
 
 
 def may_hold_unnamed_objects(status: str, attempt: int) -> bool:

@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.clock import now_ms
-from segq.deletion import objects_named_by_result
+from segq.contract import objects_named_by_result
 from segq.models import ItemStatus, JobItem, StoredFile
 from segq.storage import ObjectStorage
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from segq.contract import DEFAULT_MODE, INLINE_OUTPUTS, LOGITS_KEY, LOGITS_SHAPE, MASK_KEY
+from segq.images import PNG
+from segq.mask_logits import NPY_MEDIA_TYPE
 from segq.models import ItemStatus, Job, JobItem
 
 #: key of a stored mask -> (pre-signed URL, its expiry in epoch milliseconds).
@@ -38,18 +41,18 @@ def render_segment(
             }
             for ring in segment["polygons"]
         ]
-    if "maskKey" in segment:
-        mask: dict[str, Any] = {"width": width, "height": height, "format": "image/png"}
+    if MASK_KEY in segment:
+        mask: dict[str, Any] = {"width": width, "height": height, "format": PNG.mime_type}
         if link_mask is not None:
-            mask["url"], mask["expiresTime"] = link_mask(segment["maskKey"])
+            mask["url"], mask["expiresTime"] = link_mask(segment[MASK_KEY])
         rendered["mask"] = mask
-    for optional in ("rle", "svgPath"):
+    for optional in INLINE_OUTPUTS:
         if optional in segment:
             rendered[optional] = segment[optional]
-    if "logitsKey" in segment:
-        logits: dict[str, Any] = {"format": "application/x-npy", "shape": segment["logitsShape"]}
+    if LOGITS_KEY in segment:
+        logits: dict[str, Any] = {"format": NPY_MEDIA_TYPE, "shape": segment[LOGITS_SHAPE]}
         if link_mask is not None:
-            logits["url"], logits["expiresTime"] = link_mask(segment["logitsKey"])
+            logits["url"], logits["expiresTime"] = link_mask(segment[LOGITS_KEY])
         rendered["logits"] = logits
     return rendered
 
@@ -65,7 +68,7 @@ def shown_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
         shown["prompts"] = [
             {
                 key: (
-                    {k: v for k, v in value.items() if k != "logitsKey"}
+                    {k: v for k, v in value.items() if k != LOGITS_KEY}
                     if key == "maskInput"
                     else value
                 )
@@ -81,7 +84,7 @@ def shown_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """How the job asked to be segmented: the mode, with segment
     everything's options (defaults filled in) when that is the mode, the
     multimask flag and the outputs."""
-    shown: dict[str, Any] = {"mode": options.get("mode", "prompted")}
+    shown: dict[str, Any] = {"mode": options.get("mode", DEFAULT_MODE)}
     if "everything" in options:
         shown["everything"] = options["everything"]
     shown["multimaskOutput"] = options.get("multimaskOutput", False)

@@ -23,6 +23,10 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from segq.contract import LOGITS_KEY, LOGITS_SHAPE, MASK_KEY
+from segq.images import PNG
+from segq.mask_logits import NPY_MEDIA_TYPE
+
 #: Marks both ends of a link's storage key in a rendered text.
 LINK_HOLE = "\x1f"
 
@@ -87,22 +91,22 @@ def _segment(segment: Mapping[str, Any], width: int, height: int) -> str:
     members.append(f'"area":{_number(segment["area"])}')
     if "polygons" in segment:
         members.append('"polygons":[' + ",".join(map(_ring, segment["polygons"])) + "]")
-    if "maskKey" in segment:
+    if MASK_KEY in segment:
         members.append(
             '"mask":{'
-            + _link_hole(segment["maskKey"])
-            + f'"width":{int(width)},"height":{int(height)},"format":"image/png"}}'
+            + _link_hole(segment[MASK_KEY])
+            + f'"width":{int(width)},"height":{int(height)},"format":{json_text(PNG.mime_type)}}}'
         )
     if "rle" in segment:
         rle = segment["rle"]
         members.append(f'"rle":{{"size":{_ints(rle["size"])},"counts":{_ints(rle["counts"])}}}')
     if "svgPath" in segment:
         members.append(f'"svgPath":{json_text(str(segment["svgPath"]))}')
-    if "logitsKey" in segment:
+    if LOGITS_KEY in segment:
         members.append(
             '"logits":{'
-            + _link_hole(segment["logitsKey"])
-            + f'"format":"application/x-npy","shape":{_ints(segment["logitsShape"])}}}'
+            + _link_hole(segment[LOGITS_KEY])
+            + f'"format":{json_text(NPY_MEDIA_TYPE)},"shape":{_ints(segment[LOGITS_SHAPE])}}}'
         )
     return "{" + ",".join(members) + "}"
 

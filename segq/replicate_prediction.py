@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from segq.contract import MASK_KEY
 from segq.job_document import MaskLinker
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 
@@ -69,7 +70,7 @@ def _output(item: JobItem, link_mask: MaskLinker | None) -> dict[str, Any]:
     output = PredictionOutput(
         masks=None
         if link_mask is None
-        else [link_mask(segment["maskKey"])[0] for segment in segments],
+        else [link_mask(segment[MASK_KEY])[0] for segment in segments],
         scores=[segment["score"] for segment in segments],
     )
     return output.model_dump(exclude_none=True)

@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from segq.clock import now_ms
+from segq.contract import StoredResult
 from segq.job_document import render_item_event
 from segq.job_text import render_result_text
 from segq.models import ItemStatus, Job, JobItem, JobStatus, StoredFile
@@ -388,7 +389,7 @@ def finish_item(
     sessions: sessionmaker[Session],
     claim: Claim,
     *,
-    result: dict[str, Any] | None,
+    result: StoredResult | None,
     error_message: str | None = None,
 ) -> bool:
     """Complete (with ``result``) or fail (with ``error_message``) the item,

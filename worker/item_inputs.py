@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from segq.contract import EVERYTHING, LOGITS_KEY, EverythingSettings
 from segq.images import ImageRefused, decode_image
 from segq.mask_logits import LogitsUnreadable, decode_logits
 from segq.storage import ObjectNotFound, ObjectStorage
@@ -127,9 +128,9 @@ def _read_and_decode(
 def everything_options(options: dict[str, Any]) -> EverythingOptions | None:
     """The job's segment-everything options (the API filled in every
     field), or None for a prompted job."""
-    if options.get("mode") != "everything":
+    if options.get("mode") != EVERYTHING:
         return None
-    chosen = options["everything"]
+    chosen: EverythingSettings = options["everything"]
     return EverythingOptions(
         points_per_side=chosen["pointsPerSide"],
         pred_iou_thresh=chosen["predIouThresh"],
@@ -174,7 +175,7 @@ def _stored_logits(storage: ObjectStorage, mask_input: dict[str, Any]) -> npt.ND
         f"segment {mask_input['segmentIndex']})"
     )
     try:
-        return decode_logits(storage.get(mask_input["logitsKey"]))[None]
+        return decode_logits(storage.get(mask_input[LOGITS_KEY]))[None]
     except ObjectNotFound:
         raise ItemFailure(f"{named}: its logits are no longer stored") from None
     except LogitsUnreadable as exc:

@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 from sqlalchemy.orm import Session, sessionmaker
 
+from segq.contract import StoredMetrics, StoredResult, objects_named_by_result
 from segq.db import once_more_if_disconnected
 from segq.storage import ObjectStorage, StorageError, StorageUnreachable
 from segq.worker.claims import (
@@ -56,7 +57,6 @@ from segq.worker.results import (
     discard_objects,
     discard_objects_of_earlier_attempts,
     encode_result,
-    objects_of_result,
 )
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ class _Attempt:
     claim: Claim
     stages: ItemStages
     image: npt.NDArray[np.uint8] | None = None
-    result: dict[str, Any] | None = None
+    result: StoredResult | None = None
     error_message: str | None = None
     storage_error: str | None = None
     #: The storage error said storage is down, not that this item is at fault.
@@ -400,7 +400,7 @@ def _finish(
             claim.item_id,
             claim.attempt,
         )
-        discard_objects(storage, objects_of_result(result))
+        discard_objects(storage, objects_named_by_result(result))
         return ItemOutcome.LEASE_LOST, ""
     if claim.attempt > 1:
         # Only retried items pay for this: one listing of the item's
@@ -413,7 +413,7 @@ def _finish(
 
 def segment_claimed_item(
     storage: ObjectStorage, engine: SegmentationEngine, claim: Claim, limits: ImageLimits
-) -> dict[str, Any]:
+) -> StoredResult:
     """Read the item's image, then ``segment_image`` (raises ItemFailure,
     StorageError)."""
     return segment_image(storage, engine, claim, load_image(storage, claim, limits))
@@ -424,7 +424,7 @@ def segment_image(
     engine: SegmentationEngine,
     claim: Claim,
     image: npt.NDArray[np.uint8],
-) -> dict[str, Any]:
+) -> StoredResult:
     """Segment the item's ``image`` ((H, W, 3) uint8 RGB) with each of the
     job's prompts (or find every object in it), and store the masks: the
     item's result, with what the engine's work cost (raises ItemFailure,
@@ -447,5 +447,6 @@ def segment_image(
         except (MaskInputUnsupported, EverythingUnsupported) as exc:
             raise ItemFailure(str(exc)) from None
     result = encode_result(claim, answers, storage, width, height)
-    result["metrics"] = metrics.as_result()
+    # The engines' recorder gives the contract's StoredMetrics as a plain dict.
+    result["metrics"] = cast(StoredMetrics, metrics.as_result())
     return result

@@ -6,8 +6,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
 
+from segq.contract import (
+    LOGITS_KEY,
+    LOGITS_SHAPE,
+    MASK_KEY,
+    OutputKind,
+    StoredResult,
+    StoredSegment,
+    chosen_outputs,
+    objects_named_by_result,
+)
 from segq.images import PNG
 from segq.mask_logits import NPY_MEDIA_TYPE, encode_logits
 from segq.storage import ObjectStorage, StorageError
@@ -62,32 +71,20 @@ def discard_objects(storage: ObjectStorage, keys: list[str]) -> None:
         log.warning("could not delete %s objects that no item refers to: %s", len(keys), exc)
 
 
-def objects_of_result(result: dict[str, Any] | None) -> list[str]:
-    """The objects ``result`` refers to (none for a failure)."""
-    if result is None:
-        return []
-    return [
-        segment[field]
-        for segment in result["segments"]
-        for field in ("maskKey", "logitsKey")
-        if field in segment
-    ]
-
-
 def item_prefix(claim: Claim) -> str:
     """Where every attempt at ``claim``'s item writes."""
     return f"projects/{claim.project_id}/jobs/{claim.job_id}/items/{claim.item_id}/"
 
 
 def discard_objects_of_earlier_attempts(
-    storage: ObjectStorage, claim: Claim, result: dict[str, Any] | None
+    storage: ObjectStorage, claim: Claim, result: StoredResult | None
 ) -> None:
     """Delete what attempts before ``claim``'s left under the item (a worker
     killed, or cut off, between its writes and its completion; an attempt
     given back for an outage): one listing, then one delete of what was
     really written and ``result`` (the completed attempt's) does not name.
     Never a request per key that might exist."""
-    kept = set(objects_of_result(result))
+    kept = set(objects_named_by_result(result))
     try:
         written = [stored.key for stored in storage.list_objects(item_prefix(claim))]
     except StorageError as exc:
@@ -102,7 +99,7 @@ def encode_result(
     storage: ObjectStorage,
     width: int,
     height: int,
-) -> dict[str, Any]:
+) -> StoredResult:
     """Store the masks and describe them as the item's result (keys, not
     URLs). ``answers``: (prompt index, its candidates best first) in prompt
     order, the index None for segment everything; the segments keep that
@@ -117,11 +114,11 @@ def _encode_and_store(
     storage: ObjectStorage,
     width: int,
     height: int,
-) -> dict[str, Any]:
-    outputs = set(claim.options.get("outputs") or ("polygons", "mask"))
+) -> StoredResult:
+    outputs = set(chosen_outputs(claim.options))
     if "logits" in outputs and any(c.logits is None for _, cs in answers for c in cs):
         raise ItemFailure("logits need a SAM engine; this server's engine gives none")
-    segments: list[dict[str, Any]] = []
+    segments: list[StoredSegment] = []
     for prompt_index, candidates in answers:
         for index, candidate in enumerate(candidates):
             segment = _encode_segment(candidate, outputs, width, height)
@@ -133,27 +130,27 @@ def _encode_and_store(
                     png = encode_png(candidate.mask)
                 with timed_stage(Stage.STORAGE_WRITE):
                     storage.put(key, png, PNG.mime_type)
-                segment["maskKey"] = key
+                segment[MASK_KEY] = key
             if "logits" in outputs and candidate.logits is not None:
                 key = logits_key(claim, prompt_index, index)
                 with timed_stage(Stage.ENCODE_LOGITS):
                     npy = encode_logits(candidate.logits)
                 with timed_stage(Stage.STORAGE_WRITE):
                     storage.put(key, npy, NPY_MEDIA_TYPE)
-                segment["logitsKey"] = key
-                segment["logitsShape"] = list(candidate.logits.shape)
+                segment[LOGITS_KEY] = key
+                segment[LOGITS_SHAPE] = list(candidate.logits.shape)
             segments.append(segment)
     return {"width": width, "height": height, "segments": segments}
 
 
 def _encode_segment(
-    candidate: Candidate, outputs: set[str], width: int, height: int
-) -> dict[str, Any]:
+    candidate: Candidate, outputs: set[OutputKind], width: int, height: int
+) -> StoredSegment:
     """The parts of a segment kept in the item's row."""
     mask = candidate.mask
     with timed_stage(Stage.ENCODE_SUMMARY):
         box = mask_bounding_box(mask)
-        segment: dict[str, Any] = {
+        segment: StoredSegment = {
             "score": round(float(candidate.score), 6),
             "boundingBox": (
                 None

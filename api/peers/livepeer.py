@@ -21,8 +21,6 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 from flask import Response, jsonify, request
-from sqlalchemy.exc import OperationalError
-from werkzeug.exceptions import HTTPException
 
 from segq.api.context import services
 from segq.api.errors import ApiError
@@ -36,11 +34,11 @@ from segq.api.peers.synchronous_jobs import (
     stored_logits,
     stored_mask,
 )
+from segq.api.refusals import Envelope, register_refusals
 from segq.api.schemas import SegmentRequest, parse
+from segq.contract import LOGITS_KEY, MASK_KEY
 from segq.engine_catalogue import EngineFamily, engine_family
-from segq.images import TooManyPixels, UnreadableImage
 from segq.mask_logits import encode_logits
-from segq.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +82,7 @@ class FormFieldError(Exception):
 @documented(
     "Segment an image with SAM 2 (multipart, as the livepeer-ai SDK sends it)",
     {200: ("masks, scores and logits as JSON-array strings, best score first", None)},
-    errors=(400, 401, 422, 429, 500, 503),
+    errors=(400, 401, 413, 422, 429, 500, 503),
 )
 def segment_anything_2() -> Response:
     project = project_for_key(_bearer_key(), "'Authorization: Bearer <key>'")
@@ -106,7 +104,7 @@ def segment_anything_2() -> Response:
 
     data = upload.read()
     settings = services().settings
-    info = inspect_image(data, settings)
+    info = inspect_image(data, settings, field=("image",))
     gives_logits = _engine_gives_logits()
     answer_bytes = answer_size_bound(
         info.width,
@@ -135,7 +133,7 @@ def segment_anything_2() -> Response:
         finished = run_to_completion(project, segment_request, inline_mask_input=mask_input)
 
     segments = finished.segments  # best score first, as Livepeer sorts them
-    logits = [stored_logits(s["logitsKey"]) for s in segments if "logitsKey" in s]
+    logits = [stored_logits(s[LOGITS_KEY]) for s in segments if LOGITS_KEY in s]
     masks: Iterable[npt.NDArray[np.float32] | npt.NDArray[np.bool_]]
     if return_logits and logits:
         stretched = engine_family(services().settings.model) is EngineFamily.SAM2
@@ -145,7 +143,7 @@ def segment_anything_2() -> Response:
             full_size_logits(low_res, width, height, stretched=stretched) for low_res in logits
         )
     else:
-        masks = [stored_mask(s["maskKey"]) for s in segments]
+        masks = [stored_mask(s[MASK_KEY]) for s in segments]
     scores = [s["score"] for s in segments]
     return Response(answer_chunks(masks, scores, logits), mimetype="application/json")
 
@@ -371,15 +369,19 @@ def _json(body: dict[str, Any], status: int, headers: dict[str, str] | None = No
     return response
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    if status not in KEPT_STATUSES:
-        status = 500 if status >= 500 else 400
-    return _json({"detail": {"msg": message}}, status, headers)
+def _runner_status(status: int) -> int:
+    """The statuses the SDK reads as the runner's are kept; another is the
+    runner's input error (400), or its server error (500)."""
+    if status in KEPT_STATUSES:
+        return status
+    return 500 if status >= 500 else 400
 
 
-@livepeer.errorhandler(ApiError)
-def _refused(error: ApiError) -> Response:
-    return _error(error.code, error.message, error.headers)
+LIVEPEER_ENVELOPE = Envelope(
+    "livepeer",
+    lambda refused: _json({"detail": {"msg": refused.message}}, refused.code, refused.headers),
+    peer_status=_runner_status,
+)
 
 
 @livepeer.errorhandler(FormFieldError)
@@ -389,26 +391,4 @@ def _bad_field(error: FormFieldError) -> Response:
     )
 
 
-@livepeer.errorhandler(UnreadableImage)
-@livepeer.errorhandler(TooManyPixels)
-def _bad_image(exc: Exception) -> Response:
-    return _error(400, f"image: {exc}")
-
-
-@livepeer.errorhandler(HTTPException)
-def _http_error(exc: HTTPException) -> Response:
-    code = exc.code or 500
-    return _error(code, "request body is too large" if code == 413 else exc.description or "")
-
-
-@livepeer.errorhandler(OperationalError)
-@livepeer.errorhandler(StorageError)
-def _dependency_down(exc: Exception) -> Response:
-    log.warning("dependency unavailable: %s", exc)
-    return _error(503, "a dependency of segq is unavailable; retry later", {"Retry-After": "5"})
-
-
-@livepeer.errorhandler(Exception)
-def _unexpected(exc: Exception) -> Response:
-    log.exception("unhandled error")
-    return _error(500, "internal error")
+register_refusals(livepeer, LIVEPEER_ENVELOPE)

@@ -20,8 +20,6 @@ from typing import Annotated, Any, Literal
 from flask import Response, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError
-from werkzeug.exceptions import HTTPException
 
 from segq.api.context import close_db, db, services
 from segq.api.errors import ApiError
@@ -35,6 +33,7 @@ from segq.api.openapi import documented
 from segq.api.peers.caller_fields import CallerFields
 from segq.api.peers.peer_blueprint import PeerBlueprint
 from segq.api.public_links import public_link
+from segq.api.refusals import Envelope, register_refusals
 from segq.api.request_integers import ascii_integer
 from segq.api.schemas import (
     CONTROL_CHARACTERS,
@@ -47,7 +46,6 @@ from segq.api.schemas import (
     Webhook,
 )
 from segq.api.stored_files import discard_objects, store_image
-from segq.images import ImageRefused, TooManyPixels
 from segq.job_document import MaskLinker
 from segq.models import Job, JobItem, JobStatus, Project, StoredFile
 from segq.projects import ensure_webhook_secret, hash_api_key
@@ -58,7 +56,6 @@ from segq.replicate_prediction import (
     render_prediction,
     replicate_request,
 )
-from segq.storage import StorageError
 from segq.url_guard import UrlRefused, check_url
 from segq.webhook_events import ITEM_COMPLETED, JOB_CANCELED, JOB_COMPLETED, JOB_FAILED, JOB_STARTED
 
@@ -189,32 +186,18 @@ def problem(status: int, detail: str, headers: dict[str, str] | None = None) -> 
     return response
 
 
-@replicate.errorhandler(ApiError)
-def _api_error(error: ApiError) -> Response:
-    return problem(error.code, error.message, error.headers)
+def _replicate_status(status: int) -> int:
+    """Replicate answers input it cannot use with 422; it has no 415
+    (api/refusals.py says why)."""
+    return 422 if status == 415 else status
 
 
-@replicate.errorhandler(HTTPException)
-def _http_error(error: HTTPException) -> Response:
-    code = error.code or 500
-    return problem(code, "request body is too large" if code == 413 else str(error.description))
-
-
-@replicate.errorhandler(OperationalError)
-@replicate.errorhandler(StorageError)
-def _dependency_down(_error: Exception) -> Response:
-    return problem(503, "a dependency of segq is unavailable; retry later", {"Retry-After": "5"})
-
-
-@replicate.errorhandler(ImageRefused)
-def _image_refused(error: ImageRefused) -> Response:
-    return problem(413 if isinstance(error, TooManyPixels) else 422, f"input.image: {error}")
-
-
-@replicate.errorhandler(Exception)
-def _unexpected(_error: Exception) -> Response:
-    log.exception("unhandled error")
-    return problem(500, "internal error")
+REPLICATE_ENVELOPE = Envelope(
+    "replicate",
+    lambda refused: problem(refused.code, refused.message, refused.headers),
+    peer_status=_replicate_status,
+)
+register_refusals(replicate, REPLICATE_ENVELOPE)
 
 
 @replicate.before_request
@@ -284,11 +267,9 @@ def _image_source(image: str) -> tuple[FileReference, tuple[int, int] | None]:
     if image[:5].lower() == "data:":
         try:
             data = decode_data_url(("input", "image"), image, settings.max_upload_bytes)
-            info = inspect_image(data, settings)
         except ApiError as exc:
             raise ApiError(422, exc.message) from None
-        except ImageRefused as exc:
-            raise ApiError(422, f"input.image: {exc}") from None
+        info = inspect_image(data, settings, field=("input", "image"))
         return FileReference(imageData=image), (info.width, info.height)
     if image[:8].lower() == "https://" or image[:7].lower() == "http://":
         try:
@@ -738,7 +719,7 @@ def _file_answer(stored: StoredFile) -> Response:
 @documented(
     "Upload a file (multipart, the image in field content)",
     {201: ("the file", None)},
-    errors=(401, 413, 415, 422),
+    errors=(401, 413, 422),
 )
 def create_file() -> tuple[Response, int]:
     """Multipart, the image in field ``content``; optional ``metadata``, a
@@ -758,11 +739,7 @@ def create_file() -> tuple[Response, int]:
     data = upload.stream.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, f"content is larger than {settings.max_upload_bytes} bytes")
-    try:
-        info = inspect_image(data, settings)
-    except ImageRefused as exc:
-        # The same statuses as a native upload: 415 not an image segq reads, 413 too many pixels.
-        raise ApiError(413 if isinstance(exc, TooManyPixels) else 415, f"content: {exc}") from None
+    info = inspect_image(data, settings, field=("content",))
     session = db()
     stored = store_image(session, services().storage, _project().id, data, info, name=name)
     stored.file_metadata = metadata

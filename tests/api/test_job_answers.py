@@ -10,7 +10,7 @@ import random
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from click.testing import CliRunner
@@ -27,6 +27,7 @@ from segq.api.signed_links import SignedLinks, SigningWindow
 from segq.cli.main import main
 from segq.client import SegqClient
 from segq.clock import now_ms
+from segq.contract import StoredResult
 from segq.db import make_engine, make_session_factory
 from segq.job_document import render_job
 from segq.job_text import LINK_HOLE, render_result_text
@@ -89,9 +90,9 @@ def _segment(job_id: int, item: int, index: int, **parts: Any) -> dict[str, Any]
     return segment
 
 
-def _results(job_id: int, item: int) -> dict[str, Any]:
+def _results(job_id: int, item: int) -> StoredResult:
     """A result with every output kind and the shapes a segment takes."""
-    return {
+    result: dict[str, Any] = {
         "width": 160,
         "height": 120,
         "segments": [
@@ -111,6 +112,8 @@ def _results(job_id: int, item: int) -> dict[str, Any]:
         ],
         "metrics": {"embedding": "computed" if item % 2 else None, "encodeMs": 3, "decodeMs": 1.5},
     }
+    # Its segments are built as loose dicts by _segment.
+    return cast(StoredResult, result)
 
 
 REFERENCES: list[dict[str, Any]] = [

@@ -15,6 +15,7 @@ FLASK_FREE = [
     "stored_files",
     "images",
     "errors",
+    "refusals",
     "service_container",
 ]
 REQUEST_BOUND = {

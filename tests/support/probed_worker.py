@@ -22,11 +22,11 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from segq.contract import StoredResult
 from segq.storage import ObjectStorage
 from segq.worker import pipeline, runtime
 from segq.worker.claims import Claim
@@ -90,7 +90,7 @@ def _record_runs(runs_file: str) -> None:
         engine: SegmentationEngine,
         claim: Claim,
         image: npt.NDArray[np.uint8],
-    ) -> dict[str, Any]:
+    ) -> StoredResult:
         with open(runs_file, "a") as runs:  # one short append: whole lines
             runs.write(f"{claim.item_id} {os.getpid()}\n")
         return segment_image(storage, engine, claim, image)

@@ -275,7 +275,7 @@ def test_file_inputs_are_uploaded_to_v1_files(
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(ReplicateError) as refused:
         rc.files.create(tmp_path / "notes.txt")
-    assert refused.value.status == 415
+    assert refused.value.status == 422  # Replicate has no 415 (api/refusals.py)
     with pytest.raises(ReplicateError) as refused:
         rc.files.create(path, metadata={"site": 3})
     assert refused.value.status == 422
