@@ -157,6 +157,11 @@ class StoredMetrics(TypedDict):
     embedding: Literal["computed", "local", "shared"] | None
     encodeMs: float
     decodeMs: float
+    #: Where the attempt's time went up to its completion's commit, by stage
+    #: (worker/item_stages.py): not shown to clients, which see the above.
+    stagesMs: NotRequired[dict[str, float]]
+    #: The attempt's time from the start of its claim to that commit.
+    workerMs: NotRequired[float]
 
 
 class StoredResult(TypedDict):

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
+from segq.contract import StoredMetrics
 from segq.worker.metrics import ITEM_SECONDS, ITEM_STAGE_SECONDS
 
 
@@ -91,9 +91,11 @@ class ItemStages:
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 
-    def as_result(self) -> dict[str, Any]:
-        """What the item's result's ``metrics`` keep (before the commit)."""
+    def stored_in(self, metrics: StoredMetrics) -> StoredMetrics:
+        """The item result's ``metrics`` with these stages (as they stand
+        before the completion's commit) added."""
         return {
+            **metrics,
             "stagesMs": {str(stage): round(s * 1000, 3) for stage, s in self.seconds.items()},
             "workerMs": round(self.elapsed() * 1000, 3),
         }

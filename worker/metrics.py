@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from segq.models import JobItem
 
 if TYPE_CHECKING:
+    from segq.contract import StoredResult
     from segq.worker.claims import Claim
 
 log = logging.getLogger(__name__)
@@ -141,15 +142,16 @@ def observe_item(
     )
 
 
-def observe_completion(claim: Claim, engine_name: str, result: dict[str, Any]) -> None:
+def observe_completion(claim: Claim, engine_name: str, result: StoredResult) -> None:
     """What a completed attempt tells of its queue wait and its engine, from
     what the pipeline holds (the claim, the result it stored)."""
     if claim.attempt == 1 and claim.published_time is not None and claim.started_time is not None:
         QUEUE_WAIT.observe(max(0, claim.started_time - claim.published_time) / 1000)
-    metrics: dict[str, Any] = result.get("metrics") or {}
-    engine_ms = (metrics.get("encodeMs") or 0) + (metrics.get("decodeMs") or 0)
-    ENGINE_SECONDS.labels(engine_name).observe(engine_ms / 1000)
-    if metrics.get("embedding"):
+    metrics = result.get("metrics")
+    if metrics is None:
+        return
+    ENGINE_SECONDS.labels(engine_name).observe((metrics["encodeMs"] + metrics["decodeMs"]) / 1000)
+    if metrics["embedding"]:
         EMBEDDINGS.labels(metrics["embedding"]).inc()
 
 

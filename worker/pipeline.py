@@ -378,7 +378,7 @@ def _finish(
     result = attempt.result
     if result is not None:
         # Kept with the item: its stages up to this commit (module item_stages).
-        result["metrics"] = {**result.get("metrics", {}), **stages.as_result()}
+        result["metrics"] = stages.stored_in(result["metrics"])
     with stages.timing(Stage.COMPLETION):
         landed = once_more_if_disconnected(
             lambda: finish_item(sessions, claim, result=result, error_message=error_message)
