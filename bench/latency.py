@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             for (label, image), case in cases.items():
                 title = f"{ENGINES.get(engine, engine)}, {image} image, {label}"
                 print("\n".join(report(title, case)), flush=True)
+            # What else ran meanwhile: figures that wait for a CPU depend on it.
+            print("load average (1, 5, 15 min): {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
     return 0
 
 
