@@ -153,6 +153,11 @@ class StoredSegment(TypedDict):
     logitsShape: NotRequired[list[int]]
 
 
+#: The fields of an item's metrics a client sees (ItemMetrics); the rest
+#: (StoredMetrics' stage times) stay in the row.
+SHOWN_METRICS = ("embedding", "encodeMs", "decodeMs")
+
+
 class StoredMetrics(TypedDict):
     embedding: Literal["computed", "local", "shared"] | None
     encodeMs: float

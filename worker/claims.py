@@ -44,6 +44,7 @@ from segq.webhook_events import (
     wants,
     whole_job_data,
 )
+from segq.worker.item_stages import Stage, timed_stage
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +397,11 @@ def finish_item(
     only if ``claim`` still holds it; then roll the job up. False when the
     lease was lost to another attempt."""
     status = ItemStatus.COMPLETED if result is not None else ItemStatus.FAILED
+    # Rendered here, once, so that no GET of the job pays for it; before the
+    # transaction, so that a noisy mask's 10^4 vertices are not written out
+    # while the job's row is locked (every item of the job waits on it).
+    with timed_stage(Stage.RENDER):
+        rendered_result = None if result is None else render_result_text(result)
     with sessions.begin() as session:
         # Lock the job first: finishing items of one job take turns, so the
         # last one to finish sees every other item's final state. Loaded
@@ -409,8 +415,7 @@ def finish_item(
             claim,
             status=status,
             result=result,
-            # Rendered here, once, so that no GET of the job pays for it.
-            rendered_result=None if result is None else render_result_text(result),
+            rendered_result=rendered_result,
             error_message=error_message,
             finished_time=now,
             lease_expires_time=None,

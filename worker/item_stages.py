@@ -6,12 +6,12 @@ writes) times its part with ``timed_stage``, which finds the attempt's
 recording in a context variable, as the engine's metrics do
 (``engines.item_metrics``), so no signature between them changes.
 
-What is known before the completion commit is stored with the item, in its
+What is known before the completion is stored with the item, in its
 result's ``metrics`` (``stagesMs``, and ``workerMs``: the attempt's time from
-the start of its claim to the commit); the commit itself and the
-notification that follows it cannot be in the row they write without a
-second write, so they, with every other stage and the attempt's whole
-time, go to the worker's ``/metrics`` histograms and the item's log line.
+the start of its claim to then); the result's rendering, the commit and the
+notification that follows cannot be in the row they write without a second
+write, so they, with every other stage and the attempt's whole time, go to
+the worker's ``/metrics`` histograms and the item's log line.
 Stages are disjoint intervals of the attempt: their sum is its total less
 the untimed glue between them (well under a millisecond for a lone item:
 tests/worker/test_item_stages.py holds it to that).
@@ -51,6 +51,8 @@ class Stage(StrEnum):
     ENCODE_LOGITS = "encode_logits"
     #: Writing masks and logits to storage.
     STORAGE_WRITE = "storage_write"
+    #: The result rendered once as the JSON text every GET splices.
+    RENDER = "render"
     #: The transaction that completes (or fails) the item and rolls up its job.
     COMPLETION = "completion"
     #: Telling the API's waiting requests that the job changed.
@@ -80,13 +82,17 @@ class ItemStages:
 
     @contextmanager
     def timing(self, stage: Stage) -> Iterator[None]:
-        """Time the body as ``stage`` of this attempt (whose stages inside
-        must then not be timed too: they would count twice)."""
+        """Time the body as ``stage`` of this attempt, less the stages
+        ``timed_stage`` records inside it (each counted once, as itself)."""
+        token = _recording.set(self)
+        inside = sum(self.seconds.values())
         begun = time.perf_counter()
         try:
             yield
         finally:
-            self.add(stage, time.perf_counter() - begun)
+            nested = sum(self.seconds.values()) - inside
+            self.add(stage, time.perf_counter() - begun - nested)
+            _recording.reset(token)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started

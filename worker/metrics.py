@@ -64,7 +64,7 @@ ENCODE_STORE_SECONDS = Histogram(
 ITEM_STAGE_SECONDS = Histogram(
     "segq_worker_item_stage_seconds",
     "Each stage of an item attempt that completed or failed (worker/item_stages.py): "
-    "claim, image_read, engine, encode_<format>, storage_write, completion, notify, "
+    "claim, image_read, engine, encode_<format>, storage_write, render, completion, notify, "
     "batch_company; they add up to segq_worker_item_seconds less untimed glue.",
     ["stage"],
     buckets=_STAGE_SECONDS,

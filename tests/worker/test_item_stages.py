@@ -107,12 +107,16 @@ def test_stage_times_add_up_to_the_items_recorded_total(
     assert metrics["encodeMs"] + metrics["decodeMs"] <= stored["engine"] + 0.1
     assert_adds_up(sum(stored.values()), metrics["workerMs"])
 
-    # In the histograms: the same stages plus the commit and the last
-    # notification, adding up to the attempt's whole time, which is the
-    # stored time and then some.
-    assert set(added) == set(stored) | {str(Stage.COMPLETION)}
+    # In the histograms: the same stages plus the result's rendering, the
+    # commit and the last notification, adding up to the attempt's whole
+    # time, which is the stored time and then some.
+    assert set(added) == set(stored) | {str(Stage.RENDER), str(Stage.COMPLETION)}
     for stage, ms in stored.items():
         if stage != Stage.NOTIFY:  # notified again after the commit
             assert added[stage] * 1000 == pytest.approx(ms, abs=0.01)
     assert_adds_up(sum(added.values()) * 1000, total_seconds * 1000)
+
+    # Kept in the row, not shown: a client sees the contract's metrics only.
+    shown = tenant.get_job(item.job_id).json["items"][0]["metrics"]
+    assert set(shown) == {"embedding", "encodeMs", "decodeMs"}
     assert total_seconds * 1000 > metrics["workerMs"] + added[Stage.COMPLETION] * 1000 - 0.01
