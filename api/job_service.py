@@ -39,6 +39,7 @@ from segq.contract import (
     StoredMaskInput,
     StoredOptions,
 )
+from segq.engine_catalogue import Capability, lacks
 from segq.fault_points import API_AFTER_COMMIT, die_if_armed
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 from segq.queue import enqueue_items
@@ -76,8 +77,8 @@ def create_segmentation_job(
     (Livepeer's ``mask_input``), kept in the job's row."""
     settings = services.settings
     _check_semantics(segment_request, settings.max_items_per_job, settings.model)
-    if inline_mask_input is not None and settings.model == "grabcut":
-        raise ApiError(422, f"mask_input needs a SAM engine; this server runs {settings.model}")
+    if inline_mask_input is not None:
+        _check_capability(settings.model, Capability.MASK_INPUT, "mask_input")
     webhook = _checked_webhook(segment_request.webhook, settings.webhook_policy())
     idempotency_key = _checked_idempotency_key(idempotency_key_header)
     request_sha256 = _request_fingerprint(segment_request, webhook)
@@ -232,8 +233,9 @@ def _check_semantics(
     segment_request: SegmentRequest, max_items: int, configured_model: str | None
 ) -> None:
     """What the schema cannot say: well-formed requests that cannot be run.
-    ``configured_model``: SEGQ_MODEL where it is set; when it names GrabCut,
-    what only SAM can do is refused here rather than failed by the worker."""
+    ``configured_model``: SEGQ_MODEL where it is set; what its engine cannot
+    do (the catalogue's capabilities) is refused here rather than failed by
+    the worker."""
     if segment_request.model is not None:
         raise ApiError(422, "model selection is not supported: this server runs one engine")
     if segment_request.mode == EVERYTHING:
@@ -250,13 +252,10 @@ def _check_semantics(
     else:
         for index, prompt_set in enumerate(segment_request.prompts):
             _check_prompt(("prompts", index), prompt_set.points, prompt_set.boundingBox)
-    if configured_model == "grabcut" and (
-        "logits" in (segment_request.outputs or ())
-        or any(p.maskInput is not None for p in segment_request.prompts or ())
-    ):
-        raise ApiError(
-            422, f"logits and maskInput need a SAM engine; this server runs {configured_model}"
-        )
+    if "logits" in (segment_request.outputs or ()):
+        _check_capability(configured_model, Capability.LOGITS, "logits")
+    if any(p.maskInput is not None for p in segment_request.prompts or ()):
+        _check_capability(configured_model, Capability.MASK_INPUT, "maskInput")
     if len(segment_request.items) > max_items:
         raise ApiError(422, f"a job takes at most {max_items} items")
     for index, item in enumerate(segment_request.items):
@@ -284,9 +283,18 @@ def _check_everything(segment_request: SegmentRequest, configured_model: str | N
         )
     if "logits" in (segment_request.outputs or ()):
         raise ApiError(422, "logits are given for prompted segments only, not segment everything")
-    if configured_model == "grabcut":
+    _check_capability(configured_model, Capability.EVERYTHING, "segment everything")
+
+
+def _check_capability(configured_model: str | None, capability: Capability, asked: str) -> None:
+    """422 where the configured engine is known to lack ``capability``
+    (what the request ``asked`` for needs it); an engine left to the
+    worker's choice is not refused here."""
+    if lacks(configured_model, capability):
         raise ApiError(
-            422, f"segment everything needs a SAM engine; this server runs {configured_model}"
+            422,
+            f"{asked} needs an engine with {capability}; "
+            f"this server runs {configured_model}, which has none",
         )
 
 

@@ -43,7 +43,7 @@ from segq.worker.engines.base import Prompt  # noqa: E402
 from segq.worker.engines.embedding_cache import EmbeddingCache, checkpoint_digest, model_id  # noqa: E402
 from segq.worker.engines.encoder_options import EncoderOptions, Precision  # noqa: E402
 from segq.worker.engines.item_metrics import ItemMetrics, recording_item_metrics  # noqa: E402
-from segq.worker.engines.sam2 import SAM2_CONFIGS, Sam2Engine, build_sam2_model, load_sam2  # noqa: E402
+from segq.worker.engines.sam2 import SAM2_NAMES, Sam2Engine, build_sam2_model, load_sam2  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -99,7 +99,7 @@ def encoder_images_per_second(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--model", default="sam2_hiera_tiny", choices=sorted(SAM2_CONFIGS))
+    parser.add_argument("--model", default="sam2_hiera_tiny", choices=sorted(SAM2_NAMES))
     parser.add_argument("--prompts", type=int, default=3, help="prompts timed on one embedding")
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=768)

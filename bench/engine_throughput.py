@@ -45,11 +45,10 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from bench.stack import add_service_arguments  # noqa: E402
-from segq.worker.engines.batch_encoding import default_batch_size  # noqa: E402
 from segq.worker.engines.encoder_options import EncoderOptions, Precision  # noqa: E402
-from segq.worker.engines.precision import resolve_precision  # noqa: E402
-from segq.worker.engines.sam import SAM_ARCHITECTURES, load_sam, resolve_device  # noqa: E402
+from segq.worker.engines.sam import SAM_ARCHITECTURES, load_sam  # noqa: E402
 from segq.worker.engines.sam_encoder import SamImageEncoder  # noqa: E402
+from segq.worker.engines.torch_support import default_batch_size, resolve_device, resolve_precision  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,16 @@
-"""The model engines segq can run (``SEGQ_MODEL``) and the official
-checkpoints they load, written once: the worker builds its engine from an
-entry, ``segq weights download`` fetches an entry's checkpoint, and the API
-asks what the configured engine is. Imports no torch, so the command line
-and the API read it freely."""
+"""Every engine segq can run (``SEGQ_MODEL``), written once: its family,
+what it can do, the weights it loads and where they come from.
+
+The worker builds its engine from an entry (``segq.worker.engines``
+imports the family's module named in ``ENGINE_MODULES`` and calls its
+``build_engine``), ``segq weights download`` fetches an entry's official
+checkpoint, the command line offers the entries' names, and the API asks
+an entry's ``capabilities`` (never its name) before it queues a job that
+needs one. Imports no torch, so the command line and the API read it freely.
+
+Adding an engine is one module under ``worker/engines/`` with a
+``build_engine(entry, weights, setup)`` function and one entry here (and,
+for a new family, its ``EngineFamily`` member and ``ENGINE_MODULES`` line)."""
 
 from __future__ import annotations
 
@@ -14,6 +22,53 @@ class EngineFamily(StrEnum):
     SAM = "SAM"
     SAM2 = "SAM 2"
     GRABCUT = "GrabCut"
+    BENCHMARK = "benchmark"
+
+
+#: Family -> its module under ``segq.worker.engines``, which defines
+#: ``build_engine`` (the family's loader, as segment-anything's
+#: ``sam_model_registry`` maps a name to a builder). A string, so reading
+#: the catalogue imports no engine and no torch.
+ENGINE_MODULES: dict[EngineFamily, str] = {
+    EngineFamily.SAM: "sam",
+    EngineFamily.SAM2: "sam2",
+    EngineFamily.GRABCUT: "grabcut",
+    EngineFamily.BENCHMARK: "fixed_mask",
+}
+
+
+class Capability(StrEnum):
+    """What an engine can do, as the API and the pipeline ask it."""
+
+    POINT_PROMPTS = "point prompts"
+    BOX_PROMPTS = "box prompts"
+    #: Objects named in words ("a red car").
+    TEXT_PROMPTS = "text prompts"
+    #: A prompt's ``maskInput`` (an earlier answer's logits).
+    MASK_INPUT = "mask input"
+    #: Segment everything: every object without a prompt.
+    EVERYTHING = "segment everything"
+    #: Many prompts on one image answered together.
+    PROMPT_BATCHING = "prompt batching"
+    #: The images of several items encoded as one batch.
+    IMAGE_BATCHING = "image batching"
+    #: Low-resolution mask logits with each mask (the ``logits`` output).
+    LOGITS = "logits"
+
+
+class LogitsFrame(StrEnum):
+    """How an engine's 256x256 logits cover the image: SAM resizes the
+    longest side and pads to a square; SAM 2 stretches the image to one."""
+
+    PADDED_SQUARE = "padded square"
+    STRETCHED_SQUARE = "stretched square"
+
+
+class WeightsLayout(StrEnum):
+    #: One checkpoint file (``torch.save``'d).
+    FILE = "file"
+    #: A folder, as a Hugging Face model is saved (``config.json``, weights...).
+    DIRECTORY = "directory"
 
 
 @dataclass(frozen=True)
@@ -30,20 +85,52 @@ class OfficialCheckpoint:
 
 
 @dataclass(frozen=True)
-class ModelEngine:
-    """An engine that runs a model from a checkpoint."""
+class EngineWeights:
+    """What an engine loads, and where a worker finds it unconfigured."""
 
+    #: What ``segq weights download`` (and its messages) call them.
+    name: str
+    #: The file or folder name under ``SEGQ_DATA_DIR/weights``.
+    local_name: str
+    layout: WeightsLayout = WeightsLayout.FILE
+    #: Where ``segq weights download`` fetches them; None where segq does
+    #: not download them itself (the operator puts them in place).
+    official: OfficialCheckpoint | None = None
+    #: The Hugging Face repository a folder is a snapshot of, for the
+    #: operator's own download (a gated model: their token, their licence).
+    hub_repository: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineEntry:
     #: Its ``SEGQ_MODEL``, recorded on each job it runs.
     name: str
     family: EngineFamily
-    #: What ``segq weights download`` calls its checkpoint.
-    checkpoint_name: str
-    checkpoint: OfficialCheckpoint
-    #: How the family's package builds it: segment_anything's
-    #: ``sam_model_registry`` key (SAM), or the config of the ``sam2``
-    #: package that ``build_sam2`` reads (SAM 2).
-    architecture: str
+    capabilities: frozenset[Capability]
+    #: What the family's loader builds: segment_anything's
+    #: ``sam_model_registry`` key (SAM), the config ``build_sam2`` reads
+    #: (SAM 2); empty for a family with one model.
+    architecture: str = ""
+    #: None for an engine that loads no model.
+    weights: EngineWeights | None = None
+    logits_frame: LogitsFrame | None = None
+    #: Shown to users (the CLI, error messages); the benchmark engine is
+    #: chosen only by name.
+    listed: bool = True
 
+    def can(self, capability: Capability) -> bool:
+        return capability in self.capabilities
+
+
+_PROMPTED = frozenset({Capability.POINT_PROMPTS, Capability.BOX_PROMPTS})
+#: SAM and SAM 2 alike (one engine body: worker/engines/sam_body.py).
+_SAM_CAPABILITIES = _PROMPTED | {
+    Capability.MASK_INPUT,
+    Capability.EVERYTHING,
+    Capability.PROMPT_BATCHING,
+    Capability.IMAGE_BATCHING,
+    Capability.LOGITS,
+}
 
 _SAM_BASE = "https://dl.fbaipublicfiles.com/segment_anything"
 # SAM 2's July 2024 files and SAM 2.1's September 2024 ones, as
@@ -56,55 +143,84 @@ _SAM2_1_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824"
 _SAM2_SIZES = {"tiny": "t", "small": "s", "base_plus": "b+", "large": "l"}
 
 
-def _sam(architecture: str, md5: str) -> ModelEngine:
+def _sam(architecture: str, md5: str) -> EngineEntry:
     # Meta names each SAM file after the first six hex digits of its MD5.
-    url = f"{_SAM_BASE}/sam_{architecture}_{md5[:6]}.pth"
-    return ModelEngine(
-        f"sam_{architecture}",
-        EngineFamily.SAM,
-        architecture,
-        OfficialCheckpoint(url, md5),
-        architecture,
+    official = OfficialCheckpoint(f"{_SAM_BASE}/sam_{architecture}_{md5[:6]}.pth", md5)
+    return EngineEntry(
+        name=f"sam_{architecture}",
+        family=EngineFamily.SAM,
+        capabilities=_SAM_CAPABILITIES,
+        architecture=architecture,
+        weights=EngineWeights(architecture, official.filename, official=official),
+        logits_frame=LogitsFrame.PADDED_SQUARE,
     )
 
 
-def _sam2(release: str, base_url: str, size: str) -> ModelEngine:
+def _sam2(release: str, base_url: str, size: str) -> EngineEntry:
     name = f"{release}_hiera_{size}"
-    return ModelEngine(
-        name,
-        EngineFamily.SAM2,
-        name,
-        OfficialCheckpoint(f"{base_url}/{name}.pt", None),
-        f"configs/{release}/{release}_hiera_{_SAM2_SIZES[size]}.yaml",
+    official = OfficialCheckpoint(f"{base_url}/{name}.pt", None)
+    return EngineEntry(
+        name=name,
+        family=EngineFamily.SAM2,
+        capabilities=_SAM_CAPABILITIES,
+        architecture=f"configs/{release}/{release}_hiera_{_SAM2_SIZES[size]}.yaml",
+        weights=EngineWeights(name, official.filename, official=official),
+        logits_frame=LogitsFrame.STRETCHED_SQUARE,
     )
 
 
-#: Every model engine, in the order they are listed to users.
-MODEL_ENGINES: tuple[ModelEngine, ...] = (
+GRABCUT = "grabcut"
+BENCHMARK_FIXED_MASK = "benchmark_fixed_mask"
+
+#: Every engine, in the order they are listed to users.
+ENGINES: tuple[EngineEntry, ...] = (
     _sam("vit_b", "01ec64d29a2fca3f0661936605ae66f8"),
     _sam("vit_l", "0b3195507c641ddb6910d2bb5adee89c"),
     _sam("vit_h", "4b8939a88964f0f4ff5f5b2642c598a6"),
     *(_sam2("sam2", _SAM2_BASE, size) for size in _SAM2_SIZES),
     *(_sam2("sam2.1", _SAM2_1_BASE, size) for size in _SAM2_SIZES),
+    # OpenCV's GrabCut: no model, one prompt at a time, no logits.
+    EngineEntry(GRABCUT, EngineFamily.GRABCUT, _PROMPTED),
+    # Returns a fixed mask: measures the pipeline's own overhead (bench/).
+    EngineEntry(BENCHMARK_FIXED_MASK, EngineFamily.BENCHMARK, _PROMPTED, listed=False),
 )
-GRABCUT = "grabcut"
-#: What a worker runs with SEGQ_MODEL unset and this engine's checkpoint found.
+
+ENGINES_BY_NAME = {entry.name: entry for entry in ENGINES}
+#: What a worker runs with SEGQ_MODEL unset and this engine's weights found...
 DEFAULT_MODEL_ENGINE = "sam_vit_b"
-#: Engines that take no model; the benchmark one is chosen only by name.
-MODEL_FREE_ENGINES = (GRABCUT, "benchmark_fixed_mask")
-
-MODEL_ENGINES_BY_NAME = {engine.name: engine for engine in MODEL_ENGINES}
-MODEL_ENGINES_BY_CHECKPOINT = {engine.checkpoint_name: engine for engine in MODEL_ENGINES}
+#: ...and what it runs with them not found.
+FALLBACK_ENGINE = GRABCUT
+#: Entries with weights, by what ``segq weights download`` calls them.
+ENGINES_BY_WEIGHTS = {entry.weights.name: entry for entry in ENGINES if entry.weights is not None}
 #: The names SEGQ_MODEL takes, as users are shown them.
-ENGINE_NAMES = (*MODEL_ENGINES_BY_NAME, GRABCUT)
-#: The names ``segq weights download`` takes.
-CHECKPOINT_NAMES = tuple(MODEL_ENGINES_BY_CHECKPOINT)
+ENGINE_NAMES = tuple(entry.name for entry in ENGINES if entry.listed)
+#: ``segq weights download``'s names -> the files it fetches (weights segq
+#: fetches itself; others the operator puts in place).
+OFFICIAL_CHECKPOINTS = {
+    entry.weights.name: entry.weights.official
+    for entry in ENGINES
+    if entry.weights is not None and entry.weights.official is not None
+}
+CHECKPOINT_NAMES = tuple(OFFICIAL_CHECKPOINTS)
 
 
-def engine_family(name: str | None) -> EngineFamily | None:
-    """The family of the engine ``SEGQ_MODEL=name`` runs; None for a name
-    that is unset or unknown (the worker chooses, or refuses to start)."""
-    if name == GRABCUT:
-        return EngineFamily.GRABCUT
-    engine = MODEL_ENGINES_BY_NAME.get(name or "")
-    return None if engine is None else engine.family
+def engine_entry(name: str | None) -> EngineEntry | None:
+    """The entry of ``SEGQ_MODEL=name``; None for a name that is unset or
+    unknown (the worker chooses, or refuses to start)."""
+    return ENGINES_BY_NAME.get(name or "")
+
+
+def configured_capabilities(name: str | None) -> frozenset[Capability] | None:
+    """What the engine ``SEGQ_MODEL=name`` can do; None where it is not
+    known before a worker starts (unset: the worker runs SAM if it finds
+    its weights, GrabCut otherwise)."""
+    entry = engine_entry(name)
+    return None if entry is None else entry.capabilities
+
+
+def lacks(name: str | None, capability: Capability) -> bool:
+    """Whether the configured engine is known to lack ``capability``: what
+    the API refuses a job for before queueing it (an engine left to the
+    worker's choice is not refused here; the item fails, saying why)."""
+    capabilities = configured_capabilities(name)
+    return capabilities is not None and capability not in capabilities

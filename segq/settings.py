@@ -125,7 +125,7 @@ class Settings:
     engine_batch: int | None = None
     #: How long an item waits for others to share its batch.
     engine_batch_wait_ms: int = 10
-    #: One of PRECISIONS (worker/engines/precision.py says what each means).
+    #: One of PRECISIONS (worker/engines/torch_support.py says what each means).
     precision: str = "auto"
     #: torch.compile the image encoder at worker start.
     compile_encoder: bool = False

@@ -60,11 +60,17 @@ class Claim:
     source_url: str | None
     prompt: dict[str, Any]
     options: dict[str, Any]
-    #: When the item's message was sent, and its first attempt began (epoch
-    #: ms), as the claim found them: its time in the queue, counted without
-    #: reading the row again.
-    published_time: int | None = None
-    started_time: int | None = None
+    #: How long a first attempt waited in the queue (published to started);
+    #: None for a later attempt.
+    queue_wait_ms: int | None = None
+
+
+def _queue_wait_ms(
+    attempt: int, published_time: int | None, started_time: int | None
+) -> int | None:
+    if attempt != 1 or published_time is None or started_time is None:
+        return None
+    return max(0, started_time - published_time)
 
 
 #: How early a message sent with a retry's countdown may claim its item.
@@ -186,8 +192,9 @@ def claim_item(
                 source_url=taken.file_ref.get("fileUrl"),
                 prompt=dict(taken.prompt),
                 options=dict(taken.options),
-                published_time=taken.published_time,
-                started_time=taken.started_time,
+                queue_wait_ms=_queue_wait_ms(
+                    taken.attempt, taken.published_time, taken.started_time
+                ),
             )
         if started is not None:
             # Every item of a Queued job is Queued at attempt 0: runnable.
@@ -308,6 +315,8 @@ _TAKE_RUNNABLE_ITEM = (
     )
     .returning(
         JobItem.attempt,
+        JobItem.published_time,
+        JobItem.started_time,
         JobItem.file_ref,
         # The version the item was created on, while its file exists (items
         # from before versions were pinned: the file's content now).
@@ -321,8 +330,6 @@ _TAKE_RUNNABLE_ITEM = (
             ),
         ).label("storage_key"),
         JobItem.job_id,
-        JobItem.published_time,
-        JobItem.started_time,
         _of_items_job(Job.project_id),
         _of_items_job(Job.prompt),
         _of_items_job(Job.options),

@@ -19,14 +19,9 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
-
-from segq.models import JobItem
 
 if TYPE_CHECKING:
-    from segq.contract import StoredResult
-    from segq.worker.claims import Claim
+    from segq.worker.pipeline import ItemRun
 
 log = logging.getLogger(__name__)
 
@@ -105,53 +100,35 @@ RETENTION_DELETED = Counter(
 )
 
 
-def observe_item(
-    sessions: sessionmaker[Session],
-    item_id: int,
-    claim: Claim | None,
-    outcome: str,
-    seconds: float,
-) -> None:
-    """Count one attempt's end and log it with its job, attempt and
-    duration. ``claim``: the attempt's, as the pipeline holds it; without
-    one (nothing was claimed), the item's row is read for the log line."""
+def observe_item(run: ItemRun, outcome: str, seconds: float) -> None:
+    """Count one attempt's end (``outcome``: its label) and log it with its
+    job, attempt and duration, from what the pipeline answered (the item
+    is not read again)."""
     ITEMS.labels(outcome).inc()
-    if claim is not None:
-        job_id, attempt = claim.job_id, claim.attempt
-    else:
-        with sessions() as session:
-            row = session.execute(
-                select(JobItem.job_id, JobItem.attempt).where(JobItem.id == item_id)
-            ).first()
-        if row is None:
-            return  # its job was deleted meanwhile
-        job_id, attempt = row
+    claim = run.claim
     log.info(
         "item %s attempt %s: %s",
-        item_id,
-        attempt,
+        run.item_id,
+        None if claim is None else claim.attempt,
         outcome,
         # item_id too: an item taken along in a batch is logged inside the
         # log context of the item whose task ran the batch.
         extra={
-            "item_id": item_id,
-            "job_id": job_id,
-            "attempt": attempt,
+            "item_id": run.item_id,
+            "job_id": None if claim is None else claim.job_id,
+            "attempt": None if claim is None else claim.attempt,
             "duration_ms": round(seconds * 1000, 1),
         },
     )
-
-
-def observe_completion(claim: Claim, engine_name: str, result: StoredResult) -> None:
-    """What a completed attempt tells of its queue wait and its engine, from
-    what the pipeline holds (the claim, the result it stored)."""
-    if claim.attempt == 1 and claim.published_time is not None and claim.started_time is not None:
-        QUEUE_WAIT.observe(max(0, claim.started_time - claim.published_time) / 1000)
-    metrics = result.get("metrics")
+    if outcome != "completed":
+        return
+    if claim is not None and claim.queue_wait_ms is not None:
+        QUEUE_WAIT.observe(claim.queue_wait_ms / 1000)
+    metrics = run.metrics
     if metrics is None:
         return
-    ENGINE_SECONDS.labels(engine_name).observe((metrics["encodeMs"] + metrics["decodeMs"]) / 1000)
-    if metrics["embedding"]:
+    ENGINE_SECONDS.labels(run.engine).observe((metrics["encodeMs"] + metrics["decodeMs"]) / 1000)
+    if metrics["embedding"] is not None:
         EMBEDDINGS.labels(metrics["embedding"]).inc()
 
 

@@ -52,7 +52,7 @@ from segq.worker.item_inputs import (
 )
 from segq.worker.item_stages import ItemStages, Stage, timed_stage
 from segq.worker.lease_keeper import lease_kept
-from segq.worker.metrics import STORAGE_ERRORS, observe_completion
+from segq.worker.metrics import STORAGE_ERRORS
 from segq.worker.results import (
     discard_objects,
     discard_objects_of_earlier_attempts,
@@ -95,6 +95,23 @@ class ItemOutcome(StrEnum):
     PAUSED = "paused"
 
 
+@dataclass(frozen=True)
+class ItemRun:
+    """What one attempt at an item came to, with what the worker's metrics
+    and log need of it, so nothing reads the item again to report it."""
+
+    outcome: ItemOutcome
+    #: The item run: the one queued first, which may not be the one the
+    #: wake-up message named.
+    item_id: int
+    #: None where nothing was claimed (SKIPPED).
+    claim: Claim | None = None
+    #: The engine's name, as the item records it.
+    engine: str = ""
+    #: A completed item's result ``metrics`` (what the engine's work cost).
+    metrics: StoredMetrics | None = None
+
+
 #: How often a lone item looks again for company while it may wait.
 _COMPANY_POLL_SECONDS = 0.002
 
@@ -109,11 +126,10 @@ def process_item(
     max_attempts: int,
     limits: ImageLimits,
     batch_wait_ms: int = 0,
-    taken_along: Callable[[Claim, ItemOutcome], None] | None = None,
+    taken_along: Callable[[ItemRun], None] | None = None,
     announce_job_change: Callable[[int], None] | None = None,
-    claimed: Callable[[Claim], None] | None = None,
     breaker: DependencyBreaker | None = None,
-) -> ItemOutcome:
+) -> ItemRun:
     """Run one item end to end: the queued item queued first, which the
     wake-up message for ``item_id`` claims (``claim_next_item``); with an
     engine that encodes images in
@@ -121,8 +137,8 @@ def process_item(
     then others', waiting up to ``batch_wait_ms`` for them), each claimed
     and finished exactly as a lone item is. ``announce_job_change`` is told
     the job's id after each committed change a client may be waiting for
-    (the job started, an item finished). ``claimed`` is told the claim of
-    the item run (which may not be ``item_id``).
+    (the job started, an item finished). Returns the run of the item
+    claimed (which may not be ``item_id``).
 
     Problems of an item itself fail it. A storage error puts the item back
     in the queue until ``max_attempts`` attempts have been made; then it
@@ -131,8 +147,8 @@ def process_item(
     costs no attempt: the item is PAUSED, back in the queue with its attempt
     given back, and ``breaker`` is tripped so the caller takes no more items
     until storage answers; items of the batch that come after skip
-    storage at once. Each item taken along goes to ``taken_along`` with
-    its outcome: the caller counts it and sends a RELEASED one again (the
+    storage at once. Each item taken along goes to ``taken_along`` as its
+    run: the caller counts it and sends a RELEASED one again (the
     reconciler does when nobody does). Database errors propagate: the
     leases run out and the items are run again.
     """
@@ -150,10 +166,8 @@ def process_item(
         )
     )
     if claim is None:
-        return ItemOutcome.SKIPPED
+        return ItemRun(ItemOutcome.SKIPPED, item_id, engine=engine.name)
     stages.add(Stage.CLAIM, stages.elapsed())
-    if claimed is not None:
-        claimed(claim)
     claims = [(claim, stages)]
     if isinstance(engine, ImageBatchEngine) and engine.batch_size > 1:
         claims += _claim_company(
@@ -182,13 +196,17 @@ def process_item(
         announce_job_change=announce,
         breaker=breaker,
     )
+    runs = [
+        ItemRun(outcome, taken.item_id, taken, engine.name, metrics)
+        for (taken, _), (outcome, _, metrics) in zip(claims, outcomes, strict=True)
+    ]
     if taken_along is not None:
-        for (company, _), (outcome, _) in zip(claims[1:], outcomes[1:], strict=True):
-            taken_along(company, outcome)
-    outcome, storage_error = outcomes[0]
+        for run in runs[1:]:
+            taken_along(run)
+    outcome, storage_error, _ = outcomes[0]
     if outcome == ItemOutcome.RELEASED:
         raise StorageUnavailable(storage_error, storage_retry_delay(claim.attempt))
-    return outcome
+    return runs[0]
 
 
 def _nobody_listens(job_id: int) -> None:
@@ -256,6 +274,11 @@ class _Attempt:
     storage_down: bool = False
 
 
+#: An item's outcome, its storage error (released, paused) and its
+#: result's metrics (completed).
+_Finished = tuple[ItemOutcome, str, StoredMetrics | None]
+
+
 def _run_claimed(
     sessions: sessionmaker[Session],
     storage: ObjectStorage,
@@ -267,9 +290,10 @@ def _run_claimed(
     limits: ImageLimits,
     announce_job_change: Callable[[int], None],
     breaker: DependencyBreaker | None,
-) -> list[tuple[ItemOutcome, str]]:
+) -> list[_Finished]:
     """Load, encode together, segment and finish each claimed item; each
-    item's outcome, with the storage error of one that was released."""
+    item's outcome, with the storage error of one that was released and
+    the metrics of one that completed."""
     attempts = [_Attempt(claim, stages) for claim, stages in claims]
     with contextlib.ExitStack() as leases:
         for attempt in attempts:
@@ -299,7 +323,6 @@ def _run_claimed(
                 announce_job_change=announce_job_change,
                 breaker=breaker,
                 in_batch=len(attempts) > 1,
-                engine_name=engine.name,
             )
             for attempt in attempts
         ]
@@ -357,8 +380,7 @@ def _finish(
     announce_job_change: Callable[[int], None],
     breaker: DependencyBreaker | None,
     in_batch: bool,
-    engine_name: str,
-) -> tuple[ItemOutcome, str]:
+) -> _Finished:
     claim = attempt.claim
     stages = attempt.stages
     error_message = attempt.error_message
@@ -369,11 +391,11 @@ def _finish(
             # Not the item's fault: it waits, its attempt given back, until
             # storage answers (or the outage outlasts its bound: worker/tasks.py).
             once_more_if_disconnected(lambda: release_item(sessions, claim, give_back_attempt=True))
-            return ItemOutcome.PAUSED, attempt.storage_error
+            return ItemOutcome.PAUSED, attempt.storage_error, None
         if claim.attempt < max_attempts:
             delay = storage_retry_delay(claim.attempt)
             once_more_if_disconnected(lambda: release_item(sessions, claim, delay))
-            return ItemOutcome.RELEASED, attempt.storage_error
+            return ItemOutcome.RELEASED, attempt.storage_error, None
         error_message = f"storage failed each of {claim.attempt} attempts: {attempt.storage_error}"
     result = attempt.result
     if result is not None:
@@ -386,8 +408,6 @@ def _finish(
     if landed:
         with stages.timing(Stage.NOTIFY):
             announce_job_change(claim.job_id)
-        if result is not None:
-            observe_completion(claim, engine_name, result)
         log.debug(
             "item %s attempt %s: stages",
             claim.item_id,
@@ -401,14 +421,16 @@ def _finish(
             claim.attempt,
         )
         discard_objects(storage, objects_named_by_result(result))
-        return ItemOutcome.LEASE_LOST, ""
+        return ItemOutcome.LEASE_LOST, "", None
     if claim.attempt > 1:
         # Only retried items pay for this: one listing of the item's
         # objects, and one delete of those no attempt but this one wrote.
         discard_objects_of_earlier_attempts(storage, claim, result)
     if result is not None and breaker is not None:
         breaker.confirm()  # its masks were stored: storage works
-    return (ItemOutcome.COMPLETED if result is not None else ItemOutcome.FAILED), ""
+    if result is None:
+        return ItemOutcome.FAILED, "", None
+    return ItemOutcome.COMPLETED, "", result.get("metrics")
 
 
 def segment_claimed_item(

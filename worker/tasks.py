@@ -15,9 +15,15 @@ from segq.clock import now_ms
 from segq.db import database_unreachable
 from segq.logs import log_context
 from segq.queue import DELIVER_WEBHOOK_TASK, SEGMENT_ITEM_TASK
-from segq.worker.claims import Claim, fail_waiting_item
+from segq.worker.claims import fail_waiting_item
 from segq.worker.metrics import ITEMS, WEBHOOK_ATTEMPTS, observe_item
-from segq.worker.pipeline import ItemOutcome, StorageUnavailable, process_item, storage_retry_delay
+from segq.worker.pipeline import (
+    ItemOutcome,
+    ItemRun,
+    StorageUnavailable,
+    process_item,
+    storage_retry_delay,
+)
 from segq.worker.runtime import SegmentRuntime, delivery_runtime_of, segment_runtime_of
 from segq.worker.webhook_delivery import deliver
 
@@ -33,10 +39,12 @@ def segment_item(self: Any, item_id: int) -> str:
     current = segment_runtime_of(self.app)
     started = time.monotonic()
 
-    def taken_along(claim: Claim, outcome: ItemOutcome) -> None:
+    def taken_along(run: ItemRun) -> None:
+        claim, outcome = run.claim, run.outcome
+        assert claim is not None  # an item taken along was claimed
         released = outcome == ItemOutcome.RELEASED
         shown = "storage_retry" if released else outcome.value
-        observe_item(current.sessions, claim.item_id, claim, shown, time.monotonic() - started)
+        observe_item(run, shown, time.monotonic() - started)
         if released:
             # Storage failed this item of the batch, and its own message may
             # be spent (another worker found it taken): send one for when its
@@ -66,10 +74,9 @@ def _segment_item(
     current: SegmentRuntime,
     item_id: int,
     started: float,
-    taken_along: Callable[[Claim, ItemOutcome], None],
+    taken_along: Callable[[ItemRun], None],
 ) -> str:
     # The message wakes a worker; the item run is the one queued first.
-    ran: list[Claim] = []
     if not current.database_breaker.wait_until_closed(PAUSE_SLICE_SECONDS):
         segment_item.apply_async((item_id,))
         return ItemOutcome.PAUSED.value
@@ -79,7 +86,7 @@ def _segment_item(
             ITEMS.labels(waited.value).inc()
         return waited.value
     try:
-        outcome = process_item(
+        run = process_item(
             current.sessions,
             current.storage,
             current.engine,
@@ -90,7 +97,6 @@ def _segment_item(
             batch_wait_ms=current.batch_wait_ms,
             taken_along=taken_along,
             announce_job_change=current.job_changes.announce,
-            claimed=ran.append,
             breaker=current.storage_breaker,
         )
     except StorageUnavailable as exc:
@@ -99,16 +105,10 @@ def _segment_item(
         # fails the item once they run out, so this retry loop is bounded.
         raise task.retry(countdown=exc.retry_in_seconds, exc=exc) from exc
     current.database_breaker.confirm()  # its rows were written: the database works
-    observe_item(
-        current.sessions,
-        ran[0].item_id if ran else item_id,
-        ran[0] if ran else None,
-        outcome.value,
-        time.monotonic() - started,
-    )
-    if outcome == ItemOutcome.PAUSED:
+    observe_item(run, run.outcome.value, time.monotonic() - started)
+    if run.outcome == ItemOutcome.PAUSED:
         segment_item.apply_async((item_id,))
-    return outcome.value
+    return run.outcome.value
 
 
 def _wait_for_storage(current: SegmentRuntime, item_id: int) -> ItemOutcome | None:

@@ -1,5 +1,5 @@
-"""Official Segment Anything (SAM, SAM 2, SAM 2.1) checkpoints: where they
-are and how to fetch them safely."""
+"""The official checkpoints of the catalogue's engines
+(segq/engine_catalogue.py): where they are and how to fetch them safely."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from segq.engine_catalogue import MODEL_ENGINES_BY_CHECKPOINT, OfficialCheckpoint
+from segq.engine_catalogue import ENGINES_BY_WEIGHTS, OFFICIAL_CHECKPOINTS, OfficialCheckpoint
 
 
 class WeightsError(RuntimeError):
@@ -18,9 +18,7 @@ class WeightsError(RuntimeError):
 
 
 #: ``segq weights download``'s names -> the files (segq/engine_catalogue.py).
-CHECKPOINTS: dict[str, OfficialCheckpoint] = {
-    name: engine.checkpoint for name, engine in MODEL_ENGINES_BY_CHECKPOINT.items()
-}
+CHECKPOINTS: dict[str, OfficialCheckpoint] = OFFICIAL_CHECKPOINTS
 CHUNK_BYTES = 1 << 20
 
 
@@ -35,7 +33,7 @@ def official_checkpoint_path(architecture: str, weights_dir: Path) -> Path:
 def engine_name(checkpoint: str) -> str:
     """The SEGQ_MODEL that runs the official checkpoint named ``checkpoint``
     (a key of CHECKPOINTS)."""
-    return MODEL_ENGINES_BY_CHECKPOINT[checkpoint].name
+    return ENGINES_BY_WEIGHTS[checkpoint].name
 
 
 def file_md5(path: Path) -> str:

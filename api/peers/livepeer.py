@@ -37,7 +37,7 @@ from segq.api.peers.synchronous_jobs import (
 from segq.api.refusals import Envelope, register_refusals
 from segq.api.schemas import SegmentRequest, parse
 from segq.contract import LOGITS_KEY, MASK_KEY
-from segq.engine_catalogue import EngineFamily, engine_family
+from segq.engine_catalogue import Capability, LogitsFrame, engine_entry
 from segq.mask_logits import encode_logits
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,8 @@ def segment_anything_2() -> Response:
     logits = [stored_logits(s[LOGITS_KEY]) for s in segments if LOGITS_KEY in s]
     masks: Iterable[npt.NDArray[np.float32] | npt.NDArray[np.bool_]]
     if return_logits and logits:
-        stretched = engine_family(services().settings.model) is EngineFamily.SAM2
+        entry = engine_entry(services().settings.model)
+        stretched = entry is not None and entry.logits_frame is LogitsFrame.STRETCHED_SQUARE
         width, height = finished.width, finished.height
         # Made one at a time, as the answer is written.
         masks = (
@@ -247,10 +248,11 @@ def full_size_logits(
 
 
 def _engine_gives_logits() -> bool:
-    """Logits are asked for only where the server is configured with a SAM
-    engine: with SEGQ_MODEL unset the worker may pick GrabCut, which would
-    fail an item that asks for them."""
-    return engine_family(services().settings.model) in (EngineFamily.SAM, EngineFamily.SAM2)
+    """Logits are asked for only where the configured engine gives them:
+    with SEGQ_MODEL unset the worker may pick GrabCut, which would fail an
+    item that asks for them."""
+    entry = engine_entry(services().settings.model)
+    return entry is not None and entry.can(Capability.LOGITS)
 
 
 def _bearer_key() -> str:

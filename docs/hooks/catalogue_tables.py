@@ -6,27 +6,43 @@ from __future__ import annotations
 
 from typing import Any
 
-from segq.engine_catalogue import ENGINE_NAMES, MODEL_ENGINES_BY_NAME, engine_family
+from segq.engine_catalogue import ENGINE_NAMES, ENGINES_BY_NAME, Capability
 
 ENGINE_TABLE_MARK = "<!-- engine-catalogue-table -->"
+
+#: The capabilities shown, in the table's words.
+_SHOWN = (
+    (Capability.TEXT_PROMPTS, "text"),
+    (Capability.MASK_INPUT, "maskInput"),
+    (Capability.LOGITS, "logits"),
+    (Capability.EVERYTHING, "everything"),
+    (Capability.IMAGE_BATCHING, "image batches"),
+)
 
 
 def engine_table() -> str:
     rows = [
-        "| `SEGQ_MODEL` | family | `segq weights download` | checkpoint file | checked by "
-        "| built from |",
-        "|---|---|---|---|---|---|",
+        "| `SEGQ_MODEL` | family | beyond points and boxes | `segq weights download` "
+        "| weights | checked by | built from |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in ENGINE_NAMES:
-        engine = MODEL_ENGINES_BY_NAME.get(name)
-        if engine is None:
-            rows.append(f"| `{name}` | {engine_family(name)} | none | none | none | none |")
+        entry = ENGINES_BY_NAME[name]
+        can = ", ".join(words for capability, words in _SHOWN if entry.can(capability)) or "none"
+        weights = entry.weights
+        if weights is None:
+            rows.append(f"| `{name}` | {entry.family} | {can} | none | none | none | none |")
             continue
-        checked = "MD5 (Meta's)" if engine.checkpoint.md5 else "your SHA-256, or none"
+        official = weights.official
+        if official is None:
+            fetched, file, checked = "none", f"`{weights.local_name}` ({weights.layout})", "none"
+        else:
+            fetched = f"`{weights.name}`"
+            file = f"[`{official.filename}`]({official.url})"
+            checked = "MD5 (Meta's)" if official.md5 else "your SHA-256, or none"
         rows.append(
-            f"| `{name}` | {engine.family} | `{engine.checkpoint_name}` "
-            f"| [`{engine.checkpoint.filename}`]({engine.checkpoint.url}) | {checked} "
-            f"| `{engine.architecture}` |"
+            f"| `{name}` | {entry.family} | {can} | {fetched} | {file} | {checked} "
+            f"| `{entry.architecture or 'its weights'}` |"
         )
     return "\n".join(rows)
 

@@ -45,7 +45,7 @@ def run(sessions: sessionmaker[Session], storage: S3Storage, item_id: int) -> It
         lease_seconds=60,
         max_attempts=3,
         limits=TEST_LIMITS,
-    )
+    ).outcome
 
 
 def test_a_queued_job_never_runs(

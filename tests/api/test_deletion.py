@@ -51,7 +51,7 @@ def finished_job(tenant: Tenant, sessions: sessionmaker[Session], storage: S3Sto
             lease_seconds=60,
             max_attempts=3,
             limits=TEST_LIMITS,
-        )
+        ).outcome
         assert outcome == ItemOutcome.COMPLETED
     return job_id
 

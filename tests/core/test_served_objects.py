@@ -157,6 +157,7 @@ def data_url(data: bytes, media_type: str) -> str:
     return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
 
+@pytest.mark.model
 def test_every_stored_object_through_every_link_is_served_as_it_was_stored(
     deployment: Deployment,
     sessions: sessionmaker[Session],

@@ -102,6 +102,7 @@ def assert_same_candidates(a: list[Candidate], b: list[Candidate], *, exact: boo
             assert abs(left.score - right.score) <= 1e-2
 
 
+@pytest.mark.model
 def test_hits_give_the_masks_of_a_miss_and_encode_nothing(
     architecture: str, checkpoint: Path, storage: S3Storage
 ) -> None:
@@ -127,6 +128,7 @@ def test_hits_give_the_masks_of_a_miss_and_encode_nothing(
     assert_same_candidates(computed, uncached, exact=True)
 
 
+@pytest.mark.model
 def test_the_engine_keeps_the_last_image_as_a_local_hit(
     architecture: str, checkpoint: Path, storage: S3Storage
 ) -> None:
@@ -139,6 +141,7 @@ def test_the_engine_keeps_the_last_image_as_a_local_hit(
     assert metrics.encode_ms < 1000
 
 
+@pytest.mark.model
 def test_another_checkpoint_or_a_rotated_image_never_hits(
     architecture: str, checkpoint: Path, storage: S3Storage, tmp_path: Path
 ) -> None:
@@ -159,6 +162,7 @@ def test_another_checkpoint_or_a_rotated_image_never_hits(
     assert {key.split("/")[1] for key in keys} == {counting.model_id, other.model_id}
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("damage", ["truncated", "flipped byte", "garbage", "empty"])
 def test_a_damaged_shared_entry_is_recomputed_and_replaced(
     architecture: str, checkpoint: Path, storage: S3Storage, damage: str
@@ -290,7 +294,7 @@ def run_job(
         [item_id] = session.scalars(select(JobItem.id).where(JobItem.job_id == job_id))
     outcome = process_item(
         sessions, storage, engine, item_id, lease_seconds=60, max_attempts=3, limits=TEST_LIMITS
-    )
+    ).outcome
     assert outcome == ItemOutcome.COMPLETED
     job = tenant.get_job(job_id).json
     [item] = job["items"]
@@ -298,6 +302,7 @@ def run_job(
     return metrics
 
 
+@pytest.mark.model
 def test_a_second_job_in_another_worker_reports_shared_and_encodes_nothing(
     architecture: str,
     checkpoint: Path,
@@ -338,6 +343,7 @@ def test_a_second_job_in_another_worker_reports_shared_and_encodes_nothing(
         assert figures[f'segq_recent_item_engine_seconds_bucket{{le="{bound:g}"}}'] == expected
 
 
+@pytest.mark.model
 def test_load_engine_keys_the_cache_by_the_checkpoints_digest(
     architecture: str, checkpoint: Path, storage: S3Storage
 ) -> None:

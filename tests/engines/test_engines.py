@@ -21,13 +21,8 @@ from segq.engine_catalogue import ENGINE_NAMES
 from segq.worker.engines import EngineChoice, EngineConfigError, resolve_engine
 from segq.worker.engines.base import Candidate, Prompt
 from segq.worker.engines.grabcut import FILLED_BOX_SCORE, GrabCutEngine
-from segq.worker.engines.sam import (
-    CheckpointError,
-    DeviceError,
-    SamEngine,
-    load_sam,
-    resolve_device,
-)
+from segq.worker.engines.sam import SamEngine, load_sam
+from segq.worker.engines.torch_support import CheckpointError, DeviceError, resolve_device
 from segq.worker.weights import official_checkpoint_path
 from tests.support.tiny_sam import register_tiny_architecture, save_tiny_sam_checkpoint
 
@@ -246,6 +241,7 @@ def test_grabcut_refuses_malformed_input() -> None:
 # -- SAM: what test_sam_engine.py does not cover ---------------------------------
 
 
+@pytest.mark.model
 def test_a_checkpoint_of_another_size_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -260,6 +256,7 @@ def test_a_checkpoint_of_another_size_is_refused(
     assert str(tiny) in message
 
 
+@pytest.mark.model
 def test_a_missing_checkpoint_names_file_and_architecture(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -285,6 +282,7 @@ def test_devices_are_resolved_and_checked() -> None:
             resolve_device("cuda")
 
 
+@pytest.mark.model
 def test_sam_embeds_an_image_once_for_several_prompts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -312,6 +310,7 @@ def test_sam_embeds_an_image_once_for_several_prompts(
     assert all(np.array_equal(a.mask, b.mask) for a, b in zip(fresh, on_first, strict=True))
 
 
+@pytest.mark.model
 def test_sam_refuses_malformed_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     architecture = register_tiny_architecture(monkeypatch)
     engine = SamEngine(
@@ -362,9 +361,9 @@ def test_choosing_and_running_grabcut_never_imports_torch() -> None:
         "import sys\n"
         "from pathlib import Path\n"
         "import numpy as np\n"
-        "import worker.masks\n"
-        "from worker.engines import load_engine, resolve_engine\n"
-        "from worker.engines.base import Prompt\n"
+        "import segq.worker.masks\n"
+        "from segq.worker.engines import load_engine, resolve_engine\n"
+        "from segq.worker.engines.base import Prompt\n"
         "engine = load_engine(resolve_engine(None, None, Path('/nonexistent')), 'auto')\n"
         "image = np.zeros((20, 20, 3), dtype=np.uint8)\n"
         "box = np.array([2.0, 2.0, 10.0, 10.0])\n"

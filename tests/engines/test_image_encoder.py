@@ -15,11 +15,15 @@ import pytest
 import torch
 
 from segq.worker.engines.base import Candidate
-from segq.worker.engines.batch_encoding import BatchLimit, encode_in_batches
 from segq.worker.engines.encoder_options import EncoderOptions, Precision
-from segq.worker.engines.precision import PrecisionError, resolve_precision
 from segq.worker.engines.sam import SamEngine
 from segq.worker.engines.sam_encoder import SdpaAttention
+from segq.worker.engines.torch_support import (
+    BatchLimit,
+    PrecisionError,
+    encode_in_batches,
+    resolve_precision,
+)
 from tests.support.images import scene
 from tests.support.tiny_sam import as_prompt, load_tiny_sam
 
@@ -75,6 +79,7 @@ def assert_same_masks(expected: list[Candidate], found: list[Candidate], toleran
         assert one.score == pytest.approx(other.score, abs=1e-5)
 
 
+@pytest.mark.model
 def test_a_batch_gives_each_image_the_masks_it_gets_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: list[Candidate]
 ) -> None:
@@ -87,6 +92,7 @@ def test_a_batch_gives_each_image_the_masks_it_gets_alone(
     assert_same_masks(reference, found, FP32_LOGIT_TOLERANCE)
 
 
+@pytest.mark.model
 def test_sdpa_attention_matches_segment_anythings_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: list[Candidate]
 ) -> None:
@@ -100,6 +106,7 @@ def test_sdpa_attention_matches_segment_anythings_own(
     assert_same_masks(reference, masks_of(fused, IMAGES, False), FP32_LOGIT_TOLERANCE)
 
 
+@pytest.mark.model
 def test_bf16_masks_agree_with_fp32(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: list[Candidate]
 ) -> None:
@@ -116,6 +123,7 @@ def test_bf16_masks_agree_with_fp32(
         assert not np.array_equal(one.logits, other.logits)
 
 
+@pytest.mark.model
 def test_precision_is_checked_against_the_device_at_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -127,6 +135,7 @@ def test_precision_is_checked_against_the_device_at_start(
         engine(tmp_path, monkeypatch, precision=Precision.FP16)
 
 
+@pytest.mark.model
 def test_compiled_encoder_is_warmed_up_for_each_batch_size_before_use(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -151,6 +160,7 @@ def test_compiled_encoder_is_warmed_up_for_each_batch_size_before_use(
     assert_same_masks(reference, masks_of(compiled, IMAGES, batched=True), FP32_LOGIT_TOLERANCE)
 
 
+@pytest.mark.model
 def test_an_image_encoded_in_a_batch_is_not_encoded_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -179,7 +189,7 @@ def test_a_batch_that_runs_out_of_memory_is_halved_and_the_size_remembered(
 ) -> None:
     # An in-process Celery worker of an earlier test may have raised the
     # root logger's level; this logger's own level decides.
-    caplog.set_level(logging.WARNING, logger="segq.worker.engines.batch_encoding")
+    caplog.set_level(logging.WARNING, logger="segq.worker.engines.torch_support")
     calls: list[int] = []
     limit = BatchLimit(8)
     freed: list[bool] = []
@@ -200,6 +210,7 @@ def test_a_single_image_that_does_not_fit_raises() -> None:
         encode_in_batches(out_of_memory_above(0, []), [1, 2], BatchLimit(2))
 
 
+@pytest.mark.model
 def test_the_engine_halves_its_batch_on_out_of_memory_and_keeps_every_image(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reference: list[Candidate]
 ) -> None:

@@ -18,8 +18,8 @@ import torch
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from segq.worker.engines import load_engine, resolve_engine
-from segq.worker.engines.sam import CheckpointError
 from segq.worker.engines.sam2 import Sam2Engine, load_sam2
+from segq.worker.engines.torch_support import CheckpointError
 from tests.support.images import scene
 from tests.support.tiny_sam import Box, PointList, as_prompt
 from tests.support.tiny_sam2 import (
@@ -31,6 +31,9 @@ from tests.support.tiny_sam2 import (
     sam2_directly,
     save_random_sam2_checkpoint,
 )
+
+#: Each test builds a SAM-family model (make test-fast skips them).
+pytestmark = pytest.mark.model
 
 WIDTH, HEIGHT = 130, 90
 

@@ -43,8 +43,8 @@ from segq.worker.engines.embedding_cache import (
 )
 from segq.worker.engines.encoder_options import EncoderOptions, Precision
 from segq.worker.engines.item_metrics import recording_item_metrics
-from segq.worker.engines.sam import CheckpointError
 from segq.worker.engines.sam2 import Sam2Engine, load_sam2
+from segq.worker.engines.torch_support import CheckpointError
 from segq.worker.pipeline import ItemOutcome
 from tests.support.harness import Tenant, run_job_item, stored_mask
 from tests.support.images import png_bytes, scene
@@ -62,6 +62,9 @@ from tests.support.tiny_sam2 import (
     sam2_directly,
     save_random_sam2_checkpoint,
 )
+
+#: Each test builds a SAM-family model (make test-fast skips them).
+pytestmark = pytest.mark.model
 
 WIDTH, HEIGHT = 130, 90  # not square, so a swapped x and y cannot land where they belong
 MB = 1024 * 1024

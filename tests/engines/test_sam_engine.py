@@ -16,7 +16,8 @@ from segq.models import JobItem
 from segq.storage import S3Storage
 from segq.worker.engines import EngineChoice, load_engine
 from segq.worker.engines.base import Prompt
-from segq.worker.engines.sam import SAM_ARCHITECTURES, CheckpointError, SamEngine, load_sam
+from segq.worker.engines.sam import SAM_ARCHITECTURES, SamEngine, load_sam
+from segq.worker.engines.torch_support import CheckpointError
 from segq.worker.pipeline import ItemOutcome, process_item
 from tests.support.harness import TEST_LIMITS, Tenant
 from tests.support.images import cognite_sample_body, png_bytes, scene
@@ -25,6 +26,9 @@ from tests.support.tiny_sam import (
     register_tiny_architecture,
     save_tiny_sam_checkpoint,
 )
+
+#: Each test builds a SAM-family model (make test-fast skips them).
+pytestmark = pytest.mark.model
 
 
 @pytest.fixture
@@ -131,7 +135,7 @@ def test_sam_runs_a_job_through_the_pipeline(
         lease_seconds=60,
         max_attempts=3,
         limits=TEST_LIMITS,
-    )
+    ).outcome
     assert outcome == ItemOutcome.COMPLETED
     job = tenant.get_job(job_id).json
     assert job["status"] == "Completed" and job["engine"] == "sam_tiny_test"

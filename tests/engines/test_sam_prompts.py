@@ -74,6 +74,7 @@ PROMPTS: list[tuple[list[tuple[float, float, int]], tuple[float, float, float, f
 ]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize(("points", "box"), PROMPTS, ids=["point", "points", "box", "both"])
 def test_the_engine_answers_as_segment_anything_does(
     tiny_sam: Sam,
@@ -88,6 +89,7 @@ def test_the_engine_answers_as_segment_anything_does(
         assert np.array_equal(candidate.mask, mask)
 
 
+@pytest.mark.model
 def test_the_model_tells_prompts_apart(tiny_sam: Sam) -> None:
     """What makes the comparison above worth anything: with these random
     weights, moving a prompt (x and y swapped, scaled, a box widened to the
@@ -104,6 +106,7 @@ def test_the_model_tells_prompts_apart(tiny_sam: Sam) -> None:
         assert not np.allclose(moved, reference, atol=1e-4), (points, box)
 
 
+@pytest.mark.model
 def test_a_job_s_prompt_reaches_sam_at_the_pixels_it_names(
     tiny_sam: Sam, tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
 ) -> None:
@@ -121,7 +124,7 @@ def test_a_job_s_prompt_reaches_sam_at_the_pixels_it_names(
     engine = SamEngine(tiny_sam, "tiny")
     outcome = process_item(
         sessions, storage, engine, item_id, lease_seconds=60, max_attempts=3, limits=TEST_LIMITS
-    )
+    ).outcome
     assert outcome == ItemOutcome.COMPLETED
 
     image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))

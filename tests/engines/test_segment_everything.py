@@ -73,6 +73,7 @@ def generated(
     return [(m["segmentation"], float(m["predicted_iou"])) for m in found][: options.max_segments]
 
 
+@pytest.mark.model
 def test_everything_answers_as_the_automatic_mask_generator_does(tiny_sam: Sam) -> None:
     image, _ = scene(WIDTH, HEIGHT)
     expected = generated(tiny_sam, image, LOOSE)
@@ -84,6 +85,7 @@ def test_everything_answers_as_the_automatic_mask_generator_does(tiny_sam: Sam) 
         assert np.array_equal(candidate.mask, mask)
 
 
+@pytest.mark.model
 def test_max_segments_keeps_the_best(tiny_sam: Sam) -> None:
     image, _ = scene(WIDTH, HEIGHT)
     every = SamEngine(tiny_sam, "tiny").segment_everything(image, LOOSE)
@@ -92,6 +94,7 @@ def test_max_segments_keeps_the_best(tiny_sam: Sam) -> None:
     assert [c.score for c in best] == [max(c.score for c in every)]
 
 
+@pytest.mark.model
 def test_everything_after_a_prompt_on_the_same_image_embeds_it_once(
     tiny_sam: Sam, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -120,6 +123,7 @@ def run_item(
         return item
 
 
+@pytest.mark.model
 def test_an_everything_job_stores_every_segment_without_a_prompt_index(
     tiny_sam: Sam, tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
 ) -> None:
@@ -230,8 +234,15 @@ def test_bad_everything_requests_are_refused_and_nothing_is_stored_or_queued(
 @pytest.mark.parametrize(
     ("fields", "mentions"),
     [
-        ({"mode": "everything"}, "segment everything needs a SAM engine"),
-        ({"points": [POINT], "outputs": ["logits"]}, "logits and maskInput need a SAM engine"),
+        (
+            {"mode": "everything"},
+            "segment everything needs an engine with segment everything; "
+            "this server runs grabcut, which has none",
+        ),
+        (
+            {"points": [POINT], "outputs": ["logits"]},
+            "logits needs an engine with logits; this server runs grabcut",
+        ),
     ],
     ids=["everything", "logits"],
 )

@@ -208,7 +208,7 @@ def run_job_item(
         [item_id] = session.scalars(select(JobItem.id).where(JobItem.job_id == job_id))
     outcome = process_item(
         sessions, storage, engine, item_id, lease_seconds=60, max_attempts=3, limits=TEST_LIMITS
-    )
+    ).outcome
     with sessions() as session:
         item = session.get(JobItem, item_id)
         assert item is not None

@@ -23,6 +23,7 @@ from segment_anything.modeling import (
 
 from segq.worker.engines import sam as sam_engine
 from segq.worker.engines.base import Prompt
+from segq.worker.engines.torch_support import CheckpointError
 
 TINY_ARCHITECTURE = "tiny_test"
 IMAGE_SIZE = 64  # SAM's is 1024
@@ -88,11 +89,11 @@ def assert_unreadable_checkpoints_named(
 ) -> None:
     """``load`` (a checkpoint's path to a loaded model) refuses a missing file
     and a file that is no checkpoint, saying which (``read_checkpoint``)."""
-    with pytest.raises(sam_engine.CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         load(folder / f"missing{suffix}")
     garbage = folder / f"garbage{suffix}"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(sam_engine.CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load(garbage)
 
 

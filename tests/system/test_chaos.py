@@ -177,6 +177,7 @@ def test_pool_process_killed_mid_item(
         assert item is not None and item.attempt >= 2  # the killed attempt, then another
 
 
+@pytest.mark.model
 def test_pool_process_killed_mid_batch(
     tenant: Tenant,
     sessions: sessionmaker[Session],

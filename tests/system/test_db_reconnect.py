@@ -110,7 +110,7 @@ def test_connections_dropped_mid_item_do_not_cost_its_result(
         lease_seconds=60,
         max_attempts=3,
         limits=TEST_LIMITS,
-    )
+    ).outcome
     assert dropped and dropped[0] >= 1  # the claim's connection, back in the pool
     assert outcome == ItemOutcome.COMPLETED
     with sessions() as session:

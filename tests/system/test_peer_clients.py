@@ -186,6 +186,7 @@ def test_livepeer_coordinates_in_0_to_1_and_multimask(
         assert np.array_equal(mask == 1.0, mask_at(segment["mask"]["url"]))
 
 
+@pytest.mark.model
 def test_livepeer_on_sam_gives_segment_anythings_masks_scores_and_logits(
     peer_settings: Settings,
     storage: S3Storage,

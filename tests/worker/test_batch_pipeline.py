@@ -22,6 +22,9 @@ from tests.support.harness import TEST_LIMITS, Tenant, item_ids
 from tests.support.images import png_bytes, scene_prompt_body
 from tests.support.tiny_sam import load_tiny_sam
 
+#: Each test builds a SAM-family model (make test-fast skips them).
+pytestmark = pytest.mark.model
+
 LEASE = 60
 
 
@@ -80,8 +83,8 @@ def run(
         batch_wait_ms=wait_ms,
         taken_along=None
         if requeue is None
-        else lambda claim, outcome: requeue(claim) if outcome == ItemOutcome.RELEASED else None,
-    )
+        else lambda run: requeue(run.claim) if run.outcome == ItemOutcome.RELEASED else None,
+    ).outcome
 
 
 def statuses(sessions: sessionmaker[Session], item_ids: list[int]) -> list[tuple[str, int]]:

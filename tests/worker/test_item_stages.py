@@ -56,7 +56,7 @@ def run_item(
         limits=TEST_LIMITS,
         announce_job_change=lambda job_id: None,
     )
-    assert outcome == ItemOutcome.COMPLETED
+    assert outcome.outcome == ItemOutcome.COMPLETED
     stages_after = sums(ITEM_STAGE_SECONDS)
     added = {
         stage: value - stages_before.get(stage, 0.0)

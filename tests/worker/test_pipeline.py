@@ -76,7 +76,27 @@ def run(
         lease_seconds=LEASE,
         max_attempts=max_attempts,
         limits=TEST_LIMITS,
+    ).outcome
+
+
+def test_the_run_answers_what_metrics_need_without_the_item_read_again(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage, engine: GrabCutEngine
+) -> None:
+    job_id, [item_id] = submit(tenant)
+    ran = process_item(
+        sessions, storage, engine, item_id, lease_seconds=LEASE, max_attempts=3, limits=TEST_LIMITS
     )
+    item = load(sessions, JobItem, item_id)
+    assert (ran.outcome, ran.item_id, ran.engine) == (ItemOutcome.COMPLETED, item_id, "grabcut")
+    assert ran.claim is not None
+    assert (ran.claim.job_id, ran.claim.attempt) == (job_id, 1)
+    assert ran.metrics == item.result["metrics"] and ran.metrics["decodeMs"] > 0
+    assert ran.claim.queue_wait_ms == item.started_time - item.published_time
+    # A second message for it finds nothing to run and says so.
+    again = process_item(
+        sessions, storage, engine, item_id, lease_seconds=LEASE, max_attempts=3, limits=TEST_LIMITS
+    )
+    assert (again.outcome, again.claim, again.metrics) == (ItemOutcome.SKIPPED, None, None)
 
 
 def test_item_is_segmented_stored_and_rolled_up(
@@ -224,7 +244,7 @@ def test_the_worker_applies_its_own_pixel_limit(
         lease_seconds=LEASE,
         max_attempts=3,
         limits=ImageLimits(max_pixels=160 * 120 - 1, fetch_policy=None),
-    )
+    ).outcome
     assert outcome == ItemOutcome.FAILED
     assert tenant.get_job(job_id).json["failedItems"][0]["errorMessage"] == (
         "the image was refused: image has 160x120 pixels, more than the 19199 allowed"

@@ -82,6 +82,7 @@ def normalized(points: PointList, box: Box) -> dict[str, Any]:
     return prompt
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("multimask", [False, True], ids=["one mask", "multimask"])
 def test_a_batch_of_prompts_answers_as_segment_anything_does_per_prompt(
     tiny_sam: Sam, multimask: bool
@@ -100,6 +101,7 @@ def test_a_batch_of_prompts_answers_as_segment_anything_does_per_prompt(
             assert np.allclose(candidate.logits, logits, atol=1e-4)
 
 
+@pytest.mark.model
 def test_prompts_of_one_shape_share_one_decoder_call(
     tiny_sam: Sam, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -122,6 +124,7 @@ def test_prompts_of_one_shape_share_one_decoder_call(
     assert len(calls) == 5
 
 
+@pytest.mark.model
 def test_mask_input_answers_as_segment_anything_does(tiny_sam: Sam) -> None:
     image, _ = scene(WIDTH, HEIGHT)
     engine = SamEngine(tiny_sam, "tiny")
@@ -162,6 +165,7 @@ def run_item(
     return item
 
 
+@pytest.mark.model
 def test_a_job_with_prompts_stores_each_prompt_s_masks_and_logits(
     tiny_sam: Sam, tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
 ) -> None:
@@ -249,6 +253,7 @@ def test_grabcut_refuses_logits_with_a_message_that_says_why(
     assert item.error_message is not None and "SAM engine" in item.error_message
 
 
+@pytest.mark.model
 def test_a_mask_input_refines_with_an_earlier_segment_s_logits(
     tiny_sam: Sam,
     tenant: Tenant,
@@ -292,6 +297,7 @@ def test_a_mask_input_refines_with_an_earlier_segment_s_logits(
     assert np.array_equal(stored_mask(storage, segment["maskKey"]), mask)
 
 
+@pytest.mark.model
 def test_grabcut_refuses_a_mask_input(
     tiny_sam: Sam, tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
 ) -> None:
@@ -393,6 +399,7 @@ def mask_input_body(file_id: int, job_id: int, item: int = 0, segment: int = 0) 
     }
 
 
+@pytest.mark.model
 def test_a_mask_input_from_another_project_is_answered_as_unknown(
     tiny_sam: Sam,
     tenant: Tenant,

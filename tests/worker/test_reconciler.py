@@ -94,7 +94,7 @@ def test_a_job_committed_while_the_broker_was_down_is_published_later(
             lease_seconds=60,
             max_attempts=3,
             limits=TEST_LIMITS,
-        )
+        ).outcome
         == ItemOutcome.COMPLETED
     )
 
@@ -223,7 +223,7 @@ def test_a_running_item_keeps_its_lease(
         lease_seconds=lease,
         max_attempts=3,
         limits=TEST_LIMITS,
-    )
+    ).outcome
     assert outcome == ItemOutcome.COMPLETED
     assert passes[0].requeued == 0
     [done] = items_of(sessions, job_id)

@@ -19,6 +19,9 @@ from tests.support.harness import Tenant, Worker, item_ids, queued_messages, seg
 from tests.support.images import png_bytes, scene_prompt_body
 from tests.support.tiny_sam import build_tiny_sam
 
+#: Each test builds a SAM-family model (make test-fast skips them).
+pytestmark = pytest.mark.model
+
 #: How soon a worker whose engine cannot be built must have exited: its
 #: start (Python, torch, Celery) and one failed load, on a loaded machine.
 EXIT_WITHIN_SECONDS = 120

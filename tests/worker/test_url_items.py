@@ -269,7 +269,9 @@ def run_all(
         ids = list(session.scalars(select(JobItem.id).order_by(JobItem.id)))
     engine = GrabCutEngine()
     return [
-        process_item(sessions, storage, engine, i, lease_seconds=60, max_attempts=3, limits=limits)
+        process_item(
+            sessions, storage, engine, i, lease_seconds=60, max_attempts=3, limits=limits
+        ).outcome
         for i in ids
     ]
 

@@ -1,23 +1,29 @@
-"""Engines behind one interface (``base.SegmentationEngine``), chosen by settings.
+"""Engines behind one interface (``base.SegmentationEngine``), chosen by
+settings from the catalogue (segq/engine_catalogue.py).
 
-Importing this package does not import torch: only a SAM or SAM 2 engine does.
+Each family's module (``ENGINE_MODULES``) defines ``build_engine``; it is
+imported only when its engine is built, so importing this package does not
+import torch: only a SAM or SAM 2 engine does.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from segq.engine_catalogue import (
     DEFAULT_MODEL_ENGINE,
+    ENGINE_MODULES,
     ENGINE_NAMES,
-    GRABCUT,
-    MODEL_ENGINES_BY_NAME,
-    MODEL_FREE_ENGINES,
+    ENGINES_BY_NAME,
+    FALLBACK_ENGINE,
+    EngineEntry,
     EngineFamily,
+    WeightsLayout,
 )
-from segq.worker.engines.base import SegmentationEngine
+from segq.worker.engines.base import EngineBuilder, EngineSetup, SegmentationEngine
 from segq.worker.engines.encoder_options import EncoderOptions
 
 if TYPE_CHECKING:
@@ -31,38 +37,50 @@ class EngineConfigError(ValueError):
 @dataclass(frozen=True)
 class EngineChoice:
     name: str
+    #: The checkpoint file (or weights folder); None for an engine without one.
     checkpoint: Path | None
 
 
 def resolve_engine(model: str | None, checkpoint: str | None, weights_dir: Path) -> EngineChoice:
-    """Which engine to run: SAM when a checkpoint is configured or found in
-    ``weights_dir`` (where ``segq weights download`` puts it), GrabCut otherwise."""
-    from segq.worker.weights import official_checkpoint_path
-
+    """Which engine to run: ``model`` with its weights (``checkpoint``, or
+    found in ``weights_dir``, where ``segq weights download`` puts them);
+    with ``model`` unset, the default model where its weights are given or
+    found, the fallback engine otherwise."""
     if model is None:
-        default = MODEL_ENGINES_BY_NAME[DEFAULT_MODEL_ENGINE]
+        default = ENGINES_BY_NAME[DEFAULT_MODEL_ENGINE]
         if checkpoint is not None:
             return EngineChoice(default.name, Path(checkpoint))
-        found = official_checkpoint_path(default.checkpoint_name, weights_dir)
-        if found.is_file():
-            return EngineChoice(default.name, found)
-        return EngineChoice(GRABCUT, None)
-    if model in MODEL_FREE_ENGINES:
-        return EngineChoice(model, None)
-    engine = MODEL_ENGINES_BY_NAME.get(model)
-    if engine is None:
+        found = _found_weights(default, weights_dir)
+        return EngineChoice(default.name, found) if found else EngineChoice(FALLBACK_ENGINE, None)
+    entry = ENGINES_BY_NAME.get(model)
+    if entry is None:
         raise EngineConfigError(
             f"unknown SEGQ_MODEL {model!r}; choose one of {', '.join(ENGINE_NAMES)}"
         )
+    if entry.weights is None:
+        return EngineChoice(model, None)
     if checkpoint is not None:
         return EngineChoice(model, Path(checkpoint))
-    found = official_checkpoint_path(engine.checkpoint_name, weights_dir)
-    if not found.is_file():
+    found = _found_weights(entry, weights_dir)
+    if found is None:
+        fetch = (
+            f"run `segq weights download {entry.weights.name}`"
+            if entry.weights.official is not None
+            else f"put them at {weights_dir / entry.weights.local_name}"
+        )
+        if entry.weights.hub_repository is not None:
+            fetch += f" (a snapshot of {entry.weights.hub_repository})"
         raise EngineConfigError(
-            f"SEGQ_MODEL={model} needs a checkpoint: run "
-            f"`segq weights download {engine.checkpoint_name}` or set SEGQ_MODEL_CHECKPOINT"
+            f"SEGQ_MODEL={model} needs its weights: {fetch} or set SEGQ_MODEL_CHECKPOINT"
         )
     return EngineChoice(model, found)
+
+
+def _found_weights(entry: EngineEntry, weights_dir: Path) -> Path | None:
+    assert entry.weights is not None
+    path = weights_dir / entry.weights.local_name
+    present = path.is_dir() if entry.weights.layout is WeightsLayout.DIRECTORY else path.is_file()
+    return path if present else None
 
 
 def load_engine(
@@ -71,52 +89,27 @@ def load_engine(
     embeddings: EmbeddingCache | None = None,
     encoder_options: EncoderOptions | None = None,
 ) -> SegmentationEngine:
-    """Build the engine; for SAM and SAM 2 this loads the model (once per
-    process), readies its image encoder as ``encoder_options`` say
-    (precision, batch, compilation) and keeps its image embeddings in
-    ``embeddings`` under the
-    checkpoint's digest."""
-    if choice.name == GRABCUT:
-        from segq.worker.engines.grabcut import GrabCutEngine
+    """Build the engine with its family's ``build_engine``; a model is
+    loaded once per process, its image encoder readied as
+    ``encoder_options`` say (precision, batch, compilation), and its image
+    embeddings kept in ``embeddings`` under the weights' digest."""
+    entry = ENGINES_BY_NAME.get(choice.name) or _registered_sam(choice.name)
+    module = importlib.import_module(f"{__name__}.{ENGINE_MODULES[entry.family]}")
+    build = cast(EngineBuilder, module.build_engine)
+    setup = EngineSetup(device, embeddings, encoder_options or EncoderOptions())
+    return build(entry, choice.checkpoint, setup)
 
-        return GrabCutEngine()
-    if choice.name == "benchmark_fixed_mask":
-        from segq.worker.engines.fixed_mask import BenchmarkFixedMaskEngine
 
-        return BenchmarkFixedMaskEngine()
-    from segq.worker.engines.embedding_cache import checkpoint_digest, model_id
-
-    assert choice.checkpoint is not None
-    checkpoint = choice.checkpoint
-
-    def cache_key() -> str | None:
-        # Called after the model loaded (a bad checkpoint is named by the
-        # loader), and only where a cache will key embeddings by it.
-        return None if embeddings is None else model_id(choice.name, checkpoint_digest(checkpoint))
-
-    # A name outside the catalogue is a SAM architecture registered by its
-    # caller (tests register tiny ones); load_sam names an unknown one.
-    catalogued = MODEL_ENGINES_BY_NAME.get(choice.name)
-    if catalogued is not None and catalogued.family is EngineFamily.SAM2:
-        from segq.worker.engines.sam2 import Sam2Engine, load_sam2
-
-        return Sam2Engine(
-            load_sam2(choice.name, choice.checkpoint, device),
-            choice.name,
-            embeddings=embeddings,
-            model_id=cache_key(),
-            encoder_options=encoder_options,
-        )
-    from segq.worker.engines.sam import SamEngine, load_sam
-
-    return SamEngine(
-        load_sam(
-            catalogued.architecture if catalogued else choice.name.removeprefix("sam_"),
-            choice.checkpoint,
-            device,
-        ),
-        choice.name,
-        embeddings=embeddings,
-        model_id=cache_key(),
-        encoder_options=encoder_options,
+def _registered_sam(name: str) -> EngineEntry:
+    """A name outside the catalogue is a SAM architecture its caller added
+    to ``sam.SAM_ARCHITECTURES`` (tests add tiny ones): ``sam_<architecture>``;
+    SAM's loader names one it does not know."""
+    sam = ENGINES_BY_NAME[DEFAULT_MODEL_ENGINE]
+    assert sam.family is EngineFamily.SAM
+    return EngineEntry(
+        name,
+        sam.family,
+        sam.capabilities,
+        architecture=name.removeprefix("sam_"),
+        logits_frame=sam.logits_frame,
     )

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
+from segq.worker.engines.encoder_options import EncoderOptions
+
+if TYPE_CHECKING:
+    from segq.engine_catalogue import EngineEntry
+    from segq.worker.engines.embedding_cache import EmbeddingCache
 
 
 @dataclass(frozen=True)
@@ -159,3 +166,25 @@ class ImageBatchEngine(SegmentationEngine, Protocol):
         """Get the embeddings of ``images`` ((H, W, 3) uint8 RGB each) ready
         for the segment calls that follow."""
         ...
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """How the worker runs whatever engine it builds."""
+
+    #: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+    device: str = "auto"
+    #: Where image embeddings are shared, keyed by the model and its weights.
+    embeddings: EmbeddingCache | None = None
+    encoder_options: EncoderOptions = field(default_factory=EncoderOptions)
+
+
+class EngineBuilder(Protocol):
+    """The ``build_engine`` function each engine family's module defines
+    (the catalogue's ``ENGINE_MODULES`` names the module): the engine of
+    ``entry``, its model loaded from ``weights`` (None for an engine with
+    none), run as ``setup`` says."""
+
+    def __call__(
+        self, entry: EngineEntry, weights: Path | None, setup: EngineSetup
+    ) -> SegmentationEngine: ...

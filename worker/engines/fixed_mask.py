@@ -5,16 +5,17 @@ to segment anything."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import numpy.typing as npt
 
-from segq.worker.engines.base import Candidate, Prompt
-
-BENCHMARK_ENGINE_NAME = "benchmark_fixed_mask"
+from segq.engine_catalogue import BENCHMARK_FIXED_MASK, EngineEntry
+from segq.worker.engines.base import Candidate, EngineSetup, Prompt
 
 
 class BenchmarkFixedMaskEngine:
-    name = BENCHMARK_ENGINE_NAME
+    name = BENCHMARK_FIXED_MASK
 
     def segment(
         self, image: npt.NDArray[np.uint8], prompt: Prompt, multimask: bool
@@ -24,3 +25,10 @@ class BenchmarkFixedMaskEngine:
         mask = np.zeros((height, width), dtype=np.bool_)
         mask[height // 4 : height - height // 4, width // 4 : width - width // 4] = True
         return [Candidate(mask=mask, score=1.0)]
+
+
+def build_engine(
+    entry: EngineEntry, weights: Path | None, setup: EngineSetup
+) -> BenchmarkFixedMaskEngine:
+    """The family's loader (segq.worker.engines.load_engine calls it)."""
+    return BenchmarkFixedMaskEngine()

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
-from segq.worker.engines.base import Candidate, Prompt, check_image
+from segq.engine_catalogue import GRABCUT
+from segq.worker.engines.base import Candidate, EngineSetup, Prompt, check_image
+
+if TYPE_CHECKING:
+    from segq.engine_catalogue import EngineEntry
 
 BoolMask = npt.NDArray[np.bool_]
 
@@ -99,7 +105,7 @@ class GrabCutEngine:
             raise ValueError(f"working_side must be at least 16, got {working_side}")
         if max_side < working_side:
             raise ValueError(f"max_side must be at least working_side, got {max_side}")
-        self.name = "grabcut"
+        self.name = GRABCUT
         self.iterations = iterations
         self.working_side = working_side
         self.seed = seed
@@ -502,3 +508,9 @@ def _score(
     fill = float(np.count_nonzero(inside)) / float(inside.size)
     fit = 0.5 * sides_reached / 4 + 0.5 * min(1.0, fill / 0.3)
     return agreement * fit
+
+
+def build_engine(entry: EngineEntry, weights: Path | None, setup: EngineSetup) -> GrabCutEngine:
+    """The family's loader (segq.worker.engines.load_engine calls it): no
+    model, no weights, the CPU whatever the device."""
+    return GrabCutEngine()

@@ -1,5 +1,6 @@
 """SAM 2 (Segment Anything 2) on still images through ``sam2``'s own
-``SAM2ImagePredictor``.
+``SAM2ImagePredictor``: the SAM family's one engine body (sam_body.py)
+with SAM 2's adapter.
 
 The model is built by ``sam2.build_sam.build_sam2`` from the config the
 ``sam2`` package ships for each size, and its weights are loaded as sam2's
@@ -18,7 +19,6 @@ float32, so the mask decoder runs as sam2 ships it.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,42 +31,43 @@ from sam2.build_sam import build_sam2
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-from segq.engine_catalogue import MODEL_ENGINES, EngineFamily
-from segq.worker.engines.base import Candidate, EverythingOptions, Prompt, check_image
-from segq.worker.engines.batch_encoding import BatchLimit, default_batch_size, encode_in_batches
-from segq.worker.engines.embedding_cache import (
-    Embedding,
-    EmbeddingCache,
-)
+from segq.engine_catalogue import ENGINES, ENGINES_BY_NAME, EngineEntry, EngineFamily
+from segq.worker.engines.base import EngineSetup, EverythingOptions, Prompt
+from segq.worker.engines.embedding_cache import Embedding
 from segq.worker.engines.encoder_options import EncoderOptions
-from segq.worker.engines.held_embeddings import EncodedImages, HeldEmbeddings
-from segq.worker.engines.precision import autocast, resolve_precision
-from segq.worker.engines.prompt_batching import (
-    decode_groups,
-    generated_candidates,
-    generator_arguments,
-    group_by_shape,
-    present,
+from segq.worker.engines.prompt_batching import generator_arguments, present
+from segq.worker.engines.sam_body import Decoded, SamEngineBody, required_weights
+from segq.worker.engines.torch_support import (
+    BatchLimit,
+    CheckpointError,
+    as_numpy,
+    autocast,
+    default_batch_size,
+    encode_in_batches,
+    free_memory,
+    read_checkpoint,
+    resolve_device,
+    resolve_precision,
 )
-from segq.worker.engines.sam import CheckpointError, read_checkpoint, resolve_device
 
-#: Engine name -> the config ``sam2`` ships for that size and release (SAM 2
-#: or SAM 2.1), from segq/engine_catalogue.py.
-SAM2_CONFIGS = {
-    engine.name: engine.architecture
-    for engine in MODEL_ENGINES
-    if engine.family is EngineFamily.SAM2
-}
+#: The SAM 2 and SAM 2.1 engines' names (segq/engine_catalogue.py).
+SAM2_NAMES = tuple(entry.name for entry in ENGINES if entry.family is EngineFamily.SAM2)
+
+
+def _config(name: str) -> str:
+    """The config ``sam2`` ships for the size and release ``name``; CheckpointError for another."""
+    entry = ENGINES_BY_NAME.get(name)
+    if entry is None or entry.family is not EngineFamily.SAM2:
+        raise CheckpointError(f"unknown SAM 2 model {name!r}; known: {sorted(SAM2_NAMES)}")
+    return entry.architecture
 
 
 def build_sam2_model(name: str) -> SAM2Base:
-    """The SAM 2 model of size ``name`` (a key of SAM2_CONFIGS) on the CPU,
+    """The SAM 2 model of size ``name`` (one of SAM2_NAMES) on the CPU,
     in eval mode, with the random weights its modules start with. Built as
     ``build_sam2`` builds it, with sam2's post-processing overrides (a
     single mask falls back to the best of three when it is unstable)."""
-    if name not in SAM2_CONFIGS:
-        raise CheckpointError(f"unknown SAM 2 model {name!r}; known: {sorted(SAM2_CONFIGS)}")
-    model: SAM2Base = build_sam2(SAM2_CONFIGS[name], ckpt_path=None, device="cpu", mode="eval")
+    model: SAM2Base = build_sam2(_config(name), ckpt_path=None, device="cpu", mode="eval")
     return model
 
 
@@ -80,8 +81,7 @@ def load_sam2(name: str, checkpoint: Path, device: str) -> SAM2Base:
     unknown or the file is missing, unreadable, not SAM 2's layout (a SAM
     checkpoint, say), or has tensors that do not fit the size."""
     resolved = resolve_device(device)
-    if name not in SAM2_CONFIGS:
-        raise CheckpointError(f"unknown SAM 2 model {name!r}; known: {sorted(SAM2_CONFIGS)}")
+    _config(name)
     # With weights_only, as sam2 loads it too.
     loaded = read_checkpoint(checkpoint, name)
     state_dict = loaded.get("model") if isinstance(loaded, dict) else None
@@ -96,7 +96,7 @@ def load_sam2(name: str, checkpoint: Path, device: str) -> SAM2Base:
     except RuntimeError as exc:
         # SAM 2 and SAM 2.1 files of one size differ by a few tensors only:
         # the likeliest slip is the other release's name.
-        others = ", ".join(other for other in SAM2_CONFIGS if other != name)
+        others = ", ".join(other for other in SAM2_NAMES if other != name)
         raise CheckpointError(
             f"{checkpoint} does not fit {name} (is it another size or release? "
             f"SEGQ_MODEL takes {others}): {str(exc)[:300]}"
@@ -115,110 +115,32 @@ class _Encoded:
     original_size: tuple[int, int]
 
 
-class Sam2Engine:
-    """One SAM2ImagePredictor around one loaded SAM 2 model, used as
-    ``SamEngine`` uses SamPredictor: the embedding of the last image is kept
-    while it comes back with another prompt, a lock makes callers on other
-    threads take turns, and with ``embeddings`` (and ``model_id``, naming
-    the model and its checkpoint there) an image another item or worker
-    encoded is restored from that cache instead of encoded again.
+class _Sam2:
+    """SAM 2's side of the engine body. SAM 2 resizes every image to a
+    1024x1024 square (not keeping its aspect ratio, unlike SAM), so its
+    embedding does not depend on the image's size beyond that; it is the
+    image embedding and two finer feature maps (16 MiB in float32). The
+    encoder runs as ``SAM2ImagePredictor.set_image_batch`` runs it, in the
+    configured precision and batch size (SAM 2 has no ``compile`` or
+    attention option here)."""
 
-    SAM 2 resizes every image to a 1024x1024 square (not keeping its aspect
-    ratio, unlike SAM), so its embedding does not depend on the image's
-    size beyond that; it is the image embedding and two finer feature maps
-    (16 MiB in float32).
-
-    ``encode_images`` encodes the images of several items as one batch
-    ahead of their ``segment`` calls (``encoder_options``: precision and
-    batch size; SAM 2 has no ``compile`` or attention option here)."""
-
-    def __init__(
-        self,
-        model: SAM2Base,
-        name: str,
-        *,
-        embeddings: EmbeddingCache | None = None,
-        model_id: str | None = None,
-        encoder_options: EncoderOptions | None = None,
-    ) -> None:
-        options = encoder_options or EncoderOptions()
-        self.name = name
-        self._predictor = SAM2ImagePredictor(model)
-        self._device = str(self._predictor.device)
+    def __init__(self, model: SAM2Base, options: EncoderOptions) -> None:
+        self.predictor = SAM2ImagePredictor(model)
+        self._device = str(self.predictor.device)
         self._precision = resolve_precision(options.precision, self._device)
-        self._limit = BatchLimit(options.batch_size or default_batch_size(self._device))
+        self.limit = BatchLimit(options.batch_size or default_batch_size(self._device))
         self._input_size = (int(model.image_size), int(model.image_size))
-        images = EncodedImages(
-            # SAM 2 stretches every image to its square input.
-            input_size=lambda _image: self._input_size,
-            encode=self._encode,
-            hold=self._hold,
-            to_embedding=self._as_embedding,
-            from_embedding=self._on_device,
-        )
-        self._held = HeldEmbeddings(images, embeddings, model_id)
-        self._lock = threading.Lock()
 
-    @property
-    def batch_size(self) -> int:
-        """The most images encoded at once (lowered by an out-of-memory error)."""
-        return self._limit.size
+    def input_size(self, _image: npt.NDArray[np.uint8]) -> tuple[int, int]:
+        # SAM 2 stretches every image to its square input.
+        return self._input_size
 
-    def encode_images(self, images: Sequence[npt.NDArray[np.uint8]]) -> None:
-        """Get the features of ``images`` ((H, W, 3) uint8 RGB each) ready
-        for their segment calls: found in the embedding cache, or encoded
-        together in batches of at most ``batch_size``. What an earlier call
-        readied and no segment call took is dropped."""
-        with self._lock:
-            self._held.ready_batch(images)
+    def mask_generator(self, options: EverythingOptions) -> SAM2AutomaticMaskGenerator:
+        return SAM2AutomaticMaskGenerator(self.predictor.model, **generator_arguments(options))
 
-    def segment(
-        self, image: npt.NDArray[np.uint8], prompt: Prompt, multimask: bool
-    ) -> list[Candidate]:
-        """image: (H, W, 3) uint8 RGB; prompt in its pixel frame. Candidates
-        are (H, W) bool masks sorted by SAM 2's predicted IoU, best first:
-        one, or three when ``multimask`` is true."""
-        return self.segment_batch(image, [prompt], multimask)[0]
-
-    def segment_batch(
-        self, image: npt.NDArray[np.uint8], prompts: Sequence[Prompt], multimask: bool
-    ) -> list[list[Candidate]]:
-        """``segment``'s answer for each prompt, in prompt order, from one
-        embedding of ``image`` and one ``predict`` call per group of prompts
-        of the same shape (SAM2ImagePredictor takes a batch of prompts as
-        (B, N, 2) points, (B, 4) boxes and (B, 1, 256, 256) mask inputs)."""
-        check_image(image)
-        groups = group_by_shape(prompts, multimask)
-        height, width = image.shape[:2]
-        with self._lock, torch.inference_mode():
-            self._held.hold_for(image)
-            return decode_groups(prompts, groups, multimask, height, width, self._decode)
-
-    def segment_everything(
-        self, image: npt.NDArray[np.uint8], options: EverythingOptions
-    ) -> list[Candidate]:
-        """sam2's SAM2AutomaticMaskGenerator on ``image`` (one crop: the
-        whole image), on the embedding this engine holds or makes for it.
-        Candidates sorted by predicted IoU, best first, at most
-        ``options.max_segments``; no logits (the generator keeps none)."""
-        check_image(image)
-        generator = SAM2AutomaticMaskGenerator(
-            self._predictor.model, **generator_arguments(options)
-        )
-        # The generator's own predictor would encode the image again and, with
-        # min_area, ask for the CUDA extension's hole filling; this one is the
-        # engine's (no hole filling: min_area is applied with OpenCV after).
-        generator.predictor = _HeldEmbedding(self)
-        with self._lock, torch.inference_mode():
-            found = generator.generate(image)
-        return generated_candidates(found, options.max_segments)
-
-    def _decode(
-        self, prompts: Sequence[Prompt], three: bool
-    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        """One ``predict`` call for prompts of one shape, on the embedding
-        held. Returns masks (B, C, H, W) bool, scores (B, C) and low-res
-        logits (B, C, 256, 256) float32, C being 3 or 1."""
+    def decode(self, prompts: Sequence[Prompt], three: bool) -> Decoded:
+        """One ``predict`` call (SAM2ImagePredictor takes a batch of prompts
+        as (B, N, 2) points, (B, 4) boxes and (B, 1, 256, 256) mask inputs)."""
         first = prompts[0]
         coords = labels = boxes = mask_input = None
         if first.points.shape[0] > 0:
@@ -228,7 +150,7 @@ class Sam2Engine:
             boxes = np.stack([present(p.box).astype(np.float32) for p in prompts])  # (B, 4)
         if first.mask_input is not None:
             mask_input = np.stack([present(p.mask_input) for p in prompts])  # (B, 1, 256, 256)
-        masks, scores, logits = self._predictor.predict(
+        masks, scores, logits = self.predictor.predict(
             point_coords=coords,
             point_labels=labels,
             box=boxes,
@@ -243,14 +165,16 @@ class Sam2Engine:
             logits.reshape(count, candidates, *logits.shape[-2:]).astype(np.float32),
         )
 
-    def _encode(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[_Encoded]:
-        return encode_in_batches(self._encode_batch, images, self._limit, self._free_memory)
+    def encode(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[_Encoded]:
+        return encode_in_batches(
+            self._encode_batch, images, self.limit, lambda: free_memory(self._device)
+        )
 
     def _encode_batch(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[_Encoded]:
         """``SAM2ImagePredictor.set_image_batch``'s steps (sam2 1.1.0; for
         one image, ``set_image``'s), without touching the predictor's state:
         each image transformed alone, the encoder run on the stack."""
-        predictor, model = self._predictor, self._predictor.model
+        predictor, model = self.predictor, self.predictor.model
         with torch.inference_mode():
             batch = predictor._transforms.forward_batch(list(images)).to(predictor.device)
             with autocast(self._precision, self._device):
@@ -274,13 +198,9 @@ class Sam2Engine:
             for i, image in enumerate(images)
         ]
 
-    def _free_memory(self) -> None:
-        if torch.device(self._device).type == "cuda":
-            torch.cuda.empty_cache()
-
-    def _hold(self, features: _Encoded) -> None:
+    def hold(self, features: _Encoded) -> None:
         """What ``set_image`` leaves behind, without running the encoder."""
-        predictor = self._predictor
+        predictor = self.predictor
         predictor.reset_predictor()
         predictor._orig_hw = [features.original_size]
         predictor._features = {
@@ -289,8 +209,8 @@ class Sam2Engine:
         }
         predictor._is_image_set = True
 
-    def _on_device(self, embedding: Embedding) -> _Encoded:
-        device = self._predictor.device
+    def from_embedding(self, embedding: Embedding) -> _Encoded:
+        device = self.predictor.device
         return _Encoded(
             image_embed=torch.from_numpy(embedding.features).to(device),
             high_res_feats=tuple(
@@ -299,34 +219,26 @@ class Sam2Engine:
             original_size=embedding.original_size,
         )
 
-    def _as_embedding(self, features: _Encoded) -> Embedding:
+    def to_embedding(self, features: _Encoded) -> Embedding:
         return Embedding(
-            features=_numpy(features.image_embed),
-            high_res_features=tuple(_numpy(f) for f in features.high_res_feats),
+            features=as_numpy(features.image_embed),
+            high_res_features=tuple(as_numpy(f) for f in features.high_res_feats),
             original_size=features.original_size,
             input_size=self._input_size,
         )
 
 
-class _HeldEmbedding:
-    """The engine's predictor as SAM2AutomaticMaskGenerator uses it, except
-    that setting an image goes through the engine (which keeps the
-    embedding it already holds) and resetting keeps the embedding for the
-    next job on the same image."""
+class Sam2Engine(SamEngineBody[SAM2Base, _Encoded]):
+    """The SAM family's engine body (see ``SamEngineBody``) around one
+    loaded SAM 2 model."""
 
-    def __init__(self, engine: Sam2Engine) -> None:
-        self._engine = engine
-
-    def set_image(self, image: npt.NDArray[np.uint8]) -> None:
-        self._engine._held.hold_for(np.ascontiguousarray(image))
-
-    def reset_predictor(self) -> None:
-        pass
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._engine._predictor, name)
+    def _family_of(self, model: SAM2Base, options: EncoderOptions) -> _Sam2:
+        return _Sam2(model, options)
 
 
-def _numpy(tensor: torch.Tensor) -> npt.NDArray[np.float32]:
-    array: npt.NDArray[np.float32] = tensor.detach().float().cpu().numpy()
-    return array
+def build_engine(entry: EngineEntry, weights: Path | None, setup: EngineSetup) -> Sam2Engine:
+    """The family's loader (segq.worker.engines.load_engine calls it)."""
+    checkpoint = required_weights(entry, weights)
+    return Sam2Engine.built(
+        load_sam2(entry.name, checkpoint, setup.device), entry, checkpoint, setup
+    )

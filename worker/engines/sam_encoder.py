@@ -21,9 +21,15 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from segq.worker.engines.batch_encoding import BatchLimit, default_batch_size, encode_in_batches
 from segq.worker.engines.encoder_options import EncoderOptions
-from segq.worker.engines.precision import autocast, resolve_precision
+from segq.worker.engines.torch_support import (
+    BatchLimit,
+    autocast,
+    default_batch_size,
+    encode_in_batches,
+    free_memory,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +117,9 @@ class SamImageEncoder:
 
     def encode(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[EncodedImage]:
         """One EncodedImage per (H, W, 3) uint8 RGB image, in order."""
-        return encode_in_batches(self._encode_batch, images, self.limit, self._free_memory)
+        return encode_in_batches(
+            self._encode_batch, images, self.limit, lambda: free_memory(self.device)
+        )
 
     def _encode_batch(self, images: Sequence[npt.NDArray[np.uint8]]) -> list[EncodedImage]:
         with torch.inference_mode():
@@ -134,10 +142,6 @@ class SamImageEncoder:
         chw = resized.permute(2, 0, 1).contiguous()[None, :, :, :]
         prepared: torch.Tensor = self._sam.preprocess(chw)
         return prepared
-
-    def _free_memory(self) -> None:
-        if torch.device(self.device).type == "cuda":
-            torch.cuda.empty_cache()
 
     def _warm_up(self) -> None:
         """Compile for each batch size the worker will run (the configured
