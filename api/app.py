@@ -16,7 +16,7 @@ from segq.api.files import file_uploads, files
 from segq.api.health_routes import service
 from segq.api.job_event_stream import JobEventFanOut
 from segq.api.job_views import job_views
-from segq.api.job_waiting import BlockingWaits, JobChangeFeed, blocking_wait_slots
+from segq.api.job_waiting import JobChangeFeed, WaitingRequests, blocking_wait_slots
 from segq.api.jobs import jobs
 from segq.api.json_body import max_job_body_bytes
 from segq.api.openapi import register_api_explorer
@@ -94,7 +94,9 @@ def create_app(
         job_changes=job_changes,
         job_events=JobEventFanOut(sessions, job_changes),
         job_announcer=make_announcer(settings.broker_url),
-        blocking_waits=BlockingWaits(blocking_wait_slots(request_threads)),
+        waiting_requests=WaitingRequests(
+            settings.max_waiting_requests, blocking_wait_slots(request_threads)
+        ),
         signed_links=SignedLinks(
             storage,
             public_url=settings.public_url,

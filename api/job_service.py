@@ -65,6 +65,7 @@ def create_segmentation_job(
     *,
     peer_request: dict[str, Any] | None = None,
     inline_mask_input: bytes | None = None,
+    request_sha256: str | None = None,
 ) -> CreatedJob:
     """Check ``segment_request``, commit the job and its items, and publish
     the items to the broker. A request repeated with the same idempotency
@@ -74,14 +75,18 @@ def create_segmentation_job(
     job's options under its "peer" key, committed with the job itself.
     ``inline_mask_input``: logits (segq.mask_logits' .npy) for the job's
     top-level prompt, given with the request by a compatibility route
-    (Livepeer's ``mask_input``), kept in the job's row."""
+    (Livepeer's ``mask_input``), kept in the job's row. ``request_sha256``:
+    what a repeated request is compared on, where the caller decides what
+    makes requests the same (api/peers/synchronous_jobs.py); by default the
+    request as validated."""
     settings = services.settings
     _check_semantics(segment_request, settings.max_items_per_job, settings.model)
     if inline_mask_input is not None:
         _check_capability(settings.model, Capability.MASK_INPUT, "mask_input")
     webhook = _checked_webhook(segment_request.webhook, settings.webhook_policy())
     idempotency_key = _checked_idempotency_key(idempotency_key_header)
-    request_sha256 = _request_fingerprint(segment_request, webhook)
+    if request_sha256 is None:
+        request_sha256 = _request_fingerprint(segment_request, webhook)
     if idempotency_key is not None:
         earlier = _job_for_idempotency_key(session, project_id, idempotency_key, request_sha256)
         if earlier is not None:

@@ -11,26 +11,28 @@ query, so a lost announcement delays a waiter by at most that long and
 several API processes need nothing from each other.
 
 On the HTTP server a waiting request is parked by the server (api/parking.py)
-and holds no thread either; ``wait_until_finished`` is the blocking form,
-for code that runs in a thread anyway.
+and holds no thread either (``wait_for_job``); ``wait_until_finished`` is
+the blocking form, for code that runs in a thread anyway. How many
+requests of a process may wait at once is bounded by
+SEGQ_MAX_WAITING_REQUESTS (``WaitingRequests``), not by its threads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import redis
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from segq.api.context import services
+from segq.api.context import close_db, db, services
+from segq.api.parking import Parking, park, server_draining
 from segq.job_changes import JOB_CHANGES_CHANNEL
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 
@@ -40,6 +42,10 @@ log = logging.getLogger(__name__)
 MAX_WAIT_SECONDS = 60
 #: How long the feed waits before it tries Redis again after losing it.
 RESUBSCRIBE_SECONDS = 1.0
+
+#: The environ key that carries a waiting request's place (WaitingPlace)
+#: to the runs of it that resume its wait (api/parking.py).
+WAITING_PLACE_ENVIRON_KEY = "segq.waiting_place"
 
 #: Item statuses that count as finished in a job's progress.
 FINISHED_ITEM_STATUSES = (ItemStatus.COMPLETED, ItemStatus.FAILED, ItemStatus.CANCELED)
@@ -271,35 +277,122 @@ def wait_until_finished(job_id: int, timeout_s: float) -> bool:
     Called inside a request of the app (it uses the app's feed and
     sessions). It holds no database connection while it waits; the caller
     should not either: commit or close the request's session first. It
-    does hold its thread, so only ``BlockingWaits``' share of the process's
-    threads may wait at once: beyond that it raises NoWaitingSlot at once."""
+    holds its thread, so it takes a place among the process's waiting
+    requests that may block (``WaitingRequests``): with none free it raises
+    NoWaitingSlot at once. A request's route waits with ``wait_for_job``."""
     found = services()
-    with found.blocking_waits.slot():
+    place = found.waiting_requests.reserve(parkable=False)
+    if place is None:
+        raise NoWaitingSlot(found.waiting_requests.refusal())
+    try:
         return wait_in_thread_until_finished(found.job_changes, found.sessions, job_id, timeout_s)
+    finally:
+        place.release()
+
+
+def wait_for_job(
+    job_id: int, wait: Wait, resume_environ: Mapping[str, Any], place: WaitingPlace
+) -> bool:
+    """Wait for ``job_id`` to finish, at most until ``wait``'s deadline, the
+    one way every route waits for a job (native ``Prefer: wait``, the
+    peers' synchronous routes and Replicate's ``Prefer: wait``).
+
+    True: the request is parked (api/parking.py), holding no thread and no
+    database connection; the view returns any response (it is dropped),
+    and the server runs the request again, its environ changed by
+    ``resume_environ``, when the job may have changed or the deadline
+    comes; ``place`` is let go of when the request is done with. False:
+    answer now: the job is finished or gone, the wait is over, the process
+    is draining, or (where the server cannot park) this thread waited."""
+    progress = progress_of(db(), [job_id]).get(job_id)
+    if progress is None or progress.finished or wait.remaining <= 0 or server_draining():
+        return False
+    # The request's session goes back to the pool for the whole wait.
+    close_db()
+    feed = services().job_changes
+    parking = Parking(
+        watch=lambda parked: feed.watch(job_id, progress, parked.wake),
+        deadline=wait.deadline,
+        environ=resume_environ,
+        stream=False,
+        release=place.release,
+    )
+    if park(parking):
+        return True
+    wait_in_thread_until_finished(feed, services().sessions, job_id, wait.remaining)
+    return False
 
 
 class NoWaitingSlot(Exception):
-    """As many requests of this process as may block are already waiting."""
+    """As many requests of this process as may wait are already waiting."""
 
 
-class BlockingWaits:
-    """How many request threads of this process may block waiting for a
-    job at once (the peers' synchronous routes, Replicate's Prefer: wait):
-    the rest of the threads stay free for every other request, so a few
-    clients waiting cannot stall the API, health checks included."""
+class WaitingPlace:
+    """One request's place among its process's waiting requests, held from
+    before its job is made until it is answered or its client leaves."""
 
-    def __init__(self, slots: int) -> None:
-        self.slots = slots
-        self._free = threading.BoundedSemaphore(slots)
+    def __init__(self, owner: WaitingRequests, *, parkable: bool) -> None:
+        self._owner = owner
+        self._parkable = parkable
+        self._lock = threading.Lock()
+        self._held = True
 
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        if not self._free.acquire(blocking=False):
-            raise NoWaitingSlot(f"{self.slots} requests of this process are already waiting")
-        try:
-            yield
-        finally:
-            self._free.release()
+    def release(self) -> None:
+        """Let the place go; harmless after the first call."""
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._owner._let_go(parkable=self._parkable)
+
+
+class WaitingRequests:
+    """How many requests of this process may wait for a job at once
+    (SEGQ_MAX_WAITING_REQUESTS): parked ones hold a connection each and
+    nothing else. Where the server cannot park (another WSGI server,
+    Flask's test client), a waiting request holds its thread, so at most
+    ``blocking_limit`` of them may wait, leaving the rest of the threads
+    free for every other request, health checks included.
+
+    A place is taken before the job is made: a request refused for want
+    of one leaves no job behind."""
+
+    def __init__(self, limit: int, blocking_limit: int) -> None:
+        self.limit = limit
+        self.blocking_limit = blocking_limit
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self._blocking = 0
+
+    @property
+    def waiting(self) -> int:
+        """How many places are held now."""
+        return self._waiting
+
+    def reserve(self, *, parkable: bool) -> WaitingPlace | None:
+        """A place for a request that will park (``parkable``) or block its
+        thread; None when every place of that kind is taken."""
+        with self._lock:
+            if self._waiting >= self.limit:
+                return None
+            if not parkable and self._blocking >= self.blocking_limit:
+                return None
+            self._waiting += 1
+            if not parkable:
+                self._blocking += 1
+        return WaitingPlace(self, parkable=parkable)
+
+    def refusal(self) -> str:
+        """Why a request found no place, for its 503."""
+        return (
+            f"{self.limit} requests of this server process are already waiting for their "
+            "jobs (SEGQ_MAX_WAITING_REQUESTS); no job was made: retry shortly"
+        )
+
+    def _let_go(self, *, parkable: bool) -> None:
+        with self._lock:
+            self._waiting -= 1
+            if not parkable:
+                self._blocking -= 1
 
 
 def blocking_wait_slots(request_threads: int | None) -> int:

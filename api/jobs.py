@@ -32,14 +32,21 @@ from segq.api.job_service import cancel_job as cancel_job_of_project
 from segq.api.job_service import create_segmentation_job, owned_job
 from segq.api.job_views import view_links
 from segq.api.job_waiting import (
+    WAITING_PLACE_ENVIRON_KEY,
     Wait,
-    progress_of,
+    WaitingPlace,
     requested_wait_seconds,
-    wait_in_thread_until_finished,
+    wait_for_job,
 )
 from segq.api.json_body import max_job_body_bytes, read_json_object
 from segq.api.openapi import documented
-from segq.api.parking import RESUMED_ENVIRON_KEY, Parking, park, server_draining
+from segq.api.parking import (
+    RESUMED_ENVIRON_KEY,
+    Parking,
+    park,
+    server_draining,
+    waits_without_thread,
+)
 from segq.api.request_integers import request_integer
 from segq.api.schemas import (
     EventStreamHeaders,
@@ -92,8 +99,9 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     )
     location = url_for("jobs.get_job", project=current_project().name, job_id=created.job.id)
     wait = _requested_wait()
-    if wait is not None:
-        return _waited_job_answer(created.job.id, wait, location)
+    waited = None if wait is None else _waited_job_answer(created.job.id, wait, location)
+    if waited is not None:
+        return waited
     return (
         json_document(JobCreatedResponse, render_created_job(created.job, created.items)),
         200,
@@ -116,38 +124,41 @@ def _requested_wait() -> Wait | None:
 
 def _waited_job_answer(
     job_id: int, wait: Wait, location: str | None
-) -> tuple[Response, int, dict[str, str]]:
+) -> tuple[Response, int, dict[str, str]] | None:
     """The job once it is finished, or as it is when ``wait`` runs out.
 
     On segq's HTTP server the request is parked and answered by a later run
-    of GET on the job (api/parking.py); elsewhere this thread waits."""
+    of GET on the job (api/job_waiting.py's wait_for_job); elsewhere this
+    thread waits. None, waiting for nothing, when every waiting place of
+    the process is taken: the request gets its usual answer, as for a
+    preference the server does not honour (RFC 7240)."""
     project_id = current_project().id
+    owned_job(db(), project_id, job_id)  # 404 before any wait
+    place: WaitingPlace | None = request.environ.get(WAITING_PLACE_ENVIRON_KEY)
+    if place is None:
+        place = services().waiting_requests.reserve(parkable=waits_without_thread())
+    if place is None:
+        return None
+    path = url_for("jobs.get_job", project=current_project().name, job_id=job_id)
+    resume = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": path.removeprefix(request.script_root),
+        # A GET's page of items is asked again; a POST has no query.
+        "QUERY_STRING": request.environ.get("QUERY_STRING", "") if request.method == "GET" else "",
+        WAIT_ENVIRON_KEY: wait,
+        LOCATION_ENVIRON_KEY: location,
+        WAITING_PLACE_ENVIRON_KEY: place,
+    }
+    parked = False
+    try:
+        parked = wait_for_job(job_id, wait, resume, place)
+    finally:
+        if not parked:
+            place.release()
+    if parked:
+        # Dropped by the server: the resumed run answers.
+        return Response(status=204), 204, {}
     job = owned_job(db(), project_id, job_id)
-    progress = progress_of(db(), [job_id])[job_id]
-    if not progress.finished and wait.remaining > 0:
-        close_db()
-        feed = services().job_changes
-        path = url_for("jobs.get_job", project=current_project().name, job_id=job_id)
-        parking = Parking(
-            watch=lambda parked: feed.watch(job_id, progress, parked.wake),
-            deadline=wait.deadline,
-            environ={
-                "REQUEST_METHOD": "GET",
-                "PATH_INFO": path.removeprefix(request.script_root),
-                # A GET's page of items is asked again; a POST has no query.
-                "QUERY_STRING": request.environ.get("QUERY_STRING", "")
-                if request.method == "GET"
-                else "",
-                WAIT_ENVIRON_KEY: wait,
-                LOCATION_ENVIRON_KEY: location,
-            },
-            stream=False,
-        )
-        if park(parking):
-            # Dropped by the server: the resumed run answers.
-            return Response(status=204), 204, {}
-        wait_in_thread_until_finished(feed, services().sessions, job_id, wait.remaining)
-        job = owned_job(db(), project_id, job_id)
     answer, status, headers = _job_answer(job, conditional=request.method == "GET")
     headers["Preference-Applied"] = f"wait={wait.seconds}"
     if location is not None:
@@ -264,8 +275,10 @@ def _job_answer(job: Job, *, conditional: bool) -> tuple[Response, int, dict[str
 )
 def get_job(job_id: int) -> tuple[Response, int, dict[str, str]]:
     wait = _requested_wait()
-    if wait is not None:
-        return _waited_job_answer(job_id, wait, request.environ.get(LOCATION_ENVIRON_KEY))
+    location = request.environ.get(LOCATION_ENVIRON_KEY)
+    waited = None if wait is None else _waited_job_answer(job_id, wait, location)
+    if waited is not None:
+        return waited
     return _job_answer(owned_job(db(), current_project().id, job_id), conditional=True)
 
 

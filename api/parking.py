@@ -101,6 +101,11 @@ class Parking:
     #: before the request runs again.
     keepalive: bytes | None = None
     keepalives: int = 0
+    #: Called once when the parked request is done with: answered by a run
+    #: that does not park, or given up because its client left. What the
+    #: request holds while parked (a place among the waiting requests,
+    #: api/job_waiting.py) is let go of here, whichever way it ends.
+    release: Callable[[], None] | None = None
 
 
 def park(parking: Parking) -> bool:
@@ -113,6 +118,12 @@ def park(parking: Parking) -> bool:
         return False
     offer(parking)
     return True
+
+
+def waits_without_thread() -> bool:
+    """Whether a wait of the current request holds no thread: the server
+    parks it, or (its process draining) answers it without waiting."""
+    return request.environ.get(PARK_ENVIRON_KEY) is not None
 
 
 def server_draining() -> bool:
@@ -268,6 +279,7 @@ class ParkingChannel(HTTPChannel):  # type: ignore[misc]
     _keepalive: bytes | None = None
     _keepalives_left = 0
     _keepalive_seconds = 0.0
+    _release: Callable[[], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -286,6 +298,8 @@ class ParkingChannel(HTTPChannel):  # type: ignore[misc]
         with self.park_lock:
             self.parked_task = task
             self._parked_now = parking
+            if parking.release is not None:
+                self._release = parking.release
             # Not to be woken until waitress has finished this run's
             # bookkeeping (service() below clears it).
             self.waking = True
@@ -301,6 +315,12 @@ class ParkingChannel(HTTPChannel):  # type: ignore[misc]
             parking, self._parked_now = self._parked_now, None
             if parking is None:
                 self._answered()
+                return
+            if not self.connected:
+                # The client left during this run: nothing would wake it.
+                self.parked_task = None
+                self.waking = False
+                self._let_go()
                 return
             self.deadline = parking.deadline
             self._keepalive = parking.keepalive
@@ -326,6 +346,7 @@ class ParkingChannel(HTTPChannel):  # type: ignore[misc]
         if self.parked_task is None:
             return
         self.parked_task = None
+        self._let_go()
         self.waking = False
         pipelined, self.held_requests = self.held_requests, []
         held, self.held_input = bytes(self.held_input), bytearray()
@@ -476,9 +497,29 @@ class ParkingChannel(HTTPChannel):  # type: ignore[misc]
                 return
             self.parked_task = None
             cancel, self._cancel_watch = self._cancel_watch, None
+            self._let_go()
         if cancel is not None:
             cancel()
         self.handle_close()
+
+    def _let_go(self) -> None:
+        """Call the parked request's ``release``, once."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def handle_close(self) -> None:
+        # However the connection ends (a failed write, the server's own
+        # timeouts), a request parked on it is done with; one running
+        # again now is let go of when its run ends (service).
+        with self.park_lock:
+            if self.parked_task is not None and not self.waking:
+                self.parked_task = None
+                cancel, self._cancel_watch = self._cancel_watch, None
+                if cancel is not None:
+                    cancel()
+                self._let_go()
+        super().handle_close()
 
     def received(self, data: bytes) -> bool:
         with self.park_lock:

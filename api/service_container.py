@@ -23,7 +23,7 @@ from segq.storage import ObjectStorage
 if TYPE_CHECKING:
     # api/job_waiting.py reaches the services through api/context.py.
     from segq.api.job_event_stream import JobEventFanOut
-    from segq.api.job_waiting import BlockingWaits, JobChangeFeed
+    from segq.api.job_waiting import JobChangeFeed, WaitingRequests
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Services:
     job_changes: JobChangeFeed
     job_events: JobEventFanOut
     job_announcer: JobChangeAnnouncer
-    blocking_waits: BlockingWaits
+    waiting_requests: WaitingRequests
     signed_links: SignedLinks
     projects_by_key: ProjectsByKey = field(default_factory=ProjectsByKey)
     unfinished_jobs: UnfinishedJobCounts = field(default_factory=UnfinishedJobCounts)

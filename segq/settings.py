@@ -102,6 +102,16 @@ class Settings:
     #: How long a synchronous peer route (Livepeer's, Moondream's) waits for
     #: its job before answering 504; the job itself runs on.
     peer_wait_seconds: int = 60
+    #: How many requests of one API process may wait for a job at once
+    #: (``Prefer: wait``, the peers' synchronous routes), parked by the
+    #: server, each holding a connection and no thread; beyond it a peer's
+    #: call is refused (503) before its job is made, and a Prefer: wait is
+    #: answered at once. At most ``segq serve --connections`` are open.
+    max_waiting_requests: int = 500
+    #: How long a peer's synchronous call repeated as it was (a client's
+    #: retry) gets the job the first call made instead of another
+    #: (api/peers/synchronous_jobs.py says what counts as the same call).
+    peer_retry_window_seconds: int = 300
     #: Test-only (segq/fault_points.py): where this process dies on purpose.
     fault_point: str | None = None
     #: Finished jobs older than this many days are deleted with their masks;
@@ -221,6 +231,8 @@ class Settings:
             public_url=_public_url(env, "SEGQ_PUBLIC_URL"),
             metrics_token=env.get("SEGQ_METRICS_TOKEN") or None,
             peer_wait_seconds=_int(env, "SEGQ_PEER_WAIT_SECONDS", 60),
+            max_waiting_requests=_int(env, "SEGQ_MAX_WAITING_REQUESTS", 500),
+            peer_retry_window_seconds=_int(env, "SEGQ_PEER_RETRY_WINDOW_SECONDS", 300),
             # Long enough for the largest upload (25 MiB) at about 2 Mbit/s.
             request_deadline_seconds=_int(env, "SEGQ_REQUEST_DEADLINE_SECONDS", 120),
             wait_recheck_seconds=_float(env, "SEGQ_WAIT_RECHECK_SECONDS", 2.0),

@@ -6,8 +6,9 @@ with the runner's status codes (400 input, 401 key, 500 server), and 422
 in FastAPI's list shape for a form field that is missing or not a boolean.
 
 A thin adapter: the image becomes an inline image of a one-item segq job,
-the request waits for it (api/job_waiting.py), and the answer is read from
-the item's stored masks and logits."""
+the request waits for it, parked (api/peers/synchronous_jobs.py: the same
+call again gets the same job), and the answer is read from the item's
+stored masks and logits."""
 
 from __future__ import annotations
 
@@ -29,8 +30,12 @@ from segq.api.openapi import documented
 from segq.api.peers.caller_fields import CallerFields
 from segq.api.peers.peer_blueprint import PeerBlueprint
 from segq.api.peers.synchronous_jobs import (
+    PeerWait,
+    finished_or_parked,
+    parked_answer,
     project_for_key,
-    run_to_completion,
+    resumed_peer_wait,
+    start_peer_job,
     stored_logits,
     stored_mask,
 )
@@ -39,10 +44,14 @@ from segq.api.schemas import SegmentRequest, parse
 from segq.contract import LOGITS_KEY, MASK_KEY
 from segq.engine_catalogue import Capability, LogitsFrame, engine_entry
 from segq.mask_logits import encode_logits
+from segq.models import Project
 
 log = logging.getLogger(__name__)
 
 livepeer = PeerBlueprint("livepeer", __name__)
+
+#: The route, as it names the calls made to it (api/peers/synchronous_jobs.py).
+ROUTE = "livepeer/segment-anything-2"
 
 #: The Hugging Face ids a Livepeer client may name: any SAM checkpoint means
 #: the engine this server runs (the answer does not depend on the name).
@@ -82,10 +91,35 @@ class FormFieldError(Exception):
 @documented(
     "Segment an image with SAM 2 (multipart, as the livepeer-ai SDK sends it)",
     {200: ("masks, scores and logits as JSON-array strings, best score first", None)},
-    errors=(400, 401, 413, 422, 429, 500, 503),
+    errors=(400, 401, 413, 422, 429, 500, 503, 504),
 )
 def segment_anything_2() -> Response:
     project = project_for_key(_bearer_key(), "'Authorization: Bearer <key>'")
+    peer_wait = resumed_peer_wait() or _start_call(project)
+    finished = finished_or_parked(project, peer_wait)
+    if finished is None:
+        return parked_answer()
+    return_logits = bool(peer_wait.answer_options["returnLogits"])
+
+    segments = finished.segments  # best score first, as Livepeer sorts them
+    logits = [stored_logits(s[LOGITS_KEY]) for s in segments if LOGITS_KEY in s]
+    masks: Iterable[npt.NDArray[np.float32] | npt.NDArray[np.bool_]]
+    if return_logits and logits:
+        entry = engine_entry(services().settings.model)
+        stretched = entry is not None and entry.logits_frame is LogitsFrame.STRETCHED_SQUARE
+        width, height = finished.width, finished.height
+        # Made one at a time, as the answer is written.
+        masks = (
+            full_size_logits(low_res, width, height, stretched=stretched) for low_res in logits
+        )
+    else:
+        masks = [stored_mask(s[MASK_KEY]) for s in segments]
+    scores = [s["score"] for s in segments]
+    return Response(answer_chunks(masks, scores, logits), mimetype="application/json")
+
+
+def _start_call(project: Project) -> PeerWait:
+    """Read and check the form, and start (or find) the call's job."""
     upload = request.files.get("image")
     if upload is None:
         raise FormFieldError("image", "Field required", "missing")
@@ -130,23 +164,13 @@ def segment_anything_2() -> Response:
     body |= _prompt(point_coords, point_labels, box, scale)
     with _runner_fields(len(body.get("points", ()))).renaming():
         segment_request = parse(SegmentRequest, body)
-        finished = run_to_completion(project, segment_request, inline_mask_input=mask_input)
-
-    segments = finished.segments  # best score first, as Livepeer sorts them
-    logits = [stored_logits(s[LOGITS_KEY]) for s in segments if LOGITS_KEY in s]
-    masks: Iterable[npt.NDArray[np.float32] | npt.NDArray[np.bool_]]
-    if return_logits and logits:
-        entry = engine_entry(services().settings.model)
-        stretched = entry is not None and entry.logits_frame is LogitsFrame.STRETCHED_SQUARE
-        width, height = finished.width, finished.height
-        # Made one at a time, as the answer is written.
-        masks = (
-            full_size_logits(low_res, width, height, stretched=stretched) for low_res in logits
+        return start_peer_job(
+            project,
+            ROUTE,
+            segment_request,
+            {"returnLogits": return_logits},
+            inline_mask_input=mask_input,
         )
-    else:
-        masks = [stored_mask(s[MASK_KEY]) for s in segments]
-    scores = [s["score"] for s in segments]
-    return Response(answer_chunks(masks, scores, logits), mimetype="application/json")
 
 
 def answer_size_bound(

@@ -26,10 +26,22 @@ from segq.api.json_body import max_job_body_bytes, read_json_object
 from segq.api.openapi import documented
 from segq.api.peers.caller_fields import CallerFields
 from segq.api.peers.peer_blueprint import PeerBlueprint
-from segq.api.peers.synchronous_jobs import FinishedItem, project_for_key, run_to_completion
+from segq.api.peers.synchronous_jobs import (
+    FinishedItem,
+    PeerWait,
+    finished_or_parked,
+    parked_answer,
+    project_for_key,
+    resumed_peer_wait,
+    start_peer_job,
+)
 from segq.api.schemas import SegmentRequest, parse
+from segq.models import Project
 
 moondream = PeerBlueprint("moondream", __name__, url_prefix="/v1")
+
+#: The route, as it names the calls made to it (api/peers/synchronous_jobs.py).
+ROUTE = "moondream/segment"
 
 AUTH_HEADER = "X-Moondream-Auth"
 MAX_OBJECT_LENGTH = 1000
@@ -43,10 +55,22 @@ KNOWN_FIELDS = frozenset({"image_url", "object", "stream", "spatial_refs", "sett
 @documented(
     "Segment the object the spatial_refs point at (JSON, as moondream's client sends it)",
     {200: ("{path, bbox}, or server-sent events with stream: true", None)},
-    errors=(400, 401, 413, 422, 429, 503),
+    errors=(400, 401, 413, 422, 429, 503, 504),
 )
 def segment() -> Response:
     project = project_for_key(request.headers.get(AUTH_HEADER, ""), AUTH_HEADER)
+    peer_wait = resumed_peer_wait() or _start_call(project)
+    finished = finished_or_parked(project, peer_wait)
+    if finished is None:
+        return parked_answer()
+    subpaths, bbox = _subpaths_and_bbox(finished)
+    if not peer_wait.answer_options["stream"]:
+        return jsonify({"path": " ".join(subpaths), "bbox": bbox})
+    return Response(_events(subpaths, bbox), mimetype="text/event-stream")
+
+
+def _start_call(project: Project) -> PeerWait:
+    """Read and check the body, and start (or find) the call's job."""
     body = read_json_object(max_bytes=max_job_body_bytes(services().settings.max_upload_bytes))
     unknown = sorted(set(body) - KNOWN_FIELDS)
     if unknown:
@@ -71,11 +95,7 @@ def segment() -> Response:
         segment_request = parse(
             SegmentRequest, {"items": [item], "outputs": ["polygons"], **prompt}
         )
-        finished = run_to_completion(project, segment_request)
-    subpaths, bbox = _subpaths_and_bbox(finished)
-    if not stream:
-        return jsonify({"path": " ".join(subpaths), "bbox": bbox})
-    return Response(_events(subpaths, bbox), mimetype="text/event-stream")
+        return start_peer_job(project, ROUTE, segment_request, {"stream": stream})
 
 
 def _prompt(spatial_refs: Any, fields: CallerFields) -> dict[str, Any]:

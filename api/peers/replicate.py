@@ -8,28 +8,29 @@ Errors are RFC 7807 problems, which the client raises as ReplicateError."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
-from flask import Response, g, jsonify, request
+from flask import Response, g, jsonify, request, url_for
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
 
-from segq.api.context import close_db, db, services
+from segq.api.context import db, services
 from segq.api.errors import ApiError
 from segq.api.files import MAX_FORM_PARTS
 from segq.api.images import inspect_image
 from segq.api.item_sources import decode_data_url
 from segq.api.job_service import cancel_job, create_segmentation_job, items_of, owned_job
-from segq.api.job_waiting import NoWaitingSlot, wait_until_finished
+from segq.api.job_waiting import Wait, WaitingPlace, wait_for_job
 from segq.api.json_body import max_job_body_bytes, parse_json, read_json_object
 from segq.api.openapi import documented
+from segq.api.parking import RESUMED_ENVIRON_KEY, waits_without_thread
 from segq.api.peers.caller_fields import CallerFields
 from segq.api.peers.peer_blueprint import PeerBlueprint
 from segq.api.public_links import public_link
@@ -64,6 +65,9 @@ log = logging.getLogger(__name__)
 #: Where Replicate's client sends everything; Moondream's ``/v1/segment`` shares it.
 REPLICATE_PREFIX = "/v1"
 replicate = PeerBlueprint("replicate", __name__, url_prefix=REPLICATE_PREFIX)
+#: The environ key that carries a creation's Prefer: wait to the runs that
+#: resume it.
+PREDICTION_WAIT_ENVIRON_KEY = "segq.prediction_wait"
 
 #: The one model: whatever engine this server's workers run (SEGQ_MODEL).
 MODEL = "segq/sam"
@@ -221,7 +225,9 @@ def _authenticate() -> None:
     project = services().projects_by_key.project(db(), key)
     if project is None:
         raise ApiError(401, "invalid API token", headers={"WWW-Authenticate": "Bearer"})
-    if not services().rate_limiter.allow(hash_api_key(key)):
+    # Once per request: a parked Prefer: wait's later runs are the same one.
+    resumed = request.environ.get(RESUMED_ENVIRON_KEY) is not None
+    if not resumed and not services().rate_limiter.allow(hash_api_key(key)):
         raise ApiError(429, "too many requests for this key", headers={"Retry-After": "1"})
     g.project = project
 
@@ -423,19 +429,51 @@ def _create(body: PredictionRequest, model: str, version: str) -> tuple[Response
         job = create_segmentation_job(
             db(), services(), _project().id, segment_request, None, peer_request=peer
         ).job
-    wait = _prefer_wait()
-    if wait is not None:
-        # Counted from the request's arrival, less the time to answer: the
-        # client stops reading half a second after the N seconds it asked for.
-        left = g.arrived + wait - ANSWER_MARGIN_SECONDS - time.monotonic()
-        # The request's session goes back to the pool while it waits.
-        close_db()
-        # Prefer: wait is a preference: with every waiting slot of this
-        # process taken, the prediction is answered as it is.
-        with contextlib.suppress(NoWaitingSlot):
-            wait_until_finished(job.id, max(left, 0.0))
-        job = owned_job(db(), _project().id, job.id)
-    return _prediction_answer(job, unfinished_as_starting=wait is not None), 201
+    seconds = _prefer_wait()
+    if seconds is None:
+        return _prediction_answer(job), 201
+    # Prefer: wait is a preference: with every waiting place of this
+    # process taken, the prediction is answered as it is.
+    place = services().waiting_requests.reserve(parkable=waits_without_thread())
+    if place is None:
+        return _prediction_answer(job, unfinished_as_starting=True), 201
+    # Counted from the request's arrival, less the time to answer: the
+    # client stops reading half a second after the N seconds it asked for.
+    wait = Wait(int(seconds), deadline=g.arrived + seconds - ANSWER_MARGIN_SECONDS)
+    return _waited_prediction(job, PredictionWait(wait, place))
+
+
+@dataclass(frozen=True)
+class PredictionWait:
+    """A creation's ``Prefer: wait``, carried to the runs that resume it."""
+
+    wait: Wait
+    place: WaitingPlace
+
+
+def _waited_prediction(job: Job, prediction_wait: PredictionWait) -> tuple[Response, int]:
+    """The created prediction once finished, or as it is when the wait runs
+    out (unfinished: "starting", as Replicate answers it). Parked the way
+    every wait for a job is (api/job_waiting.py's wait_for_job); a resumed
+    run is a GET of the prediction that answers as its creation would."""
+    path = url_for(f"{replicate.name}.get_prediction", prediction_id=str(job.id))
+    resume = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": path.removeprefix(request.script_root),
+        "QUERY_STRING": "",
+        PREDICTION_WAIT_ENVIRON_KEY: prediction_wait,
+    }
+    parked = False
+    try:
+        parked = wait_for_job(job.id, prediction_wait.wait, resume, prediction_wait.place)
+    finally:
+        if not parked:
+            prediction_wait.place.release()
+    if parked:
+        # Dropped by the server: the resumed run answers.
+        return Response(status=204), 201
+    job = owned_job(db(), _project().id, job.id)
+    return _prediction_answer(job, unfinished_as_starting=True), 201
 
 
 def _mask_linker() -> MaskLinker:
@@ -515,8 +553,13 @@ def create_model_prediction(owner: str, name: str) -> tuple[Response, int]:
 
 @replicate.get("/predictions/<prediction_id>")
 @documented("Read a prediction", {200: ("the prediction", None)}, errors=(401, 404))
-def get_prediction(prediction_id: str) -> Response:
-    return _prediction_answer(_prediction(prediction_id))
+def get_prediction(prediction_id: str) -> Response | tuple[Response, int]:
+    job = _prediction(prediction_id)
+    resumed: PredictionWait | None = request.environ.get(PREDICTION_WAIT_ENVIRON_KEY)
+    if resumed is not None:
+        # A creation's Prefer: wait, resumed (_waited_prediction).
+        return _waited_prediction(job, resumed)
+    return _prediction_answer(job)
 
 
 @replicate.post("/predictions/<prediction_id>/cancel")

@@ -86,6 +86,40 @@ def test_embedded_prefer_wait_timeout_and_malformed(embedded_tenant: Tenant) -> 
         assert "points" in plain.json  # POST's own shape, not GET's
 
 
+def test_prefer_wait_with_no_waiting_place_is_the_usual_answer_at_once(
+    embedded: Flask, embedded_tenant: Tenant
+) -> None:
+    """Every place of the process's waiting requests taken (here, where
+    nothing can be parked, those that may hold a thread): a Prefer: wait is
+    not honoured, and the answer is the usual one, at once."""
+    waiting = embedded.extensions["segq"].waiting_requests
+    held = [waiting.reserve(parkable=False) for _ in range(waiting.blocking_limit)]
+    try:
+        started = time.monotonic()
+        created = _embedded_job(embedded_tenant, Prefer="wait=5")
+        read = embedded_tenant.client.get(
+            embedded_tenant.url(f"/context/vision/segment/{created.json['jobId']}"),
+            headers={**embedded_tenant.headers, "Prefer": "wait=5"},
+        )
+        assert time.monotonic() - started < 2
+    finally:
+        for place in held:
+            assert place is not None
+            place.release()
+    assert created.status_code == 200
+    assert "points" in created.json  # POST's own shape, not GET's
+    assert read.json["status"] == "Queued"
+    for answer in (created, read):
+        assert "Preference-Applied" not in answer.headers
+    assert waiting.waiting == 0
+    waited = embedded_tenant.client.get(
+        embedded_tenant.url(f"/context/vision/segment/{created.json['jobId']}"),
+        headers={**embedded_tenant.headers, "Prefer": "wait=1"},
+    )
+    assert waited.headers["Preference-Applied"] == "wait=1"
+    assert waiting.waiting == 0
+
+
 def test_embedded_event_stream_ends_at_once_and_resumes(
     embedded_tenant: Tenant,
     celery_app: Celery,

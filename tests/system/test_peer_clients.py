@@ -363,11 +363,18 @@ def test_livepeer_waits_at_most_the_peer_wait_and_the_job_runs_on(
 
 
 def test_waiting_calls_hold_at_most_half_the_threads_and_the_rest_stay_free(
-    peer_settings: Settings, storage: S3Storage, celery_app: Celery, tenant: Tenant
+    peer_settings: Settings,
+    storage: S3Storage,
+    celery_app: Celery,
+    tenant: Tenant,
+    sessions: sessionmaker[Session],
 ) -> None:
-    """A synchronous call holds its request thread while its job runs: with
-    every waiting slot of the process taken (half its threads), another is
-    answered 503 with Retry-After at once, and other routes still answer."""
+    """On a server that cannot park a request (werkzeug here; `segq serve`
+    parks it: tests/system/test_peer_waiting_live.py), a synchronous call
+    holds its request thread while its job runs: with every waiting place
+    for a thread taken (half the threads), another is answered 503 with
+    Retry-After at once, before its job is made, and other routes still
+    answer."""
     app = create_app(
         replace(peer_settings, peer_wait_seconds=4),
         storage=storage,
@@ -397,6 +404,7 @@ def test_waiting_calls_hold_at_most_half_the_threads_and_the_rest_stay_free(
         assert requests.get(f"{url}/healthz", timeout=2).status_code == 200
         waiting.join(timeout=30)
     assert answers == [504]
+    assert count_jobs(sessions) == (1, 1)
 
 
 def test_the_peer_wait_is_a_setting(tmp_path: Path) -> None:
