@@ -116,6 +116,10 @@ bench-waiting: install services ## 500 requests waiting on a job (Prefer: wait):
 bench-job-get: install services ## GET of a finished 1,000-item job with polygons: the old path (validated) beside the spliced answer, 304 and a page
 	$(BIN)/python bench/job_get.py
 
+.PHONY: bench-latency
+bench-latency: install services ## A warm one-item job with Prefer: wait: p50/p95/p99 end to end beside the engine and each worker stage (GrabCut, SAM ViT-B)
+	$(BIN)/python bench/latency.py $(BENCH_LATENCY_ARGS)
+
 .PHONY: bench-engine
 bench-engine: install ## SAM encoder/decoder ms, the embedding cache's second item (same and another process), mask encoding
 	$(BIN)/python bench/engine.py $(BENCH_ENGINE_ARGS)

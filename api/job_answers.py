@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from segq.api.process_caches import KeptItemTexts
 from segq.api.request_integers import request_integer
 from segq.api.schemas import MAX_LIST_LIMIT, JobResponse, cursor_after, encode_cursor
 from segq.api.signed_links import SigningWindow
@@ -146,55 +147,40 @@ class _ItemRow:
     status: str
     file_ref: Mapping[str, Any]
     error_message: str | None
-    rendered_result: str | None
 
 
 def _item_rows(session: Session, job_id: int, page: ItemsPage) -> list[_ItemRow]:
     """The page's items (one more than its limit, to tell whether more
-    follow), with their stored renderings; an item completed before they
-    were stored is rendered here."""
+    follow), without their results: those are read by ``_result_texts``
+    for the completed items whose text is not kept."""
     query = (
-        select(
-            JobItem.position,
-            JobItem.status,
-            JobItem.file_ref,
-            JobItem.error_message,
-            JobItem.rendered_result,
-        )
+        select(JobItem.position, JobItem.status, JobItem.file_ref, JobItem.error_message)
         .where(JobItem.job_id == job_id, JobItem.position >= page.first_position)
         .order_by(JobItem.position)
     )
     if page.limit is not None:
         query = query.limit(page.limit + 1)
-    rows = [_ItemRow(*row) for row in session.execute(query)]
-    unrendered = [
-        row.position
-        for row in rows
-        if row.status == ItemStatus.COMPLETED and row.rendered_result is None
-    ]
-    if unrendered:
-        results = {
-            position: result
-            for position, result in session.execute(
-                select(JobItem.position, JobItem.result).where(
-                    JobItem.job_id == job_id, JobItem.position.in_(unrendered)
-                )
-            )
-            if result is not None
-        }
-        rows = [
-            _ItemRow(
-                row.position,
-                row.status,
-                row.file_ref,
-                row.error_message,
-                render_result_text(results[row.position]),
-            )
-            if row.position in results
-            else row
-            for row in rows
-        ]
-    return rows
+    return [_ItemRow(*row) for row in session.execute(query)]
+
+
+def _result_texts(session: Session, job_id: int, positions: Sequence[int]) -> dict[int, str]:
+    """The stored renderings of the completed items at ``positions``; an
+    item completed before they were stored is rendered here."""
+    if not positions:
+        return {}
+    texts: dict[int, str] = {}
+    for position, rendered, result in session.execute(
+        select(JobItem.position, JobItem.rendered_result, JobItem.result).where(
+            JobItem.job_id == job_id,
+            JobItem.position.in_(positions),
+            JobItem.status == ItemStatus.COMPLETED,
+        )
+    ):
+        if rendered is not None:
+            texts[position] = rendered
+        elif result is not None:
+            texts[position] = render_result_text(result)
+    return texts
 
 
 def render_job_answer(
@@ -206,15 +192,41 @@ def render_job_answer(
     view_url: str,
     *,
     waiting_for: str | None = None,
+    kept_items: KeptItemTexts | None = None,
+    links_key: Hashable = None,
 ) -> str:
     """The answer's body: JobResponse's JSON as Flask writes it;
     ``waiting_for``: why an unfinished job's items wait, where no live
-    worker takes them."""
+    worker takes them. ``kept_items``: where completed items' texts, links
+    filled in by ``link``, are kept and found under ``links_key`` (what
+    names ``link``'s signing window), so that a GET after a change reads
+    and fills only the items that completed since."""
     rows = _item_rows(session, job.id, page)
     next_cursor: str | None = None
     if page.limit is not None and len(rows) > page.limit:
         rows = rows[: page.limit]
         next_cursor = encode_cursor(rows[-1].position + 1)
+
+    def kept_key(position: int) -> tuple[object, ...]:
+        # With the id, the job itself: SQLite may give a deleted job's id again.
+        return (job.id, job.created_time, position, links_key)
+
+    kept_texts: dict[int, str] = {}
+    if kept_items is not None:
+        for row in rows:
+            if row.status == ItemStatus.COMPLETED:
+                text = kept_items.get(kept_key(row.position))
+                if text is not None:
+                    kept_texts[row.position] = text
+    result_texts = _result_texts(
+        session,
+        job.id,
+        [
+            r.position
+            for r in rows
+            if r.status == ItemStatus.COMPLETED and r.position not in kept_texts
+        ],
+    )
     items: list[str] = []
     failures: dict[str, list[str]] = {}
     for row in rows:
@@ -223,8 +235,12 @@ def render_job_answer(
                 "{" + render_reference_text(row.file_ref) + "}"
             )
             continue
-        result_text = row.rendered_result if row.status == ItemStatus.COMPLETED else None
-        items.append(render_item_text(row.file_ref, result_text))
+        text = kept_texts.get(row.position)
+        if text is None:
+            text = fill_links(render_item_text(row.file_ref, result_texts.get(row.position)), link)
+            if kept_items is not None and row.position in result_texts:
+                kept_items.keep(kept_key(row.position), text)
+        items.append(text)
     document: dict[str, Any] = {
         **job_state(job),
         "items": [],
@@ -246,7 +262,7 @@ def render_job_answer(
         mode="json", by_alias=True, exclude_unset=True
     )
     spliced: dict[str, Callable[[], str]] = {
-        "items": lambda: fill_links("[" + ",".join(items) + "]", link),
+        "items": lambda: "[" + ",".join(items) + "]",
         "failedItems": lambda: _failed_items_text(failures),
     }
     members = [

@@ -5,29 +5,22 @@ segq itself (api/static/viewer/), so it works offline."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 from flask import Blueprint, Response, render_template, request, url_for
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from segq.api.answers import json_document
 from segq.api.context import db, services
 from segq.api.errors import ApiError
-from segq.api.job_items import items_of
 from segq.api.job_service import owned_job
 from segq.api.openapi import documented
-from segq.api.public_links import public_link
 from segq.api.schemas import JobView, ViewQuery
 from segq.api.view_links import ViewGrant, ViewLinks
-from segq.clock import now_ms
-from segq.job_document import (
-    MaskLinker,
-    item_reference,
-    job_state,
-    render_segment,
-    shown_prompt,
-)
+from segq.job_document import job_state, shown_prompt
+from segq.job_text import Linker, fill_links, json_text, render_result_text, segments_text
 from segq.models import ItemStatus, Job, JobItem, JobStatus, Project, StoredFile
 
 job_views = Blueprint(
@@ -94,47 +87,107 @@ def view_page(project: str, job_id: int) -> tuple[str, int, dict[str, str]]:
 )
 def view_data(project: str, job_id: int) -> tuple[Response, int, dict[str, str]]:
     _, job = _granted_job(project, job_id)
-    settings = services().settings
-    storage = services().storage
-    expires_in = settings.url_expires_seconds
-
-    def link(key: str) -> tuple[str, int]:
-        expires_time = (now_ms() // 1000 + expires_in) * 1000
-        url = public_link(settings.public_url, storage.presigned_get_url(key, expires_in))
-        return url, expires_time
-
-    document = render_job_view(job, items_of(db(), job), link)
-    if not JobStatus(job.status).finished:
-        document["refreshAfter"] = settings.poll_retry_after_seconds
-    return json_document(JobView, document), 200, {"Cache-Control": "no-store"}
+    links = services().signed_links
+    body = render_job_view(
+        db(),
+        job,
+        partial(links.link, window=links.window()),
+        refresh_after=(
+            None if JobStatus(job.status).finished else services().settings.poll_retry_after_seconds
+        ),
+    )
+    return Response(body, mimetype="application/json"), 200, {"Cache-Control": "no-store"}
 
 
-def render_job_view(job: Job, items: Sequence[JobItem], link: MaskLinker) -> dict[str, Any]:
-    """``items`` in position order, each with its image's signed URL and
-    size, its segments once done and its error once failed."""
-    file_ids = [item.file_id for item in items if item.file_id is not None]
+@dataclass(frozen=True)
+class _ViewRow:
+    position: int
+    status: str
+    file_ref: dict[str, Any]
+    file_id: int | None
+    file_storage_key: str | None
+    error_message: str | None
+    width: int | None
+    height: int | None
+    rendered_result: str | None
+
+
+def _view_rows(session: Session, job_id: int) -> list[_ViewRow]:
+    """The job's items in position order, with what the viewer shows of
+    them: a completed one's size and stored rendering, not its result (a
+    noisy mask's polygons are megabytes of JSON to parse); one completed
+    before renderings were stored is rendered here."""
+    rows = [
+        _ViewRow(*row)
+        for row in session.execute(
+            select(
+                JobItem.position,
+                JobItem.status,
+                JobItem.file_ref,
+                JobItem.file_id,
+                JobItem.file_storage_key,
+                JobItem.error_message,
+                JobItem.result["width"].as_integer(),
+                JobItem.result["height"].as_integer(),
+                JobItem.rendered_result,
+            )
+            .where(JobItem.job_id == job_id)
+            .order_by(JobItem.position)
+        )
+    ]
+    unrendered = [
+        row.position
+        for row in rows
+        if row.status == ItemStatus.COMPLETED and row.rendered_result is None
+    ]
+    if not unrendered:
+        return rows
+    rendered = {
+        position: render_result_text(result)
+        for position, result in session.execute(
+            select(JobItem.position, JobItem.result).where(
+                JobItem.job_id == job_id, JobItem.position.in_(unrendered)
+            )
+        ).tuples()
+        if result is not None
+    }
+    return [
+        replace(row, rendered_result=rendered[row.position]) if row.position in rendered else row
+        for row in rows
+    ]
+
+
+def render_job_view(session: Session, job: Job, link: Linker, *, refresh_after: int | None) -> str:
+    """JobView's JSON as Flask writes it: the items in position order, each
+    with its image's signed URL and size, its segments once done (spliced
+    from the item's stored rendering, as a job's GET is:
+    api/job_answers.py) and its error once failed; the rest through the
+    model, which is cheap without the segments."""
+    rows = _view_rows(session, job.id)
+    file_ids = [row.file_id for row in rows if row.file_id is not None]
     files = (
         {
             stored.id: stored
-            for stored in db().scalars(select(StoredFile).where(StoredFile.id.in_(file_ids)))
+            for stored in session.scalars(select(StoredFile).where(StoredFile.id.in_(file_ids)))
         }
         if file_ids
         else {}
     )
     shown: list[dict[str, Any]] = []
+    segments: list[str | None] = []
     completed = failed = 0
-    for item in items:
-        stored = files.get(item.file_id) if item.file_id is not None else None
+    for row in rows:
+        stored = files.get(row.file_id) if row.file_id is not None else None
         # The version the item was created on (the file may have been
         # overwritten since): its masks belong over that image, and the link
         # must not show content uploaded after the job.
         image_key = width = height = None
-        if stored is not None and item.file_storage_key not in (None, stored.storage_key):
-            image_key = item.file_storage_key
+        if stored is not None and row.file_storage_key not in (None, stored.storage_key):
+            image_key = row.file_storage_key
         elif stored is not None and stored.uploaded:
             image_key, width, height = stored.storage_key, stored.width, stored.height
         entry: dict[str, Any] = {
-            **item_reference(item),
+            **row.file_ref,
             # A person knows the image by its name and externalId, whatever
             # the client named it by in the job.
             **(
@@ -142,28 +195,40 @@ def render_job_view(job: Job, items: Sequence[JobItem], link: MaskLinker) -> dic
                 if stored is not None
                 else {}
             ),
-            "position": item.position,
-            "status": item.status,
+            "position": row.position,
+            "status": row.status,
             "imageUrl": link(image_key)[0] if image_key else None,
             "width": width,
             "height": height,
-            "errorMessage": item.error_message if item.status == ItemStatus.FAILED else None,
+            "errorMessage": row.error_message if row.status == ItemStatus.FAILED else None,
         }
-        if item.status == ItemStatus.FAILED:
+        if row.status == ItemStatus.FAILED:
             failed += 1
-        if item.status == ItemStatus.COMPLETED and item.result is not None:
+        shown_segments = None
+        if row.status == ItemStatus.COMPLETED and row.rendered_result is not None:
             completed += 1
-            width, height = item.result["width"], item.result["height"]
-            entry |= {"width": width, "height": height}
-            entry["segments"] = [
-                render_segment(segment, width, height, link) for segment in item.result["segments"]
-            ]
+            entry |= {"width": row.width, "height": row.height}
+            shown_segments = segments_text(row.rendered_result)
         shown.append(entry)
-    return {
-        **job_state(job),
-        "items": shown,
-        "prompt": shown_prompt(job.prompt),
-        "progress": {"total": len(items), "completed": completed, "failed": failed},
-        "engine": job.engine,
-        "refreshAfter": None,
-    }
+        segments.append(shown_segments)
+    document = JobView.model_validate(
+        {
+            **job_state(job),
+            "items": shown,
+            "prompt": shown_prompt(job.prompt),
+            "progress": {"total": len(rows), "completed": completed, "failed": failed},
+            "engine": job.engine,
+            "refreshAfter": refresh_after,
+        }
+    ).model_dump(mode="json", by_alias=True, exclude_unset=True)
+    items = [
+        # ``segments`` is JobViewItem's last field: it closes the item.
+        json_text(item)[:-1] + ("}" if text is None else "," + fill_links(text, link) + "}")
+        for item, text in zip(document["items"], segments, strict=True)
+    ]
+    members = [
+        f"{json_text(name)}:{'[' + ','.join(items) + ']' if name == 'items' else json_text(value)}"
+        for name, value in document.items()
+    ]
+    # Flask ends a JSON answer with a newline.
+    return "{" + ",".join(members) + "}\n"

@@ -255,6 +255,8 @@ def _job_answer(job: Job, *, conditional: bool) -> tuple[Response, int, dict[str
             partial(links.link, window=window),
             view_url,
             waiting_for=waiting_for,
+            kept_items=services().item_texts,
+            links_key=(window.number, window.seconds),
         ).encode()
         kept.keep(job.id, tag, body)
     return Response(body, mimetype="application/json"), 200, headers

@@ -103,3 +103,29 @@ class KeptJobAnswers:
             return  # one answer must not push every other out
         with self._lock:
             self._kept[(job_id, tag)] = body
+
+
+#: How many characters of finished items' texts a process keeps.
+MAX_KEPT_ITEM_CHARS = 64 * 1024 * 1024
+
+
+class KeptItemTexts:
+    """Finished items' texts as a job's answer shows them, links filled in,
+    by (job, its creation, position) and signing window: an item finishes
+    once and its text never changes after, nor its links within a window.
+    So a GET after a change renders only the items that finished since:
+    the others are neither read from the database again nor re-filled."""
+
+    def __init__(self, max_chars: int = MAX_KEPT_ITEM_CHARS) -> None:
+        self._lock = threading.Lock()
+        self._kept: LRUCache[tuple[object, ...], str] = LRUCache(maxsize=max_chars, getsizeof=len)
+
+    def get(self, key: tuple[object, ...]) -> str | None:
+        with self._lock:
+            return self._kept.get(key)
+
+    def keep(self, key: tuple[object, ...], text: str) -> None:
+        if len(text) > self._kept.maxsize // 16:
+            return
+        with self._lock:
+            self._kept[key] = text

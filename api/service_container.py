@@ -14,7 +14,12 @@ from segq.api.job_waiting import (
     WaitingRequests,
     wait_in_thread_until_finished,
 )
-from segq.api.process_caches import KeptJobAnswers, ProjectsByKey, UnfinishedJobCounts
+from segq.api.process_caches import (
+    KeptItemTexts,
+    KeptJobAnswers,
+    ProjectsByKey,
+    UnfinishedJobCounts,
+)
 from segq.api.rate_limit import RateLimiter
 from segq.api.signed_links import SignedLinks
 from segq.job_changes import JobChangeAnnouncer
@@ -37,6 +42,7 @@ class Services:
     projects_by_key: ProjectsByKey = field(default_factory=ProjectsByKey)
     unfinished_jobs: UnfinishedJobCounts = field(default_factory=UnfinishedJobCounts)
     job_answers: KeptJobAnswers = field(default_factory=KeptJobAnswers)
+    item_texts: KeptItemTexts = field(default_factory=KeptItemTexts)
 
     def wait_until_finished(self, job_id: int, timeout_s: float) -> bool:
         """Block the calling thread until the job reaches a final status

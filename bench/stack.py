@@ -50,10 +50,19 @@ def free_port() -> int:
 
 
 class Stack:
-    def __init__(self, args: Any, workdir: Path, environment: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: Any,
+        workdir: Path,
+        environment: dict[str, str] | None = None,
+        repo: Path = REPO,
+    ) -> None:
         """``args`` carries postgres, redis, api_processes, api_threads and
-        worker_processes; ``environment`` overrides segq's settings."""
+        worker_processes; ``environment`` overrides segq's settings;
+        ``repo``: the checkout whose code the processes run (another
+        commit's, to compare; its schema must be this one's)."""
         self.args = args
+        self.repo = repo
         self.workdir = workdir
         self.database = f"segq_bench_{uuid.uuid4().hex[:8]}"
         admin_url = args.postgres
@@ -71,7 +80,7 @@ class Stack:
         self.base = f"http://127.0.0.1:{self.port}/api/v1/projects/bench"
         self.env = {
             **os.environ,
-            "PYTHONPATH": str(REPO),
+            "PYTHONPATH": str(repo),
             "SEGQ_DATA_DIR": str(workdir / "data"),
             "SEGQ_DATABASE_URL": self.database_url,
             "SEGQ_BROKER_URL": args.redis,
@@ -96,7 +105,7 @@ class Stack:
         child = subprocess.Popen(
             [sys.executable, "-m", "segq.cli.main", *arguments],
             env=self.env,
-            cwd=REPO,
+            cwd=self.repo,
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -153,10 +153,20 @@ class StoredSegment(TypedDict):
     logitsShape: NotRequired[list[int]]
 
 
+#: The fields of an item's metrics a client sees (ItemMetrics); the rest
+#: (StoredMetrics' stage times) stay in the row.
+SHOWN_METRICS = ("embedding", "encodeMs", "decodeMs")
+
+
 class StoredMetrics(TypedDict):
     embedding: Literal["computed", "local", "shared"] | None
     encodeMs: float
     decodeMs: float
+    #: Where the attempt's time went up to its completion's commit, by stage
+    #: (worker/item_stages.py): not shown to clients, which see the above.
+    stagesMs: NotRequired[dict[str, float]]
+    #: The attempt's time from the start of its claim to that commit.
+    workerMs: NotRequired[float]
 
 
 class StoredResult(TypedDict):

@@ -7,7 +7,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from segq.contract import DEFAULT_MODE, INLINE_OUTPUTS, LOGITS_KEY, LOGITS_SHAPE, MASK_KEY
+from segq.contract import (
+    DEFAULT_MODE,
+    INLINE_OUTPUTS,
+    LOGITS_KEY,
+    LOGITS_SHAPE,
+    MASK_KEY,
+    SHOWN_METRICS,
+)
 from segq.images import PNG
 from segq.mask_logits import NPY_MEDIA_TYPE
 from segq.models import ItemStatus, Job, JobItem
@@ -127,7 +134,8 @@ def render_job(job: Job, items: Sequence[JobItem], link_mask: MaskLinker | None)
                 for segment in item.result["segments"]
             ]
             if "metrics" in item.result:
-                entry["metrics"] = item.result["metrics"]
+                stored = item.result["metrics"]
+                entry["metrics"] = {name: stored[name] for name in SHOWN_METRICS if name in stored}
         shown.append(entry)
     document: dict[str, Any] = {
         **job_state(job),

@@ -130,6 +130,15 @@ def render_result_text(result: Mapping[str, Any]) -> str:
     return text
 
 
+def segments_text(result_text: str) -> str:
+    """The ``"segments":[…]`` member alone of a text ``render_result_text``
+    wrote (the viewer shows no metrics). The metrics, when there, are its
+    last member; a quote inside a string is escaped, so the one unescaped
+    ``,"metrics":{`` is theirs."""
+    metrics_at = result_text.rfind(',"metrics":{')
+    return result_text if metrics_at < 0 else result_text[:metrics_at]
+
+
 def render_reference_text(reference: Mapping[str, Any]) -> str:
     """What the client named an item's image by, as ItemReference's members."""
     unknown = set(reference) - set(_REFERENCE_FIELDS)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import (
+    Connection,
     CursorResult,
     Exists,
     and_,
@@ -43,6 +44,7 @@ from segq.webhook_events import (
     wants,
     whole_job_data,
 )
+from segq.worker.item_stages import Stage, timed_stage
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +100,9 @@ def claim_next_item(
     of going behind the backlog with its new message. The message's own
     item is the fallback: one Running whose lease ran out, say."""
     for _ in range(CLAIM_ROUNDS):
-        with sessions() as session:
+        with _reading(sessions) as connection:
             first_queued = list(
-                session.scalars(
+                connection.scalars(
                     _FIRST_QUEUED,
                     {"max_attempts": max_attempts, "due_by": now_ms(), "count": CLAIM_CANDIDATES},
                 )
@@ -126,6 +128,15 @@ def claim_next_item(
         engine_name=engine_name,
         max_attempts=max_attempts,
     )
+
+
+def _reading(sessions: sessionmaker[Session]) -> Connection:
+    """A connection of ``sessions``' pool for reads outside a transaction:
+    a candidate list needs no snapshot (each candidate is then claimed in a
+    transaction of its own), and without one it costs its statement's round
+    trip alone, not a BEGIN and a ROLLBACK around it."""
+    bind = sessions.kw["bind"]
+    return cast(Connection, bind.connect().execution_options(isolation_level="AUTOCOMMIT"))
 
 
 def claim_item(
@@ -393,6 +404,11 @@ def finish_item(
     only if ``claim`` still holds it; then roll the job up. False when the
     lease was lost to another attempt."""
     status = ItemStatus.COMPLETED if result is not None else ItemStatus.FAILED
+    # Rendered here, once, so that no GET of the job pays for it; before the
+    # transaction, so that a noisy mask's 10^4 vertices are not written out
+    # while the job's row is locked (every item of the job waits on it).
+    with timed_stage(Stage.RENDER):
+        rendered_result = None if result is None else render_result_text(result)
     with sessions.begin() as session:
         # Lock the job first: finishing items of one job take turns, so the
         # last one to finish sees every other item's final state. Loaded
@@ -406,8 +422,7 @@ def finish_item(
             claim,
             status=status,
             result=result,
-            # Rendered here, once, so that no GET of the job pays for it.
-            rendered_result=None if result is None else render_result_text(result),
+            rendered_result=rendered_result,
             error_message=error_message,
             finished_time=now,
             lease_expires_time=None,
@@ -568,7 +583,7 @@ def queued_company(
     candidates: each is then claimed as any item is, and one another
     worker took first is simply not ours. Items waiting out a retry's
     backoff are not candidates (release_item)."""
-    with sessions() as session:
+    with _reading(sessions) as connection:
         values = {
             "job_id": claim.job_id,
             "item_id": claim.item_id,
@@ -576,10 +591,10 @@ def queued_company(
             "count": count,
             "due_by": now_ms(),
         }
-        found = list(session.scalars(_QUEUED_OF_JOB, values))
+        found = list(connection.scalars(_QUEUED_OF_JOB, values))
         if len(found) < count:
             values["count"] = count - len(found)
-            found += session.scalars(_QUEUED_ELSEWHERE, {**values, "engine": engine_name})
+            found += connection.scalars(_QUEUED_ELSEWHERE, {**values, "engine": engine_name})
         return found
 
 

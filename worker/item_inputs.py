@@ -5,6 +5,8 @@ that image's pixel frame."""
 from __future__ import annotations
 
 import base64
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,8 +36,68 @@ class ImageLimits:
     fetch_policy: FetchPolicy | None
 
 
+#: How many bytes of decoded images a worker process keeps (``DecodedImages``).
+DECODED_IMAGES_BYTES = 64 * 1024 * 1024
+
+
+class DecodedImages:
+    """The images this process decoded last, by storage key, least recently
+    used first out once they pass ``max_bytes``: the next prompt on an image
+    (a person clicking points on it) reads and decodes nothing. A stored
+    file's key is written once and never rewritten (an upload over a file
+    takes a new key; other bytes for one that holds its upload are
+    refused), so what a key decoded to stays true. Images are kept
+    read-only: an engine that wrote into one would change the next item's."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._images: OrderedDict[tuple[str, int], npt.NDArray[np.uint8]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: str, max_pixels: int) -> npt.NDArray[np.uint8] | None:
+        with self._lock:
+            image = self._images.get((key, max_pixels))
+            if image is not None:
+                self._images.move_to_end((key, max_pixels))
+            return image
+
+    def put(self, key: str, max_pixels: int, image: npt.NDArray[np.uint8]) -> None:
+        if image.nbytes > self.max_bytes:
+            return
+        image.flags.writeable = False
+        with self._lock:
+            if (key, max_pixels) in self._images:
+                return
+            self._images[key, max_pixels] = image
+            self._bytes += image.nbytes
+            while self._bytes > self.max_bytes:
+                _, dropped = self._images.popitem(last=False)
+                self._bytes -= dropped.nbytes
+
+
+#: This process's (a forked pool process starts with its parent's, which
+#: runs no items: empty).
+_decoded_images = DecodedImages(DECODED_IMAGES_BYTES)
+
+
 def load_image(storage: ObjectStorage, claim: Claim, limits: ImageLimits) -> npt.NDArray[np.uint8]:
-    """The item's image as displayed, (H, W, 3) uint8 RGB (``segq.images``)."""
+    """The item's image as displayed, (H, W, 3) uint8 RGB (``segq.images``),
+    read-only. A stored file's image this process decoded lately is not
+    read again; one given as a URL always is (what a URL serves may change)."""
+    if claim.source_url is None and claim.file_key is not None:
+        known = _decoded_images.get(claim.file_key, limits.max_pixels)
+        if known is not None:
+            return known
+        image = _read_and_decode(storage, claim, limits)
+        _decoded_images.put(claim.file_key, limits.max_pixels, image)
+        return image
+    return _read_and_decode(storage, claim, limits)
+
+
+def _read_and_decode(
+    storage: ObjectStorage, claim: Claim, limits: ImageLimits
+) -> npt.NDArray[np.uint8]:
     if claim.source_url is not None:
         if limits.fetch_policy is None:
             raise ItemFailure("this worker does not fetch URLs")

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds: from a fast GPU item to a slow CPU one, and queue waits of hours.
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: Seconds, for the stages of one item: from a fraction of a millisecond
+#: (a Redis publish) to a slow engine.
+_STAGE_SECONDS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60,
+)  # fmt: skip
 _WAIT_SECONDS = (0.1, 0.5, 1, 5, 15, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600)
 
 ITEMS = Counter(
@@ -50,6 +55,20 @@ ENCODE_STORE_SECONDS = Histogram(
     "segq_worker_encode_store_seconds",
     "Encoding an item's masks (PNG, polygons, RLE, logits) and writing them to storage.",
     buckets=_SECONDS,
+)
+ITEM_STAGE_SECONDS = Histogram(
+    "segq_worker_item_stage_seconds",
+    "Each stage of an item attempt that completed or failed (worker/item_stages.py): "
+    "claim, image_read, engine, encode_<format>, storage_write, render, completion, notify, "
+    "batch_company; they add up to segq_worker_item_seconds less untimed glue.",
+    ["stage"],
+    buckets=_STAGE_SECONDS,
+)
+ITEM_SECONDS = Histogram(
+    "segq_worker_item_seconds",
+    "An item attempt that completed or failed, from the start of its claim "
+    "to the end of its notification.",
+    buckets=_STAGE_SECONDS,
 )
 EMBEDDINGS = Counter(
     "segq_worker_embeddings",

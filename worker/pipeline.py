@@ -50,6 +50,7 @@ from segq.worker.item_inputs import (
     item_prompts,
     load_image,
 )
+from segq.worker.item_stages import ItemStages, Stage, timed_stage
 from segq.worker.lease_keeper import lease_kept
 from segq.worker.metrics import STORAGE_ERRORS
 from segq.worker.results import (
@@ -154,6 +155,7 @@ def process_item(
     # Each transaction runs once more if its pooled connection had died
     # (segq/db.py): all three are guarded by the attempt, so a repeat after a
     # commit that did land finds the work done.
+    stages = ItemStages()
     claim = once_more_if_disconnected(
         lambda: claim_next_item(
             sessions,
@@ -165,7 +167,8 @@ def process_item(
     )
     if claim is None:
         return ItemRun(ItemOutcome.SKIPPED, item_id, engine=engine.name)
-    claims = [claim]
+    stages.add(Stage.CLAIM, stages.elapsed())
+    claims = [(claim, stages)]
     if isinstance(engine, ImageBatchEngine) and engine.batch_size > 1:
         claims += _claim_company(
             sessions,
@@ -177,9 +180,11 @@ def process_item(
             wait_seconds=batch_wait_ms / 1000,
         )
     announce = announce_job_change or _nobody_listens
-    for started in {taken.job_id for taken in claims if taken.attempt == 1}:
-        # The first attempt of an item may have started its job.
-        announce(started)
+    started_jobs = {taken.job_id for taken, _ in claims if taken.attempt == 1}
+    with stages.timing(Stage.NOTIFY):
+        for started in started_jobs:
+            # The first attempt of an item may have started its job.
+            announce(started)
     outcomes = _run_claimed(
         sessions,
         storage,
@@ -193,7 +198,7 @@ def process_item(
     )
     runs = [
         ItemRun(outcome, taken.item_id, taken, engine.name, metrics)
-        for taken, (outcome, _, metrics) in zip(claims, outcomes, strict=True)
+        for (taken, _), (outcome, _, metrics) in zip(claims, outcomes, strict=True)
     ]
     if taken_along is not None:
         for run in runs[1:]:
@@ -217,11 +222,12 @@ def _claim_company(
     lease_seconds: int,
     max_attempts: int,
     wait_seconds: float,
-) -> list[Claim]:
-    """Up to ``count`` more items claimed for ``claim``'s batch, looking
-    again until ``wait_seconds`` have passed while the batch is not full."""
+) -> list[tuple[Claim, ItemStages]]:
+    """Up to ``count`` more items claimed for ``claim``'s batch, each with
+    its stages from its own claim on, looking again until ``wait_seconds``
+    have passed while the batch is not full."""
     deadline = time.monotonic() + wait_seconds
-    taken: list[Claim] = []
+    taken: list[tuple[Claim, ItemStages]] = []
     while True:
         candidates = once_more_if_disconnected(
             lambda: queued_company(
@@ -235,6 +241,7 @@ def _claim_company(
         for candidate in candidates:
             # Claimed by id as its own message would claim it: one another
             # worker took meanwhile is not ours, and nothing changes.
+            extra_stages = ItemStages()
             extra = once_more_if_disconnected(
                 functools.partial(
                     claim_item,
@@ -246,7 +253,8 @@ def _claim_company(
                 )
             )
             if extra is not None:
-                taken.append(extra)
+                extra_stages.add(Stage.CLAIM, extra_stages.elapsed())
+                taken.append((extra, extra_stages))
         if len(taken) >= count or time.monotonic() >= deadline:
             return taken
         time.sleep(min(_COMPANY_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
@@ -257,6 +265,7 @@ class _Attempt:
     """One claimed item on its way through a batch."""
 
     claim: Claim
+    stages: ItemStages
     image: npt.NDArray[np.uint8] | None = None
     result: StoredResult | None = None
     error_message: str | None = None
@@ -274,7 +283,7 @@ def _run_claimed(
     sessions: sessionmaker[Session],
     storage: ObjectStorage,
     engine: SegmentationEngine,
-    claims: list[Claim],
+    claims: list[tuple[Claim, ItemStages]],
     *,
     lease_seconds: int,
     max_attempts: int,
@@ -285,7 +294,7 @@ def _run_claimed(
     """Load, encode together, segment and finish each claimed item; each
     item's outcome, with the storage error of one that was released and
     the metrics of one that completed."""
-    attempts = [_Attempt(claim) for claim in claims]
+    attempts = [_Attempt(claim, stages) for claim, stages in claims]
     with contextlib.ExitStack() as leases:
         for attempt in attempts:
             leases.enter_context(lease_kept(sessions, attempt.claim, lease_seconds))
@@ -294,7 +303,10 @@ def _run_claimed(
         loaded = [attempt.image for attempt in attempts if attempt.image is not None]
         if len(loaded) > 1 and isinstance(engine, ImageBatchEngine):
             try:
-                engine.encode_images(loaded)
+                # The batch's encoding is the engine's time of the item that
+                # ran it; its companions count it as time spent on company.
+                with attempts[0].stages.timing(Stage.ENGINE):
+                    engine.encode_images(loaded)
             except Exception:
                 # Each item then encodes its own image, and fails alone if
                 # that fails too: one bad image must not fail its company.
@@ -310,18 +322,22 @@ def _run_claimed(
                 max_attempts=max_attempts,
                 announce_job_change=announce_job_change,
                 breaker=breaker,
+                in_batch=len(attempts) > 1,
             )
             for attempt in attempts
         ]
 
 
 def _load(attempt: _Attempt, storage: ObjectStorage, limits: ImageLimits) -> None:
-    attempt.image = load_image(storage, attempt.claim, limits)
+    with attempt.stages.timing(Stage.IMAGE_READ):
+        attempt.image = load_image(storage, attempt.claim, limits)
 
 
 def _segment(attempt: _Attempt, storage: ObjectStorage, engine: SegmentationEngine) -> None:
     assert attempt.image is not None
-    attempt.result = segment_image(storage, engine, attempt.claim, attempt.image)
+    # Its stages (engine, encodings, storage writes) are timed inside.
+    with attempt.stages.recording():
+        attempt.result = segment_image(storage, engine, attempt.claim, attempt.image)
     attempt.image = None  # the masks are stored: the pixels are not needed any more
 
 
@@ -363,8 +379,10 @@ def _finish(
     max_attempts: int,
     announce_job_change: Callable[[int], None],
     breaker: DependencyBreaker | None,
+    in_batch: bool,
 ) -> _Finished:
     claim = attempt.claim
+    stages = attempt.stages
     error_message = attempt.error_message
     if attempt.storage_error is not None:
         # Counted here, once per attempt, the last one that fails the item too.
@@ -380,11 +398,22 @@ def _finish(
             return ItemOutcome.RELEASED, attempt.storage_error, None
         error_message = f"storage failed each of {claim.attempt} attempts: {attempt.storage_error}"
     result = attempt.result
-    landed = once_more_if_disconnected(
-        lambda: finish_item(sessions, claim, result=result, error_message=error_message)
-    )
+    if result is not None:
+        # Kept with the item: its stages up to this commit (module item_stages).
+        result["metrics"] = stages.stored_in(result["metrics"])
+    with stages.timing(Stage.COMPLETION):
+        landed = once_more_if_disconnected(
+            lambda: finish_item(sessions, claim, result=result, error_message=error_message)
+        )
     if landed:
-        announce_job_change(claim.job_id)
+        with stages.timing(Stage.NOTIFY):
+            announce_job_change(claim.job_id)
+        log.debug(
+            "item %s attempt %s: stages",
+            claim.item_id,
+            claim.attempt,
+            extra={"item_id": claim.item_id, **stages.observe(in_batch=in_batch)},
+        )
     if not landed:
         log.warning(
             "item %s: attempt %s lost its lease before completing; its result is dropped",
@@ -425,7 +454,7 @@ def segment_image(
     height, width = image.shape[:2]
     everything = everything_options(claim.options)
     answers: list[tuple[int | None, list[Candidate]]]
-    with recording_item_metrics() as metrics:
+    with timed_stage(Stage.ENGINE), recording_item_metrics() as metrics:
         try:
             if everything is not None:
                 answers = [(None, segment_everything(engine, image, everything))]

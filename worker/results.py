@@ -23,6 +23,7 @@ from segq.storage import ObjectStorage, StorageError
 from segq.worker.claims import Claim
 from segq.worker.engines.base import Candidate
 from segq.worker.item_inputs import ItemFailure
+from segq.worker.item_stages import Stage, timed_stage
 from segq.worker.masks import (
     encode_png,
     mask_area,
@@ -125,11 +126,17 @@ def _encode_and_store(
                 segment["promptIndex"] = prompt_index
             if "mask" in outputs:
                 key = mask_key(claim, prompt_index, index)
-                storage.put(key, encode_png(candidate.mask), PNG.mime_type)
+                with timed_stage(Stage.ENCODE_PNG):
+                    png = encode_png(candidate.mask)
+                with timed_stage(Stage.STORAGE_WRITE):
+                    storage.put(key, png, PNG.mime_type)
                 segment[MASK_KEY] = key
             if "logits" in outputs and candidate.logits is not None:
                 key = logits_key(claim, prompt_index, index)
-                storage.put(key, encode_logits(candidate.logits), NPY_MEDIA_TYPE)
+                with timed_stage(Stage.ENCODE_LOGITS):
+                    npy = encode_logits(candidate.logits)
+                with timed_stage(Stage.STORAGE_WRITE):
+                    storage.put(key, npy, NPY_MEDIA_TYPE)
                 segment[LOGITS_KEY] = key
                 segment[LOGITS_SHAPE] = list(candidate.logits.shape)
             segments.append(segment)
@@ -141,23 +148,32 @@ def _encode_segment(
 ) -> StoredSegment:
     """The parts of a segment kept in the item's row."""
     mask = candidate.mask
-    box = mask_bounding_box(mask)
-    segment: StoredSegment = {
-        "score": round(float(candidate.score), 6),
-        "boundingBox": (
-            None
-            if box is None
-            else {"xMin": box[0], "yMin": box[1], "xMax": box[2], "yMax": box[3]}
-        ),
-        "area": mask_area(mask),
-    }
-    rings = mask_polygons(mask) if outputs & {"polygons", "svgPath"} else []
-    if "polygons" in outputs:
-        segment["polygons"] = [
-            {"vertices": [list(v) for v in ring.vertices], "isHole": ring.is_hole} for ring in rings
-        ]
+    with timed_stage(Stage.ENCODE_SUMMARY):
+        box = mask_bounding_box(mask)
+        segment: StoredSegment = {
+            "score": round(float(candidate.score), 6),
+            "boundingBox": (
+                None
+                if box is None
+                else {"xMin": box[0], "yMin": box[1], "xMax": box[2], "yMax": box[3]}
+            ),
+            "area": mask_area(mask),
+        }
+    # An SVG path is drawn from the polygons' rings: tracing them counts as
+    # the polygons' encoding, whichever of the two was asked for.
+    rings = []
+    if outputs & {"polygons", "svgPath"}:
+        with timed_stage(Stage.ENCODE_POLYGONS):
+            rings = mask_polygons(mask)
+            if "polygons" in outputs:
+                segment["polygons"] = [
+                    {"vertices": [list(v) for v in ring.vertices], "isHole": ring.is_hole}
+                    for ring in rings
+                ]
     if "svgPath" in outputs:
-        segment["svgPath"] = polygons_svg_path(rings, width, height)
+        with timed_stage(Stage.ENCODE_SVG_PATH):
+            segment["svgPath"] = polygons_svg_path(rings, width, height)
     if "rle" in outputs:
-        segment["rle"] = mask_rle(mask)
+        with timed_stage(Stage.ENCODE_RLE):
+            segment["rle"] = mask_rle(mask)
     return segment

@@ -231,3 +231,79 @@ def test_the_page_shows_the_version_the_job_segmented_after_an_overwrite(
     [item] = view.json["items"]
     assert requests.get(item["imageUrl"], timeout=10).content == first_bytes
     assert (item["width"], item["height"]) == (None, None)  # the file's now are another image's
+
+
+def test_the_viewers_json_is_spliced_from_stored_renderings_as_the_model_writes_it(
+    tenant: Tenant, sessions: sessionmaker[Session], storage: S3Storage
+) -> None:
+    """Every output kind, a failed item and a queued one; then an item
+    completed before renderings were stored: the body is the model's own
+    JSON of itself, byte for byte, and its segments are the job GET's."""
+    import json
+
+    from sqlalchemy import select, update
+
+    from segq.api.schemas import JobView
+    from segq.job_text import json_text
+    from segq.models import JobItem
+    from segq.worker.engines.grabcut import GrabCutEngine
+    from segq.worker.pipeline import process_item
+    from tests.support.in_process_workers import TEST_LIMITS
+
+    kept = tenant.upload(encode(scene(120, 90)[0]), "a.png").json["id"]
+    doomed = tenant.upload(encode(scene(80, 60, seed=3)[0]), "gone.png").json["id"]
+    waiting = tenant.upload(encode(scene(80, 60, seed=4)[0]), "later.png").json["id"]
+    body = {
+        **scene_prompt_body(kept),
+        "items": [{"fileId": kept}, {"fileId": doomed}, {"fileId": waiting}],
+        "outputs": ["polygons", "mask", "rle", "svgPath"],
+    }
+    created = tenant.post_job(body)
+    assert created.status_code == 200, created.json
+    job_id = created.json["jobId"]
+    assert (
+        tenant.client.delete(tenant.url(f"/files/{doomed}"), headers=tenant.headers).status_code
+        == 204
+    )
+    with sessions() as session:
+        item_ids = list(
+            session.scalars(
+                select(JobItem.id).where(JobItem.job_id == job_id).order_by(JobItem.position)
+            )
+        )
+    for item_id in item_ids[:2]:  # the third stays queued
+        process_item(
+            sessions, storage, GrabCutEngine(), item_id, lease_seconds=60, max_attempts=3,
+            limits=TEST_LIMITS,
+        )  # fmt: skip
+    token = token_of(tenant.get_job(job_id).json["viewUrl"])
+
+    def view() -> bytes:
+        answer = tenant.client.get(
+            tenant.url(f"/context/vision/segment/{job_id}/view/job?token={token}")
+        )
+        assert answer.status_code == 200 and answer.mimetype == "application/json"
+        return bytes(answer.data)
+
+    spliced = view()
+    shown = JobView.model_validate(json.loads(spliced))
+    assert (
+        spliced
+        == (
+            json_text(shown.model_dump(mode="json", by_alias=True, exclude_unset=True)) + "\n"
+        ).encode()
+    )
+    items = json.loads(spliced)["items"]
+    assert [item["status"] for item in items] == ["Completed", "Failed", "Queued"]
+    assert items[0]["segments"] == tenant.get_job(job_id).json["items"][0]["segments"]
+    segment = items[0]["segments"][0]
+    assert {"polygons", "mask", "rle", "svgPath"} <= set(segment) and "metrics" not in items[0]
+    assert (items[0]["width"], items[0]["height"]) == (120, 90)
+    assert "segments" not in items[1] and "segments" not in items[2]
+
+    # Rendered here for an item completed before renderings were stored.
+    with sessions.begin() as session:
+        session.execute(
+            update(JobItem).where(JobItem.id == item_ids[0]).values(rendered_result=None)
+        )
+    assert view() == spliced

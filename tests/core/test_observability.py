@@ -162,6 +162,18 @@ def test_a_live_worker_logs_json_and_serves_metrics_of_its_whole_pool(
     assert samples[("segq_worker_encode_store_seconds_count", ())] == 2.0
     assert samples[("segq_worker_engine_seconds_count", (("engine", "grabcut"),))] == 2.0
     assert samples[("segq_worker_item_queue_wait_seconds_count", ())] == 2.0
+    # Where each item's time went, stage by stage, beside its whole time.
+    assert samples[("segq_worker_item_seconds_count", ())] == 2.0
+    stages = {
+        labels[0][1]: value
+        for (name, labels), value in samples.items()
+        if name == "segq_worker_item_stage_seconds_count"
+    }
+    assert {
+        "claim", "image_read", "engine", "encode_polygons", "encode_png",
+        "storage_write", "completion", "notify",
+    } <= set(stages)  # fmt: skip
+    assert stages["engine"] == stages["completion"] == 2.0
     # GrabCut has no embedding: no cache tier is counted.
     assert not any(name == "segq_worker_embeddings_total" for name, _ in samples)
 
