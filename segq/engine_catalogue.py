@@ -13,6 +13,7 @@ from enum import StrEnum
 class EngineFamily(StrEnum):
     SAM = "SAM"
     SAM2 = "SAM 2"
+    SAM3 = "SAM 3"
     GRABCUT = "GrabCut"
 
 
@@ -88,6 +89,31 @@ MODEL_ENGINES: tuple[ModelEngine, ...] = (
     *(_sam2("sam2.1", _SAM2_1_BASE, size) for size in _SAM2_SIZES),
 )
 GRABCUT = "grabcut"
+
+
+@dataclass(frozen=True)
+class SnapshotEngine:
+    """An engine that runs a Hugging Face snapshot: a directory in the
+    hub's layout that the operator downloads (gated, under their own token
+    and licence acceptance), loaded with local files only."""
+
+    #: Its ``SEGQ_MODEL``, recorded on each job it runs.
+    name: str
+    family: EngineFamily
+    #: The hub repository whose snapshot it runs (for the operator's download).
+    repository: str
+    #: Where it is looked for under the weights directory without SEGQ_MODEL_CHECKPOINT.
+    directory_name: str
+
+
+#: SAM 3: text prompts (every instance of a concept), points and boxes.
+SAM3 = SnapshotEngine("sam3", EngineFamily.SAM3, "facebook/sam3", "sam3")
+SNAPSHOT_ENGINES_BY_NAME = {SAM3.name: SAM3}
+#: SAM 3's own defaults (``Sam3Processor.post_process_instance_segmentation``)
+#: for a text prompt's options, and the most instances one may ask for.
+SAM3_SCORE_THRESHOLD = 0.3
+SAM3_MASK_THRESHOLD = 0.5
+MAX_TEXT_SEGMENTS = 256
 #: What a worker runs with SEGQ_MODEL unset and this engine's checkpoint found.
 DEFAULT_MODEL_ENGINE = "sam_vit_b"
 #: Engines that take no model; the benchmark one is chosen only by name.
@@ -96,7 +122,7 @@ MODEL_FREE_ENGINES = (GRABCUT, "benchmark_fixed_mask")
 MODEL_ENGINES_BY_NAME = {engine.name: engine for engine in MODEL_ENGINES}
 MODEL_ENGINES_BY_CHECKPOINT = {engine.checkpoint_name: engine for engine in MODEL_ENGINES}
 #: The names SEGQ_MODEL takes, as users are shown them.
-ENGINE_NAMES = (*MODEL_ENGINES_BY_NAME, GRABCUT)
+ENGINE_NAMES = (*MODEL_ENGINES_BY_NAME, *SNAPSHOT_ENGINES_BY_NAME, GRABCUT)
 #: The names ``segq weights download`` takes.
 CHECKPOINT_NAMES = tuple(MODEL_ENGINES_BY_CHECKPOINT)
 
@@ -106,5 +132,7 @@ def engine_family(name: str | None) -> EngineFamily | None:
     that is unset or unknown (the worker chooses, or refuses to start)."""
     if name == GRABCUT:
         return EngineFamily.GRABCUT
+    if name in SNAPSHOT_ENGINES_BY_NAME:
+        return SNAPSHOT_ENGINES_BY_NAME[name].family
     engine = MODEL_ENGINES_BY_NAME.get(name or "")
     return None if engine is None else engine.family

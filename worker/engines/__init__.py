@@ -1,6 +1,6 @@
 """Engines behind one interface (``base.SegmentationEngine``), chosen by settings.
 
-Importing this package does not import torch: only a SAM or SAM 2 engine does.
+Importing this package does not import torch: only a SAM, SAM 2 or SAM 3 engine does.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from segq.engine_catalogue import (
     GRABCUT,
     MODEL_ENGINES_BY_NAME,
     MODEL_FREE_ENGINES,
+    SNAPSHOT_ENGINES_BY_NAME,
     EngineFamily,
 )
 from segq.worker.engines.base import SegmentationEngine
@@ -49,6 +50,16 @@ def resolve_engine(model: str | None, checkpoint: str | None, weights_dir: Path)
         return EngineChoice(GRABCUT, None)
     if model in MODEL_FREE_ENGINES:
         return EngineChoice(model, None)
+    snapshot = SNAPSHOT_ENGINES_BY_NAME.get(model)
+    if snapshot is not None:
+        # A directory, checked (file by file) when the engine loads.
+        directory = Path(checkpoint) if checkpoint else weights_dir / snapshot.directory_name
+        if not directory.exists():
+            raise EngineConfigError(
+                f"SEGQ_MODEL={model} needs the {snapshot.repository} snapshot (a directory): "
+                f"none at {directory}; see `segq weights` or set SEGQ_MODEL_CHECKPOINT"
+            )
+        return EngineChoice(model, directory)
     engine = MODEL_ENGINES_BY_NAME.get(model)
     if engine is None:
         raise EngineConfigError(
@@ -94,6 +105,19 @@ def load_engine(
         # loader), and only where a cache will key embeddings by it.
         return None if embeddings is None else model_id(choice.name, checkpoint_digest(checkpoint))
 
+    if choice.name in SNAPSHOT_ENGINES_BY_NAME:
+        from segq.worker.engines.sam3 import Sam3Engine, load_sam3, snapshot_digest
+
+        models = load_sam3(checkpoint, device)
+        # Keyed by the snapshot's files, read after they loaded.
+        digest = None if embeddings is None else snapshot_digest(checkpoint)
+        return Sam3Engine(
+            models,
+            choice.name,
+            embeddings=embeddings,
+            model_id=None if digest is None else model_id(choice.name, digest),
+            encoder_options=encoder_options,
+        )
     # A name outside the catalogue is a SAM architecture registered by its
     # caller (tests register tiny ones); load_sam names an unknown one.
     catalogued = MODEL_ENGINES_BY_NAME.get(choice.name)
