@@ -161,7 +161,9 @@ def _load(model_class: Any, directory: Path) -> Any:
         model, info = model_class.from_pretrained(
             directory, local_files_only=True, output_loading_info=True
         )
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+    except Exception as exc:
+        # Whatever transformers or safetensors raise for a broken file
+        # (SafetensorError among them) stops the worker with the file named.
         raise CheckpointError(
             f"{directory}: {model_class.__name__} does not load from it: {str(exc)[:300]}"
         ) from exc
