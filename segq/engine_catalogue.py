@@ -114,6 +114,17 @@ SNAPSHOT_ENGINES_BY_NAME = {SAM3.name: SAM3}
 SAM3_SCORE_THRESHOLD = 0.3
 SAM3_MASK_THRESHOLD = 0.5
 MAX_TEXT_SEGMENTS = 256
+#: The engines that take text prompts.
+CONCEPT_ENGINES = (SAM3.name,)
+
+
+def concept_unsupported_message(engine_name: str | None) -> str:
+    """Why a text prompt cannot run on ``engine_name`` (the API's refusal
+    and a worker's item failure say the same)."""
+    running = engine_name or "another engine"
+    return f"text prompts need SEGQ_MODEL={SAM3.name}; this server runs {running}"
+
+
 #: What a worker runs with SEGQ_MODEL unset and this engine's checkpoint found.
 DEFAULT_MODEL_ENGINE = "sam_vit_b"
 #: Engines that take no model; the benchmark one is chosen only by name.

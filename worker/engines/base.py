@@ -9,6 +9,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from segq.engine_catalogue import concept_unsupported_message
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -159,14 +161,6 @@ class BatchSegmentationEngine(SegmentationEngine, Protocol):
 
 class ConceptUnsupported(ValueError):
     """A text prompt on an engine that cannot take one."""
-
-
-#: What a text prompt on another engine is told, the API's refusal included.
-CONCEPT_ENGINE = "sam3"
-
-
-def concept_unsupported_message(engine_name: str | None) -> str:
-    return f"text prompts need SEGQ_MODEL={CONCEPT_ENGINE}; this server runs {engine_name}"
 
 
 @runtime_checkable
