@@ -409,7 +409,10 @@ class Sam3Engine:
         ``images``, each resized and normalized by the snapshot's processor."""
         backbone = self._models.detector.vision_encoder.backbone
         with torch.inference_mode():
-            pixels = self._models.processor(images=list(images), return_tensors="pt")[
+            # The processor hands each array to torch.from_numpy, which warns
+            # of (and must not write to) a decoded image that is read-only.
+            writable = [image if image.flags.writeable else image.copy() for image in images]
+            pixels = self._models.processor(images=writable, return_tensors="pt")[
                 "pixel_values"
             ].to(self._device)
             with autocast(self._precision, self._device):
