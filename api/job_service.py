@@ -350,7 +350,7 @@ def _check_everything(segment_request: SegmentRequest, configured_model: str | N
         raise ApiError(422, "textOptions are for text prompts, not segment everything")
     if "logits" in (segment_request.outputs or ()):
         raise ApiError(422, "logits are given for prompted segments only, not segment everything")
-    if configured_model == "grabcut":
+    if configured_model == "grabcut" or configured_model in CONCEPT_ENGINES:
         raise ApiError(
             422, f"segment everything needs a SAM engine; this server runs {configured_model}"
         )

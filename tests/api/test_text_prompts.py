@@ -114,6 +114,11 @@ POINT = {"x": 0.5, "y": 0.5, "label": 1}
         ({"text": "cat", "textOptions": {"scoreThreshold": 1.5}}, 400, "scoreThreshold"),
         ({"points": [POINT], "textOptions": {}}, 422, "textOptions are for text prompts"),
         ({"mode": "everything", "text": "cat"}, 422, "segment everything takes no prompt"),
+        (
+            {"mode": "everything"},
+            422,
+            "segment everything needs a SAM engine; this server runs sam3",
+        ),
     ],
 )
 def test_bad_text_prompts_are_refused_with_nothing_queued(

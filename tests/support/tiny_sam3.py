@@ -36,7 +36,7 @@ PATCH_SIZE = 14
 HIDDEN = 32
 
 
-def _tokenizer() -> CLIPTokenizer:
+def tiny_tokenizer() -> CLIPTokenizer:
     """A CLIP tokenizer whose vocabulary is the letters of WORDS and the
     words themselves, each merged letter by letter."""
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -145,7 +145,7 @@ def save_tiny_sam3(directory: Path, seed: int = 0) -> Path:
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     processor = Sam3Processor(
         image_processor=Sam3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
-        tokenizer=_tokenizer(),
+        tokenizer=tiny_tokenizer(),
     )
     processor.save_pretrained(directory)
     return directory
