@@ -64,10 +64,11 @@ def real_size_models(device: str) -> Sam3Models:
     """facebook/sam3's architecture at its config defaults, random weights,
     one backbone shared as ``load_sam3`` shares it. The tokenizer is a tiny
     one (tokenizing costs microseconds; the text encoder is full size)."""
-    config = Sam3VideoConfig()
+    # transformers types sub-configs loosely; these are the classes' own.
+    config: Any = Sam3VideoConfig()
     torch.manual_seed(0)
-    detector = Sam3Model(config.detector_config)
-    tracker = Sam3TrackerModel(config.tracker_config)
+    detector: Any = Sam3Model(config.detector_config)
+    tracker: Any = Sam3TrackerModel(config.tracker_config)
     tracker.vision_encoder.backbone = detector.vision_encoder.backbone
     processor = Sam3Processor(image_processor=Sam3ImageProcessor(), tokenizer=tiny_tokenizer())
     tracker_processor = Sam3TrackerProcessor(image_processor=Sam3ImageProcessor())

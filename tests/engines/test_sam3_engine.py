@@ -49,7 +49,8 @@ from segq.worker.engines.encoder_options import EncoderOptions
 from segq.worker.engines.grabcut import GrabCutEngine
 from segq.worker.engines.item_metrics import recording_item_metrics
 from segq.worker.engines.sam import CheckpointError
-from segq.worker.engines.sam3 import Sam3Engine, Sam3Models, load_sam3, snapshot_digest
+from segq.worker.engines.sam3 import Sam3Engine, Sam3Models, load_sam3
+from segq.worker.weights import snapshot_digest
 from tests.support.images import scene
 from tests.support.tiny_sam3 import IMAGE_SIZE, config_json, save_tiny_sam3
 
@@ -514,3 +515,23 @@ def test_a_directory_that_is_not_a_sam3_snapshot_is_named_with_its_fault(
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"other-size.*(does not fit|does not load)"):
         load_sam3(other, "cpu")
+
+
+def test_segq_weights_explains_the_gated_snapshot_and_checks_a_directory(
+    snapshot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from segq.cli.main import main
+
+    monkeypatch.setenv("SEGQ_DATA_DIR", str(tmp_path / "data"))
+    runner = CliRunner()
+    missing = runner.invoke(main, ["weights", "sam3"])
+    assert missing.exit_code != 0
+    default = tmp_path / "data" / "weights" / "sam3"
+    assert f"{default} is not a directory" in missing.output
+    assert "gated" in missing.output and f"--local-dir {default}" in missing.output
+
+    found = runner.invoke(main, ["weights", "sam3", "--dir", str(snapshot)])
+    assert found.exit_code == 0, found.output
+    assert f"SEGQ_MODEL=sam3 SEGQ_MODEL_CHECKPOINT={snapshot}" in found.output

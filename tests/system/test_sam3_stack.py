@@ -70,7 +70,10 @@ def finished_job(live: LiveSegq, headers: dict[str, str], route: str, body: Any)
 def mask_at(url: str) -> np.ndarray[Any, np.dtype[np.bool_]]:
     body = requests.get(url, timeout=30)
     assert body.status_code == 200
-    return np.equal(np.asarray(Image.open(io.BytesIO(body.content))), 255)
+    mask: np.ndarray[Any, np.dtype[np.bool_]] = np.equal(
+        np.asarray(Image.open(io.BytesIO(body.content))), 255
+    )
+    return mask
 
 
 def test_text_and_mixed_jobs_through_serve_and_worker(deployment: LiveSegq, snapshot: Path) -> None:

@@ -106,7 +106,8 @@ def load_engine(
         return None if embeddings is None else model_id(choice.name, checkpoint_digest(checkpoint))
 
     if choice.name in SNAPSHOT_ENGINES_BY_NAME:
-        from segq.worker.engines.sam3 import Sam3Engine, load_sam3, snapshot_digest
+        from segq.worker.engines.sam3 import Sam3Engine, load_sam3
+        from segq.worker.weights import snapshot_digest
 
         models = load_sam3(checkpoint, device)
         # Keyed by the snapshot's files, read after they loaded.

@@ -26,8 +26,6 @@ run as transformers ships them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -58,61 +56,10 @@ from segq.worker.engines.held_embeddings import EncodedImages, HeldEmbeddings
 from segq.worker.engines.precision import autocast, resolve_precision
 from segq.worker.engines.prompt_batching import decode_groups, group_by_shape, present
 from segq.worker.engines.sam import CheckpointError, resolve_device
+from segq.worker.weights import snapshot_problem, weight_files
 
-#: ``config.json``'s ``model_type`` of the facebook/sam3 snapshot.
-SNAPSHOT_MODEL_TYPE = "sam3_video"
 #: Phrases whose text features a worker keeps (they cost a text encoder run).
 TEXT_FEATURES_KEPT = 256
-_DIGEST_CHUNK_BYTES = 1 << 20
-
-
-def snapshot_problem(directory: Path) -> str | None:
-    """What makes ``directory`` not a SAM 3 snapshot, naming the file and
-    what is wrong; None when it looks like one (its tensors are checked
-    when it loads). Reads no tensors, so ``segq weights`` can ask it."""
-    if not directory.is_dir():
-        return f"{directory} is not a directory (SEGQ_MODEL=sam3 takes the facebook/sam3 snapshot)"
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        return f"{config_path} is missing: not a Hugging Face snapshot of facebook/sam3"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"{config_path} is not readable JSON: {exc}"
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type != SNAPSHOT_MODEL_TYPE:
-        return (
-            f"{config_path} has model_type {model_type!r}, not {SNAPSHOT_MODEL_TYPE!r}: "
-            "not the facebook/sam3 snapshot (its detector and tracker)"
-        )
-    if not _weight_files(directory):
-        return f"{directory} holds no *.safetensors file: the snapshot's weights are missing"
-    if not (directory / "tokenizer.json").is_file() and not (
-        (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
-    ):
-        return f"{directory / 'tokenizer.json'} is missing: SAM 3 needs its text tokenizer"
-    if not any((directory / name).is_file() for name in _PROCESSOR_FILES):
-        return f"{directory / _PROCESSOR_FILES[0]} is missing: SAM 3 needs its image processor"
-    return None
-
-
-_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.safetensors"))
-
-
-def snapshot_digest(directory: Path) -> str:
-    """SHA-256 over the snapshot's config and weight files (names and
-    contents), hex: the model's identity in the embedding cache."""
-    digest = hashlib.sha256()
-    for path in [directory / "config.json", *_weight_files(directory)]:
-        digest.update(path.name.encode() + b"\0")
-        with path.open("rb") as handle:
-            while chunk := handle.read(_DIGEST_CHUNK_BYTES):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -171,7 +118,7 @@ def _load(model_class: Any, directory: Path) -> Any:
     if wrong:
         listed = ", ".join(str(key) for key in list(wrong)[:5])
         raise CheckpointError(
-            f"{directory / _weight_files(directory)[0].name} does not fit "
+            f"{directory / weight_files(directory)[0].name} does not fit "
             f"{model_class.__name__}: {len(wrong)} tensors missing or of another shape "
             f"({listed}, ...)"
         )
