@@ -266,7 +266,9 @@ class SegmentRequest(StrictModel):
                     "items": [{"fileId": 1}],
                     "points": [{"x": 0.5, "y": 0.5, "label": 1}],
                     "boundingBox": {"xMin": 0.2, "yMin": 0.15, "xMax": 0.8, "yMax": 0.85},
-                }
+                },
+                # SEGQ_MODEL=sam3: every person, and each mask best first.
+                {"items": [{"fileId": 1}], "text": "person", "textOptions": {"maxSegments": 20}},
             ]
         }
     )
