@@ -4,10 +4,14 @@ the image as ``image_url`` (a data URI, or an http(s) URL fetched through
 the URL guard like ``fileUrl``), the key in ``X-Moondream-Auth``, and
 ``{"path", "bbox"}`` back, or server-sent events with ``stream: true``.
 
-Moondream finds the object named in ``object`` by its text; segq has no
-text-grounding engine, so the ``spatial_refs`` (points and boxes in 0..1)
-are the prompt, and a request without them is refused rather than
-answered as if the text had been understood. ``object``, ``settings`` and
+Moondream finds the object named in ``object`` by its text. On a server
+whose workers run SAM 3 (``SEGQ_MODEL=sam3``), ``object`` alone is a text
+prompt and the answer is its best instance (none found: an empty path and
+a null bbox). With ``spatial_refs`` the refs say which object is meant, as
+they do for Moondream: they are the point and box prompt (SAM 3's tracker
+on a SAM 3 server), and ``object`` only names it. On any other server a
+request without refs is refused (422 naming ``SEGQ_MODEL=sam3``) rather
+than answered as if the text had been understood. ``settings`` and
 ``model`` are checked for shape and otherwise unused. Errors use segq's
 envelope: the client raises on any status of 400 or more without reading
 the body."""
@@ -28,6 +32,7 @@ from segq.api.peers.caller_fields import CallerFields
 from segq.api.peers.peer_blueprint import PeerBlueprint
 from segq.api.peers.synchronous_jobs import FinishedItem, project_for_key, run_to_completion
 from segq.api.schemas import SegmentRequest, parse
+from segq.engine_catalogue import CONCEPT_ENGINES, concept_unsupported_message
 
 moondream = PeerBlueprint("moondream", __name__, url_prefix="/v1")
 
@@ -66,7 +71,11 @@ def segment() -> Response:
     item = {"imageData" if image_url[:5].lower() == "data:" else "fileUrl": image_url}
     fields = CallerFields()
     fields.name(("items", 0), "image_url")
-    prompt = _prompt(body.get("spatial_refs"), fields)
+    spatial_refs = body.get("spatial_refs")
+    if spatial_refs is None or spatial_refs == []:
+        prompt = _text_prompt(target, fields)
+    else:
+        prompt = _prompt(spatial_refs, fields)
     with fields.renaming():
         segment_request = parse(
             SegmentRequest, {"items": [item], "outputs": ["polygons"], **prompt}
@@ -78,15 +87,22 @@ def segment() -> Response:
     return Response(_events(subpaths, bbox), mimetype="text/event-stream")
 
 
+def _text_prompt(target: str, fields: CallerFields) -> dict[str, Any]:
+    """``object`` as a text prompt for its best instance, where SAM 3 runs."""
+    model = services().settings.model
+    if model not in CONCEPT_ENGINES:
+        raise ApiError(
+            422,
+            f"{concept_unsupported_message(model)}: give spatial_refs "
+            "(points [x, y] or a box [x1, y1, x2, y2], in 0..1)",
+        )
+    fields.name(("text",), "object")
+    return {"text": target, "textOptions": {"maxSegments": 1}}
+
+
 def _prompt(spatial_refs: Any, fields: CallerFields) -> dict[str, Any]:
     """Points ``[x, y]`` and at most one box ``[x1, y1, x2, y2]``, in 0..1;
     ``fields`` learns which of ``spatial_refs`` each became."""
-    if spatial_refs is None or spatial_refs == []:
-        raise ApiError(
-            422,
-            "text-only prompts need a grounding engine, which this server does not have: "
-            "give spatial_refs (points [x, y] or a box [x1, y1, x2, y2], in 0..1)",
-        )
     if not isinstance(spatial_refs, list):
         raise ApiError(400, "spatial_refs must be a list of points and boxes")
     points: list[dict[str, Any]] = []
@@ -121,8 +137,11 @@ def _prompt(spatial_refs: Any, fields: CallerFields) -> dict[str, Any]:
 def _subpaths_and_bbox(finished: FinishedItem) -> tuple[list[str], dict[str, float] | None]:
     """The best segment as Moondream shows it: an SVG path in the image's
     normalized frame (``viewBox="0 0 1 1"``, one closed subpath per ring,
-    holes included: draw with ``fill-rule="evenodd"``) and its box."""
-    [best] = finished.segments
+    holes included: draw with ``fill-rule="evenodd"``) and its box; a
+    text prompt that found nothing has neither."""
+    if not finished.segments:
+        return [], None
+    best = finished.segments[0]
     # Vertices at pixel centres, as segq's own svgPath puts them, in 0..1.
     dx, dy = 0.5 / finished.width, 0.5 / finished.height
     subpaths = [

@@ -3,10 +3,13 @@ worker` processes with ``SEGQ_MODEL=sam3`` and ``SEGQ_MODEL_CHECKPOINT``
 naming a tiny random snapshot in facebook/sam3's layout, on Postgres,
 Redis and S3 (moto) and on the embedded default. A text job and a mixed
 job (a point and a phrase) come back Completed with the masks that the
-same snapshot's engine, loaded here, gives for the same image."""
+same snapshot's engine, loaded here, gives for the same image; Moondream's
+own client (2.6.1) with ``object`` only gets the best instance, streamed
+and not."""
 
 from __future__ import annotations
 
+import base64
 import io
 import time
 import uuid
@@ -14,9 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import moondream as md
 import numpy as np
 import pytest
 import requests
+from moondream.types import Base64EncodedImage
 from PIL import Image
 
 from segq.worker.engines.base import Concept, Prompt
@@ -134,3 +139,31 @@ def test_text_and_mixed_jobs_through_serve_and_worker(deployment: LiveSegq, snap
     assert np.array_equal(mask_at(segments[0]["mask"]["url"]), clicked.mask)
     # The second job's image was encoded by the first: the worker kept it.
     assert mixed["items"][0]["metrics"]["embedding"] in ("local", "shared")
+
+
+def test_moondreams_client_with_object_only_gets_the_best_instance(
+    deployment: LiveSegq, snapshot: Path
+) -> None:
+    name = f"p-{uuid.uuid4().hex[:10]}"
+    key = deployment.new_project(name)
+    data_uri = "data:image/png;base64," + base64.b64encode(png_bytes(WIDTH, HEIGHT)).decode()
+    client = md.vl(endpoint=f"{deployment.url}/v1", api_key=key)
+    answer = client.segment(Base64EncodedImage(image_url=data_uri), "cat")
+
+    engine = Sam3Engine(load_sam3(snapshot, "cpu"), "sam3")
+    cat = Concept("cat", np.zeros((0, 4)), np.zeros(0, dtype=np.int64), 0.3, 0.5, 1)
+    [[best]] = engine.segment_concepts(scene(WIDTH, HEIGHT)[0], [cat])
+    assert best.box is not None
+    assert answer["bbox"] == pytest.approx(
+        {
+            "x_min": max(best.box[0], 0) / WIDTH,
+            "y_min": max(best.box[1], 0) / HEIGHT,
+            "x_max": min(best.box[2], WIDTH) / WIDTH,
+            "y_max": min(best.box[3], HEIGHT) / HEIGHT,
+        },
+        abs=1e-6,
+    )
+    assert answer["path"].startswith("M") and answer["path"].endswith("Z")
+    # Streamed: the same answer in events.
+    events = list(client.segment(Base64EncodedImage(image_url=data_uri), "cat", stream=True))
+    assert events[-1] == {"path": answer["path"], "bbox": answer["bbox"], "completed": True}
