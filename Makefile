@@ -117,8 +117,9 @@ bench-job-get: install services ## GET of a finished 1,000-item job with polygon
 	$(BIN)/python bench/job_get.py
 
 .PHONY: bench-engine
-bench-engine: install ## SAM encoder/decoder ms, the embedding cache's second item (same and another process), mask encoding
+bench-engine: install ## SAM encoder/decoder ms, the embedding cache's second item (same and another process), mask encoding; SAM 3's encoding and ms per later phrase
 	$(BIN)/python bench/engine.py $(BENCH_ENGINE_ARGS)
+	$(BIN)/python bench/engine_sam3.py
 
 .PHONY: bench-engine-pipeline
 bench-engine-pipeline: install services ## The embedding cache through segq serve + segq worker on Postgres, Redis and S3 (moto)
