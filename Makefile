@@ -85,6 +85,10 @@ lint: install ## ruff and mypy
 	$(BIN)/ruff format --check .
 	MYPY_CACHE_DIR=$(HOME)/.cache/segq/mypy $(BIN)/mypy
 
+.PHONY: docs
+docs: install ## Build the documentation (MkDocs, material) into site/, failing on a broken link or anchor
+	$(BIN)/mkdocs build --strict --site-dir site
+
 .PHONY: format
 format: install ## Apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .

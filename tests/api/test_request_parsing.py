@@ -1,4 +1,4 @@
-"""Text a client controls, read the way the README promises: numbers from
+"""Text a client controls, read the way docs/api.md promises: numbers from
 text are ASCII digits within bounds or a 400, never a 500, on Postgres and
 SQLite alike; references are reported once; the same request spelt another
 way is the same request; links never come from the request's headers."""

@@ -3,7 +3,7 @@ pixel limit and at the decode bound, each checked in a subprocess whose peak
 resident memory is read from the kernel (VmHWM, reset before each check),
 against the cost ``check_cost`` computes from the header.
 
-Run with ``-s`` to see the figures the README quotes."""
+Run with ``-s`` to see the figures docs/configuration.md quotes."""
 
 from __future__ import annotations
 

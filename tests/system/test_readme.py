@@ -1,7 +1,8 @@
-"""README.md's "Using it" section, run as written: its shell blocks, read from
-the README, in one bash session, in a folder holding the images they name,
-against a fresh data folder (segq's embedded default: SQLite, a filesystem
-broker, local-disk storage, the classical engine). The one change: port 8080
+"""README.md's "Using it" section, run as written: the shell blocks marked
+``<!-- run -->`` (tests/support/markdown_blocks.py reads them), in one bash session,
+in a folder holding the images they name, against a fresh data folder
+(segq's embedded default: SQLite, a filesystem broker, local-disk storage,
+the classical engine). The one change: port 8080
 becomes a free port, so that the test never meets another server. Every
 step's output is checked."""
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,23 +21,14 @@ import pytest
 
 from tests.support.harness import free_port
 from tests.support.images import encode, scene
+from tests.support.markdown_blocks import PAGES, README, code_blocks
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-SECTION = "## Using it"
 #: Printed before each command the script runs: the command's first line.
 STEP_MARK = "@@step "
 TRACE = (
     "__segq_step() { printf '\\n" + STEP_MARK + "%s\\n' \"${1%%$'\\n'*}\"; }\n"
     "trap '__segq_step \"$BASH_COMMAND\"' DEBUG\n"
 )
-
-
-def section_blocks(readme: str, heading: str) -> list[str]:
-    """The ```sh blocks of the section under ``heading`` (to the next heading)."""
-    start = readme.index(f"\n{heading}\n")
-    following = re.search(r"\n#{1,3} ", readme[start + len(heading) + 2 :])
-    end = start + len(heading) + 2 + following.start() if following else len(readme)
-    return re.findall(r"```sh\n(.*?)```", readme[start:end], re.S)
 
 
 def steps(output: str) -> list[tuple[str, str]]:
@@ -58,9 +49,13 @@ def json_printed(printed: str) -> Any:
 
 @pytest.mark.slow
 def test_the_readme_s_using_it_section_runs_as_written(tmp_path: Path) -> None:
-    blocks = section_blocks(README.read_text(), SECTION)
-    assert len(blocks) == 2
-    script = "\n".join(blocks).replace("8080", str(free_port()))
+    blocks = [block for block in code_blocks(README) if "run" in block.marks]
+    assert [block.language for block in blocks] == ["sh", "sh"]
+    # Marked blocks elsewhere would not be run by anything.
+    assert [
+        block for page in PAGES for block in code_blocks(page) if "run" in block.marks
+    ] == blocks
+    script = "\n".join(block.text for block in blocks).replace("8080", str(free_port()))
     work = tmp_path / "work"
     (work / "photos").mkdir(parents=True)
     (work / "shots/day-1").mkdir(parents=True)
