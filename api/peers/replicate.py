@@ -39,11 +39,11 @@ from segq.api.request_integers import ascii_integer
 from segq.api.schemas import (
     CONTROL_CHARACTERS,
     MAX_EXTERNAL_ID_LENGTH,
-    MAX_TEXT_LENGTH,
     STORED_METADATA,
     BoundingBox,
     FileReference,
     Point,
+    PromptText,
     SegmentRequest,
     Webhook,
 )
@@ -143,7 +143,7 @@ class Sam3PredictionInput(PredictionInput):
 
     model_config = ConfigDict(title="Input")
 
-    text: Annotated[str, Field(min_length=1, max_length=MAX_TEXT_LENGTH)] | None = Field(
+    text: PromptText | None = Field(
         None,
         description='a phrase ("person", "red car"): its every instance, best first '
         "(needs SEGQ_MODEL=sam3); not with point_coords or box",

@@ -508,6 +508,9 @@ def test_replicate_segq_sam3_takes_text(
         version=version.id, input={"image": PNG_DATA_URI, "text": "person"}
     )
     assert by_version.model == "segq/sam3"
+    by_version.wait()
+    assert by_version.status == "succeeded" and by_version.output is not None
+    assert by_version.output["scores"] == output["scores"]
     assert rc.models.get("segq/sam3").run_count == 2
 
     jobs_before = count_jobs(sessions)
