@@ -455,11 +455,15 @@ def test_openai_route_on_a_server_without_sam3_names_the_setting(
             rc.models.predictions.create(
                 model="segq/sam3", input={"image": PNG_DATA_URI, "text": "cat"}
             )
-    assert refused.value.body["message"] == (  # type: ignore[index]
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["message"] == (
         "text prompts need SEGQ_MODEL=sam3; this server runs grabcut"
     )
     assert moondream_refused.value.code == 422
-    assert b"a text prompt, and text prompts need SEGQ_MODEL=sam3; this server runs grabcut" in moondream_refused.value.read()
+    moondream_message = moondream_refused.value.read()
+    assert b"a text prompt, and text prompts need SEGQ_MODEL=sam3; this server runs grabcut" in (
+        moondream_message
+    )
     assert replicate_refused.value.status == 422
     assert "text prompts need SEGQ_MODEL=sam3" in (replicate_refused.value.detail or "")
     assert count_jobs(sessions) == (0, 0)
@@ -514,14 +518,15 @@ def test_replicate_segq_sam3_takes_text(
     assert rc.models.get("segq/sam3").run_count == 2
 
     jobs_before = count_jobs(sessions)
-    for model_name, refused_input, status, detail in [
+    refusals: list[tuple[str, dict[str, Any], int, str]] = [
         ("segq/sam3", {"text": "cat", "box": [1, 1, 50, 50]}, 422, "input.text is a text prompt"),
         ("segq/sam3", {"text": "   "}, 422, "input.text: String should have at least 1"),
         ("segq/sam3", {"text": "x" * 10_000}, 422, "input.text: String should have at most 200"),
         ("segq/sam3", {"text": 5}, 422, "input.text: Input should be a valid string"),
         ("segq/sam3", {}, 422, "give point_coords or box (or both), or text"),
         ("segq/sam", {"text": "cat"}, 422, "input.text: segq/sam has no such input"),
-    ]:
+    ]
+    for model_name, refused_input, status, detail in refusals:
         with pytest.raises(ReplicateError) as refused:
             rc.models.predictions.create(
                 model=model_name, input={"image": PNG_DATA_URI, **refused_input}
