@@ -217,6 +217,19 @@ def _api_error(error: ApiError) -> Response:
     return openai_error(error.code, error.message, error.headers)
 
 
+class _Refusal(ApiError):
+    """An ApiError that names the request's field, as OpenAI's ``param``."""
+
+    def __init__(self, code: int, message: str, param: str) -> None:
+        super().__init__(code, message)
+        self.param = param
+
+
+@openai_chat.errorhandler(_Refusal)
+def _named_refusal(error: _Refusal) -> Response:
+    return openai_error(error.code, error.message, error.headers, error.param)
+
+
 @openai_chat.errorhandler(HTTPException)
 def _http_error(error: HTTPException) -> Response:
     code = error.code or 500
@@ -263,7 +276,7 @@ def create_chat_completion() -> Response:
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = _field_name(first["loc"]) or "body"
-        raise _refusal(400, f"{where}: {first['msg']}", where) from None
+        raise _Refusal(400, f"{where}: {first['msg']}", where) from None
     fields_of_answer = _answer_fields(body.response_format)
     text, (image_url, image_field) = _user_text_and_image(body.messages)
     if services().settings.model not in CONCEPT_ENGINES:
@@ -271,7 +284,7 @@ def create_chat_completion() -> Response:
     try:
         phrase = requested_phrase(text)
     except PhraseNotUnderstood as exc:
-        raise _refusal(422, str(exc), "messages") from None
+        raise _Refusal(422, str(exc), "messages") from None
     fields = CallerFields()
     fields.name(("items", 0), image_field)
     item = {"imageData" if image_url[:5].lower() == "data:" else "fileUrl": image_url}
@@ -308,23 +321,6 @@ def create_chat_completion() -> Response:
     return jsonify(answer.model_dump())
 
 
-class _Refusal(ApiError):
-    """An ApiError that names the request's field, as OpenAI's ``param``."""
-
-    def __init__(self, code: int, message: str, param: str) -> None:
-        super().__init__(code, message)
-        self.param = param
-
-
-def _refusal(code: int, message: str, param: str) -> _Refusal:
-    return _Refusal(code, message, param)
-
-
-@openai_chat.errorhandler(_Refusal)
-def _named_refusal(error: _Refusal) -> Response:
-    return openai_error(error.code, error.message, error.headers, error.param)
-
-
 def _field_name(location: tuple[int | str, ...]) -> str:
     name = ""
     for part in location:
@@ -343,7 +339,7 @@ def _user_text_and_image(messages: list[ChatMessage]) -> tuple[str, tuple[str, s
     context a language model would read; segq reads none."""
     last = max((i for i, m in enumerate(messages) if m.role == "user"), default=None)
     if last is None:
-        raise _refusal(422, "messages: give a user message with the text and the image", "messages")
+        raise _Refusal(422, "messages: give a user message with the text and the image", "messages")
     content = messages[last].content
     parts = [TextPart(type="text", text=content)] if isinstance(content, str) else content
     texts = [part.text for part in parts if isinstance(part, TextPart)]
@@ -353,7 +349,7 @@ def _user_text_and_image(messages: list[ChatMessage]) -> tuple[str, tuple[str, s
         if isinstance(part, ImagePart)
     ]
     if len(images) != 1:
-        raise _refusal(
+        raise _Refusal(
             422,
             f"messages[{last}].content: give exactly one image_url part "
             f"(a data: URL or an http(s) URL); it has {len(images)}",
@@ -361,10 +357,10 @@ def _user_text_and_image(messages: list[ChatMessage]) -> tuple[str, tuple[str, s
         )
     url, field = images[0]
     if not url.lower().startswith(("data:", "http://", "https://")):
-        raise _refusal(400, f"{field} must be a data: URL or an http(s) URL", field)
+        raise _Refusal(400, f"{field} must be a data: URL or an http(s) URL", field)
     text = " ".join(part for part in texts if part.strip())
     if not text:
-        raise _refusal(
+        raise _Refusal(
             422, f"messages[{last}].content: give a text part naming what to segment", "messages"
         )
     return text, images[0]
@@ -382,7 +378,7 @@ def _answer_fields(response_format: ResponseFormat | None) -> tuple[str, ...]:
         else response_format.json_schema_inline
     )
     if schema is None:
-        raise _refusal(
+        raise _Refusal(
             422,
             'response_format: a json_schema format needs its schema ("json_schema": '
             '{"schema": …}, or "schema": …)',
@@ -400,7 +396,7 @@ def _answer_fields(response_format: ResponseFormat | None) -> tuple[str, ...]:
         or not set(root.get("required", ())) <= {SEGMENTATIONS}
     ):
         extra = f" (segq cannot fill {', '.join(sorted(unknown))})" if unknown else ""
-        raise _refusal(
+        raise _Refusal(
             422,
             f"response_format: segq answers {SUPPORTED_SHAPE}; give a schema of that shape{extra}",
             "response_format",

@@ -365,7 +365,7 @@ def segment_request_for(
             points.append(Point(x=x, y=y, label=label))
     elif model_input.point_labels is not None:
         raise ApiError(422, "input.point_labels needs point_coords")
-    text = getattr(model_input, "text", None)
+    text = model_input.text if isinstance(model_input, Sam3PredictionInput) else None
     if text is not None and (points is not None or model_input.box is not None):
         raise ApiError(
             422,
