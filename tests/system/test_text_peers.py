@@ -402,8 +402,12 @@ def test_openai_key_stream_and_message_shape_refusals(
     with pytest.raises(openai.BadRequestError, match="stream"):
         chat(client, "car", PNG_DATA_URI, stream=True)
     no_image = [{"role": "user", "content": "Segment the cars"}]
-    with pytest.raises(openai.UnprocessableEntityError, match="exactly one image_url part"):
+    with pytest.raises(
+        openai.UnprocessableEntityError, match="exactly one image_url part"
+    ) as shape:
         client.chat.completions.create(model="m", messages=no_image)  # type: ignore[arg-type]
+    # OpenAI's param names the field at fault.
+    assert shape.value.param == "messages[0].content"
     unknown = requests.post(f"{url}/v1/openai/embeddings", json={}, timeout=10)
     assert unknown.status_code == 404 and unknown.json()["error"]["type"] == (
         "invalid_request_error"
