@@ -121,8 +121,9 @@ bench-latency: install services ## A warm one-item job with Prefer: wait: p50/p9
 	$(BIN)/python bench/latency.py $(BENCH_LATENCY_ARGS)
 
 .PHONY: bench-engine
-bench-engine: install ## SAM encoder/decoder ms, the embedding cache's second item (same and another process), mask encoding
+bench-engine: install ## SAM encoder/decoder ms, the embedding cache's second item (same and another process), mask encoding; SAM 3's encoding and ms per later phrase
 	$(BIN)/python bench/engine.py $(BENCH_ENGINE_ARGS)
+	$(BIN)/python bench/engine_sam3.py
 
 .PHONY: bench-engine-pipeline
 bench-engine-pipeline: install services ## The embedding cache through segq serve + segq worker on Postgres, Redis and S3 (moto)

@@ -22,6 +22,7 @@ from segq.api.json_body import max_job_body_bytes
 from segq.api.openapi import register_api_explorer
 from segq.api.peers.livepeer import livepeer
 from segq.api.peers.moondream import moondream
+from segq.api.peers.openai_chat import OPENAI_PREFIX, openai_chat
 from segq.api.peers.replicate import REPLICATE_PREFIX, replicate
 from segq.api.rate_limit import make_rate_limiter
 from segq.api.request_integers import IdConverter
@@ -107,7 +108,11 @@ def create_app(
     app.url_map.converters["id"] = IdConverter
     # Replicate's client reads its own problem documents for unknown routes
     # under /v1/ (Moondream's one route there keeps its own shape).
-    register_error_handlers(app, unknown_routes={REPLICATE_PREFIX: replicate.name})
+    # The longer prefix first: the first that a path starts with answers it.
+    register_error_handlers(
+        app,
+        unknown_routes={OPENAI_PREFIX: openai_chat.name, REPLICATE_PREFIX: replicate.name},
+    )
     app.register_blueprint(service)
     app.register_blueprint(files)
     app.register_blueprint(file_uploads)
@@ -118,6 +123,7 @@ def create_app(
     app.register_blueprint(livepeer)
     app.register_blueprint(moondream)
     app.register_blueprint(replicate)
+    app.register_blueprint(openai_chat)
     register_api_explorer(app)
     app.teardown_appcontext(close_db)
     app.after_request(apply_response_policies)

@@ -23,9 +23,11 @@ from segq.api.schemas import (
     MAX_IDEMPOTENCY_KEY_LENGTH,
     BoundingBox,
     EverythingOptions,
+    Exemplar,
     MaskInput,
     Point,
     SegmentRequest,
+    TextOptions,
     Webhook,
     checked_text,
 )
@@ -39,8 +41,9 @@ from segq.contract import (
     EverythingSettings,
     StoredMaskInput,
     StoredOptions,
+    TextSettings,
 )
-from segq.engine_catalogue import Capability, lacks
+from segq.engine_catalogue import Capability, concept_unsupported_message, lacks
 from segq.fault_points import API_AFTER_COMMIT, die_if_armed
 from segq.models import ItemStatus, Job, JobItem, JobStatus
 from segq.queue import enqueue_items
@@ -237,20 +240,51 @@ def _check_semantics(
     the worker."""
     if segment_request.model is not None:
         raise ApiError(422, "model selection is not supported: this server runs one engine")
+    top_level_text = segment_request.text is not None or segment_request.boxes is not None
     if segment_request.mode == EVERYTHING:
         _check_everything(segment_request, configured_model)
     elif segment_request.everything is not None:
         raise ApiError(422, 'everything options are for "mode": "everything"')
+    elif segment_request.prompts is None and top_level_text:
+        _check_text_prompt(
+            (),
+            segment_request.text,
+            segment_request.boxes,
+            geometric=segment_request.points is not None or segment_request.boundingBox is not None,
+        )
     elif segment_request.prompts is None:
         _check_prompt((), segment_request.points, segment_request.boundingBox)
-    elif segment_request.points is not None or segment_request.boundingBox is not None:
+    elif (
+        segment_request.points is not None
+        or segment_request.boundingBox is not None
+        or top_level_text
+    ):
         raise ApiError(
             400,
-            "give either prompts or the top-level points/boundingBox, not both: this job has both",
+            "give either prompts or the top-level points/boundingBox/text, not both: "
+            "this job has both",
         )
     else:
         for index, prompt_set in enumerate(segment_request.prompts):
-            _check_prompt(("prompts", index), prompt_set.points, prompt_set.boundingBox)
+            if prompt_set.text is not None or prompt_set.boxes is not None:
+                _check_text_prompt(
+                    ("prompts", index),
+                    prompt_set.text,
+                    prompt_set.boxes,
+                    geometric=prompt_set.points is not None
+                    or prompt_set.boundingBox is not None
+                    or prompt_set.maskInput is not None,
+                )
+            else:
+                _check_prompt(("prompts", index), prompt_set.points, prompt_set.boundingBox)
+    if has_text_prompt(segment_request):
+        # The API reads the same SEGQ_MODEL as the workers (an unset one
+        # never chooses an engine that takes text): a job no worker could
+        # serve is refused here, never queued.
+        if lacks(configured_model, Capability.TEXT_PROMPTS):
+            raise ApiError(422, concept_unsupported_message(configured_model))
+    elif segment_request.textOptions is not None:
+        raise ApiError(422, "textOptions are for text prompts: this job has none")
     if "logits" in (segment_request.outputs or ()):
         _check_capability(configured_model, Capability.LOGITS, "logits")
     if any(p.maskInput is not None for p in segment_request.prompts or ()):
@@ -271,15 +305,50 @@ def _check_semantics(
             )
 
 
+def has_text_prompt(segment_request: SegmentRequest) -> bool:
+    """Whether the job has a text prompt (SAM 3's), top-level or in prompts."""
+    return segment_request.text is not None or any(
+        prompt_set.text is not None for prompt_set in segment_request.prompts or ()
+    )
+
+
+def _check_text_prompt(
+    where: FieldPath, text: str | None, boxes: list[Exemplar] | None, *, geometric: bool
+) -> None:
+    """A text prompt: a phrase, with exemplar boxes or none, and nothing else."""
+    if text is None:
+        raise ApiError.about(
+            (*where, "boxes"),
+            422,
+            " are exemplars of a text prompt's concept: give the text they are examples of",
+        )
+    if geometric:
+        place = field_name(where) if where else "top level"
+        raise ApiError(
+            422,
+            f"a text prompt takes exemplar boxes, not points, boundingBox or maskInput ({place}): "
+            "give those in a prompt of their own",
+        )
+    for index, box in enumerate(boxes or ()):
+        if box.xMin >= box.xMax or box.yMin >= box.yMax:
+            raise ApiError.about(
+                (*where, "boxes", index), 422, " must have xMin < xMax and yMin < yMax"
+            )
+
+
 def _check_everything(segment_request: SegmentRequest, configured_model: str | None) -> None:
     if (
         segment_request.prompts is not None
         or segment_request.points is not None
         or segment_request.boundingBox is not None
+        or segment_request.text is not None
+        or segment_request.boxes is not None
     ):
         raise ApiError(
-            422, "segment everything takes no prompt: drop points, boundingBox and prompts"
+            422, "segment everything takes no prompt: drop points, boundingBox, text and prompts"
         )
+    if segment_request.textOptions is not None:
+        raise ApiError(422, "textOptions are for text prompts, not segment everything")
     if "logits" in (segment_request.outputs or ()):
         raise ApiError(422, "logits are given for prompted segments only, not segment everything")
     _check_capability(configured_model, Capability.EVERYTHING, "segment everything")
@@ -321,6 +390,9 @@ def _stored_options(segment_request: SegmentRequest) -> StoredOptions:
         # The schema's defaults are the contract's EVERYTHING_DEFAULTS.
         chosen = segment_request.everything or EverythingOptions()
         options["everything"] = cast(EverythingSettings, chosen.model_dump())
+    if has_text_prompt(segment_request):
+        chosen_text = segment_request.textOptions or TextOptions()
+        options["textOptions"] = cast(TextSettings, chosen_text.model_dump())
     return options
 
 
@@ -335,6 +407,9 @@ def _stored_prompt(
         "points": [p.model_dump() for p in points] if points else None,
         "boundingBox": box.model_dump() if box else None,
     }
+    if segment_request.text is not None:
+        stored["text"] = segment_request.text
+        stored["boxes"] = _stored_exemplars(segment_request.boxes)
     if segment_request.prompts is not None:
         stored["prompts"] = [
             {
@@ -349,10 +424,20 @@ def _stored_prompt(
                     if (mask_input := prompt_set.maskInput) is not None
                     else None
                 ),
+                # Kept only on text prompts, so other jobs' rows are as before.
+                **(
+                    {"text": prompt_set.text, "boxes": _stored_exemplars(prompt_set.boxes)}
+                    if prompt_set.text is not None
+                    else {}
+                ),
             }
             for index, prompt_set in enumerate(segment_request.prompts)
         ]
     return stored
+
+
+def _stored_exemplars(boxes: list[Exemplar] | None) -> list[dict[str, Any]] | None:
+    return [box.model_dump() for box in boxes] if boxes else None
 
 
 def _resolved_mask_input(

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from werkzeug.routing import Rule
 
-from segq.api.peers.error_documents import LivepeerError, ReplicateProblem
+from segq.api.peers.error_documents import LivepeerError, OpenAIError, ReplicateProblem
 from segq.api.schemas import ErrorResponse
 
 ViewT = TypeVar("ViewT", bound=Callable[..., Any])
@@ -166,6 +166,15 @@ SECTIONS: dict[str, Section] = {
         ReplicateProblem,
         "application/problem+json",
         default_errors=(401, 404, 422, 429, 503),
+    ),
+    "openai_chat": Section(
+        "OpenAI-compatible (VLM Run)",
+        "Segmentation as VLM Run documents it through OpenAI's client "
+        "(base_url …/v1/openai, SEGQ_MODEL=sam3). Errors are OpenAI's envelope, "
+        '{"error": {"message", "type", "param", "code"}}.',
+        BEARER_KEY,
+        OpenAIError,
+        default_errors=(400, 401, 422, 429, 503),
     ),
 }
 

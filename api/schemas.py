@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     TypeAdapter,
     ValidationError,
     ValidatorFunctionWrapHandler,
@@ -32,6 +33,11 @@ from segq.contract import (
     OutputKind,
 )
 from segq.coordinates import NORMALIZED_HINT
+from segq.engine_catalogue import (
+    MAX_TEXT_SEGMENTS,
+    SAM3_MASK_THRESHOLD,
+    SAM3_SCORE_THRESHOLD,
+)
 from segq.models import DeliveryStatus, ItemStatus, JobStatus
 from segq.webhook_events import EVENT_TYPES, SHORT_NAMES
 
@@ -39,6 +45,8 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 MAX_POINTS = 32
 MAX_PROMPTS = 64
+MAX_TEXT_LENGTH = 200
+MAX_EXEMPLARS = 32
 MAX_EXTERNAL_ID_LENGTH = 255
 
 Unit = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
@@ -151,12 +159,81 @@ class MaskInput(StrictModel):
     segmentIndex: Index = Field(description="the segment's position in that item's segments")
 
 
+#: A text prompt: a phrase naming what to find, trimmed.
+PromptText = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT_LENGTH),
+    Field(
+        pattern=NO_CONTROL_CHARACTERS,
+        description="extension (SEGQ_MODEL=sam3): every instance of what this phrase "
+        f"names; 1 to {MAX_TEXT_LENGTH} characters after trimming",
+        examples=["person"],
+    ),
+]
+
+
+class Exemplar(StrictModel):
+    """A box around an example of the text prompt's concept (label 1) or
+    around something that is not one (label 0), as SAM 3 takes them."""
+
+    xMin: Coordinate
+    yMin: Coordinate
+    xMax: Coordinate
+    yMax: Coordinate
+    label: Annotated[int, Field(ge=0, le=1)] = Field(
+        1, description="1 an instance of the concept, 0 not one"
+    )
+
+
+Exemplars = Annotated[
+    list[Exemplar],
+    Field(
+        min_length=1,
+        max_length=MAX_EXEMPLARS,
+        description="extension: exemplar boxes for the text prompt, normalized",
+    ),
+]
+
+
 class PromptSet(StrictModel):
-    """One object to segment: at least one point or a box."""
+    """One object to segment: at least one point or a box; or (SAM 3) a
+    text prompt, with optional exemplar boxes, for every instance of it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"text": "person"},
+                {
+                    "text": "red car",
+                    "boxes": [
+                        {"xMin": 0.1, "yMin": 0.2, "xMax": 0.3, "yMax": 0.4, "label": 1},
+                        {"xMin": 0.6, "yMin": 0.5, "xMax": 0.9, "yMax": 0.8, "label": 0},
+                    ],
+                },
+            ]
+        }
+    )
 
     points: Annotated[list[Point], Field(max_length=MAX_POINTS)] | None = None
     boundingBox: BoundingBox | None = None
     maskInput: MaskInput | None = None
+    text: PromptText | None = None
+    boxes: Exemplars | None = None
+
+
+class TextOptions(StrictModel):
+    """How a text prompt's instances are kept; the defaults are SAM 3's own
+    (``Sam3Processor.post_process_instance_segmentation``)."""
+
+    scoreThreshold: Unit = Field(
+        SAM3_SCORE_THRESHOLD, description="instances scoring at or below it are dropped"
+    )
+    maskThreshold: Unit = Field(
+        SAM3_MASK_THRESHOLD, description="a pixel is on the mask where its probability is above it"
+    )
+    maxSegments: Annotated[int, Field(ge=1, le=MAX_TEXT_SEGMENTS)] = Field(
+        MAX_TEXT_SEGMENTS, description="at most this many instances per text prompt, best first"
+    )
 
 
 class EverythingOptions(StrictModel):
@@ -195,7 +272,9 @@ class SegmentRequest(StrictModel):
                     "items": [{"fileId": 1}],
                     "points": [{"x": 0.5, "y": 0.5, "label": 1}],
                     "boundingBox": {"xMin": 0.2, "yMin": 0.15, "xMax": 0.8, "yMax": 0.85},
-                }
+                },
+                # SEGQ_MODEL=sam3: every person, and each mask best first.
+                {"items": [{"fileId": 1}], "text": "person", "textOptions": {"maxSegments": 20}},
             ]
         }
     )
@@ -220,6 +299,11 @@ class SegmentRequest(StrictModel):
         DEFAULT_MODE, description="extension: everything finds every object, with no prompt"
     )
     everything: EverythingOptions | None = None
+    text: PromptText | None = None
+    boxes: Exemplars | None = None
+    textOptions: TextOptions | None = Field(
+        None, description="extension: the text prompts' thresholds and instance limit"
+    )
     webhook: Webhook | None = None
     model: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
@@ -446,12 +530,16 @@ class JobCreatedResponse(JobState):
     points: list[Point] | None = None
     boundingBox: BoundingBox | None = None
     prompts: list[PromptSet] | None = None
+    text: str | None = None
+    boxes: list[Exemplar] | None = None
 
 
 class JobPrompt(ResponseModel):
     points: list[Point] | None = None
     boundingBox: BoundingBox | None = None
     prompts: list[PromptSet] | None = None
+    text: str | None = Field(None, description="extension: the top-level text prompt")
+    boxes: list[Exemplar] | None = Field(None, description="extension: its exemplar boxes")
 
 
 class JobResponse(JobState):
@@ -460,6 +548,9 @@ class JobResponse(JobState):
     mode: Mode = Field(description="extension: as asked; prompted for a job that did not say")
     everything: EverythingOptions | None = Field(
         None, description="extension: segment everything's options, defaults filled in"
+    )
+    textOptions: TextOptions | None = Field(
+        None, description="extension: for a job with text prompts, defaults filled in"
     )
     multimaskOutput: bool = Field(description="as asked")
     outputs: list[OutputKind] | None = Field(

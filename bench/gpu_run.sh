@@ -2,7 +2,8 @@
 # One prepared run of the GPU benchmark for a lent GPU machine: installs
 # nothing beyond `make install`, starts Postgres and Redis as `make services`
 # does, and prints the engine table for ViT-B and ViT-H (batch 1-16, fp32
-# and bf16, compile off and on), SAM 2 large (batch 1-16, fp32 and bf16) and
+# and bf16, compile off and on), SAM 2 large (batch 1-16, fp32 and bf16), SAM 3
+# at facebook/sam3's sizes (batch 1/4/8, fp32 and bf16, peak memory) and
 # the end-to-end rows of a `segq worker` draining 200 one-item jobs and one
 # 200-item job.
 #
@@ -20,3 +21,4 @@ fi
 run --model vit_b --batches 1,4,8,16 --precisions fp32,bf16 --compile off,on --rounds 5 --items 200
 run --model vit_h --batches 1,4,8,16 --precisions fp32,bf16 --compile off,on --rounds 3 --items 0
 .venv/bin/python bench/engine_sam2.py --device cuda --model sam2_hiera_large --batches 1 4 8 16 --repeat 3
+.venv/bin/python bench/engine_sam3.py --device cuda --batches 1 4 8 --repeat 3

@@ -69,6 +69,16 @@ EVERYTHING_DEFAULTS: Final[EverythingSettings] = {
     "maxSegments": MAX_EVERYTHING_SEGMENTS,
 }
 
+
+class TextSettings(TypedDict):
+    """How a text prompt's instances are kept (the API fills in SAM 3's
+    defaults: segq.engine_catalogue's SAM3_* values)."""
+
+    scoreThreshold: float
+    maskThreshold: float
+    maxSegments: int
+
+
 # A job's row: its prompt and options.
 
 
@@ -99,12 +109,23 @@ class StoredMaskInput(TypedDict, total=False):
     inline: str
 
 
+class StoredExemplar(StoredBox):
+    """A box around an example of a text prompt's concept (label 1) or of
+    something that is not one (label 0), normalized."""
+
+    label: int
+
+
 class StoredPromptSet(TypedDict):
-    """One object's prompt."""
+    """One object's prompt; or a text prompt (``text``, with optional
+    exemplar ``boxes``) for every instance of what it names. The text keys
+    are kept only on text prompts, so other rows are as they always were."""
 
     points: list[StoredPoint] | None
     boundingBox: StoredBox | None
     maskInput: NotRequired[StoredMaskInput | None]
+    text: NotRequired[str]
+    boxes: NotRequired[list[StoredExemplar] | None]
 
 
 class StoredPrompt(StoredPromptSet):
@@ -120,6 +141,8 @@ class StoredOptions(TypedDict):
     outputs: list[OutputKind]
     mode: NotRequired[Mode]
     everything: NotRequired[EverythingSettings]
+    #: Only on jobs with text prompts.
+    textOptions: NotRequired[TextSettings]
 
 
 # An item's row: its result.

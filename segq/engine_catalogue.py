@@ -21,6 +21,7 @@ from enum import StrEnum
 class EngineFamily(StrEnum):
     SAM = "SAM"
     SAM2 = "SAM 2"
+    SAM3 = "SAM 3"
     GRABCUT = "GrabCut"
     BENCHMARK = "benchmark"
 
@@ -32,6 +33,7 @@ class EngineFamily(StrEnum):
 ENGINE_MODULES: dict[EngineFamily, str] = {
     EngineFamily.SAM: "sam",
     EngineFamily.SAM2: "sam2",
+    EngineFamily.SAM3: "sam3",
     EngineFamily.GRABCUT: "grabcut",
     EngineFamily.BENCHMARK: "fixed_mask",
 }
@@ -170,6 +172,7 @@ def _sam2(release: str, base_url: str, size: str) -> EngineEntry:
 
 
 GRABCUT = "grabcut"
+SAM3 = "sam3"
 BENCHMARK_FIXED_MASK = "benchmark_fixed_mask"
 
 #: Every engine, in the order they are listed to users.
@@ -179,6 +182,24 @@ ENGINES: tuple[EngineEntry, ...] = (
     _sam("vit_h", "4b8939a88964f0f4ff5f5b2642c598a6"),
     *(_sam2("sam2", _SAM2_BASE, size) for size in _SAM2_SIZES),
     *(_sam2("sam2.1", _SAM2_1_BASE, size) for size in _SAM2_SIZES),
+    # SAM 3 (transformers): text prompts (every instance of a concept) and,
+    # through its tracker on the same vision backbone, points and boxes.
+    # Its weights are the gated facebook/sam3 snapshot, which the operator
+    # downloads; segq never contacts a hub.
+    EngineEntry(
+        SAM3,
+        EngineFamily.SAM3,
+        _PROMPTED
+        | {
+            Capability.TEXT_PROMPTS,
+            Capability.MASK_INPUT,
+            Capability.PROMPT_BATCHING,
+            Capability.IMAGE_BATCHING,
+            Capability.LOGITS,
+        },
+        weights=EngineWeights(SAM3, SAM3, WeightsLayout.DIRECTORY, hub_repository="facebook/sam3"),
+        logits_frame=LogitsFrame.STRETCHED_SQUARE,
+    ),
     # OpenCV's GrabCut: no model, one prompt at a time, no logits.
     EngineEntry(GRABCUT, EngineFamily.GRABCUT, _PROMPTED),
     # Returns a fixed mask: measures the pipeline's own overhead (bench/).
@@ -220,7 +241,34 @@ def configured_capabilities(name: str | None) -> frozenset[Capability] | None:
 
 def lacks(name: str | None, capability: Capability) -> bool:
     """Whether the configured engine is known to lack ``capability``: what
-    the API refuses a job for before queueing it (an engine left to the
-    worker's choice is not refused here; the item fails, saying why)."""
+    the API refuses a job for before queueing it. With SEGQ_MODEL unset a
+    worker runs the default model or the fallback engine, so only what
+    neither of them can do is refused here; otherwise the item fails,
+    saying why."""
     capabilities = configured_capabilities(name)
-    return capabilities is not None and capability not in capabilities
+    if capabilities is None:
+        capabilities = (
+            ENGINES_BY_NAME[DEFAULT_MODEL_ENGINE].capabilities
+            | ENGINES_BY_NAME[FALLBACK_ENGINE].capabilities
+        )
+    return capability not in capabilities
+
+
+#: SAM 3's own defaults (``Sam3Processor.post_process_instance_segmentation``)
+#: for a text prompt's options, and the most instances one may ask for.
+SAM3_SCORE_THRESHOLD = 0.3
+SAM3_MASK_THRESHOLD = 0.5
+MAX_TEXT_SEGMENTS = 256
+
+
+def text_engines() -> tuple[str, ...]:
+    """The engines that take text prompts, as a refusal names them."""
+    return tuple(e.name for e in ENGINES if e.listed and e.can(Capability.TEXT_PROMPTS))
+
+
+def concept_unsupported_message(engine_name: str | None) -> str:
+    """Why a text prompt cannot run on ``engine_name`` (the API's refusal
+    and a worker's item failure say the same)."""
+    running = engine_name or "an engine chosen by its workers (SEGQ_MODEL unset)"
+    needed = " or ".join(f"SEGQ_MODEL={name}" for name in text_engines())
+    return f"text prompts need {needed}; this server runs {running}"

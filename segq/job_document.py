@@ -71,6 +71,9 @@ def shown_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
         "points": prompt.get("points"),
         "boundingBox": prompt.get("boundingBox"),
     }
+    if prompt.get("text") is not None:
+        shown["text"] = prompt["text"]
+        shown["boxes"] = prompt.get("boxes")
     if prompt.get("prompts"):
         shown["prompts"] = [
             {
@@ -94,6 +97,8 @@ def shown_options(options: Mapping[str, Any]) -> dict[str, Any]:
     shown: dict[str, Any] = {"mode": options.get("mode", DEFAULT_MODE)}
     if "everything" in options:
         shown["everything"] = options["everything"]
+    if "textOptions" in options:
+        shown["textOptions"] = options["textOptions"]
     shown["multimaskOutput"] = options.get("multimaskOutput", False)
     if "outputs" in options:
         shown["outputs"] = options["outputs"]

@@ -50,7 +50,8 @@ def iso_time(epoch_ms: int | None) -> str | None:
 # Its JSON schema (the docstring included) is the Output of the model
 # version's OpenAPI schema (api/peers/replicate.py), so the two agree.
 class PredictionOutput(BaseModel):
-    """The object's masks, best first, and their scores."""
+    """The masks, best first, and their scores: one object's (points and
+    boxes), or every instance a text prompt names (segq/sam3)."""
 
     model_config = ConfigDict(extra="forbid", title="Output")
 
@@ -59,7 +60,10 @@ class PredictionOutput(BaseModel):
         description="each mask as a PNG (255 on the object, 0 elsewhere) at a URL that "
         "expires, best first; absent from webhooks (URLs are made per request)",
     )
-    scores: list[float] = Field(description="each mask's predicted IoU, best first")
+    scores: list[float] = Field(
+        description="each mask's score (SAM's predicted IoU; SAM 3's detection score for "
+        "text), best first"
+    )
 
 
 def _output(item: JobItem, link_mask: MaskLinker | None) -> dict[str, Any]:

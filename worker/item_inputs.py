@@ -19,7 +19,7 @@ from segq.mask_logits import LogitsUnreadable, decode_logits
 from segq.storage import ObjectNotFound, ObjectStorage
 from segq.url_guard import FetchFailed, FetchPolicy, UrlRefused, fetch
 from segq.worker.claims import Claim
-from segq.worker.engines.base import EverythingOptions, Prompt
+from segq.worker.engines.base import Concept, EverythingOptions, Prompt
 
 
 class ItemFailure(Exception):
@@ -148,12 +148,20 @@ def prompt_sets(prompt: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def item_prompts(
-    storage: ObjectStorage, prompt: dict[str, Any], width: int, height: int
+    storage: ObjectStorage,
+    prompt: dict[str, Any],
+    width: int,
+    height: int,
+    options: dict[str, Any] | None = None,
 ) -> list[Prompt]:
     """Every prompt of the job, in order, in the image's pixel frame, with
-    the logits a prompt's ``maskInput`` names read from storage."""
+    the logits a prompt's ``maskInput`` names read from storage, and text
+    prompts with the job's ``textOptions`` (the API filled in every field)."""
     prompts = []
     for entry in prompt_sets(prompt):
+        if entry.get("text") is not None:
+            prompts.append(text_prompt(entry, (options or {})["textOptions"], width, height))
+            continue
         pixels = pixel_prompt(entry, width, height)
         mask_input = entry.get("maskInput")
         if mask_input is not None:
@@ -180,6 +188,33 @@ def _stored_logits(storage: ObjectStorage, mask_input: dict[str, Any]) -> npt.ND
         raise ItemFailure(f"{named}: its logits are no longer stored") from None
     except LogitsUnreadable as exc:
         raise ItemFailure(f"{named}: its logits are unreadable: {exc}") from None
+
+
+def text_prompt(
+    prompt: dict[str, Any], text_options: dict[str, Any], width: int, height: int
+) -> Prompt:
+    """A stored text prompt (its phrase and normalized exemplar boxes) as
+    the engine's Concept in the image's pixel frame."""
+    exemplars = prompt.get("boxes") or []
+    return Prompt(
+        points=np.zeros((0, 2), dtype=np.float64),
+        labels=np.zeros(0, dtype=np.int64),
+        box=None,
+        concept=Concept(
+            text=prompt["text"],
+            exemplar_boxes=np.array(
+                [
+                    [b["xMin"] * width, b["yMin"] * height, b["xMax"] * width, b["yMax"] * height]
+                    for b in exemplars
+                ],
+                dtype=np.float64,
+            ).reshape(-1, 4),
+            exemplar_labels=np.array([b["label"] for b in exemplars], dtype=np.int64),
+            score_threshold=text_options["scoreThreshold"],
+            mask_threshold=text_options["maskThreshold"],
+            max_segments=text_options["maxSegments"],
+        ),
+    )
 
 
 def pixel_prompt(prompt: dict[str, Any], width: int, height: int) -> Prompt:

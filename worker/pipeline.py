@@ -35,6 +35,7 @@ from segq.worker.claims import (
 from segq.worker.dependency_breaker import DependencyBreaker
 from segq.worker.engines.base import (
     Candidate,
+    ConceptUnsupported,
     EverythingUnsupported,
     ImageBatchEngine,
     MaskInputUnsupported,
@@ -462,11 +463,11 @@ def segment_image(
                 per_prompt = segment_prompts(
                     engine,
                     image,
-                    item_prompts(storage, claim.prompt, width, height),
+                    item_prompts(storage, claim.prompt, width, height, claim.options),
                     multimask=bool(claim.options.get("multimaskOutput")),
                 )
                 answers = list(enumerate(per_prompt))
-        except (MaskInputUnsupported, EverythingUnsupported) as exc:
+        except (MaskInputUnsupported, EverythingUnsupported, ConceptUnsupported) as exc:
             raise ItemFailure(str(exc)) from None
     result = encode_result(claim, answers, storage, width, height)
     # The engines' recorder gives the contract's StoredMetrics as a plain dict.

@@ -7,6 +7,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import numpy as np
+import numpy.typing as npt
+
 from segq.contract import (
     LOGITS_KEY,
     LOGITS_SHAPE,
@@ -143,13 +146,31 @@ def _encode_and_store(
     return {"width": width, "height": height, "segments": segments}
 
 
+def _normalized_box(
+    box: npt.NDArray[np.float64], width: int, height: int
+) -> tuple[float, float, float, float]:
+    """A box in pixels as the contract's normalized one, clipped to the image."""
+    x_min, y_min, x_max, y_max = (float(v) for v in box)
+    return (
+        min(max(x_min / width, 0.0), 1.0),
+        min(max(y_min / height, 0.0), 1.0),
+        min(max(x_max / width, 0.0), 1.0),
+        min(max(y_max / height, 0.0), 1.0),
+    )
+
+
 def _encode_segment(
     candidate: Candidate, outputs: set[OutputKind], width: int, height: int
 ) -> StoredSegment:
     """The parts of a segment kept in the item's row."""
     mask = candidate.mask
     with timed_stage(Stage.ENCODE_SUMMARY):
-        box = mask_bounding_box(mask)
+        # The engine's own box where it found one (SAM 3's detector), else the mask's.
+        box = (
+            mask_bounding_box(mask)
+            if candidate.box is None
+            else _normalized_box(candidate.box, width, height)
+        )
         segment: StoredSegment = {
             "score": round(float(candidate.score), 6),
             "boundingBox": (

@@ -1,9 +1,12 @@
-"""The official checkpoints of the catalogue's engines
-(segq/engine_catalogue.py): where they are and how to fetch them safely."""
+"""The weights of the catalogue's engines (segq/engine_catalogue.py): the
+official checkpoints, where they are and how to fetch them safely; and the
+snapshot folders an operator downloads (SAM 3's is gated), which segq
+checks. No torch here."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -125,3 +128,55 @@ def download_checkpoint(
         partial.unlink(missing_ok=True)
         raise
     return target
+
+
+#: ``config.json``'s ``model_type`` of the facebook/sam3 snapshot.
+SNAPSHOT_MODEL_TYPE = "sam3_video"
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+_DIGEST_CHUNK_BYTES = 1 << 20
+
+
+def snapshot_problem(directory: Path) -> str | None:
+    """What makes ``directory`` not a SAM 3 snapshot, naming the file and
+    what is wrong; None when it looks like one (its tensors are checked
+    when it loads). Reads no tensors, so ``segq weights`` can ask it."""
+    if not directory.is_dir():
+        return f"{directory} is not a directory (SEGQ_MODEL=sam3 takes the facebook/sam3 snapshot)"
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        return f"{config_path} is missing: not a Hugging Face snapshot of facebook/sam3"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{config_path} is not readable JSON: {exc}"
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != SNAPSHOT_MODEL_TYPE:
+        return (
+            f"{config_path} has model_type {model_type!r}, not {SNAPSHOT_MODEL_TYPE!r}: "
+            "not the facebook/sam3 snapshot (its detector and tracker)"
+        )
+    if not weight_files(directory):
+        return f"{directory} holds no *.safetensors file: the snapshot's weights are missing"
+    if not (directory / "tokenizer.json").is_file() and not (
+        (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file()
+    ):
+        return f"{directory / 'tokenizer.json'} is missing: SAM 3 needs its text tokenizer"
+    if not any((directory / name).is_file() for name in _PROCESSOR_FILES):
+        return f"{directory / _PROCESSOR_FILES[0]} is missing: SAM 3 needs its image processor"
+    return None
+
+
+def weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def snapshot_digest(directory: Path) -> str:
+    """SHA-256 over the snapshot's config and weight files (names and
+    contents), hex: the model's identity in the embedding cache."""
+    digest = hashlib.sha256()
+    for path in [directory / "config.json", *weight_files(directory)]:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as handle:
+            while chunk := handle.read(_DIGEST_CHUNK_BYTES):
+                digest.update(chunk)
+    return digest.hexdigest()

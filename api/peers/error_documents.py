@@ -32,3 +32,16 @@ class ReplicateProblem(BaseModel):
     title: str = Field(description="the status's phrase")
     status: int
     detail: str
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, rate_limit_error or server_error")
+    param: str | None = Field(description="the request's field at fault, where one is")
+    code: str | None = Field(description="invalid_api_key, rate_limit_exceeded or null")
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's envelope, which its client raises as an APIStatusError."""
+
+    error: OpenAIErrorDetail

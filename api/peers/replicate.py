@@ -45,6 +45,7 @@ from segq.api.schemas import (
     BoundingBox,
     FileReference,
     Point,
+    PromptText,
     SegmentRequest,
     Webhook,
 )
@@ -71,9 +72,12 @@ replicate = PeerBlueprint("replicate", __name__, url_prefix=REPLICATE_PREFIX)
 #: resume it.
 PREDICTION_WAIT_ENVIRON_KEY = "segq.prediction_wait"
 
-#: The one model: whatever engine this server's workers run (SEGQ_MODEL).
+#: The model of points and boxes: whatever engine this server's workers run (SEGQ_MODEL).
 MODEL = "segq/sam"
 MODEL_OWNER, MODEL_NAME = MODEL.split("/")
+#: The model that adds ``text`` (SAM 3's every instance of a phrase): the
+#: same workers, which must run SEGQ_MODEL=sam3 for a text prompt.
+SAM3_MODEL = "segq/sam3"
 #: Predictions per page of GET /v1/predictions, as Replicate pages them.
 PAGE_SIZE = 100
 #: The longest ``Prefer: wait``, as Replicate bounds it (seconds).
@@ -134,6 +138,26 @@ class PredictionInput(BaseModel):
     normalize_coords: bool = Field(
         False, description="coordinates are in 0..1 of the image (true) or pixels (false)"
     )
+
+
+class Sam3PredictionInput(PredictionInput):
+    """Every instance of what ``text`` names (SAM 3), or one object shown
+    by points, a box or both."""
+
+    model_config = ConfigDict(title="Input")
+
+    text: PromptText | None = Field(
+        None,
+        description='a phrase ("person", "red car"): its every instance, best first '
+        "(needs SEGQ_MODEL=sam3); not with point_coords or box",
+    )
+
+
+#: Each model's input, by name.
+MODEL_INPUTS: dict[str, type[PredictionInput]] = {
+    MODEL: PredictionInput,
+    SAM3_MODEL: Sam3PredictionInput,
+}
 
 
 ReplicateEvent = Literal["start", "output", "logs", "completed"]
@@ -242,14 +266,14 @@ def _project() -> Project:
 # Input: Replicate's field names to segq's request.
 
 
-def _input_error(exc: ValidationError) -> ApiError:
+def _input_error(exc: ValidationError, model: str) -> ApiError:
     first = exc.errors(include_url=False)[0]
     where = "input" + "".join(
         f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]
     )
     if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
-        inputs = ", ".join(PredictionInput.model_fields)
-        return ApiError(422, f"{where}: {MODEL} has no such input; its inputs are {inputs}")
+        inputs = ", ".join(MODEL_INPUTS[model].model_fields)
+        return ApiError(422, f"{where}: {model} has no such input; its inputs are {inputs}")
     return ApiError(422, f"{where}: {first['msg']}")
 
 
@@ -330,18 +354,30 @@ def segment_request_for(
             points.append(Point(x=x, y=y, label=label))
     elif model_input.point_labels is not None:
         raise ApiError(422, "input.point_labels needs point_coords")
+    text = model_input.text if isinstance(model_input, Sam3PredictionInput) else None
+    if text is not None and (points is not None or model_input.box is not None):
+        raise ApiError(
+            422,
+            "input.text is a text prompt of its own: give point_coords and box in "
+            "another prediction",
+        )
     box: BoundingBox | None = None
     if model_input.box is not None:
         x1, y1, x2, y2 = _scaled("input.box", model_input.box, size, in_pixels)
         if x1 >= x2 or y1 >= y2:
             raise ApiError(422, "input.box must be [x1, y1, x2, y2] with x1 < x2 and y1 < y2")
         box = BoundingBox(xMin=x1, yMin=y1, xMax=x2, yMax=y2)
-    if points is None and box is None:
-        raise ApiError(422, "input: give point_coords or box (or both)")
+    if points is None and box is None and text is None:
+        raise ApiError(
+            422,
+            "input: give point_coords or box (or both)"
+            + (", or text" if isinstance(model_input, Sam3PredictionInput) else ""),
+        )
     segment_request = SegmentRequest(
         items=[source],
         points=points,
         boundingBox=box,
+        text=text,
         multimaskOutput=model_input.multimask_output,
         outputs=["mask"],
         webhook=webhook,
@@ -361,6 +397,7 @@ def _input_fields(segment_request: SegmentRequest) -> CallerFields:
         fields.name(("points", index), f"input.point_coords[{index}]")
         fields.name(("points", index, "label"), f"input.point_labels[{index}]")
     fields.name(("boundingBox",), "input.box")
+    fields.name(("text",), "input.text")
     fields.name(("webhook",), "webhook")
     return fields
 
@@ -409,9 +446,9 @@ def _create(body: PredictionRequest, model: str, version: str) -> tuple[Response
     if body.stream:
         raise ApiError(422, "stream: segq does not stream predictions; poll or use Prefer: wait")
     try:
-        model_input = PredictionInput.model_validate(body.input)
+        model_input = MODEL_INPUTS[model].model_validate(body.input)
     except ValidationError as exc:
-        raise _input_error(exc) from None
+        raise _input_error(exc, model) from None
     webhook = _webhook(body)
     if webhook is not None:
         try:
@@ -514,35 +551,41 @@ def _prediction(prediction_id: str) -> Job:
 
 def _model_name(owner: str, name: str) -> str:
     model = f"{owner}/{name}"
-    if model != MODEL:
-        raise ApiError(404, f"model {model[:100]} not found; this server runs {MODEL}")
+    if model not in MODEL_INPUTS:
+        raise ApiError(
+            404, f"model {model[:100]} not found; this server runs {' and '.join(MODEL_INPUTS)}"
+        )
     return model
 
 
 @replicate.post("/predictions")
 @documented(
-    "Create a prediction (any version runs segq/sam)",
+    "Create a prediction (segq/sam3's version runs it; any other runs segq/sam)",
     {201: ("the prediction", None)},
     errors=(401, 404, 422, 429, 503),
     json_body=PredictionRequest,
     headers=PreferWaitHeader,
 )
 def create_prediction() -> tuple[Response, int]:
-    """``version`` may be any id, or ``segq/sam:<id>``: there is one model."""
+    """``version`` may be ``<model>:<id>`` (any id), segq/sam3's version id,
+    or any other id, which runs segq/sam."""
     body = _prediction_request()
     version = body.version
+    model = MODEL
     if version is not None and ":" in version:
         owner_name, _, version = version.partition(":")
         owner, _, name = owner_name.partition("/")
-        _model_name(owner, name)
+        model = _model_name(owner, name)
+    elif version == VERSION_IDS[SAM3_MODEL]:
+        model = SAM3_MODEL
     if not version:
         raise ApiError(422, "version: give the model's version (any id runs segq/sam)")
-    return _create(body, MODEL, version)
+    return _create(body, model, version)
 
 
 @replicate.post("/models/<owner>/<name>/predictions")
 @documented(
-    "Create a prediction of the model (segq/sam)",
+    "Create a prediction of the model (segq/sam or segq/sam3)",
     {201: ("the prediction", None)},
     errors=(401, 404, 422, 429, 503),
     json_body=PredictionRequest,
@@ -550,7 +593,7 @@ def create_prediction() -> tuple[Response, int]:
 )
 def create_model_prediction(owner: str, name: str) -> tuple[Response, int]:
     model = _model_name(owner, name)
-    return _create(_prediction_request(), model, VERSION_ID)
+    return _create(_prediction_request(), model, VERSION_IDS[model])
 
 
 @replicate.get("/predictions/<prediction_id>")
@@ -617,32 +660,40 @@ def list_predictions() -> Response:
 # The model, its version and the key's account, as Replicate's client reads
 # them (replicate.models.get, .versions.list, replicate.accounts.current).
 
+
 #: The version's OpenAPI schema, as Cog writes one for a model: its Input and
 #: Output are the JSON schemas of the models that check the input and shape
 #: the output.
-OPENAPI_SCHEMA: dict[str, Any] = {
-    "openapi": "3.1.0",
-    "info": {"title": MODEL, "version": "1"},
-    "components": {
-        "schemas": {
-            "Input": PredictionInput.model_json_schema(),
-            "Output": PredictionOutput.model_json_schema(),
-        }
-    },
-}
+def _openapi_schema(model: str) -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": model, "version": "1"},
+        "components": {
+            "schemas": {
+                "Input": MODEL_INPUTS[model].model_json_schema(),
+                "Output": PredictionOutput.model_json_schema(),
+            }
+        },
+    }
+
+
+OPENAPI_SCHEMAS = {model: _openapi_schema(model) for model in MODEL_INPUTS}
 #: Named by its content, as Replicate's version ids are: a new schema is a
-#: new version. Any other id runs the same model (segq has one).
-VERSION_ID = hashlib.sha256(json.dumps(OPENAPI_SCHEMA, sort_keys=True).encode()).hexdigest()
+#: new version. Any other id runs segq/sam.
+VERSION_IDS = {
+    model: hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()
+    for model, schema in OPENAPI_SCHEMAS.items()
+}
 #: When this version's schema was written; Replicate's client requires a date.
 VERSION_CREATED_AT = "2026-01-01T00:00:00Z"
 
 
-def _version(version_id: str) -> dict[str, Any]:
+def _version(model: str, version_id: str) -> dict[str, Any]:
     return {
         "id": version_id,
         "created_at": VERSION_CREATED_AT,
         "cog_version": "segq",
-        "openapi_schema": OPENAPI_SCHEMA,
+        "openapi_schema": OPENAPI_SCHEMAS[model],
     }
 
 
@@ -650,9 +701,9 @@ def _single_page(result: dict[str, Any]) -> Response:
     return jsonify({"previous": None, "next": None, "results": [result]})
 
 
-def _model() -> dict[str, Any]:
-    """segq's one model as Replicate shows a model. Visible to this server's
-    keys only; ``run_count``: the key's project's predictions."""
+def _model(model: str) -> dict[str, Any]:
+    """One of segq's models as Replicate shows a model. Visible to this
+    server's keys only; ``run_count``: the key's project's predictions of it."""
     settings = services().settings
     engine = settings.model or "the engine each worker finds (SEGQ_MODEL unset)"
     run_count = db().scalar(
@@ -661,13 +712,21 @@ def _model() -> dict[str, Any]:
         .where(
             Job.project_id == _project().id,
             Job.options[("peer", "kind")].as_string() == PEER_KIND,
+            Job.options[("peer", "model")].as_string() == model,
         )
     )
+    description = f"Segment Anything on this segq server: {engine}"
+    if model == SAM3_MODEL:
+        description = (
+            "SAM 3 on this segq server: every instance of what input.text names, or "
+            f"points and boxes; text needs SEGQ_MODEL=sam3 (this server: {engine})"
+        )
+    owner, name = model.split("/")
     return {
-        "url": public_link(settings.public_url, f"/v1/models/{MODEL}"),
-        "owner": MODEL_OWNER,
-        "name": MODEL_NAME,
-        "description": f"Segment Anything on this segq server: {engine}",
+        "url": public_link(settings.public_url, f"/v1/models/{model}"),
+        "owner": owner,
+        "name": name,
+        "description": description,
         "visibility": "private",
         "github_url": None,
         "paper_url": None,
@@ -675,28 +734,29 @@ def _model() -> dict[str, Any]:
         "run_count": run_count or 0,
         "cover_image_url": None,
         "default_example": None,
-        "latest_version": _version(VERSION_ID),
+        "latest_version": _version(model, VERSION_IDS[model]),
     }
 
 
 @replicate.get("/models")
-@documented("List models: segq/sam", {200: ("a page of models", None)}, errors=(401,))
+@documented("List models: segq/sam and segq/sam3", {200: ("a page of models", None)}, errors=(401,))
 def list_models() -> Response:
-    return _single_page(_model())
+    return jsonify(
+        {"previous": None, "next": None, "results": [_model(model) for model in MODEL_INPUTS]}
+    )
 
 
 @replicate.get("/models/<owner>/<name>")
 @documented("Read the model", {200: ("the model", None)}, errors=(401, 404))
 def get_model(owner: str, name: str) -> Response:
-    _model_name(owner, name)
-    return jsonify(_model())
+    return jsonify(_model(_model_name(owner, name)))
 
 
 @replicate.get("/models/<owner>/<name>/versions")
 @documented("List the model's versions", {200: ("a page of versions", None)}, errors=(401, 404))
 def list_versions(owner: str, name: str) -> Response:
-    _model_name(owner, name)
-    return _single_page(_version(VERSION_ID))
+    model = _model_name(owner, name)
+    return _single_page(_version(model, VERSION_IDS[model]))
 
 
 @replicate.get("/models/<owner>/<name>/versions/<version_id>")
@@ -708,8 +768,7 @@ def list_versions(owner: str, name: str) -> Response:
 def get_version(owner: str, name: str, version_id: str) -> Response:
     """What ``replicate.run("segq/sam:<id>")`` reads before waiting (output
     not an iterator). Any id is this version: predictions take any id."""
-    _model_name(owner, name)
-    return jsonify(_version(version_id[:200]))
+    return jsonify(_version(_model_name(owner, name), version_id[:200]))
 
 
 @replicate.get("/account")

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from segq.cli.job_commands import jobs, submit
-from segq.engine_catalogue import CHECKPOINT_NAMES
+from segq.engine_catalogue import CHECKPOINT_NAMES, ENGINES_BY_NAME, SAM3
 from segq.settings import Settings
 
 
@@ -181,7 +181,39 @@ def doctor(repair: bool, grace_seconds: int) -> None:
 
 @main.group()
 def weights() -> None:
-    """Segment Anything (SAM, SAM 2, SAM 2.1) checkpoints."""
+    """Segment Anything (SAM, SAM 2, SAM 2.1) checkpoints; SAM 3's snapshot."""
+
+
+@weights.command("sam3")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="the snapshot directory (default: SEGQ_DATA_DIR/weights/sam3)",
+)
+def weights_sam3(directory: Path | None) -> None:
+    """How to get SAM 3's weights, and whether a directory holds them."""
+    from segq.worker.weights import snapshot_problem
+
+    snapshot = ENGINES_BY_NAME[SAM3].weights
+    assert snapshot is not None
+    assert snapshot.hub_repository is not None
+    repository = snapshot.hub_repository
+    folder = directory or Settings.from_env().data_dir / "weights" / snapshot.local_name
+    problem = snapshot_problem(folder)
+    if problem is None:
+        click.echo(
+            f"{folder} is a SAM 3 snapshot\n"
+            f"use it with: SEGQ_MODEL={SAM3} SEGQ_MODEL_CHECKPOINT={folder}"
+        )
+        return
+    raise click.ClickException(
+        f"{problem}\n{repository} is gated: accept Meta's licence on its Hugging Face "
+        "page, then, with your own token (HF_TOKEN or `hf auth login`), download it once:\n"
+        f"  hf download {repository} --local-dir {folder}\n"
+        "segq then loads it with local files only and never contacts the hub."
+    )
 
 
 def _sha256_option(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:

@@ -90,12 +90,26 @@ def test_every_route_is_documented_under_its_resource_s_tag(app: Flask) -> None:
         for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
             assert (method.lower(), path) in documented, (method, rule.rule)
     tags = [tag["name"] for tag in spec["tags"]]
-    assert {"Files", "Jobs", "Livepeer", "Moondream", "Replicate"} <= set(tags)
+    assert {
+        "Files",
+        "Jobs",
+        "Livepeer",
+        "Moondream",
+        "Replicate",
+        "OpenAI-compatible (VLM Run)",
+    } <= set(tags)
     for method, path, operation in operations_of(spec):
         assert len(operation["tags"]) == 1 and operation["tags"][0] in tags, (method, path)
     assert ("post", "/segment-anything-2") in documented
     assert ("post", "/v1/segment") in documented
     assert ("post", "/v1/predictions") in documented
+    assert ("post", "/v1/openai/chat/completions") in documented
+    # The text prompt's fields, and the chat route's body, with their shapes.
+    schemas = spec["components"]["schemas"]
+    assert {"text", "boxes", "textOptions"} <= set(schemas["SegmentRequest"]["properties"])
+    assert {"model", "messages", "response_format"} <= set(
+        schemas["ChatCompletionRequest"]["properties"]
+    )
 
 
 def test_every_json_body_has_an_example_its_schema_accepts(client: FlaskClient) -> None:
@@ -127,6 +141,7 @@ def test_the_peers_errors_are_their_own_shapes_as_documented(
         ("/segment-anything-2", client.post("/segment-anything-2")),
         ("/v1/segment", client.post("/v1/segment", json={})),
         ("/v1/predictions", client.post("/v1/predictions", json={})),
+        ("/v1/openai/chat/completions", client.post("/v1/openai/chat/completions", json={})),
         (
             "/api/v1/projects/{project}/context/vision/segment",
             client.post(tenant.url("/context/vision/segment"), json={}),
@@ -138,12 +153,18 @@ def test_the_peers_errors_are_their_own_shapes_as_documented(
         jsonschema.Draft202012Validator(schema).validate(answer.json)
     shapes = {
         path: documented_error(path, 401)[1]["$ref"].rsplit("/", 1)[1]
-        for path in ("/segment-anything-2", "/v1/segment", "/v1/predictions")
+        for path in (
+            "/segment-anything-2",
+            "/v1/segment",
+            "/v1/predictions",
+            "/v1/openai/chat/completions",
+        )
     }
     assert shapes == {
         "/segment-anything-2": "LivepeerError",
         "/v1/segment": "ErrorResponse",
         "/v1/predictions": "ReplicateProblem",
+        "/v1/openai/chat/completions": "OpenAIError",
     }
 
 

@@ -61,12 +61,19 @@ def _livepeer(client: FlaskClient, key: str) -> TestResponse:
     )
 
 
+def _openai(client: FlaskClient, key: str) -> TestResponse:
+    return client.post(
+        "/v1/openai/chat/completions", json={}, headers={"Authorization": f"Bearer {key}"}
+    )
+
+
 FAMILIES: dict[str, RouteFamily] = {
     "segq": RouteFamily("segq", _native, lambda body: body["error"]["message"]),
     # Moondream's routes answer in segq's envelope (its client reads no body).
     "moondream": RouteFamily("segq", _moondream, lambda body: body["error"]["message"]),
     "replicate": RouteFamily("replicate", _replicate, lambda body: body["detail"]),
     "livepeer": RouteFamily("livepeer", _livepeer, lambda body: body["detail"]["msg"]),
+    "openai_chat": RouteFamily("openai", _openai, lambda body: body["error"]["message"]),
 }
 
 

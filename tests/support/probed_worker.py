@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -31,9 +32,20 @@ from segq.storage import ObjectStorage
 from segq.worker import pipeline, runtime
 from segq.worker.claims import Claim
 from segq.worker.engines import EngineChoice, load_engine
-from segq.worker.engines.base import Candidate, ImageBatchEngine, Prompt, SegmentationEngine
+from segq.worker.engines.base import (
+    Candidate,
+    Concept,
+    ConceptSegmentationEngine,
+    ImageBatchEngine,
+    Prompt,
+    SegmentationEngine,
+)
 from segq.worker.engines.embedding_cache import EmbeddingCache
 from segq.worker.engines.encoder_options import EncoderOptions
+
+if TYPE_CHECKING:
+    # Only named: importing it would load torch into every probed worker.
+    from segq.worker.engines.sam3 import Sam3Engine
 
 
 class ProbedEngine:
@@ -74,7 +86,30 @@ class ProbedBatchEngine(ProbedEngine):
         self._batching.encode_images(images)
 
 
+class ProbedConceptEngine(ProbedBatchEngine):
+    """A probed engine that also takes text prompts (SAM 3), and its
+    prompts in batches, as its inner one does."""
+
+    def __init__(self, inner: Sam3Engine) -> None:
+        super().__init__(inner)
+        self._sam3 = inner
+
+    def segment_concepts(
+        self, image: npt.NDArray[np.uint8], concepts: Sequence[Concept]
+    ) -> list[list[Candidate]]:
+        self.wait_for_gate()
+        return self._sam3.segment_concepts(image, concepts)
+
+    def segment_batch(
+        self, image: npt.NDArray[np.uint8], prompts: Sequence[Prompt], multimask: bool
+    ) -> list[list[Candidate]]:
+        self.wait_for_gate()
+        return self._sam3.segment_batch(image, prompts, multimask)
+
+
 def probed(inner: SegmentationEngine) -> SegmentationEngine:
+    if isinstance(inner, ConceptSegmentationEngine) and isinstance(inner, ImageBatchEngine):
+        return ProbedConceptEngine(cast("Sam3Engine", inner))
     if isinstance(inner, ImageBatchEngine):
         return ProbedBatchEngine(inner)
     return ProbedEngine(inner)

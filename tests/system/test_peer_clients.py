@@ -491,7 +491,7 @@ def test_moondream_stream_is_the_same_answer_in_events(
 @pytest.mark.parametrize(
     ("image_url", "spatial_refs", "status", "message"),
     [
-        (PNG_DATA_URI, None, 422, b"text-only prompts need a grounding engine"),
+        (PNG_DATA_URI, None, 422, b"text prompts need SEGQ_MODEL=sam3; this server runs grabcut"),
         (PNG_DATA_URI, [[0.5, 0.5], [0.1, 1.5]], 400, b"spatial_refs[1][1]: Input should be"),
         (
             PNG_DATA_URI,

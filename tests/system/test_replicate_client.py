@@ -323,7 +323,7 @@ def test_the_model_its_versions_and_the_key_s_account(rc: Client, tenant: Tenant
     [version] = model.versions.list().results
     assert model.latest_version is not None and model.latest_version.id == version.id
     assert model.versions.get(version.id).openapi_schema == version.openapi_schema
-    assert [listed.id for listed in rc.models.list().results] == ["segq/sam"]
+    assert [listed.id for listed in rc.models.list().results] == ["segq/sam", "segq/sam3"]
     assert rc.models.get("segq", "sam").latest_version == model.latest_version
 
     # The schema's Input is what a prediction takes: every input it names is

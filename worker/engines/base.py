@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
+from segq.engine_catalogue import concept_unsupported_message
 from segq.worker.engines.encoder_options import EncoderOptions
 
 if TYPE_CHECKING:
@@ -24,15 +25,39 @@ class Prompt:
     points: (N, 2) float64, x then y, in pixels; N may be 0.
     labels: (N,) int64, 1 foreground, 0 background.
     box:    (4,) float64 x_min, y_min, x_max, y_max in pixels, or None.
-    At least one point or a box is present.
+    At least one point or a box is present, unless ``concept`` is.
     mask_input: (1, 256, 256) float32 low-resolution mask logits of an
         earlier answer (SAM's ``mask_input``), or None.
+    concept: a text prompt (then no points and no box), or None.
     """
 
     points: npt.NDArray[np.float64]
     labels: npt.NDArray[np.int64]
     box: npt.NDArray[np.float64] | None
     mask_input: npt.NDArray[np.float32] | None = None
+    concept: Concept | None = None
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A text prompt: every instance of what ``text`` names (SAM 3's
+    "promptable concept"), in the image's pixel frame.
+
+    text: the phrase, trimmed, not blank.
+    exemplar_boxes: (K, 4) float64 x_min, y_min, x_max, y_max in pixels of
+        example instances; K may be 0.
+    exemplar_labels: (K,) int64, 1 an instance of the concept, 0 not one.
+    score_threshold: instances scoring at or below it are dropped.
+    mask_threshold: a pixel is on the mask where its probability is above it.
+    max_segments: at most this many instances, best first.
+    """
+
+    text: str
+    exemplar_boxes: npt.NDArray[np.float64]
+    exemplar_labels: npt.NDArray[np.int64]
+    score_threshold: float
+    mask_threshold: float
+    max_segments: int
 
 
 @dataclass(frozen=True)
@@ -43,12 +68,16 @@ class Candidate:
     score: the engine's confidence, higher is better (SAM: predicted IoU).
     logits: (256, 256) float32 low-resolution mask logits in SAM's padded
         square frame (what ``mask_input`` takes back), or None for an
-        engine that has none.
+        engine that has none; SAM 3's are (288, 288) in its stretched square.
+    box: (4,) float64 x_min, y_min, x_max, y_max in pixels, the box the
+        engine found for the object (SAM 3's detector), or None where the
+        mask's own bounds are the box.
     """
 
     mask: npt.NDArray[np.bool_]
     score: float
     logits: npt.NDArray[np.float32] | None = None
+    box: npt.NDArray[np.float64] | None = None
 
 
 def check_image(image: npt.NDArray[np.uint8]) -> None:
@@ -136,6 +165,21 @@ class BatchSegmentationEngine(SegmentationEngine, Protocol):
         ...
 
 
+class ConceptUnsupported(ValueError):
+    """A text prompt on an engine that cannot take one."""
+
+
+@runtime_checkable
+class ConceptSegmentationEngine(SegmentationEngine, Protocol):
+    """An engine that finds every instance of a concept named in words."""
+
+    def segment_concepts(
+        self, image: npt.NDArray[np.uint8], concepts: Sequence[Concept]
+    ) -> list[list[Candidate]]:
+        """Each concept's instances, best first (none found: an empty list)."""
+        ...
+
+
 def segment_prompts(
     engine: SegmentationEngine,
     image: npt.NDArray[np.uint8],
@@ -143,7 +187,32 @@ def segment_prompts(
     multimask: bool,
 ) -> list[list[Candidate]]:
     """Each prompt's candidates, best first, in prompt order: in batches
-    where the engine can, else one prompt at a time."""
+    where the engine can, else one prompt at a time; text prompts (every
+    instance of their concept) where the engine takes them, else
+    ConceptUnsupported."""
+    concepts = {i: prompt.concept for i, prompt in enumerate(prompts) if prompt.concept is not None}
+    if not concepts:
+        return _segment_geometric(engine, image, prompts, multimask)
+    if not isinstance(engine, ConceptSegmentationEngine):
+        raise ConceptUnsupported(concept_unsupported_message(engine.name))
+    answers: list[list[Candidate]] = [[] for _ in prompts]
+    found = engine.segment_concepts(image, list(concepts.values()))
+    for index, instances in zip(concepts, found, strict=True):
+        answers[index] = instances
+    others = [index for index in range(len(prompts)) if prompts[index].concept is None]
+    if others:
+        segmented = _segment_geometric(engine, image, [prompts[i] for i in others], multimask)
+        for index, candidates in zip(others, segmented, strict=True):
+            answers[index] = candidates
+    return answers
+
+
+def _segment_geometric(
+    engine: SegmentationEngine,
+    image: npt.NDArray[np.uint8],
+    prompts: Sequence[Prompt],
+    multimask: bool,
+) -> list[list[Candidate]]:
     if isinstance(engine, BatchSegmentationEngine):
         return engine.segment_batch(image, prompts, multimask)
     if any(prompt.mask_input is not None for prompt in prompts):
