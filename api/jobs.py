@@ -149,13 +149,7 @@ def _waited_job_answer(
         LOCATION_ENVIRON_KEY: location,
         WAITING_PLACE_ENVIRON_KEY: place,
     }
-    parked = False
-    try:
-        parked = wait_for_job(job_id, wait, resume, place)
-    finally:
-        if not parked:
-            place.release()
-    if parked:
+    if wait_for_job(job_id, wait, resume, place):
         # Dropped by the server: the resumed run answers.
         return Response(status=204), 204, {}
     job = owned_job(db(), project_id, job_id)

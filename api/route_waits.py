@@ -26,8 +26,21 @@ def wait_for_job(
     and the server runs the request again, its environ changed by
     ``resume_environ``, when the job may have changed or the deadline
     comes; ``place`` is let go of when the request is done with. False:
-    answer now: the job is finished or gone, the wait is over, the process
-    is draining, or (where the server cannot park) this thread waited."""
+    answer now (``place`` is let go of): the job is finished or gone, the
+    wait is over, the process is draining, or (where the server cannot
+    park) this thread waited."""
+    parked = False
+    try:
+        parked = _parked_or_waited(job_id, wait, resume_environ, place)
+    finally:
+        if not parked:
+            place.release()
+    return parked
+
+
+def _parked_or_waited(
+    job_id: int, wait: Wait, resume_environ: Mapping[str, Any], place: WaitingPlace
+) -> bool:
     progress = progress_of(db(), [job_id]).get(job_id)
     if progress is None or progress.finished or wait.remaining <= 0 or server_draining():
         return False

@@ -502,13 +502,7 @@ def _waited_prediction(job: Job, prediction_wait: PredictionWait) -> tuple[Respo
         "QUERY_STRING": "",
         PREDICTION_WAIT_ENVIRON_KEY: prediction_wait,
     }
-    parked = False
-    try:
-        parked = wait_for_job(job.id, prediction_wait.wait, resume, prediction_wait.place)
-    finally:
-        if not parked:
-            prediction_wait.place.release()
-    if parked:
+    if wait_for_job(job.id, prediction_wait.wait, resume, prediction_wait.place):
         # Dropped by the server: the resumed run answers.
         return Response(status=204), 201
     job = owned_job(db(), _project().id, job.id)

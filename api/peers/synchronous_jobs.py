@@ -208,13 +208,7 @@ def finished_or_parked(project: Project, peer_wait: PeerWait) -> FinishedItem | 
     on; the message says where to read it, and the same call again gets
     it), 422 if its item failed, 409 if it was canceled or deleted."""
     resume = {PEER_WAIT_ENVIRON_KEY: peer_wait}
-    parked = False
-    try:
-        parked = wait_for_job(peer_wait.job_id, peer_wait.wait, resume, peer_wait.place)
-    finally:
-        if not parked:
-            peer_wait.place.release()
-    if parked:
+    if wait_for_job(peer_wait.job_id, peer_wait.wait, resume, peer_wait.place):
         return None
     job_id = peer_wait.job_id
     settings = services().settings
