@@ -5,7 +5,7 @@ Redis and S3 (moto) and on the embedded default. A text job and a mixed
 job (a point and a phrase) come back Completed with the masks that the
 same snapshot's engine, loaded here, gives for the same image; Moondream's
 own client (2.6.1) with ``object`` only gets the best instance, streamed
-and not."""
+and not; and OpenAI's client as VLM Run documents it gets every instance."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from typing import Any
 
 import moondream as md
 import numpy as np
+import openai
 import pytest
 import requests
 from moondream.types import Base64EncodedImage
 from PIL import Image
+from pydantic import BaseModel
 
 from segq.worker.engines.base import Concept, Prompt
 from segq.worker.engines.sam3 import Sam3Engine, load_sam3
@@ -168,3 +170,51 @@ def test_moondreams_client_with_object_only_gets_the_best_instance(
     # Streamed: the same answer in events.
     events = list(client.segment(Base64EncodedImage(image_url=data_uri), "cat", stream=True))
     assert events[-1] == {"path": answer["path"], "bbox": answer["bbox"], "completed": True}
+
+
+class VlmRunMask(BaseModel):
+    """VLM Run's documented answer, as its page's pydantic models read it."""
+
+    label: str
+    mask_url: str
+
+
+class VlmRunSegmentations(BaseModel):
+    segmentations: list[VlmRunMask]
+
+
+def test_openai_client_as_vlm_run_documents_it_through_serve_and_worker(
+    deployment: LiveSegq, snapshot: Path
+) -> None:
+    name = f"p-{uuid.uuid4().hex[:10]}"
+    client = openai.OpenAI(
+        base_url=f"{deployment.url}/v1/openai", api_key=deployment.new_project(name), max_retries=0
+    )
+    data_uri = "data:image/png;base64," + base64.b64encode(png_bytes(WIDTH, HEIGHT)).decode()
+    response = client.chat.completions.create(
+        model="vlm-agent-1",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "Segment all the cats in this image"},
+                    {"type": "image_url", "image_url": {"url": data_uri}},
+                ],
+            }
+        ],
+        response_format={  # type: ignore[call-overload]
+            "type": "json_schema",
+            "schema": VlmRunSegmentations.model_json_schema(),
+        },
+    )
+    content = response.choices[0].message.content
+    assert content is not None
+    answer = VlmRunSegmentations.model_validate_json(content)
+
+    engine = Sam3Engine(load_sam3(snapshot, "cpu"), "sam3")
+    cat = Concept("cat", np.zeros((0, 4)), np.zeros(0, dtype=np.int64), 0.3, 0.5, 256)
+    [expected] = engine.segment_concepts(scene(WIDTH, HEIGHT)[0], [cat])
+    assert len(answer.segmentations) == len(expected) >= 1
+    for entry, candidate in zip(answer.segmentations, expected, strict=True):
+        assert entry.label == "cat"
+        assert np.array_equal(mask_at(entry.mask_url), candidate.mask)
