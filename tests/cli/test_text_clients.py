@@ -401,3 +401,20 @@ def test_the_viewer_shows_each_phrase_with_its_prompt_and_colours_instances_apar
         group = stage.locator(f"g.segment[data-segment='{index}']")
         assert group.locator("rect.tint").get_attribute("fill") == colour
         assert rows.nth(index).locator(".swatch").get_attribute("data-colour") == colour
+
+    # A job's top-level text is its prompt 0, listed and named alike.
+    created = tenant.post_job(
+        {"items": [{"fileId": file_id}], "text": "cat", "textOptions": {"maxSegments": 2}}
+    )
+    assert created.status_code == 200, created.json
+    run_job_item(sessions, storage, engine, created.json["jobId"])
+    top_level = tenant.get_job(created.json["jobId"]).json
+    found = len(top_level["items"][0]["segments"])
+    page.goto(live_server + top_level["viewUrl"])
+    page.wait_for_selector("body[data-status='Completed'][data-images-loaded='true']")
+    [listed] = page.locator("ul.prompt-list li").all()
+    assert listed.get_attribute("data-prompt") == "0"
+    # (A <q>'s quotation marks are the browser's, not its text.)
+    assert listed.inner_text() == f"prompt 0 cat {found} found"
+    cells = page.locator("table.segments tr[data-segment] td:nth-child(2)").all_inner_texts()
+    assert cells == ["0 “cat”"] * found
