@@ -416,5 +416,5 @@ def test_the_viewer_shows_each_phrase_with_its_prompt_and_colours_instances_apar
     assert listed.get_attribute("data-prompt") == "0"
     # (A <q>'s quotation marks are the browser's, not its text.)
     assert listed.inner_text() == f"prompt 0 cat {found} found"
-    cells = page.locator("table.segments tr[data-segment] td:nth-child(2)").all_inner_texts()
-    assert cells == ["0 “cat”"] * found
+    named = page.locator("table.segments tr[data-segment] td:nth-child(2)").all_inner_texts()
+    assert named == ["0 “cat”"] * found
