@@ -5,6 +5,9 @@
     job = client.create_job({"items": [{"fileId": image["id"]}], "points": [...]})
     job = client.wait(job["jobId"])
     mask = client.mask_array(job["items"][0]["segments"][0])  # bool (H, W)
+    # Every person and every dog (a server with SEGQ_MODEL=sam3):
+    job = client.segment_text([image["id"]], "person", "dog", wait=60)
+    people = prompt_segments(job["items"][0], 0)
     for event in client.events(job_id):  # server-sent events, until the job ends
         print(event.type, event.data)
 
@@ -26,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict
 from urllib.parse import urljoin
 
 import numpy as np
@@ -62,6 +65,68 @@ CONNECTION_RETRY_MAX_SECONDS = 4.0
 DEFAULT_STREAM_RETRY_SECONDS = 2.0
 #: Answers to job GETs kept (with their ETags) to ask again conditionally.
 KEPT_JOB_ANSWERS = 16
+
+
+class ExemplarBox(TypedDict):
+    """A box around an example of a text prompt's concept (``label`` 1) or
+    of something that is not one (0); normalized like ``boundingBox``."""
+
+    xMin: float
+    yMin: float
+    xMax: float
+    yMax: float
+    label: Literal[0, 1]
+
+
+class TextPrompt(TypedDict):
+    """A text prompt: every instance of what ``text`` names (SAM 3), with
+    optional exemplar ``boxes``."""
+
+    text: str
+    boxes: NotRequired[list[ExemplarBox]]
+
+
+class TextOptions(TypedDict, total=False):
+    """How a job's text prompts keep their instances; what is left out
+    takes SAM 3's defaults (the job's GET shows them filled in)."""
+
+    scoreThreshold: float
+    maskThreshold: float
+    maxSegments: int
+
+
+#: What names an image in a job: a fileId, or the item as the contract
+#: writes it (``{"fileExternalId": …}``, ``{"fileUrl": …}``).
+ItemReference = int | Mapping[str, Any]
+
+
+def text_job_body(
+    items: Iterable[ItemReference],
+    prompts: Iterable[str | TextPrompt],
+    *,
+    text_options: TextOptions | None = None,
+    outputs: Iterable[str] | None = None,
+) -> dict[str, Any]:
+    """The job body that finds every instance of each prompt in each item:
+    one text prompt per entry of ``prompts`` (a phrase, or a TextPrompt
+    with exemplar boxes), their segments' ``promptIndex`` its place there."""
+    body: dict[str, Any] = {
+        "items": [{"fileId": item} if isinstance(item, int) else dict(item) for item in items],
+        "prompts": [
+            {"text": prompt} if isinstance(prompt, str) else dict(prompt) for prompt in prompts
+        ],
+    }
+    if text_options is not None:
+        body["textOptions"] = dict(text_options)
+    if outputs is not None:
+        body["outputs"] = list(outputs)
+    return body
+
+
+def prompt_segments(item: Mapping[str, Any], prompt_index: int) -> list[dict[str, Any]]:
+    """An item's segments of one prompt (for a text prompt: its instances,
+    best first)."""
+    return [s for s in item.get("segments") or [] if s.get("promptIndex") == prompt_index]
 
 
 class SegqError(RuntimeError):
@@ -283,6 +348,26 @@ class SegqClient:
         return self._json(
             "POST", "/context/vision/segment", json=dict(body), headers=headers, waiting=waiting
         )
+
+    def segment_text(
+        self,
+        items: Iterable[ItemReference],
+        *prompts: str | TextPrompt,
+        text_options: TextOptions | None = None,
+        outputs: Iterable[str] | None = None,
+        idempotency_key: str | None = None,
+        wait: float | None = None,
+    ) -> dict[str, Any]:
+        """A job that finds every instance of each of ``prompts`` (phrases,
+        or TextPrompts with exemplar boxes) in each of ``items`` (fileIds
+        or item references), on a server whose workers run SAM 3; its
+        segments carry the ``promptIndex`` of their prompt here
+        (``prompt_segments``). ``idempotency_key`` and ``wait`` as for
+        ``create_job``."""
+        if not prompts:
+            raise ValueError("segment_text needs at least one phrase")
+        body = text_job_body(items, prompts, text_options=text_options, outputs=outputs)
+        return self.create_job(body, idempotency_key=idempotency_key, wait=wait)
 
     def _get_job(
         self,

@@ -14,7 +14,7 @@ from typing import Any
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 #: Keys a line of --prompts-from may hold besides "image".
-PROMPT_KEYS = ("points", "boundingBox", "prompts")
+PROMPT_KEYS = ("points", "boundingBox", "prompts", "text", "boxes")
 
 
 class InputError(ValueError):
@@ -70,8 +70,9 @@ def _is_image(path: Path) -> bool:
 
 def read_prompts_file(path: Path) -> dict[Path, dict[str, Any]]:
     """``--prompts-from``: one JSON object a line, ``{"image": "a.jpg",
-    "points": [...], "boundingBox": {...}}`` or ``{"image": ..., "prompts":
-    [...]}`` as the job body has them; image paths relative to the file's
+    "points": [...], "boundingBox": {...}}``, ``{"image": ..., "text":
+    "person", "boxes": [...]}`` or ``{"image": ..., "prompts": [...]}`` as
+    the job body has them; image paths relative to the file's
     folder. Blank lines are skipped. The server validates the prompts."""
     prompts: dict[Path, dict[str, Any]] = {}
     try:
@@ -93,7 +94,7 @@ def read_prompts_file(path: Path) -> dict[Path, dict[str, Any]]:
             raise InputError(f"{where}: unknown keys {sorted(unknown)}")
         prompt = {key: entry[key] for key in PROMPT_KEYS if key in entry}
         if not prompt:
-            raise InputError(f"{where}: no points, boundingBox or prompts")
+            raise InputError(f"{where}: no points, boundingBox, text or prompts")
         image = path.parent / entry["image"]
         if not image.is_file():
             raise InputError(f"{where}: {image}: no such file")
@@ -119,7 +120,7 @@ def image_tasks(
         seen.add(resolved)
         prompt = by_resolved.get(resolved) or default_prompt
         if not prompt:
-            raise InputError(f"{path}: no prompt (give --point/--box or --prompts-from)")
+            raise InputError(f"{path}: no prompt (give --point/--box/--text or --prompts-from)")
         try:
             content = path.read_bytes()
         except OSError as exc:

@@ -18,6 +18,7 @@ import click
 
 from segq.cli.exit_codes import ExitCode
 from segq.coordinates import NORMALIZED_HINT, is_normalized
+from segq.engine_catalogue import MAX_TEXT_SEGMENTS
 
 if TYPE_CHECKING:
     from segq.client import SegqClient
@@ -112,23 +113,96 @@ def _coordinates(text: str, count: tuple[int, ...], what: str, coordinates: int)
     return values
 
 
-def _command_line_prompt(points: tuple[str, ...], box: str | None) -> dict[str, Any]:
+def _label(value: float, what: str, text: str) -> int:
+    if value not in (0, 1):
+        raise click.BadParameter(f"{what} {text!r}: a label is 1 (foreground) or 0 (background)")
+    return int(value)
+
+
+def _box(values: list[float]) -> dict[str, float]:
+    x_min, y_min, x_max, y_max = values[:4]
+    return {"xMin": x_min, "yMin": y_min, "xMax": x_max, "yMax": y_max}
+
+
+def _command_line_prompt(
+    points: tuple[str, ...], box: str | None, texts: tuple[str, ...], exemplars: tuple[str, ...]
+) -> dict[str, Any]:
+    """The job's prompt from the command line: --point and --box are one
+    object's prompt; each --text is a text prompt of its own (with
+    --exemplar's boxes when there is one --text), after the point and box
+    prompt, so promptIndex 0 is the clicks' when they are given."""
     prompt: dict[str, Any] = {}
     if points:
         parsed = [_coordinates(p, (2, 3), "--point", 2) for p in points]
         prompt["points"] = [
-            {"x": p[0], "y": p[1], "label": int(p[2]) if len(p) == 3 else 1} for p in parsed
+            {"x": p[0], "y": p[1], "label": _label(p[2], "--point", t) if len(p) == 3 else 1}
+            for p, t in zip(parsed, points, strict=True)
         ]
     if box:
-        x_min, y_min, x_max, y_max = _coordinates(box, (4,), "--box", 4)
-        prompt["boundingBox"] = {"xMin": x_min, "yMin": y_min, "xMax": x_max, "yMax": y_max}
-    return prompt
+        prompt["boundingBox"] = _box(_coordinates(box, (4,), "--box", 4))
+    if exemplars and len(texts) != 1:
+        raise click.BadParameter(
+            "exemplar boxes belong to one phrase: give exactly one --text with them",
+            param_hint="--exemplar",
+        )
+    if not texts:
+        return prompt
+    text_prompts: list[dict[str, Any]] = []
+    for text in texts:
+        if not text.strip():
+            raise click.BadParameter(
+                "a phrase names what to find: it cannot be blank", param_hint="--text"
+            )
+        text_prompts.append({"text": text})
+    if exemplars:
+        parsed_boxes = [(_coordinates(e, (4, 5), "--exemplar", 4), e) for e in exemplars]
+        text_prompts[0]["boxes"] = [
+            {**_box(v), "label": _label(v[4], "--exemplar", e) if len(v) == 5 else 1}
+            for v, e in parsed_boxes
+        ]
+    return {"prompts": ([prompt] if prompt else []) + text_prompts}
+
+
+def _text_options(score_threshold: float | None, max_segments: int | None) -> dict[str, Any]:
+    """``textOptions`` for what the command line set (the server fills in
+    SAM 3's defaults for the rest)."""
+    options: dict[str, Any] = {}
+    if score_threshold is not None:
+        options["scoreThreshold"] = score_threshold
+    if max_segments is not None:
+        options["maxSegments"] = max_segments
+    return {"textOptions": options} if options else {}
 
 
 @click.command()
 @click.argument("images", nargs=-1)
 @click.option("--point", "points", multiple=True, help="x,y[,label] normalized; label 1 or 0")
 @click.option("--box", default=None, help="xMin,yMin,xMax,yMax normalized")
+@click.option(
+    "--text",
+    "texts",
+    multiple=True,
+    help="find every instance of this phrase (SAM 3); each --text is a prompt of its own",
+)
+@click.option(
+    "--exemplar",
+    "exemplars",
+    multiple=True,
+    help="xMin,yMin,xMax,yMax[,label] normalized: an example (1) or counter-example (0) "
+    "of the one --text",
+)
+@click.option(
+    "--score-threshold",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="text prompts: keep instances scoring above this (default SAM 3's)",
+)
+@click.option(
+    "--max-segments",
+    type=click.IntRange(1, MAX_TEXT_SEGMENTS),
+    default=None,
+    help="text prompts: at most this many instances per phrase, best first",
+)
 @click.option(
     "--prompts-from",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -155,6 +229,10 @@ def submit(
     images: tuple[str, ...],
     points: tuple[str, ...],
     box: str | None,
+    texts: tuple[str, ...],
+    exemplars: tuple[str, ...],
+    score_threshold: float | None,
+    max_segments: int | None,
     prompts_from: Path | None,
     multimask: bool,
     wait: bool,
@@ -175,14 +253,13 @@ def submit(
     from segq.cli.inputs import InputError, expand_images, image_tasks, read_prompts_file
     from segq.cli.submission import Submission
 
-    default_prompt = _command_line_prompt(points, box)
+    default_prompt = _command_line_prompt(points, box, texts, exemplars)
+    options = {"multimaskOutput": multimask, **_text_options(score_threshold, max_segments)}
     try:
         per_image = read_prompts_file(prompts_from) if prompts_from else {}
         if not images and not per_image:
             raise InputError("name images, folders or patterns, or give --prompts-from")
-        tasks = image_tasks(
-            expand_images(images), per_image, default_prompt, {"multimaskOutput": multimask}
-        )
+        tasks = image_tasks(expand_images(images), per_image, default_prompt, options)
     except InputError as exc:
         raise click.UsageError(str(exc)) from None
 

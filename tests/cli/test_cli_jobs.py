@@ -220,3 +220,19 @@ def test_canceled_timed_out_refused_and_unreachable_have_their_exit_codes(
     assert run(segq, "submit", "nothing/*.png", "--box", BOX).exit_code == ExitCode.USAGE
     no_prompt = run(segq, "submit", "photos/a.png")
     assert no_prompt.exit_code == ExitCode.USAGE and "no prompt" in no_prompt.output
+
+
+def test_text_on_a_server_without_sam3_is_refused_naming_the_setting(
+    segq: CliRunner, tmp_path: Path, sessions: sessionmaker[Session]
+) -> None:
+    write_images(tmp_path)
+    (tmp_path / "text.jsonl").write_text(json.dumps({"image": "photos/a.png", "text": "cat"}))
+    for arguments in (
+        ["photos/a.png", "--text", "person"],
+        ["--prompts-from", "text.jsonl"],
+    ):
+        refused = run(segq, "submit", *arguments, "--out", "out", "--json")
+        assert refused.exit_code == ExitCode.REFUSED, refused.output
+        error = json_of(refused)["error"]
+        assert error["status"] == 422 and "SEGQ_MODEL=sam3" in error["message"]
+    assert job_count(segq) == 0 and not (tmp_path / "out").exists()

@@ -91,7 +91,9 @@ def test_upload_segment_wait_and_read_masks(
     assert page.status_code == 200 and "job_view.js" in page.text
 
 
-def test_idempotency_keys_and_errors(segq: SegqClient, tenant: Tenant) -> None:
+def test_idempotency_keys_and_errors(
+    segq: SegqClient, tenant: Tenant, sessions: sessionmaker[Session]
+) -> None:
     file_id = segq.upload(encode(scene(80, 60)[0]))["id"]
     body = {"items": [{"fileId": file_id}], **PROMPT}
     first = segq.create_job(body, idempotency_key="batch-1")
@@ -111,6 +113,12 @@ def test_idempotency_keys_and_errors(segq: SegqClient, tenant: Tenant) -> None:
     with pytest.raises(SegqError) as unauthorized:
         SegqClient(segq.base_url, tenant.name, "segq_wrong").get_job(first["jobId"])
     assert unauthorized.value.status == 401
+    # Text prompts on a server whose workers run no SAM 3: refused, nothing stored.
+    stored = count_jobs(sessions)
+    with pytest.raises(SegqError) as no_sam3:
+        segq.segment_text([file_id], "person")
+    assert no_sam3.value.status == 422 and "SEGQ_MODEL=sam3" in no_sam3.value.message
+    assert count_jobs(sessions) == stored
 
 
 def test_wait_gives_up_after_its_timeout_and_cancel(segq: SegqClient) -> None:

@@ -1,6 +1,7 @@
 // segq's job viewer. Polls the job's JSON (same signed token as the page)
 // and draws each item: its image, every mask tinted in its own colour with
-// its polygon outline, the prompts, and a table of segments with toggles.
+// its polygon outline, the prompts (a text prompt's phrase listed with its
+// exemplar boxes drawn), and a table of segments with toggles.
 // Everything the client sent is inserted as text, never as markup.
 "use strict";
 
@@ -10,6 +11,9 @@ const COLOURS = [
   "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
   "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
 ];
+// A text prompt answers up to 256 instances: past the ten, each segment's
+// hue turns by the golden angle, so neighbours in the table stay apart.
+const GOLDEN_ANGLE = 137.508;
 const FINISHED = new Set(["Completed", "Failed", "Canceled"]);
 const dataUrl = document.body.dataset.jobUrl;
 // position -> the item status drawn, so a poll redraws only what changed
@@ -77,11 +81,34 @@ function swatch(colour) {
   return icon;
 }
 
+function hex(value) {
+  return Math.round(value * 255).toString(16).padStart(2, "0");
+}
+
+function colourOf(index) {
+  // "#rrggbb" (the swatch and the tests read it back): the palette, then
+  // HSL hues a golden angle apart, in three lightnesses.
+  if (index < COLOURS.length) return COLOURS[index];
+  const hue = ((index - COLOURS.length) * GOLDEN_ANGLE) % 360;
+  const lightness = [0.5, 0.38, 0.62][index % 3];
+  const chroma = 0.75 * Math.min(lightness, 1 - lightness);
+  const channel = (n) => {
+    const k = (n + hue / 30) % 12;
+    return lightness - chroma * Math.max(-1, Math.min(k - 3, 9 - k, 1));
+  };
+  return `#${hex(channel(0))}${hex(channel(8))}${hex(channel(4))}`;
+}
+
 function promptsOf(job) {
   const prompt = job.prompt || {};
   if (prompt.prompts && prompt.prompts.length) return prompt.prompts;
-  if ((prompt.points && prompt.points.length) || prompt.boundingBox) return [prompt];
+  if ((prompt.points && prompt.points.length) || prompt.boundingBox || prompt.text) return [prompt];
   return [];
+}
+
+function promptLabel(prompt, promptIndex) {
+  // A text prompt by its phrase; a click or box prompt by its index only.
+  return prompt && prompt.text ? `${promptIndex} “${prompt.text}”` : String(promptIndex);
 }
 
 function ringPath(polygon, width, height) {
@@ -92,7 +119,7 @@ function ringPath(polygon, width, height) {
 function drawSegment(stage, defs, item, segment, index) {
   const width = item.width;
   const height = item.height;
-  const colour = COLOURS[index % COLOURS.length];
+  const colour = colourOf(index);
   const group = svgElement("g", { class: "segment", "data-segment": index, "data-colour": colour });
   if (segment.mask && segment.mask.url) {
     const maskId = `mask-${item.position}-${index}`;
@@ -136,6 +163,24 @@ function drawPrompts(stage, job, width, height) {
         "vector-effect": "non-scaling-stroke",
       }));
     }
+    for (const exemplar of prompt.boxes || []) {
+      // A text prompt's exemplar: green an example of the phrase, red a
+      // counter-example, dotted apart from a box prompt's dashes.
+      const positive = exemplar.label === 1;
+      const rect = svgElement("rect", {
+        class: positive ? "prompt-exemplar positive" : "prompt-exemplar negative",
+        "data-prompt": promptIndex,
+        x: exemplar.xMin * width, y: exemplar.yMin * height,
+        width: (exemplar.xMax - exemplar.xMin) * width,
+        height: (exemplar.yMax - exemplar.yMin) * height,
+        fill: "none", stroke: positive ? "#3fb950" : "#f85149", "stroke-width": 2,
+        "stroke-dasharray": "2 3", "vector-effect": "non-scaling-stroke",
+      });
+      const title = svgElement("title");
+      title.textContent = `prompt ${promptIndex} “${prompt.text}”: ${positive ? "example" : "counter-example"}`;
+      rect.append(title);
+      group.append(rect);
+    }
     for (const point of prompt.points || []) {
       const marker = svgElement("circle", {
         class: point.label === 1 ? "prompt-point foreground" : "prompt-point background",
@@ -164,7 +209,32 @@ function toggle(label, group, name) {
   return wrapper;
 }
 
-function segmentTable(item, segments, drawnSegments) {
+function promptList(job, segments) {
+  // Each text prompt's phrase with what it found (its instances are the
+  // table's rows of that prompt).
+  const list = element("ul", { class: "prompt-list" });
+  promptsOf(job).forEach((prompt, promptIndex) => {
+    if (!prompt.text) return;
+    const found = segments.filter((segment) => segment.promptIndex === promptIndex).length;
+    const entry = element("li", { "data-prompt": promptIndex });
+    entry.append(
+      element("span", { class: "prompt-index" }, `prompt ${promptIndex} `),
+      element("q", { class: "phrase" }, prompt.text),
+      document.createTextNode(` ${found} found`),
+    );
+    const exemplars = prompt.boxes || [];
+    if (exemplars.length) {
+      const positive = exemplars.filter((box) => box.label === 1).length;
+      entry.append(element("span", { class: "note" },
+        ` (exemplars: ${positive} example(s), ${exemplars.length - positive} counter-example(s))`));
+    }
+    list.append(entry);
+  });
+  return list.childElementCount ? list : null;
+}
+
+function segmentTable(job, item, segments, drawnSegments) {
+  const prompts = promptsOf(job);
   const table = element("table", { class: "segments" });
   const head = element("tr");
   for (const title of ["segment", "prompt", "score", "area"]) head.append(element("th", {}, title));
@@ -176,8 +246,9 @@ function segmentTable(item, segments, drawnSegments) {
     cell.append(toggle(` #${index}`, group, `segment-${item.position}-${index}`));
     cell.append(swatch(colour));
     row.append(cell);
-    row.append(element("td", {}, segment.promptIndex === undefined || segment.promptIndex === null
-      ? "–" : String(segment.promptIndex)));
+    row.append(element("td", { class: "prompt" }, segment.promptIndex === undefined
+      || segment.promptIndex === null
+      ? "–" : promptLabel(prompts[segment.promptIndex], segment.promptIndex)));
     row.append(element("td", {}, segment.score.toFixed(3)));
     row.append(element("td", {}, `${(segment.area * 100).toFixed(2)} %`));
     table.append(row);
@@ -219,7 +290,9 @@ function drawItem(job, item) {
   body.append(stage);
   const side = element("div", { class: "side" });
   side.append(toggle(" prompts", prompts, `prompts-${item.position}`));
-  if (segments.length) side.append(segmentTable(item, segments, drawnSegments));
+  const phrases = promptList(job, segments);
+  if (phrases) side.append(phrases);
+  if (segments.length) side.append(segmentTable(job, item, segments, drawnSegments));
   else if (item.status === "Completed") side.append(element("p", { class: "note" }, "No segment found."));
   else if (!FINISHED.has(item.status)) side.append(element("p", { class: "note" }, "Waiting for a worker…"));
   body.append(side);
