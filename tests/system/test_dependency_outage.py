@@ -116,7 +116,7 @@ def test_a_storage_outage_pauses_the_queue_and_every_item_completes_after(
     none spent an attempt on the outage beyond the one it was in, the
     pause shows in /readyz, /metrics and the waiting jobs, and the log
     has one line when it began and one when it ended, no traceback."""
-    caplog.set_level(logging.WARNING, logger="worker")
+    caplog.set_level(logging.WARNING, logger="segq.worker")
     job_ids = queue_jobs(tenant, jobs=JOBS)
     total = JOBS * ITEMS_PER_JOB
     with (
@@ -184,7 +184,7 @@ def test_a_storage_outage_pauses_the_queue_and_every_item_completes_after(
     assert began.startswith("storage is unavailable") and ended.startswith("storage answers again")
     [ended_record] = [r for r in caplog.records if r.getMessage() == ended]
     assert ended_record.created * 1000 >= healed_at
-    worker_records = [r for r in caplog.records if r.name.startswith("worker")]
+    worker_records = [r for r in caplog.records if r.name.startswith("segq.worker")]
     assert not [r for r in worker_records if r.exc_info], "an outage logs no traceback"
 
 
@@ -240,7 +240,7 @@ def test_a_database_outage_pauses_the_worker_spends_no_attempt_and_logs_no_trace
     while items are queued: it takes nothing (its claims cannot happen),
     logs the outage once each way, and every item completes once Postgres
     answers, on its first attempt."""
-    caplog.set_level(logging.WARNING, logger="worker")
+    caplog.set_level(logging.WARNING, logger="segq.worker")
     [job_id] = queue_jobs(tenant, jobs=1, items=DATABASE_OUTAGE_ITEMS)
     database = make_url(settings.database_url)
     assert database.host and database.port
