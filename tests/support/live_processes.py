@@ -135,11 +135,20 @@ def loopback_env(
         **{name: value for name, value in os.environ.items() if not name.startswith("SEGQ_")},
         "PYTHONPATH": str(REPO),
         "SEGQ_DATA_DIR": str(folder / "data"),
+        **services_env(database_url, s3_endpoint, folder.name),
+        **settings,
+    }
+
+
+def services_env(database_url: str, s3_endpoint: str, prefix: str) -> dict[str, str]:
+    """The SEGQ_* variables that put a `segq` process on the tests'
+    Postgres, Redis and moto (a fresh place, named from ``prefix``, in the
+    test bucket)."""
+    return {
         "SEGQ_DATABASE_URL": database_url,
         "SEGQ_BROKER_URL": REDIS_URL,
-        "SEGQ_STORAGE_URL": f"s3://{TEST_BUCKET}/{folder.name}-{uuid.uuid4().hex[:8]}",
+        "SEGQ_STORAGE_URL": f"s3://{TEST_BUCKET}/{prefix}-{uuid.uuid4().hex[:8]}",
         "SEGQ_S3_ENDPOINT_URL": s3_endpoint,
-        **settings,
     }
 
 

@@ -45,8 +45,7 @@ from PIL import Image
 from segq.api.cognite_files import UploadLinks
 from segq.models import StoredFile
 from tests.support.images import png_bytes
-from tests.support.live_processes import LiveSegq
-from tests.support.services import REDIS_URL, TEST_BUCKET
+from tests.support.live_processes import LiveSegq, services_env
 
 #: Both deployments sign with it, so that a test can sign an expired URL.
 SECRET_KEY = "segq-cognite-sdk-tests"
@@ -69,12 +68,7 @@ def deployment(
         "SEGQ_URL_EXPIRES_SECONDS": str(URL_EXPIRES_SECONDS),
     }
     if request.param == "postgres-redis-s3":
-        env |= {
-            "SEGQ_DATABASE_URL": database_url,
-            "SEGQ_BROKER_URL": REDIS_URL,
-            "SEGQ_STORAGE_URL": f"s3://{TEST_BUCKET}/sdk-{uuid.uuid4().hex[:8]}",
-            "SEGQ_S3_ENDPOINT_URL": s3_endpoint,
-        }
+        env |= services_env(database_url, s3_endpoint, "sdk")
     live = LiveSegq(env, tmp_path_factory.mktemp(request.param))
     try:
         yield live

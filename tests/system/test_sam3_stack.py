@@ -29,8 +29,7 @@ from pydantic import BaseModel
 from segq.worker.engines.base import Concept, Prompt
 from segq.worker.engines.sam3 import Sam3Engine, load_sam3
 from tests.support.images import png_bytes, scene
-from tests.support.live_processes import LiveSegq
-from tests.support.services import REDIS_URL, TEST_BUCKET
+from tests.support.live_processes import LiveSegq, services_env
 from tests.support.tiny_sam3 import save_tiny_sam3
 
 WIDTH, HEIGHT = 130, 90
@@ -51,12 +50,7 @@ def deployment(
 ) -> Iterator[LiveSegq]:
     env = {"SEGQ_MODEL": "sam3", "SEGQ_MODEL_CHECKPOINT": str(snapshot)}
     if request.param == "postgres-redis-s3":
-        env |= {
-            "SEGQ_DATABASE_URL": database_url,
-            "SEGQ_BROKER_URL": REDIS_URL,
-            "SEGQ_STORAGE_URL": f"s3://{TEST_BUCKET}/sam3-{uuid.uuid4().hex[:8]}",
-            "SEGQ_S3_ENDPOINT_URL": s3_endpoint,
-        }
+        env |= services_env(database_url, s3_endpoint, "sam3")
     live = LiveSegq(env, tmp_path_factory.mktemp(request.param))
     try:
         yield live
