@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import click
 import dockerfile
 import jsonschema
 import kubernetes_validate
@@ -33,8 +32,8 @@ import pytest
 import yaml
 from flask.testing import FlaskClient
 
-from segq.cli.main import main
 from segq.settings import Settings
+from tests.support.cli_parsing import segq_command_error
 from tests.support.live_processes import REPO
 
 KUBERNETES_VERSION = "1.33.0"
@@ -146,25 +145,6 @@ def test_the_compose_file_follows_the_compose_specification(tmp_path: Path) -> N
     refused = check_jsonschema(str(broken))
     assert refused.returncode == 1
     assert "stop_grace_periods" in refused.stdout
-
-
-def segq_command_error(args: list[str]) -> str | None:
-    """Why ``segq *args`` would not parse as the CLI's (None: it parses)."""
-    command: click.Command = main
-    name = "segq"
-    rest = list(args)
-    while isinstance(command, click.Group):
-        if not rest:
-            return f"{name}: no subcommand"
-        found = command.get_command(click.Context(command), rest[0])
-        if found is None:
-            return f"{name} has no command {rest[0]!r}"
-        name, command, rest = f"{name} {rest[0]}", found, rest[1:]
-    try:
-        command.make_context(name, rest)
-    except click.ClickException as exc:
-        return f"{name}: {exc.format_message()}"
-    return None
 
 
 def segq_invocations(command: list[str]) -> Iterator[list[str]]:
