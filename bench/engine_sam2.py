@@ -25,7 +25,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,25 +37,14 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 
+from bench.encoder_batches import encoder_batch_rows, photograph_like  # noqa: E402
 from segq.storage import LocalStorage  # noqa: E402
 from segq.worker.engines.base import Prompt  # noqa: E402
 from segq.worker.engines.embedding_cache import EmbeddingCache, checkpoint_digest, model_id  # noqa: E402
-from segq.worker.engines.encoder_options import EncoderOptions, Precision  # noqa: E402
 from segq.worker.engines.item_metrics import ItemMetrics, recording_item_metrics  # noqa: E402
 from segq.worker.engines.sam2 import SAM2_NAMES, Sam2Engine, build_sam2_model, load_sam2  # noqa: E402
 
 MB = 1024 * 1024
-
-
-def photograph_like(width: int, height: int, seed: int = 0) -> npt.NDArray[np.uint8]:
-    """Smooth colour fields with fine noise (the encoder's cost is the same
-    for any pixels; this only keeps masks from being trivial)."""
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:height, 0:width]
-    base = np.stack(
-        [128 + 100 * np.sin(xs / 97 + c) * np.cos(ys / 71 - c) for c in range(3)], axis=-1
-    )
-    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
 
 
 def prompt_at(index: int, width: int, height: int) -> Prompt:
@@ -73,27 +61,6 @@ def timed_item(engine: Sam2Engine, image: npt.NDArray[np.uint8], prompt: Prompt)
     with recording_item_metrics() as metrics:
         engine.segment(image, prompt, multimask=False)
     return metrics
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def encoder_images_per_second(
-    engine: Sam2Engine, images: list[npt.NDArray[np.uint8]], device: str, repeat: int
-) -> float:
-    """The engine's encode_images on ``images``: the best of ``repeat`` runs
-    after one warm-up."""
-    best = float("inf")
-    for attempt in range(repeat + 1):
-        synchronize(device)
-        started = time.perf_counter()
-        engine.encode_images(images)
-        synchronize(device)
-        if attempt > 0:
-            best = min(best, time.perf_counter() - started)
-    return len(images) / best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,32 +112,14 @@ def main(argv: list[str] | None = None) -> int:
             "sources": [str(first.embedding), str(local.embedding), str(shared.embedding)],
         }
 
-        precisions = [Precision.FP32]
-        if args.device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            precisions.append(Precision.BF16)
-        rows = []
-        for precision in precisions:
-            baseline = None
-            for batch in args.batches:
-                images = [photograph_like(args.width, args.height, seed=i) for i in range(batch)]
-                if args.device.startswith("cuda"):
-                    torch.cuda.reset_peak_memory_stats()
-                batching = Sam2Engine(
-                    model, args.model, encoder_options=EncoderOptions(precision, batch_size=batch)
-                )
-                rate = encoder_images_per_second(batching, images, args.device, args.repeat)
-                baseline = baseline or rate
-                row = {
-                    "precision": str(precision),
-                    "batch": batch,
-                    "images_per_s": round(rate, 3),
-                    "ms_per_image": round(1000 / rate, 1),
-                    "vs_batch_1": round(rate / baseline, 2),
-                }
-                if args.device.startswith("cuda"):
-                    row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        rows = encoder_batch_rows(
+            lambda options: Sam2Engine(model, args.model, encoder_options=options),
+            args.batches,
+            args.width,
+            args.height,
+            args.device,
+            args.repeat,
+        )
         results["encoder_batches"] = rows
     print(json.dumps(results, indent=2))
     return 0

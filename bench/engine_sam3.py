@@ -48,10 +48,10 @@ from transformers import (  # noqa: E402
     Sam3VideoConfig,
 )
 
+from bench.encoder_batches import encoder_batch_rows, photograph_like, synchronize  # noqa: E402
 from segq.storage import LocalStorage  # noqa: E402
 from segq.worker.engines.base import Concept, Prompt  # noqa: E402
 from segq.worker.engines.embedding_cache import EmbeddingCache  # noqa: E402
-from segq.worker.engines.encoder_options import EncoderOptions, Precision  # noqa: E402
 from segq.worker.engines.item_metrics import ItemMetrics, recording_item_metrics  # noqa: E402
 from segq.worker.engines.sam3 import Sam3Engine, Sam3Models  # noqa: E402
 from tests.support.tiny_sam3 import tiny_tokenizer  # noqa: E402
@@ -86,15 +86,6 @@ def unique_parameters(models: Sam3Models) -> list[torch.nn.Parameter]:
     return list(kept.values())
 
 
-def photograph_like(width: int, height: int, seed: int = 0) -> npt.NDArray[np.uint8]:
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:height, 0:width]
-    base = np.stack(
-        [128 + 100 * np.sin(xs / 97 + c) * np.cos(ys / 71 - c) for c in range(3)], axis=-1
-    )
-    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-
-
 def phrase(text: str) -> Concept:
     return Concept(text, np.zeros((0, 4)), np.zeros(0, dtype=np.int64), 0.3, 0.5, 256)
 
@@ -103,11 +94,6 @@ def timed_phrase(engine: Sam3Engine, image: npt.NDArray[np.uint8], text: str) ->
     with recording_item_metrics() as metrics:
         engine.segment_concepts(image, [phrase(text)])
     return metrics
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,40 +158,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(results["items"]), flush=True)
 
-    precisions = [Precision.FP32]
-    if args.device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        precisions.append(Precision.BF16)
-    rows = []
-    for precision in precisions:
-        baseline = None
-        for batch in args.batches:
-            images = [photograph_like(args.width, args.height, seed=i) for i in range(batch)]
-            if args.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            batching = Sam3Engine(
-                models, "sam3", encoder_options=EncoderOptions(precision, batch_size=batch)
-            )
-            best = float("inf")
-            for attempt in range(args.repeat + 1):
-                synchronize(args.device)
-                t = time.perf_counter()
-                batching.encode_images(images)
-                synchronize(args.device)
-                if attempt > 0:
-                    best = min(best, time.perf_counter() - t)
-            rate = batch / best
-            baseline = baseline or rate
-            row = {
-                "precision": str(precision),
-                "batch": batch,
-                "images_per_s": round(rate, 3),
-                "ms_per_image": round(1000 / rate, 1),
-                "vs_batch_1": round(rate / baseline, 2),
-            }
-            if args.device.startswith("cuda"):
-                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    rows = encoder_batch_rows(
+        lambda options: Sam3Engine(models, "sam3", encoder_options=options),
+        args.batches,
+        args.width,
+        args.height,
+        args.device,
+        args.repeat,
+    )
     results["encoder_batches"] = rows
     print(json.dumps(results, indent=2))
     return 0
